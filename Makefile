@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh clone: they create .venv and install first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+# Real ImageNet weights that sit beside the project (see ../shared/weights/SOURCES.md).
+SHARED_WEIGHTS := $(abspath ../shared/weights)
+ifneq ($(wildcard $(SHARED_WEIGHTS)),)
+export CNNCODES_WEIGHTS_DIR ?= $(SHARED_WEIGHTS)
+endif
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/cnncodes demo
+
+bench: $(STAMP)
+	$(PY) scripts/bench_extract.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

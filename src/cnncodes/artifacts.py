@@ -1,0 +1,88 @@
+"""Writing and fingerprinting the files cnncodes leaves behind.
+
+Every output is written to a temporary file in the same folder and moved into place with
+`os.replace`, so a reader never sees half a file, whatever interrupts the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_PACKAGES = ("cnncodes", "tensorflow-cpu", "tensorflow", "keras", "numpy", "pillow",
+             "scikit-learn", "onnxruntime", "tf2onnx")
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` so that `path` holds either the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be like any other
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_bytes_atomic(path, buf.getvalue().encode())
+
+
+def write_npy_atomic(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """A stable fingerprint of JSON-able data (key order does not matter)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide what a model computes, for the record."""
+    found = {}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found

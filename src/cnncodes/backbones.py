@@ -1,0 +1,176 @@
+"""The registry of frozen ImageNet networks: the one place that knows each backbone.
+
+An entry says how to build the network (`keras.applications` constructor), what its
+pixels must look like (input size, `preprocess_input`), where its ImageNet weights live
+(Keras's canonical file name and URL) and which layers make good CNN codes (`taps`,
+shallow to deep; the deepest is the default). Any other layer name works as well.
+
+Importing this module does not import TensorFlow: only building a model does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import CnnCodesError
+from .weights import UNTRAINED_SEED, Weights, resolve_weights
+
+if TYPE_CHECKING:
+    import keras
+
+POOLINGS = ("avg", "max", "flatten")
+_KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    constructor: str
+    module: str
+    preprocessing: str
+    default_size: int
+    min_size: int
+    taps: tuple[str, ...]
+    weights_file: str
+    weights_url: str
+    top_taps: tuple[str, ...] = ()
+    top_weights_file: str | None = None
+    top_weights_url: str | None = None
+
+    @property
+    def default_layer(self) -> str:
+        return self.taps[-1]
+
+    def needs_top(self, layer: str) -> bool:
+        """Layers of the classifier top (VGG's fc1/fc2) need the network built with its top."""
+        return layer in self.top_taps
+
+    def resolve_weights(self, choice: str, layer: str) -> Weights:
+        if self.needs_top(layer):
+            return resolve_weights(choice, self.top_weights_file, self.top_weights_url, self.name)
+        return resolve_weights(choice, self.weights_file, self.weights_url, self.name)
+
+    def preprocess_input(self, x: Any) -> Any:
+        """Keras's own `preprocess_input` for this network, applied to float pixels 0–255."""
+        import keras
+
+        return getattr(keras.applications, self.module).preprocess_input(x)
+
+    def check_size(self, size: int, layer: str) -> None:
+        if size < self.min_size:
+            raise CnnCodesError(f"{self.name} needs images of at least {self.min_size} px (got --image-size {size})")
+        if self.needs_top(layer) and size != self.default_size:
+            raise CnnCodesError(f"layer {layer} of {self.name} belongs to the classifier top, which takes {self.default_size} px images only (got {size})")
+
+    def build_network(self, size: int, layer: str, weights: Weights) -> keras.Model:
+        """The backbone itself, with `weights` loaded, taking preprocessed float pixels."""
+        import keras
+
+        self.check_size(size, layer)
+        if weights.kind == "none":
+            keras.utils.set_random_seed(UNTRAINED_SEED)
+        constructor = getattr(keras.applications, self.constructor)
+        network = constructor(include_top=self.needs_top(layer), weights=None, input_shape=(size, size, 3))
+        if weights.path is not None:
+            try:
+                network.load_weights(weights.path)
+            except Exception as e:  # noqa: BLE001 - Keras raises several types for a file that does not fit
+                raise CnnCodesError(f"weights file {weights.path} does not fit {self.name} ({str(e).splitlines()[0]})") from None
+        return network
+
+    def build_extractor(self, size: int, layer: str, pooling: str, weights: Weights) -> keras.Model:
+        """uint8 RGB pixels in, one CNN code per image out: preprocessing, network cut at `layer`, pooling."""
+        import keras
+
+        from .preprocessing import Preprocess
+
+        network = self.build_network(size, layer, weights)
+        trunk = keras.Model(network.inputs, self.tap(network, layer).output, name=f"{self.name}_to_{layer}")
+        pixels = keras.Input((size, size, 3), dtype="uint8", name="pixels")
+        codes = _pool(trunk(Preprocess(self.name)(pixels)), pooling)
+        return keras.Model(pixels, codes, name=f"{self.name}_codes")
+
+    def tap(self, network: keras.Model, layer: str) -> Any:
+        try:
+            return network.get_layer(layer)
+        except ValueError:
+            raise CnnCodesError(
+                f"{self.name} has no layer {layer!r}: try one of {', '.join(self.taps + self.top_taps)}, "
+                f"or any name that `cnncodes layers {self.name}` lists"
+            ) from None
+
+
+def _pool(x: Any, pooling: str) -> Any:
+    import keras
+
+    if len(x.shape) == 2:  # already a vector (fc1, fc2): nothing to pool
+        return x
+    if pooling == "avg":
+        return keras.layers.GlobalAveragePooling2D(name="avg_pool_codes")(x)
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D(name="max_pool_codes")(x)
+    return keras.layers.Flatten(name="flatten_codes")(x)
+
+
+def _vgg(name: str, constructor: str) -> Backbone:
+    return Backbone(
+        name=name, constructor=constructor, module=name, preprocessing="caffe: RGB to BGR, minus ImageNet mean",
+        default_size=224, min_size=32, taps=("block3_pool", "block4_pool", "block5_pool"),
+        weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_url=f"{_KERAS_URL}{name}/{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        top_taps=("fc1", "fc2"),
+        top_weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels.h5",
+        top_weights_url=f"{_KERAS_URL}{name}/{name}_weights_tf_dim_ordering_tf_kernels.h5",
+    )
+
+
+_SCALE_TF = "tf: scale to [-1, 1]"
+_MOBILENET_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+REGISTRY: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        _vgg("vgg16", "VGG16"),
+        _vgg("vgg19", "VGG19"),
+        Backbone(
+            name="resnet50", constructor="ResNet50", module="resnet50",
+            preprocessing="caffe: RGB to BGR, minus ImageNet mean",
+            default_size=224, min_size=32, taps=("conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
+            weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_url=f"{_KERAS_URL}resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            name="mobilenetv2", constructor="MobileNetV2", module="mobilenet_v2", preprocessing=_SCALE_TF,
+            default_size=224, min_size=32,
+            taps=("block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu", "out_relu"),
+            weights_file=_MOBILENET_FILE, weights_url=f"{_KERAS_URL}mobilenet_v2/{_MOBILENET_FILE}",
+        ),
+        Backbone(
+            name="efficientnetb0", constructor="EfficientNetB0", module="efficientnet",
+            preprocessing="none: the network rescales and normalises itself",
+            default_size=224, min_size=32, taps=("block3b_add", "block4c_add", "block6d_add", "top_activation"),
+            weights_file="efficientnetb0_notop.h5",
+            weights_url="https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+        ),
+        Backbone(
+            name="inceptionv3", constructor="InceptionV3", module="inception_v3", preprocessing=_SCALE_TF,
+            default_size=299, min_size=75, taps=("mixed2", "mixed5", "mixed7", "mixed10"),
+            weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_url=f"{_KERAS_URL}inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            name="xception", constructor="Xception", module="xception", preprocessing=_SCALE_TF,
+            default_size=299, min_size=71, taps=("block4_sepconv2_act", "block13_sepconv2_act", "block14_sepconv2_act"),
+            weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_url=f"{_KERAS_URL}xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+    )
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return REGISTRY[name.lower()]
+    except KeyError:
+        raise CnnCodesError(f"unknown backbone {name!r}: choose one of {', '.join(REGISTRY)}") from None

@@ -1,0 +1,9 @@
+"""The one exception type users see as a one-line message (exit code 2 in the CLI)."""
+
+
+class CnnCodesError(Exception):
+    """Bad input, bad arguments or mismatched artifacts: something the user can fix.
+
+    The message is complete on its own (what is wrong and what to do), so the CLI prints
+    it as one line instead of a traceback.
+    """

@@ -1,0 +1,232 @@
+"""Finding the images of a dataset and decoding any of them into clean RGB pixels.
+
+A dataset is a folder with one sub-folder per class (nested folders under a class belong
+to it) or a CSV file with `path,label` columns. Files are recognised by content, not by
+name, and every decode goes through `load_rgb`, so `extract`, `finetune` and `predict`
+see exactly the same pixels for the same file.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import CnnCodesError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# Pillow format names we accept; MPO is the multi-picture JPEG some cameras write.
+IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"})
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+RESIZE_MODES = ("crop", "squash", "pad")
+# Above this many pixels a file is refused as a likely decompression bomb (Pillow's limit).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+_WHITE = (255, 255, 255)
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; the message is the reason users see."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The images of a dataset before any of them is decoded.
+
+    `paths` are relative to `root` (POSIX form), in a stable order: by class, then path.
+    """
+
+    root: Path
+    paths: list[str]
+    labels: list[str]
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.labels))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class Check:
+    """What `check_image` learnt of one file: usable or not, and its perceptual hash."""
+
+    reason: str | None
+    phash: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def discover(source: Path | str) -> Dataset:
+    """List the candidate images of a class-per-folder directory or a `path,label` CSV."""
+    source = Path(source)
+    if not source.exists():
+        raise CnnCodesError(f"{source} does not exist: give a folder with one sub-folder per class, or a CSV with path,label columns")
+    if source.is_file():
+        return _discover_csv(source)
+    return _discover_folders(source)
+
+
+def _discover_folders(root: Path) -> Dataset:
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise CnnCodesError(f"{root} has no class sub-folders: put the images of each class in a folder of its own, e.g. {root}/cat/1.jpg")
+    paths, labels = [], []
+    for class_dir in class_dirs:
+        found = sorted(
+            p for p in class_dir.rglob("*")
+            if p.is_file() and not _is_hidden(p.relative_to(class_dir)) and looks_like_image(p)
+        )
+        if not found:
+            raise CnnCodesError(f"class folder {class_dir} has no image files: add images or remove the folder")
+        paths += [p.relative_to(root).as_posix() for p in found]
+        labels += [class_dir.name] * len(found)
+    return Dataset(root.resolve(), paths, labels)
+
+
+def _discover_csv(csv_path: Path) -> Dataset:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise CnnCodesError(f"{csv_path} must have a header with 'path' and 'label' columns (found {reader.fieldnames})")
+        rows = [(r["path"].strip(), r["label"].strip()) for r in reader if r["path"] and r["label"]]
+    if not rows:
+        raise CnnCodesError(f"{csv_path} lists no images")
+    rows.sort(key=lambda row: (row[1], row[0]))
+    return Dataset(csv_path.parent.resolve(), [p for p, _ in rows], [label for _, label in rows])
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def looks_like_image(path: Path) -> bool:
+    """True for files named like images and for files whose first bytes say they are one."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def load_rgb(path: Path | str, draft_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode any supported image file into an RGB image, upright, first frame only.
+
+    `draft_size` lets JPEG decode at a reduced scale that is still at least that size on
+    both sides, which makes large photos several times cheaper to read. Raises `BadImage`
+    with a reason a user can act on.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file")
+        with Image.open(path) as im:
+            _check_header(im, max_pixels)
+            if draft_size:
+                im.draft(None, (draft_size, draft_size))
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large (decompression bomb?): {e}") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt file can make any Pillow plugin raise anything
+        raise BadImage(_describe(e)) from None
+
+
+def _check_header(im: Image.Image, max_pixels: int) -> None:
+    if im.format not in IMAGE_FORMATS:
+        raise BadImage(f"unsupported format {im.format}")
+    width, height = im.size
+    if width < 1 or height < 1:
+        raise BadImage(f"invalid size {width}x{height}")
+    if width * height > max_pixels:
+        raise BadImage(f"too large: {width}x{height} pixels is over the limit of {max_pixels} (decompression bomb?)")
+
+
+def _describe(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    if "truncated" in text:
+        return f"truncated file ({text})"
+    return f"corrupt or unreadable image ({text})"
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB: transparency becomes white, 16-bit is scaled down."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _high_depth_to_rgb(im)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError:
+        raise BadImage(f"unsupported colour mode {im.mode}") from None
+
+
+def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
+    values = np.asarray(im, dtype=np.float32)
+    top = float(values.max()) if values.size else 0.0
+    # 16-bit data is scaled from its full range; floats in [0, 1] are scaled up to 8 bits.
+    scale = 255.0 / 65535.0 if top > 255 else (255.0 if 0 < top <= 1.0 else 1.0)
+    gray = np.clip(values * scale, 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
+    """Resize to `size`×`size` pixels as `resize` says, as a uint8 HWC array.
+
+    `crop` takes the centred square (as ImageNet evaluation does, and without the
+    aspect-ratio cue a squashed image keeps), `squash` ignores the aspect ratio, `pad`
+    keeps the whole image on a white square.
+    """
+    target = (size, size)
+    if resize == "crop":
+        im = ImageOps.fit(im, target, method=Image.Resampling.BILINEAR)
+    elif resize == "squash":
+        im = im.resize(target, Image.Resampling.BILINEAR)
+    elif resize == "pad":
+        im = ImageOps.pad(im, target, method=Image.Resampling.BILINEAR, color=_WHITE)
+    else:
+        raise CnnCodesError(f"unknown resize mode {resize!r}: use one of {', '.join(RESIZE_MODES)}")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_square(path: Path | str, size: int, resize: str = "crop") -> np.ndarray:
+    """The pixels a network sees for one file: decoded, upright, RGB, `size`×`size`."""
+    return to_square(load_rgb(path, draft_size=size), size, resize)
+
+
+def check_image(path: Path | str) -> Check:
+    """Decode a file once, fully, to learn whether it is usable and its perceptual hash."""
+    try:
+        im = load_rgb(path, draft_size=64)
+    except BadImage as e:
+        return Check(str(e), None)
+    return Check(None, str(imagehash.phash(im)))
+
+
+def check_images(paths: Sequence[Path], workers: int, on_done: Callable[[int], None] | None = None) -> list[Check]:
+    """`check_image` over many files in parallel threads (Pillow decodes without the GIL)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        checks = []
+        for check in pool.map(check_image, paths):
+            checks.append(check)
+            if on_done:
+                on_done(1)
+    return checks

@@ -1,0 +1,178 @@
+"""The one train / val / test split every method is scored on.
+
+A file's subset comes from a seeded hash of its relative path (as TensorFlow's retrain.py
+did), so adding images never moves existing ones between subsets. Exact and near
+duplicates (perceptual hash within a few bits) are grouped and the whole group follows
+the hash of its first path: a copy of a test image can never sit in the training set.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import sha256_json, write_csv_atomic
+from .errors import CnnCodesError
+
+SUBSETS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+# Hamming distance between 64-bit pHashes at or below which two images count as copies.
+# On ../shared/datasets, 6 finds every listed duplicate pair and almost nothing else.
+DEFAULT_DUP_THRESHOLD = 6
+# Subsets a small class is given first when it cannot have all three.
+_FILL_ORDER = ("train", "test", "val")
+
+
+@dataclass
+class Split:
+    """The subset of each image, with what a user should know about it."""
+
+    paths: list[str]
+    labels: list[str]
+    subsets: list[str]
+    n_duplicate_groups: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the split itself: runs with equal fingerprints share a test set."""
+        return sha256_json(sorted(zip(self.paths, self.labels, self.subsets)))
+
+    def counts(self) -> dict[str, int]:
+        counted = Counter(self.subsets)
+        return {s: counted.get(s, 0) for s in SUBSETS}
+
+    def write_csv(self, path: Path) -> None:
+        write_csv_atomic(path, ("path", "label", "subset"), zip(self.paths, self.labels, self.subsets))
+
+
+def parse_fractions(text: str | Sequence[float]) -> tuple[float, float, float]:
+    """Read '0.7,0.15,0.15' (train, val, test); they must be non-negative and sum to 1."""
+    try:
+        parts = [float(p) for p in text.split(",")] if isinstance(text, str) else [float(p) for p in text]
+    except ValueError:
+        raise CnnCodesError(f"--split must be three numbers like 0.7,0.15,0.15 (got {text!r})") from None
+    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6 or parts[0] <= 0 or parts[2] <= 0:
+        raise CnnCodesError(f"--split takes train,val,test fractions that sum to 1, with train and test above 0 (got {text!r})")
+    return parts[0], parts[1], parts[2]
+
+
+def make_split(
+    paths: Sequence[str],
+    labels: Sequence[str],
+    phashes: Sequence[str],
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+    dup_threshold: int = DEFAULT_DUP_THRESHOLD,
+) -> Split:
+    """Assign each image a subset; duplicates share one, and every class gets each subset when it can."""
+    groups = group_duplicates(phashes, dup_threshold)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[int(g)].append(i)
+    position = {g: _hash_position(min(paths[i] for i in idx), seed) for g, idx in members.items()}
+    group_subset = {g: _subset_at(u, fractions) for g, u in position.items()}
+    warnings = _ensure_each_subset(labels, members, position, group_subset, fractions)
+    subsets = [group_subset[int(g)] for g in groups]
+    n_dup = sum(1 for idx in members.values() if len(idx) > 1)
+    return Split(list(paths), list(labels), subsets, n_dup, warnings)
+
+
+def group_duplicates(phashes: Sequence[str], threshold: int) -> np.ndarray:
+    """Group ids such that images within `threshold` bits of each other share one."""
+    n = len(phashes)
+    parent = np.arange(n)
+    if threshold < 0 or n < 2:
+        return parent
+    bits = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
+    for start in range(0, n, 1024):  # blocks keep the distance matrix small for big datasets
+        block = bits[start:start + 1024]
+        close = np.bitwise_count(block[:, None] ^ bits[None, :]) <= threshold
+        for i, j in zip(*np.nonzero(close)):
+            _union(parent, start + int(i), int(j))
+    return np.array([_find(parent, i) for i in range(n)])
+
+
+def _find(parent: np.ndarray, i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = int(parent[i])
+    return i
+
+
+def _union(parent: np.ndarray, a: int, b: int) -> None:
+    ra, rb = _find(parent, a), _find(parent, b)
+    if ra != rb:
+        parent[max(ra, rb)] = min(ra, rb)
+
+
+def _hash_position(path: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}\0{path}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _bounds(fractions: Sequence[float]) -> dict[str, tuple[float, float]]:
+    edges = np.cumsum([0.0, *fractions])
+    return {s: (float(edges[k]), float(edges[k + 1])) for k, s in enumerate(SUBSETS)}
+
+
+def _subset_at(u: float, fractions: Sequence[float]) -> str:
+    for subset, (_, high) in _bounds(fractions).items():
+        if u < high:
+            return subset
+    return SUBSETS[-1]
+
+
+def _ensure_each_subset(labels, members, position, group_subset, fractions) -> list[str]:
+    """Move the nearest groups of a small class into subsets the hash left empty.
+
+    Only classes with an empty subset are touched, so for classes large enough to have
+    all three, adding images still never moves an existing one.
+    """
+    bounds = _bounds(fractions)
+    wanted = [s for s in _FILL_ORDER if fractions[SUBSETS.index(s)] > 0]
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for g, idx in members.items():
+        by_class[labels[idx[0]]].append(g)
+    warnings = []
+    for label in sorted(by_class):
+        class_groups = by_class[label]
+        targets = wanted[: len(class_groups)]
+        for subset in targets:
+            have = Counter(group_subset[g] for g in class_groups)
+            if have[subset]:
+                continue
+            # A donor keeps one group for itself if it is a target; pigeonholes say one exists.
+            surplus = [s for s in SUBSETS if have[s] > (1 if s in targets else 0)]
+            donor = max(surplus, key=lambda s: (have[s], -SUBSETS.index(s)))
+            low, high = bounds[subset]
+            candidates = [g for g in class_groups if group_subset[g] == donor]
+            moved = min(candidates, key=lambda g: max(low - position[g], position[g] - high, 0.0))
+            group_subset[moved] = subset
+        missing = [s for s in wanted if not any(group_subset[g] == s for g in class_groups)]
+        if missing:
+            warnings.append(
+                f"class {label!r} has only {len(class_groups)} distinct image(s): none in {', '.join(missing)}"
+            )
+    return warnings
+
+
+def read_split_csv(path: Path) -> Split:
+    """Read a `split.csv` written by `extract`, to score another method on the same test set."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise CnnCodesError(f"cannot read split file {path}: {e.strerror}") from None
+    if not rows or not {"path", "label", "subset"} <= set(rows[0]):
+        raise CnnCodesError(f"{path} is not a split file: it needs path,label,subset columns")
+    bad = {r["subset"] for r in rows} - set(SUBSETS)
+    if bad:
+        raise CnnCodesError(f"{path} has unknown subsets {sorted(bad)}: use train, val or test")
+    return Split([r["path"] for r in rows], [r["label"] for r in rows], [r["subset"] for r in rows])
