@@ -96,7 +96,10 @@ def extract(
 @app.command()
 def backbones() -> None:
     """List the networks, their input sizes, default layers and ImageNet weight files."""
-    table = Table("backbone", "size", "default layer", "other layers", "preprocessing", "weights file")
+    table = Table("backbone", "size", "default layer", "other layers", "preprocessing", "ImageNet weights file")
+    for column in table.columns:
+        column.overflow = "fold"  # narrow terminals wrap names instead of cutting them
+    table.columns[0].no_wrap = True
     for entry in REGISTRY.values():
         table.add_row(entry.name, str(entry.default_size), entry.default_layer,
                       ", ".join(entry.taps[:-1] + entry.top_taps), entry.preprocessing, entry.weights_file)

@@ -1,0 +1,71 @@
+"""Shared fixtures: small real image files written by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FLOWERS = SHARED / "datasets" / "oxford17flowers"
+MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+CLASSES = ("circles", "stripes", "squares")
+
+
+def pattern(kind: str, seed: int, size: int = 48) -> np.ndarray:
+    """A distinct RGB image per seed whose shape family depends on `kind`.
+
+    Noise keeps every file's perceptual hash different, so no two test images count as
+    duplicates unless a test makes them so.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    phase = rng.uniform(0, 6.28)
+    if kind == "stripes":
+        base = np.sin(xx / 3.0 + phase) > 0
+    elif kind == "circles":
+        cx, cy = rng.uniform(size * 0.3, size * 0.7, 2)
+        base = (np.hypot(xx - cx, yy - cy) / 4.0 + phase).astype(int) % 2 == 0
+    else:
+        base = ((xx // 8 + yy // 8 + int(phase)) % 2) == 0
+    colour = rng.integers(60, 255, 3)
+    img = np.where(base[..., None], colour, 255 - colour).astype(np.float64)
+    img += rng.normal(0, 25, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, kind: str = "stripes", seed: int = 0, size: int = 48, fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pattern(kind, seed, size)).save(path, format=fmt)
+    return path
+
+
+def make_dataset(root: Path, per_class: int = 8, classes=CLASSES, size: int = 48) -> Path:
+    """A class-per-folder dataset of PNG and JPEG files."""
+    for c, kind in enumerate(classes):
+        for i in range(per_class):
+            ext = "png" if i % 2 else "jpg"
+            write_image(root / kind / f"{kind}_{i:02d}.{ext}", kind, seed=100 * c + i, size=size)
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_keras_home(tmp_path_factory, monkeypatch):
+    """Never touch the developer's ~/.keras; keep CNNCODES_WEIGHTS_DIR as make test sets it."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path_factory.getbasetemp() / "keras_home"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+needs_real_weights = pytest.mark.skipif(
+    not (MOBILENET_WEIGHTS.is_file() and FLOWERS.is_dir()),
+    reason="needs ../shared/weights and ../shared/datasets (present on developer machines and CI)",
+)

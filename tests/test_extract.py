@@ -1,0 +1,319 @@
+"""`cnncodes extract` through the CLI and the library API, with small images and small networks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cnncodes
+from cnncodes.artifacts import sha256_file
+from cnncodes.cli import app
+from cnncodes.extract import KerasRunner
+
+from .conftest import FLOWERS, MOBILENET_WEIGHTS, needs_real_weights, write_image
+
+runner = CliRunner()
+FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
+FAST_ARGS = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet"]
+
+
+def cli(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def add_bad_files(data: Path) -> dict[str, str]:
+    (data / "stripes" / "empty.jpg").write_bytes(b"")
+    good = (data / "stripes" / "stripes_00.jpg").read_bytes()
+    (data / "circles" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (data / "squares" / "notes.jpg").write_text("not an image at all")
+    return {"stripes/empty.jpg": "empty", "circles/truncated.jpg": "truncated", "squares/notes.jpg": "not an image"}
+
+
+def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_path: Path):
+    bad = add_bad_files(dataset)
+    out = tmp_path / "features"
+    result = cli("extract", dataset, "--out", out, *FAST_ARGS)
+    assert result.exit_code == 0, result.output
+    assert "Skipped 3 file(s)" in result.stderr
+
+    features = np.load(out / "features.npy")
+    labels = np.load(out / "labels.npy")
+    meta = json.loads((out / "meta.json").read_text())
+    split_rows = read_csv(out / "split.csv")
+    assert features.dtype == np.float32 and features.shape == (24, 512)
+    assert np.isfinite(features).all() and features.std() > 0
+    assert meta["classes"] == ["circles", "squares", "stripes"]
+    assert [r["path"] for r in split_rows] == meta["paths"]
+    assert [r["subset"] for r in split_rows] == meta["subsets"]
+    assert [meta["classes"][i] for i in labels] == [r["label"] for r in split_rows]
+    assert all(Path(p).parent.name == meta["classes"][i] for p, i in zip(meta["paths"], labels))
+    assert set(meta["subsets"]) == {"train", "val", "test"}
+    assert list(split_rows[0]) == ["path", "label", "subset"]
+    assert meta["extractor"] | {"weights_sha256": None} == {
+        "backbone": "vgg16", "layer": "block5_pool", "pooling": "avg", "image_size": 32, "resize": "crop",
+        "preprocessing": "caffe: RGB to BGR, minus ImageNet mean", "weights": "none",
+        "weights_sha256": None, "weights_file": None,
+    }
+    assert meta["versions"]["keras"].startswith("3.")
+    assert meta["images_per_second"] > 0 and meta["elapsed_seconds"] > 0
+
+    rejected = {r["path"]: r["reason"] for r in read_csv(out / "rejected.csv")}
+    assert set(rejected) == set(bad)
+    for path, word in bad.items():
+        assert word in rejected[path]
+
+
+def test_codes_match_a_direct_forward_pass_in_row_order(dataset: Path, tmp_path: Path):
+    result = cnncodes.extract(dataset, tmp_path / "f", **FAST)
+    meta = json.loads((result.out / "meta.json").read_text())
+    spec = cnncodes.ExtractorSpec.from_dict(meta["extractor"])
+    _, weights = cnncodes.ExtractorSpec.create("vgg16", weights="none", image_size=32)
+    from cnncodes.ingest import load_square
+
+    pixels = np.stack([load_square(dataset / p, 32) for p in meta["paths"]])
+    expected = KerasRunner(spec.build(weights))(pixels)
+    np.testing.assert_allclose(np.load(result.out / "features.npy"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rerun_with_same_data_and_settings_recomputes_nothing(dataset: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "f"
+    first = cnncodes.extract(dataset, out, **FAST)
+    stamp = (out / "features.npy").stat().st_mtime_ns
+
+    def no_network(*_a, **_k):
+        raise AssertionError("the network must not be built again")
+
+    monkeypatch.setattr(cnncodes.ExtractorSpec, "build", no_network)
+    again = cnncodes.extract(dataset, out, **FAST)
+    assert again.up_to_date and again.computed == 0 and again.n_images == first.n_images
+    assert (out / "features.npy").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("change", [dict(pooling="max"), dict(layer="block3_pool"), dict(image_size=40)])
+def test_changed_settings_never_reuse_stale_rows(dataset: Path, tmp_path: Path, change):
+    out = tmp_path / "f"
+    base = FAST | dict(layer="block4_pool")  # a 2x2 map at 32 px, so avg and max pooling differ
+    cnncodes.extract(dataset, out, **base)
+    before = np.load(out / "features.npy")
+    result = cnncodes.extract(dataset, out, **(base | change))
+    assert result.computed == result.n_images == 24 and result.reused == 0
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **(base | change))
+    np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
+    after = np.load(out / "features.npy")
+    assert after.shape != before.shape or not np.allclose(after, before)
+
+
+def test_added_images_are_the_only_ones_computed_and_keep_old_subsets(dataset: Path, tmp_path: Path):
+    out = tmp_path / "f"
+    cnncodes.extract(dataset, out, **FAST)
+    old_meta = json.loads((out / "meta.json").read_text())
+    old_rows = dict(zip(old_meta["paths"], np.load(out / "features.npy")))
+    for i in range(3):
+        write_image(dataset / "stripes" / f"new_{i}.png", "stripes", seed=900 + i)
+    result = cnncodes.extract(dataset, out, **FAST)
+    assert (result.computed, result.reused, result.n_images) == (3, 24, 27)
+    meta = json.loads((out / "meta.json").read_text())
+    subsets = dict(zip(meta["paths"], meta["subsets"]))
+    assert all(subsets[p] == s for p, s in zip(old_meta["paths"], old_meta["subsets"]))
+    features = dict(zip(meta["paths"], np.load(out / "features.npy")))
+    for path, row in old_rows.items():
+        np.testing.assert_array_equal(features[path], row)
+
+
+def test_interrupted_run_leaves_no_outputs_and_resumes_where_it_stopped(dataset: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "f"
+    calls = {"n": 0}
+    real_call = KerasRunner.__call__
+
+    def interrupt_after_two_batches(self, pixels):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real_call(self, pixels)
+
+    monkeypatch.setattr(KerasRunner, "__call__", interrupt_after_two_batches)
+    result = cli("extract", dataset, "--out", out, "--batch-size", "4", *FAST_ARGS)
+    assert result.exit_code == 130 and "run the same command again" in result.stderr
+    assert not (out / "features.npy").exists() and not (out / "meta.json").exists()
+
+    monkeypatch.setattr(KerasRunner, "__call__", real_call)
+    resumed = cnncodes.extract(dataset, out, **FAST, batch_size=4)
+    assert resumed.computed == 24 - 8 and resumed.reused == 8
+    clean = cnncodes.extract(dataset, tmp_path / "clean", **FAST, batch_size=4)
+    np.testing.assert_allclose(np.load(out / "features.npy"), np.load(clean.out / "features.npy"), rtol=1e-6)
+
+
+def test_untrained_weights_are_reproducible(dataset: Path, tmp_path: Path):
+    a = cnncodes.extract(dataset, tmp_path / "a", **FAST)
+    b = cnncodes.extract(dataset, tmp_path / "b", **FAST)
+    np.testing.assert_array_equal(np.load(a.out / "features.npy"), np.load(b.out / "features.npy"))
+
+
+def test_csv_input(dataset: Path, tmp_path: Path):
+    listing = tmp_path / "list.csv"
+    paths = sorted(dataset.rglob("*.png"))
+    listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in paths))
+    result = cnncodes.extract(listing, tmp_path / "f", **FAST)
+    assert result.n_images == len(paths) and result.classes == ["circles", "squares", "stripes"]
+
+
+def test_layer_pooling_choices_shape_the_codes(dataset: Path, tmp_path: Path):
+    flat = cnncodes.extract(dataset, tmp_path / "flat", **FAST, layer="block3_pool", pooling="flatten")
+    assert flat.dim == 4 * 4 * 256
+    best = cnncodes.extract(dataset, tmp_path / "mx", **FAST, layer="block3_conv1", pooling="max")
+    assert best.dim == 256
+
+
+def save_legacy_h5_weights(model, path: Path) -> Path:
+    """Write weights in the legacy HDF5 layout of Keras's downloadable weight files."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    return path
+
+
+@pytest.fixture
+def vgg16_weights_file(tmp_path: Path) -> Path:
+    """A VGG16 no-top weights file under Keras's canonical name, with weights unlike the untrained ones."""
+    import keras
+
+    keras.utils.set_random_seed(123)
+    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    return save_legacy_h5_weights(model, tmp_path / "w" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+
+
+def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, vgg16_weights_file, monkeypatch):
+    keras_home = tmp_path / "keras_home"
+    monkeypatch.setenv("KERAS_HOME", str(keras_home))
+    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(vgg16_weights_file.parent))
+    args = FAST | dict(weights="imagenet")
+    from_env = cnncodes.extract(dataset, tmp_path / "env", **args)
+    meta = json.loads((from_env.out / "meta.json").read_text())
+    assert meta["extractor"]["weights_sha256"] == sha256_file(vgg16_weights_file)
+    assert meta["extractor"]["weights_file"] == vgg16_weights_file.name
+
+    cache_copy = keras_home / "models" / vgg16_weights_file.name
+    cache_copy.parent.mkdir(parents=True)
+    shutil.move(vgg16_weights_file, cache_copy)
+    from_cache = cnncodes.extract(dataset, tmp_path / "cache", **args)
+    assert json.loads((from_cache.out / "meta.json").read_text())["extractor"]["weights_sha256"] == sha256_file(cache_copy)
+    np.testing.assert_array_equal(np.load(from_env.out / "features.npy"), np.load(from_cache.out / "features.npy"))
+    untrained = cnncodes.extract(dataset, tmp_path / "none", **FAST)
+    assert not np.allclose(np.load(untrained.out / "features.npy"), np.load(from_cache.out / "features.npy"))
+
+    by_path = cli("extract", dataset, "--out", tmp_path / "path", *FAST_ARGS[:2], "--image-size", "32",
+                  "--weights", cache_copy, "--quiet")
+    assert by_path.exit_code == 0, by_path.output
+    np.testing.assert_array_equal(np.load(tmp_path / "path" / "features.npy"), np.load(from_cache.out / "features.npy"))
+
+
+def test_offline_without_weights_is_one_clear_error(dataset, tmp_path, monkeypatch):
+    import keras
+
+    def offline(*_a, **_k):
+        raise Exception("URL fetch failure: Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(tmp_path / "empty"))
+    result = cli("extract", dataset, "--out", tmp_path / "f", "--backbone", "resnet50", "--quiet")
+    assert result.exit_code == 2
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in result.output
+    for needed in ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "CNNCODES_WEIGHTS_DIR", "--weights PATH",
+                   "--weights none", os.environ["KERAS_HOME"]):
+        assert needed in message, needed
+    assert not (tmp_path / "f" / "features.npy").exists()
+
+
+def test_weights_file_that_does_not_fit_is_a_clear_error(dataset, tmp_path, vgg16_weights_file):
+    result = cli("extract", dataset, "--out", tmp_path / "f", "--backbone", "resnet50", "--image-size", "32",
+                 "--weights", vgg16_weights_file, "--quiet")
+    assert result.exit_code == 2 and "does not fit resnet50" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer", "no_such_layer"], "has no layer 'no_such_layer'"),
+        (["--image-size", "16"], "at least 32 px"),
+        (["--split", "0.5,0.6,0.1"], "sum to 1"),
+        (["--weights", "/no/such/file.h5"], "no such file"),
+        (["--layer", "fc1"], "224 px"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(dataset, tmp_path, args, message):
+    base = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet"]
+    result = cli("extract", dataset, "--out", tmp_path / "f", *base, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_unknown_backbone_is_refused_by_the_cli(dataset, tmp_path):
+    result = cli("extract", dataset, "--out", tmp_path / "f", "--backbone", "alexnet")
+    assert result.exit_code == 2 and "alexnet" in result.output
+
+
+@pytest.mark.parametrize("layout", ["missing", "no_classes", "class_of_bad_files", "all_bad"])
+def test_unusable_input_stops_before_heavy_work(tmp_path, monkeypatch, layout):
+    data = tmp_path / "data"
+    if layout == "no_classes":
+        write_image(data / "loose.png")
+    elif layout == "class_of_bad_files":
+        write_image(data / "good" / "a.png")
+        (data / "bad").mkdir()
+        (data / "bad" / "x.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    elif layout == "all_bad":
+        (data / "a").mkdir(parents=True)
+        (data / "a" / "x.png").write_bytes(b"")
+
+    def no_network(*_a, **_k):
+        raise AssertionError("no network may be built for unusable input")
+
+    monkeypatch.setattr(cnncodes.ExtractorSpec, "build", no_network)
+    result = cli("extract", data, "--out", tmp_path / "f", *FAST_ARGS)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error:") and "Traceback" not in result.output
+
+
+def test_backbones_and_layers_commands():
+    listing = cli("backbones")
+    assert listing.exit_code == 0
+    for name in ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0", "vgg19", "inceptionv3", "xception"):
+        assert name in listing.stdout
+    layers = cli("layers", "vgg16", "--image-size", "32")
+    assert layers.exit_code == 0 and "block5_pool" in layers.stdout and "block3_conv2" in layers.stdout
+
+
+@needs_real_weights
+def test_real_mobilenet_codes_group_flowers_by_class(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
+    data = tmp_path / "flowers"
+    for name in ("Sunflower", "Bluebell", "Pansy"):
+        for src in sorted((FLOWERS / name).glob("*.jpg"))[:6]:
+            (data / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, data / name / src.name)
+    result = cnncodes.extract(data, tmp_path / "f", backbone="mobilenetv2", image_size=128, progress=False)
+    codes = np.load(result.out / "features.npy")
+    labels = np.load(result.out / "labels.npy")
+    unit = codes / np.linalg.norm(codes, axis=1, keepdims=True)
+    distance = 1 - unit @ unit.T
+    same = labels[:, None] == labels[None, :]
+    off_diagonal = ~np.eye(len(labels), dtype=bool)
+    assert distance[same & off_diagonal].mean() < 0.8 * distance[~same].mean()
+    nearest = np.where(off_diagonal, distance, np.inf).argmin(axis=1)
+    assert (labels[nearest] == labels).mean() >= 0.9
