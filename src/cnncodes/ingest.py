@@ -71,6 +71,8 @@ def discover(source: Path | str) -> Dataset:
     if not source.exists():
         raise CnnCodesError(f"{source} does not exist: give a folder with one sub-folder per class, or a CSV with path,label columns")
     if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise CnnCodesError(f"{source} is a file: give a folder with one sub-folder per class, or a .csv with path,label columns")
         return _discover_csv(source)
     return _discover_folders(source)
 
@@ -93,11 +95,14 @@ def _discover_folders(root: Path) -> Dataset:
 
 
 def _discover_csv(csv_path: Path) -> Dataset:
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise CnnCodesError(f"{csv_path} must have a header with 'path' and 'label' columns (found {reader.fieldnames})")
-        rows = [(r["path"].strip(), r["label"].strip()) for r in reader if r["path"] and r["label"]]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+                raise CnnCodesError(f"{csv_path} must have a header with 'path' and 'label' columns (found {reader.fieldnames})")
+            rows = [(r["path"].strip(), r["label"].strip()) for r in reader if r["path"] and r["label"]]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CnnCodesError(f"{csv_path} is not a readable UTF-8 CSV file ({e})") from None
     if not rows:
         raise CnnCodesError(f"{csv_path} lists no images")
     rows.sort(key=lambda row: (row[1], row[0]))
@@ -168,7 +173,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB: transparency becomes white, 16-bit is scaled down."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _high_depth_to_rgb(im)
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE + (255,))
         background.alpha_composite(rgba)
@@ -180,11 +185,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
+    """Integer modes hold 16-bit samples (Pillow's I and I;16); float images are 0–1 or 0–255."""
     values = np.asarray(im, dtype=np.float32)
-    top = float(values.max()) if values.size else 0.0
-    # 16-bit data is scaled from its full range; floats in [0, 1] are scaled up to 8 bits.
-    scale = 255.0 / 65535.0 if top > 255 else (255.0 if 0 < top <= 1.0 else 1.0)
-    gray = np.clip(values * scale, 0, 255).astype(np.uint8)
+    if im.mode == "F":
+        scale = 255.0 if values.size and float(np.nanmax(values)) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0
+    gray = np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 

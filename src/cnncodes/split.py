@@ -4,12 +4,15 @@ A file's subset comes from a seeded hash of its relative path (as TensorFlow's r
 did), so adding images never moves existing ones between subsets. Exact and near
 duplicates (perceptual hash within a few bits) are grouped and the whole group follows
 the hash of its first path: a copy of a test image can never sit in the training set.
+(So the one exception to stability: a new near-copy of an existing image whose path sorts
+first moves that image's group, which is what keeps the copies together.)
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,7 +61,7 @@ def parse_fractions(text: str | Sequence[float]) -> tuple[float, float, float]:
         parts = [float(p) for p in text.split(",")] if isinstance(text, str) else [float(p) for p in text]
     except ValueError:
         raise CnnCodesError(f"--split must be three numbers like 0.7,0.15,0.15 (got {text!r})") from None
-    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6 or parts[0] <= 0 or parts[2] <= 0:
+    if len(parts) != 3 or not all(math.isfinite(p) for p in parts) or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6 or parts[0] <= 0 or parts[2] <= 0:
         raise CnnCodesError(f"--split takes train,val,test fractions that sum to 1, with train and test above 0 (got {text!r})")
     return parts[0], parts[1], parts[2]
 
@@ -170,6 +173,8 @@ def read_split_csv(path: Path) -> Split:
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise CnnCodesError(f"cannot read split file {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, csv.Error):
+        raise CnnCodesError(f"{path} is not a split file: it is not a UTF-8 CSV") from None
     if not rows or not {"path", "label", "subset"} <= set(rows[0]):
         raise CnnCodesError(f"{path} is not a split file: it needs path,label,subset columns")
     bad = {r["subset"] for r in rows} - set(SUBSETS)

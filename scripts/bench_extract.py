@@ -1,0 +1,158 @@
+"""Throughput of `cnncodes extract` against its ceiling and against the tutorial loop.
+
+For each backbone, on the same N images from ../shared/datasets/oxford17flowers, in one run:
+  1. extract    `cnncodes.extract` end to end (decode + resize + forward + write), images/s
+                of its extraction loop, and the peak RSS of the whole process;
+  2. forward    the same extractor's forward pass alone on preloaded pixel batches of the
+                same batch size (the ceiling on this machine);
+  3. tutorial   the loop Keras tutorials use: load_img + img_to_array + preprocess_input +
+                model.predict, one image at a time.
+Every measurement runs in a fresh subprocess, timed the same way (first batch included).
+A second table shows that extract's memory is bounded by the batch, not the dataset.
+
+    .venv/bin/python scripts/bench_extract.py [--images 256] [--backbones mobilenetv2,resnet50,vgg16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DATASETS = SHARED / "datasets"
+os.environ.setdefault("CNNCODES_WEIGHTS_DIR", str(SHARED / "weights"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def image_list(n: int, datasets: tuple[str, ...] = ("oxford17flowers",)) -> list[tuple[Path, str]]:
+    """The first n images, spread evenly over the classes of the datasets."""
+    found = []
+    for name in datasets:
+        for class_dir in sorted(p for p in (DATASETS / name).iterdir() if p.is_dir()):
+            found += [(f, f"{name}/{class_dir.name}") for f in sorted(class_dir.glob("*.jpg"))]
+    step = max(1, len(found) // n)
+    return found[::step][:n]
+
+
+def weights_for(backbone: str) -> str:
+    """Real ImageNet weights where they are on disk; speed does not depend on the values."""
+    from cnncodes.backbones import get_backbone
+    from cnncodes.weights import search_dirs
+
+    entry = get_backbone(backbone)
+    return "imagenet" if any((d / entry.weights_file).is_file() for d in search_dirs()) else "none"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def work_extract(args) -> dict:
+    import cnncodes
+
+    listing = Path(args.tmp) / "list.csv"
+    listing.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in image_list(args.images, args.datasets)))
+    started = time.perf_counter()
+    result = cnncodes.extract(listing, Path(args.tmp) / "out", backbone=args.backbone, weights=weights_for(args.backbone),
+                              image_size=args.size, batch_size=args.batch_size, progress=False)
+    return {"images_per_second": result.images_per_second, "wall_seconds": time.perf_counter() - started,
+            "images": result.n_images, "peak_rss_mb": peak_rss_mb()}
+
+
+def work_forward(args) -> dict:
+    from cnncodes import ExtractorSpec
+    from cnncodes.extract import KerasRunner
+    from cnncodes.ingest import load_square
+
+    spec, weights = ExtractorSpec.create(args.backbone, image_size=args.size, weights=weights_for(args.backbone))
+    pixels = np.stack([load_square(p, spec.image_size) for p, _ in image_list(args.images)])
+    run = KerasRunner(spec.build(weights))
+    started = time.perf_counter()
+    for start in range(0, len(pixels), args.batch_size):
+        run(pixels[start:start + args.batch_size])
+    return {"images_per_second": len(pixels) / (time.perf_counter() - started)}
+
+
+def work_tutorial(args) -> dict:
+    import keras
+
+    from cnncodes.backbones import get_backbone
+
+    entry = get_backbone(args.backbone)
+    size = args.size or entry.default_size
+    base = getattr(keras.applications, entry.constructor)(include_top=False, weights=None, input_shape=(size, size, 3))
+    model = keras.Sequential([base, keras.layers.GlobalAveragePooling2D()])
+    paths = [p for p, _ in image_list(args.tutorial_images)]
+    started = time.perf_counter()
+    for path in paths:
+        x = keras.utils.img_to_array(keras.utils.load_img(path, target_size=(size, size)))
+        x = entry.preprocess_input(np.expand_dims(x, 0))
+        model.predict(x, verbose=0)
+    return {"images_per_second": len(paths) / (time.perf_counter() - started)}
+
+
+WORKERS = {"extract": work_extract, "forward": work_forward, "tutorial": work_tutorial}
+
+
+def measure(kind: str, backbone: str, args, **overrides) -> dict:
+    """Run one measurement in a fresh interpreter, so each starts cold and has its own peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = vars(args) | {"backbone": backbone, "tmp": tmp} | overrides
+        command = [sys.executable, __file__, "--worker", kind, "--options", json.dumps(options)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} {backbone} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--tutorial-images", type=int, default=64, help="the per-image loop is slow: fewer images")
+    parser.add_argument("--backbones", default="mobilenetv2,resnet50,vgg16")
+    parser.add_argument("--size", type=int, default=None, help="input size (default: each backbone's own)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--memory-size", type=int, default=96, help="input size of the memory table's runs")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    parser.add_argument("--options", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        options = argparse.Namespace(**json.loads(args.options))
+        options.datasets = tuple(options.datasets)
+        print(json.dumps(WORKERS[args.worker](options)))
+        return
+    args.datasets = ("oxford17flowers",)
+    print(f"# extract throughput: {args.images} images of oxford17flowers, batch {args.batch_size}, "
+          f"{os.cpu_count()} cores\n")
+    print("| backbone | weights | extract img/s | forward-only img/s | tutorial loop img/s | "
+          "extract / forward | extract / tutorial | extract peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    for backbone in args.backbones.split(","):
+        ext = measure("extract", backbone, args)
+        fwd = measure("forward", backbone, args)
+        tut = measure("tutorial", backbone, args)
+        e, f, t = ext["images_per_second"], fwd["images_per_second"], tut["images_per_second"]
+        print(f"| {backbone} | {weights_for(backbone)} | {e:.1f} | {f:.1f} | {t:.1f} | {e / f:.2f} | {e / t:.1f} | "
+              f"{ext['peak_rss_mb']:.0f} MB |", flush=True)
+    both = ("oxford17flowers", "cats_dogs_horses_humans")
+    total = len(image_list(10**6, both))
+    print(f"\n# extract memory: mobilenetv2 at {args.memory_size} px, the dataset 10x larger\n")
+    print("| images | extract img/s | peak RSS |")
+    print("|---|---|---|")
+    for n in (total // 10, total):
+        run = measure("extract", "mobilenetv2", args, images=n, datasets=both, size=args.memory_size)
+        print(f"| {run['images']} | {run['images_per_second']:.1f} | {run['peak_rss_mb']:.0f} MB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
