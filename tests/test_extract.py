@@ -205,7 +205,7 @@ def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, vg
     from_env = cnncodes.extract(dataset, tmp_path / "env", **args)
     meta = json.loads((from_env.out / "meta.json").read_text())
     assert meta["extractor"]["weights_sha256"] == sha256_file(vgg16_weights_file)
-    assert meta["extractor"]["weights_file"] == vgg16_weights_file.name
+    assert meta["extractor"]["weights_file"] == str(vgg16_weights_file)
 
     cache_copy = keras_home / "models" / vgg16_weights_file.name
     cache_copy.parent.mkdir(parents=True)

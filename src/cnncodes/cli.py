@@ -7,6 +7,9 @@ resume and exits 130.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,9 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from .backbones import POOLINGS, REGISTRY, get_backbone
+from .classifiers import KINDS, NORMALIZERS
 from .errors import CnnCodesError
+from .evaluate import load_records
 from .ingest import RESIZE_MODES
 from .progress import console as err_console
+from .report import FORMATS, html_report, rank, render, rich_table
 from .split import DEFAULT_DUP_THRESHOLD
 
 app = typer.Typer(
@@ -121,3 +127,136 @@ def layers(
     for layer in network.layers:
         table.add_row(layer.name, str(tuple(layer.output.shape[1:])), "yes" if layer.name in entry.taps else "")
     out_console.print(table)
+
+
+Classifier = Enum("Classifier", {name: name for name in ("all", *KINDS)}, type=str)
+Normalize = Enum("Normalize", {name: name for name in NORMALIZERS}, type=str)
+Format = Enum("Format", {name: name for name in FORMATS}, type=str)
+PredictFormat = Enum("PredictFormat", {name: name for name in ("table", "csv", "json")}, type=str)
+
+
+@app.command("fit-svm")
+def fit_svm(
+    features: Annotated[Path, typer.Argument(help="Features folder written by `cnncodes extract`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .joblib bundles and .json run records.")],
+    classifier: Annotated[list[Classifier], typer.Option(help="Classifier to fit (repeatable).")] = ["all"],
+    normalize: Annotated[Normalize, typer.Option(help="Feature normalisation before the classifier.")] = "standard",
+    pca: Annotated[Optional[int], typer.Option(min=1, help="Reduce codes to N principal components first.")] = None,
+    cv: Annotated[int, typer.Option(help="Cross-validation folds on train+val; 0 chooses on the val subset.")] = 5,
+    class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced classes.")] = None,
+    n_jobs: Annotated[int, typer.Option(help="Parallel jobs for the search (-1: all cores).")] = -1,
+    seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
+    name: Annotated[Optional[str], typer.Option(help="Prefix of the run names.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+) -> None:
+    """Fit linear SVM, logistic regression, RBF SVM and k-NN on CNN codes; score each once on the test subset."""
+    from .classifiers import fit_svm as run_fit
+
+    with user_errors():
+        if class_weight not in (None, "balanced"):
+            raise CnnCodesError(f"--class-weight takes 'balanced' (got {class_weight!r})")
+        records = run_fit(features, out, classifiers=[Classifier(c).value for c in classifier],
+                          normalize=Normalize(normalize).value, pca=pca, cv=cv, class_weight=class_weight,
+                          n_jobs=n_jobs, seed=seed, name=name, progress=not quiet)
+    if not quiet:
+        out_console.print(rich_table(records, title=f"Fitted on {records[0]['n_train']} images, "
+                                                    f"scored on {records[0]['n_test']} test images"))
+        for record in records:
+            chosen = ", ".join(f"{k}={v}" for k, v in record["params"].items() if k in ("C", "gamma", "n_neighbors"))
+            out_console.print(f"{record['run']}: {chosen} (cv score {record['cv_score']:.3f}) -> {out / record['model_file']}",
+                              highlight=False, soft_wrap=True)
+
+
+@app.command()
+def compare(
+    models: Annotated[list[Path], typer.Argument(help="Folders of run records (fit-svm and finetune --out).")],
+    format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = "table",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    html_path: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
+) -> None:
+    """Rank every run on the same test set: accuracy with its 95% interval, balanced accuracy, macro-F1, cost."""
+    from .artifacts import write_bytes_atomic
+
+    with user_errors():
+        records = rank(load_records(models))
+        fmt = Format(format).value
+        if fmt == "table":
+            text = None
+            if output:
+                raise CnnCodesError("--output needs --format markdown, csv or json")
+        else:
+            text = render(records, fmt)
+        if html_path:
+            write_bytes_atomic(html_path, html_report(records).encode())
+    if text is None:
+        out_console.print(rich_table(records, title=f"{len(records)} runs, {records[0]['n_test']} test images"))
+    elif output:
+        write_bytes_atomic(output, text.encode())
+    else:
+        typer.echo(text, nl=False)
+    if html_path:
+        err_console.print(f"Report written to {html_path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="A .joblib bundle from fit-svm (with its .json beside it).")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
+    format: Annotated[PredictFormat, typer.Option("--format", "-f", help="Output format.")] = "table",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    weights: Annotated[Optional[str], typer.Option(help="Where the model's weights file is now, if it moved.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Classify new images with a saved model; unreadable files are reported, not fatal."""
+    from .artifacts import write_bytes_atomic
+    from .predict import predict as run_predict
+
+    with user_errors():
+        results = run_predict(model, images, top_k=top_k, batch_size=batch_size, weights=weights, progress=not quiet)
+    fmt = PredictFormat(format).value
+    if fmt == "table" and not output:
+        table = Table("image", "label", "probability", f"top {top_k}")
+        table.columns[0].overflow = "fold"  # paths wrap rather than lose their file name
+        for r in results:
+            top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in r.top_k)
+            table.add_row(r.path, r.label or f"[red]{r.error}[/]", f"{r.probability:.3f}" if r.label else "", top)
+        out_console.print(table)
+    else:
+        text = _predictions_text(results, "csv" if fmt == "table" else fmt)
+        if output:
+            write_bytes_atomic(output, text.encode())
+        else:
+            typer.echo(text, nl=False)
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        err_console.print(f"[yellow]{failed} of {len(results)} file(s) could not be read[/]", highlight=False)
+    if failed == len(results):
+        raise typer.Exit(1)
+
+
+def _predictions_text(results, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("path", "label", "probability", "top_k", "error"))
+    for r in results:
+        top = ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.top_k)
+        writer.writerow((r.path, r.label or "", "" if r.probability is None else f"{r.probability:.6f}", top, r.error or ""))
+    return buf.getvalue()
+
+
+@app.command()
+def demo(
+    data: Annotated[Optional[Path], typer.Argument(help="Your class-per-folder images (default: scikit-learn's digits).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for features, models and the report.")] = Path("models/demo"),
+    backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
+    image_size: Annotated[Optional[int], typer.Option(help="Input size (default: 96 for the digits, else the backbone's).")] = None,
+) -> None:
+    """Run the whole pipeline (extract, fit-svm, compare, predict) and say what each step does."""
+    from .demo import run_demo
+
+    with user_errors():
+        run_demo(data, out, BackboneName(backbone).value, image_size)

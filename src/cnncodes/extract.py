@@ -76,7 +76,7 @@ class ExtractorSpec:
         spec = cls(
             backbone=entry.name, layer=layer, pooling="none" if entry.needs_top(layer) else pooling,
             image_size=size, resize=resize, preprocessing=entry.preprocessing, weights=resolved.kind,
-            weights_sha256=resolved.sha256, weights_file=resolved.path.name if resolved.path else None,
+            weights_sha256=resolved.sha256, weights_file=str(resolved.path) if resolved.path else None,
         )
         return spec, resolved
 
@@ -94,6 +94,18 @@ class ExtractorSpec:
         if self.weights == "none":
             identity["keras"] = artifacts.package_versions().get("keras")
         return artifacts.sha256_json(identity)
+
+    def find_weights(self, override: str | None = None) -> Weights:
+        """The weights these codes were made with, found again (or at `override`) and checked by SHA-256."""
+        if self.weights == "none":
+            return Weights("none")
+        choice = override or ("imagenet" if self.weights == "imagenet" else self.weights_file)
+        found = get_backbone(self.backbone).resolve_weights(choice, self.layer)
+        if found.sha256 != self.weights_sha256:
+            raise CnnCodesError(
+                f"the weights found at {found.path} (SHA-256 {found.sha256[:12]}…) are not the ones this model was made "
+                f"with ({self.weights_file}, SHA-256 {self.weights_sha256[:12]}…): give the right file with --weights PATH")
+        return found
 
     def build(self, weights: Weights):
         """The Keras extractor: uint8 pixels in, codes out."""

@@ -1,0 +1,65 @@
+"""Model bundles: one self-describing `.joblib` file beside its run record.
+
+Loading a joblib file runs code, so a bundle is only unpickled after its SHA-256 matches
+the one in its sidecar run record (`<run>.json`), and only when the scikit-learn that
+pickled it is the one installed (another version may unpickle into wrong answers).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import joblib
+
+from .artifacts import package_versions, read_json, sha256_file, write_bytes_atomic
+from .errors import CnnCodesError
+from .evaluate import RECORD_FORMAT
+
+BUNDLE_FORMAT = "cnncodes.bundle/1"
+
+
+def save_bundle(path: Path, contents: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    joblib.dump({"format": BUNDLE_FORMAT, **contents, "versions": package_versions()}, buf, compress=3)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def load_record_for(model_path: Path) -> dict[str, Any]:
+    """The run record beside a model file, after checking the file is the one it describes."""
+    record_path = sidecar(model_path)
+    if not model_path.is_file():
+        raise CnnCodesError(f"model {model_path} not found")
+    try:
+        record = read_json(record_path)
+    except (OSError, ValueError):
+        raise CnnCodesError(f"{model_path} has no readable run record {record_path.name} beside it, so it cannot be "
+                            "verified; load only bundles you made or trust, with their .json") from None
+    if record.get("format") != RECORD_FORMAT or "model_sha256" not in record:
+        raise CnnCodesError(f"{record_path} is not a cnncodes run record")
+    if sha256_file(model_path) != record["model_sha256"]:
+        raise CnnCodesError(f"{model_path} does not match the SHA-256 in {record_path.name}: the file was changed "
+                            "after it was made; refusing to load it")
+    return record
+
+
+def load_bundle(path: Path) -> dict[str, Any]:
+    """Verify, then unpickle a bundle written by `fit-svm`."""
+    record = load_record_for(path)
+    wanted, installed = record["versions"].get("scikit-learn"), package_versions().get("scikit-learn")
+    if _minor(wanted) != _minor(installed):
+        raise CnnCodesError(f"{path} was made with scikit-learn {wanted} but {installed} is installed: "
+                            f"install scikit-learn=={wanted} or fit the model again")
+    bundle = joblib.load(path)
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise CnnCodesError(f"{path} is not a cnncodes model bundle")
+    return bundle
+
+
+def _minor(version: str | None) -> tuple[str, ...]:
+    return tuple((version or "").split(".")[:2])

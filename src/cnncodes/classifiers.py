@@ -1,0 +1,236 @@
+"""Classical classifiers on CNN codes, as one small scikit-learn estimator.
+
+`CodesClassifier(kind=...)` is normalisation, optional PCA and a linear SVM, logistic
+regression, RBF SVM or k-NN, with hyper-parameters chosen by cross-validation. Every kind
+gives probabilities: SVMs through temperature scaling of their decision scores
+(`CalibratedClassifierCV(method="temperature")`), which is a softmax of the scores and so
+never changes which class wins.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .artifacts import sha256_file, write_json_atomic
+from .bundle import save_bundle, sidecar
+from .errors import CnnCodesError
+from .evaluate import per_image_predictions, run_record, score
+from .features import Features, load_features
+from .progress import progress_bar
+
+KINDS = ("linear-svm", "logreg", "rbf-svm", "knn")
+NORMALIZERS = ("standard", "l2", "none")
+_CALIBRATED = {"linear-svm", "rbf-svm"}
+
+
+def _estimator(kind: str, class_weight: str | None, random_state: int) -> tuple[Any, dict[str, list]]:
+    """The estimator of a kind and its search grid (`gamma` is scaled by the code length later)."""
+    if kind == "linear-svm":
+        return LinearSVC(class_weight=class_weight, max_iter=20000, random_state=random_state), {
+            "C": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}
+    if kind == "logreg":
+        return LogisticRegression(class_weight=class_weight, max_iter=3000), {"C": [1e-2, 1e-1, 1.0, 10.0, 100.0]}
+    if kind == "rbf-svm":
+        return SVC(kernel="rbf", class_weight=class_weight), {"C": [1.0, 10.0, 100.0], "gamma": [0.25, 1.0, 4.0]}
+    if kind == "knn":
+        return KNeighborsClassifier(weights="distance"), {"n_neighbors": [1, 3, 5, 9, 15]}
+    raise CnnCodesError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)}")
+
+
+def _normalizer(normalize: str):
+    if normalize == "standard":
+        return StandardScaler()
+    if normalize == "l2":
+        return Normalizer()
+    if normalize == "none":
+        return FunctionTransformer()
+    raise CnnCodesError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
+
+
+class CodesClassifier(ClassifierMixin, BaseEstimator):
+    """A classifier of CNN codes whose hyper-parameters are chosen by cross-validation.
+
+    `cv` is a number of stratified folds or any scikit-learn splitter (e.g. a
+    `PredefinedSplit` that scores on a validation subset). After `fit`, `best_params_`
+    holds the chosen values and `cv_score_` their cross-validated score.
+    """
+
+    def __init__(self, kind: str = "linear-svm", normalize: str = "standard", pca: int | None = None,
+                 class_weight: str | None = None, cv: Any = 5, n_jobs: int | None = -1, random_state: int = 0):
+        self.kind = kind
+        self.normalize = normalize
+        self.pca = pca
+        self.class_weight = class_weight
+        self.cv = cv
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise CnnCodesError("training needs images of at least two classes")
+        estimator, grid = _estimator(self.kind, self.class_weight, self.random_state)
+        steps = [("normalize", _normalizer(self.normalize))]
+        if self.pca:
+            n_components = min(self.pca, X.shape[0] - 1, X.shape[1])
+            steps.append(("pca", PCA(n_components=n_components, random_state=self.random_state)))
+        pipeline = Pipeline([*steps, ("model", estimator)])
+        search = GridSearchCV(pipeline, self._grid(grid, X), cv=self._splitter(y), n_jobs=self.n_jobs,
+                              scoring="balanced_accuracy" if self.class_weight else "accuracy", refit=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            search.fit(X, y)
+            self.best_params_ = {k.removeprefix("model__"): v for k, v in search.best_params_.items()}
+            self.cv_score_ = float(search.best_score_)
+            self.model_ = self._with_probabilities(search.best_estimator_, X, y)
+        return self
+
+    def _grid(self, grid: dict[str, list], X: np.ndarray) -> dict[str, list]:
+        n_features = min(self.pca or X.shape[1], X.shape[1])
+        grid = dict(grid)
+        if "gamma" in grid:  # relative to 1/n_features, scikit-learn's "scale" for standardised codes
+            grid["gamma"] = [g / n_features for g in grid["gamma"]]
+        if "n_neighbors" in grid:
+            smallest_fold = X.shape[0] - X.shape[0] // self._n_splits(X.shape[0])
+            grid["n_neighbors"] = [k for k in grid["n_neighbors"] if k < smallest_fold] or [1]
+        return {f"model__{k}": v for k, v in grid.items()}
+
+    def _n_splits(self, n: int) -> int:
+        return self.cv if isinstance(self.cv, int) else max(2, self.cv.get_n_splits())
+
+    def _splitter(self, y: np.ndarray):
+        if not isinstance(self.cv, int):
+            return self.cv
+        smallest = int(np.bincount(np.searchsorted(self.classes_, y)).min())
+        if smallest < 2:
+            raise CnnCodesError("every class needs at least 2 training images for cross-validation: "
+                                "add images or use --cv 0 to choose hyper-parameters on the val subset")
+        return StratifiedKFold(n_splits=min(self.cv, smallest), shuffle=True, random_state=self.random_state)
+
+    def _with_probabilities(self, fitted: Pipeline, X: np.ndarray, y: np.ndarray):
+        if self.kind not in _CALIBRATED:
+            return fitted
+        smallest = int(np.bincount(np.searchsorted(self.classes_, y)).min())
+        calibrated = CalibratedClassifierCV(clone(fitted), method="temperature", cv=min(3, max(2, smallest)),
+                                            ensemble=False)
+        return calibrated.fit(X, y)
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        return self.model_.predict_proba(X)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+def expand_kinds(names: Sequence[str]) -> list[str]:
+    """`all` or repeated names, in the order given, without repeats."""
+    kinds: list[str] = []
+    for name in names:
+        for kind in KINDS if name == "all" else [name]:
+            if kind not in KINDS:
+                raise CnnCodesError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)} or all")
+            if kind not in kinds:
+                kinds.append(kind)
+    return kinds
+
+
+def fit_svm(
+    features: Path | str,
+    out: Path | str,
+    *,
+    classifiers: Sequence[str] = ("all",),
+    normalize: str = "standard",
+    pca: int | None = None,
+    cv: int = 5,
+    class_weight: str | None = None,
+    n_jobs: int | None = -1,
+    seed: int = 0,
+    name: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Fit each classifier on the train (and val) codes, score it once on the test codes, save it.
+
+    Writes `<run>.joblib` (the fitted model, class names and the extractor spec) and
+    `<run>.json` (the run record) per classifier into `out`; returns the records.
+    """
+    feats = load_features(features)
+    kinds = expand_kinds(classifiers)
+    _normalizer(normalize)
+    fit_rows, test_rows = feats.rows("train", "val"), feats.rows("test")
+    if not test_rows.any():
+        raise CnnCodesError(f"{feats.path} has no test images: extract again with a --split that keeps a test share")
+    splitter = _selection_splitter(feats.subsets[fit_rows], cv, seed)
+    out = Path(out)
+    records = []
+    with progress_bar("Fitting classifiers", len(kinds), unit="model", enabled=progress) as advance:
+        for kind in kinds:
+            records.append(_fit_one(feats, out, kind, fit_rows, test_rows, name,
+                                    CodesClassifier(kind, normalize, pca, class_weight, splitter, n_jobs, seed)))
+            advance(1)
+    return records
+
+
+def _selection_splitter(subsets: np.ndarray, cv: int, seed: int):
+    """Folds of the train+val codes, or with `cv=0` the val subset as the one held-out fold."""
+    if cv < 0 or cv == 1:
+        raise CnnCodesError(f"--cv must be 0 (choose on the val subset) or at least 2 folds (got {cv})")
+    if cv:
+        return cv
+    if not (subsets == "val").any():
+        raise CnnCodesError("--cv 0 chooses hyper-parameters on the val subset, but there is none: use --cv 5")
+    return PredefinedSplit(np.where(subsets == "val", 0, -1))
+
+
+def _fit_one(feats: Features, out: Path, kind: str, fit_rows, test_rows, name: str | None,
+             model: CodesClassifier) -> dict[str, Any]:
+    spec = feats.spec
+    run = f"{name + '-' if name else ''}{spec.backbone}-{spec.layer}-{kind}"
+    started = time.perf_counter()
+    model.fit(feats.X[fit_rows], feats.y[fit_rows])
+    fit_seconds = time.perf_counter() - started
+    proba = class_probabilities(model, feats.X[test_rows], len(feats.classes))
+    model_path = out / f"{run}.joblib"
+    save_bundle(model_path, {"run": run, "model": model, "classes": feats.classes, "extractor": feats.meta["extractor"]})
+    record = run_record(
+        run=run, method="cnn-codes", backbone=spec.backbone, layer=spec.layer, classifier=kind,
+        params={**model.best_params_, "normalize": model.normalize, "pca": model.pca,
+                "class_weight": model.class_weight, "cv": model.cv if isinstance(model.cv, int) else "val"},
+        cv_score=model.cv_score_,
+        dataset={"data": feats.meta["data"], "features": str(feats.path.resolve()),
+                 "split_fingerprint": feats.split_fingerprint},
+        classes=feats.classes, n_train=int(fit_rows.sum()), n_test=int(test_rows.sum()),
+        **score(feats.y[test_rows], proba, feats.classes),
+        fit_seconds=round(fit_seconds, 3), extract_seconds=feats.meta["elapsed_seconds"],
+        model_file=model_path.name, model_bytes=model_path.stat().st_size, model_sha256=sha256_file(model_path),
+        test_predictions=per_image_predictions([p for p, t in zip(feats.paths, test_rows) if t], feats.y[test_rows],
+                                               proba, feats.classes),
+    )
+    write_json_atomic(sidecar(model_path), record)
+    return record
+
+
+def class_probabilities(model: CodesClassifier, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities over all classes, with zeros for classes the model never saw in training."""
+    proba = np.zeros((len(X), n_classes), dtype=np.float64)
+    proba[:, model.classes_] = model.predict_proba(X)
+    return proba

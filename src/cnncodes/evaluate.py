@@ -1,0 +1,87 @@
+"""Scoring a fitted model on the test subset, and the run record every method writes.
+
+A run record (`MODELS_DIR/<run>.json`) is the single description of a fitted model: how
+it was made, what data it saw (the split's fingerprint), and how it scored. `compare`
+ranks records; `predict` checks a bundle against the SHA-256 its record holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+from .artifacts import package_versions, read_json
+from .errors import CnnCodesError
+
+RECORD_FORMAT = "cnncodes.run/1"
+BOOTSTRAP_ROUNDS = 2000
+
+
+def bootstrap_ci(correct: np.ndarray, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> list[float]:
+    """95% percentile interval of accuracy, resampling the test images."""
+    if len(correct) == 0:
+        return [0.0, 0.0]
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), size=(rounds, len(correct)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def score(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy with its interval, balanced accuracy, macro-F1, per-class scores and the confusion matrix."""
+    y_pred = proba.argmax(axis=1)
+    labels = np.arange(len(classes))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy_ci95": bootstrap_ci((y_true == y_pred).astype(float)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(classes, precision, recall, f1, support)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def per_image_predictions(paths: Sequence[str], y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> list[dict]:
+    """One line per test image, for reports that show the most confident mistakes."""
+    return [
+        {"path": path, "label": classes[t], "predicted": classes[int(p.argmax())], "probability": round(float(p.max()), 6)}
+        for path, t, p in zip(paths, y_true, proba)
+    ]
+
+
+def run_record(**fields: Any) -> dict[str, Any]:
+    """A run record with the fields every method shares, stamped with versions and time."""
+    return {"format": RECORD_FORMAT, **fields, "versions": package_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every run record in the folders (files that are not run records are passed over)."""
+    records = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise CnnCodesError(f"{folder} is not a folder of models: give the --out folder of fit-svm or finetune")
+        for path in sorted(Path(folder).glob("*.json")):
+            try:
+                record = read_json(path)
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("format") == RECORD_FORMAT:
+                records.append(record | {"record_path": str(path)})
+    if not records:
+        raise CnnCodesError(f"no run records in {', '.join(map(str, folders))}: fit models first with `cnncodes fit-svm`")
+    return records

@@ -1,0 +1,64 @@
+"""Reading a features folder written by `extract`, checked before anything trusts it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import read_json
+from .errors import CnnCodesError
+from .extract import FEATURES_FORMAT, ExtractorSpec
+from .split import SUBSETS
+
+
+@dataclass
+class Features:
+    """CNN codes with their labels, subsets and the record of how they were made."""
+
+    path: Path
+    X: np.ndarray
+    y: np.ndarray
+    subsets: np.ndarray
+    paths: list[str]
+    meta: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def spec(self) -> ExtractorSpec:
+        return ExtractorSpec.from_dict(self.meta["extractor"])
+
+    @property
+    def split_fingerprint(self) -> str:
+        return self.meta["split"]["fingerprint"]
+
+    def rows(self, *subsets: str) -> np.ndarray:
+        return np.isin(self.subsets, subsets)
+
+
+def load_features(path: Path | str) -> Features:
+    """Load and cross-check `meta.json`, `features.npy` and `labels.npy` of a features folder."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise CnnCodesError(f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out {path}`")
+    try:
+        meta = read_json(path / "meta.json")
+        X = np.load(path / "features.npy", mmap_mode="r")
+        y = np.load(path / "labels.npy")
+    except (OSError, ValueError) as e:
+        raise CnnCodesError(f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again") from None
+    if meta.get("format") != FEATURES_FORMAT:
+        raise CnnCodesError(f"{path}/meta.json is not a cnncodes features record (format {meta.get('format')!r})")
+    n, classes = meta["n_images"], meta["classes"]
+    consistent = (X.ndim == 2 and X.shape == (n, meta["dim"]) and y.shape == (n,) and len(meta["paths"]) == n
+                  and len(meta["subsets"]) == n and (n == 0 or 0 <= y.min() <= y.max() < len(classes))
+                  and set(meta["subsets"]) <= set(SUBSETS))
+    if not consistent:
+        raise CnnCodesError(f"the files in {path} do not belong together (features {X.shape}, labels {y.shape}, "
+                            f"meta says {n} rows): run `cnncodes extract` again")
+    return Features(path, np.asarray(X, dtype=np.float32), y, np.array(meta["subsets"]), meta["paths"], meta)

@@ -1,0 +1,102 @@
+"""`predict`: new images through a saved model, with exactly the preprocessing it was trained with.
+
+The bundle carries the extractor spec, so the network, layer, pooling, input size, resize
+mode and weights (checked by SHA-256) are rebuilt from it: the user passes only images.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import package_versions
+from .bundle import load_bundle
+from .classifiers import class_probabilities
+from .errors import CnnCodesError
+from .extract import ExtractorSpec, ImageReader, KerasRunner
+from .ingest import looks_like_image
+from .progress import progress_bar
+
+
+@dataclass
+class Prediction:
+    """The answer for one input image; `error` says why a file could not be read."""
+
+    path: str
+    label: str | None = None
+    probability: float | None = None
+    top_k: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def expand_inputs(items: Sequence[str | Path]) -> list[tuple[str, str | None]]:
+    """Files, folders (searched recursively for images) and glob patterns, as (path, error)."""
+    found: list[tuple[str, str | None]] = []
+    for item in map(str, items):
+        path = Path(item)
+        if path.is_dir():
+            found += [(str(p), None) for p in sorted(path.rglob("*"))
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                      and looks_like_image(p)]
+        elif path.is_file():
+            found.append((item, None))
+        elif glob.has_magic(item):
+            matches = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found += [(p, None) for p in matches] or [(item, "no file matches this pattern")]
+        else:
+            found.append((item, "file not found"))
+    return found
+
+
+def load_predictor(model: Path | str, weights: str | None = None):
+    """A function from uint8 pixel batches to class probabilities, and what it needs to know."""
+    bundle = load_bundle(Path(model))
+    spec = ExtractorSpec.from_dict(bundle["extractor"])
+    if spec.weights == "none":
+        made, installed = bundle["versions"].get("keras"), package_versions().get("keras")
+        if made != installed:
+            raise CnnCodesError(f"{model} uses untrained weights drawn by Keras {made}; Keras {installed} would draw "
+                                f"others: install keras=={made}")
+    runner = KerasRunner(spec.build(spec.find_weights(weights)))
+    classifier, classes = bundle["model"], bundle["classes"]
+
+    def probabilities(pixels: np.ndarray) -> np.ndarray:
+        return class_probabilities(classifier, runner(pixels), len(classes))
+
+    return probabilities, spec, classes
+
+
+def predict(model: Path | str, images: Sequence[str | Path], *, top_k: int = 3, batch_size: int = 32,
+            weights: str | None = None, progress: bool = True) -> list[Prediction]:
+    """Predict every image; unreadable ones get an `error` instead of a label."""
+    if top_k < 1:
+        raise CnnCodesError(f"--top-k must be at least 1 (got {top_k})")
+    inputs = expand_inputs(images)
+    if not inputs:
+        raise CnnCodesError("no images given")
+    probabilities, spec, classes = load_predictor(model, weights)
+    results = [Prediction(path, error=error) for path, error in inputs]
+    rows = [i for i, (_, error) in enumerate(inputs) if error is None]
+    reader = ImageReader([Path(p) for p, _ in inputs], spec.image_size, spec.resize, batch_size)
+    with progress_bar("Predicting", len(rows), enabled=progress) as advance:
+        for batch in reader(rows):
+            for row, proba in zip(batch.rows, probabilities(batch.pixels)):
+                _fill(results[row], proba, classes, top_k)
+            for row, reason in batch.failed:
+                results[row].error = reason
+            advance(len(batch.rows) + len(batch.failed))
+    return results
+
+
+def _fill(result: Prediction, proba: np.ndarray, classes: Sequence[str], top_k: int) -> None:
+    order = np.argsort(-proba, kind="stable")[:top_k]
+    result.top_k = [{"label": classes[i], "probability": round(float(proba[i]), 6)} for i in order]
+    result.label, result.probability = result.top_k[0]["label"], result.top_k[0]["probability"]

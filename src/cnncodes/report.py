@@ -1,0 +1,170 @@
+"""`compare`: run records ranked in one table, as text, Markdown, CSV, JSON or an HTML report."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich import box
+from rich.table import Table
+
+from .errors import CnnCodesError
+
+COLUMNS = ("rank", "run", "method", "backbone", "layer", "classifier", "accuracy", "balanced acc", "macro-F1",
+           "fit s", "extract s", "model size")
+# A terminal is narrow: the run name stands for backbone, layer and classifier there.
+TERMINAL_COLUMNS = {"rank": "#", "run": "run", "method": "method", "accuracy": "accuracy [95% CI]",
+                    "balanced acc": "bal.acc", "macro-F1": "F1", "fit s": "fit s", "extract s": "extr s",
+                    "model size": "size"}
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+def rank(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best first; refuses records made on different splits, whose test sets differ."""
+    splits: dict[str, list[str]] = {}
+    for record in records:
+        splits.setdefault(record["dataset"]["split_fingerprint"], []).append(record["run"])
+    if len(splits) > 1:
+        groups = "; ".join(f"split {fp[:10]}: {', '.join(runs)}" for fp, runs in splits.items())
+        raise CnnCodesError(f"these runs were scored on different test sets and cannot be ranked together ({groups}): "
+                            "compare the folders of one split separately")
+    return sorted(records, key=lambda r: (-r["accuracy"], -r["balanced_accuracy"], r["fit_seconds"], r["run"]))
+
+
+def rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Display rows in `COLUMNS` order: accuracy with its 95% interval, sizes in KB/MB."""
+    return [
+        dict(zip(COLUMNS, (
+            str(i), r["run"], r["method"], r["backbone"], r["layer"], r.get("classifier") or "-",
+            f"{100 * r['accuracy']:.1f}% [{100 * r['accuracy_ci95'][0]:.0f}–{100 * r['accuracy_ci95'][1]:.0f}]",
+            f"{100 * r['balanced_accuracy']:.1f}%", f"{100 * r['macro_f1']:.1f}%", f"{r['fit_seconds']:.1f}",
+            _seconds(r.get("extract_seconds")), _size(r["model_bytes"]),
+        )))
+        for i, r in enumerate(records, start=1)
+    ]
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+def rich_table(records: Sequence[dict[str, Any]], title: str | None = None) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for name, header in TERMINAL_COLUMNS.items():
+        table.add_column(header, overflow="fold", no_wrap=name != "run")
+    for row in rows(records):
+        table.add_row(*(row[name] for name in TERMINAL_COLUMNS))
+    return table
+
+
+def render(records: Sequence[dict[str, Any]], fmt: str) -> str:
+    """The ranked records as Markdown, CSV or JSON (a list of the full run records)."""
+    if fmt == "json":
+        return json.dumps([{k: v for k, v in r.items() if k != "record_path"} for r in records], indent=2) + "\n"
+    table = rows(records)
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        return "\n".join(lines + ["| " + " | ".join(row.values()) + " |" for row in table]) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+        return buf.getvalue()
+    raise CnnCodesError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def html_report(records: Sequence[dict[str, Any]], mistakes: int = 12) -> str:
+    """A self-contained page: the table, a confusion matrix per run, per-class scores, the best run's worst mistakes."""
+    sections = [_table_html(records)]
+    sections += [_run_html(r) for r in records]
+    sections.append(_mistakes_html(records[0], mistakes))
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+             ".thumbs{display:flex;flex-wrap:wrap;gap:12px}.thumbs figure{margin:0;width:150px;font-size:12px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>cnncodes comparison</title>"
+            f"<style>{style}</style></head><body><h1>cnncodes comparison</h1>{''.join(sections)}</body></html>\n")
+
+
+def _html_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    lines = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><tr>{head}</tr>{lines}</table>"
+
+
+def _table_html(records: Sequence[dict[str, Any]]) -> str:
+    first = records[0]
+    return (f"<p>{len(records)} runs on one split ({html.escape(first['dataset']['split_fingerprint'][:12])}), "
+            f"{first['n_test']} test images, best first.</p>"
+            + _html_table(COLUMNS, [list(row.values()) for row in rows(records)]))
+
+
+def _run_html(record: dict[str, Any]) -> str:
+    per_class = [[name, f"{s['precision']:.2f}", f"{s['recall']:.2f}", f"{s['f1']:.2f}", s["support"]]
+                 for name, s in record["per_class"].items()]
+    return (f"<h2>{html.escape(record['run'])}</h2><img alt='confusion matrix' src='{_confusion_png(record)}'>"
+            + _html_table(("class", "precision", "recall", "F1", "support"), per_class))
+
+
+def _confusion_png(record: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    classes = record["classes"]
+    size = 2.5 + 0.45 * len(classes)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(np.array(record["confusion_matrix"]), display_labels=classes).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation="vertical")
+    ax.set_title(f"{record['run']}: {100 * record['accuracy']:.1f}%")
+    fig.tight_layout()
+    return _data_uri(fig)
+
+
+def _data_uri(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _mistakes_html(best: dict[str, Any], limit: int) -> str:
+    wrong = [p for p in best.get("test_predictions", []) if p["predicted"] != p["label"]]
+    wrong.sort(key=lambda p: -p["probability"])
+    if not wrong:
+        return f"<h2>Most confident mistakes of {html.escape(best['run'])}</h2><p>None: every test image is right.</p>"
+    figures = []
+    for p in wrong[:limit]:
+        caption = f"{p['path']}<br>true {p['label']}, predicted {p['predicted']} ({100 * p['probability']:.0f}%)"
+        figures.append(f"<figure>{_thumbnail(Path(best['dataset']['data']) / p['path'])}"
+                       f"<figcaption>{html.escape(caption).replace('&lt;br&gt;', '<br>')}</figcaption></figure>")
+    return (f"<h2>Most confident mistakes of {html.escape(best['run'])}</h2>"
+            f"<div class='thumbs'>{''.join(figures)}</div>")
+
+
+def _thumbnail(path: Path) -> str:
+    from .ingest import BadImage, load_rgb
+
+    try:
+        im = load_rgb(path, draft_size=150)
+    except (BadImage, OSError):
+        return "<div>(image not found)</div>"
+    im.thumbnail((150, 150))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return f"<img alt='' src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>"

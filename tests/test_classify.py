@@ -1,0 +1,242 @@
+"""`fit-svm`, `compare` and `predict` through the CLI, on codes of small images the tests write."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cnncodes
+from cnncodes.cli import app
+
+from .conftest import FLOWERS, MOBILENET_WEIGHTS, make_dataset, needs_real_weights, write_image
+
+runner = CliRunner()
+FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> dict[str, Path]:
+    """Codes of 3 classes x 12 images and all four classifiers fitted on them."""
+    root = tmp_path_factory.mktemp("classify")
+    data = make_dataset(root / "data", per_class=12)
+    cnncodes.extract(data, root / "features", **FAST)
+    result = cli("fit-svm", root / "features", "--out", root / "models", "--cv", "3")
+    assert result.exit_code == 0, result.output
+    return {"root": root, "data": data, "features": root / "features", "models": root / "models"}
+
+
+def records(models: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in models.glob("*.json")}
+
+
+def test_fit_svm_writes_a_bundle_and_a_run_record_per_classifier(fitted):
+    runs = records(fitted["models"])
+    assert set(runs) == {f"vgg16-block5_pool-{k}" for k in ("linear-svm", "logreg", "rbf-svm", "knn")}
+    meta = json.loads((fitted["features"] / "meta.json").read_text())
+    n_test = meta["subsets"].count("test")
+    for name, r in runs.items():
+        assert (fitted["models"] / f"{name}.joblib").stat().st_size == r["model_bytes"]
+        assert r["method"] == "cnn-codes" and r["backbone"] == "vgg16" and r["layer"] == "block5_pool"
+        assert r["n_train"] + r["n_test"] == 36 and r["n_test"] == n_test
+        assert r["dataset"]["split_fingerprint"] == meta["split"]["fingerprint"]
+        assert 0 <= r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] <= 1
+        assert np.array(r["confusion_matrix"]).sum() == n_test
+        assert np.trace(np.array(r["confusion_matrix"])) == round(r["accuracy"] * n_test)
+        assert sum(c["support"] for c in r["per_class"].values()) == n_test
+        assert r["fit_seconds"] > 0 and r["extract_seconds"] == meta["elapsed_seconds"]
+        assert len(r["test_predictions"]) == n_test
+    assert runs["vgg16-block5_pool-linear-svm"]["params"]["C"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    assert runs["vgg16-block5_pool-knn"]["params"]["n_neighbors"] in (1, 3, 5, 9, 15)
+    assert {"C", "gamma"} <= set(runs["vgg16-block5_pool-rbf-svm"]["params"])
+
+
+def test_cv_zero_chooses_on_val_and_pca_shrinks_the_codes(fitted):
+    out = fitted["root"] / "models_val"
+    result = cli("fit-svm", fitted["features"], "--out", out, "--classifier", "logreg", "--cv", "0",
+                 "--pca", "8", "--normalize", "l2", "--class-weight", "balanced", "--name", "small", "--quiet")
+    assert result.exit_code == 0, result.output
+    record = records(out)["small-vgg16-block5_pool-logreg"]
+    assert record["params"]["cv"] == "val" and record["params"]["pca"] == 8
+    assert record["params"]["normalize"] == "l2" and record["params"]["class_weight"] == "balanced"
+    import joblib
+
+    bundle = joblib.load(out / "small-vgg16-block5_pool-logreg.joblib")
+    assert bundle["model"].model_.named_steps["pca"].n_components_ == 8
+
+
+def test_compare_ranks_best_first_in_every_format(fitted, tmp_path):
+    runs = records(fitted["models"])
+    table = runner.invoke(app, ["compare", str(fitted["models"])], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    assert all(name in table.stdout for name in runs)
+
+    as_json = json.loads(cli("compare", fitted["models"], "--format", "json").stdout)
+    accuracies = [r["accuracy"] for r in as_json]
+    assert accuracies == sorted(accuracies, reverse=True) and len(as_json) == 4
+    assert {r["run"] for r in as_json} == set(runs)
+
+    rows = list(csv.DictReader(io.StringIO(cli("compare", fitted["models"], "--format", "csv").stdout)))
+    assert [r["run"] for r in rows] == [r["run"] for r in as_json]
+    assert rows[0]["accuracy"].startswith(f"{100 * as_json[0]['accuracy']:.1f}%")
+
+    markdown = cli("compare", fitted["models"], "--format", "markdown", "--output", tmp_path / "t.md")
+    assert markdown.exit_code == 0
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert lines[0].startswith("| rank | run |") and len(lines) == 2 + 4
+
+    report = cli("compare", fitted["models"], "--html", tmp_path / "r.html", "--format", "csv")
+    assert report.exit_code == 0
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert "Most confident mistakes" in page and "precision" in page
+
+
+def test_compare_refuses_runs_on_different_splits(fitted):
+    root = fitted["root"]
+    cnncodes.extract(fitted["data"], root / "features_seed1", **FAST, seed=1)
+    fit = cli("fit-svm", root / "features_seed1", "--out", root / "models_seed1", "--classifier", "knn", "--quiet")
+    assert fit.exit_code == 0, fit.output
+    result = cli("compare", fitted["models"], root / "models_seed1")
+    assert result.exit_code == 2 and "different test sets" in result.stderr
+
+
+def test_predict_reproduces_the_recorded_test_accuracy(fitted):
+    model = fitted["models"] / "vgg16-block5_pool-linear-svm.joblib"
+    record = json.loads(model.with_suffix(".json").read_text())
+    test_images = [str(fitted["data"] / p["path"]) for p in record["test_predictions"]]
+    result = cli("predict", model, *test_images, "--format", "json", "--top-k", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)
+    assert [a["path"] for a in answers] == test_images
+    truth = [p["label"] for p in record["test_predictions"]]
+    accuracy = np.mean([a["label"] == t for a, t in zip(answers, truth)])
+    assert accuracy == record["accuracy"]
+    assert [a["label"] for a in answers] == [p["predicted"] for p in record["test_predictions"]]
+    for a in answers:
+        assert a["error"] is None and len(a["top_k"]) == 2
+        assert a["top_k"][0] == {"label": a["label"], "probability": a["probability"]}
+        assert a["top_k"][0]["probability"] >= a["top_k"][1]["probability"]
+
+
+def test_predict_takes_files_folders_and_globs_and_reports_bad_files(fitted, tmp_path):
+    model = fitted["models"] / "vgg16-block5_pool-knn.joblib"
+    folder = tmp_path / "new"
+    write_image(folder / "a.png", "stripes", seed=5000)
+    write_image(folder / "deeper" / "b.jpg", "circles", seed=5001)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    single = write_image(tmp_path / "single.png", "squares", seed=5002)
+    result = cli("predict", model, folder, single, str(tmp_path / "new" / "*.png"), tmp_path / "missing.png",
+                 "--format", "json", "--quiet")
+    assert result.exit_code == 0, result.output
+    answers = {Path(a["path"]).name: a for a in json.loads(result.stdout)}
+    assert len(json.loads(result.stdout)) == 6  # folder (3) + file + glob (a.png again) + missing
+    assert answers["a.png"]["label"] in ("circles", "squares", "stripes")
+    assert answers["b.jpg"]["error"] is None and answers["single.png"]["error"] is None
+    assert "corrupt" in answers["broken.jpg"]["error"] or "truncated" in answers["broken.jpg"]["error"]
+    assert answers["missing.png"]["error"] == "file not found" and answers["missing.png"]["label"] is None
+
+    as_csv = cli("predict", model, single, "--format", "csv", "--output", tmp_path / "p.csv", "--quiet")
+    assert as_csv.exit_code == 0
+    row = next(csv.DictReader(open(tmp_path / "p.csv")))
+    assert row["path"] == str(single) and row["label"] in ("circles", "squares", "stripes")
+
+    table = runner.invoke(app, ["predict", str(model), str(single)], env={"COLUMNS": "300"})
+    assert table.exit_code == 0 and str(single) in table.stdout
+
+    nothing = cli("predict", model, tmp_path / "missing.png", "--quiet")
+    assert nothing.exit_code == 1
+
+
+def test_predict_refuses_tampered_or_unverifiable_bundles(fitted, tmp_path):
+    source = fitted["models"] / "vgg16-block5_pool-logreg.joblib"
+    image = write_image(tmp_path / "x.png")
+
+    tampered = tmp_path / "tampered.joblib"
+    data = bytearray(source.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    shutil.copy(source.with_suffix(".json"), tampered.with_suffix(".json"))
+    result = cli("predict", tampered, image)
+    assert result.exit_code == 2 and "SHA-256" in result.stderr and "Traceback" not in result.output
+
+    lonely = tmp_path / "lonely.joblib"
+    shutil.copy(source, lonely)
+    result = cli("predict", lonely, image)
+    assert result.exit_code == 2 and "no readable run record" in result.stderr
+
+    old = tmp_path / "old.joblib"
+    shutil.copy(source, old)
+    record = json.loads(source.with_suffix(".json").read_text())
+    record["versions"]["scikit-learn"] = "0.24.2"
+    old.with_suffix(".json").write_text(json.dumps(record))
+    result = cli("predict", old, image)
+    assert result.exit_code == 2 and "scikit-learn 0.24.2" in result.stderr
+
+
+def test_predict_refuses_a_bundle_whose_weights_file_changed(fitted, tmp_path):
+    import keras
+
+    from .test_extract import save_legacy_h5_weights
+
+    keras.utils.set_random_seed(7)
+    weights = save_legacy_h5_weights(keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)),
+                                     tmp_path / "my_vgg16.h5")
+    cnncodes.extract(fitted["data"], tmp_path / "f", **(FAST | dict(weights=str(weights))))
+    fit = cli("fit-svm", tmp_path / "f", "--out", tmp_path / "m", "--classifier", "knn", "--quiet")
+    assert fit.exit_code == 0, fit.output
+    model, image = tmp_path / "m" / "vgg16-block5_pool-knn.joblib", write_image(tmp_path / "x.png")
+    assert cli("predict", model, image, "--quiet").exit_code == 0
+
+    keras.utils.set_random_seed(8)
+    save_legacy_h5_weights(keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)), weights)
+    result = cli("predict", model, image, "--quiet")
+    assert result.exit_code == 2 and "are not the ones this model was made with" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["fit-svm", "compare"])
+def test_wrong_or_empty_folders_are_clear_errors(tmp_path, command):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["--out", tmp_path / "m"] if command == "fit-svm" else []
+    for folder in (empty, tmp_path / "missing"):
+        result = cli(command, folder, *args)
+        assert result.exit_code == 2 and result.stderr.startswith("Error:"), result.output
+
+
+def test_fit_svm_on_damaged_features_is_a_clear_error(fitted, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(fitted["features"], damaged)
+    np.save(damaged / "labels.npy", np.zeros(3, dtype=np.int64))
+    result = cli("fit-svm", damaged, "--out", tmp_path / "m")
+    assert result.exit_code == 2 and "do not belong together" in result.stderr
+
+
+@needs_real_weights
+def test_linear_svm_on_real_mobilenet_codes_beats_85_percent(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
+    data = tmp_path / "flowers"
+    for name in ("Bluebell", "Daffodil", "Pansy", "Sunflower"):
+        (data / name).mkdir(parents=True)
+        for src in sorted((FLOWERS / name).glob("*.jpg"))[:20]:
+            shutil.copy(src, data / name / src.name)
+    scores = {}
+    for weights in ("imagenet", "none"):
+        cnncodes.extract(data, tmp_path / weights, backbone="mobilenetv2", image_size=128, weights=weights,
+                         progress=False)
+        fit = cli("fit-svm", tmp_path / weights, "--out", tmp_path / f"m-{weights}", "--classifier", "linear-svm",
+                  "--quiet")
+        assert fit.exit_code == 0, fit.output
+        scores[weights] = records(tmp_path / f"m-{weights}")["mobilenetv2-out_relu-linear-svm"]["accuracy"]
+    assert scores["imagenet"] > 0.85, scores
+    assert scores["imagenet"] > scores["none"] + 0.15, scores
