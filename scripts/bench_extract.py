@@ -71,7 +71,7 @@ def work_extract(args) -> dict:
 
 def work_forward(args) -> dict:
     from cnncodes import ExtractorSpec
-    from cnncodes.extract import KerasRunner
+    from cnncodes.runtime import KerasRunner
     from cnncodes.ingest import load_square
 
     spec, weights = ExtractorSpec.create(args.backbone, image_size=args.size, weights=weights_for(args.backbone))

@@ -59,9 +59,13 @@ def dataset(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_keras_home(tmp_path_factory, monkeypatch):
-    """Never touch the developer's ~/.keras; keep CNNCODES_WEIGHTS_DIR as make test sets it."""
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    """Never touch the developer's ~/.keras or ~/.cache; keep CNNCODES_WEIGHTS_DIR as make test sets it.
+
+    The ONNX cache is shared by the whole session, so each extractor is converted once.
+    """
     monkeypatch.setenv("KERAS_HOME", str(tmp_path_factory.getbasetemp() / "keras_home"))
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cnncodes_cache"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

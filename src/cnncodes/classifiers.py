@@ -94,7 +94,8 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             n_components = min(self.pca, X.shape[0] - 1, X.shape[1])
             steps.append(("pca", PCA(n_components=n_components, random_state=self.random_state)))
         pipeline = Pipeline([*steps, ("model", estimator)])
-        search = GridSearchCV(pipeline, self._grid(grid, X), cv=self._splitter(y), n_jobs=self.n_jobs,
+        splitter = self._splitter(y)
+        search = GridSearchCV(pipeline, self._grid(grid, X, splitter.get_n_splits()), cv=splitter, n_jobs=self.n_jobs,
                               scoring="balanced_accuracy" if self.class_weight else "accuracy", refit=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -104,18 +105,15 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             self.model_ = self._with_probabilities(search.best_estimator_, X, y)
         return self
 
-    def _grid(self, grid: dict[str, list], X: np.ndarray) -> dict[str, list]:
+    def _grid(self, grid: dict[str, list], X: np.ndarray, n_splits: int) -> dict[str, list]:
         n_features = min(self.pca or X.shape[1], X.shape[1])
         grid = dict(grid)
         if "gamma" in grid:  # relative to 1/n_features, scikit-learn's "scale" for standardised codes
             grid["gamma"] = [g / n_features for g in grid["gamma"]]
-        if "n_neighbors" in grid:
-            smallest_fold = X.shape[0] - X.shape[0] // self._n_splits(X.shape[0])
-            grid["n_neighbors"] = [k for k in grid["n_neighbors"] if k < smallest_fold] or [1]
+        if "n_neighbors" in grid:  # k-NN needs at least k training codes in every fold
+            smallest_fold = X.shape[0] - -(-X.shape[0] // max(n_splits, 2))
+            grid["n_neighbors"] = [k for k in grid["n_neighbors"] if k <= smallest_fold] or [1]
         return {f"model__{k}": v for k, v in grid.items()}
-
-    def _n_splits(self, n: int) -> int:
-        return self.cv if isinstance(self.cv, int) else max(2, self.cv.get_n_splits())
 
     def _splitter(self, y: np.ndarray):
         if not isinstance(self.cv, int):

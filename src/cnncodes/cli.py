@@ -28,6 +28,7 @@ from .evaluate import load_records
 from .ingest import RESIZE_MODES
 from .progress import console as err_console
 from .report import FORMATS, html_report, rank, render, rich_table
+from .runtime import RUNTIMES
 from .split import DEFAULT_DUP_THRESHOLD
 
 app = typer.Typer(
@@ -42,6 +43,7 @@ out_console = Console()
 BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
 Pooling = Enum("Pooling", {name: name for name in POOLINGS}, type=str)
 Resize = Enum("Resize", {name: name for name in RESIZE_MODES}, type=str)
+Runtime = Enum("Runtime", {name: name for name in RUNTIMES}, type=str)
 
 
 @contextmanager
@@ -71,6 +73,7 @@ def extract(
     seed: Annotated[int, typer.Option(help="Seed of the split's hash.")] = 0,
     dup_threshold: Annotated[int, typer.Option(help="Max pHash bit distance for two images to count as duplicates (-1: off).")] = DEFAULT_DUP_THRESHOLD,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: one per core).")] = None,
+    runtime: Annotated[Runtime, typer.Option(help="Forward pass on ONNX Runtime (fast) or Keras.")] = "onnx",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, split.csv, rejected.csv, meta.json."""
@@ -80,7 +83,8 @@ def extract(
         result = run_extract(
             data, out, backbone=BackboneName(backbone).value, layer=layer, pooling=Pooling(pooling).value,
             weights=weights, image_size=image_size, resize=Resize(resize).value, batch_size=batch_size,
-            split=split, seed=seed, dup_threshold=dup_threshold, workers=workers, progress=not quiet,
+            split=split, seed=seed, dup_threshold=dup_threshold, workers=workers, runtime=Runtime(runtime).value,
+            progress=not quiet,
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]Warning:[/] {warning}", highlight=False, soft_wrap=True)
@@ -207,6 +211,7 @@ def predict(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     weights: Annotated[Optional[str], typer.Option(help="Where the model's weights file is now, if it moved.")] = None,
+    runtime: Annotated[Runtime, typer.Option(help="Forward pass on ONNX Runtime (fast) or Keras.")] = "onnx",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Classify new images with a saved model; unreadable files are reported, not fatal."""
@@ -214,7 +219,8 @@ def predict(
     from .predict import predict as run_predict
 
     with user_errors():
-        results = run_predict(model, images, top_k=top_k, batch_size=batch_size, weights=weights, progress=not quiet)
+        results = run_predict(model, images, top_k=top_k, batch_size=batch_size, weights=weights,
+                              runtime=Runtime(runtime).value, progress=not quiet)
     fmt = PredictFormat(format).value
     if fmt == "table" and not output:
         table = Table("image", "label", "probability", f"top {top_k}")

@@ -4,9 +4,9 @@ The work is a pipeline of three pieces that know nothing of each other, so a
 distributed engine can compose them the same way (one reader and writer per shard,
 one runner per worker):
 
-    reader = ImageReader(paths, size)        # files -> batches of uint8 pixels
-    runner = KerasRunner(spec.build(weights)) # pixels -> codes
-    writer = FeatureWriter(dir, key, n, dim)  # codes -> rows of a memory-mapped .npy
+    reader = ImageReader(paths, size)          # files -> batches of uint8 pixels
+    runner = spec.runner(weights, "onnx")      # pixels -> codes (ONNX Runtime or Keras)
+    writer = FeatureWriter(dir, key, n, dim)   # codes -> rows of a memory-mapped .npy
 
 `extract()` adds what a user needs around them: checking every file before heavy work,
 the leak-safe split, caching and resuming, and atomic outputs.
@@ -31,7 +31,8 @@ from . import artifacts
 from .backbones import POOLINGS, get_backbone
 from .errors import CnnCodesError
 from .ingest import RESIZE_MODES, BadImage, Check, Dataset, check_images, discover, load_square
-from .progress import progress_bar, say
+from .progress import progress_bar, warn
+from .runtime import RUNTIMES, Runner, make_runner
 from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, Split, make_split, parse_fractions
 from .weights import Weights
 
@@ -111,6 +112,10 @@ class ExtractorSpec:
         """The Keras extractor: uint8 pixels in, codes out."""
         return get_backbone(self.backbone).build_extractor(self.image_size, self.layer, self.pooling, weights)
 
+    def runner(self, weights: Weights, runtime: str = "onnx") -> Runner:
+        """The extractor on `runtime`; with a cached ONNX model, TensorFlow is never loaded."""
+        return make_runner(lambda: self.build(weights), self.key, runtime, notice=warn)
+
 
 @dataclass
 class Batch:
@@ -163,22 +168,6 @@ class ImageReader:
         failed = [(row, r) for row, r in zip(chunk, results) if isinstance(r, str)]
         pixels = np.stack([r for _, r in good]) if good else np.empty((0, self.size, self.size, 3), np.uint8)
         return Batch(np.array([row for row, _ in good], dtype=np.int64), pixels, failed)
-
-
-class KerasRunner:
-    """Runs a Keras extractor's compiled forward pass on batches of uint8 pixels."""
-
-    def __init__(self, model):
-        self.model = model
-
-    @property
-    def dim(self) -> int:
-        return int(np.prod(self.model.output_shape[1:]))
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        if len(pixels) == 0:
-            return np.empty((0, self.dim), np.float32)
-        return np.asarray(self.model.predict_on_batch(pixels), dtype=np.float32).reshape(len(pixels), -1)
 
 
 class FeatureWriter:
@@ -292,6 +281,7 @@ def extract(
     seed: int = 0,
     dup_threshold: int = DEFAULT_DUP_THRESHOLD,
     workers: int | None = None,
+    runtime: str = "onnx",
     progress: bool = True,
 ) -> ExtractResult:
     """Write CNN codes of every usable image in `data` to `out` (see the README for the files).
@@ -302,6 +292,8 @@ def extract(
     started = time.perf_counter()
     if batch_size < 1:
         raise CnnCodesError(f"--batch-size must be at least 1 (got {batch_size})")
+    if runtime not in RUNTIMES:
+        raise CnnCodesError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     fractions = parse_fractions(split)
     spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights)
     out = Path(out)
@@ -319,12 +311,13 @@ def extract(
         return _result_from_meta(out, rejected, the_split.warnings, time.perf_counter() - started)
 
     paths = [usable.root / p for p in usable.paths]
-    done = _compute_codes(out, spec, resolved, paths, file_ids, batch_size, workers, progress)
+    done = _compute_codes(out, spec, lambda: spec.runner(resolved, runtime), paths, file_ids,
+                          batch_size, workers, progress)
     writer = done.writer
     kept = writer.publish(out / "features.npy.new")
     rejected += [(usable.paths[row], reason) for row, reason in done.failed]
     final = _keep_rows(the_split, kept)
-    meta = _meta(usable, final, spec, run_key, writer.dim,
+    meta = _meta(usable, final, spec, runtime, run_key, writer.dim,
                  dict(fractions=fractions, seed=seed, dup_threshold=dup_threshold),
                  time.perf_counter() - started, done.computed / done.seconds if done.computed else None)
     _publish_outputs(out, final, meta, rejected, [file_ids[i] for i in kept], spec.key)
@@ -372,13 +365,13 @@ def _require_usable(dataset: Dataset, checks: list[Check]) -> Dataset:
     return usable
 
 
-def _compute_codes(out, spec, resolved, paths, file_ids, batch_size, workers, progress):
+def _compute_codes(out, spec, make_runner, paths, file_ids, batch_size, workers, progress):
     """Fill a FeatureWriter: resume, reuse rows of an earlier run, then run the network on the rest."""
     previous = _previous_rows(out, spec.key, file_ids)
     runner = None
     dim = previous[0].shape[1] if previous else None
     if previous is None or len(previous[1]) < len(file_ids):
-        runner = KerasRunner(spec.build(resolved))
+        runner = make_runner()
         dim = runner.dim
     run_key = artifacts.sha256_json([spec.key, file_ids])
     writer = FeatureWriter(out / CACHE_DIR, run_key, len(file_ids), dim)
@@ -388,7 +381,7 @@ def _compute_codes(out, spec, resolved, paths, file_ids, batch_size, workers, pr
         reused = len(previous[1])
     failed = []
     todo = writer.todo
-    runner = runner or (KerasRunner(spec.build(resolved)) if len(todo) else None)
+    runner = runner or (make_runner() if len(todo) else None)
     started = time.perf_counter()
     if len(todo):
         reader = ImageReader(paths, spec.image_size, spec.resize, batch_size, workers)
@@ -446,7 +439,7 @@ def _keep_rows(the_split: Split, kept: np.ndarray) -> Split:
                  [the_split.subsets[i] for i in kept], the_split.n_duplicate_groups, the_split.warnings)
 
 
-def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, run_key: str, dim: int, split_args: dict,
+def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, run_key: str, dim: int, split_args: dict,
           elapsed: float, rate: float | None) -> dict[str, Any]:
     return {
         "format": FEATURES_FORMAT,
@@ -457,6 +450,7 @@ def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, run_key: str, dim:
         "paths": final.paths,
         "subsets": final.subsets,
         "extractor": spec.to_dict(),
+        "runtime": runtime,
         "split": {**split_args, "fingerprint": final.fingerprint, "duplicate_groups": final.n_duplicate_groups,
                   "counts": final.counts()},
         "run_key": run_key,

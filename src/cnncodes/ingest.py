@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -221,6 +220,8 @@ def load_square(path: Path | str, size: int, resize: str = "crop") -> np.ndarray
 
 def check_image(path: Path | str) -> Check:
     """Decode a file once, fully, to learn whether it is usable and its perceptual hash."""
+    import imagehash  # pulls in SciPy and PyWavelets: only the split needs it, not predict
+
     try:
         im = load_rgb(path, draft_size=64)
     except BadImage as e:

@@ -18,7 +18,7 @@ from .artifacts import package_versions
 from .bundle import load_bundle
 from .classifiers import class_probabilities
 from .errors import CnnCodesError
-from .extract import ExtractorSpec, ImageReader, KerasRunner
+from .extract import ExtractorSpec, ImageReader
 from .ingest import looks_like_image
 from .progress import progress_bar
 
@@ -56,7 +56,7 @@ def expand_inputs(items: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     return found
 
 
-def load_predictor(model: Path | str, weights: str | None = None):
+def load_predictor(model: Path | str, weights: str | None = None, runtime: str = "onnx"):
     """A function from uint8 pixel batches to class probabilities, and what it needs to know."""
     bundle = load_bundle(Path(model))
     spec = ExtractorSpec.from_dict(bundle["extractor"])
@@ -65,7 +65,7 @@ def load_predictor(model: Path | str, weights: str | None = None):
         if made != installed:
             raise CnnCodesError(f"{model} uses untrained weights drawn by Keras {made}; Keras {installed} would draw "
                                 f"others: install keras=={made}")
-    runner = KerasRunner(spec.build(spec.find_weights(weights)))
+    runner = spec.runner(spec.find_weights(weights), runtime)
     classifier, classes = bundle["model"], bundle["classes"]
 
     def probabilities(pixels: np.ndarray) -> np.ndarray:
@@ -75,14 +75,14 @@ def load_predictor(model: Path | str, weights: str | None = None):
 
 
 def predict(model: Path | str, images: Sequence[str | Path], *, top_k: int = 3, batch_size: int = 32,
-            weights: str | None = None, progress: bool = True) -> list[Prediction]:
+            weights: str | None = None, runtime: str = "onnx", progress: bool = True) -> list[Prediction]:
     """Predict every image; unreadable ones get an `error` instead of a label."""
     if top_k < 1:
         raise CnnCodesError(f"--top-k must be at least 1 (got {top_k})")
     inputs = expand_inputs(images)
     if not inputs:
         raise CnnCodesError("no images given")
-    probabilities, spec, classes = load_predictor(model, weights)
+    probabilities, spec, classes = load_predictor(model, weights, runtime)
     results = [Prediction(path, error=error) for path, error in inputs]
     rows = [i for i, (_, error) in enumerate(inputs) if error is None]
     reader = ImageReader([Path(p) for p, _ in inputs], spec.image_size, spec.resize, batch_size)

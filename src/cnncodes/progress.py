@@ -50,3 +50,8 @@ def progress_bar(description: str, total: int, unit: str = "img", enabled: bool 
 def say(message: str, quiet: bool = False) -> None:
     if not quiet:
         console.print(message, highlight=False)
+
+
+def warn(message: str) -> None:
+    """Something the user should know even with --quiet."""
+    console.print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)

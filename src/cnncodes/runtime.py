@@ -1,0 +1,137 @@
+"""Runners: uint8 pixel batches in, model outputs out, on ONNX Runtime or Keras.
+
+Keras defines the models and loads the weights; the frozen forward pass runs fastest on
+ONNX Runtime (several times TensorFlow's speed on a CPU, and no TensorFlow import). A
+Keras model is converted once with `model.export(format="onnx")`, checked against Keras
+on a probe batch, and cached under a key that names everything that decides its output,
+so with a warm cache `extract` and `predict` never load TensorFlow. If conversion fails
+or disagrees, the Keras runner takes over with a one-line notice: never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .artifacts import package_versions, read_json, sha256_file, sha256_json, write_json_atomic
+from .errors import CnnCodesError
+
+RUNTIMES = ("onnx", "keras")
+CACHE_ENV = "CNNCODES_CACHE_DIR"
+# ONNX and Keras outputs must agree to this fraction of the largest output on the probe batch.
+TOLERANCE = 1e-4
+_CONVERTERS = ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime")
+
+
+class Runner(Protocol):
+    dim: int
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+class KerasRunner:
+    """Runs a Keras model's compiled forward pass on batches of uint8 pixels."""
+
+    def __init__(self, model):
+        self.model = model
+        self.dim = int(np.prod(model.output_shape[1:]))
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if len(pixels) == 0:
+            return np.empty((0, self.dim), np.float32)
+        return np.asarray(self.model.predict_on_batch(pixels), dtype=np.float32).reshape(len(pixels), -1)
+
+
+class OnnxRunner:
+    """Runs an ONNX model with ONNX Runtime, all cores for the operators."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = os.cpu_count() or 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.dim = int(np.prod(self.session.get_outputs()[0].shape[1:]))
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if len(pixels) == 0:
+            return np.empty((0, self.dim), np.float32)
+        out = self.session.run(None, {self.input: np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
+        return np.asarray(out, dtype=np.float32).reshape(len(pixels), -1)
+
+
+def cache_dir() -> Path:
+    """`$CNNCODES_CACHE_DIR`, else `$XDG_CACHE_HOME/cnncodes`, else `~/.cache/cnncodes`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "cnncodes"
+
+
+def onnx_cache_path(model_key: str) -> Path:
+    """Where the ONNX twin of the model with `model_key` lives, for the installed converters."""
+    versions = {name: v for name, v in package_versions().items() if name in _CONVERTERS}
+    return cache_dir() / "onnx" / f"{sha256_json([model_key, versions])[:32]}.onnx"
+
+
+def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
+                notice: Callable[[str], None] | None = None) -> Runner:
+    """A runner for the model that `build()` makes; on ONNX, built and converted only on a cache miss."""
+    if runtime not in RUNTIMES:
+        raise CnnCodesError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if runtime == "keras":
+        return KerasRunner(build())
+    path = onnx_cache_path(model_key)
+    cached = _load_cached(path)
+    if cached is not None:
+        return cached
+    model = build()
+    try:
+        return _convert(model, path)
+    except Exception as e:  # noqa: BLE001 - any converter failure falls back to the exact Keras path
+        if notice:
+            notice(f"ONNX conversion failed ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                   "running on Keras instead")
+        return KerasRunner(model)
+
+
+def _load_cached(path: Path) -> OnnxRunner | None:
+    """The cached ONNX model, unless it is missing, damaged or not the file its record names."""
+    try:
+        record = read_json(path.with_suffix(".json"))
+        if sha256_file(path) != record["sha256"]:
+            return None
+        return OnnxRunner(path)
+    except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, whatever is wrong with it
+        return None
+
+
+def _convert(model, path: Path) -> OnnxRunner:
+    """Export to ONNX, check it against Keras on a probe batch, then publish it atomically."""
+    probe = np.random.default_rng(0).integers(0, 256, size=(2, *model.input_shape[1:]), dtype=np.uint8)
+    expected = KerasRunner(model)(probe)  # also the call Keras's exporter needs to know the model's inputs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=".export-"))
+    try:
+        exported = scratch / "model.onnx"
+        with warnings.catch_warnings():  # the converter's NumPy-2 shims warn about np.object
+            warnings.simplefilter("ignore", FutureWarning)
+            model.export(str(exported), format="onnx", verbose=False)
+        runner = OnnxRunner(exported)
+        worst = float(np.abs(runner(probe) - expected).max())
+        if worst > TOLERANCE * max(float(np.abs(expected).max()), 1e-6):
+            raise CnnCodesError(f"ONNX output differs from Keras by {worst:.3g}")
+        os.replace(exported, path)
+        write_json_atomic(path.with_suffix(".json"), {"sha256": sha256_file(path), "model": model.name})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return runner

@@ -1,0 +1,133 @@
+"""The ONNX Runtime forward pass: equal to Keras, cached, robust, and free of TensorFlow when warm."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cnncodes
+from cnncodes.cli import app
+from cnncodes.ingest import load_square
+from cnncodes.runtime import KerasRunner, OnnxRunner, make_runner, onnx_cache_path
+
+from .conftest import FLOWERS, MOBILENET_WEIGHTS, make_dataset, needs_real_weights
+
+runner = CliRunner()
+
+
+def assert_same_codes(spec, weights, pixels):
+    keras_codes = KerasRunner(spec.build(weights))(pixels)
+    onnx = spec.runner(weights, "onnx")
+    assert isinstance(onnx, OnnxRunner)
+    onnx_codes = onnx(pixels)
+    assert onnx_codes.shape == keras_codes.shape
+    assert np.abs(onnx_codes - keras_codes).max() <= 1e-4 * np.abs(keras_codes).max()
+
+
+@pytest.mark.parametrize(("backbone", "layer"), [("vgg16", None), ("vgg16", "block3_pool"),
+                                                  ("resnet50", None), ("resnet50", "conv4_block6_out")])
+def test_onnx_codes_equal_keras_codes_untrained(tmp_path, backbone, layer):
+    data = make_dataset(tmp_path / "d", per_class=2)
+    pixels = np.stack([load_square(p, 48) for p in sorted(data.rglob("*.*"))])
+    spec, weights = cnncodes.ExtractorSpec.create(backbone, layer, image_size=48, weights="none")
+    assert_same_codes(spec, weights, pixels)
+
+
+@needs_real_weights
+@pytest.mark.parametrize("layer", [None, "block_13_expand_relu"])
+def test_onnx_codes_equal_keras_codes_with_real_mobilenet(monkeypatch, layer):
+    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
+    files = [sorted((FLOWERS / c).glob("*.jpg"))[0] for c in ("Daisy", "Iris", "Tulip", "Pansy")]
+    pixels = np.stack([load_square(f, 96) for f in files])
+    spec, weights = cnncodes.ExtractorSpec.create("mobilenetv2", layer, image_size=96)
+    assert_same_codes(spec, weights, pixels)
+
+
+def small_spec():
+    return cnncodes.ExtractorSpec.create("vgg16", "block4_pool", image_size=32, weights="none")
+
+
+def test_converted_model_is_cached_and_a_damaged_cache_is_rebuilt():
+    spec, weights = small_spec()
+    first = spec.runner(weights, "onnx")
+    assert isinstance(first, OnnxRunner)
+
+    def must_not_build():
+        raise AssertionError("a cached model must not be built again")
+
+    assert isinstance(make_runner(must_not_build, spec.key, "onnx"), OnnxRunner)
+
+    path = onnx_cache_path(spec.key)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    builds = []
+    rebuilt = make_runner(lambda: builds.append(1) or spec.build(weights), spec.key, "onnx")
+    assert builds == [1] and isinstance(rebuilt, OnnxRunner)
+    assert json.loads(path.with_suffix(".json").read_text())["sha256"] != ""
+    assert isinstance(make_runner(must_not_build, spec.key, "onnx"), OnnxRunner)
+
+
+def test_failed_conversion_falls_back_to_keras_with_a_notice(monkeypatch, tmp_path):
+    import keras
+
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cache"))
+
+    def broken_export(self, *args, **kwargs):
+        raise RuntimeError("unsupported op Foo")
+
+    monkeypatch.setattr(keras.Model, "export", broken_export)
+    spec, weights = small_spec()
+    notices = []
+    fallback = make_runner(lambda: spec.build(weights), spec.key, "onnx", notice=notices.append)
+    assert isinstance(fallback, KerasRunner)
+    assert len(notices) == 1 and "unsupported op Foo" in notices[0] and "Keras" in notices[0]
+    assert not onnx_cache_path(spec.key).exists()
+
+
+def test_bundle_fitted_on_keras_codes_predicts_the_same_with_onnx(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=10)
+    cnncodes.extract(data, tmp_path / "f", backbone="vgg16", weights="none", image_size=32, runtime="keras",
+                     progress=False)
+    fit = runner.invoke(app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "logreg",
+                              "--quiet"])
+    assert fit.exit_code == 0, fit.output
+    model = tmp_path / "m" / "vgg16-block5_pool-logreg.joblib"
+    answers = {}
+    for runtime in ("keras", "onnx"):
+        result = runner.invoke(app, ["predict", str(model), str(data), "--runtime", runtime, "--format", "json",
+                                     "--quiet"])
+        assert result.exit_code == 0, result.output
+        answers[runtime] = json.loads(result.stdout)
+    assert [a["label"] for a in answers["keras"]] == [a["label"] for a in answers["onnx"]]
+    np.testing.assert_allclose([a["probability"] for a in answers["keras"]],
+                               [a["probability"] for a in answers["onnx"]], atol=1e-3)
+
+
+def test_warm_cache_extract_and_predict_never_import_tensorflow(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=6)
+    cnncodes.extract(data, tmp_path / "f", backbone="vgg16", weights="none", image_size=32, progress=False)
+    fit = runner.invoke(app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "knn",
+                              "--quiet"])
+    assert fit.exit_code == 0, fit.output
+    (tmp_path / "d" / "squares" / "extra.png").write_bytes((tmp_path / "d" / "squares" / "squares_01.png").read_bytes())
+    script = f"""
+import sys, cnncodes
+from cnncodes.predict import predict
+r = cnncodes.extract({str(data)!r}, {str(tmp_path / 'f2')!r}, backbone="vgg16", weights="none", image_size=32,
+                     progress=False)
+p = predict({str(tmp_path / 'm' / 'vgg16-block5_pool-knn.joblib')!r}, [{str(data / 'stripes')!r}], progress=False)
+assert r.computed == r.n_images and all(x.label for x in p), (r, p)
+print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
