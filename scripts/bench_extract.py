@@ -1,14 +1,16 @@
-"""Throughput of `cnncodes extract` against its ceiling and against the tutorial loop.
+"""Throughput of `cnncodes extract` on both runtimes, against its ceiling and the tutorial loop.
 
 For each backbone, on the same N images from ../shared/datasets/oxford17flowers, in one run:
-  1. extract    `cnncodes.extract` end to end (decode + resize + forward + write), images/s
-                of its extraction loop, and the peak RSS of the whole process;
-  2. forward    the same extractor's forward pass alone on preloaded pixel batches of the
-                same batch size (the ceiling on this machine);
-  3. tutorial   the loop Keras tutorials use: load_img + img_to_array + preprocess_input +
-                model.predict, one image at a time.
+  extract     `cnncodes.extract` end to end (decode + resize + forward + write), images/s of
+              its extraction loop, with `--runtime onnx` and `--runtime keras`, and the peak
+              RSS of the whole process;
+  forward     the same extractor's forward pass alone on preloaded pixel batches of the same
+              batch size, on each runtime (the ceiling on this machine);
+  tutorial    the loop Keras tutorials use: load_img + img_to_array + preprocess_input +
+              model.predict, one image at a time.
 Every measurement runs in a fresh subprocess, timed the same way (first batch included).
-A second table shows that extract's memory is bounded by the batch, not the dataset.
+Then: memory bounded by the batch, not the dataset; and the whole-process time of a
+one-image `cnncodes predict` with a warm ONNX cache.
 
     .venv/bin/python scripts/bench_extract.py [--images 256] [--backbones mobilenetv2,resnet50,vgg16]
 """
@@ -63,20 +65,20 @@ def work_extract(args) -> dict:
     listing = Path(args.tmp) / "list.csv"
     listing.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in image_list(args.images, args.datasets)))
     started = time.perf_counter()
-    result = cnncodes.extract(listing, Path(args.tmp) / "out", backbone=args.backbone, weights=weights_for(args.backbone),
-                              image_size=args.size, batch_size=args.batch_size, progress=False)
+    result = cnncodes.extract(listing, Path(args.out or Path(args.tmp) / "out"), backbone=args.backbone,
+                              weights=weights_for(args.backbone), image_size=args.size, batch_size=args.batch_size,
+                              runtime=args.runtime, progress=False)
     return {"images_per_second": result.images_per_second, "wall_seconds": time.perf_counter() - started,
             "images": result.n_images, "peak_rss_mb": peak_rss_mb()}
 
 
 def work_forward(args) -> dict:
     from cnncodes import ExtractorSpec
-    from cnncodes.runtime import KerasRunner
     from cnncodes.ingest import load_square
 
     spec, weights = ExtractorSpec.create(args.backbone, image_size=args.size, weights=weights_for(args.backbone))
     pixels = np.stack([load_square(p, spec.image_size) for p, _ in image_list(args.images)])
-    run = KerasRunner(spec.build(weights))
+    run = spec.runner(weights, args.runtime)
     started = time.perf_counter()
     for start in range(0, len(pixels), args.batch_size):
         run(pixels[start:start + args.batch_size])
@@ -107,12 +109,69 @@ WORKERS = {"extract": work_extract, "forward": work_forward, "tutorial": work_tu
 def measure(kind: str, backbone: str, args, **overrides) -> dict:
     """Run one measurement in a fresh interpreter, so each starts cold and has its own peak RSS."""
     with tempfile.TemporaryDirectory() as tmp:
-        options = vars(args) | {"backbone": backbone, "tmp": tmp} | overrides
+        options = vars(args) | {"backbone": backbone, "tmp": tmp, "out": None} | overrides
         command = [sys.executable, __file__, "--worker", kind, "--options", json.dumps(options)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{kind} {backbone} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def throughput_table(args) -> None:
+    print(f"# extract throughput: {args.images} images of oxford17flowers, batch {args.batch_size}, "
+          f"{os.cpu_count()} cores (images/s)\n")
+    print("| backbone | weights | extract onnx | extract keras | forward onnx | forward keras | tutorial loop | "
+          "onnx / keras extract | onnx extract / onnx forward | keras extract / keras forward | "
+          "onnx extract / tutorial | peak RSS onnx extract |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for backbone in args.backbones.split(","):
+        # forward first: it converts to ONNX, so extract measures the warm steady state (RSS too)
+        run = {(kind, rt): measure(kind, backbone, args, runtime=rt)
+               for kind in ("forward", "extract") for rt in ("onnx", "keras")}
+        speed = {key: value["images_per_second"] for key, value in run.items()}
+        tutorial = measure("tutorial", backbone, args)["images_per_second"]
+        eo, ek, fo, fk = (speed["extract", "onnx"], speed["extract", "keras"], speed["forward", "onnx"],
+                          speed["forward", "keras"])
+        print(f"| {backbone} | {weights_for(backbone)} | {eo:.1f} | {ek:.1f} | {fo:.1f} | {fk:.1f} | {tutorial:.1f} | "
+              f"{eo / ek:.2f} | {eo / fo:.2f} | {ek / fk:.2f} | {eo / tutorial:.1f} | "
+              f"{run['extract', 'onnx']['peak_rss_mb']:.0f} MB |", flush=True)
+
+
+def memory_table(args) -> None:
+    both = ("oxford17flowers", "cats_dogs_horses_humans")
+    total = len(image_list(10**6, both))
+    print(f"\n# extract memory: mobilenetv2 at {args.memory_size} px, onnx, the dataset 10x larger\n")
+    print("| images | extract img/s | peak RSS |")
+    print("|---|---|---|")
+    measure("extract", "mobilenetv2", args, images=8, size=args.memory_size)  # warms the ONNX cache
+    for n in (total // 10, total):
+        run = measure("extract", "mobilenetv2", args, images=n, datasets=both, size=args.memory_size, runtime="onnx")
+        print(f"| {run['images']} | {run['images_per_second']:.1f} | {run['peak_rss_mb']:.0f} MB |", flush=True)
+
+
+def predict_table(args) -> None:
+    """Whole-process seconds of `cnncodes predict BUNDLE one.jpg`, the ONNX model already cached."""
+    cli = Path(sys.executable).parent / "cnncodes"
+    image = str(image_list(1)[0][0])
+    print("\n# one-image predict, whole process, warm cache (median of 5)\n")
+    print("| backbone | runtime | seconds |")
+    print("|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for backbone in args.backbones.split(","):
+            out = Path(tmp) / backbone
+            measure("extract", backbone, args, images=136, out=str(out / "features"), runtime="onnx")
+            subprocess.run([str(cli), "fit-svm", str(out / "features"), "--out", str(out / "models"), "--classifier",
+                            "logreg", "--cv", "2", "--quiet"], check=True)
+            bundle = next((out / "models").glob("*.joblib"))
+            for runtime in ("onnx", "keras"):
+                command = [str(cli), "predict", str(bundle), image, "--quiet", "--runtime", runtime]
+                subprocess.run(command, check=True, capture_output=True)
+                times = []
+                for _ in range(5):
+                    started = time.perf_counter()
+                    subprocess.run(command, check=True, capture_output=True)
+                    times.append(time.perf_counter() - started)
+                print(f"| {backbone} | {runtime} | {sorted(times)[2]:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -123,6 +182,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="input size (default: each backbone's own)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--memory-size", type=int, default=96, help="input size of the memory table's runs")
+    parser.add_argument("--runtime", default="onnx", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--options", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,26 +192,11 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](options)))
         return
     args.datasets = ("oxford17flowers",)
-    print(f"# extract throughput: {args.images} images of oxford17flowers, batch {args.batch_size}, "
-          f"{os.cpu_count()} cores\n")
-    print("| backbone | weights | extract img/s | forward-only img/s | tutorial loop img/s | "
-          "extract / forward | extract / tutorial | extract peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
-    for backbone in args.backbones.split(","):
-        ext = measure("extract", backbone, args)
-        fwd = measure("forward", backbone, args)
-        tut = measure("tutorial", backbone, args)
-        e, f, t = ext["images_per_second"], fwd["images_per_second"], tut["images_per_second"]
-        print(f"| {backbone} | {weights_for(backbone)} | {e:.1f} | {f:.1f} | {t:.1f} | {e / f:.2f} | {e / t:.1f} | "
-              f"{ext['peak_rss_mb']:.0f} MB |", flush=True)
-    both = ("oxford17flowers", "cats_dogs_horses_humans")
-    total = len(image_list(10**6, both))
-    print(f"\n# extract memory: mobilenetv2 at {args.memory_size} px, the dataset 10x larger\n")
-    print("| images | extract img/s | peak RSS |")
-    print("|---|---|---|")
-    for n in (total // 10, total):
-        run = measure("extract", "mobilenetv2", args, images=n, datasets=both, size=args.memory_size)
-        print(f"| {run['images']} | {run['images_per_second']:.1f} | {run['peak_rss_mb']:.0f} MB |", flush=True)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["CNNCODES_CACHE_DIR"] = cache  # conversions are shared by this run's measurements only
+        throughput_table(args)
+        memory_table(args)
+        predict_table(args)
 
 
 if __name__ == "__main__":
