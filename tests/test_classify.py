@@ -198,6 +198,9 @@ def test_predict_refuses_a_bundle_whose_weights_file_changed(fitted, tmp_path):
     model, image = tmp_path / "m" / "vgg16-block5_pool-knn.joblib", write_image(tmp_path / "x.png")
     assert cli("predict", model, image, "--quiet").exit_code == 0
 
+    result = cli("predict", model, image, "--weights", "none", "--quiet")
+    assert result.exit_code == 2 and "are not the ones this model was made with" in result.stderr
+
     keras.utils.set_random_seed(8)
     save_legacy_h5_weights(keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)), weights)
     result = cli("predict", model, image, "--quiet")
@@ -240,3 +243,37 @@ def test_linear_svm_on_real_mobilenet_codes_beats_85_percent(tmp_path, monkeypat
         scores[weights] = records(tmp_path / f"m-{weights}")["mobilenetv2-out_relu-linear-svm"]["accuracy"]
     assert scores["imagenet"] > 0.85, scores
     assert scores["imagenet"] > scores["none"] + 0.15, scores
+
+
+def test_fit_svm_refuses_to_overwrite_runs_made_from_other_codes(fitted):
+    root = fitted["root"]
+    cnncodes.extract(fitted["data"], root / "features_max", **FAST, layer="block4_pool", pooling="max")
+    cnncodes.extract(fitted["data"], root / "features_avg", **FAST, layer="block4_pool")
+    first = cli("fit-svm", root / "features_avg", "--out", root / "shared_out", "--classifier", "knn", "--quiet")
+    assert first.exit_code == 0, first.output
+    second = cli("fit-svm", root / "features_max", "--out", root / "shared_out", "--classifier", "knn", "--quiet")
+    assert second.exit_code == 2 and "--name" in second.stderr
+    named = cli("fit-svm", root / "features_max", "--out", root / "shared_out", "--classifier", "knn", "--name", "max",
+                "--quiet")
+    assert named.exit_code == 0 and len(records(root / "shared_out")) == 2
+
+
+def test_classifier_needs_two_images_per_class_and_clips_pca_to_the_folds():
+    from cnncodes.classifiers import CodesClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 100)).astype(np.float32)
+    y = np.repeat([0, 1, 2], 20)
+    X[y == 1] += 1.0
+    model = CodesClassifier("linear-svm", pca=64, cv=5, n_jobs=1).fit(X, y)
+    assert model.model_.estimator.named_steps["pca"].n_components < 48
+    assert model.predict_proba(X).shape == (60, 3)
+    with pytest.raises(cnncodes.CnnCodesError, match="at least 2 training images"):
+        CodesClassifier("logreg", n_jobs=1).fit(X[:41], y[:41])
+
+
+def test_predict_shows_bracketed_file_names_as_they_are(fitted, tmp_path):
+    model = fitted["models"] / "vgg16-block5_pool-knn.joblib"
+    odd = write_image(tmp_path / "[draft] cat.png", "circles", seed=77)
+    table = runner.invoke(app, ["predict", str(model), str(odd)], env={"COLUMNS": "300"})
+    assert table.exit_code == 0 and "[draft] cat.png" in table.stdout

@@ -18,6 +18,7 @@ from cnncodes.artifacts import sha256_file
 from cnncodes.cli import app
 from cnncodes.extract import FeatureWriter
 from cnncodes.runtime import KerasRunner
+from cnncodes.split import Split
 
 from .conftest import FLOWERS, MOBILENET_WEIGHTS, needs_real_weights, write_image
 
@@ -317,3 +318,31 @@ def test_real_mobilenet_codes_group_flowers_by_class(tmp_path, monkeypatch):
     assert distance[same & off_diagonal].mean() < 0.8 * distance[~same].mean()
     nearest = np.where(off_diagonal, distance, np.inf).argmin(axis=1)
     assert (labels[nearest] == labels).mean() >= 0.9
+
+
+def test_run_killed_while_publishing_never_lends_its_rows_to_other_settings(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "f"
+    base = FAST | dict(layer="block4_pool")
+    cnncodes.extract(dataset, out, **base)
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Split, "write_csv", killed)  # dies after features.npy was replaced
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **(base | dict(pooling="max")))
+    monkeypatch.undo()
+    again = cnncodes.extract(dataset, out, **base)
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **base)
+    assert again.computed == 24
+    np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
+
+
+def test_paths_with_brackets_and_unwritable_outputs_are_one_line_errors(dataset, tmp_path):
+    odd = tmp_path / "data[/tmp]"
+    result = cli("extract", odd, "--out", tmp_path / "f", *FAST_ARGS)
+    assert result.exit_code == 2 and "data[/tmp]" in result.stderr and "Traceback" not in result.output
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    result = cli("extract", dataset, "--out", a_file, *FAST_ARGS)
+    assert result.exit_code == 2 and result.stderr.startswith("Error:") and "Traceback" not in result.output

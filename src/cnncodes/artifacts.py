@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 _PACKAGES = ("cnncodes", "tensorflow-cpu", "tensorflow", "keras", "numpy", "pillow",
-             "scikit-learn", "onnxruntime", "tf2onnx")
+             "scikit-learn", "onnxruntime", "onnx", "tf2onnx")
 
 
 _UMASK = os.umask(0)

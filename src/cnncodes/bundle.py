@@ -7,13 +7,14 @@ pickled it is the one installed (another version may unpickle into wrong answers
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Any
 
 import joblib
 
-from .artifacts import package_versions, read_json, sha256_file, write_bytes_atomic
+from .artifacts import package_versions, read_json, write_bytes_atomic
 from .errors import CnnCodesError
 from .evaluate import RECORD_FORMAT
 
@@ -30,11 +31,16 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def load_record_for(model_path: Path) -> dict[str, Any]:
-    """The run record beside a model file, after checking the file is the one it describes."""
+def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
+    """The run record beside a model file and the file's bytes, checked to be the ones it describes.
+
+    The bytes are returned so the caller loads exactly what was hashed, not a file that
+    could be swapped between the check and the load.
+    """
     record_path = sidecar(model_path)
     if not model_path.is_file():
         raise CnnCodesError(f"model {model_path} not found")
+    data = model_path.read_bytes()
     try:
         record = read_json(record_path)
     except (OSError, ValueError):
@@ -42,20 +48,20 @@ def load_record_for(model_path: Path) -> dict[str, Any]:
                             "verified; load only bundles you made or trust, with their .json") from None
     if record.get("format") != RECORD_FORMAT or "model_sha256" not in record:
         raise CnnCodesError(f"{record_path} is not a cnncodes run record")
-    if sha256_file(model_path) != record["model_sha256"]:
+    if hashlib.sha256(data).hexdigest() != record["model_sha256"]:
         raise CnnCodesError(f"{model_path} does not match the SHA-256 in {record_path.name}: the file was changed "
                             "after it was made; refusing to load it")
-    return record
+    return record, data
 
 
 def load_bundle(path: Path) -> dict[str, Any]:
     """Verify, then unpickle a bundle written by `fit-svm`."""
-    record = load_record_for(path)
+    record, data = load_record_for(path)
     wanted, installed = record["versions"].get("scikit-learn"), package_versions().get("scikit-learn")
     if _minor(wanted) != _minor(installed):
         raise CnnCodesError(f"{path} was made with scikit-learn {wanted} but {installed} is installed: "
                             f"install scikit-learn=={wanted} or fit the model again")
-    bundle = joblib.load(path)
+    bundle = joblib.load(io.BytesIO(data))
     if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
         raise CnnCodesError(f"{path} is not a cnncodes model bundle")
     return bundle

@@ -28,7 +28,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .artifacts import sha256_file, write_json_atomic
+from .artifacts import read_json, sha256_file, write_json_atomic
 from .bundle import save_bundle, sidecar
 from .errors import CnnCodesError
 from .evaluate import per_image_predictions, run_record, score
@@ -88,48 +88,50 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise CnnCodesError("training needs images of at least two classes")
+        if self.class_weight not in (None, "balanced"):
+            raise CnnCodesError(f"class_weight takes 'balanced' or None (got {self.class_weight!r})")
+        if self.n_jobs == 0:
+            raise CnnCodesError("n_jobs must not be 0: use -1 for all cores or a positive number")
+        smallest = int(np.bincount(np.searchsorted(self.classes_, y)).min())
+        if smallest < 2:
+            raise CnnCodesError("every class needs at least 2 training images (train+val) to choose hyper-parameters "
+                                "and calibrate probabilities: add images to the smallest class")
         estimator, grid = _estimator(self.kind, self.class_weight)
+        splitter = self._splitter(smallest)
+        calibration = StratifiedKFold(n_splits=min(3, smallest), shuffle=True, random_state=self.random_state)
+        fold = min(_smallest_training_fold(s, X, y) for s in (splitter, calibration))
         steps = [("normalize", _normalizer(self.normalize))]
-        if self.pca:
-            n_components = min(self.pca, X.shape[0] - 1, X.shape[1])
-            steps.append(("pca", PCA(n_components=n_components, random_state=self.random_state)))
+        if self.pca:  # every CV fold must be able to fit that many components
+            steps.append(("pca", PCA(n_components=min(self.pca, fold - 1, X.shape[1]), random_state=self.random_state)))
         pipeline = Pipeline([*steps, ("model", estimator)])
-        splitter = self._splitter(y)
-        search = GridSearchCV(pipeline, self._grid(grid, X, splitter.get_n_splits()), cv=splitter, n_jobs=self.n_jobs,
+        search = GridSearchCV(pipeline, self._grid(grid, X, fold), cv=splitter, n_jobs=self.n_jobs,
                               scoring="balanced_accuracy" if self.class_weight else "accuracy", refit=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             search.fit(X, y)
             self.best_params_ = {k.removeprefix("model__"): v for k, v in search.best_params_.items()}
             self.cv_score_ = float(search.best_score_)
-            self.model_ = self._with_probabilities(search.best_estimator_, X, y)
+            self.model_ = self._with_probabilities(search.best_estimator_, X, y, calibration)
         return self
 
-    def _grid(self, grid: dict[str, list], X: np.ndarray, n_splits: int) -> dict[str, list]:
-        n_features = min(self.pca or X.shape[1], X.shape[1])
+    def _grid(self, grid: dict[str, list], X: np.ndarray, fold: int) -> dict[str, list]:
+        n_features = min(self.pca or X.shape[1], X.shape[1], fold - 1)
         grid = dict(grid)
         if "gamma" in grid:  # relative to 1/n_features, scikit-learn's "scale" for standardised codes
             grid["gamma"] = [g / n_features for g in grid["gamma"]]
         if "n_neighbors" in grid:  # k-NN needs at least k training codes in every fold
-            smallest_fold = X.shape[0] - -(-X.shape[0] // max(n_splits, 2))
-            grid["n_neighbors"] = [k for k in grid["n_neighbors"] if k <= smallest_fold] or [1]
+            grid["n_neighbors"] = [k for k in grid["n_neighbors"] if k <= fold] or [1]
         return {f"model__{k}": v for k, v in grid.items()}
 
-    def _splitter(self, y: np.ndarray):
+    def _splitter(self, smallest: int):
         if not isinstance(self.cv, int):
             return self.cv
-        smallest = int(np.bincount(np.searchsorted(self.classes_, y)).min())
-        if smallest < 2:
-            raise CnnCodesError("every class needs at least 2 training images for cross-validation: "
-                                "add images or use --cv 0 to choose hyper-parameters on the val subset")
         return StratifiedKFold(n_splits=min(self.cv, smallest), shuffle=True, random_state=self.random_state)
 
-    def _with_probabilities(self, fitted: Pipeline, X: np.ndarray, y: np.ndarray):
+    def _with_probabilities(self, fitted: Pipeline, X: np.ndarray, y: np.ndarray, calibration):
         if self.kind not in _CALIBRATED:
             return fitted
-        smallest = int(np.bincount(np.searchsorted(self.classes_, y)).min())
-        calibrated = CalibratedClassifierCV(clone(fitted), method="temperature", cv=min(3, max(2, smallest)),
-                                            ensemble=False)
+        calibrated = CalibratedClassifierCV(clone(fitted), method="temperature", cv=calibration, ensemble=False)
         return calibrated.fit(X, y)
 
     def predict_proba(self, X) -> np.ndarray:
@@ -139,6 +141,10 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+def _smallest_training_fold(splitter, X: np.ndarray, y: np.ndarray) -> int:
+    return min(len(train) for train, _ in splitter.split(X, y))
 
 
 def expand_kinds(names: Sequence[str]) -> list[str]:
@@ -174,7 +180,7 @@ def fit_svm(
     """
     feats = load_features(features)
     kinds = expand_kinds(classifiers)
-    _normalizer(normalize)
+    _normalizer(normalize)  # an unknown name fails here, before any model is fitted
     fit_rows, test_rows = feats.rows("train", "val"), feats.rows("test")
     if not test_rows.any():
         raise CnnCodesError(f"{feats.path} has no test images: extract again with a --split that keeps a test share")
@@ -204,6 +210,7 @@ def _fit_one(feats: Features, out: Path, kind: str, fit_rows, test_rows, name: s
              model: CodesClassifier) -> dict[str, Any]:
     spec = feats.spec
     run = f"{name + '-' if name else ''}{spec.backbone}-{spec.layer}-{kind}"
+    _refuse_to_overwrite_other_features(sidecar(out / f"{run}.joblib"), feats)
     started = time.perf_counter()
     model.fit(feats.X[fit_rows], feats.y[fit_rows])
     fit_seconds = time.perf_counter() - started
@@ -226,6 +233,17 @@ def _fit_one(feats: Features, out: Path, kind: str, fit_rows, test_rows, name: s
     )
     write_json_atomic(sidecar(model_path), record)
     return record
+
+
+def _refuse_to_overwrite_other_features(record_path: Path, feats: Features) -> None:
+    """A run of the same name from other codes (pooling, size, weights, split…) is kept, not replaced."""
+    try:
+        old = read_json(record_path)["dataset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if old.get("features") != str(feats.path.resolve()) or old.get("split_fingerprint") != feats.split_fingerprint:
+        raise CnnCodesError(f"{record_path.parent} already holds run {record_path.stem} made from {old.get('features')}: "
+                            "give these runs a --name, or another --out folder")
 
 
 def class_probabilities(model: CodesClassifier, X: np.ndarray, n_classes: int) -> np.ndarray:

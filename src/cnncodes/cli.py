@@ -19,7 +19,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .backbones import POOLINGS, REGISTRY, get_backbone
 from .classifiers import KINDS, NORMALIZERS
@@ -47,14 +49,18 @@ Runtime = Enum("Runtime", {name: name for name in RUNTIMES}, type=str)
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(resume_hint: str = "nothing was written.") -> Iterator[None]:
+    """CnnCodesError and OSError become one red line and exit 2; Ctrl-C exits 130."""
     try:
         yield
     except CnnCodesError as e:
-        err_console.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except OSError as e:  # unwritable --out, a file where a folder should be, a full disk…
+        err_console.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        err_console.print("Interrupted: finished batches are saved; run the same command again to resume.")
+        err_console.print(f"Interrupted: {resume_hint}")
         raise typer.Exit(130) from None
 
 
@@ -66,7 +72,7 @@ def extract(
     layer: Annotated[Optional[str], typer.Option(help="Layer whose output is the code (default: the last convolutional block).")] = None,
     pooling: Annotated[Pooling, typer.Option(help="How a feature map becomes a vector.")] = "avg",
     weights: Annotated[str, typer.Option(help="imagenet, none (untrained), or a .h5 weights file.")] = "imagenet",
-    image_size: Annotated[Optional[int], typer.Option(help="Square input size in pixels (default: the backbone's).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(min=1, help="Square input size in pixels (default: the backbone's).")] = None,
     resize: Annotated[Resize, typer.Option(help="crop: centre square; squash: ignore aspect ratio; pad: white borders.")] = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.15,0.15",
@@ -79,7 +85,7 @@ def extract(
     """Turn every image into a CNN code: features.npy, labels.npy, split.csv, rejected.csv, meta.json."""
     from .extract import extract as run_extract
 
-    with user_errors():
+    with user_errors("finished batches are saved; run the same command again to resume."):
         result = run_extract(
             data, out, backbone=BackboneName(backbone).value, layer=layer, pooling=Pooling(pooling).value,
             weights=weights, image_size=image_size, resize=Resize(resize).value, batch_size=batch_size,
@@ -87,11 +93,12 @@ def extract(
             progress=not quiet,
         )
     for warning in result.warnings:
-        err_console.print(f"[yellow]Warning:[/] {warning}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if result.rejected:
         reasons = Counter(reason.split(" (")[0].split(":")[0] for _, reason in result.rejected)
         summary = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
-        err_console.print(f"[yellow]Skipped {len(result.rejected)} file(s)[/] ({summary}): see {result.out / 'rejected.csv'}",
+        err_console.print(f"[yellow]Skipped {len(result.rejected)} file(s)[/] ({escape(summary)}): "
+                          f"see {escape(str(result.out / 'rejected.csv'))}",
                           highlight=False, soft_wrap=True)
     if quiet:
         return
@@ -99,8 +106,8 @@ def extract(
         f"{result.computed} computed, {result.reused} reused in {result.seconds:.1f} s"
         + (f" ({result.images_per_second:.1f} images/s)" if result.images_per_second else ""))
     counts = ", ".join(f"{n} {s}" for s, n in result.counts.items())
-    out_console.print(f"{result.n_images} codes of {result.dim} numbers for {len(result.classes)} classes "
-                      f"({counts}) in {result.out}: {state}", highlight=False, soft_wrap=True)
+    out_console.print(Text(f"{result.n_images} codes of {result.dim} numbers for {len(result.classes)} classes "
+                           f"({counts}) in {result.out}: {state}"), soft_wrap=True)
 
 
 @app.command()
@@ -119,7 +126,7 @@ def backbones() -> None:
 @app.command()
 def layers(
     backbone: Annotated[BackboneName, typer.Argument(help="Network to list.")],
-    image_size: Annotated[Optional[int], typer.Option(help="Input size the shapes are shown for.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(min=1, help="Input size the shapes are shown for.")] = None,
 ) -> None:
     """List every layer name of a backbone with its output shape, for --layer."""
     from .weights import Weights
@@ -157,8 +164,6 @@ def fit_svm(
     from .classifiers import fit_svm as run_fit
 
     with user_errors():
-        if class_weight not in (None, "balanced"):
-            raise CnnCodesError(f"--class-weight takes 'balanced' (got {class_weight!r})")
         records = run_fit(features, out, classifiers=[Classifier(c).value for c in classifier],
                           normalize=Normalize(normalize).value, pca=pca, cv=cv, class_weight=class_weight,
                           n_jobs=n_jobs, seed=seed, name=name, progress=not quiet)
@@ -167,13 +172,13 @@ def fit_svm(
                                                     f"scored on {records[0]['n_test']} test images"))
         for record in records:
             chosen = ", ".join(f"{k}={v}" for k, v in record["params"].items() if k in ("C", "gamma", "n_neighbors"))
-            out_console.print(f"{record['run']}: {chosen} (cv score {record['cv_score']:.3f}) -> {out / record['model_file']}",
-                              highlight=False, soft_wrap=True)
+            out_console.print(Text(f"{record['run']}: {chosen} (cv score {record['cv_score']:.3f}) -> "
+                                   f"{out / record['model_file']}"), soft_wrap=True)
 
 
 @app.command()
 def compare(
-    models: Annotated[list[Path], typer.Argument(help="Folders of run records (fit-svm and finetune --out).")],
+    models: Annotated[list[Path], typer.Argument(help="Folders of run records (the --out of fit-svm).")],
     format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = "table",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
     html_path: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
@@ -199,7 +204,7 @@ def compare(
     else:
         typer.echo(text, nl=False)
     if html_path:
-        err_console.print(f"Report written to {html_path}", highlight=False, soft_wrap=True)
+        err_console.print(Text(f"Report written to {html_path}"), soft_wrap=True)
 
 
 @app.command()
@@ -227,7 +232,8 @@ def predict(
         table.columns[0].overflow = "fold"  # paths wrap rather than lose their file name
         for r in results:
             top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in r.top_k)
-            table.add_row(r.path, r.label or f"[red]{r.error}[/]", f"{r.probability:.3f}" if r.label else "", top)
+            table.add_row(Text(r.path), Text(r.label) if r.label else Text(r.error, style="red"),
+                          f"{r.probability:.3f}" if r.label else "", Text(top))
         out_console.print(table)
     else:
         text = _predictions_text(results, "csv" if fmt == "table" else fmt)
@@ -259,7 +265,7 @@ def demo(
     data: Annotated[Optional[Path], typer.Argument(help="Your class-per-folder images (default: scikit-learn's digits).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for features, models and the report.")] = Path("models/demo"),
     backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
-    image_size: Annotated[Optional[int], typer.Option(help="Input size (default: 96 for the digits, else the backbone's).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(min=1, help="Input size (default: 96 for the digits, else the backbone's).")] = None,
 ) -> None:
     """Run the whole pipeline (extract, fit-svm, compare, predict) and say what each step does."""
     from .demo import run_demo

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from rich.markup import escape
 
 from .artifacts import write_bytes_atomic
 from .classifiers import fit_svm
@@ -44,9 +45,9 @@ def run_demo(data: Path | None = None, out: Path = Path("models/demo"), backbone
         say("[bold]1/5[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
         data, image_size = write_digits(), image_size or 96
     else:
-        say(f"[bold]1/5[/] Using your images in {data}")
+        say(f"[bold]1/5[/] Using your images in {escape(str(data))}")
     features = out / "features"
-    say(f"[bold]2/5[/] extract: {backbone} turns every image into a CNN code -> {features}")
+    say(f"[bold]2/5[/] extract: {backbone} turns every image into a CNN code -> {escape(str(features))}")
     result = extract(data, features, backbone=backbone, image_size=image_size)
     say(f"      {result.n_images} codes of {result.dim} numbers; split {result.counts}")
     say("[bold]3/5[/] fit-svm: linear SVM, logistic regression, RBF SVM and k-NN on the codes "
@@ -57,14 +58,14 @@ def run_demo(data: Path | None = None, out: Path = Path("models/demo"), backbone
     console.print(rich_table(records))
     report = out / "report.html"
     write_bytes_atomic(report, html_report(records).encode())
-    say(f"      report with confusion matrices and mistakes: {report}")
+    say(f"      report with confusion matrices and mistakes: {escape(str(report))}")
     best = records[0]
-    say(f"[bold]5/5[/] predict: the best run ({best['run']}) on {examples} test images it never saw")
+    say(f"[bold]5/5[/] predict: the best run ({escape(best['run'])}) on {examples} test images it never saw")
     sample = best["test_predictions"][:: max(1, len(best["test_predictions"]) // examples)][:examples]
     answers = predict(out / best["model_file"], [str(Path(best["dataset"]["data"]) / p["path"]) for p in sample],
                       progress=False)
     for truth, answer in zip(sample, answers):
         top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in answer.top_k)
         mark = "[green]right[/]" if answer.label == truth["label"] else "[red]wrong[/]"
-        say(f"      {truth['path']}: true {truth['label']}, top 3: {top}  {mark}")
+        say(f"      {escape(truth['path'])}: true {escape(truth['label'])}, top 3: {escape(top)}  {mark}")
     return records

@@ -32,8 +32,8 @@ def bootstrap_ci(correct: np.ndarray, rounds: int = BOOTSTRAP_ROUNDS, seed: int 
     """95% percentile interval of accuracy, resampling the test images."""
     if len(correct) == 0:
         return [0.0, 0.0]
-    rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, len(correct), size=(rounds, len(correct)))].mean(axis=1)
+    # Resampling n right/wrong answers with replacement counts the right ones binomially.
+    means = np.random.default_rng(seed).binomial(len(correct), correct.mean(), size=rounds) / len(correct)
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
@@ -74,7 +74,7 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
     records = []
     for folder in folders:
         if not Path(folder).is_dir():
-            raise CnnCodesError(f"{folder} is not a folder of models: give the --out folder of fit-svm or finetune")
+            raise CnnCodesError(f"{folder} is not a folder of models: give the --out folder of fit-svm")
         for path in sorted(Path(folder).glob("*.json")):
             try:
                 record = read_json(path)

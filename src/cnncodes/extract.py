@@ -32,11 +32,13 @@ from .backbones import POOLINGS, get_backbone
 from .errors import CnnCodesError
 from .ingest import RESIZE_MODES, BadImage, Check, Dataset, check_images, discover, load_square
 from .progress import progress_bar, warn
-from .runtime import RUNTIMES, Runner, make_runner
+from .runtime import Runner, check_runtime, make_runner
 from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, Split, make_split, parse_fractions
 from .weights import Weights
 
 FEATURES_FORMAT = "cnncodes.features/1"
+# Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
+EXTRACTOR_FORMAT = 1
 CACHE_DIR = ".cache"
 
 
@@ -91,7 +93,7 @@ class ExtractorSpec:
     @property
     def key(self) -> str:
         """Equal keys mean equal codes. Untrained weights depend on Keras's initialisers."""
-        identity = {k: v for k, v in self.to_dict().items() if k != "weights_file"}
+        identity = {k: v for k, v in self.to_dict().items() if k != "weights_file"} | {"format": EXTRACTOR_FORMAT}
         if self.weights == "none":
             identity["keras"] = artifacts.package_versions().get("keras")
         return artifacts.sha256_json(identity)
@@ -104,8 +106,8 @@ class ExtractorSpec:
         found = get_backbone(self.backbone).resolve_weights(choice, self.layer)
         if found.sha256 != self.weights_sha256:
             raise CnnCodesError(
-                f"the weights found at {found.path} (SHA-256 {found.sha256[:12]}…) are not the ones this model was made "
-                f"with ({self.weights_file}, SHA-256 {self.weights_sha256[:12]}…): give the right file with --weights PATH")
+                f"the weights {found.path or choice} are not the ones this model was made with ({self.weights_file}, "
+                f"SHA-256 {self.weights_sha256}): give the right file with --weights PATH")
         return found
 
     def build(self, weights: Weights):
@@ -292,20 +294,19 @@ def extract(
     started = time.perf_counter()
     if batch_size < 1:
         raise CnnCodesError(f"--batch-size must be at least 1 (got {batch_size})")
-    if runtime not in RUNTIMES:
-        raise CnnCodesError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    check_runtime(runtime)
     fractions = parse_fractions(split)
     spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights)
     out = Path(out)
     dataset = discover(data)
-    checks = _check(dataset, out / CACHE_DIR, workers, progress)
+    all_ids = _file_ids(dataset)
+    checks = _check(dataset, all_ids, out / CACHE_DIR, workers, progress)
     rejected = [(p, c.reason) for p, c in zip(dataset.paths, checks) if not c.ok]
+    artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
     usable = _require_usable(dataset, checks)
     the_split = make_split(usable.paths, usable.labels, [c.phash for c in checks if c.ok], fractions, seed, dup_threshold)
-    out.mkdir(parents=True, exist_ok=True)
-    artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
 
-    file_ids = _file_ids(usable)
+    file_ids = [fid for fid, c in zip(all_ids, checks) if c.ok]
     run_key = artifacts.sha256_json([spec.key, file_ids, the_split.labels, the_split.subsets])
     if _up_to_date(out, run_key):
         return _result_from_meta(out, rejected, the_split.warnings, time.perf_counter() - started)
@@ -325,20 +326,23 @@ def extract(
                          done.reused, meta["elapsed_seconds"], meta["images_per_second"], warnings=the_split.warnings)
 
 
-def _check(dataset: Dataset, cache_dir: Path, workers: int | None, progress: bool) -> list[Check]:
-    """Decode every file once (cached by path, size and mtime) to find the bad ones and hash the rest."""
+def _check(dataset: Dataset, ids: list[str], cache_dir: Path, workers: int | None, progress: bool) -> list[Check]:
+    """Decode every file once (cached by path, size and mtime) to find the bad ones and hash the rest.
+
+    The cache is saved every few thousand files, so an interrupted check resumes too.
+    """
     cache_file = cache_dir / "checks.json"
     try:
         cache = artifacts.read_json(cache_file)
     except (OSError, ValueError):
         cache = {}
-    ids = _file_ids(dataset)
     todo = [i for i, fid in enumerate(ids) if fid not in cache]
-    if todo:
-        with progress_bar("Checking images", len(todo), enabled=progress) as advance:
-            found = check_images([dataset.root / dataset.paths[i] for i in todo], workers or os.cpu_count() or 2, advance)
-        cache.update({ids[i]: [c.reason, c.phash] for i, c in zip(todo, found)})
-        artifacts.write_json_atomic(cache_file, {fid: cache[fid] for fid in ids})
+    with progress_bar("Checking images", len(todo), enabled=progress and bool(todo)) as advance:
+        for start in range(0, len(todo), 4096):
+            chunk = todo[start:start + 4096]
+            found = check_images([dataset.root / dataset.paths[i] for i in chunk], workers or os.cpu_count() or 2, advance)
+            cache.update({ids[i]: [c.reason, c.phash] for i, c in zip(chunk, found)})
+            artifacts.write_json_atomic(cache_file, {fid: cache[fid] for fid in ids if fid in cache})
     return [Check(*cache[fid]) for fid in ids]
 
 
@@ -407,7 +411,7 @@ def _previous_rows(out: Path, spec_key: str, file_ids: list[str]):
     """Rows of the last finished run with the same extractor, as (features, [(new, old)])."""
     try:
         index = artifacts.read_json(out / CACHE_DIR / "rows.json")
-        if index["spec_key"] != spec_key:
+        if index["spec_key"] != spec_key or not (out / "meta.json").is_file():
             return None
         features = np.load(out / "features.npy", mmap_mode="r")
     except (OSError, ValueError, KeyError):
@@ -464,6 +468,7 @@ def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, run_
 def _publish_outputs(out: Path, final: Split, meta: dict, rejected, file_ids: list[str], spec_key: str) -> None:
     """Replace the outputs; `meta.json` goes last, so a reader that finds it finds a complete set."""
     (out / "meta.json").unlink(missing_ok=True)
+    (out / CACHE_DIR / "rows.json").unlink(missing_ok=True)  # rows.json must never describe other features
     os.replace(out / "features.npy.new", out / "features.npy")
     classes = meta["classes"]
     artifacts.write_npy_atomic(out / "labels.npy", np.array([classes.index(c) for c in final.labels], dtype=np.int64))

@@ -2,8 +2,8 @@
 
 A dataset is a folder with one sub-folder per class (nested folders under a class belong
 to it) or a CSV file with `path,label` columns. Files are recognised by content, not by
-name, and every decode goes through `load_rgb`, so `extract`, `finetune` and `predict`
-see exactly the same pixels for the same file.
+name, and every decode goes through `load_rgb`, so every command sees exactly the same
+pixels for the same file.
 """
 
 from __future__ import annotations
@@ -82,10 +82,7 @@ def _discover_folders(root: Path) -> Dataset:
         raise CnnCodesError(f"{root} has no class sub-folders: put the images of each class in a folder of its own, e.g. {root}/cat/1.jpg")
     paths, labels = [], []
     for class_dir in class_dirs:
-        found = sorted(
-            p for p in class_dir.rglob("*")
-            if p.is_file() and not _is_hidden(p.relative_to(class_dir)) and looks_like_image(p)
-        )
+        found = image_files(class_dir)
         if not found:
             raise CnnCodesError(f"class folder {class_dir} has no image files: add images or remove the folder")
         paths += [p.relative_to(root).as_posix() for p in found]
@@ -108,8 +105,11 @@ def _discover_csv(csv_path: Path) -> Dataset:
     return Dataset(csv_path.parent.resolve(), [p for p, _ in rows], [label for _, label in rows])
 
 
-def _is_hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under `folder`, recursively and sorted, hidden files and folders left out."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                  and looks_like_image(p))
 
 
 def looks_like_image(path: Path) -> bool:

@@ -19,7 +19,7 @@ from .bundle import load_bundle
 from .classifiers import class_probabilities
 from .errors import CnnCodesError
 from .extract import ExtractorSpec, ImageReader
-from .ingest import looks_like_image
+from .ingest import image_files
 from .progress import progress_bar
 
 
@@ -43,9 +43,7 @@ def expand_inputs(items: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     for item in map(str, items):
         path = Path(item)
         if path.is_dir():
-            found += [(str(p), None) for p in sorted(path.rglob("*"))
-                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                      and looks_like_image(p)]
+            found += [(str(p), None) for p in image_files(path)]
         elif path.is_file():
             found.append((item, None))
         elif glob.has_magic(item):

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -54,4 +55,4 @@ def say(message: str, quiet: bool = False) -> None:
 
 def warn(message: str) -> None:
     """Something the user should know even with --quiet."""
-    console.print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]Warning:[/] {escape(message)}", highlight=False, soft_wrap=True)

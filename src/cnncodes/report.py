@@ -118,15 +118,13 @@ def _run_html(record: dict[str, Any]) -> str:
 
 
 def _confusion_png(record: dict[str, Any]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it was
     from sklearn.metrics import ConfusionMatrixDisplay
 
     classes = record["classes"]
     size = 2.5 + 0.45 * len(classes)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ConfusionMatrixDisplay(np.array(record["confusion_matrix"]), display_labels=classes).plot(
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation="vertical")
     ax.set_title(f"{record['run']}: {100 * record['accuracy']:.1f}%")
@@ -135,11 +133,8 @@ def _confusion_png(record: dict[str, Any]) -> str:
 
 
 def _data_uri(fig) -> str:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

@@ -74,7 +74,8 @@ def cache_dir() -> Path:
     """`$CNNCODES_CACHE_DIR`, else `$XDG_CACHE_HOME/cnncodes`, else `~/.cache/cnncodes`."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "cnncodes"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "cnncodes"
 
 
 def onnx_cache_path(model_key: str) -> Path:
@@ -83,11 +84,15 @@ def onnx_cache_path(model_key: str) -> Path:
     return cache_dir() / "onnx" / f"{sha256_json([model_key, versions])[:32]}.onnx"
 
 
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise CnnCodesError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+
+
 def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
                 notice: Callable[[str], None] | None = None) -> Runner:
     """A runner for the model that `build()` makes; on ONNX, built and converted only on a cache miss."""
-    if runtime not in RUNTIMES:
-        raise CnnCodesError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    check_runtime(runtime)
     if runtime == "keras":
         return KerasRunner(build())
     path = onnx_cache_path(model_key)

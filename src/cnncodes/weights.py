@@ -29,11 +29,6 @@ class Weights:
     path: Path | None = None
     sha256: str | None = None
 
-    @property
-    def identity(self) -> str:
-        """What distinguishes these weights in cache keys and records."""
-        return f"untrained(seed={UNTRAINED_SEED})" if self.kind == "none" else f"sha256:{self.sha256}"
-
 
 def keras_cache_dir() -> Path:
     """Keras's own download cache, as `keras.utils.get_file` computes it."""
