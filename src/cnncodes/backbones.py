@@ -34,6 +34,8 @@ class Backbone:
     taps: tuple[str, ...]
     weights_file: str
     weights_url: str
+    # `finetune` unfreezes every layer after this one: the last convolutional block.
+    finetune_after: str = ""
     top_taps: tuple[str, ...] = ()
     top_weights_file: str | None = None
     top_weights_url: str | None = None
@@ -119,7 +121,7 @@ def _vgg(name: str, constructor: str) -> Backbone:
         default_size=224, min_size=32, taps=("block3_pool", "block4_pool", "block5_pool"),
         weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
         weights_url=f"{_KERAS_URL}{name}/{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        top_taps=("fc1", "fc2"),
+        finetune_after="block4_pool", top_taps=("fc1", "fc2"),
         top_weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels.h5",
         top_weights_url=f"{_KERAS_URL}{name}/{name}_weights_tf_dim_ordering_tf_kernels.h5",
     )
@@ -139,12 +141,14 @@ REGISTRY: dict[str, Backbone] = {
             default_size=224, min_size=32, taps=("conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
             weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=f"{_KERAS_URL}resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            finetune_after="conv4_block6_out",
         ),
         Backbone(
             name="mobilenetv2", constructor="MobileNetV2", module="mobilenet_v2", preprocessing=_SCALE_TF,
             default_size=224, min_size=32,
             taps=("block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu", "out_relu"),
             weights_file=_MOBILENET_FILE, weights_url=f"{_KERAS_URL}mobilenet_v2/{_MOBILENET_FILE}",
+            finetune_after="block_15_add",
         ),
         Backbone(
             name="efficientnetb0", constructor="EfficientNetB0", module="efficientnet",
@@ -152,18 +156,21 @@ REGISTRY: dict[str, Backbone] = {
             default_size=224, min_size=32, taps=("block3b_add", "block4c_add", "block6d_add", "top_activation"),
             weights_file="efficientnetb0_notop.h5",
             weights_url="https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+            finetune_after="block6d_add",
         ),
         Backbone(
             name="inceptionv3", constructor="InceptionV3", module="inception_v3", preprocessing=_SCALE_TF,
             default_size=299, min_size=75, taps=("mixed2", "mixed5", "mixed7", "mixed10"),
             weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=f"{_KERAS_URL}inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            finetune_after="mixed8",
         ),
         Backbone(
             name="xception", constructor="Xception", module="xception", preprocessing=_SCALE_TF,
             default_size=299, min_size=71, taps=("block4_sepconv2_act", "block13_sepconv2_act", "block14_sepconv2_act"),
             weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=f"{_KERAS_URL}xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            finetune_after="block13_pool",
         ),
     )
 }

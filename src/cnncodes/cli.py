@@ -178,7 +178,7 @@ def fit_svm(
 
 @app.command()
 def compare(
-    models: Annotated[list[Path], typer.Argument(help="Folders of run records (the --out of fit-svm).")],
+    models: Annotated[list[Path], typer.Argument(help="Folders of run records (the --out of fit-svm and finetune).")],
     format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = "table",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
     html_path: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
@@ -209,7 +209,7 @@ def compare(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Argument(help="A .joblib bundle from fit-svm (with its .json beside it).")],
+    model: Annotated[Path, typer.Argument(help="A .joblib bundle from fit-svm or a .keras model from finetune (with its .json beside it).")],
     images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
     format: Annotated[PredictFormat, typer.Option("--format", "-f", help="Output format.")] = "table",
@@ -272,3 +272,39 @@ def demo(
 
     with user_errors():
         run_demo(data, out, BackboneName(backbone).value, image_size)
+
+
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class, or a CSV with path,label columns.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .keras model and its .json run record.")],
+    split_from: Annotated[Optional[Path], typer.Option(help="Features folder (or split.csv) whose split to use.")] = None,
+    backbone: Annotated[BackboneName, typer.Option(help="ImageNet network to fine-tune.")] = "mobilenetv2",
+    weights: Annotated[str, typer.Option(help="imagenet, none (untrained), or a .h5 weights file.")] = "imagenet",
+    image_size: Annotated[Optional[int], typer.Option(min=1, help="Square input size (160 is a fast choice on a CPU).")] = None,
+    resize: Annotated[Resize, typer.Option(help="crop, squash or pad, as for extract.")] = "crop",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per training step.")] = 32,
+    head_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 1: the head on the frozen backbone.")] = 5,
+    fine_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 2: the top block unfrozen.")] = 5,
+    unfreeze: Annotated[Optional[str], typer.Option(help="Unfreeze the layers after this one, or the last N layers.")] = None,
+    head_lr: Annotated[float, typer.Option(help="Learning rate of phase 1.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate of phase 2.")] = 1e-5,
+    augment: Annotated[bool, typer.Option(help="Random flips, rotations, zooms and contrast while training.")] = True,
+    class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced classes.")] = None,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without val-accuracy gain before stopping.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the split, shuffling and initialisation.")] = 0,
+    name: Annotated[Optional[str], typer.Option(help="Prefix of the run name.")] = None,
+    resume: Annotated[bool, typer.Option(help="Go on from the last finished epoch of an interrupted run.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
+) -> None:
+    """Fine-tune the backbone end to end (head, then the top block) and score it on the same test set."""
+    from .finetune import finetune as run_finetune
+
+    with user_errors("finished epochs are saved; add --resume to go on."):
+        record = run_finetune(
+            data, out, backbone=BackboneName(backbone).value, split_from=split_from, weights=weights,
+            image_size=image_size, resize=Resize(resize).value, batch_size=batch_size, head_epochs=head_epochs,
+            fine_epochs=fine_epochs, unfreeze=unfreeze, head_lr=head_lr, lr=lr, augment=augment,
+            class_weight=class_weight, patience=patience, seed=seed, name=name, resume=resume, progress=not quiet)
+    if not quiet:
+        out_console.print(rich_table([record], title=f"{record['epochs_run']} epochs, {record['n_test']} test images"))

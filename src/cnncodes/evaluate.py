@@ -74,7 +74,7 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
     records = []
     for folder in folders:
         if not Path(folder).is_dir():
-            raise CnnCodesError(f"{folder} is not a folder of models: give the --out folder of fit-svm")
+            raise CnnCodesError(f"{folder} is not a folder of models: give the --out folder of fit-svm or finetune")
         for path in sorted(Path(folder).glob("*.json")):
             try:
                 record = read_json(path)

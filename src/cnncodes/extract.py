@@ -298,15 +298,7 @@ def extract(
     fractions = parse_fractions(split)
     spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights)
     out = Path(out)
-    dataset = discover(data)
-    all_ids = _file_ids(dataset)
-    checks = _check(dataset, all_ids, out / CACHE_DIR, workers, progress)
-    rejected = [(p, c.reason) for p, c in zip(dataset.paths, checks) if not c.ok]
-    artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
-    usable = _require_usable(dataset, checks)
-    the_split = make_split(usable.paths, usable.labels, [c.phash for c in checks if c.ok], fractions, seed, dup_threshold)
-
-    file_ids = [fid for fid, c in zip(all_ids, checks) if c.ok]
+    usable, the_split, rejected, file_ids = plan(data, out, fractions, seed, dup_threshold, workers, progress)
     run_key = artifacts.sha256_json([spec.key, file_ids, the_split.labels, the_split.subsets])
     if _up_to_date(out, run_key):
         return _result_from_meta(out, rejected, the_split.warnings, time.perf_counter() - started)
@@ -324,6 +316,31 @@ def extract(
     _publish_outputs(out, final, meta, rejected, [file_ids[i] for i in kept], spec.key)
     return ExtractResult(out, len(final.paths), meta["dim"], meta["classes"], final.counts(), rejected, done.computed,
                          done.reused, meta["elapsed_seconds"], meta["images_per_second"], warnings=the_split.warnings)
+
+
+class Plan(NamedTuple):
+    """The usable images of a dataset and their split, decided before any network runs."""
+
+    usable: Dataset
+    split: Split
+    rejected: list[tuple[str, str]]
+    file_ids: list[str]
+
+
+def plan(data: Path | str, out: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+         dup_threshold: int = DEFAULT_DUP_THRESHOLD, workers: int | None = None, progress: bool = True) -> Plan:
+    """Find and check every image, write `out/rejected.csv`, and split the usable ones.
+
+    Stops with a `CnnCodesError` when a class, or the whole dataset, has no usable image.
+    """
+    dataset = discover(data)
+    all_ids = _file_ids(dataset)
+    checks = _check(dataset, all_ids, out / CACHE_DIR, workers, progress)
+    rejected = [(p, c.reason) for p, c in zip(dataset.paths, checks) if not c.ok]
+    artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
+    usable = _require_usable(dataset, checks)
+    the_split = make_split(usable.paths, usable.labels, [c.phash for c in checks if c.ok], fractions, seed, dup_threshold)
+    return Plan(usable, the_split, rejected, [fid for fid, c in zip(all_ids, checks) if c.ok])
 
 
 def _check(dataset: Dataset, ids: list[str], cache_dir: Path, workers: int | None, progress: bool) -> list[Check]:

@@ -7,6 +7,7 @@ mode and weights (checked by SHA-256) are rebuilt from it: the user passes only 
 from __future__ import annotations
 
 import glob
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from .artifacts import package_versions
-from .bundle import load_bundle
+from .bundle import load_bundle, load_record_for
 from .classifiers import class_probabilities
 from .errors import CnnCodesError
 from .extract import ExtractorSpec, ImageReader
 from .ingest import image_files
-from .progress import progress_bar
+from .progress import progress_bar, warn
+from .runtime import make_runner
 
 
 @dataclass
@@ -55,7 +57,9 @@ def expand_inputs(items: Sequence[str | Path]) -> list[tuple[str, str | None]]:
 
 
 def load_predictor(model: Path | str, weights: str | None = None, runtime: str = "onnx"):
-    """A function from uint8 pixel batches to class probabilities, and what it needs to know."""
+    """A function from uint8 pixel batches to class probabilities, its input size, resize mode and classes."""
+    if Path(model).suffix == ".keras":
+        return _finetuned_predictor(Path(model), runtime)
     bundle = load_bundle(Path(model))
     spec = ExtractorSpec.from_dict(bundle["extractor"])
     if spec.weights == "none":
@@ -69,7 +73,26 @@ def load_predictor(model: Path | str, weights: str | None = None, runtime: str =
     def probabilities(pixels: np.ndarray) -> np.ndarray:
         return class_probabilities(classifier, runner(pixels), len(classes))
 
-    return probabilities, spec, classes
+    return probabilities, spec.image_size, spec.resize, classes
+
+
+def _finetuned_predictor(path: Path, runtime: str):
+    """A fine-tuned `.keras` model (pixels in, probabilities out), checked against its run record."""
+    record, data = load_record_for(path)
+
+    def build():
+        import keras
+
+        from . import preprocessing  # noqa: F401 - registers the Preprocess layer the model contains
+
+        with tempfile.TemporaryDirectory() as tmp:  # load exactly the bytes that were verified
+            verified = Path(tmp) / path.name
+            verified.write_bytes(data)
+            return keras.saving.load_model(verified)
+
+    runner = make_runner(build, f"finetuned:{record['model_sha256']}", runtime, notice=warn)
+    spec = record["extractor"]
+    return runner, spec["image_size"], spec["resize"], record["classes"]
 
 
 def predict(model: Path | str, images: Sequence[str | Path], *, top_k: int = 3, batch_size: int = 32,
@@ -80,10 +103,10 @@ def predict(model: Path | str, images: Sequence[str | Path], *, top_k: int = 3, 
     inputs = expand_inputs(images)
     if not inputs:
         raise CnnCodesError("no images given")
-    probabilities, spec, classes = load_predictor(model, weights, runtime)
+    probabilities, image_size, resize, classes = load_predictor(model, weights, runtime)
     results = [Prediction(path, error=error) for path, error in inputs]
     rows = [i for i, (_, error) in enumerate(inputs) if error is None]
-    reader = ImageReader([Path(p) for p, _ in inputs], spec.image_size, spec.resize, batch_size)
+    reader = ImageReader([Path(p) for p, _ in inputs], image_size, resize, batch_size)
     with progress_bar("Predicting", len(rows), enabled=progress) as advance:
         for batch in reader(rows):
             for row, proba in zip(batch.rows, probabilities(batch.pixels)):

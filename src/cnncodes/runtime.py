@@ -10,6 +10,7 @@ or disagrees, the Keras runner takes over with a one-line notice: never a wrong 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .artifacts import package_versions, read_json, sha256_file, sha256_json, write_json_atomic
+from .artifacts import package_versions, read_json, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 from .errors import CnnCodesError
 
 RUNTIMES = ("onnx", "keras")
@@ -99,14 +100,19 @@ def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
     cached = _load_cached(path)
     if cached is not None:
         return cached
+    failed = path.with_suffix(".failed")
     model = build()
-    try:
-        return _convert(model, path)
-    except Exception as e:  # noqa: BLE001 - any converter failure falls back to the exact Keras path
-        if notice:
-            notice(f"ONNX conversion failed ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
-                   "running on Keras instead")
-        return KerasRunner(model)
+    if failed.is_file():  # converting again would fail again: go straight to Keras
+        reason = failed.read_text().strip()
+    else:
+        try:
+            return _convert(model, path)
+        except Exception as e:  # noqa: BLE001 - any converter failure falls back to the exact Keras path
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            write_bytes_atomic(failed, reason.encode())
+    if notice:
+        notice(f"this model cannot run on ONNX Runtime ({reason}); running on Keras instead")
+    return KerasRunner(model)
 
 
 def _load_cached(path: Path) -> OnnxRunner | None:
@@ -128,9 +134,15 @@ def _convert(model, path: Path) -> OnnxRunner:
     scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=".export-"))
     try:
         exported = scratch / "model.onnx"
-        with warnings.catch_warnings():  # the converter's NumPy-2 shims warn about np.object
-            warnings.simplefilter("ignore", FutureWarning)
-            model.export(str(exported), format="onnx", verbose=False)
+        converter_log = logging.getLogger("tf2onnx")
+        level = converter_log.level
+        converter_log.setLevel(logging.CRITICAL)  # its fix-up chatter is not the user's business
+        try:
+            with warnings.catch_warnings():  # the converter's NumPy-2 shims warn about np.object
+                warnings.simplefilter("ignore", FutureWarning)
+                model.export(str(exported), format="onnx", verbose=False)
+        finally:
+            converter_log.setLevel(level)
         runner = OnnxRunner(exported)
         worst = float(np.abs(runner(probe) - expected).max())
         if worst > TOLERANCE * max(float(np.abs(expected).max()), 1e-6):

@@ -1,0 +1,109 @@
+"""`cnncodes finetune` with untrained weights and tiny images: phases, resume, predict, compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cnncodes
+from cnncodes.cli import app
+from cnncodes.finetune import RichProgress, build_model, finetune, set_trainable
+from cnncodes.weights import Weights
+
+from .conftest import make_dataset
+
+runner = CliRunner()
+TINY = dict(backbone="vgg16", weights="none", image_size=32, batch_size=8, head_epochs=1, fine_epochs=1,
+            progress=False)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("finetune")
+    data = make_dataset(root / "data", per_class=8)
+    cnncodes.extract(data, root / "features", backbone="vgg16", weights="none", image_size=32, progress=False)
+    result = runner.invoke(app, ["finetune", str(data), "--out", str(root / "models"), "--split-from",
+                                 str(root / "features"), "--backbone", "vgg16", "--weights", "none", "--image-size",
+                                 "32", "--batch-size", "8", "--head-epochs", "2", "--fine-epochs", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return {"root": root, "data": data, "features": root / "features", "models": root / "models"}
+
+
+def test_finetune_writes_a_model_and_a_run_record_on_the_features_split(tuned):
+    record = json.loads((tuned["models"] / "vgg16-finetune.json").read_text())
+    meta = json.loads((tuned["features"] / "meta.json").read_text())
+    assert record["method"] == "finetune" and record["backbone"] == "vgg16"
+    assert record["dataset"]["split_fingerprint"] == meta["split"]["fingerprint"]
+    assert record["n_test"] == meta["subsets"].count("test") == len(record["test_predictions"])
+    assert record["epochs_run"] == len(record["history"]) >= 2
+    assert [h["phase"] for h in record["history"]][0] == "head" and record["history"][-1]["phase"] == "fine"
+    assert {"accuracy", "val_accuracy", "loss"} <= set(record["history"][0])
+    assert record["params"]["trainable_backbone_weights"] == {"head": 0, "fine": 6}  # block5: 3 convs, kernel+bias
+    assert (tuned["models"] / "vgg16-finetune.keras").stat().st_size == record["model_bytes"]
+    assert not (tuned["models"] / ".finetune" / "vgg16-finetune").exists()
+
+
+def test_predict_with_the_keras_model_reproduces_the_recorded_test_predictions(tuned):
+    model = tuned["models"] / "vgg16-finetune.keras"
+    record = json.loads(model.with_suffix(".json").read_text())
+    images = [str(tuned["data"] / p["path"]) for p in record["test_predictions"]]
+    for runtime in ("onnx", "keras"):
+        result = runner.invoke(app, ["predict", str(model), *images, "--format", "json", "--runtime", runtime,
+                                     "--quiet"])
+        assert result.exit_code == 0, result.output
+        answers = json.loads(result.stdout)
+        assert [a["label"] for a in answers] == [p["predicted"] for p in record["test_predictions"]]
+        np.testing.assert_allclose([a["probability"] for a in answers],
+                                   [p["probability"] for p in record["test_predictions"]], atol=1e-4)
+
+
+def test_compare_ranks_finetune_beside_cnn_codes_runs(tuned):
+    fit = runner.invoke(app, ["fit-svm", str(tuned["features"]), "--out", str(tuned["models"]), "--classifier",
+                              "logreg", "--cv", "2", "--quiet"])
+    assert fit.exit_code == 0, fit.output
+    listed = json.loads(runner.invoke(app, ["compare", str(tuned["models"]), "--format", "json"]).stdout)
+    assert {r["method"] for r in listed} == {"finetune", "cnn-codes"}
+
+
+@pytest.mark.parametrize(("backbone", "after", "trainable", "frozen"), [
+    ("vgg16", "block4_pool", ["block5_conv1", "block5_conv3"], ["block4_conv3", "block1_conv1"]),
+    ("resnet50", "conv4_block6_out", ["conv5_block1_1_conv", "conv5_block3_3_conv"],
+     ["conv4_block6_3_conv", "conv5_block1_1_bn", "conv5_block3_3_bn"]),
+    ("vgg16", "2", ["block5_pool", "block5_conv3"], ["block5_conv2"]),
+])
+def test_phase_two_unfreezes_the_top_block_and_keeps_batchnorm_frozen(backbone, after, trainable, frozen):
+    entry = cnncodes.backbones.get_backbone(backbone)
+    _, network = build_model(entry, 32, 3, Weights("none"), 0.2)
+    assert set_trainable(network, None) == 0 and not network.trainable_weights
+    assert set_trainable(network, after) > 0
+    for name in trainable:
+        assert network.get_layer(name).trainable, name
+    for name in frozen:
+        assert not network.get_layer(name).trainable, name
+
+
+def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", per_class=6)
+    out = tmp_path / "models"
+    real_end = RichProgress.on_epoch_end
+
+    def interrupt_in_fine_phase(self, epoch, logs=None):
+        real_end(self, epoch, logs)
+        if "fine" in self.description:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RichProgress, "on_epoch_end", interrupt_in_fine_phase)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data, out, **TINY)
+    monkeypatch.undo()
+    assert (out / ".finetune" / "vgg16-finetune" / "head.json").is_file()
+    assert not (out / "vgg16-finetune.keras").exists()
+    with pytest.raises(cnncodes.CnnCodesError, match="other arguments"):
+        finetune(data, out, **(TINY | dict(lr=1e-3)), resume=True)
+    record = finetune(data, out, **TINY, resume=True)
+    assert record["history"][0]["phase"] == "head" and (out / "vgg16-finetune.keras").is_file()
+    assert (out / "split.csv").is_file()
