@@ -48,6 +48,13 @@ Resize = Enum("Resize", {name: name for name in RESIZE_MODES}, type=str)
 Runtime = Enum("Runtime", {name: name for name in RUNTIMES}, type=str)
 
 
+# Parameters several commands share, declared once (Typer reads the Annotated metadata).
+DataArg = Annotated[Path, typer.Argument(help="Folder with one sub-folder per class, or a CSV with path,label columns.")]
+WeightsOpt = Annotated[str, typer.Option(help="imagenet, none (untrained), or a .h5 weights file.")]
+ResizeOpt = Annotated[Resize, typer.Option(help="crop: centre square; squash: ignore aspect ratio; pad: white borders.")]
+RuntimeOpt = Annotated[Runtime, typer.Option(help="Forward pass on ONNX Runtime (fast) or Keras.")]
+
+
 @contextmanager
 def user_errors(resume_hint: str = "nothing was written.") -> Iterator[None]:
     """CnnCodesError and OSError become one red line and exit 2; Ctrl-C exits 130."""
@@ -66,20 +73,20 @@ def user_errors(resume_hint: str = "nothing was written.") -> Iterator[None]:
 
 @app.command()
 def extract(
-    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class, or a CSV with path,label columns.")],
+    data: DataArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Features folder to write (created if missing).")],
     backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
     layer: Annotated[Optional[str], typer.Option(help="Layer whose output is the code (default: the last convolutional block).")] = None,
     pooling: Annotated[Pooling, typer.Option(help="How a feature map becomes a vector.")] = "avg",
-    weights: Annotated[str, typer.Option(help="imagenet, none (untrained), or a .h5 weights file.")] = "imagenet",
+    weights: WeightsOpt = "imagenet",
     image_size: Annotated[Optional[int], typer.Option(min=1, help="Square input size in pixels (default: the backbone's).")] = None,
-    resize: Annotated[Resize, typer.Option(help="crop: centre square; squash: ignore aspect ratio; pad: white borders.")] = "crop",
+    resize: ResizeOpt = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.15,0.15",
     seed: Annotated[int, typer.Option(help="Seed of the split's hash.")] = 0,
     dup_threshold: Annotated[int, typer.Option(help="Max pHash bit distance for two images to count as duplicates (-1: off).")] = DEFAULT_DUP_THRESHOLD,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: one per core).")] = None,
-    runtime: Annotated[Runtime, typer.Option(help="Forward pass on ONNX Runtime (fast) or Keras.")] = "onnx",
+    runtime: RuntimeOpt = "onnx",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, split.csv, rejected.csv, meta.json."""
@@ -216,7 +223,7 @@ def predict(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     weights: Annotated[Optional[str], typer.Option(help="Where the model's weights file is now, if it moved.")] = None,
-    runtime: Annotated[Runtime, typer.Option(help="Forward pass on ONNX Runtime (fast) or Keras.")] = "onnx",
+    runtime: RuntimeOpt = "onnx",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Classify new images with a saved model; unreadable files are reported, not fatal."""
@@ -276,13 +283,13 @@ def demo(
 
 @app.command()
 def finetune(
-    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class, or a CSV with path,label columns.")],
+    data: DataArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .keras model and its .json run record.")],
     split_from: Annotated[Optional[Path], typer.Option(help="Features folder (or split.csv) whose split to use.")] = None,
     backbone: Annotated[BackboneName, typer.Option(help="ImageNet network to fine-tune.")] = "mobilenetv2",
-    weights: Annotated[str, typer.Option(help="imagenet, none (untrained), or a .h5 weights file.")] = "imagenet",
+    weights: WeightsOpt = "imagenet",
     image_size: Annotated[Optional[int], typer.Option(min=1, help="Square input size (160 is a fast choice on a CPU).")] = None,
-    resize: Annotated[Resize, typer.Option(help="crop, squash or pad, as for extract.")] = "crop",
+    resize: ResizeOpt = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per training step.")] = 32,
     head_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 1: the head on the frozen backbone.")] = 5,
     fine_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 2: the top block unfrozen.")] = 5,

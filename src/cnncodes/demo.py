@@ -13,9 +13,11 @@ from PIL import Image
 from rich.markup import escape
 
 from .artifacts import write_bytes_atomic
+from .backbones import get_backbone
 from .classifiers import fit_svm
 from .evaluate import load_records
 from .extract import extract
+from .finetune import finetune
 from .predict import predict
 from .progress import console, say
 from .report import html_report, rank, rich_table
@@ -39,28 +41,33 @@ def write_digits(folder: Path = DIGITS_DIR) -> Path:
 
 
 def run_demo(data: Path | None = None, out: Path = Path("models/demo"), backbone: str = "mobilenetv2",
-             image_size: int | None = None, examples: int = 8) -> list[dict]:
-    """extract -> fit-svm -> compare -> predict, printing what each step does; returns the ranked records."""
+             image_size: int | None = None, examples: int = 8, finetune_epochs: tuple[int, int] = (2, 1)) -> list[dict]:
+    """extract -> fit-svm -> finetune -> compare -> predict, saying what each step does; returns the ranked records."""
     if data is None:
-        say("[bold]1/5[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
+        say("[bold]1/6[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
         data, image_size = write_digits(), image_size or 96
     else:
-        say(f"[bold]1/5[/] Using your images in {escape(str(data))}")
+        say(f"[bold]1/6[/] Using your images in {escape(str(data))}")
     features = out / "features"
-    say(f"[bold]2/5[/] extract: {backbone} turns every image into a CNN code -> {escape(str(features))}")
-    result = extract(data, features, backbone=backbone, image_size=image_size)
+    size = image_size or get_backbone(backbone).default_size
+    say(f"[bold]2/6[/] extract: {backbone} turns every image into a CNN code -> {escape(str(features))}")
+    result = extract(data, features, backbone=backbone, image_size=size)
     say(f"      {result.n_images} codes of {result.dim} numbers; split {result.counts}")
-    say("[bold]3/5[/] fit-svm: linear SVM, logistic regression, RBF SVM and k-NN on the codes "
+    say("[bold]3/6[/] fit-svm: linear SVM, logistic regression, RBF SVM and k-NN on the codes "
         "(hyper-parameters by 5-fold cross-validation)")
     fit_svm(features, out)
-    say(f"[bold]4/5[/] compare: every run scored on the same {result.counts['test']} test images")
+    say(f"[bold]4/6[/] finetune: {backbone} end to end, a short run on the same split "
+        f"({finetune_epochs[0]} epoch(s) of the head, {finetune_epochs[1]} with the top block unfrozen)")
+    finetune(data, out, backbone=backbone, split_from=features, image_size=size,
+             head_epochs=finetune_epochs[0], fine_epochs=finetune_epochs[1])
+    say(f"[bold]5/6[/] compare: every run scored on the same {result.counts['test']} test images")
     records = rank(load_records([out]))
     console.print(rich_table(records))
     report = out / "report.html"
     write_bytes_atomic(report, html_report(records).encode())
     say(f"      report with confusion matrices and mistakes: {escape(str(report))}")
     best = records[0]
-    say(f"[bold]5/5[/] predict: the best run ({escape(best['run'])}) on {examples} test images it never saw")
+    say(f"[bold]6/6[/] predict: the best run ({escape(best['run'])}) on {examples} test images it never saw")
     sample = best["test_predictions"][:: max(1, len(best["test_predictions"]) // examples)][:examples]
     answers = predict(out / best["model_file"], [str(Path(best["dataset"]["data"]) / p["path"]) for p in sample],
                       progress=False)
