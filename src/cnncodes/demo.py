@@ -41,7 +41,7 @@ def write_digits(folder: Path = DIGITS_DIR) -> Path:
 
 
 def run_demo(data: Path | None = None, out: Path = Path("models/demo"), backbone: str = "mobilenetv2",
-             image_size: int | None = None, examples: int = 8, finetune_epochs: tuple[int, int] = (2, 1)) -> list[dict]:
+             image_size: int | None = None, examples: int = 8, finetune_epochs: tuple[int, int] = (5, 2)) -> list[dict]:
     """extract -> fit-svm -> finetune -> compare -> predict, saying what each step does; returns the ranked records."""
     if data is None:
         say("[bold]1/6[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
