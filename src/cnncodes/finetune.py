@@ -87,12 +87,7 @@ def finetune(
     resolved = entry.resolve_weights(weights, entry.default_layer)
     out.mkdir(parents=True, exist_ok=True)
     the_split = load_split(data, out, Path(split_from) if split_from else None, DEFAULT_FRACTIONS, seed, progress)
-    classes = sorted(set(the_split.labels))
-    labels = np.array([classes.index(c) for c in the_split.labels])
-    subsets = np.array(the_split.subsets)
-    for subset in ("train", "val", "test"):
-        if not (subsets == subset).any():
-            raise CnnCodesError(f"the split has no {subset} images: finetune needs train, val and test")
+    classes, labels, subsets = _labelled(the_split)
     run = f"{name + '-' if name else ''}{entry.name}-finetune"
     keras.utils.set_random_seed(seed)
     model, network = build_model(entry, size, len(classes), resolved, dropout)
@@ -134,6 +129,16 @@ def finetune(
     )
     write_json_atomic(model_path.with_suffix(".json"), record)
     return record
+
+
+def _labelled(the_split: Split) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Class names, label indices and subsets as arrays; every subset must hold images."""
+    classes = sorted(set(the_split.labels))
+    subsets = np.array(the_split.subsets)
+    for subset in ("train", "val", "test"):
+        if not (subsets == subset).any():
+            raise CnnCodesError(f"the split has no {subset} images: finetune needs train, val and test")
+    return classes, np.array([classes.index(c) for c in the_split.labels]), subsets
 
 
 def build_model(entry, size: int, n_classes: int, weights, dropout: float):
