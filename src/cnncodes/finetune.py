@@ -23,7 +23,7 @@ from .artifacts import read_json, sha256_file, sha256_json, write_json_atomic
 from .backbones import get_backbone
 from .errors import CnnCodesError
 from .evaluate import per_image_predictions, run_record, score
-from .extract import CACHE_DIR, plan
+from .extract import plan
 from .ingest import RESIZE_MODES, load_square
 from .progress import progress_bar
 from .split import DEFAULT_FRACTIONS, Split, read_split_csv
