@@ -107,3 +107,12 @@ def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, monk
     record = finetune(data, out, **TINY, resume=True)
     assert record["history"][0]["phase"] == "head" and (out / "vgg16-finetune.keras").is_file()
     assert (out / "split.csv").is_file()
+
+
+def test_finetune_reads_a_csv_dataset(tmp_path):
+    data = make_dataset(tmp_path / "images", per_class=6)
+    listing = tmp_path / "list.csv"
+    rows = sorted(data.rglob("*.*"))
+    listing.write_text("path,label\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in rows))
+    record = finetune(listing, tmp_path / "models", **(TINY | dict(fine_epochs=0)))
+    assert record["n_train"] + record["n_test"] < len(rows) and record["dataset"]["data"] == str(tmp_path.resolve())

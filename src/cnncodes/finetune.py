@@ -31,6 +31,11 @@ from .split import DEFAULT_FRACTIONS, Split, read_split_csv
 CHECKPOINTS = ".finetune"
 
 
+def image_root(data: Path) -> Path:
+    """The folder split paths are relative to: the dataset folder, or a CSV's folder (as `discover` has it)."""
+    return (data.parent if data.is_file() else data).resolve()
+
+
 def load_split(data: Path, out: Path, split_from: Path | None, fractions: Sequence[float], seed: int,
                progress: bool) -> Split:
     """The split of a features folder (or a split.csv) when given, else one made as `extract` makes it."""
@@ -40,7 +45,7 @@ def load_split(data: Path, out: Path, split_from: Path | None, fractions: Sequen
         return the_split
     csv_path = split_from / "split.csv" if split_from.is_dir() else split_from
     the_split = read_split_csv(csv_path)
-    missing = [p for p in the_split.paths if not (data / p).is_file()]
+    missing = [p for p in the_split.paths if not (image_root(data) / p).is_file()]
     if missing:
         raise CnnCodesError(f"{len(missing)} image(s) of {csv_path} are not under {data} (e.g. {missing[0]}): "
                             "give the DATA folder the split was made from")
@@ -91,7 +96,7 @@ def finetune(
     run = f"{name + '-' if name else ''}{entry.name}-finetune"
     keras.utils.set_random_seed(seed)
     model, network = build_model(entry, size, len(classes), resolved, dropout)
-    paths = [str(data / p) for p in the_split.paths]
+    paths = [str(image_root(data) / p) for p in the_split.paths]
     datasets = {s: _dataset(paths, labels, subsets == s, size, resize, batch_size, shuffle=s == "train",
                             augment=s == "train" and augment, seed=seed)
                 for s in ("train", "val", "test")}
@@ -119,7 +124,7 @@ def finetune(
                 "trainable_backbone_weights": {"head": frozen, "fine": unfrozen}},
         extractor={"backbone": entry.name, "image_size": size, "resize": resize, "weights": resolved.kind,
                    "weights_sha256": resolved.sha256},
-        dataset={"data": str(data.resolve()), "split_fingerprint": the_split.fingerprint},
+        dataset={"data": str(image_root(data)), "split_fingerprint": the_split.fingerprint},
         classes=classes, n_train=int((subsets == "train").sum()), n_test=int(test_rows.sum()),
         **score(labels[test_rows], proba, classes),
         fit_seconds=round(fit_seconds, 3), extract_seconds=None, epochs_run=len(history), history=history,
