@@ -30,13 +30,12 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .artifacts import read_json, sha256_file, write_json_atomic
 from .bundle import save_bundle, sidecar
+from .choices import KINDS, NORMALIZERS
 from .errors import CnnCodesError
 from .evaluate import per_image_predictions, run_record, score
 from .features import Features, load_features
 from .progress import progress_bar
 
-KINDS = ("linear-svm", "logreg", "rbf-svm", "knn")
-NORMALIZERS = ("standard", "l2", "none")
 _CALIBRATED = {"linear-svm", "rbf-svm"}
 
 

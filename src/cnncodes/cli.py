@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .backbones import POOLINGS, REGISTRY, get_backbone
-from .classifiers import KINDS, NORMALIZERS
+from .choices import KINDS, NORMALIZERS
 from .errors import CnnCodesError
 from .evaluate import load_records
 from .ingest import RESIZE_MODES

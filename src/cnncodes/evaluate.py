@@ -13,13 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-)
 
 from .artifacts import package_versions, read_json
 from .errors import CnnCodesError
@@ -39,6 +32,14 @@ def bootstrap_ci(correct: np.ndarray, rounds: int = BOOTSTRAP_ROUNDS, seed: int 
 
 def score(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy with its interval, balanced accuracy, macro-F1, per-class scores and the confusion matrix."""
+    from sklearn.metrics import (  # here, not at the top: `compare` reads records without scikit-learn
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
+
     y_pred = proba.argmax(axis=1)
     labels = np.arange(len(classes))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
