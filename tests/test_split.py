@@ -371,8 +371,7 @@ def test_fingerprint_identifies_the_split():
 # --------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not (FLOWERS.is_dir() and DUPLICATES_TSV.is_file()),
-                    reason="needs ../shared/datasets (present on developer machines and CI)")
+@pytest.mark.usefixtures("shared_data")
 def test_real_flowers_duplicates_share_a_subset():
     with open(DUPLICATES_TSV, newline="", encoding="utf-8") as f:
         pairs = [(r["file_a"], r["file_b"]) for r in csv.DictReader(f, delimiter="\t")
