@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes.cli import app
-from cnncodes.finetune import RichProgress, build_model, finetune, set_trainable
+from cnncodes.finetune import TRUNK_DIR, RichProgress, build_model, cached_top, finetune, set_trainable
+from cnncodes.preprocessing import Preprocess
 from cnncodes.weights import Weights
 
 from .conftest import make_dataset
@@ -42,7 +44,7 @@ def test_finetune_writes_a_model_and_a_run_record_on_the_features_split(tuned):
     assert record["epochs_run"] == len(record["history"]) >= 2
     assert [h["phase"] for h in record["history"]][0] == "head" and record["history"][-1]["phase"] == "fine"
     assert {"accuracy", "val_accuracy", "loss"} <= set(record["history"][0])
-    assert record["params"]["trainable_backbone_weights"] == {"head": 0, "fine": 6}  # block5: 3 convs, kernel+bias
+    assert record["params"]["trainable_weights"] == {"head": 0, "fine": 6}  # block5: 3 convs, kernel+bias
     assert (tuned["models"] / "vgg16-finetune.keras").stat().st_size == record["model_bytes"]
     assert not (tuned["models"] / ".finetune" / "vgg16-finetune").exists()
 
@@ -97,15 +99,17 @@ def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, monk
             raise KeyboardInterrupt
 
     monkeypatch.setattr(RichProgress, "on_epoch_end", interrupt_in_fine_phase)
+    arguments = TINY | dict(fine_epochs=2, patience=5)
     with pytest.raises(KeyboardInterrupt):
-        finetune(data, out, **TINY)
+        finetune(data, out, **arguments)
     monkeypatch.undo()
     assert (out / ".finetune" / "vgg16-finetune" / "head.json").is_file()
     assert not (out / "vgg16-finetune.keras").exists()
     with pytest.raises(cnncodes.CnnCodesError, match="other arguments"):
-        finetune(data, out, **(TINY | dict(lr=1e-3)), resume=True)
-    record = finetune(data, out, **TINY, resume=True)
-    assert record["history"][0]["phase"] == "head" and (out / "vgg16-finetune.keras").is_file()
+        finetune(data, out, **(arguments | dict(lr=1e-3)), resume=True)
+    record = finetune(data, out, **arguments, resume=True)
+    assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("head", 1), ("fine", 1), ("fine", 2)]
+    assert record["epochs_run"] == 3 and (out / "vgg16-finetune.keras").is_file()
     assert (out / "split.csv").is_file()
 
 
@@ -116,3 +120,69 @@ def test_finetune_reads_a_csv_dataset(tmp_path):
     listing.write_text("path,label\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in rows))
     record = finetune(listing, tmp_path / "models", **(TINY | dict(fine_epochs=0)))
     assert record["n_train"] + record["n_test"] < len(rows) and record["dataset"]["data"] == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize(("backbone", "cut"), [("vgg16", "block4_pool"), ("resnet50", "conv4_block6_out"),
+                                               ("mobilenetv2", "block_15_add")])
+def test_the_model_on_cached_trunk_activations_equals_the_whole_model(backbone, cut):
+    entry = cnncodes.backbones.get_backbone(backbone)
+    model, network = build_model(entry, 32, 3, Weights("none"), 0.2)
+    model.get_layer("head").set_weights([np.random.default_rng(0).normal(size=w.shape) for w in
+                                         model.get_layer("head").get_weights()])
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    preprocessed = Preprocess(backbone)(pixels)
+    trunk = keras.Model(network.inputs, network.get_layer(cut).output)
+    top = cached_top(model, network, cut)
+    np.testing.assert_allclose(top.predict(trunk.predict(preprocessed, verbose=0), verbose=0),
+                               model.predict(pixels, verbose=0), rtol=1e-5, atol=1e-6)
+    set_trainable(network, cut)
+    assert {id(w) for w in top.trainable_weights} == {id(w) for w in model.trainable_weights}
+
+
+def test_cache_trunk_refuses_a_cut_inside_a_residual_block():
+    model, network = build_model(cnncodes.backbones.get_backbone("resnet50"), 32, 3, Weights("none"), 0.2)
+    with pytest.raises(cnncodes.CnnCodesError, match="block boundary"):
+        cached_top(model, network, "conv5_block1_1_conv")
+
+
+def test_cache_trunk_trains_on_cached_activations_and_its_model_predicts_the_same(tuned):
+    models = tuned["root"] / "trunk-models"
+    args = ["finetune", str(tuned["data"]), "--out", str(models), "--split-from", str(tuned["features"]),
+            "--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+            "--head-epochs", "1", "--fine-epochs", "2", "--cache-trunk", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((models / "vgg16-finetune.json").read_text())
+    assert record["params"]["cache_trunk"] and not record["params"]["augment"]
+    assert record["params"]["trainable_weights"] == {"head": 0, "fine": 6}
+    assert [h["phase"] for h in record["history"]] == ["head", "fine", "fine"]
+    trunk = json.loads((models / TRUNK_DIR / "vgg16-block4_pool-32-crop" / "meta.json").read_text())
+    assert trunk["dim"] == 2 * 2 * 512 and trunk["extractor"]["pooling"] == "flatten"
+    images = [str(tuned["data"] / p["path"]) for p in record["test_predictions"]]
+    answers = json.loads(runner.invoke(app, ["predict", str(models / "vgg16-finetune.keras"), *images, "--format",
+                                             "json", "--quiet"]).stdout)
+    np.testing.assert_allclose([a["probability"] for a in answers],
+                               [p["probability"] for p in record["test_predictions"]], atol=1e-4)
+    again = runner.invoke(app, args + ["--augment"])
+    assert again.exit_code == 2 and "cannot augment" in again.output
+
+
+def test_smallcnn_trains_from_scratch_in_one_phase_and_predicts(tuned):
+    models = tuned["root"] / "scratch-models"
+    args = ["finetune", str(tuned["data"]), "--out", str(models), "--split-from", str(tuned["features"]),
+            "--backbone", "smallcnn", "--image-size", "16", "--batch-size", "8", "--head-epochs", "2",
+            "--fine-epochs", "1", "--quiet"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "--weights none" in refused.output
+    result = runner.invoke(app, args + ["--weights", "none"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((models / "smallcnn-scratch.json").read_text())
+    assert record["method"] == "from-scratch" and record["extractor"]["image_size"] == 16
+    assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("scratch", 1), ("scratch", 2), ("scratch", 3)]
+    assert record["params"]["trainable_weights"] == {"scratch": 8}  # 2 convs + 2 dense, kernel + bias
+    images = [str(tuned["data"] / p["path"]) for p in record["test_predictions"]]
+    answers = json.loads(runner.invoke(app, ["predict", str(models / "smallcnn-scratch.keras"), *images, "--format",
+                                             "json", "--quiet"]).stdout)
+    assert [a["label"] for a in answers] == [p["predicted"] for p in record["test_predictions"]]
+    listed = json.loads(runner.invoke(app, ["compare", str(models), str(tuned["models"]), "--format", "json"]).stdout)
+    assert "from-scratch" in {r["method"] for r in listed}

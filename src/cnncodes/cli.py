@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .backbones import POOLINGS, REGISTRY, get_backbone
-from .choices import KINDS, NORMALIZERS
+from .choices import KINDS, NORMALIZERS, SMALL_CNN
 from .errors import CnnCodesError
 from .evaluate import load_records
 from .ingest import RESIZE_MODES
@@ -43,6 +43,7 @@ app = typer.Typer(
 out_console = Console()
 
 BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
+TrainableName = Enum("TrainableName", {name: name for name in (*REGISTRY, SMALL_CNN)}, type=str)
 Pooling = Enum("Pooling", {name: name for name in POOLINGS}, type=str)
 Resize = Enum("Resize", {name: name for name in RESIZE_MODES}, type=str)
 Runtime = Enum("Runtime", {name: name for name in RUNTIMES}, type=str)
@@ -286,17 +287,23 @@ def finetune(
     data: DataArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .keras model and its .json run record.")],
     split_from: Annotated[Optional[Path], typer.Option(help="Features folder (or split.csv) whose split to use.")] = None,
-    backbone: Annotated[BackboneName, typer.Option(help="ImageNet network to fine-tune.")] = "mobilenetv2",
+    backbone: Annotated[TrainableName, typer.Option(
+        help=f"ImageNet network to fine-tune, or {SMALL_CNN}: a small ConvNet from scratch (with --weights none).")] = "mobilenetv2",
     weights: WeightsOpt = "imagenet",
     image_size: Annotated[Optional[int], typer.Option(min=1, help="Square input size (160 is a fast choice on a CPU).")] = None,
     resize: ResizeOpt = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per training step.")] = 32,
     head_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 1: the head on the frozen backbone.")] = 5,
-    fine_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 2: the top block unfrozen.")] = 5,
+    fine_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 2: the top block unfrozen (smallcnn: more epochs of its one phase).")] = 5,
     unfreeze: Annotated[Optional[str], typer.Option(help="Unfreeze the layers after this one, or the last N layers.")] = None,
     head_lr: Annotated[float, typer.Option(help="Learning rate of phase 1.")] = 1e-3,
     lr: Annotated[float, typer.Option(help="Learning rate of phase 2.")] = 1e-5,
-    augment: Annotated[bool, typer.Option(help="Random flips, rotations, zooms and contrast while training.")] = True,
+    augment: Annotated[Optional[bool], typer.Option(
+        help="Random flips, rotations, zooms and contrast while training [default: on, off with --cache-trunk].",
+        show_default=False)] = None,
+    cache_trunk: Annotated[bool, typer.Option(
+        help="Compute the frozen layers' activations once (kept in OUT/.trunk) and train only the top block "
+             "and head on them: several times faster per epoch, no augmentation.")] = False,
     class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced classes.")] = None,
     patience: Annotated[int, typer.Option(min=1, help="Epochs without val-accuracy gain before stopping.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the split, shuffling and initialisation.")] = 0,
@@ -309,9 +316,9 @@ def finetune(
 
     with user_errors("finished epochs are saved; add --resume to go on."):
         record = run_finetune(
-            data, out, backbone=BackboneName(backbone).value, split_from=split_from, weights=weights,
+            data, out, backbone=TrainableName(backbone).value, split_from=split_from, weights=weights,
             image_size=image_size, resize=Resize(resize).value, batch_size=batch_size, head_epochs=head_epochs,
             fine_epochs=fine_epochs, unfreeze=unfreeze, head_lr=head_lr, lr=lr, augment=augment,
-            class_weight=class_weight, patience=patience, seed=seed, name=name, resume=resume, progress=not quiet)
+            cache_trunk=cache_trunk, class_weight=class_weight, patience=patience, seed=seed, name=name, resume=resume, progress=not quiet)
     if not quiet:
         out_console.print(rich_table([record], title=f"{record['epochs_run']} epochs, {record['n_test']} test images"))
