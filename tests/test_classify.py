@@ -272,6 +272,22 @@ def test_classifier_needs_two_images_per_class_and_clips_pca_to_the_folds():
         CodesClassifier("logreg", n_jobs=1).fit(X[:41], y[:41])
 
 
+@pytest.mark.parametrize("kind", ["linear-svm", "logreg", "rbf-svm"])
+def test_hyper_parameter_grids_follow_the_scale_of_the_codes(kind):
+    from cnncodes.classifiers import CodesClassifier
+
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 30)
+    X = (rng.normal(size=(90, 40)) + 1.5 * rng.normal(size=(3, 40))[y]).astype(np.float32)
+    unit = CodesClassifier(kind, normalize="none", cv=3, n_jobs=1).fit(X, y)
+    huge = CodesClassifier(kind, normalize="none", cv=3, n_jobs=1).fit(X * 1000, y)
+    assert huge.cv_score_ == pytest.approx(unit.cv_score_)
+    np.testing.assert_array_equal(huge.predict(X * 1000), unit.predict(X))
+    assert huge.best_params_["C"] == pytest.approx(unit.best_params_["C"] / (1e6 if kind != "rbf-svm" else 1))
+    l2 = CodesClassifier(kind, normalize="l2", cv=3, n_jobs=1).fit(X, y)
+    assert l2.cv_score_ > 0.9
+
+
 def test_predict_shows_bracketed_file_names_as_they_are(fitted, tmp_path):
     model = fitted["models"] / "vgg16-block5_pool-knn.joblib"
     odd = write_image(tmp_path / "[draft] cat.png", "circles", seed=77)

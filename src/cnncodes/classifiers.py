@@ -37,10 +37,11 @@ from .features import Features, load_features
 from .progress import progress_bar
 
 _CALIBRATED = {"linear-svm", "rbf-svm"}
+_LINEAR = {"linear-svm", "logreg"}
 
 
 def _estimator(kind: str, class_weight: str | None) -> tuple[Any, dict[str, list]]:
-    """The estimator of a kind and its search grid (`gamma` is scaled by the code length later)."""
+    """The estimator of a kind and its search grid, set for standardised codes (see `CodesClassifier._grid`)."""
     if kind == "linear-svm":
         # libsvm's linear kernel: on a few thousand codes it fits in a fraction of a second,
         # where liblinear's LinearSVC needs minutes for large C on standardised codes.
@@ -103,7 +104,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         if self.pca:  # every CV fold must be able to fit that many components
             steps.append(("pca", PCA(n_components=min(self.pca, fold - 1, X.shape[1]), random_state=self.random_state)))
         pipeline = Pipeline([*steps, ("model", estimator)])
-        search = GridSearchCV(pipeline, self._grid(grid, X, fold), cv=splitter, n_jobs=self.n_jobs,
+        search = GridSearchCV(pipeline, self._grid(grid, X, fold, steps), cv=splitter, n_jobs=self.n_jobs,
                               scoring="balanced_accuracy" if self.class_weight else "accuracy", refit=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -113,11 +114,21 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             self.model_ = self._with_probabilities(search.best_estimator_, X, y, calibration)
         return self
 
-    def _grid(self, grid: dict[str, list], X: np.ndarray, fold: int) -> dict[str, list]:
-        n_features = min(self.pca or X.shape[1], X.shape[1], fold - 1)
+    def _grid(self, grid: dict[str, list], X: np.ndarray, fold: int, steps: list) -> dict[str, list]:
+        """The grid moved to the scale of the codes the model sees (after normalisation and PCA).
+
+        The grids suit standardised codes, whose mean squared norm is their length. Scaling
+        codes by s is the same problem as scaling a linear model's C by 1/s², and `gamma` is
+        relative to 1/(mean squared norm), scikit-learn's "scale": so `--normalize l2` or
+        `none`, and PCA, search the same effective range as standardised codes.
+        """
+        seen = Pipeline([(name, clone(step)) for name, step in steps]).fit_transform(X)
+        mean_squared_norm = float(np.einsum("ij,ij->i", seen, seen).mean()) or 1.0
         grid = dict(grid)
-        if "gamma" in grid:  # relative to 1/n_features, scikit-learn's "scale" for standardised codes
-            grid["gamma"] = [g / n_features for g in grid["gamma"]]
+        if "gamma" in grid:
+            grid["gamma"] = [g / mean_squared_norm for g in grid["gamma"]]
+        if self.kind in _LINEAR:
+            grid["C"] = [c * seen.shape[1] / mean_squared_norm for c in grid["C"]]
         if "n_neighbors" in grid:  # k-NN needs at least k training codes in every fold
             grid["n_neighbors"] = [k for k in grid["n_neighbors"] if k <= fold] or [1]
         return {f"model__{k}": v for k, v in grid.items()}
