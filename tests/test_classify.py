@@ -56,7 +56,9 @@ def test_fit_svm_writes_a_bundle_and_a_run_record_per_classifier(fitted):
         assert sum(c["support"] for c in r["per_class"].values()) == n_test
         assert r["fit_seconds"] > 0 and r["extract_seconds"] == meta["elapsed_seconds"]
         assert len(r["test_predictions"]) == n_test
-    assert runs["vgg16-block5_pool-linear-svm"]["params"]["C"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    # the grid of standardised codes, moved by dead (constant) channels by a few percent at most
+    chosen_c = runs["vgg16-block5_pool-linear-svm"]["params"]["C"]
+    assert min(abs(np.log10(chosen_c / c)) for c in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)) < 0.1
     assert runs["vgg16-block5_pool-knn"]["params"]["n_neighbors"] in (1, 3, 5, 9, 15)
     assert {"C", "gamma"} <= set(runs["vgg16-block5_pool-rbf-svm"]["params"])
 

@@ -16,7 +16,7 @@ from cnncodes.finetune import TRUNK_DIR, RichProgress, build_model, cached_top, 
 from cnncodes.preprocessing import Preprocess
 from cnncodes.weights import Weights
 
-from .conftest import make_dataset
+from .conftest import make_dataset, needs_real_weights
 
 runner = CliRunner()
 TINY = dict(backbone="vgg16", weights="none", image_size=32, batch_size=8, head_epochs=1, fine_epochs=1,
@@ -186,3 +186,16 @@ def test_smallcnn_trains_from_scratch_in_one_phase_and_predicts(tuned):
     assert [a["label"] for a in answers] == [p["predicted"] for p in record["test_predictions"]]
     listed = json.loads(runner.invoke(app, ["compare", str(models), str(tuned["models"]), "--format", "json"]).stdout)
     assert "from-scratch" in {r["method"] for r in listed}
+
+
+@needs_real_weights
+def test_demo_runs_the_whole_pipeline_on_given_images(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=10)
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", str(data), "--out", str(out), "--image-size", "32"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(runner.invoke(app, ["compare", str(out), "--format", "json"]).stdout)
+    assert {r["method"] for r in listed} == {"cnn-codes", "finetune"} and len(listed) == 5
+    tuned = next(r for r in listed if r["method"] == "finetune")
+    assert tuned["params"]["cache_trunk"] and tuned["epochs_run"] >= 2
+    assert (out / "report.html").is_file() and "top 3" in result.output

@@ -275,7 +275,7 @@ def demo(
     backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
     image_size: Annotated[Optional[int], typer.Option(min=1, help="Input size (default: 96 for the digits, else the backbone's).")] = None,
 ) -> None:
-    """Run the whole pipeline (extract, fit-svm, compare, predict) and say what each step does."""
+    """Run the whole pipeline (extract, fit-svm, finetune, compare, predict) and say what each step does."""
     from .demo import run_demo
 
     with user_errors():

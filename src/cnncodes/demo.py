@@ -41,7 +41,7 @@ def write_digits(folder: Path = DIGITS_DIR) -> Path:
 
 
 def run_demo(data: Path | None = None, out: Path = Path("models/demo"), backbone: str = "mobilenetv2",
-             image_size: int | None = None, examples: int = 8, finetune_epochs: tuple[int, int] = (5, 2)) -> list[dict]:
+             image_size: int | None = None, examples: int = 8, finetune_epochs: tuple[int, int] = (20, 10)) -> list[dict]:
     """extract -> fit-svm -> finetune -> compare -> predict, saying what each step does; returns the ranked records."""
     if data is None:
         say("[bold]1/6[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
@@ -56,10 +56,11 @@ def run_demo(data: Path | None = None, out: Path = Path("models/demo"), backbone
     say("[bold]3/6[/] fit-svm: linear SVM, logistic regression, RBF SVM and k-NN on the codes "
         "(hyper-parameters by 5-fold cross-validation)")
     fit_svm(features, out)
-    say(f"[bold]4/6[/] finetune: {backbone} end to end, a short run on the same split "
-        f"({finetune_epochs[0]} epoch(s) of the head, {finetune_epochs[1]} with the top block unfrozen)")
-    finetune(data, out, backbone=backbone, split_from=features, image_size=size,
-             head_epochs=finetune_epochs[0], fine_epochs=finetune_epochs[1])
+    say(f"[bold]4/6[/] finetune: {backbone}'s top block and a new head trained on the same split, on the "
+        f"frozen layers' activations computed once (--cache-trunk; up to {finetune_epochs[0]} epochs of the head, "
+        f"{finetune_epochs[1]} with the top block unfrozen)")
+    finetune(data, out, backbone=backbone, split_from=features, image_size=size, cache_trunk=True,
+             head_epochs=finetune_epochs[0], fine_epochs=finetune_epochs[1], lr=1e-4, patience=5)
     say(f"[bold]5/6[/] compare: every run scored on the same {result.counts['test']} test images")
     records = rank(load_records([out]))
     console.print(rich_table(records))
