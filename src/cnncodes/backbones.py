@@ -170,7 +170,8 @@ REGISTRY: dict[str, Backbone] = {
             default_size=299, min_size=71, taps=("block4_sepconv2_act", "block13_sepconv2_act", "block14_sepconv2_act"),
             weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=f"{_KERAS_URL}xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            finetune_after="block13_pool",
+            # block13_pool feeds a residual add: the first layer whose output alone feeds the rest is in block14
+            finetune_after="block14_sepconv1_act",
         ),
     )
 }

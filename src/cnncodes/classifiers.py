@@ -115,20 +115,21 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _grid(self, grid: dict[str, list], X: np.ndarray, fold: int, steps: list) -> dict[str, list]:
-        """The grid moved to the scale of the codes the model sees (after normalisation and PCA).
+        """The grid moved to the spread of the codes the model sees (after normalisation and PCA).
 
-        The grids suit standardised codes, whose mean squared norm is their length. Scaling
-        codes by s is the same problem as scaling a linear model's C by 1/s², and `gamma` is
-        relative to 1/(mean squared norm), scikit-learn's "scale": so `--normalize l2` or
-        `none`, and PCA, search the same effective range as standardised codes.
+        The grids suit standardised codes, whose total variance is their length. Scaling codes
+        by s is the same problem as scaling a linear model's C by 1/s² (the intercept takes the
+        mean), and `gamma` is relative to 1/(total variance), scikit-learn's "scale": so
+        `--normalize l2` or `none`, and PCA, search the same effective range.
         """
-        seen = Pipeline([(name, clone(step)) for name, step in steps]).fit_transform(X)
-        mean_squared_norm = float(np.einsum("ij,ij->i", seen, seen).mean()) or 1.0
         grid = dict(grid)
-        if "gamma" in grid:
-            grid["gamma"] = [g / mean_squared_norm for g in grid["gamma"]]
-        if self.kind in _LINEAR:
-            grid["C"] = [c * seen.shape[1] / mean_squared_norm for c in grid["C"]]
+        if "gamma" in grid or self.kind in _LINEAR:
+            seen = Pipeline([(name, clone(step)) for name, step in steps]).fit_transform(X)
+            spread = float(seen.var(axis=0).sum()) or 1.0
+            if "gamma" in grid:
+                grid["gamma"] = [g / spread for g in grid["gamma"]]
+            if self.kind in _LINEAR:
+                grid["C"] = [c * seen.shape[1] / spread for c in grid["C"]]
         if "n_neighbors" in grid:  # k-NN needs at least k training codes in every fold
             grid["n_neighbors"] = [k for k in grid["n_neighbors"] if k <= fold] or [1]
         return {f"model__{k}": v for k, v in grid.items()}

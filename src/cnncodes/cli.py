@@ -296,13 +296,13 @@ def finetune(
     head_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 1: the head on the frozen backbone.")] = 5,
     fine_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 2: the top block unfrozen (smallcnn: more epochs of its one phase).")] = 5,
     unfreeze: Annotated[Optional[str], typer.Option(help="Unfreeze the layers after this one, or the last N layers.")] = None,
-    head_lr: Annotated[float, typer.Option(help="Learning rate of phase 1.")] = 1e-3,
+    head_lr: Annotated[float, typer.Option(help="Learning rate of phase 1 (smallcnn: its only one).")] = 1e-3,
     lr: Annotated[float, typer.Option(help="Learning rate of phase 2.")] = 1e-5,
     augment: Annotated[Optional[bool], typer.Option(
-        help="Random flips, rotations, zooms and contrast while training [default: on, off with --cache-trunk].",
+        help="Random flips, rotations, zooms and contrast while training (default: on; off with --cache-trunk).",
         show_default=False)] = None,
     cache_trunk: Annotated[bool, typer.Option(
-        help="Compute the frozen layers' activations once (kept in OUT/.trunk) and train only the top block "
+        "--cache-trunk", help="Compute the frozen layers' activations once (kept in OUT/.trunk) and train only the top block "
              "and head on them: several times faster per epoch, no augmentation.")] = False,
     class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced classes.")] = None,
     patience: Annotated[int, typer.Option(min=1, help="Epochs without val-accuracy gain before stopping.")] = 3,

@@ -108,11 +108,12 @@ def finetune(
     run = f"{name + '-' if name else ''}{job.backbone}-{'scratch' if job.entry is None else 'finetune'}"
     keras.utils.set_random_seed(seed)
     model, network = job.build(len(classes), dropout)
-    started = time.perf_counter()
+    extract_seconds = None
     if cache_trunk:
-        trained = cached_top(model, network, job.after)
-        datasets = _trunk_datasets(data, out, job, trained.input_shape[1:], batch_size, the_split, labels, subsets,
-                                   seed, progress)
+        cut = cut_layer(network, job.after)
+        trained = cached_top(model, network, cut)
+        datasets, extract_seconds = _trunk_datasets(data, out, job, cut, trained.input_shape[1:], batch_size,
+                                                    the_split, labels, subsets, seed, progress)
     else:
         trained = model
         paths = [str(image_root(data) / p) for p in the_split.paths]
@@ -122,11 +123,13 @@ def finetune(
     checkpoints = _checkpoints(out / CHECKPOINTS / run, resume, [
         job.backbone, job.size, resize, batch_size, head_epochs, fine_epochs, job.after, head_lr, lr, dropout, augment,
         cache_trunk, class_weight, patience, seed, job.weights.sha256, the_split.fingerprint])
-    setup_seconds = time.perf_counter() - started  # with --cache-trunk: computing the activations
+    keras.utils.set_random_seed(seed)  # building a trunk extractor may have drawn numbers: same run, same draws
     started = time.perf_counter()
     history, trainable = [], {}
     for phase, after, epochs, rate in job.schedule(head_epochs, fine_epochs, head_lr, lr):
-        trainable[phase] = set_trainable(network, after) if network else len(model.trainable_weights)
+        if network is not None:
+            set_trainable(network, after)
+        trainable[phase] = len(trained.trainable_weights)
         history += _phase(trained, datasets, epochs, rate, weights_by_class, patience, checkpoints, phase, progress)
     fit_seconds = time.perf_counter() - started
     proba = trained.predict(datasets["test"], verbose=0)
@@ -146,7 +149,7 @@ def finetune(
         dataset={"data": str(image_root(data)), "split_fingerprint": the_split.fingerprint},
         classes=classes, n_train=int((subsets == "train").sum()), n_test=int(test_rows.sum()),
         **score(labels[test_rows], proba, classes),
-        fit_seconds=round(fit_seconds, 3), extract_seconds=round(setup_seconds, 3) if cache_trunk else None,
+        fit_seconds=round(fit_seconds, 3), extract_seconds=extract_seconds,
         epochs_run=len(history), history=history,
         model_file=model_path.name, model_bytes=model_path.stat().st_size, model_sha256=sha256_file(model_path),
         test_predictions=per_image_predictions([p for p, t in zip(the_split.paths, test_rows) if t],
@@ -252,9 +255,9 @@ def cached_top(model, network, cut: str):
     """The part of `model` above `cut`, taking the activations there: same layers, so training it trains `model`."""
     try:
         top = keras.Model(network.get_layer(cut).output, network.output, name=f"{network.name}_after_{cut}")
-    except ValueError:
-        raise CnnCodesError(f"--cache-trunk cannot cut {network.name} at {cut!r}: the layers above it also read "
-                            "earlier outputs; unfreeze from a block boundary (the default, or a block's last layer)") from None
+    except ValueError:  # Keras: the output is not connected to that input alone
+        raise CnnCodesError(f"--cache-trunk cannot cut {network.name} after {cut!r}: layers above it also read earlier "
+                            "outputs (a residual connection); give --unfreeze the last layer of a block") from None
     codes = keras.Input(top.input_shape[1:], name="trunk_codes")
     x = top(codes, training=False)
     for name in ("head_pool", "head_dropout", "head"):
@@ -262,25 +265,34 @@ def cached_top(model, network, cut: str):
     return keras.Model(codes, x, name=f"{model.name}_on_cached_trunk")
 
 
-def set_trainable(network, after: str | None) -> int:
+def set_trainable(network, after: str | None) -> None:
     """Freeze the backbone, or unfreeze every layer after `after` (a name or a count of last layers).
 
-    BatchNormalization layers stay frozen either way. Returns the number of trainable
-    backbone weights.
+    BatchNormalization layers stay frozen either way.
     """
     network.trainable = after is not None
     if after is None:
-        return 0
-    names = [layer.name for layer in network.layers]
-    if after.isdigit():
-        start = max(0, len(names) - int(after))
-    elif after in names:
-        start = names.index(after) + 1
-    else:
-        raise CnnCodesError(f"--unfreeze {after!r}: give a layer name of {network.name} or a number of last layers")
+        return
+    start = _first_unfrozen(network, after)
     for i, layer in enumerate(network.layers):
         layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
-    return len(network.trainable_weights)
+
+
+def cut_layer(network, after: str) -> str:
+    """The last frozen layer of `--unfreeze after`: where `--cache-trunk` cuts the network."""
+    start = _first_unfrozen(network, after)
+    if start < 2:  # layer 0 is the input: nothing would be frozen, nothing to cache
+        raise CnnCodesError(f"--unfreeze {after!r} leaves no frozen layer of {network.name} to cache: drop --cache-trunk")
+    return network.layers[start - 1].name
+
+
+def _first_unfrozen(network, after: str) -> int:
+    names = [layer.name for layer in network.layers]
+    if after.isdigit():
+        return max(0, len(names) - int(after))
+    if after in names:
+        return names.index(after) + 1
+    raise CnnCodesError(f"--unfreeze {after!r}: give a layer name of {network.name} or a number of last layers")
 
 
 def augmentation(seed: int):
@@ -323,13 +335,17 @@ def _dataset(paths: list[str], labels: np.ndarray, rows: np.ndarray, size: int, 
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _trunk_datasets(data: Path, out: Path, job: _Job, shape: tuple[int, ...], batch_size: int, the_split: Split,
-                    labels: np.ndarray, subsets: np.ndarray, seed: int, progress: bool) -> dict[str, CachedRows]:
-    """Activations at the cut point, computed once by `extract` (ONNX Runtime, resumable) and kept in OUT/.trunk."""
-    folder = out / TRUNK_DIR / f"{job.backbone}-{job.after}-{job.size}-{job.resize}"
-    extract(data, folder, backbone=job.backbone, layer=job.after, pooling="flatten",
-            weights=str(job.weights.path or job.weights.kind), image_size=job.size, resize=job.resize,
-            batch_size=batch_size, seed=seed, progress=progress)
+def _trunk_datasets(data: Path, out: Path, job: _Job, cut: str, shape: tuple[int, ...], batch_size: int,
+                    the_split: Split, labels: np.ndarray, subsets: np.ndarray, seed: int,
+                    progress: bool) -> tuple[dict[str, CachedRows], float]:
+    """Activations at the cut, computed once by `extract` (ONNX Runtime, resumable) and kept in OUT/.trunk.
+
+    Returns the datasets and the seconds the activations took to compute (when first made).
+    """
+    weights = str(job.weights.path) if job.weights.kind == "file" else job.weights.kind
+    folder = out / TRUNK_DIR / f"{job.backbone}-{cut}-{job.size}-{job.resize}-{(job.weights.sha256 or 'untrained')[:12]}"
+    extract(data, folder, backbone=job.backbone, layer=cut, pooling="flatten", weights=weights, image_size=job.size,
+            resize=job.resize, batch_size=batch_size, seed=seed, progress=progress)
     codes = load_features(folder)
     row_of = {p: i for i, p in enumerate(codes.paths)}
     missing = [p for p in the_split.paths if p not in row_of]
@@ -337,8 +353,9 @@ def _trunk_datasets(data: Path, out: Path, job: _Job, shape: tuple[int, ...], ba
         raise CnnCodesError(f"{len(missing)} image(s) of the split could not be read for --cache-trunk "
                             f"(e.g. {missing[0]}: see {folder / 'rejected.csv'})")
     rows = np.array([row_of[p] for p in the_split.paths])
-    return {s: CachedRows(codes.X, rows[subsets == s], labels[subsets == s], shape, batch_size,
-                          seed if s == "train" else None) for s in SUBSETS}
+    datasets = {s: CachedRows(codes.X, rows[subsets == s], labels[subsets == s], shape, batch_size,
+                              seed if s == "train" else None) for s in SUBSETS}
+    return datasets, codes.meta["elapsed_seconds"]
 
 
 def _class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
