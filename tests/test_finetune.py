@@ -90,7 +90,8 @@ def test_phase_two_unfreezes_the_top_block_and_keeps_batchnorm_frozen(backbone, 
         assert not network.get_layer(name).trainable, name
 
 
-def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [{}, {"cache_trunk": True, "class_weight": "balanced"}])
+def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, monkeypatch, options):
     data = make_dataset(tmp_path / "data", per_class=6)
     out = tmp_path / "models"
     real_end = RichProgress.on_epoch_end
@@ -101,7 +102,7 @@ def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, monk
             raise KeyboardInterrupt
 
     monkeypatch.setattr(RichProgress, "on_epoch_end", interrupt_in_fine_phase)
-    arguments = TINY | dict(fine_epochs=2, patience=5)
+    arguments = TINY | dict(fine_epochs=2, patience=5) | options
     with pytest.raises(KeyboardInterrupt):
         finetune(data, out, **arguments)
     monkeypatch.undo()
