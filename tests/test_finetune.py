@@ -116,6 +116,12 @@ def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, monk
     assert (out / "split.csv").is_file()
 
 
+def test_finetune_refuses_a_learning_rate_that_is_not_positive(tmp_path):
+    result = runner.invoke(app, ["finetune", str(tmp_path), "--out", str(tmp_path / "models"), "--lr", "-1"])
+    assert result.exit_code == 2 and "learning rates positive" in result.output
+    assert not (tmp_path / "models").exists()
+
+
 def test_finetune_reads_a_csv_dataset(tmp_path):
     data = make_dataset(tmp_path / "images", per_class=6)
     listing = tmp_path / "list.csv"
@@ -149,6 +155,8 @@ def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_
     assert cut_layer(vgg_network, "2") == "block5_conv2"
     with pytest.raises(cnncodes.CnnCodesError, match="no frozen layer"):
         cut_layer(vgg_network, "99")
+    with pytest.raises(cnncodes.CnnCodesError, match="--fine-epochs 0"):
+        cut_layer(vgg_network, "0")
     model, network = build_model(cnncodes.backbones.get_backbone("resnet50"), 32, 3, Weights("none"), 0.2)
     with pytest.raises(cnncodes.CnnCodesError, match="residual connection"):
         cached_top(model, network, cut_layer(network, "conv5_block1_1_conv"))

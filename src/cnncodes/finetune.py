@@ -100,6 +100,9 @@ def finetune(
     for `head_epochs + fine_epochs` epochs at `head_lr`.
     """
     data, out = Path(data), Path(out)
+    if batch_size < 1 or min(head_lr, lr) <= 0:
+        raise CnnCodesError(f"--batch-size must be at least 1 and learning rates positive "
+                            f"(got {batch_size}, --head-lr {head_lr}, --lr {lr})")
     augment = not cache_trunk if augment is None else augment
     job = _Job.create(backbone, weights, image_size, resize, unfreeze, cache_trunk, augment, class_weight)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,6 +291,8 @@ def cut_layer(network, after: str) -> str:
 
 def _first_unfrozen(network, after: str) -> int:
     names = [layer.name for layer in network.layers]
+    if after.isdigit() and int(after) == 0:
+        raise CnnCodesError("--unfreeze 0 unfreezes nothing: to train the head only, use --fine-epochs 0")
     if after.isdigit():
         return max(0, len(names) - int(after))
     if after in names:
