@@ -30,7 +30,8 @@ DATASETS = ("oxford17flowers", "cats_dogs_horses_humans")
 BACKBONES = ("mobilenetv2", "vgg16", "resnet50")
 SEED = 0
 # Extraction settings tried beside the defaults (MobileNetV2 is fully convolutional: larger inputs work).
-CODE_VARIANTS = (("320px", ["--image-size", "320"]), ("squash", ["--resize", "squash"]))
+CODE_VARIANTS = (("320px", ["--image-size", "320"]), ("squash", ["--resize", "squash"]), ("flip", ["--flip"]),
+                 ("320px-flip", ["--image-size", "320", "--flip"]))
 # (run-name prefix, options): the augmented fine-tune, and a longer one on cached trunk activations.
 FINETUNES = (
     ("", ["--image-size", "160", "--head-epochs", "5", "--fine-epochs", "5"]),
@@ -40,7 +41,7 @@ FINETUNES = (
 TRIED = """What the runs below try, each scored on CV/val before test was looked at: the four classifiers on
 the default codes (224 px, centre crop, out_relu, average pooling); the same codes L2-normalised; codes at
 320 px (MobileNetV2 is fully convolutional and its weights serve any size); squashed instead of cropped
-images; a 5+5-epoch augmented fine-tune at 160 px; a 30+30-epoch fine-tune of the top block on cached trunk
+images; codes averaged with those of the mirror image (`--flip`), at 224 and 320 px; a 5+5-epoch augmented fine-tune at 160 px; a 30+30-epoch fine-tune of the top block on cached trunk
 activations at 224 px (learning rate 1e-4 for phase 2, patience 5); and, in the layer sweep, four depths.
 On these test sets one image is 0.5% (Flowers-17) and 0.9% (the 4-class set), and the CV/val scores of the
 leading runs differ by less than their own noise, so which of them gets chosen is close to a coin toss; the

@@ -131,6 +131,22 @@ def test_predict_reproduces_the_recorded_test_accuracy(fitted):
         assert a["top_k"][0]["probability"] >= a["top_k"][1]["probability"]
 
 
+def test_a_bundle_of_flip_codes_predicts_its_recorded_test_probabilities(fitted, tmp_path):
+    result = cli("extract", fitted["data"], "--out", tmp_path / "features", "--flip", "--backbone", "vgg16",
+                 "--weights", "none", "--image-size", "32", "--quiet")
+    assert result.exit_code == 0, result.output
+    result = cli("fit-svm", tmp_path / "features", "--out", tmp_path / "models", "--classifier", "logreg", "--cv", "3",
+                 "--quiet")
+    assert result.exit_code == 0, result.output
+    model = tmp_path / "models" / "vgg16-block5_pool-logreg.joblib"
+    recorded = json.loads(model.with_suffix(".json").read_text())["test_predictions"]
+    result = cli("predict", model, *[fitted["data"] / p["path"] for p in recorded], "--format", "json", "--quiet")
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)
+    assert [a["label"] for a in answers] == [p["predicted"] for p in recorded]
+    np.testing.assert_allclose([a["probability"] for a in answers], [p["probability"] for p in recorded], atol=1e-4)
+
+
 def test_predict_takes_files_folders_and_globs_and_reports_bad_files(fitted, tmp_path):
     model = fitted["models"] / "vgg16-block5_pool-knn.joblib"
     folder = tmp_path / "new"

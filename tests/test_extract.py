@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 import cnncodes
@@ -67,7 +68,7 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
     assert meta["extractor"] | {"weights_sha256": None} == {
         "backbone": "vgg16", "layer": "block5_pool", "pooling": "avg", "image_size": 32, "resize": "crop",
         "preprocessing": "caffe: RGB to BGR, minus ImageNet mean", "weights": "none",
-        "weights_sha256": None, "weights_file": None,
+        "weights_sha256": None, "weights_file": None, "flip": False,
     }
     assert meta["versions"]["keras"].startswith("3.")
     assert meta["images_per_second"] > 0 and meta["elapsed_seconds"] > 0
@@ -78,17 +79,50 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
         assert word in rejected[path]
 
 
-def test_codes_match_a_direct_forward_pass_in_row_order(dataset: Path, tmp_path: Path):
-    result = cnncodes.extract(dataset, tmp_path / "f", **FAST)
-    meta = json.loads((result.out / "meta.json").read_text())
-    spec = cnncodes.ExtractorSpec.from_dict(meta["extractor"])
-    _, weights = cnncodes.ExtractorSpec.create("vgg16", weights="none", image_size=32)
+def direct_forward_pass(dataset: Path, features: Path) -> tuple[KerasRunner, np.ndarray]:
+    """The Keras network of a features folder, and the pixels of its images in row order."""
     from cnncodes.ingest import load_square
 
-    pixels = np.stack([load_square(dataset / p, 32) for p in meta["paths"]])
-    expected = KerasRunner(spec.build(weights))(pixels)
+    meta = json.loads((features / "meta.json").read_text())
+    spec = cnncodes.ExtractorSpec.from_dict(meta["extractor"])
+    pixels = np.stack([load_square(dataset / p, spec.image_size) for p in meta["paths"]])
+    return KerasRunner(spec.build(spec.find_weights())), pixels
+
+
+def test_codes_match_a_direct_forward_pass_in_row_order(dataset: Path, tmp_path: Path):
+    result = cnncodes.extract(dataset, tmp_path / "f", **FAST)
+    network, pixels = direct_forward_pass(dataset, result.out)
+    expected = network(pixels)
     codes = np.load(result.out / "features.npy")
     assert np.abs(codes - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_flip_codes_are_the_mean_of_the_image_and_its_mirror_image(dataset: Path, tmp_path: Path):
+    result = cnncodes.extract(dataset, tmp_path / "f", flip=True, **FAST)
+    network, pixels = direct_forward_pass(dataset, result.out)
+    expected = (network(pixels) + network(pixels[:, :, ::-1])) / 2
+    codes = np.load(result.out / "features.npy")
+    assert np.abs(codes - expected).max() <= 1e-4 * np.abs(expected).max()
+    plain = np.load(cnncodes.extract(dataset, tmp_path / "plain", **FAST).out / "features.npy")
+    assert np.abs(codes - plain).max() > 0.05 * np.abs(plain).max()
+
+
+def test_flip_codes_stay_the_same_when_every_image_is_mirrored(dataset: Path, tmp_path: Path):
+    for source in sorted(dataset.glob("*/*")):
+        pixels = np.asarray(Image.open(source).convert("RGB"))
+        for name, view in (("original", pixels), ("mirrored", pixels[:, ::-1])):
+            target = tmp_path / name / source.parent.name / f"{source.stem}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(view)).save(target)
+
+    def codes(name: str, flip: bool) -> np.ndarray:
+        out = cnncodes.extract(tmp_path / name, tmp_path / f"{name}-{flip}", flip=flip, **FAST).out
+        paths = json.loads((out / "meta.json").read_text())["paths"]
+        return np.load(out / "features.npy")[np.argsort(paths)]
+
+    scale = np.abs(codes("original", True)).max()
+    assert np.abs(codes("original", True) - codes("mirrored", True)).max() <= 1e-4 * scale
+    assert np.abs(codes("original", False) - codes("mirrored", False)).max() > 0.05 * scale
 
 
 def test_rerun_with_same_data_and_settings_recomputes_nothing(dataset: Path, tmp_path: Path, monkeypatch):
@@ -105,7 +139,7 @@ def test_rerun_with_same_data_and_settings_recomputes_nothing(dataset: Path, tmp
     assert (out / "features.npy").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("change", [dict(pooling="max"), dict(layer="block3_pool"), dict(image_size=40)])
+@pytest.mark.parametrize("change", [dict(pooling="max"), dict(layer="block3_pool"), dict(image_size=40), dict(flip=True)])
 def test_changed_settings_never_reuse_stale_rows(dataset: Path, tmp_path: Path, change):
     out = tmp_path / "f"
     base = FAST | dict(layer="block4_pool")  # a 2x2 map at 32 px, so avg and max pooling differ
@@ -255,6 +289,7 @@ def test_weights_file_that_does_not_fit_is_a_clear_error(dataset, tmp_path, vgg1
         (["--split", "0.5,0.6,0.1"], "sum to 1"),
         (["--weights", "/no/such/file.h5"], "no such file"),
         (["--layer", "fc1"], "224 px"),
+        (["--flip", "--pooling", "flatten"], "--flip averages the codes"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(dataset, tmp_path, args, message):

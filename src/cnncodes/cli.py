@@ -88,6 +88,7 @@ def extract(
     dup_threshold: Annotated[int, typer.Option(help="Max pHash bit distance for two images to count as duplicates (-1: off).")] = DEFAULT_DUP_THRESHOLD,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: one per core).")] = None,
     runtime: RuntimeOpt = "onnx",
+    flip: Annotated[bool, typer.Option("--flip", help="Average each code with its mirror image's (twice the forward passes).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, split.csv, rejected.csv, meta.json."""
@@ -98,7 +99,7 @@ def extract(
             data, out, backbone=BackboneName(backbone).value, layer=layer, pooling=Pooling(pooling).value,
             weights=weights, image_size=image_size, resize=Resize(resize).value, batch_size=batch_size,
             split=split, seed=seed, dup_threshold=dup_threshold, workers=workers, runtime=Runtime(runtime).value,
-            progress=not quiet,
+            flip=flip, progress=not quiet,
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

@@ -32,7 +32,7 @@ from .backbones import POOLINGS, get_backbone
 from .errors import CnnCodesError
 from .ingest import RESIZE_MODES, BadImage, Check, Dataset, check_images, discover, load_square
 from .progress import progress_bar, warn
-from .runtime import Runner, check_runtime, make_runner
+from .runtime import MirrorAveraged, Runner, check_runtime, make_runner
 from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, Split, make_split, parse_fractions
 from .weights import Weights
 
@@ -55,6 +55,7 @@ class ExtractorSpec:
     weights: str
     weights_sha256: str | None = None
     weights_file: str | None = None
+    flip: bool = False
 
     @classmethod
     def create(
@@ -65,12 +66,16 @@ class ExtractorSpec:
         image_size: int | None = None,
         resize: str = "crop",
         weights: str = "imagenet",
+        flip: bool = False,
     ) -> tuple[ExtractorSpec, Weights]:
         """Validate the user's choices and resolve the weights file (no TensorFlow needed)."""
         entry = get_backbone(backbone)
         layer = layer or entry.default_layer
         if pooling not in POOLINGS:
             raise CnnCodesError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+        if flip and pooling == "flatten" and not entry.needs_top(layer):
+            raise CnnCodesError("--flip averages the codes of an image and of its mirror image, which only makes sense "
+                                "for pooled codes: use --pooling avg or max")
         if resize not in RESIZE_MODES:
             raise CnnCodesError(f"unknown resize mode {resize!r}: use one of {', '.join(RESIZE_MODES)}")
         size = image_size or entry.default_size
@@ -79,7 +84,7 @@ class ExtractorSpec:
         spec = cls(
             backbone=entry.name, layer=layer, pooling="none" if entry.needs_top(layer) else pooling,
             image_size=size, resize=resize, preprocessing=entry.preprocessing, weights=resolved.kind,
-            weights_sha256=resolved.sha256, weights_file=str(resolved.path) if resolved.path else None,
+            weights_sha256=resolved.sha256, weights_file=str(resolved.path) if resolved.path else None, flip=flip,
         )
         return spec, resolved
 
@@ -91,12 +96,18 @@ class ExtractorSpec:
         return asdict(self)
 
     @property
-    def key(self) -> str:
-        """Equal keys mean equal codes. Untrained weights depend on Keras's initialisers."""
-        identity = {k: v for k, v in self.to_dict().items() if k != "weights_file"} | {"format": EXTRACTOR_FORMAT}
+    def network_key(self) -> str:
+        """Equal keys mean equal networks. Untrained weights depend on Keras's initialisers."""
+        ignored = ("weights_file", "flip")
+        identity = {k: v for k, v in self.to_dict().items() if k not in ignored} | {"format": EXTRACTOR_FORMAT}
         if self.weights == "none":
             identity["keras"] = artifacts.package_versions().get("keras")
         return artifacts.sha256_json(identity)
+
+    @property
+    def key(self) -> str:
+        """Equal keys mean equal codes; codes without --flip keep the keys they had before it existed."""
+        return artifacts.sha256_json([self.network_key, "flip"]) if self.flip else self.network_key
 
     def find_weights(self, override: str | None = None) -> Weights:
         """The weights these codes were made with, found again (or at `override`) and checked by SHA-256."""
@@ -116,7 +127,8 @@ class ExtractorSpec:
 
     def runner(self, weights: Weights, runtime: str = "onnx") -> Runner:
         """The extractor on `runtime`; with a cached ONNX model, TensorFlow is never loaded."""
-        return make_runner(lambda: self.build(weights), self.key, runtime, notice=warn)
+        runner = make_runner(lambda: self.build(weights), self.network_key, runtime, notice=warn)
+        return MirrorAveraged(runner) if self.flip else runner
 
 
 @dataclass
@@ -284,19 +296,21 @@ def extract(
     dup_threshold: int = DEFAULT_DUP_THRESHOLD,
     workers: int | None = None,
     runtime: str = "onnx",
+    flip: bool = False,
     progress: bool = True,
 ) -> ExtractResult:
     """Write CNN codes of every usable image in `data` to `out` (see the README for the files).
 
     Bad files are skipped and listed in `rejected.csv`; re-running with the same data and
-    settings recomputes nothing, and an interrupted run resumes where it stopped.
+    settings recomputes nothing, and an interrupted run resumes where it stopped. `flip`
+    averages each code with that of the mirror image (twice the forward passes).
     """
     started = time.perf_counter()
     if batch_size < 1:
         raise CnnCodesError(f"--batch-size must be at least 1 (got {batch_size})")
     check_runtime(runtime)
     fractions = parse_fractions(split)
-    spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights)
+    spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights, flip)
     out = Path(out)
     usable, the_split, rejected, file_ids = plan(data, out, fractions, seed, dup_threshold, workers, progress)
     run_key = artifacts.sha256_json([spec.key, file_ids, the_split.labels, the_split.subsets])
