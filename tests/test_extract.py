@@ -6,6 +6,8 @@ import csv
 import json
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -189,6 +191,27 @@ def test_interrupted_run_leaves_no_outputs_and_resumes_where_it_stopped(dataset:
     assert resumed.computed == 24 - 8 and resumed.reused == 8
     clean = cnncodes.extract(dataset, tmp_path / "clean", **FAST, batch_size=4)
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(clean.out / "features.npy"), rtol=1e-6)
+
+
+def test_a_second_extract_into_a_folder_being_written_is_one_clear_error(dataset: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "f"
+    writing, finish = threading.Event(), threading.Event()
+    write = FeatureWriter.write
+
+    def slow_write(self, rows, codes):
+        writing.set()
+        finish.wait(60)
+        write(self, rows, codes)
+
+    monkeypatch.setattr(FeatureWriter, "write", slow_write)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(cnncodes.extract, dataset, out, **FAST)
+        assert writing.wait(60)
+        second = cli("extract", dataset, "--out", out, *FAST_ARGS)
+        finish.set()
+        assert first.result().computed == 24
+    assert second.exit_code == 2 and "another cnncodes extract is writing to" in second.stderr
+    assert cli("extract", dataset, "--out", out, *FAST_ARGS).exit_code == 0  # the lock went with the first run
 
 
 def test_untrained_weights_are_reproducible(dataset: Path, tmp_path: Path):

@@ -19,12 +19,14 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from filelock import FileLock, Timeout
 from numpy.lib.format import open_memmap
 
 from . import artifacts
@@ -312,24 +314,45 @@ def extract(
     fractions = parse_fractions(split)
     spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights, flip)
     out = Path(out)
-    usable, the_split, rejected, file_ids = plan(data, out, fractions, seed, dup_threshold, workers, progress)
-    run_key = artifacts.sha256_json([spec.key, file_ids, the_split.labels, the_split.subsets])
-    if _up_to_date(out, run_key):
-        return _result_from_meta(out, rejected, the_split.warnings, time.perf_counter() - started)
+    with _exclusive(out):
+        usable, the_split, rejected, file_ids = plan(data, out, fractions, seed, dup_threshold, workers, progress)
+        run_key = artifacts.sha256_json([spec.key, file_ids, the_split.labels, the_split.subsets])
+        if _up_to_date(out, run_key):
+            return _result_from_meta(out, rejected, the_split.warnings, time.perf_counter() - started)
 
-    paths = [usable.root / p for p in usable.paths]
-    done = _compute_codes(out, spec, lambda: spec.runner(resolved, runtime), paths, file_ids,
-                          batch_size, workers, progress)
-    writer = done.writer
-    kept = writer.publish(out / "features.npy.new")
-    rejected += [(usable.paths[row], reason) for row, reason in done.failed]
-    final = _keep_rows(the_split, kept)
-    meta = _meta(usable, final, spec, runtime, run_key, writer.dim,
-                 dict(fractions=fractions, seed=seed, dup_threshold=dup_threshold),
-                 time.perf_counter() - started, done.computed / done.seconds if done.computed else None)
-    _publish_outputs(out, final, meta, rejected, [file_ids[i] for i in kept], spec.key)
+        paths = [usable.root / p for p in usable.paths]
+        done = _compute_codes(out, spec, lambda: spec.runner(resolved, runtime), paths, file_ids,
+                              batch_size, workers, progress)
+        writer = done.writer
+        kept = writer.publish(out / "features.npy.new")
+        rejected += [(usable.paths[row], reason) for row, reason in done.failed]
+        final = _keep_rows(the_split, kept)
+        meta = _meta(usable, final, spec, runtime, run_key, writer.dim,
+                     dict(fractions=fractions, seed=seed, dup_threshold=dup_threshold),
+                     time.perf_counter() - started, done.computed / done.seconds if done.computed else None)
+        _publish_outputs(out, final, meta, rejected, [file_ids[i] for i in kept], spec.key)
     return ExtractResult(out, len(final.paths), meta["dim"], meta["classes"], final.counts(), rejected, done.computed,
                          done.reused, meta["elapsed_seconds"], meta["images_per_second"], warnings=the_split.warnings)
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One extract at a time per features folder: two would interleave their rows.
+
+    The lock is the operating system's (it dies with its process), so a killed run never
+    leaves a stale lock behind.
+    """
+    (out / CACHE_DIR).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / CACHE_DIR / "extract.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise CnnCodesError(f"another cnncodes extract is writing to {out}: wait for it to finish, "
+                            "or give this one another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class Plan(NamedTuple):
