@@ -197,6 +197,7 @@ def test_smallcnn_trains_from_scratch_in_one_phase_and_predicts(tuned):
     assert record["method"] == "from-scratch" and record["extractor"]["image_size"] == 16
     assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("scratch", 1), ("scratch", 2), ("scratch", 3)]
     assert record["params"]["trainable_weights"] == {"scratch": 8}  # 2 convs + 2 dense, kernel + bias
+    assert "lr" not in record["params"] and "dropout" not in record["params"]  # settings it does not use
     images = [str(tuned["data"] / p["path"]) for p in record["test_predictions"]]
     answers = json.loads(runner.invoke(app, ["predict", str(models / "smallcnn-scratch.keras"), *images, "--format",
                                              "json", "--quiet"]).stdout)

@@ -140,13 +140,16 @@ def finetune(
     _save_model(model, model_path)
     shutil.rmtree(checkpoints, ignore_errors=True)
     test_rows = subsets == "test"
+    params = {"image_size": job.size, "resize": resize, "batch_size": batch_size, "head_epochs": head_epochs,
+              "fine_epochs": fine_epochs, "head_lr": head_lr, "lr": lr, "dropout": dropout, "augment": augment,
+              "cache_trunk": cache_trunk, "class_weight": class_weight, "patience": patience, "seed": seed,
+              "trainable_weights": trainable}
+    if job.entry is None:  # the small ConvNet has its own dropout layers and one phase at --head-lr
+        params = {k: v for k, v in params.items() if k not in ("lr", "dropout")}
     record = run_record(
         run=run, method="finetune" if job.entry else "from-scratch", backbone=job.backbone,
         layer=f"after {job.after}" if job.entry else "all layers", classifier="dense head" if job.entry else "small ConvNet",
-        params={"image_size": job.size, "resize": resize, "batch_size": batch_size, "head_epochs": head_epochs,
-                "fine_epochs": fine_epochs, "head_lr": head_lr, "lr": lr, "dropout": dropout, "augment": augment,
-                "cache_trunk": cache_trunk, "class_weight": class_weight, "patience": patience, "seed": seed,
-                "trainable_weights": trainable},
+        params=params,
         extractor={"backbone": job.backbone, "image_size": job.size, "resize": resize, "weights": job.weights.kind,
                    "weights_sha256": job.weights.sha256},
         dataset={"data": str(image_root(data)), "split_fingerprint": the_split.fingerprint},
