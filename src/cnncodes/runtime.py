@@ -90,7 +90,7 @@ class MirrorAveraged:
         self.dim = runner.dim
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return (self.runner(pixels) + self.runner(pixels[:, :, ::-1])) / 2
+        return (self.runner(pixels) + self.runner(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
 
 
 def cache_dir() -> Path:
