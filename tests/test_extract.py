@@ -349,6 +349,8 @@ def test_unusable_input_stops_before_heavy_work(tmp_path, monkeypatch, layout):
     result = cli("extract", data, "--out", tmp_path / "f", *FAST_ARGS)
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("Error:") and "Traceback" not in result.output
+    if layout in ("missing", "no_classes"):  # found out before any file is written
+        assert not (tmp_path / "f").exists()
 
 
 def test_backbones_and_layers_commands():

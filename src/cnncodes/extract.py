@@ -314,8 +314,9 @@ def extract(
     fractions = parse_fractions(split)
     spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights, flip)
     out = Path(out)
+    dataset = discover(data)  # a missing or empty DATA fails before anything is written
     with _exclusive(out):
-        usable, the_split, rejected, file_ids = plan(data, out, fractions, seed, dup_threshold, workers, progress)
+        usable, the_split, rejected, file_ids = plan(dataset, out, fractions, seed, dup_threshold, workers, progress)
         run_key = artifacts.sha256_json([spec.key, file_ids, the_split.labels, the_split.subsets])
         if _up_to_date(out, run_key):
             return _result_from_meta(out, rejected, the_split.warnings, time.perf_counter() - started)
@@ -364,13 +365,14 @@ class Plan(NamedTuple):
     file_ids: list[str]
 
 
-def plan(data: Path | str, out: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+def plan(data: Dataset | Path | str, out: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
          dup_threshold: int = DEFAULT_DUP_THRESHOLD, workers: int | None = None, progress: bool = True) -> Plan:
-    """Find and check every image, write `out/rejected.csv`, and split the usable ones.
+    """Find (unless `data` is already a Dataset) and check every image, write `out/rejected.csv`,
+    and split the usable ones.
 
     Stops with a `CnnCodesError` when a class, or the whole dataset, has no usable image.
     """
-    dataset = discover(data)
+    dataset = data if isinstance(data, Dataset) else discover(data)
     all_ids = _file_ids(dataset)
     checks = _check(dataset, all_ids, out / CACHE_DIR, workers, progress)
     rejected = [(p, c.reason) for p, c in zip(dataset.paths, checks) if not c.ok]
