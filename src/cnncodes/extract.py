@@ -365,14 +365,12 @@ class Plan(NamedTuple):
     file_ids: list[str]
 
 
-def plan(data: Dataset | Path | str, out: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
          dup_threshold: int = DEFAULT_DUP_THRESHOLD, workers: int | None = None, progress: bool = True) -> Plan:
-    """Find (unless `data` is already a Dataset) and check every image, write `out/rejected.csv`,
-    and split the usable ones.
+    """Check every image `discover` found, write `out/rejected.csv`, and split the usable ones.
 
     Stops with a `CnnCodesError` when a class, or the whole dataset, has no usable image.
     """
-    dataset = data if isinstance(data, Dataset) else discover(data)
     all_ids = _file_ids(dataset)
     checks = _check(dataset, all_ids, out / CACHE_DIR, workers, progress)
     rejected = [(p, c.reason) for p, c in zip(dataset.paths, checks) if not c.ok]

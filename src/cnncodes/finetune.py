@@ -33,7 +33,7 @@ from .errors import CnnCodesError
 from .evaluate import per_image_predictions, run_record, score
 from .extract import extract, plan
 from .features import load_features
-from .ingest import RESIZE_MODES, load_square
+from .ingest import RESIZE_MODES, discover, load_square
 from .progress import progress_bar
 from .split import DEFAULT_FRACTIONS, SUBSETS, Split, read_split_csv
 from .weights import Weights
@@ -54,7 +54,7 @@ def load_split(data: Path, out: Path, split_from: Path | None, fractions: Sequen
                progress: bool) -> Split:
     """The split of a features folder (or a split.csv) when given, else one made as `extract` makes it."""
     if split_from is None:
-        the_split = plan(data, out, fractions, seed, progress=progress).split
+        the_split = plan(discover(data), out, fractions, seed, progress=progress).split
         the_split.write_csv(out / "split.csv")
         return the_split
     csv_path = split_from / "split.csv" if split_from.is_dir() else split_from
