@@ -81,39 +81,6 @@ class Backbone:
                 raise CnnCodesError(f"weights file {weights.path} does not fit {self.name} ({str(e).splitlines()[0]})") from None
         return network
 
-    def build_extractor(self, size: int, layer: str, pooling: str, weights: Weights) -> keras.Model:
-        """uint8 RGB pixels in, one CNN code per image out: preprocessing, network cut at `layer`, pooling."""
-        import keras
-
-        from .preprocessing import Preprocess
-
-        network = self.build_network(size, layer, weights)
-        trunk = keras.Model(network.inputs, self.tap(network, layer).output, name=f"{self.name}_to_{layer}")
-        pixels = keras.Input((size, size, 3), dtype="uint8", name="pixels")
-        codes = _pool(trunk(Preprocess(self.name)(pixels)), pooling)
-        return keras.Model(pixels, codes, name=f"{self.name}_codes")
-
-    def tap(self, network: keras.Model, layer: str) -> Any:
-        try:
-            return network.get_layer(layer)
-        except ValueError:
-            raise CnnCodesError(
-                f"{self.name} has no layer {layer!r}: try one of {', '.join(self.taps + self.top_taps)}, "
-                f"or any name that `cnncodes layers {self.name}` lists"
-            ) from None
-
-
-def _pool(x: Any, pooling: str) -> Any:
-    import keras
-
-    if len(x.shape) == 2:  # already a vector (fc1, fc2): nothing to pool
-        return x
-    if pooling == "avg":
-        return keras.layers.GlobalAveragePooling2D(name="avg_pool_codes")(x)
-    if pooling == "max":
-        return keras.layers.GlobalMaxPooling2D(name="max_pool_codes")(x)
-    return keras.layers.Flatten(name="flatten_codes")(x)
-
 
 def _vgg(name: str, constructor: str) -> Backbone:
     return Backbone(

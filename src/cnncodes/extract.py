@@ -32,7 +32,7 @@ from numpy.lib.format import open_memmap
 from . import artifacts
 from .backbones import POOLINGS, get_backbone
 from .errors import CnnCodesError
-from .ingest import RESIZE_MODES, BadImage, Check, Dataset, check_images, discover, load_square
+from .ingest import BadImage, Check, Dataset, check_images, check_resize, discover, load_square
 from .progress import progress_bar, warn
 from .runtime import MirrorAveraged, Runner, check_runtime, make_runner
 from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, Split, make_split, parse_fractions
@@ -78,8 +78,7 @@ class ExtractorSpec:
         if flip and pooling == "flatten" and not entry.needs_top(layer):
             raise CnnCodesError("--flip averages the codes of an image and of its mirror image, which only makes sense "
                                 "for pooled codes: use --pooling avg or max")
-        if resize not in RESIZE_MODES:
-            raise CnnCodesError(f"unknown resize mode {resize!r}: use one of {', '.join(RESIZE_MODES)}")
+        check_resize(resize)
         size = image_size or entry.default_size
         entry.check_size(size, layer)
         resolved = entry.resolve_weights(weights, layer)
@@ -125,7 +124,9 @@ class ExtractorSpec:
 
     def build(self, weights: Weights):
         """The Keras extractor: uint8 pixels in, codes out."""
-        return get_backbone(self.backbone).build_extractor(self.image_size, self.layer, self.pooling, weights)
+        from .models import build_extractor
+
+        return build_extractor(get_backbone(self.backbone), self.image_size, self.layer, self.pooling, weights)
 
     def runner(self, weights: Weights, runtime: str = "onnx") -> Runner:
         """The extractor on `runtime`; with a cached ONNX model, TensorFlow is never loaded."""

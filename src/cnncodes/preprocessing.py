@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import keras
 
+from .backbones import get_backbone
+
 
 @keras.saving.register_keras_serializable(package="cnncodes")
 class Preprocess(keras.layers.Layer):
@@ -18,8 +20,6 @@ class Preprocess(keras.layers.Layer):
         self.backbone = backbone
 
     def call(self, pixels):
-        from .backbones import get_backbone
-
         return get_backbone(self.backbone).preprocess_input(keras.ops.cast(pixels, "float32"))
 
     def get_config(self) -> dict:
