@@ -60,24 +60,26 @@ def dataset(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
-    """Never touch the developer's ~/.keras or ~/.cache; keep CNNCODES_WEIGHTS_DIR as make test sets it.
+    """Never touch the developer's ~/.keras or ~/.cache; real weights come from the `shared_data` fixture.
 
     The ONNX cache is shared by the whole session, so each extractor is converted once.
     """
     monkeypatch.setenv("KERAS_HOME", str(tmp_path_factory.getbasetemp() / "keras_home"))
     monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cnncodes_cache"))
+    monkeypatch.delenv("CNNCODES_WEIGHTS_DIR", raising=False)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @pytest.fixture
-def shared_data() -> None:
-    """The real weights and images beside the project (../shared), which make test and CI always have.
+def shared_data(monkeypatch) -> None:
+    """The real weights and images beside the project (../shared), found whatever the environment says.
 
     Their absence fails the test instead of skipping it: a skipped test proves nothing.
     """
     missing = [str(p) for p in (MOBILENET_WEIGHTS, FLOWERS, FLOWERS.parent / "DUPLICATES.tsv") if not p.exists()]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: run the tests from a checkout with ../shared beside it")
+    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
 
 
 needs_real_weights = pytest.mark.usefixtures("shared_data")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import cnncodes
 from cnncodes.cli import app
 
-from .conftest import FLOWERS, MOBILENET_WEIGHTS, make_dataset, needs_real_weights, write_image
+from .conftest import FLOWERS, make_dataset, needs_real_weights, write_image
 
 runner = CliRunner()
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
@@ -245,7 +245,6 @@ def test_fit_svm_on_damaged_features_is_a_clear_error(fitted, tmp_path):
 
 @needs_real_weights
 def test_linear_svm_on_real_mobilenet_codes_beats_85_percent(tmp_path, monkeypatch):
-    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
     data = tmp_path / "flowers"
     for name in ("Bluebell", "Daffodil", "Pansy", "Sunflower"):
         (data / name).mkdir(parents=True)

@@ -23,7 +23,7 @@ from cnncodes.extract import FeatureWriter
 from cnncodes.runtime import KerasRunner
 from cnncodes.split import Split
 
-from .conftest import FLOWERS, MOBILENET_WEIGHTS, needs_real_weights, write_image
+from .conftest import FLOWERS, needs_real_weights, write_image
 
 runner = CliRunner()
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
@@ -364,7 +364,6 @@ def test_backbones_and_layers_commands():
 
 @needs_real_weights
 def test_real_mobilenet_codes_group_flowers_by_class(tmp_path, monkeypatch):
-    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
     data = tmp_path / "flowers"
     for name in ("Sunflower", "Bluebell", "Pansy"):
         for src in sorted((FLOWERS / name).glob("*.jpg"))[:6]:

@@ -12,15 +12,29 @@ from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes.cli import app
-from cnncodes.finetune import TRUNK_DIR, RichProgress, build_model, cached_top, cut_layer, finetune, set_trainable
+from cnncodes.finetune import (
+    TRUNK_DIR,
+    ResumableEarlyStopping,
+    cached_top,
+    cut_layer,
+    finetune,
+    first_unfrozen,
+    make_spec,
+    parse_unfreeze,
+    set_trainable,
+)
+from cnncodes.models import build_classifier
 from cnncodes.preprocessing import Preprocess
 from cnncodes.weights import Weights
 
 from .conftest import make_dataset, needs_real_weights
 
 runner = CliRunner()
-TINY = dict(backbone="vgg16", weights="none", image_size=32, batch_size=8, head_epochs=1, fine_epochs=1,
-            progress=False)
+TINY = dict(backbone="vgg16", weights="none", image_size=32, batch_size=8, head_epochs=1, fine_epochs=1)
+
+
+def tiny(**changes):
+    return make_spec(**(TINY | changes))
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +93,10 @@ def test_compare_ranks_finetune_beside_cnn_codes_runs(tuned):
 ])
 def test_phase_two_unfreezes_the_top_block_and_keeps_batchnorm_frozen(backbone, after, trainable, frozen):
     entry = cnncodes.backbones.get_backbone(backbone)
-    _, network = build_model(entry, 32, 3, Weights("none"), 0.2)
+    _, network = build_classifier(entry, 32, 3, Weights("none"), 0.2)
     set_trainable(network, None)
     assert not network.trainable_weights
-    set_trainable(network, after)
+    set_trainable(network, first_unfrozen(network, parse_unfreeze(after)))
     assert network.trainable_weights
     for name in trainable:
         assert network.get_layer(name).trainable, name
@@ -90,30 +104,81 @@ def test_phase_two_unfreezes_the_top_block_and_keeps_batchnorm_frozen(backbone, 
         assert not network.get_layer(name).trainable, name
 
 
-@pytest.mark.parametrize("options", [{}, {"cache_trunk": True, "class_weight": "balanced"}])
-def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, monkeypatch, options):
-    data = make_dataset(tmp_path / "data", per_class=6)
-    out = tmp_path / "models"
-    real_end = RichProgress.on_epoch_end
+class InterruptAtEpoch(keras.callbacks.Callback):
+    """Ctrl-C at the end of the n-th epoch of the run (counted across phases)."""
 
-    def interrupt_in_fine_phase(self, epoch, logs=None):
-        real_end(self, epoch, logs)
-        if "fine" in self.description:
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.seen = n, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen += 1
+        if self.seen == self.n:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(RichProgress, "on_epoch_end", interrupt_in_fine_phase)
-    arguments = TINY | dict(fine_epochs=2, patience=5) | options
+
+@pytest.mark.parametrize("options", [{}, {"cache_trunk": True, "class_weight": "balanced"}])
+def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, options):
+    data = make_dataset(tmp_path / "data", per_class=6)
+    out = tmp_path / "models"
+    spec = tiny(fine_epochs=2, patience=5, **options)
     with pytest.raises(KeyboardInterrupt):
-        finetune(data, out, **arguments)
-    monkeypatch.undo()
+        finetune(data, out, spec, callbacks=[InterruptAtEpoch(2)], progress=False)  # in the fine phase's first epoch
     assert (out / ".finetune" / "vgg16-finetune" / "head.json").is_file()
     assert not (out / "vgg16-finetune.keras").exists()
+    with pytest.raises(cnncodes.CnnCodesError, match="--resume .* or --restart"):
+        finetune(data, out, spec, progress=False)
     with pytest.raises(cnncodes.CnnCodesError, match="other arguments"):
-        finetune(data, out, **(arguments | dict(lr=1e-3)), resume=True)
-    record = finetune(data, out, **arguments, resume=True)
+        finetune(data, out, tiny(fine_epochs=2, patience=5, lr=1e-3, **options), resume=True, progress=False)
+    record = finetune(data, out, spec, resume=True, progress=False)
     assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("head", 1), ("fine", 1), ("fine", 2)]
+    assert record["fit_seconds"] == round(sum(h["seconds"] for h in record["history"]), 3) > 0
     assert record["epochs_run"] == 3 and (out / "vgg16-finetune.keras").is_file()
-    assert (out / "split.csv").is_file()
+    assert (out / "split.csv").is_file() and not (out / ".finetune" / "vgg16-finetune").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".vgg16")) == []  # no temporary files left
+
+
+def test_restart_discards_an_interrupted_run_and_another_setting_needs_a_name(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=6)
+    out = tmp_path / "models"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data, out, tiny(), callbacks=[InterruptAtEpoch(1)], progress=False)
+    first = finetune(data, out, tiny(), restart=True, progress=False)
+    assert [h["phase"] for h in first["history"]] == ["head", "fine"]
+    assert finetune(data, out, tiny(), progress=False)["spec_key"] == first["spec_key"]  # the same run again is fine
+    result = runner.invoke(app, ["finetune", str(data), "--out", str(out), "--backbone", "vgg16", "--weights", "none",
+                                 "--image-size", "32", "--head-epochs", "1", "--fine-epochs", "1", "--lr", "1e-3"])
+    assert result.exit_code == 2 and "already holds run vgg16-finetune" in result.output
+    assert json.loads((out / "vgg16-finetune.json").read_text())["spec_key"] == first["spec_key"]
+    named = finetune(data, out, tiny(lr=1e-3), name="fast", progress=False)
+    assert named["run"] == "fast-vgg16-finetune" and named["params"]["lr"] == 1e-3
+
+
+def test_early_stopping_state_survives_a_resume(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    best = [w.copy() for w in model.get_weights()]
+    first = ResumableEarlyStopping(tmp_path / "fine-stopping", patience=3)
+    first.set_model(model)
+    first.on_train_begin()
+    first.on_epoch_end(0, {"val_accuracy": 0.9})
+    model.set_weights([w + 1 for w in best])
+    first.on_epoch_end(1, {"val_accuracy": 0.5})  # worse: then the run is killed
+    resumed = ResumableEarlyStopping(tmp_path / "fine-stopping", patience=3)
+    resumed.set_model(model)
+    resumed.on_train_begin()
+    assert (resumed.best, resumed.wait, resumed.best_epoch) == (0.9, 1, 0)
+    resumed.on_epoch_end(2, {"val_accuracy": 0.6})
+    resumed.on_train_end()
+    for got, want in zip(model.get_weights(), best):
+        np.testing.assert_array_equal(got, want)  # the best model found before the kill, not the last one
+
+
+def test_the_split_has_its_own_seed_and_follows_extract(tuned, tmp_path):
+    meta = json.loads((tuned["features"] / "meta.json").read_text())
+    record = finetune(tuned["data"], tmp_path / "a", tiny(seed=7, fine_epochs=0), progress=False)
+    assert record["dataset"]["split_fingerprint"] == meta["split"]["fingerprint"]
+    other = finetune(tuned["data"], tmp_path / "b", tiny(fine_epochs=0), split_seed=3, progress=False)
+    assert other["dataset"]["split_fingerprint"] != meta["split"]["fingerprint"]
 
 
 def test_finetune_refuses_a_learning_rate_that_is_not_positive(tmp_path):
@@ -127,16 +192,20 @@ def test_finetune_reads_a_csv_dataset(tmp_path):
     listing = tmp_path / "list.csv"
     rows = sorted(data.rglob("*.*"))
     listing.write_text("path,label\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in rows))
-    record = finetune(listing, tmp_path / "models", **(TINY | dict(fine_epochs=0)))
-    assert record["n_train"] + record["n_test"] < len(rows) and record["dataset"]["data"] == str(tmp_path.resolve())
+    record = finetune(listing, tmp_path / "models", tiny(fine_epochs=0), progress=False)
+    split = (tmp_path / "models" / "split.csv").read_text().splitlines()[1:]
+    assert len(split) == len(rows) and record["n_test"] == sum(line.endswith(",test") for line in split)
+    assert record["n_train"] == sum(line.endswith(",train") for line in split)
+    assert record["dataset"]["data"] == str(tmp_path.resolve())
 
 
 @pytest.mark.parametrize("backbone", list(cnncodes.backbones.REGISTRY))
 def test_the_model_on_cached_trunk_activations_equals_the_whole_model(backbone):
     entry = cnncodes.backbones.get_backbone(backbone)
     size = max(32, entry.min_size)
-    model, network = build_model(entry, size, 3, Weights("none"), 0.2)
-    cut = cut_layer(network, entry.finetune_after)
+    model, network = build_classifier(entry, size, 3, Weights("none"), 0.2)
+    start = first_unfrozen(network, entry.finetune_after)
+    cut = cut_layer(network, start)
     assert cut == entry.finetune_after
     model.get_layer("head").set_weights([np.random.default_rng(0).normal(size=w.shape) for w in
                                          model.get_layer("head").get_weights()])
@@ -146,20 +215,20 @@ def test_the_model_on_cached_trunk_activations_equals_the_whole_model(backbone):
     top = cached_top(model, network, cut)
     np.testing.assert_allclose(top.predict(trunk.predict(preprocessed, verbose=0), verbose=0),
                                model.predict(pixels, verbose=0), rtol=1e-5, atol=1e-6)
-    set_trainable(network, cut)
+    set_trainable(network, start)
     assert {id(w) for w in top.trainable_weights} == {id(w) for w in model.trainable_weights}
 
 
 def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_residual_block():
-    vgg, vgg_network = build_model(cnncodes.backbones.get_backbone("vgg16"), 32, 3, Weights("none"), 0.2)
-    assert cut_layer(vgg_network, "2") == "block5_conv2"
+    vgg, vgg_network = build_classifier(cnncodes.backbones.get_backbone("vgg16"), 32, 3, Weights("none"), 0.2)
+    assert cut_layer(vgg_network, first_unfrozen(vgg_network, 2)) == "block5_conv2"
     with pytest.raises(cnncodes.CnnCodesError, match="no frozen layer"):
-        cut_layer(vgg_network, "99")
+        cut_layer(vgg_network, first_unfrozen(vgg_network, 99))
     with pytest.raises(cnncodes.CnnCodesError, match="--fine-epochs 0"):
-        cut_layer(vgg_network, "0")
-    model, network = build_model(cnncodes.backbones.get_backbone("resnet50"), 32, 3, Weights("none"), 0.2)
+        tiny(unfreeze="0")
+    model, network = build_classifier(cnncodes.backbones.get_backbone("resnet50"), 32, 3, Weights("none"), 0.2)
     with pytest.raises(cnncodes.CnnCodesError, match="residual connection"):
-        cached_top(model, network, cut_layer(network, "conv5_block1_1_conv"))
+        cached_top(model, network, cut_layer(network, first_unfrozen(network, "conv5_block1_1_conv")))
 
 
 def test_cache_trunk_trains_on_cached_activations_and_its_model_predicts_the_same(tuned):
@@ -197,7 +266,8 @@ def test_smallcnn_trains_from_scratch_in_one_phase_and_predicts(tuned):
     assert record["method"] == "from-scratch" and record["extractor"]["image_size"] == 16
     assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("scratch", 1), ("scratch", 2), ("scratch", 3)]
     assert record["params"]["trainable_weights"] == {"scratch": 8}  # 2 convs + 2 dense, kernel + bias
-    assert "lr" not in record["params"] and "dropout" not in record["params"]  # settings it does not use
+    assert set(record["params"]) == {"image_size", "resize", "batch_size", "epochs", "lr", "augment", "class_weight",
+                                     "patience", "seed", "trainable_weights"}  # only the settings it uses
     images = [str(tuned["data"] / p["path"]) for p in record["test_predictions"]]
     answers = json.loads(runner.invoke(app, ["predict", str(models / "smallcnn-scratch.keras"), *images, "--format",
                                              "json", "--quiet"]).stdout)

@@ -16,7 +16,7 @@ from cnncodes.cli import app
 from cnncodes.ingest import load_square
 from cnncodes.runtime import KerasRunner, OnnxRunner, make_runner, onnx_cache_path
 
-from .conftest import FLOWERS, MOBILENET_WEIGHTS, make_dataset, needs_real_weights
+from .conftest import FLOWERS, make_dataset, needs_real_weights
 
 runner = CliRunner()
 
@@ -42,7 +42,6 @@ def test_onnx_codes_equal_keras_codes_untrained(tmp_path, backbone, layer):
 @needs_real_weights
 @pytest.mark.parametrize("layer", [None, "block_13_expand_relu"])
 def test_onnx_codes_equal_keras_codes_with_real_mobilenet(monkeypatch, layer):
-    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
     files = [sorted((FLOWERS / c).glob("*.jpg"))[0] for c in ("Daisy", "Iris", "Tulip", "Pansy")]
     pixels = np.stack([load_square(f, 96) for f in files])
     spec, weights = cnncodes.ExtractorSpec.create("mobilenetv2", layer, image_size=96)

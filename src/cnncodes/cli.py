@@ -299,6 +299,7 @@ def finetune(
     unfreeze: Annotated[Optional[str], typer.Option(help="Unfreeze the layers after this one, or the last N layers.")] = None,
     head_lr: Annotated[float, typer.Option(help="Learning rate of phase 1 (smallcnn: its only one).")] = 1e-3,
     lr: Annotated[float, typer.Option(help="Learning rate of phase 2.")] = 1e-5,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout before the new softmax layer.")] = 0.2,
     augment: Annotated[Optional[bool], typer.Option(
         help="Random flips, rotations, zooms and contrast while training (default: on; off with --cache-trunk).",
         show_default=False)] = None,
@@ -307,19 +308,27 @@ def finetune(
              "and head on them: several times faster per epoch, no augmentation.")] = False,
     class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced classes.")] = None,
     patience: Annotated[int, typer.Option(min=1, help="Epochs without val-accuracy gain before stopping.")] = 3,
-    seed: Annotated[int, typer.Option(help="Seed of the split, shuffling and initialisation.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of shuffling and initialisation.")] = 0,
     name: Annotated[Optional[str], typer.Option(help="Prefix of the run name.")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the last finished epoch of an interrupted run.")] = False,
+    restart: Annotated[bool, typer.Option(help="Discard an interrupted run's checkpoints and start afresh.")] = False,
+    split: Annotated[str, typer.Option(help="train,val,test fractions of the split made without --split-from.")] = "0.7,0.15,0.15",
+    split_seed: Annotated[int, typer.Option(help="Seed of the split made without --split-from (as extract's --seed).")] = 0,
+    dup_threshold: Annotated[int, typer.Option(help="Duplicate threshold of the split made without --split-from.")] = DEFAULT_DUP_THRESHOLD,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
 ) -> None:
     """Fine-tune the backbone end to end (head, then the top block) and score it on the same test set."""
     from .finetune import finetune as run_finetune
+    from .finetune import make_spec
 
     with user_errors("finished epochs are saved; add --resume to go on."):
-        record = run_finetune(
-            data, out, backbone=TrainableName(backbone).value, split_from=split_from, weights=weights,
-            image_size=image_size, resize=Resize(resize).value, batch_size=batch_size, head_epochs=head_epochs,
-            fine_epochs=fine_epochs, unfreeze=unfreeze, head_lr=head_lr, lr=lr, augment=augment,
-            cache_trunk=cache_trunk, class_weight=class_weight, patience=patience, seed=seed, name=name, resume=resume, progress=not quiet)
+        spec = make_spec(
+            TrainableName(backbone).value, weights=weights, image_size=image_size, resize=Resize(resize).value,
+            batch_size=batch_size, head_epochs=head_epochs, fine_epochs=fine_epochs, unfreeze=unfreeze,
+            head_lr=head_lr, lr=lr, dropout=dropout, augment=augment, cache_trunk=cache_trunk,
+            class_weight=class_weight, patience=patience, seed=seed)
+        record = run_finetune(data, out, spec, split_from=split_from, split=split, split_seed=split_seed,
+                              dup_threshold=dup_threshold, name=name, resume=resume, restart=restart,
+                              progress=not quiet)
     if not quiet:
         out_console.print(rich_table([record], title=f"{record['epochs_run']} epochs, {record['n_test']} test images"))

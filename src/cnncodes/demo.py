@@ -17,7 +17,7 @@ from .backbones import get_backbone
 from .classifiers import fit_svm
 from .evaluate import load_records
 from .extract import extract
-from .finetune import finetune
+from .finetune import finetune, make_spec
 from .predict import predict
 from .progress import console, say
 from .report import html_report, rank, rich_table
@@ -59,8 +59,9 @@ def run_demo(data: Path | None = None, out: Path = Path("models/demo"), backbone
     say(f"[bold]4/6[/] finetune: {backbone}'s top block and a new head trained on the same split, on the "
         f"frozen layers' activations computed once (--cache-trunk; up to {finetune_epochs[0]} epochs of the head, "
         f"{finetune_epochs[1]} with the top block unfrozen)")
-    finetune(data, out, backbone=backbone, split_from=features, image_size=size, cache_trunk=True,
-             head_epochs=finetune_epochs[0], fine_epochs=finetune_epochs[1], lr=1e-4, patience=5)
+    spec = make_spec(backbone, image_size=size, cache_trunk=True, head_epochs=finetune_epochs[0],
+                     fine_epochs=finetune_epochs[1], lr=1e-4, patience=5)
+    finetune(data, out, spec, split_from=features, restart=True, progress=True)
     say(f"[bold]5/6[/] compare: every run scored on the same {result.counts['test']} test images")
     records = rank(load_records([out]))
     console.print(rich_table(records))

@@ -14,28 +14,30 @@ measured against.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 
-from .artifacts import read_json, sha256_file, sha256_json, write_json_atomic
+from .artifacts import read_json, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 from .backbones import Backbone, get_backbone
 from .choices import SMALL_CNN
 from .errors import CnnCodesError
 from .evaluate import per_image_predictions, run_record, score
 from .extract import extract, plan
 from .features import load_features
-from .ingest import RESIZE_MODES, discover, load_square
+from .ingest import check_resize, discover, load_square
+from .models import build_classifier, small_cnn
 from .progress import progress_bar
-from .split import DEFAULT_FRACTIONS, SUBSETS, Split, read_split_csv
+from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, SUBSETS, Split, parse_fractions, read_split_csv
 from .weights import Weights
 
 CHECKPOINTS = ".finetune"
@@ -45,33 +47,95 @@ SMALL_CNN_SIZE = 64
 SMALL_CNN_MIN_SIZE = 8  # two 3x3 convolutions and a 2x2 pooling leave at least 2x2
 
 
-def image_root(data: Path) -> Path:
-    """The folder split paths are relative to: the dataset folder, or a CSV's folder (as `discover` has it)."""
-    return (data.parent if data.is_file() else data).resolve()
+class Phase(NamedTuple):
+    """One `model.fit`: its name, whether the backbone's top block trains, epochs and learning rate."""
+
+    name: str
+    unfreeze: bool
+    epochs: int
+    lr: float
 
 
-def load_split(data: Path, out: Path, split_from: Path | None, fractions: Sequence[float], seed: int,
-               progress: bool) -> Split:
-    """The split of a features folder (or a split.csv) when given, else one made as `extract` makes it."""
-    if split_from is None:
-        the_split = plan(discover(data), out, fractions, seed, progress=progress).split
-        the_split.write_csv(out / "split.csv")
-        return the_split
-    csv_path = split_from / "split.csv" if split_from.is_dir() else split_from
-    the_split = read_split_csv(csv_path)
-    missing = [p for p in the_split.paths if not (image_root(data) / p).is_file()]
-    if missing:
-        raise CnnCodesError(f"{len(missing)} image(s) of {csv_path} are not under {data} (e.g. {missing[0]}): "
-                            "give the DATA folder the split was made from")
-    return the_split
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """An ImageNet backbone and a new head, trained in two phases; every field is a setting.
+
+    The checkpoint key and the run record's `params` derive from the fields, so no setting
+    can be left out of either. `unfreeze` is a layer name or a count of last layers.
+    """
+
+    backbone: str
+    weights: Weights
+    image_size: int
+    resize: str
+    unfreeze: str | int
+    batch_size: int
+    head_epochs: int
+    fine_epochs: int
+    head_lr: float
+    lr: float
+    dropout: float
+    augment: bool
+    cache_trunk: bool
+    class_weight: str | None
+    patience: int
+    seed: int
+
+    method = "finetune"
+
+    @property
+    def entry(self) -> Backbone:
+        return get_backbone(self.backbone)
+
+    @property
+    def run_stem(self) -> str:
+        return f"{self.backbone}-finetune"
+
+    @property
+    def described(self) -> dict[str, str]:
+        return {"layer": f"after {self.unfreeze}", "classifier": "dense head"}
+
+    def build(self, n_classes: int) -> tuple[keras.Model, keras.Model | None]:
+        return build_classifier(self.entry, self.image_size, n_classes, self.weights, self.dropout)
+
+    def phases(self) -> list[Phase]:
+        return [Phase("head", False, self.head_epochs, self.head_lr), Phase("fine", True, self.fine_epochs, self.lr)]
 
 
-def finetune(
-    data: Path | str,
-    out: Path | str,
-    *,
+@dataclass(frozen=True)
+class ScratchSpec:
+    """The small ConvNet trained from scratch, all its layers in one phase: the baseline for transfer learning."""
+
+    image_size: int
+    resize: str
+    batch_size: int
+    epochs: int
+    lr: float
+    augment: bool
+    class_weight: str | None
+    patience: int
+    seed: int
+
+    backbone = SMALL_CNN
+    method = "from-scratch"
+    weights = Weights("none")
+    cache_trunk = False
+    run_stem = f"{SMALL_CNN}-scratch"
+    described = {"layer": "all layers", "classifier": "small ConvNet"}
+
+    def build(self, n_classes: int) -> tuple[keras.Model, keras.Model | None]:
+        return small_cnn(self.image_size, n_classes), None
+
+    def phases(self) -> list[Phase]:
+        return [Phase("scratch", True, self.epochs, self.lr)]
+
+
+TrainingSpec = FinetuneSpec | ScratchSpec
+
+
+def make_spec(
     backbone: str = "mobilenetv2",
-    split_from: Path | str | None = None,
+    *,
     weights: str = "imagenet",
     image_size: int | None = None,
     resize: str = "crop",
@@ -87,116 +151,38 @@ def finetune(
     class_weight: str | None = None,
     patience: int = 3,
     seed: int = 0,
-    name: str | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train backbone + new head in two phases on train, stop early on val, score once on test.
+) -> TrainingSpec:
+    """Check the settings of a fine-tune before any image is read, and resolve its weights.
 
-    Writes `<run>.keras` and `<run>.json` (the run record) into `out`. With `resume`, an
-    interrupted run goes on from its last finished epoch (the arguments must be the same).
-    `augment` defaults to on, except with `cache_trunk`, which trains on activations computed
-    once. `backbone="smallcnn"` trains a small ConvNet from scratch instead, all its layers
-    for `head_epochs + fine_epochs` epochs at `head_lr`.
+    Args:
+        backbone: a registry name, or `smallcnn` for the small ConvNet trained from scratch
+            (`head_epochs + fine_epochs` epochs at `head_lr`; needs `weights="none"`).
+        weights: `imagenet`, `none` or the path of a Keras weights file.
+        image_size: square input size (default: the backbone's; 64 for smallcnn).
+        resize: `crop`, `squash` or `pad`, as in `extract`.
+        batch_size: images per training step.
+        head_epochs, fine_epochs: epochs of phase 1 (the head) and phase 2 (the top block too).
+        unfreeze: phase 2 trains the layers after this one, or this many last layers
+            (default: the registry's last block).
+        head_lr, lr: Adam learning rates of the two phases.
+        dropout: before the new softmax layer.
+        augment: random flips, rotations, zooms and contrast (default: on, off with `cache_trunk`).
+        cache_trunk: compute the frozen layers' activations once and train only above them.
+        class_weight: `balanced` for imbalanced classes.
+        patience: epochs without a better val accuracy before a phase stops.
+        seed: shuffling and initialisation.
     """
-    data, out = Path(data), Path(out)
     if batch_size < 1 or min(head_lr, lr) <= 0:
         raise CnnCodesError(f"--batch-size must be at least 1 and learning rates positive "
                             f"(got {batch_size}, --head-lr {head_lr}, --lr {lr})")
+    check_resize(resize)
+    if class_weight not in (None, "balanced"):
+        raise CnnCodesError(f"class_weight takes 'balanced' or None (got {class_weight!r})")
     augment = not cache_trunk if augment is None else augment
-    job = _Job.create(backbone, weights, image_size, resize, unfreeze, cache_trunk, augment, class_weight)
-    out.mkdir(parents=True, exist_ok=True)
-    the_split = load_split(data, out, Path(split_from) if split_from else None, DEFAULT_FRACTIONS, seed, progress)
-    classes, labels, subsets = _labelled(the_split)
-    run = f"{name + '-' if name else ''}{job.backbone}-{'scratch' if job.entry is None else 'finetune'}"
-    keras.utils.set_random_seed(seed)
-    model, network = job.build(len(classes), dropout)
-    extract_seconds = None
-    if cache_trunk:
-        cut = cut_layer(network, job.after)
-        trained = cached_top(model, network, cut)
-        datasets, extract_seconds = _trunk_datasets(data, out, job, cut, trained.input_shape[1:], batch_size,
-                                                    the_split, labels, subsets, seed, progress)
-    else:
-        trained = model
-        paths = [str(image_root(data) / p) for p in the_split.paths]
-        datasets = {s: _dataset(paths, labels, subsets == s, job.size, job.resize, batch_size, shuffle=s == "train",
-                                augment=s == "train" and augment, seed=seed) for s in SUBSETS}
-    weights_by_class = _class_weights(labels[subsets == "train"], len(classes)) if class_weight else None
-    checkpoints = _checkpoints(out / CHECKPOINTS / run, resume, [
-        job.backbone, job.size, resize, batch_size, head_epochs, fine_epochs, job.after, head_lr, lr, dropout, augment,
-        cache_trunk, class_weight, patience, seed, job.weights.sha256, the_split.fingerprint])
-    keras.utils.set_random_seed(seed)  # building a trunk extractor may have drawn numbers: same run, same draws
-    started = time.perf_counter()
-    history, trainable = [], {}
-    for phase, after, epochs, rate in job.schedule(head_epochs, fine_epochs, head_lr, lr):
-        if network is not None:
-            set_trainable(network, after)
-        trainable[phase] = len(trained.trainable_weights)
-        history += _phase(trained, datasets, epochs, rate, weights_by_class, patience, checkpoints, phase, progress)
-    fit_seconds = time.perf_counter() - started
-    proba = trained.predict(datasets["test"], verbose=0)
-    model_path = out / f"{run}.keras"
-    _save_model(model, model_path)
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    test_rows = subsets == "test"
-    params = {"image_size": job.size, "resize": resize, "batch_size": batch_size, "head_epochs": head_epochs,
-              "fine_epochs": fine_epochs, "head_lr": head_lr, "lr": lr, "dropout": dropout, "augment": augment,
-              "cache_trunk": cache_trunk, "class_weight": class_weight, "patience": patience, "seed": seed,
-              "trainable_weights": trainable}
-    if job.entry is None:  # the small ConvNet has its own dropout layers and one phase at --head-lr
-        params = {k: v for k, v in params.items() if k not in ("lr", "dropout")}
-    record = run_record(
-        run=run, method="finetune" if job.entry else "from-scratch", backbone=job.backbone,
-        layer=f"after {job.after}" if job.entry else "all layers", classifier="dense head" if job.entry else "small ConvNet",
-        params=params,
-        extractor={"backbone": job.backbone, "image_size": job.size, "resize": resize, "weights": job.weights.kind,
-                   "weights_sha256": job.weights.sha256},
-        dataset={"data": str(image_root(data)), "split_fingerprint": the_split.fingerprint},
-        classes=classes, n_train=int((subsets == "train").sum()), n_test=int(test_rows.sum()),
-        **score(labels[test_rows], proba, classes),
-        fit_seconds=round(fit_seconds, 3), extract_seconds=extract_seconds,
-        epochs_run=len(history), history=history,
-        model_file=model_path.name, model_bytes=model_path.stat().st_size, model_sha256=sha256_file(model_path),
-        test_predictions=per_image_predictions([p for p, t in zip(the_split.paths, test_rows) if t],
-                                               labels[test_rows], proba, classes),
-    )
-    write_json_atomic(model_path.with_suffix(".json"), record)
-    return record
-
-
-@dataclass(frozen=True)
-class _Job:
-    """What to train, checked before any image is read: the backbone (None for smallcnn) and its settings."""
-
-    backbone: str
-    entry: Backbone | None
-    size: int
-    resize: str
-    weights: Weights
-    after: str | None
-
-    @classmethod
-    def create(cls, backbone: str, weights: str, image_size: int | None, resize: str, unfreeze: str | None,
-               cache_trunk: bool, augment: bool, class_weight: str | None) -> _Job:
-        if resize not in RESIZE_MODES:
-            raise CnnCodesError(f"unknown resize mode {resize!r}: use one of {', '.join(RESIZE_MODES)}")
-        if class_weight not in (None, "balanced"):
-            raise CnnCodesError(f"class_weight takes 'balanced' or None (got {class_weight!r})")
-        if cache_trunk and augment:
-            raise CnnCodesError("--cache-trunk trains on activations computed once, so it cannot augment: "
-                                "drop --augment, or drop --cache-trunk")
-        if backbone.lower() == SMALL_CNN:
-            return cls._small_cnn(weights, image_size, resize, unfreeze, cache_trunk)
-        entry = get_backbone(backbone)
-        size = image_size or entry.default_size
-        entry.check_size(size, entry.default_layer)
-        return cls(entry.name, entry, size, resize, entry.resolve_weights(weights, entry.default_layer),
-                   unfreeze or entry.finetune_after)
-
-    @classmethod
-    def _small_cnn(cls, weights: str, image_size: int | None, resize: str, unfreeze: str | None,
-                   cache_trunk: bool) -> _Job:
+    if cache_trunk and augment:
+        raise CnnCodesError("--cache-trunk trains on activations computed once, so it cannot augment: "
+                            "drop --augment, or drop --cache-trunk")
+    if backbone.lower() == SMALL_CNN:
         if weights != "none":
             raise CnnCodesError(f"{SMALL_CNN} trains from scratch and has no pretrained weights: pass --weights none")
         if unfreeze or cache_trunk:
@@ -205,19 +191,204 @@ class _Job:
         size = image_size or SMALL_CNN_SIZE
         if size < SMALL_CNN_MIN_SIZE:
             raise CnnCodesError(f"{SMALL_CNN} needs images of at least {SMALL_CNN_MIN_SIZE} px (got --image-size {size})")
-        return cls(SMALL_CNN, None, size, resize, Weights("none"), None)
+        return ScratchSpec(size, resize, batch_size, head_epochs + fine_epochs, head_lr, augment, class_weight,
+                           patience, seed)
+    entry = get_backbone(backbone)
+    size = image_size or entry.default_size
+    entry.check_size(size, entry.default_layer)
+    return FinetuneSpec(entry.name, entry.resolve_weights(weights, entry.default_layer), size, resize,
+                        parse_unfreeze(unfreeze or entry.finetune_after), batch_size, head_epochs, fine_epochs,
+                        head_lr, lr, dropout, augment, cache_trunk, class_weight, patience, seed)
 
-    def build(self, n_classes: int, dropout: float):
-        """The model to save, and the backbone inside it (None for smallcnn, which is all new)."""
-        if self.entry is None:
-            return small_cnn(self.size, n_classes), None
-        return build_model(self.entry, self.size, n_classes, self.weights, dropout)
 
-    def schedule(self, head_epochs: int, fine_epochs: int, head_lr: float, lr: float):
-        """(phase, unfreeze after, epochs, learning rate) in order."""
-        if self.entry is None:
-            return [("scratch", None, head_epochs + fine_epochs, head_lr)]
-        return [("head", None, head_epochs, head_lr), ("fine", self.after, fine_epochs, lr)]
+def parse_unfreeze(text: str) -> str | int:
+    """`--unfreeze` as a layer name or a positive count of last layers."""
+    if not text.isdigit():
+        return text
+    if int(text) == 0:
+        raise CnnCodesError("--unfreeze 0 unfreezes nothing: to train the head only, use --fine-epochs 0")
+    return int(text)
+
+
+def spec_params(spec: TrainingSpec) -> dict[str, Any]:
+    """The settings of a spec as the run record lists them (weights are in its `extractor`)."""
+    return {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in ("backbone", "weights")}
+
+
+def finetune(
+    data: Path | str,
+    out: Path | str,
+    spec: TrainingSpec | None = None,
+    *,
+    split_from: Path | str | None = None,
+    split: str | Sequence[float] = DEFAULT_FRACTIONS,
+    split_seed: int = 0,
+    dup_threshold: int = DEFAULT_DUP_THRESHOLD,
+    name: str | None = None,
+    resume: bool = False,
+    restart: bool = False,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `spec` on the train subset, stop each phase early on val, score once on test.
+
+    Writes `<run>.keras` (raw RGB pixels in) and `<run>.json` (the run record) into `out`,
+    together, and returns the record.
+
+    Args:
+        data: a class-per-folder directory or a `path,label` CSV.
+        out: the models folder.
+        spec: what to train (`make_spec(...)`; default: `make_spec()`, MobileNetV2).
+        split_from: a features folder or `split.csv` whose split to use, so the run is scored
+            on the same test images as the CNN codes; else the split is made as `extract`
+            makes it from `split`, `split_seed` and `dup_threshold`.
+        name: prefix of the run name.
+        resume: go on from the last finished epoch of an interrupted run (same settings).
+        restart: discard an interrupted run's checkpoints and start afresh.
+        callbacks: extra Keras callbacks for every phase's `fit`.
+        progress: rich progress bars.
+    """
+    spec = spec or make_spec()
+    data, out = Path(data), Path(out)
+    fractions = parse_fractions(split)
+    out.mkdir(parents=True, exist_ok=True)
+    the_split = load_split(data, out, Path(split_from) if split_from else None, fractions, split_seed, dup_threshold,
+                           progress)
+    run = f"{name + '-' if name else ''}{spec.run_stem}"
+    key = sha256_json([type(spec).__name__, spec_params(spec), spec.weights.sha256, the_split.fingerprint])
+    _refuse_to_overwrite(out / f"{run}.json", key)
+    checkpoints = _checkpoints(out / CHECKPOINTS / run, key, resume, restart)
+    training = _prepare(spec, data, out, the_split, progress)
+    history, trainable = _train(spec, training, checkpoints, callbacks, progress)
+    proba = training.trained.predict(training.datasets["test"], verbose=0)
+    model_path = out / f"{run}.keras"
+    record = _publish(training.model, model_path, lambda saved: _record(
+        spec, run, key, data, the_split, training, history, trainable, proba, saved, model_path.name))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # last: a crash before here can still --resume
+    return record
+
+
+def image_root(data: Path) -> Path:
+    """The folder split paths are relative to: the dataset folder, or a CSV's folder (as `discover` has it)."""
+    return (data.parent if data.is_file() else data).resolve()
+
+
+def load_split(data: Path, out: Path, split_from: Path | None, fractions: Sequence[float], seed: int,
+               dup_threshold: int, progress: bool) -> Split:
+    """The split of a features folder (or a split.csv) when given, else one made as `extract` makes it."""
+    if split_from is None:
+        the_split = plan(discover(data), out, fractions, seed, dup_threshold, progress=progress).split
+        the_split.write_csv(out / "split.csv")
+        return the_split
+    csv_path = split_from / "split.csv" if split_from.is_dir() else split_from
+    the_split = read_split_csv(csv_path)
+    missing = [p for p in the_split.paths if not (image_root(data) / p).is_file()]
+    if missing:
+        raise CnnCodesError(f"{len(missing)} image(s) of {csv_path} are not under {data} (e.g. {missing[0]}): "
+                            "give the DATA folder the split was made from")
+    return the_split
+
+
+@dataclass
+class _Training:
+    """The models and data of one run: `model` is saved, `trained` is what `fit` trains (the model, or its top
+    on cached trunk activations: the same layer objects)."""
+
+    model: keras.Model
+    trained: keras.Model
+    network: keras.Model | None
+    first_unfrozen: int | None
+    datasets: dict[str, Any]
+    class_weight: dict[int, float] | None
+    classes: list[str]
+    labels: np.ndarray
+    subsets: np.ndarray
+    extract_seconds: float | None
+
+
+def _prepare(spec: TrainingSpec, data: Path, out: Path, the_split: Split, progress: bool) -> _Training:
+    classes, labels, subsets = _labelled(the_split)
+    keras.utils.set_random_seed(spec.seed)
+    model, network = spec.build(len(classes))
+    start = first_unfrozen(network, spec.unfreeze) if isinstance(spec, FinetuneSpec) and network else None
+    extract_seconds = None
+    if spec.cache_trunk and network is not None and start is not None:
+        cut = cut_layer(network, start)
+        trained = cached_top(model, network, cut)
+        datasets, extract_seconds = _trunk_datasets(data, out, spec, cut, trained.input_shape[1:], the_split, labels,
+                                                    subsets, progress)
+    else:
+        trained = model
+        paths = [str(image_root(data) / p) for p in the_split.paths]
+        datasets = {s: _dataset(paths, labels, subsets == s, spec, train=s == "train") for s in SUBSETS}
+    weights = _class_weights(labels[subsets == "train"], len(classes)) if spec.class_weight else None
+    return _Training(model, trained, network, start, datasets, weights, classes, labels, subsets, extract_seconds)
+
+
+def _train(spec: TrainingSpec, training: _Training, checkpoints: Path, callbacks: Sequence[Any],
+           progress: bool) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every phase in order; returns the per-epoch history and the trainable weights of each phase."""
+    keras.utils.set_random_seed(spec.seed)  # building a trunk extractor may have drawn numbers: same run, same draws
+    history: list[dict[str, Any]] = []
+    trainable = {}
+    for phase in spec.phases():
+        if training.network is not None:
+            set_trainable(training.network, training.first_unfrozen if phase.unfreeze else None)
+        trainable[phase.name] = len(training.trained.trainable_weights)
+        history += _phase(training, phase, spec.patience, checkpoints, callbacks, progress)
+    return history, trainable
+
+
+def _record(spec: TrainingSpec, run: str, key: str, data: Path, the_split: Split, training: _Training,
+            history: list[dict[str, Any]], trainable: dict[str, int], proba: np.ndarray, saved: Path,
+            model_file: str) -> dict:
+    test = training.subsets == "test"
+    y_test = training.labels[test]
+    return run_record(
+        run=run, method=spec.method, backbone=spec.backbone, **spec.described,
+        params=spec_params(spec) | {"trainable_weights": trainable},
+        extractor={"backbone": spec.backbone, "image_size": spec.image_size, "resize": spec.resize,
+                   "weights": spec.weights.kind, "weights_sha256": spec.weights.sha256},
+        dataset={"data": str(image_root(data)), "split_fingerprint": the_split.fingerprint}, spec_key=key,
+        classes=training.classes, n_train=int((training.subsets == "train").sum()), n_test=int(test.sum()),
+        **score(y_test, proba, training.classes),
+        # the epochs' own seconds: they survive a resume, where a wall clock would restart
+        fit_seconds=round(sum(e["seconds"] for e in history), 3), extract_seconds=training.extract_seconds,
+        epochs_run=len(history), history=history,
+        model_file=model_file, model_bytes=saved.stat().st_size, model_sha256=sha256_file(saved),
+        test_predictions=per_image_predictions([p for p, t in zip(the_split.paths, test) if t], y_test, proba,
+                                               training.classes),
+    )
+
+
+def _publish(model: keras.Model, path: Path, make_record) -> dict[str, Any]:
+    """Write the model and its record to temporary names, then move both into place back to back.
+
+    A crash can then never leave a new model beside an old record (which `predict` would refuse).
+    """
+    tmp_model = path.with_name(f".{path.stem}.tmp.keras")
+    tmp_record = path.with_name(f".{path.stem}.tmp.json")
+    try:
+        model.save(tmp_model)
+        record = make_record(tmp_model)
+        write_json_atomic(tmp_record, record)
+        os.replace(tmp_model, path)
+        os.replace(tmp_record, path.with_suffix(".json"))
+    finally:
+        tmp_model.unlink(missing_ok=True)
+        tmp_record.unlink(missing_ok=True)
+    return record
+
+
+def _refuse_to_overwrite(record_path: Path, key: str) -> None:
+    """A finished run of the same name with other settings or another split is kept, not replaced."""
+    try:
+        old = read_json(record_path).get("spec_key")
+    except (OSError, ValueError, AttributeError):
+        return
+    if old != key:
+        raise CnnCodesError(f"{record_path.parent} already holds run {record_path.stem}, made with other settings or "
+                            "another split: give this run a --name, or another --out folder")
 
 
 def _labelled(the_split: Split) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -228,33 +399,6 @@ def _labelled(the_split: Split) -> tuple[list[str], np.ndarray, np.ndarray]:
         if not (subsets == subset).any():
             raise CnnCodesError(f"the split has no {subset} images: finetune needs train, val and test")
     return classes, np.array([classes.index(c) for c in the_split.labels]), subsets
-
-
-def build_model(entry, size: int, n_classes: int, weights, dropout: float):
-    """uint8 pixels -> preprocessing -> backbone (BN in inference mode) -> pooled, dropout, softmax head."""
-    from .preprocessing import Preprocess
-
-    network = entry.build_network(size, entry.default_layer, weights)
-    pixels = keras.Input((size, size, 3), dtype="uint8", name="pixels")
-    x = network(Preprocess(entry.name)(pixels), training=False)
-    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
-    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    probabilities = keras.layers.Dense(n_classes, activation="softmax", name="head")(x)
-    return keras.Model(pixels, probabilities, name=f"{entry.name}_finetune"), network
-
-
-def small_cnn(size: int, n_classes: int):
-    """The Keras MNIST example's ConvNet on uint8 RGB pixels: what transfer learning is measured against."""
-    layers = keras.layers
-    pixels = keras.Input((size, size, 3), dtype="uint8", name="pixels")
-    x = layers.Rescaling(1 / 255, name="scale")(pixels)
-    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
-    x = layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
-    x = layers.MaxPooling2D(2, name="pool")(x)
-    x = layers.Dropout(0.25, name="pool_dropout")(x)
-    x = layers.Dense(128, activation="relu", name="dense")(layers.Flatten(name="flatten")(x))
-    x = layers.Dropout(0.5, name="dense_dropout")(x)
-    return keras.Model(pixels, layers.Dense(n_classes, activation="softmax", name="head")(x), name=SMALL_CNN)
 
 
 def cached_top(model, network, cut: str):
@@ -271,36 +415,30 @@ def cached_top(model, network, cut: str):
     return keras.Model(codes, x, name=f"{model.name}_on_cached_trunk")
 
 
-def set_trainable(network, after: str | None) -> None:
-    """Freeze the backbone, or unfreeze every layer after `after` (a name or a count of last layers).
-
-    BatchNormalization layers stay frozen either way.
-    """
-    network.trainable = after is not None
-    if after is None:
+def set_trainable(network, start: int | None) -> None:
+    """Freeze the backbone, or unfreeze its layers from index `start` on; BatchNormalization stays frozen either way."""
+    network.trainable = start is not None
+    if start is None:
         return
-    start = _first_unfrozen(network, after)
     for i, layer in enumerate(network.layers):
         layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def cut_layer(network, after: str) -> str:
-    """The last frozen layer of `--unfreeze after`: where `--cache-trunk` cuts the network."""
-    start = _first_unfrozen(network, after)
+def cut_layer(network, start: int) -> str:
+    """The last frozen layer when layers from `start` on train: where `--cache-trunk` cuts the network."""
     if start < 2:  # layer 0 is the input: nothing would be frozen, nothing to cache
-        raise CnnCodesError(f"--unfreeze {after!r} leaves no frozen layer of {network.name} to cache: drop --cache-trunk")
+        raise CnnCodesError(f"--unfreeze leaves no frozen layer of {network.name} to cache: drop --cache-trunk")
     return network.layers[start - 1].name
 
 
-def _first_unfrozen(network, after: str) -> int:
+def first_unfrozen(network, unfreeze: str | int) -> int:
+    """The index of the first layer phase 2 trains: after the named layer, or the last `unfreeze` layers."""
     names = [layer.name for layer in network.layers]
-    if after.isdigit() and int(after) == 0:
-        raise CnnCodesError("--unfreeze 0 unfreezes nothing: to train the head only, use --fine-epochs 0")
-    if after.isdigit():
-        return max(0, len(names) - int(after))
-    if after in names:
-        return names.index(after) + 1
-    raise CnnCodesError(f"--unfreeze {after!r}: give a layer name of {network.name} or a number of last layers")
+    if isinstance(unfreeze, int):
+        return max(0, len(names) - unfreeze)
+    if unfreeze in names:
+        return names.index(unfreeze) + 1
+    raise CnnCodesError(f"--unfreeze {unfreeze!r}: give a layer name of {network.name} or a number of last layers")
 
 
 def augmentation(seed: int):
@@ -313,27 +451,30 @@ def augmentation(seed: int):
                              keras.layers.RandomContrast(0.1, seed=seed)], name="augmentation")
 
 
-def _dataset(paths: list[str], labels: np.ndarray, rows: np.ndarray, size: int, resize: str, batch_size: int,
-             shuffle: bool, augment: bool, seed: int):
-    """A streaming tf.data pipeline: decode and resize in parallel with the same code as `extract`."""
+def _dataset(paths: list[str], labels: np.ndarray, rows: np.ndarray, spec: TrainingSpec, train: bool):
+    """A streaming tf.data pipeline: decode and resize in parallel with the same code as `extract`.
+
+    The training subset is reshuffled every epoch and, when the spec says so, augmented.
+    """
     import tensorflow as tf
 
+    size = spec.image_size
     index = np.flatnonzero(rows)
     ds = tf.data.Dataset.from_tensor_slices((index, labels[index]))
-    if shuffle:
-        ds = ds.shuffle(len(index), seed=seed, reshuffle_each_iteration=True)
+    if train:
+        ds = ds.shuffle(len(index), seed=spec.seed, reshuffle_each_iteration=True)
 
     def load(i):
-        return load_square(paths[int(i)], size, resize)
+        return load_square(paths[int(i)], size, spec.resize)
 
     def decode(i, y):
         pixels = tf.numpy_function(load, [i], tf.uint8)
         pixels.set_shape((size, size, 3))
         return pixels, y
 
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-    if augment:
-        layers = augmentation(seed)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(spec.batch_size)
+    if train and spec.augment:
+        layers = augmentation(spec.seed)
 
         def randomise(pixels, y):
             moved = layers(tf.cast(pixels, tf.float32), training=True)
@@ -343,17 +484,17 @@ def _dataset(paths: list[str], labels: np.ndarray, rows: np.ndarray, size: int, 
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _trunk_datasets(data: Path, out: Path, job: _Job, cut: str, shape: tuple[int, ...], batch_size: int,
-                    the_split: Split, labels: np.ndarray, subsets: np.ndarray, seed: int,
-                    progress: bool) -> tuple[dict[str, CachedRows], float]:
+def _trunk_datasets(data: Path, out: Path, spec: FinetuneSpec, cut: str, shape: tuple[int, ...], the_split: Split,
+                    labels: np.ndarray, subsets: np.ndarray, progress: bool) -> tuple[dict[str, CachedRows], float]:
     """Activations at the cut, computed once by `extract` (ONNX Runtime, resumable) and kept in OUT/.trunk.
 
     Returns the datasets and the seconds the activations took to compute (when first made).
     """
-    weights = str(job.weights.path) if job.weights.kind == "file" else job.weights.kind
-    folder = out / TRUNK_DIR / f"{job.backbone}-{cut}-{job.size}-{job.resize}-{(job.weights.sha256 or 'untrained')[:12]}"
-    extract(data, folder, backbone=job.backbone, layer=cut, pooling="flatten", weights=weights, image_size=job.size,
-            resize=job.resize, batch_size=batch_size, seed=seed, progress=progress)
+    weights = spec.weights
+    choice = str(weights.path) if weights.kind == "file" else weights.kind
+    folder = out / TRUNK_DIR / f"{spec.backbone}-{cut}-{spec.image_size}-{spec.resize}-{(weights.sha256 or 'untrained')[:12]}"
+    extract(data, folder, backbone=spec.backbone, layer=cut, pooling="flatten", weights=choice,
+            image_size=spec.image_size, resize=spec.resize, batch_size=spec.batch_size, progress=progress)
     codes = load_features(folder)
     row_of = {p: i for i, p in enumerate(codes.paths)}
     missing = [p for p in the_split.paths if p not in row_of]
@@ -361,8 +502,8 @@ def _trunk_datasets(data: Path, out: Path, job: _Job, cut: str, shape: tuple[int
         raise CnnCodesError(f"{len(missing)} image(s) of the split could not be read for --cache-trunk "
                             f"(e.g. {missing[0]}: see {folder / 'rejected.csv'})")
     rows = np.array([row_of[p] for p in the_split.paths])
-    datasets = {s: CachedRows(codes.X, rows[subsets == s], labels[subsets == s], shape, batch_size,
-                              seed if s == "train" else None) for s in SUBSETS}
+    datasets = {s: CachedRows(codes.X, rows[subsets == s], labels[subsets == s], shape, spec.batch_size,
+                              spec.seed if s == "train" else None) for s in SUBSETS}
     return datasets, codes.meta["elapsed_seconds"]
 
 
@@ -374,45 +515,81 @@ def _class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(present, weights)} | {c: 1.0 for c in range(n_classes) if c not in present}
 
 
-def _checkpoints(folder: Path, resume: bool, arguments: list) -> Path:
-    """The run's checkpoint folder: kept for --resume when the arguments match, else started afresh."""
-    key = sha256_json(arguments)
-    if resume and folder.is_dir():
+def _checkpoints(folder: Path, key: str, resume: bool, restart: bool) -> Path:
+    """The run's checkpoint folder: kept for `resume` when its key matches, emptied only on `restart`.
+
+    Checkpoints are the work of an interrupted run, so they are never deleted silently.
+    """
+    if folder.is_dir() and not restart:
+        if not resume:
+            raise CnnCodesError(f"{folder} holds the checkpoints of an interrupted run of this name: "
+                                "add --resume to go on from its last finished epoch, or --restart to discard them")
         try:
             if read_json(folder / "arguments.json")["key"] == key:
                 return folder
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass
-        raise CnnCodesError(f"--resume: the checkpoints in {folder} were made with other arguments; "
-                            "run again without --resume to start afresh")
+        raise CnnCodesError(f"--resume: the checkpoints in {folder} were made with other arguments or another split; "
+                            "run again with the same ones, or with --restart to discard them")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     write_json_atomic(folder / "arguments.json", {"key": key})
     return folder
 
 
-def _phase(model, datasets, epochs: int, lr: float, class_weight, patience: int, checkpoints: Path, phase: str,
+def _phase(training: _Training, phase: Phase, patience: int, checkpoints: Path, callbacks: Sequence[Any],
            progress: bool) -> list[dict[str, Any]]:
-    """One phase: Adam at `lr`, early stopping on val accuracy (best weights kept), a backup per epoch.
+    """One phase: Adam at its rate, early stopping on val accuracy (best weights kept), a backup per epoch.
 
     A finished phase leaves its weights and history, so a resumed run skips it; a phase
-    interrupted mid-way resumes from its last backup, its history log keeping the epochs before.
+    interrupted mid-way resumes from its last backup with its history and early-stopping state.
     """
-    done, weights = checkpoints / f"{phase}.json", checkpoints / f"{phase}.weights.h5"
+    model, datasets = training.trained, training.datasets
+    done, weights = checkpoints / f"{phase.name}.json", checkpoints / f"{phase.name}.weights.h5"
     if done.is_file() and weights.is_file():
         model.load_weights(weights)
         return read_json(done)
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    log = HistoryLog(checkpoints / f"{phase}-history.json", phase)
-    if epochs > 0:
-        callbacks = [log, keras.callbacks.BackupAndRestore(str(checkpoints / f"{phase}-backup")),
-                     keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True),
-                     RichProgress(f"Fine-tuning ({phase})", epochs, progress)]
-        model.fit(datasets["train"], validation_data=datasets["val"], epochs=epochs, shuffle=False,
-                  class_weight=class_weight, callbacks=callbacks, verbose=0)  # the datasets shuffle themselves
+    model.compile(optimizer=keras.optimizers.Adam(phase.lr), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    log = HistoryLog(checkpoints / f"{phase.name}-history.json", phase.name)
+    if phase.epochs > 0:
+        every = [log, keras.callbacks.BackupAndRestore(str(checkpoints / f"{phase.name}-backup")),
+                 ResumableEarlyStopping(checkpoints / f"{phase.name}-stopping", patience),
+                 RichProgress(f"Fine-tuning ({phase.name})", phase.epochs, progress), *callbacks]
+        model.fit(datasets["train"], validation_data=datasets["val"], epochs=phase.epochs, shuffle=False,
+                  class_weight=training.class_weight, callbacks=every, verbose=0)  # the datasets shuffle themselves
     model.save_weights(weights)
     write_json_atomic(done, log.epochs)
     return log.epochs
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Early stopping on val accuracy whose best score, patience count and best weights survive an interruption.
+
+    BackupAndRestore brings back the model and the epoch, not this callback's state: without
+    it, a resumed phase would forget the best model it had found and could end on a worse one.
+    """
+
+    def __init__(self, stem: Path, patience: int):
+        super().__init__(monitor="val_accuracy", mode="max", patience=patience, restore_best_weights=True)
+        self.state_file, self.weights_file = stem.with_suffix(".json"), stem.with_suffix(".npz")
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.state_file.is_file() and self.weights_file.is_file():
+            state = read_json(self.state_file)
+            self.best, self.wait, self.best_epoch = state["best"], state["wait"], state["best_epoch"]
+            with np.load(self.weights_file) as saved:
+                self.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+
+    def on_epoch_end(self, epoch, logs=None):
+        before = self.best_weights
+        super().on_epoch_end(epoch, logs)
+        if self.best_weights is not before:
+            buf = io.BytesIO()
+            np.savez(buf, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
+            write_bytes_atomic(self.weights_file, buf.getvalue())
+        write_json_atomic(self.state_file, {"best": self.best, "wait": self.wait, "best_epoch": self.best_epoch})
 
 
 class HistoryLog(keras.callbacks.Callback):
@@ -458,12 +635,6 @@ class CachedRows(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         if self.rng is not None:
             self.order = self.rng.permutation(len(self.rows))
-
-
-def _save_model(model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
 
 
 class RichProgress(keras.callbacks.Callback):

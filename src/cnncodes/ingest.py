@@ -194,6 +194,11 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
+def check_resize(resize: str) -> None:
+    if resize not in RESIZE_MODES:
+        raise CnnCodesError(f"unknown resize mode {resize!r}: use one of {', '.join(RESIZE_MODES)}")
+
+
 def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     """Resize to `size`×`size` pixels as `resize` says, as a uint8 HWC array.
 
@@ -201,15 +206,14 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     aspect-ratio cue a squashed image keeps), `squash` ignores the aspect ratio, `pad`
     keeps the whole image on a white square.
     """
+    check_resize(resize)
     target = (size, size)
     if resize == "crop":
         im = ImageOps.fit(im, target, method=Image.Resampling.BILINEAR)
     elif resize == "squash":
         im = im.resize(target, Image.Resampling.BILINEAR)
-    elif resize == "pad":
-        im = ImageOps.pad(im, target, method=Image.Resampling.BILINEAR, color=_WHITE)
     else:
-        raise CnnCodesError(f"unknown resize mode {resize!r}: use one of {', '.join(RESIZE_MODES)}")
+        im = ImageOps.pad(im, target, method=Image.Resampling.BILINEAR, color=_WHITE)
     return np.asarray(im, dtype=np.uint8)
 
 
