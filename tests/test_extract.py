@@ -257,29 +257,53 @@ def vgg16_weights_file(tmp_path: Path) -> Path:
     return save_legacy_h5_weights(model, tmp_path / "w" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
 
 
-def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, vgg16_weights_file, monkeypatch):
+@pytest.fixture
+def mobilenet_weights_file(tmp_path: Path) -> Path:
+    """A MobileNetV2 no-top weights file under Keras's canonical name (Keras publishes no hash for it)."""
+    import keras
+
+    keras.utils.set_random_seed(123)
+    model = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    name = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    return save_legacy_h5_weights(model, tmp_path / "w" / name)
+
+
+def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, mobilenet_weights_file, monkeypatch):
     keras_home = tmp_path / "keras_home"
     monkeypatch.setenv("KERAS_HOME", str(keras_home))
-    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(vgg16_weights_file.parent))
-    args = FAST | dict(weights="imagenet")
+    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(mobilenet_weights_file.parent))
+    args = FAST | dict(backbone="mobilenetv2", weights="imagenet")
     from_env = cnncodes.extract(dataset, tmp_path / "env", **args)
     meta = json.loads((from_env.out / "meta.json").read_text())
-    assert meta["extractor"]["weights_sha256"] == sha256_file(vgg16_weights_file)
-    assert meta["extractor"]["weights_file"] == str(vgg16_weights_file)
+    assert meta["extractor"]["weights_sha256"] == sha256_file(mobilenet_weights_file)
+    assert meta["extractor"]["weights_file"] == str(mobilenet_weights_file)
 
-    cache_copy = keras_home / "models" / vgg16_weights_file.name
+    cache_copy = keras_home / "models" / mobilenet_weights_file.name
     cache_copy.parent.mkdir(parents=True)
-    shutil.move(vgg16_weights_file, cache_copy)
+    shutil.move(mobilenet_weights_file, cache_copy)
     from_cache = cnncodes.extract(dataset, tmp_path / "cache", **args)
     assert json.loads((from_cache.out / "meta.json").read_text())["extractor"]["weights_sha256"] == sha256_file(cache_copy)
     np.testing.assert_array_equal(np.load(from_env.out / "features.npy"), np.load(from_cache.out / "features.npy"))
-    untrained = cnncodes.extract(dataset, tmp_path / "none", **FAST)
-    assert not np.allclose(np.load(untrained.out / "features.npy"), np.load(from_cache.out / "features.npy"))
+    untrained = cnncodes.extract(dataset, tmp_path / "none", **(FAST | dict(backbone="mobilenetv2")))
+    # untrained MobileNetV2 codes are tiny (around 1e-12): compare them relatively
+    assert not np.allclose(np.load(untrained.out / "features.npy"), np.load(from_cache.out / "features.npy"),
+                           rtol=1e-2, atol=0)
 
-    by_path = cli("extract", dataset, "--out", tmp_path / "path", *FAST_ARGS[:2], "--image-size", "32",
+    by_path = cli("extract", dataset, "--out", tmp_path / "path", "--backbone", "mobilenetv2", "--image-size", "32",
                   "--weights", cache_copy, "--quiet")
     assert by_path.exit_code == 0, by_path.output
     np.testing.assert_array_equal(np.load(tmp_path / "path" / "features.npy"), np.load(from_cache.out / "features.npy"))
+
+
+def test_a_canonical_file_that_is_not_kerass_is_refused_unless_given_by_path(dataset, tmp_path, vgg16_weights_file,
+                                                                            monkeypatch):
+    monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(vgg16_weights_file.parent))
+    refused = cli("extract", dataset, "--out", tmp_path / "f", "--backbone", "vgg16", "--image-size", "32", "--quiet")
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "not the file Keras publishes" in refused.stderr and f"--weights {vgg16_weights_file}" in refused.stderr
+    by_path = cli("extract", dataset, "--out", tmp_path / "f", "--backbone", "vgg16", "--image-size", "32",
+                  "--weights", vgg16_weights_file, "--quiet")
+    assert by_path.exit_code == 0, by_path.output
 
 
 def test_offline_without_weights_is_one_clear_error(dataset, tmp_path, monkeypatch):

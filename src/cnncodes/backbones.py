@@ -39,6 +39,9 @@ class Backbone:
     top_taps: tuple[str, ...] = ()
     top_weights_file: str | None = None
     top_weights_url: str | None = None
+    # The MD5s Keras's applications pass to `get_file` (none is published for MobileNetV2).
+    weights_md5: str | None = None
+    top_weights_md5: str | None = None
 
     @property
     def default_layer(self) -> str:
@@ -50,8 +53,8 @@ class Backbone:
 
     def resolve_weights(self, choice: str, layer: str) -> Weights:
         if self.needs_top(layer):
-            return resolve_weights(choice, self.top_weights_file, self.top_weights_url, self.name)
-        return resolve_weights(choice, self.weights_file, self.weights_url, self.name)
+            return resolve_weights(choice, self.top_weights_file, self.top_weights_url, self.name, self.top_weights_md5)
+        return resolve_weights(choice, self.weights_file, self.weights_url, self.name, self.weights_md5)
 
     def preprocess_input(self, x: Any) -> Any:
         """Keras's own `preprocess_input` for this network, applied to float pixels 0–255."""
@@ -82,7 +85,7 @@ class Backbone:
         return network
 
 
-def _vgg(name: str, constructor: str) -> Backbone:
+def _vgg(name: str, constructor: str, md5: str, top_md5: str) -> Backbone:
     return Backbone(
         name=name, constructor=constructor, module=name, preprocessing="caffe: RGB to BGR, minus ImageNet mean",
         default_size=224, min_size=32, taps=("block3_pool", "block4_pool", "block5_pool"),
@@ -91,6 +94,7 @@ def _vgg(name: str, constructor: str) -> Backbone:
         finetune_after="block4_pool", top_taps=("fc1", "fc2"),
         top_weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels.h5",
         top_weights_url=f"{_KERAS_URL}{name}/{name}_weights_tf_dim_ordering_tf_kernels.h5",
+        weights_md5=md5, top_weights_md5=top_md5,
     )
 
 
@@ -100,15 +104,15 @@ _MOBILENET_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_to
 REGISTRY: dict[str, Backbone] = {
     b.name: b
     for b in (
-        _vgg("vgg16", "VGG16"),
-        _vgg("vgg19", "VGG19"),
+        _vgg("vgg16", "VGG16", "6d6bbae143d832006294945121d1f1fc", "64373286793e3c8b2b4e3219cbf3544b"),
+        _vgg("vgg19", "VGG19", "253f8cb515780f3b799900260a226db6", "cbe5617147190e668d6c5d5026f83318"),
         Backbone(
             name="resnet50", constructor="ResNet50", module="resnet50",
             preprocessing="caffe: RGB to BGR, minus ImageNet mean",
             default_size=224, min_size=32, taps=("conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
             weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=f"{_KERAS_URL}resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            finetune_after="conv4_block6_out",
+            finetune_after="conv4_block6_out", weights_md5="4d473c1dd8becc155b73f8504c6f6626",
         ),
         Backbone(
             name="mobilenetv2", constructor="MobileNetV2", module="mobilenet_v2", preprocessing=_SCALE_TF,
@@ -123,14 +127,14 @@ REGISTRY: dict[str, Backbone] = {
             default_size=224, min_size=32, taps=("block3b_add", "block4c_add", "block6d_add", "top_activation"),
             weights_file="efficientnetb0_notop.h5",
             weights_url="https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
-            finetune_after="block6d_add",
+            finetune_after="block6d_add", weights_md5="50bc09e76180e00e4465e1a485ddc09d",
         ),
         Backbone(
             name="inceptionv3", constructor="InceptionV3", module="inception_v3", preprocessing=_SCALE_TF,
             default_size=299, min_size=75, taps=("mixed2", "mixed5", "mixed7", "mixed10"),
             weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=f"{_KERAS_URL}inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            finetune_after="mixed8",
+            finetune_after="mixed8", weights_md5="bcbd6486424b2319ff4ef7d526e38f63",
         ),
         Backbone(
             name="xception", constructor="Xception", module="xception", preprocessing=_SCALE_TF,
@@ -138,7 +142,7 @@ REGISTRY: dict[str, Backbone] = {
             weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=f"{_KERAS_URL}xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
             # block13_pool feeds a residual add: the first layer whose output alone feeds the rest is in block14
-            finetune_after="block14_sepconv1_act",
+            finetune_after="block14_sepconv1_act", weights_md5="b0042744bf5b25fce3cb969f33bebb97",
         ),
     )
 }

@@ -8,6 +8,7 @@ path into a model built without weights, so one file serves every input size.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +44,35 @@ def search_dirs() -> list[Path]:
     return dirs
 
 
-def resolve_weights(choice: str, file_name: str, url: str, backbone: str) -> Weights:
-    """Turn `--weights imagenet|none|PATH` into a file on disk (or none), with its SHA-256."""
+def resolve_weights(choice: str, file_name: str, url: str, backbone: str, md5: str | None = None) -> Weights:
+    """Turn `--weights imagenet|none|PATH` into a file on disk (or none), with its SHA-256.
+
+    A file found or downloaded under Keras's canonical name must have the MD5 that Keras
+    publishes for it (`md5`, when Keras has one): the name promises those exact weights.
+    """
     if choice == "none":
         return Weights("none")
     if choice == "imagenet":
-        path = _find(file_name) or _download(file_name, url, backbone)
-        return Weights("imagenet", path, sha256_file(path))
+        path = _find(file_name) or _download(file_name, url, backbone, md5)
+        return Weights("imagenet", path, _published(path, md5))
     path = Path(choice).expanduser()
     if not path.is_file():
         raise CnnCodesError(f"--weights {choice}: no such file; use imagenet, none, or the path of a Keras .h5 weights file")
     return Weights("file", path.resolve(), sha256_file(path))
+
+
+def _published(path: Path, md5: str | None) -> str:
+    """The file's SHA-256, once its MD5 is checked against Keras's published one (both in one read)."""
+    sha256, found = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha256.update(chunk)
+            found.update(chunk)
+    if md5 is not None and found.hexdigest() != md5:
+        raise CnnCodesError(f"{path} is not the file Keras publishes under that name (MD5 {found.hexdigest()}, "
+                            f"expected {md5}): delete it to download it again, or load it on purpose with "
+                            f"--weights {path}")
+    return sha256.hexdigest()
 
 
 def _find(file_name: str) -> Path | None:
@@ -64,11 +83,11 @@ def _find(file_name: str) -> Path | None:
     return None
 
 
-def _download(file_name: str, url: str, backbone: str) -> Path:
+def _download(file_name: str, url: str, backbone: str, md5: str | None) -> Path:
     from keras.utils import get_file
 
     try:
-        return Path(get_file(file_name, url, cache_subdir="models"))
+        return Path(get_file(file_name, url, cache_subdir="models", file_hash=md5))
     except Exception as e:  # noqa: BLE001 - offline, proxy, HTTP or hash errors all end the same way
         searched = " nor ".join(str(d) for d in search_dirs())
         if not os.environ.get(WEIGHTS_DIR_ENV):
