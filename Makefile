@@ -9,7 +9,6 @@ SHARED_WEIGHTS := $(abspath ../shared/weights)
 ifneq ($(wildcard $(SHARED_WEIGHTS)),)
 export CNNCODES_WEIGHTS_DIR ?= $(SHARED_WEIGHTS)
 endif
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install test demo bench clean
 

@@ -5,10 +5,9 @@ trained on the codes and compared with fine-tuning on the same held-out test set
 Importing the package is cheap: TensorFlow loads only when a network is built.
 """
 
-import os
+from .tflogs import silence_tensorflow_start_up
 
-# TensorFlow's C++ start-up chatter hides our progress bars; users can still set their own level.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+silence_tensorflow_start_up()  # before anything can import TensorFlow
 
 from .errors import CnnCodesError  # noqa: E402
 from .extract import ExtractorSpec, ExtractResult, extract  # noqa: E402

@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +34,7 @@ from .progress import console as err_console
 from .report import FORMATS, html_report, rank, render, rich_table
 from .runtime import RUNTIMES
 from .split import DEFAULT_DUP_THRESHOLD
+from .tflogs import VERBOSE_ENV
 
 app = typer.Typer(
     help="Image classification with little data: CNN codes from frozen ImageNet networks, "
@@ -41,6 +44,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out_console = Console()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show TensorFlow's native log lines.")] = False,
+) -> None:
+    """Image classification with little data: CNN codes from frozen ImageNet networks,
+    linear models and SVMs on them, compared with fine-tuning."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as the bytes they are
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
 
 BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
 TrainableName = Enum("TrainableName", {name: name for name in (*REGISTRY, SMALL_CNN)}, type=str)
