@@ -287,3 +287,23 @@ def test_demo_runs_the_whole_pipeline_on_given_images(tmp_path):
     tuned = next(r for r in listed if r["method"] == "finetune")
     assert tuned["params"]["cache_trunk"] and tuned["epochs_run"] >= 2
     assert (out / "report.html").is_file() and "top 3" in result.output
+    other = make_dataset(tmp_path / "other", per_class=4)
+    before = (out / "features" / "meta.json").read_bytes()
+    refused = runner.invoke(app, ["demo", str(other), "--out", str(out), "--image-size", "32"])
+    assert refused.exit_code == 2 and f"already holds a demo of {data.resolve()}" in refused.output
+    assert (out / "features" / "meta.json").read_bytes() == before  # checked before anything was written
+
+
+def test_the_demo_folder_is_claimed_for_one_dataset(tmp_path):
+    from cnncodes.demo import claim_output
+
+    data, other = tmp_path / "flowers", tmp_path / "cars"
+    out = claim_output(tmp_path / "models" / "flowers", data)
+    (out / "features").mkdir()
+    assert claim_output(out, data) == out  # an earlier demo of the same data is fine
+    with pytest.raises(cnncodes.CnnCodesError, match=f"already holds a demo of {data}"):
+        claim_output(out, other)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(cnncodes.CnnCodesError, match="files that are not a demo"):
+        claim_output(tmp_path / "mine", data)

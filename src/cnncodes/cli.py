@@ -289,7 +289,7 @@ def _predictions_text(results, fmt: str) -> str:
 @app.command()
 def demo(
     data: Annotated[Optional[Path], typer.Argument(help="Your class-per-folder images (default: scikit-learn's digits).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for features, models and the report.")] = Path("models/demo"),
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for features, models and the report (default: models/<name of DATA>).")] = None,
     backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
     image_size: Annotated[Optional[int], typer.Option(min=1, help="Input size (default: 96 for the digits, else the backbone's).")] = None,
 ) -> None:

@@ -12,9 +12,10 @@ import numpy as np
 from PIL import Image
 from rich.markup import escape
 
-from .artifacts import write_bytes_atomic
+from .artifacts import read_json, write_bytes_atomic, write_json_atomic
 from .backbones import get_backbone
 from .classifiers import fit_svm
+from .errors import CnnCodesError
 from .evaluate import load_records
 from .extract import extract
 from .finetune import finetune, make_spec
@@ -23,6 +24,8 @@ from .progress import console, say
 from .report import html_report, rank, rich_table
 
 DIGITS_DIR = Path("data/digits")
+# Written first into the demo's folder: which data the folder belongs to.
+DEMO_MARKER = "demo.json"
 
 
 def write_digits(folder: Path = DIGITS_DIR) -> Path:
@@ -40,9 +43,28 @@ def write_digits(folder: Path = DIGITS_DIR) -> Path:
     return folder
 
 
-def run_demo(data: Path | None = None, out: Path = Path("models/demo"), backbone: str = "mobilenetv2",
+def claim_output(out: Path, data: Path) -> Path:
+    """Make `out` the demo's folder for `data`, or refuse if it holds anything else."""
+    marker, owner = out / DEMO_MARKER, str(data.resolve())
+    try:
+        claimed = read_json(marker).get("data")
+    except (OSError, ValueError, AttributeError):
+        claimed = None
+    if claimed != owner and out.is_dir() and any(out.iterdir()):
+        made_for = f"a demo of {claimed}" if claimed else "files that are not a demo"
+        raise CnnCodesError(f"{out} already holds {made_for}: give the demo of {data} another --out folder")
+    write_json_atomic(marker, {"data": owner})
+    return out
+
+
+def run_demo(data: Path | None = None, out: Path | None = None, backbone: str = "mobilenetv2",
              image_size: int | None = None, examples: int = 8, finetune_epochs: tuple[int, int] = (20, 10)) -> list[dict]:
-    """extract -> fit-svm -> finetune -> compare -> predict, saying what each step does; returns the ranked records."""
+    """extract -> fit-svm -> finetune -> compare -> predict, saying what each step does; returns the ranked records.
+
+    `out` defaults to `models/<name of the data folder>`; it must be empty or hold an earlier
+    demo of the same data, which is checked before anything is written.
+    """
+    out = claim_output(out or Path("models") / (data or DIGITS_DIR).resolve().name, data or DIGITS_DIR)
     if data is None:
         say("[bold]1/6[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
         data, image_size = write_digits(), image_size or 96
