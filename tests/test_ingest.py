@@ -533,3 +533,41 @@ def test_unknown_resize_mode(tmp_path):
     write_image(tmp_path / "a.png")
     with pytest.raises(CnnCodesError):
         load_square(tmp_path / "a.png", 8, "zoom")
+
+
+def test_symlinked_folders_are_followed_once_and_every_other_file_is_accounted_for(tmp_path):
+    root = make_dataset(tmp_path / "data", per_class=2)
+    elsewhere = tmp_path / "more_stripes"
+    write_image(elsewhere / "linked.png", "stripes", seed=950)
+    (root / "stripes" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "stripes" / "again").symlink_to(elsewhere, target_is_directory=True)  # a second path to it
+    (root / "stripes" / "loop").symlink_to(root / "stripes", target_is_directory=True)
+    (root / "stripes" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "circles" / "notes.txt").write_text("notes\n")
+    (root / "circles" / ".DS_Store").write_bytes(b"\0\0")
+    (root / "labels.txt").write_text("not in a class\n")
+    write_image(root / ".git" / "x.png", "stripes", seed=951)
+
+    ds = discover(root)
+    skipped = dict(ds.skipped)
+    assert "stripes/again/linked.png" in ds.paths or "stripes/linked/linked.png" in ds.paths
+    assert sum(p.endswith("/linked.png") for p in ds.paths) == 1  # one real folder, read once
+    assert "already read" in skipped["stripes/loop"]
+    assert "already read" in (skipped.get("stripes/again") or skipped.get("stripes/linked"))
+    assert skipped["stripes/gone.png"] == "broken symbolic link"
+    assert skipped["circles/notes.txt"].startswith("not an image")
+    assert skipped["circles/.DS_Store"] == "hidden file"
+    assert skipped["labels.txt"] == "not in a class folder"
+    assert skipped[".git"] == "hidden folder, not read"
+    assert len(ds) == 6 + 1
+
+
+def test_a_csv_listing_one_image_with_two_labels_is_refused_and_repeated_rows_count_once(tmp_path):
+    make_dataset(tmp_path / "data", per_class=2)
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label\ndata/stripes/stripes_00.jpg,stripes\ndata/stripes/stripes_00.jpg,stripes\n"
+                       "data/circles/circles_00.jpg,circles\n")
+    assert discover(listing).paths == ["data/circles/circles_00.jpg", "data/stripes/stripes_00.jpg"]
+    listing.write_text("path,label\ndata/stripes/stripes_00.jpg,stripes\ndata/stripes/stripes_00.jpg,circles\n")
+    with pytest.raises(CnnCodesError, match="stripes_00.jpg: circles, stripes"):
+        discover(listing)

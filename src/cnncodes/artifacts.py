@@ -45,12 +45,23 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV that round-trips any file name.
+
+    Lines end in CRLF (RFC 4180), because the csv module quotes a field holding any
+    character of the line terminator: with a bare "\n" terminator, Python before 3.11.9 and
+    3.12.3 left a carriage return in a name unquoted and the file split the row in two.
+    """
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(header)
     writer.writerows(rows)
-    write_bytes_atomic(path, buf.getvalue().encode())
+    return buf.getvalue()
+
+
+def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV file whose file names keep the bytes they have on disk, UTF-8 or not (surrogateescape)."""
+    write_bytes_atomic(path, csv_text(header, rows).encode("utf-8", "surrogateescape"))
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:

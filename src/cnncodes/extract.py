@@ -374,7 +374,7 @@ def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACT
     """
     all_ids = _file_ids(dataset)
     checks = _check(dataset, all_ids, out / CACHE_DIR, workers, progress)
-    rejected = [(p, c.reason) for p, c in zip(dataset.paths, checks) if not c.ok]
+    rejected = dataset.skipped + [(p, c.reason) for p, c in zip(dataset.paths, checks) if not c.ok]
     artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
     usable = _require_usable(dataset, checks)
     the_split = make_split(usable.paths, usable.labels, [c.phash for c in checks if c.ok], fractions, seed, dup_threshold)

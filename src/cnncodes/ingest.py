@@ -9,9 +9,11 @@ pixels for the same file.
 from __future__ import annotations
 
 import csv
+import os
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +40,14 @@ class Dataset:
     """The images of a dataset before any of them is decoded.
 
     `paths` are relative to `root` (POSIX form), in a stable order: by class, then path.
+    `skipped` lists every other file found, with the reason it is not a candidate, so no
+    file disappears without a word.
     """
 
     root: Path
     paths: list[str]
     labels: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
@@ -77,17 +82,26 @@ def discover(source: Path | str) -> Dataset:
 
 
 def _discover_folders(root: Path) -> Dataset:
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    entries = sorted(root.iterdir())
+    class_dirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
     if not class_dirs:
         raise CnnCodesError(f"{root} has no class sub-folders: put the images of each class in a folder of its own, e.g. {root}/cat/1.jpg")
+    skipped = [(e.name, _outside_reason(e)) for e in entries if e not in class_dirs]
     paths, labels = [], []
     for class_dir in class_dirs:
-        found = image_files(class_dir)
+        found, passed_over = scan(class_dir)
         if not found:
             raise CnnCodesError(f"class folder {class_dir} has no image files: add images or remove the folder")
         paths += [p.relative_to(root).as_posix() for p in found]
         labels += [class_dir.name] * len(found)
-    return Dataset(root.resolve(), paths, labels)
+        skipped += [(p.relative_to(root).as_posix(), reason) for p, reason in passed_over]
+    return Dataset(root.resolve(), paths, labels, skipped)
+
+
+def _outside_reason(entry: Path) -> str:
+    if entry.name.startswith("."):
+        return "hidden folder, not read" if entry.is_dir() else "hidden file"
+    return "not in a class folder" if entry.exists() else "broken symbolic link"
 
 
 def _discover_csv(csv_path: Path) -> Dataset:
@@ -96,20 +110,73 @@ def _discover_csv(csv_path: Path) -> Dataset:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
                 raise CnnCodesError(f"{csv_path} must have a header with 'path' and 'label' columns (found {reader.fieldnames})")
-            rows = [(r["path"].strip(), r["label"].strip()) for r in reader if r["path"] and r["label"]]
+            rows = sorted({(r["path"].strip(), r["label"].strip()) for r in reader if r["path"] and r["label"]},
+                          key=lambda row: (row[1], row[0]))
     except (UnicodeDecodeError, csv.Error) as e:
         raise CnnCodesError(f"{csv_path} is not a readable UTF-8 CSV file ({e})") from None
     if not rows:
         raise CnnCodesError(f"{csv_path} lists no images")
-    rows.sort(key=lambda row: (row[1], row[0]))
+    _refuse_conflicting_labels(csv_path, rows)
     return Dataset(csv_path.parent.resolve(), [p for p, _ in rows], [label for _, label in rows])
+
+
+def _refuse_conflicting_labels(csv_path: Path, rows: Sequence[tuple[str, str]]) -> None:
+    """One image, one label: a path listed with two labels would train on a contradiction."""
+    labels: dict[str, list[str]] = defaultdict(list)
+    for path, label in rows:
+        labels[path].append(label)
+    conflicts = sorted((p, ls) for p, ls in labels.items() if len(ls) > 1)
+    if conflicts:
+        path, names = conflicts[0]
+        raise CnnCodesError(f"{csv_path} gives {len(conflicts)} image(s) more than one label (e.g. {path}: "
+                            f"{', '.join(names)}): keep one row per image")
 
 
 def image_files(folder: Path) -> list[Path]:
     """Every image file under `folder`, recursively and sorted, hidden files and folders left out."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-                  and looks_like_image(p))
+    return scan(folder)[0]
+
+
+def scan(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files under `folder` and every other file with the reason it is passed over, both sorted.
+
+    Symbolic links are followed (a linked folder of images belongs to its class), each real
+    folder once, so a link loop ends; unreadable folders and broken links are reported.
+    """
+    images: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(error: OSError) -> None:
+        skipped.append((Path(error.filename), f"folder not readable ({error.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
+        here = Path(dirpath)
+        identity = (os.stat(here).st_dev, os.stat(here).st_ino)
+        if identity in seen:
+            skipped.append((here, "symbolic link to a folder already read (a loop, or a second path to it)"))
+            dirnames[:] = []
+            continue
+        seen.add(identity)
+        skipped += [(here / d, "hidden folder, not read") for d in dirnames if d.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            reason = _not_a_candidate(here / name)
+            if reason:
+                skipped.append((here / name, reason))
+            else:
+                images.append(here / name)
+    return sorted(images), sorted(skipped)
+
+
+def _not_a_candidate(path: Path) -> str | None:
+    if path.name.startswith("."):
+        return "hidden file"
+    if not path.exists():
+        return "broken symbolic link"
+    if not looks_like_image(path):
+        return "not an image (neither its name nor its first bytes say so)"
+    return None
 
 
 def looks_like_image(path: Path) -> bool:

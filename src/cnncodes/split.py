@@ -116,7 +116,7 @@ def _union(parent: np.ndarray, a: int, b: int) -> None:
 
 
 def _hash_position(path: str, seed: int) -> float:
-    digest = hashlib.sha256(f"{seed}\0{path}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}\0{path}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -169,7 +169,7 @@ def _ensure_each_subset(labels, members, position, group_subset, fractions) -> l
 def read_split_csv(path: Path) -> Split:
     """Read a `split.csv` written by `extract`, to score another method on the same test set."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise CnnCodesError(f"cannot read split file {path}: {e.strerror}") from None

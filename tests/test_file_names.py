@@ -1,0 +1,42 @@
+"""File names as users' disks hold them: not UTF-8, with line breaks, behind symbolic links."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from cnncodes.cli import app
+from cnncodes.split import read_split_csv
+
+from .conftest import make_dataset, write_image
+
+runner = CliRunner()
+ODD = (os.fsdecode(b"caf\xe9.png"), "carriage\rreturn.png", "new\nline.png", "comma, \"quote\".png")
+
+
+def test_odd_file_names_round_trip_and_every_file_is_a_row_or_a_rejection(tmp_path: Path):
+    data = make_dataset(tmp_path / "data", per_class=4)
+    for i, name in enumerate(ODD):
+        write_image(data / "stripes" / name, "stripes", seed=700 + i)
+    (data / "circles" / os.fsdecode(b"bad\xff.jpg")).write_bytes(b"not a jpeg")
+    (data / "squares" / "readme.txt").write_text("notes")
+    out = tmp_path / "features"
+    result = runner.invoke(app, ["extract", str(data), "--out", str(out), "--backbone", "mobilenetv2", "--weights",
+                                 "none", "--image-size", "32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    split = read_split_csv(out / "split.csv")
+    meta = json.loads((out / "meta.json").read_text())
+    assert split.paths == meta["paths"]
+    for name in ODD:
+        assert f"stripes/{name}" in split.paths
+    with open(out / "rejected.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rejected = {row["path"]: row["reason"] for row in csv.DictReader(f)}
+    assert set(rejected) == {os.fsdecode(b"circles/bad\xff.jpg"), "squares/readme.txt"}
+    on_disk = {p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file()}
+    assert on_disk == set(split.paths) | set(rejected)
+    assert np.load(out / "features.npy").shape[0] == len(split.paths)
