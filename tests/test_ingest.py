@@ -182,13 +182,14 @@ def test_discover_empty_class_folder(tmp_path):
 
 
 def test_discover_on_an_image_file_is_a_user_error(tmp_path):
-    """Passing a photo (or any non-UTF-8 file) where a folder or CSV belongs must be a CnnCodesError.
+    """Passing a photo where a folder or CSV belongs is a CnnCodesError, by name or by content.
 
-    BUG: `_discover_csv` opens it as UTF-8 text and the UnicodeDecodeError escapes.
+    A photo named .csv gets past the suffix check, so the CSV reader itself must refuse its bytes.
     """
-    photo = write_image(tmp_path / "photo.jpg")
-    with pytest.raises(CnnCodesError):
-        discover(photo)
+    with pytest.raises(CnnCodesError, match="is a file"):
+        discover(write_image(tmp_path / "photo.jpg"))
+    with pytest.raises(CnnCodesError, match="not a readable UTF-8 CSV"):
+        discover(write_image(tmp_path / "photo.csv", fmt="JPEG"))
 
 
 # --------------------------------------------------------------------------- load_rgb on every mode
@@ -273,8 +274,7 @@ def test_load_rgb_rgba_composited_on_white(tmp_path):
 def test_load_rgb_png_colour_key_transparency_is_white(tmp_path, mode, colour):
     """A PNG tRNS colour key makes every pixel of that colour transparent; it must come out white.
 
-    BUG: `_to_rgb` only composites RGBA/LA/PA and P-with-transparency; RGB and L images
-    with `transparency` in their info keep the keyed colour (black here).
+    RGB and L images carry the key in `info["transparency"]`, not in an alpha band.
     """
     im = Image.new(mode, (4, 4), colour)
     im.putpixel((3, 3), (200, 10, 10) if mode == "RGB" else 200)
@@ -312,9 +312,8 @@ def test_load_rgb_16_bit_png_scaled_down(tmp_path):
 def test_load_rgb_dark_16_bit_png_stays_dark(tmp_path):
     """A 16-bit value of 255 is 0.4 % of full scale; it must not come out white.
 
-    BUG: `_high_depth_to_rgb` only scales by 255/65535 when the image's maximum is over
-    255, so a dark 16-bit image is read as if it were 8-bit (255 -> 255, white), while the
-    same value 255 in an image that also has a 256 comes out as 1.
+    The scale must not depend on the image's own maximum, or a dark 16-bit image would read
+    as 8-bit (255 -> white) while the same value beside a 256 would come out as 1.
     """
     dark = np.array([[0, 255], [128, 10]], dtype=np.uint16)
     Image.fromarray(dark).save(tmp_path / "dark16.png")

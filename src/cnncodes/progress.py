@@ -48,9 +48,8 @@ def progress_bar(description: str, total: int, unit: str = "img", enabled: bool 
         yield lambda n=1: progress.advance(task, n)
 
 
-def say(message: str, quiet: bool = False) -> None:
-    if not quiet:
-        console.print(message, highlight=False)
+def say(message: str) -> None:
+    console.print(message, highlight=False)
 
 
 def warn(message: str) -> None:
