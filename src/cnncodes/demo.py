@@ -15,7 +15,7 @@ from rich.markup import escape
 from .artifacts import write_bytes_atomic
 from .backbones import get_backbone
 from .classifiers import fit_svm
-from .evaluate import load_records
+from .records import load_records
 from .extract import extract
 from .finetune import finetune
 from .predict import predict

@@ -30,11 +30,12 @@ from .artifacts import read_json, sha256_file, sha256_json, write_json_atomic
 from .backbones import Backbone, get_backbone
 from .choices import SMALL_CNN
 from .errors import CnnCodesError
-from .evaluate import per_image_predictions, run_record, score
+from .evaluate import per_image_predictions, score
 from .extract import extract, plan
 from .features import load_features
 from .ingest import RESIZE_MODES, discover, load_square
 from .progress import progress_bar
+from .records import build_record, run_name
 from .split import DEFAULT_FRACTIONS, SUBSETS, Split, read_split_csv
 from .weights import Weights
 
@@ -108,7 +109,7 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     the_split = load_split(data, out, Path(split_from) if split_from else None, DEFAULT_FRACTIONS, seed, progress)
     classes, labels, subsets = _labelled(the_split)
-    run = f"{name + '-' if name else ''}{job.backbone}-{'scratch' if job.entry is None else 'finetune'}"
+    run = run_name(name, job.backbone, "scratch" if job.entry is None else "finetune")
     keras.utils.set_random_seed(seed)
     model, network = job.build(len(classes), dropout)
     extract_seconds = None
@@ -146,7 +147,7 @@ def finetune(
               "trainable_weights": trainable}
     if job.entry is None:  # the small ConvNet has its own dropout layers and one phase at --head-lr
         params = {k: v for k, v in params.items() if k not in ("lr", "dropout")}
-    record = run_record(
+    record = build_record(
         run=run, method="finetune" if job.entry else "from-scratch", backbone=job.backbone,
         layer=f"after {job.after}" if job.entry else "all layers", classifier="dense head" if job.entry else "small ConvNet",
         params=params,
