@@ -145,11 +145,11 @@ def test_restart_discards_an_interrupted_run_and_another_setting_needs_a_name(tm
         finetune(data, out, tiny(), callbacks=[InterruptAtEpoch(1)], progress=False)
     first = finetune(data, out, tiny(), restart=True, progress=False)
     assert [h["phase"] for h in first["history"]] == ["head", "fine"]
-    assert finetune(data, out, tiny(), progress=False)["spec_key"] == first["spec_key"]  # the same run again is fine
+    assert finetune(data, out, tiny(), progress=False)["origin"] == first["origin"]  # the same run again is fine
     result = runner.invoke(app, ["finetune", str(data), "--out", str(out), "--backbone", "vgg16", "--weights", "none",
                                  "--image-size", "32", "--head-epochs", "1", "--fine-epochs", "1", "--lr", "1e-3"])
     assert result.exit_code == 2 and "already holds run vgg16-finetune" in result.output
-    assert json.loads((out / "vgg16-finetune.json").read_text())["spec_key"] == first["spec_key"]
+    assert json.loads((out / "vgg16-finetune.json").read_text())["origin"] == first["origin"]
     named = finetune(data, out, tiny(lr=1e-3), name="fast", progress=False)
     assert named["run"] == "fast-vgg16-finetune" and named["params"]["lr"] == 1e-3
 

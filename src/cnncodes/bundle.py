@@ -14,21 +14,19 @@ from typing import Any
 
 import joblib
 
-from .artifacts import package_versions, read_json, write_bytes_atomic
+from .artifacts import package_versions, read_json
 from .errors import CnnCodesError
-from .evaluate import RECORD_FORMAT
+from .records import RECORD_FORMAT, publish, sidecar
 
 BUNDLE_FORMAT = "cnncodes.bundle/1"
 
 
-def save_bundle(path: Path, contents: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    joblib.dump({"format": BUNDLE_FORMAT, **contents, "versions": package_versions()}, buf, compress=3)
-    write_bytes_atomic(path, buf.getvalue())
+def publish_bundle(path: Path, contents: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Save a bundle and its run record together (see `records.publish`); returns the completed record."""
+    def write(tmp: Path) -> None:
+        joblib.dump({"format": BUNDLE_FORMAT, **contents, "versions": package_versions()}, tmp, compress=3)
 
-
-def sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
+    return publish(path, write, record)
 
 
 def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:

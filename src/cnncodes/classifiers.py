@@ -28,13 +28,13 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .artifacts import read_json, sha256_file, write_json_atomic
-from .bundle import save_bundle, sidecar
+from .bundle import publish_bundle
 from .choices import KINDS, NORMALIZERS
 from .errors import CnnCodesError
-from .evaluate import per_image_predictions, run_record, score
+from .evaluate import per_image_predictions, score
 from .features import Features, load_features
 from .progress import progress_bar
+from .records import build_record, refuse_to_replace, run_name
 
 _CALIBRATED = {"linear-svm", "rbf-svm"}
 _LINEAR = {"linear-svm", "logreg"}
@@ -197,11 +197,14 @@ def fit_svm(
         raise CnnCodesError(f"{feats.path} has no test images: extract again with a --split that keeps a test share")
     splitter = _selection_splitter(feats.subsets[fit_rows], cv, seed)
     out = Path(out)
+    models = {run_name(name, feats.spec.backbone, feats.spec.layer, kind):
+              CodesClassifier(kind, normalize, pca, class_weight, splitter, n_jobs, seed) for kind in kinds}
+    for run, model in models.items():  # all refused before any is fitted
+        refuse_to_replace(out / f"{run}.joblib", _origin(feats, model))
     records = []
     with progress_bar("Fitting classifiers", len(kinds), unit="model", enabled=progress) as advance:
-        for kind in kinds:
-            records.append(_fit_one(feats, out, kind, fit_rows, test_rows, name,
-                                    CodesClassifier(kind, normalize, pca, class_weight, splitter, n_jobs, seed)))
+        for (run, model), kind in zip(models.items(), kinds):
+            records.append(_fit_one(feats, out, run, kind, fit_rows, test_rows, model))
             advance(1)
     return records
 
@@ -217,44 +220,36 @@ def _selection_splitter(subsets: np.ndarray, cv: int, seed: int):
     return PredefinedSplit(np.where(subsets == "val", 0, -1))
 
 
-def _fit_one(feats: Features, out: Path, kind: str, fit_rows, test_rows, name: str | None,
-             model: CodesClassifier) -> dict[str, Any]:
+def _origin(feats: Features, model: CodesClassifier) -> dict[str, Any]:
+    """What a run's meaning depends on: a run of the same name with another origin is never replaced."""
+    return {"features": str(feats.path.resolve()), "extractor": feats.meta["extractor"],
+            "split_fingerprint": feats.split_fingerprint, "normalize": model.normalize, "pca": model.pca,
+            "class_weight": model.class_weight}
+
+
+def _fit_one(feats: Features, out: Path, run: str, kind: str, fit_rows, test_rows, model: CodesClassifier
+             ) -> dict[str, Any]:
     spec = feats.spec
-    run = f"{name + '-' if name else ''}{spec.backbone}-{spec.layer}-{kind}"
-    _refuse_to_overwrite_other_features(sidecar(out / f"{run}.joblib"), feats)
     started = time.perf_counter()
     model.fit(feats.X[fit_rows], feats.y[fit_rows])
     fit_seconds = time.perf_counter() - started
     proba = class_probabilities(model, feats.X[test_rows], len(feats.classes))
-    model_path = out / f"{run}.joblib"
-    save_bundle(model_path, {"run": run, "model": model, "classes": feats.classes, "extractor": feats.meta["extractor"]})
-    record = run_record(
+    record = build_record(
         run=run, method="cnn-codes", backbone=spec.backbone, layer=spec.layer, classifier=kind,
         params={**model.best_params_, "normalize": model.normalize, "pca": model.pca,
                 "class_weight": model.class_weight, "cv": model.cv if isinstance(model.cv, int) else "val"},
-        cv_score=model.cv_score_,
+        cv_score=model.cv_score_, origin=_origin(feats, model),
         dataset={"data": feats.meta["data"], "features": str(feats.path.resolve()),
                  "split_fingerprint": feats.split_fingerprint},
         classes=feats.classes, n_train=int(fit_rows.sum()), n_test=int(test_rows.sum()),
         **score(feats.y[test_rows], proba, feats.classes),
         fit_seconds=round(fit_seconds, 3), extract_seconds=feats.meta["elapsed_seconds"],
-        model_file=model_path.name, model_bytes=model_path.stat().st_size, model_sha256=sha256_file(model_path),
         test_predictions=per_image_predictions([p for p, t in zip(feats.paths, test_rows) if t], feats.y[test_rows],
                                                proba, feats.classes),
     )
-    write_json_atomic(sidecar(model_path), record)
-    return record
-
-
-def _refuse_to_overwrite_other_features(record_path: Path, feats: Features) -> None:
-    """A run of the same name from other codes (pooling, size, weights, split…) is kept, not replaced."""
-    try:
-        old = read_json(record_path)["dataset"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if old.get("features") != str(feats.path.resolve()) or old.get("split_fingerprint") != feats.split_fingerprint:
-        raise CnnCodesError(f"{record_path.parent} already holds run {record_path.stem} made from {old.get('features')}: "
-                            "give these runs a --name, or another --out folder")
+    return publish_bundle(out / f"{run}.joblib",
+                          {"run": run, "model": model, "classes": feats.classes, "extractor": feats.meta["extractor"]},
+                          record)
 
 
 def class_probabilities(model: CodesClassifier, X: np.ndarray, n_classes: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from rich.text import Text
 from .backbones import POOLINGS, REGISTRY, get_backbone
 from .choices import KINDS, NORMALIZERS, SMALL_CNN
 from .errors import CnnCodesError
-from .evaluate import load_records
+from .records import load_records
 from .ingest import RESIZE_MODES
 from .progress import console as err_console
 from .report import FORMATS, html_report, rank, render, rich_table

@@ -16,11 +16,11 @@ from .artifacts import read_json, write_bytes_atomic, write_json_atomic
 from .backbones import get_backbone
 from .classifiers import fit_svm
 from .errors import CnnCodesError
-from .evaluate import load_records
 from .extract import extract
 from .finetune import finetune, make_spec
 from .predict import predict
 from .progress import console, say
+from .records import load_records
 from .report import html_report, rank, rich_table
 
 DIGITS_DIR = Path("data/digits")

@@ -1,23 +1,12 @@
-"""Scoring a fitted model on the test subset, and the run record every method writes.
-
-A run record (`MODELS_DIR/<run>.json`) is the single description of a fitted model: how
-it was made, what data it saw (the split's fingerprint), and how it scored. `compare`
-ranks records; `predict` checks a bundle against the SHA-256 its record holds.
-"""
+"""Scoring a fitted model on the test subset: the numbers every run record holds (see `records`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .artifacts import package_versions, read_json
-from .errors import CnnCodesError
-
-RECORD_FORMAT = "cnncodes.run/1"
 BOOTSTRAP_ROUNDS = 2000
 
 
@@ -62,27 +51,3 @@ def per_image_predictions(paths: Sequence[str], y_true: np.ndarray, proba: np.nd
         {"path": path, "label": classes[t], "predicted": classes[int(p.argmax())], "probability": round(float(p.max()), 6)}
         for path, t, p in zip(paths, y_true, proba)
     ]
-
-
-def run_record(**fields: Any) -> dict[str, Any]:
-    """A run record with the fields every method shares, stamped with versions and time."""
-    return {"format": RECORD_FORMAT, **fields, "versions": package_versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
-    """Every run record in the folders (files that are not run records are passed over)."""
-    records = []
-    for folder in folders:
-        if not Path(folder).is_dir():
-            raise CnnCodesError(f"{folder} is not a folder of models: give the --out folder of fit-svm or finetune")
-        for path in sorted(Path(folder).glob("*.json")):
-            try:
-                record = read_json(path)
-            except (OSError, ValueError):
-                continue
-            if isinstance(record, dict) and record.get("format") == RECORD_FORMAT:
-                records.append(record | {"record_path": str(path)})
-    if not records:
-        raise CnnCodesError(f"no run records in {', '.join(map(str, folders))}: fit models first with `cnncodes fit-svm`")
-    return records

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -27,16 +26,17 @@ from typing import Any, NamedTuple
 import keras
 import numpy as np
 
-from .artifacts import read_json, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
+from .artifacts import read_json, sha256_json, write_bytes_atomic, write_json_atomic
 from .backbones import Backbone, get_backbone
 from .choices import SMALL_CNN
 from .errors import CnnCodesError
-from .evaluate import per_image_predictions, run_record, score
+from .evaluate import per_image_predictions, score
 from .extract import extract, plan
 from .features import load_features
 from .ingest import check_resize, discover, load_square
 from .models import build_classifier, small_cnn
 from .progress import progress_bar
+from .records import build_record, publish, refuse_to_replace, run_name
 from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, SUBSETS, Split, parse_fractions, read_split_csv
 from .weights import Weights
 
@@ -254,16 +254,17 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     the_split = load_split(data, out, Path(split_from) if split_from else None, fractions, split_seed, dup_threshold,
                            progress)
-    run = f"{name + '-' if name else ''}{spec.run_stem}"
-    key = sha256_json([type(spec).__name__, spec_params(spec), spec.weights.sha256, the_split.fingerprint])
-    _refuse_to_overwrite(out / f"{run}.json", key)
-    checkpoints = _checkpoints(out / CHECKPOINTS / run, key, resume, restart)
+    run = run_name(name, spec.run_stem)
+    origin = {"split": the_split.fingerprint,
+              "setting": sha256_json([type(spec).__name__, spec_params(spec), spec.weights.sha256])}
+    model_path = out / f"{run}.keras"
+    refuse_to_replace(model_path, origin)
+    checkpoints = _checkpoints(out / CHECKPOINTS / run, sha256_json(origin), resume, restart)
     training = _prepare(spec, data, out, the_split, progress)
     history, trainable = _train(spec, training, checkpoints, callbacks, progress)
     proba = training.trained.predict(training.datasets["test"], verbose=0)
-    model_path = out / f"{run}.keras"
-    record = _publish(training.model, model_path, lambda saved: _record(
-        spec, run, key, data, the_split, training, history, trainable, proba, saved, model_path.name))
+    record = publish(model_path, lambda tmp: training.model.save(tmp),
+                     _record(spec, run, origin, data, the_split, training, history, trainable, proba))
     shutil.rmtree(checkpoints, ignore_errors=True)  # last: a crash before here can still --resume
     return record
 
@@ -339,56 +340,24 @@ def _train(spec: TrainingSpec, training: _Training, checkpoints: Path, callbacks
     return history, trainable
 
 
-def _record(spec: TrainingSpec, run: str, key: str, data: Path, the_split: Split, training: _Training,
-            history: list[dict[str, Any]], trainable: dict[str, int], proba: np.ndarray, saved: Path,
-            model_file: str) -> dict:
+def _record(spec: TrainingSpec, run: str, origin: dict[str, str], data: Path, the_split: Split,
+            training: _Training, history: list[dict[str, Any]], trainable: dict[str, int], proba: np.ndarray) -> dict:
     test = training.subsets == "test"
     y_test = training.labels[test]
-    return run_record(
+    return build_record(
         run=run, method=spec.method, backbone=spec.backbone, **spec.described,
         params=spec_params(spec) | {"trainable_weights": trainable},
         extractor={"backbone": spec.backbone, "image_size": spec.image_size, "resize": spec.resize,
                    "weights": spec.weights.kind, "weights_sha256": spec.weights.sha256},
-        dataset={"data": str(image_root(data)), "split_fingerprint": the_split.fingerprint}, spec_key=key,
+        dataset={"data": str(image_root(data)), "split_fingerprint": the_split.fingerprint}, origin=origin,
         classes=training.classes, n_train=int((training.subsets == "train").sum()), n_test=int(test.sum()),
         **score(y_test, proba, training.classes),
         # the epochs' own seconds: they survive a resume, where a wall clock would restart
         fit_seconds=round(sum(e["seconds"] for e in history), 3), extract_seconds=training.extract_seconds,
         epochs_run=len(history), history=history,
-        model_file=model_file, model_bytes=saved.stat().st_size, model_sha256=sha256_file(saved),
         test_predictions=per_image_predictions([p for p, t in zip(the_split.paths, test) if t], y_test, proba,
                                                training.classes),
     )
-
-
-def _publish(model: keras.Model, path: Path, make_record) -> dict[str, Any]:
-    """Write the model and its record to temporary names, then move both into place back to back.
-
-    A crash can then never leave a new model beside an old record (which `predict` would refuse).
-    """
-    tmp_model = path.with_name(f".{path.stem}.tmp.keras")
-    tmp_record = path.with_name(f".{path.stem}.tmp.json")
-    try:
-        model.save(tmp_model)
-        record = make_record(tmp_model)
-        write_json_atomic(tmp_record, record)
-        os.replace(tmp_model, path)
-        os.replace(tmp_record, path.with_suffix(".json"))
-    finally:
-        tmp_model.unlink(missing_ok=True)
-        tmp_record.unlink(missing_ok=True)
-    return record
-
-
-def _refuse_to_overwrite(record_path: Path, key: str) -> None:
-    """A finished run of the same name with other settings or another split is kept, not replaced."""
-    try:
-        old = read_json(record_path).get("spec_key")
-    except (OSError, ValueError, AttributeError):
-        return
-    if old != key:
-        raise CnnCodesError(f"{record_path.parent} already holds run {record_path.stem}, made with other settings or "
-                            "another split: give this run a --name, or another --out folder")
 
 
 def _labelled(the_split: Split) -> tuple[list[str], np.ndarray, np.ndarray]:

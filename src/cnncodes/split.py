@@ -75,7 +75,21 @@ def make_split(
     dup_threshold: int = DEFAULT_DUP_THRESHOLD,
 ) -> Split:
     """Assign each image a subset; duplicates share one, and every class gets each subset when it can."""
-    groups = group_duplicates(phashes, dup_threshold)
+    return assign_subsets(paths, labels, group_duplicates(phashes, dup_threshold), fractions, seed)
+
+
+def assign_subsets(
+    paths: Sequence[str],
+    labels: Sequence[str],
+    groups: Sequence[int] | np.ndarray,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+) -> Split:
+    """The split of images whose duplicate groups are known: each group follows the hash of its first path.
+
+    `fit-svm --repeats` calls it with the groups `extract` saved and other seeds, so every
+    repeat keeps copies together exactly as the first split does.
+    """
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         members[int(g)].append(i)
@@ -116,7 +130,8 @@ def _union(parent: np.ndarray, a: int, b: int) -> None:
 
 
 def _hash_position(path: str, seed: int) -> float:
-    digest = hashlib.sha256(f"{seed}\0{path}".encode("utf-8", "surrogateescape")).digest()
+    # surrogateescape: a file name that is not UTF-8 hashes as its own bytes instead of failing
+    digest = hashlib.sha256(f"{seed}\0{path}".encode(errors="surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -169,7 +184,7 @@ def _ensure_each_subset(labels, members, position, group_subset, fractions) -> l
 def read_split_csv(path: Path) -> Split:
     """Read a `split.csv` written by `extract`, to score another method on the same test set."""
     try:
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise CnnCodesError(f"cannot read split file {path}: {e.strerror}") from None

@@ -1,0 +1,101 @@
+"""Run records: the one description of a fitted model, kept beside it as `<run>.json`.
+
+A record says how a model was made (its `origin`: the codes, split and settings it came
+from), what data it saw (the split's fingerprint) and how it scored. `compare` ranks
+records, `predict` checks a model file against the SHA-256 its record holds. Every method
+builds, names, publishes and reads its records here, so the format lives in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .artifacts import package_versions, read_json, sha256_file, write_json_atomic
+from .errors import CnnCodesError
+
+RECORD_FORMAT = "cnncodes.run/1"
+
+
+def run_name(prefix: str | None, *parts: str) -> str:
+    """`[prefix-]part-part…`: the name of a run's files, prefixed by the user's `--name`."""
+    return "-".join([prefix, *parts] if prefix else parts)
+
+
+def sidecar(model_path: Path) -> Path:
+    """Where the record of a model file lives."""
+    return model_path.with_suffix(".json")
+
+
+def build_record(**fields: Any) -> dict[str, Any]:
+    """A run record with the given fields, stamped with the package versions and the time."""
+    return {"format": RECORD_FORMAT, **fields, "versions": package_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def refuse_to_replace(model_path: Path, origin: dict[str, Any]) -> None:
+    """Stop before a run of the same name made from other codes or settings is replaced.
+
+    Re-running the same command replaces its run; anything else that would change what the
+    run means (another extractor, split, normalisation, PCA, class weights…) needs a name.
+    """
+    try:
+        old = read_json(sidecar(model_path))
+        old_origin = old.get("origin") or {"features": old["dataset"].get("features"),
+                                           "split_fingerprint": old["dataset"].get("split_fingerprint")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    changed = sorted(k for k in set(old_origin) & set(origin) if old_origin[k] != origin[k])
+    if changed:
+        raise CnnCodesError(f"{model_path.parent} already holds run {model_path.stem}, made with another "
+                            f"{', '.join(changed)}: give these runs a --name, or another --out folder")
+
+
+def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[str, Any]) -> dict[str, Any]:
+    """Write a model and its record together: both to temporary names, then both moved into place.
+
+    `write_model(tmp)` writes the model file; its size and SHA-256 go into the record. A kill
+    or a full disk before the two back-to-back renames leaves the old pair untouched.
+    """
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    with _temporary(model_path) as model_tmp, _temporary(sidecar(model_path)) as record_tmp:
+        write_model(model_tmp)
+        record = {**record, "model_file": model_path.name, "model_bytes": model_tmp.stat().st_size,
+                  "model_sha256": sha256_file(model_tmp)}
+        write_json_atomic(record_tmp, record)
+        os.replace(model_tmp, model_path)
+        os.replace(record_tmp, sidecar(model_path))
+    return record
+
+
+@contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A free name beside `path` with the same suffix (Keras checks it), removed unless it was moved."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every run record in the folders (files that are not run records are passed over)."""
+    records = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise CnnCodesError(f"{folder} is not a folder of models: give the --out folder of fit-svm or finetune")
+        for path in sorted(Path(folder).glob("*.json")):
+            try:
+                record = read_json(path)
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("format") == RECORD_FORMAT:
+                records.append(record | {"record_path": str(path)})
+    if not records:
+        raise CnnCodesError(f"no run records in {', '.join(map(str, folders))}: fit models first with `cnncodes fit-svm`")
+    return records

@@ -1,0 +1,74 @@
+"""Run records: published together with their model, never silently replaced by a run made otherwise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import cnncodes
+from cnncodes.cli import app
+from cnncodes.records import build_record, publish, sidecar
+
+from .conftest import make_dataset
+
+runner = CliRunner()
+FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("records")
+    data = make_dataset(root / "data", per_class=8)
+    cnncodes.extract(data, root / "features", **FAST)
+    return {"root": root, "data": data, "features": root / "features"}
+
+
+def fit(features: Path, out: Path, *options):
+    return cli("fit-svm", features, "--out", out, "--classifier", "knn", "--cv", "2", "--quiet", *options)
+
+
+def test_a_run_made_with_other_settings_or_codes_is_refused_not_replaced(codes, tmp_path):
+    out = tmp_path / "models"
+    assert fit(codes["features"], out).exit_code == 0
+    record = json.loads((out / "vgg16-block5_pool-knn.json").read_text())
+    again = fit(codes["features"], out)
+    assert again.exit_code == 0, again.output  # the same command replaces its own run
+
+    for options, named in ((["--normalize", "l2"], "normalize"), (["--pca", "4"], "pca"),
+                           (["--class-weight", "balanced"], "class_weight")):
+        refused = fit(codes["features"], out, *options)
+        assert refused.exit_code == 2 and named in refused.stderr and "--name" in refused.stderr, refused.output
+    assert fit(codes["features"], out, "--normalize", "l2", "--name", "l2").exit_code == 0
+
+    moved = tmp_path / "features"
+    cnncodes.extract(codes["data"], moved, **FAST)
+    shared = tmp_path / "shared"
+    assert fit(moved, shared).exit_code == 0
+    cnncodes.extract(codes["data"], moved, **(FAST | {"image_size": 40}))  # the same folder, re-extracted
+    refused = fit(moved, shared)
+    assert refused.exit_code == 2 and "extractor" in refused.stderr, refused.output
+    assert json.loads((out / "vgg16-block5_pool-knn.json").read_text())["model_sha256"] == record["model_sha256"]
+
+
+def test_publish_moves_model_and_record_together_or_not_at_all(tmp_path):
+    model = tmp_path / "run.joblib"
+    first = publish(model, lambda tmp: tmp.write_bytes(b"old model"), build_record(run="run"))
+    assert model.read_bytes() == b"old model"
+    assert json.loads(sidecar(model).read_text())["model_sha256"] == first["model_sha256"]
+
+    def full_disk(tmp: Path) -> None:
+        tmp.write_bytes(b"half a mod")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        publish(model, full_disk, build_record(run="run"))
+    assert model.read_bytes() == b"old model"
+    assert json.loads(sidecar(model).read_text())["model_sha256"] == first["model_sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.joblib", "run.json"]
