@@ -389,8 +389,12 @@ class FeatureWriter:
         self._appender.flush()
         self.done[rows] = True
         if time.perf_counter() - self._saved > _CLOCK_EVERY:
-            artifacts.write_bytes_atomic(self._clock, f"{self.seconds:.3f}".encode())
-            self._saved = time.perf_counter()
+            self.save_clock()
+
+    def save_clock(self) -> None:
+        """Record the time worked so far, for the run that resumes these rows."""
+        artifacts.write_bytes_atomic(self._clock, f"{self.seconds:.3f}".encode())
+        self._saved = time.perf_counter()
 
     def copy_from(self, source: np.ndarray, pairs: Sequence[tuple[int, int]]) -> None:
         """Take rows (new, old) from an earlier run's features instead of recomputing them."""
@@ -678,12 +682,15 @@ def compute_codes(out: Path, job: CodeJob, file_ids: list[str], engine: Engine, 
         total = len(file_ids)
         with progress_bar(f"Extracting {job.spec.backbone}/{job.spec.layer}", total, enabled=progress,
                           completed=total - len(todo)) as advance:
-            for batch in engine.codes(job, todo):
-                writer.write(batch.rows, batch.codes)
-                failed += batch.failed
-                advance(len(batch.rows) + len(batch.failed))
-                if on_batch:
-                    on_batch(int(writer.done.sum()), total)
+            try:
+                for batch in engine.codes(job, todo):
+                    writer.write(batch.rows, batch.codes)
+                    failed += batch.failed
+                    advance(len(batch.rows) + len(batch.failed))
+                    if on_batch:
+                        on_batch(int(writer.done.sum()), total)
+            finally:
+                writer.save_clock()
     return Computed(writer, len(todo) - len(failed), reused, failed, time.perf_counter() - started, earlier)
 
 
