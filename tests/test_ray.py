@@ -25,7 +25,7 @@ from cnncodes.ray_engine import RayEngine
 from .conftest import make_dataset
 
 runner = CliRunner()
-FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
+FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
 FAST_ARGS = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet"]
 
 

@@ -538,7 +538,9 @@ def extract(
     spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights, flip)
     out = Path(out)
     dataset = discover(data)  # a missing or empty DATA fails before anything is written
+    discovered = time.perf_counter() - started
     where = make_engine(engine, workers, address)
+    engine_start = time.perf_counter() - started - discovered
     with _exclusive(out):
         the_plan = plan(dataset, out, fractions, seed, dup_threshold, workers, progress, where)
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, the_plan.split.labels, the_plan.split.subsets])
@@ -547,7 +549,9 @@ def extract(
         job = CodeJob(spec, resolved, runtime, [the_plan.usable.root / p for p in the_plan.usable.paths], batch_size)
         done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
         settings = {"fractions": fractions, "seed": seed, "dup_threshold": dup_threshold}
-        meta = publish(out, the_plan, done, spec, runtime, where.describe(), run_key, settings, started)
+        stages = {"discover": round(discovered, 3), "engine": round(engine_start, 3), **the_plan.seconds,
+                  "codes": round(done.seconds, 3)}
+        meta = publish(out, the_plan, done, spec, runtime, where.describe(), run_key, settings, started, stages)
     return ExtractResult(out, meta["n_images"], meta["dim"], meta["classes"], meta["split"]["counts"],
                          the_plan.rejected + done.failed_paths(the_plan), done.computed, done.reused,
                          meta["elapsed_seconds"], meta["images_per_second"], warnings=the_plan.split.warnings)
@@ -581,6 +585,7 @@ class Plan(NamedTuple):
     rejected: list[tuple[str, str]]
     file_ids: list[str]
     groups: np.ndarray  # duplicate group of each usable image: equal ids are near-duplicates
+    seconds: dict[str, float]  # per stage: check, duplicates, split
 
 
 def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
@@ -590,16 +595,34 @@ def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACT
 
     Stops with a `CnnCodesError` when a class, or the whole dataset, has no usable image.
     """
+    clock = _Stopwatch()
     all_ids = _file_ids(dataset)
     checks = _check(dataset, all_ids, out / CACHE_DIR, engine or LocalEngine(workers), progress)
     rejected = [(p, c.reason or "") for p, c in zip(dataset.paths, checks) if not c.ok]
     artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
     usable = _require_usable(dataset, checks)
     phashes = [c.phash for c in checks if c.ok]
+    clock.lap("check")
     groups = group_duplicates(phashes, dup_threshold)
+    warnings = duplicate_warnings(groups, usable.paths, usable.labels, dup_threshold)
+    clock.lap("duplicates")
     the_split = make_split(usable.paths, usable.labels, phashes, fractions, seed, dup_threshold)
-    the_split.warnings += duplicate_warnings(groups, usable.paths, usable.labels, dup_threshold)
-    return Plan(usable, the_split, rejected, [fid for fid, c in zip(all_ids, checks) if c.ok], groups)
+    the_split.warnings += warnings
+    clock.lap("split")
+    return Plan(usable, the_split, rejected, [fid for fid, c in zip(all_ids, checks) if c.ok], groups, clock.laps)
+
+
+class _Stopwatch:
+    """Seconds per stage of a run, for meta.json and the scale benchmark."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 3)
+        self._last = now
 
 
 def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine, progress: bool) -> list[Check]:
@@ -742,7 +765,8 @@ def _keep_rows(the_split: Split, kept: np.ndarray) -> Split:
 
 
 def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runtime: str, engine: dict[str, Any],
-            run_key: str, split_args: dict[str, Any], started: float) -> dict[str, Any]:
+            run_key: str, split_args: dict[str, Any], started: float,
+            stages: dict[str, float] | None = None) -> dict[str, Any]:
     """Replace the outputs; returns the meta record.
 
     The order keeps every kill recoverable: `meta.json` and `rows.json` go first, the
@@ -750,8 +774,9 @@ def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runt
     renames), and only then is the unfinished state forgotten; `meta.json` goes last, so a
     reader that finds it finds a complete set. A run killed in between reuses every row.
     """
+    published = time.perf_counter()
     kept = np.flatnonzero(done.writer.done)
-    elapsed = done.earlier_seconds + time.perf_counter() - started
+    elapsed = done.earlier_seconds + published - started
     rows_index = {"spec_key": spec.key, "file_ids": [the_plan.file_ids[i] for i in kept], "seconds": elapsed}
     cache = out / CACHE_DIR
     artifacts.write_bytes_atomic(cache / "rows.json.new", json.dumps(rows_index, separators=(",", ":")).encode())
@@ -769,6 +794,7 @@ def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runt
     rate = done.computed / done.seconds if done.computed and done.seconds else None
     meta = _meta(the_plan.usable, final, spec, runtime, engine, run_key, done.writer.dim, split_args,
                  done.earlier_seconds + time.perf_counter() - started, rate)
+    meta["stage_seconds"] = {**(stages or {}), "publish": round(time.perf_counter() - published, 3)}
     artifacts.write_json_atomic(out / "meta.json", meta)
     return meta
 
