@@ -271,7 +271,7 @@ def test_a_full_disk_is_one_error_line_and_the_same_command_completes_with_space
     def no_checking(*_a, **_k):
         raise AssertionError("the files were checked by the run that stopped: that work is kept")
 
-    monkeypatch.setattr(importlib.import_module("cnncodes.extract"), "check_images", no_checking)
+    monkeypatch.setattr(importlib.import_module("cnncodes.extract"), "check_file", no_checking)
     completed = cnncodes.extract(dataset, out, **FAST)
     assert completed.computed == 24
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(tmp_path / "warm" / "features.npy"))

@@ -23,6 +23,7 @@ from cnncodes.extract import CodeJob, ExtractorSpec
 from cnncodes.ray_engine import RayEngine
 
 from .conftest import make_dataset
+from .test_scale import s3_data, s3_server  # noqa: F401 - fixtures
 
 runner = CliRunner()
 FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
@@ -95,3 +96,11 @@ def test_engine_ray_without_ray_installed_is_one_line_saying_how_to_install(data
     result = runner.invoke(app, ["extract", str(data), "--out", str(tmp_path / "f"), *FAST_ARGS, "--engine", "ray"])
     assert result.exit_code == 2
     assert "pip install 'cnncodes[ray]'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):
+    uri, local = s3_data
+    on_ray = cnncodes.extract(uri, tmp_path / "ray", engine="ray", batch_size=4, **FAST)
+    on_disk = cnncodes.extract(local, tmp_path / "disk", **FAST)
+    assert on_ray.n_images == on_disk.n_images == 18 and [p for p, _ in on_ray.rejected] == ["squares/broken.png"]
+    assert np.abs(np.load(on_ray.out / "features.npy") - np.load(on_disk.out / "features.npy")).max() <= 1e-5

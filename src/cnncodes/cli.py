@@ -74,7 +74,7 @@ def user_errors(resume_hint: str = "nothing was written.") -> Iterator[None]:
 
 @app.command()
 def extract(
-    data: DataArg,
+    data: Annotated[str, typer.Argument(help="Folder with one sub-folder per class, a CSV with path,label columns, or the same in an object store (s3://bucket/prefix).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Features folder to write (created if missing).")],
     backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
     layer: Annotated[Optional[str], typer.Option(help="Layer whose output is the code (default: the last convolutional block).")] = None,
@@ -91,7 +91,7 @@ def extract(
     flip: Annotated[bool, typer.Option("--flip", help="Average each code with its mirror image's: twice the forward passes; not for classes that left and right tell apart.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
     engine: Annotated[Literal["local", "ray"], typer.Option(help="Where checking and forward passes run: this machine, or a Ray cluster (pip install 'cnncodes[ray]').")] = "local",
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join with --engine ray (default: $RAY_ADDRESS, else a new local one).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join with --engine ray (default: $RAY_ADDRESS, else a new local one).")] = None,
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, groups.npy, split.csv, rejected.csv, meta.json."""
     from .extract import extract as run_extract

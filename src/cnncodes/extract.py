@@ -36,8 +36,9 @@ from numpy.lib.format import open_memmap
 from . import artifacts
 from .backbones import POOLINGS, get_backbone
 from .errors import CnnCodesError
-from .ingest import RESIZE_MODES, BadImage, Check, Dataset, check_images, discover, load_square
+from .ingest import RESIZE_MODES, BadImage, Check, Dataset, check_image, discover, load_square
 from .progress import progress_bar, warn
+from .remote import UriRoot, discover_uri, fetched, file_ids, is_uri
 from .runtime import MirrorAveraged, Runner, check_runtime, make_runner
 from .split import (
     DEFAULT_DUP_THRESHOLD,
@@ -153,11 +154,35 @@ class ExtractorSpec:
 
 
 def decode(path: Path | str, size: int, resize: str = "crop") -> np.ndarray | str:
-    """The pixels a network sees for one file, or the reason it cannot be used: a bad file never raises."""
+    """The pixels a network sees for one file (a path or a URI), or the reason it cannot be used: never raises."""
     try:
+        if is_uri(path):
+            with fetched(str(path)) as local:
+                return load_square(local, size, resize)
         return load_square(path, size, resize)
-    except BadImage as e:
+    except (BadImage, CnnCodesError) as e:
         return str(e)
+
+
+def check_file(path: Path | str) -> Check:
+    """`check_image` of a path or a URI: usable or not, and the perceptual hash."""
+    if not is_uri(path):
+        return check_image(path)
+    try:
+        with fetched(str(path)) as local:
+            return check_image(local)
+    except CnnCodesError as e:
+        return Check(str(e), None)
+
+
+def discover_data(data: Path | str) -> Dataset:
+    """`discover` for a folder or a CSV, local or in an object store (a URI, or a CSV whose paths are URIs)."""
+    if is_uri(str(data)):
+        return discover_uri(str(data))
+    dataset = discover(data)
+    if any(is_uri(p) for p in dataset.paths):
+        return Dataset(UriRoot(""), dataset.paths, dataset.labels)  # type: ignore[arg-type]
+    return dataset
 
 
 @dataclass
@@ -265,10 +290,14 @@ class LocalEngine:
         return {"name": self.name, "nodes": 1, "cpus": os.cpu_count()}
 
     def check(self, files: Sequence[Path | str], advance: Callable[[int], None]) -> Iterator[tuple[list[int], list[Check]]]:
-        threads = self.workers or os.cpu_count() or 2
-        for start in range(0, len(files), CHECK_CHUNK):
-            chunk = files[start:start + CHECK_CHUNK]
-            yield list(range(start, start + len(chunk))), check_images([Path(f) for f in chunk], threads, advance)
+        with ThreadPoolExecutor(self.workers or os.cpu_count() or 2) as pool:  # Pillow decodes without the GIL
+            for start in range(0, len(files), CHECK_CHUNK):
+                chunk = files[start:start + CHECK_CHUNK]
+                found = []
+                for check in pool.map(check_file, chunk):
+                    found.append(check)
+                    advance(1)
+                yield list(range(start, start + len(chunk))), found
 
     def codes(self, job: CodeJob, rows: np.ndarray) -> Iterator[CodeBatch]:
         reader = ImageReader(job.paths, job.spec.image_size, job.spec.resize, job.batch_size, self.workers)
@@ -537,7 +566,7 @@ def extract(
     fractions = parse_fractions(split)
     spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights, flip)
     out = Path(out)
-    dataset = discover(data)  # a missing or empty DATA fails before anything is written
+    dataset = discover_data(data)  # a missing or empty DATA fails before anything is written
     discovered = time.perf_counter() - started
     where = make_engine(engine, workers, address)
     engine_start = time.perf_counter() - started - discovered
@@ -652,6 +681,8 @@ def _file_ids(dataset: Dataset) -> list[str]:
     The inode and change time catch a file replaced or edited in place with its size and
     modification time kept (`touch -r`, `rsync -a`, `exiftool -P`).
     """
+    if isinstance(dataset.root, UriRoot):
+        return file_ids(dataset)
     ids = []
     for rel in dataset.paths:
         try:

@@ -26,8 +26,8 @@ import pyarrow as pa
 import ray
 
 from .errors import CnnCodesError
-from .extract import Batch, CodeBatch, CodeJob, decode
-from .ingest import Check, check_image
+from .extract import Batch, CodeBatch, CodeJob, check_file, decode
+from .ingest import Check
 from .runtime import MirrorAveraged, OnnxRunner, onnx_cache_path
 
 # Items per block of the input dataset at most: the unit Ray Data schedules onto a worker.
@@ -57,7 +57,8 @@ class RayEngine:
         if not files:
             return
         checked = _items(range(len(files)), files, self.workers).map_batches(
-            _check_batch, batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=self.workers))
+            _check_batch, batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=self.workers),
+            runtime_env=_object_store_settings())
         for batch in checked.iter_batches(batch_size=None, batch_format="numpy"):
             found = [Check(r or None, h or None) for r, h in zip(batch["reason"].tolist(), batch["phash"].tolist())]
             advance(len(found))
@@ -69,7 +70,7 @@ class RayEngine:
             _Coder, batch_size=job.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model": model, "size": job.spec.image_size, "resize": job.spec.resize,
                                    "flip": job.spec.flip},
-            compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1)
+            compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1, runtime_env=_object_store_settings())
         for batch in coded.iter_batches(batch_size=None, batch_format="numpy"):
             bad = batch["reason"] != ""
             failed = [(int(r), str(why)) for r, why in zip(batch["row"][bad], batch["reason"][bad])]
@@ -85,8 +86,14 @@ def _items(rows: Sequence[int] | np.ndarray, paths: Sequence[Path | str], worker
     return ray.data.from_arrow(tables)
 
 
+def _object_store_settings() -> dict[str, Any] | None:
+    """The driver's AWS settings (endpoint, region, credentials), so workers read the same object store."""
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {"env_vars": aws} if aws else None
+
+
 def _check_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    checks = [check_image(p) for p in batch["path"].tolist()]
+    checks = [check_file(p) for p in batch["path"].tolist()]
     return {"row": batch["row"], "reason": np.array([c.reason or "" for c in checks]),
             "phash": np.array([c.phash or "" for c in checks])}
 
