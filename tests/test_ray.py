@@ -98,7 +98,7 @@ def test_engine_ray_without_ray_installed_is_one_line_saying_how_to_install(data
     assert "pip install 'cnncodes[ray]'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):
+def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):  # noqa: F811 - the fixture
     uri, local = s3_data
     on_ray = cnncodes.extract(uri, tmp_path / "ray", engine="ray", batch_size=4, **FAST)
     on_disk = cnncodes.extract(local, tmp_path / "disk", **FAST)
