@@ -85,7 +85,7 @@ def extract(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.15,0.15",
     seed: Annotated[int, typer.Option(help="Seed of the split's hash.")] = 0,
-    dup_threshold: Annotated[int, typer.Option(help="Max pHash bit distance for two images to count as duplicates (-1: off).")] = DEFAULT_DUP_THRESHOLD,
+    dup_threshold: Annotated[int, typer.Option(help="Max pHash bit distance (0-16) for two images to count as duplicates (-1: off).")] = DEFAULT_DUP_THRESHOLD,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads, or Ray actors with --engine ray (default: one per core).")] = None,
     runtime: RuntimeOpt = "onnx",
     flip: Annotated[bool, typer.Option("--flip", help="Average each code with its mirror image's: twice the forward passes; not for classes that left and right tell apart.")] = False,
