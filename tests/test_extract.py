@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import shutil
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -19,7 +22,6 @@ from typer.testing import CliRunner
 import cnncodes
 from cnncodes.artifacts import sha256_file
 from cnncodes.cli import app
-from cnncodes.extract import FeatureWriter
 from cnncodes.runtime import KerasRunner
 from cnncodes.split import Split
 
@@ -174,46 +176,139 @@ def test_added_images_are_the_only_ones_computed_and_keep_old_subsets(dataset: P
         np.testing.assert_array_equal(features[path], row)
 
 
-def test_interrupted_run_leaves_no_outputs_and_resumes_where_it_stopped(dataset: Path, tmp_path: Path, monkeypatch):
-    out = tmp_path / "f"
-    real_write = FeatureWriter.write
-
-    def interrupt_after_two_batches(self, rows, codes):
-        if self.done.sum() >= 8:
+def stop_after(rows: int, pause: float = 0.0):
+    """An `on_batch` hook that stops the run like Ctrl-C once `rows` codes are stored."""
+    def hook(done: int, _total: int) -> None:
+        if done >= rows:
+            time.sleep(pause)
             raise KeyboardInterrupt
-        return real_write(self, rows, codes)
+    return hook
 
-    monkeypatch.setattr(FeatureWriter, "write", interrupt_after_two_batches)
-    result = cli("extract", dataset, "--out", out, "--batch-size", "4", *FAST_ARGS)
-    assert result.exit_code == 130 and "run the same command again" in result.stderr
+
+def test_interrupted_run_leaves_no_outputs_and_resumes_where_it_stopped(dataset: Path, tmp_path: Path):
+    out = tmp_path / "f"
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(8, pause=1.5))
     assert not (out / "features.npy").exists() and not (out / "meta.json").exists()
 
-    monkeypatch.setattr(FeatureWriter, "write", real_write)
     resumed = cnncodes.extract(dataset, out, **FAST, batch_size=4)
     assert resumed.computed == 24 - 8 and resumed.reused == 8
+    assert resumed.seconds > 1.5  # the interrupted run's time is carried into meta.json
+    assert json.loads((out / "meta.json").read_text())["elapsed_seconds"] == resumed.seconds
     clean = cnncodes.extract(dataset, tmp_path / "clean", **FAST, batch_size=4)
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(clean.out / "features.npy"), rtol=1e-6)
 
 
-def test_a_second_extract_into_a_folder_being_written_is_one_clear_error(dataset: Path, tmp_path: Path, monkeypatch):
-    out = tmp_path / "f"
-    writing, finish = threading.Event(), threading.Event()
-    write = FeatureWriter.write
+HOLDER = """
+import pathlib, sys, time
+import cnncodes
 
-    def slow_write(self, rows, codes):
-        writing.set()
-        finish.wait(60)
-        write(self, rows, codes)
+def hold(done, total):
+    if done >= 8:
+        pathlib.Path(sys.argv[3]).touch()
+        time.sleep(600)
 
-    monkeypatch.setattr(FeatureWriter, "write", slow_write)
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(cnncodes.extract, dataset, out, **FAST)
-        assert writing.wait(60)
+cnncodes.extract(sys.argv[1], sys.argv[2], backbone="vgg16", weights="none", image_size=32, progress=False,
+                 batch_size=4, on_batch=hold)
+"""
+
+
+def test_a_second_extract_is_refused_while_another_process_writes_and_resumes_after_it_is_killed(dataset, tmp_path):
+    out, holding = tmp_path / "f", tmp_path / "holding"
+    cnncodes.extract(dataset, tmp_path / "warm", **FAST)  # the ONNX conversion is cached before the holder starts
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(dataset), str(out), str(holding)])
+    try:
+        deadline = time.monotonic() + 120
+        while not holding.exists() and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert holding.exists(), "the holder never got to its eighth row"
         second = cli("extract", dataset, "--out", out, *FAST_ARGS)
-        finish.set()
-        assert first.result().computed == 24
-    assert second.exit_code == 2 and "another cnncodes extract is writing to" in second.stderr
-    assert cli("extract", dataset, "--out", out, *FAST_ARGS).exit_code == 0  # the lock went with the first run
+        assert second.exit_code == 2 and "another cnncodes extract is writing to" in second.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    after = cnncodes.extract(dataset, out, **FAST, batch_size=4)  # the lock died with its holder
+    assert (after.computed, after.reused) == (16, 8)
+
+
+def test_a_run_killed_while_publishing_reuses_every_row(dataset: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "f"
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Split, "write_csv", killed)  # dies after features.npy was replaced, before meta.json
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **FAST)
+    monkeypatch.undo()
+    assert not (out / "meta.json").exists()
+    again = cnncodes.extract(dataset, out, **FAST)
+    assert (again.computed, again.reused) == (0, 24)
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST)
+    np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (32_000, 32_000))
+from cnncodes.cli import app
+app(sys.argv[1:])
+"""
+
+
+def test_a_full_disk_is_one_error_line_and_the_same_command_completes_with_space(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "f"
+    cnncodes.extract(dataset, tmp_path / "warm", **FAST)  # the ONNX conversion is cached before space runs out
+    args = ["extract", str(dataset), "--out", str(out), *FAST_ARGS]
+    full = subprocess.run([sys.executable, "-c", FULL_DISK, *args], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert full.returncode == 2, full.stderr
+    message = full.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert f"not enough space in {out / '.cache'}" in message and "49.2 KB needed" in message
+
+    def no_checking(*_a, **_k):
+        raise AssertionError("the files were checked by the run that stopped: that work is kept")
+
+    monkeypatch.setattr(importlib.import_module("cnncodes.extract"), "check_file", no_checking)
+    completed = cnncodes.extract(dataset, out, **FAST)
+    assert completed.computed == 24
+    np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(tmp_path / "warm" / "features.npy"))
+
+
+def test_groups_file_gives_near_duplicates_one_id(dataset: Path, tmp_path: Path):
+    original = dataset / "stripes" / "stripes_03.png"
+    Image.open(original).save(dataset / "stripes" / "copy.bmp")
+    result = cnncodes.extract(dataset, tmp_path / "f", **FAST)
+    groups = np.load(result.out / "groups.npy")
+    paths = json.loads((result.out / "meta.json").read_text())["paths"]
+    assert groups.dtype == np.int64 and groups.shape == (25,)
+    assert groups[paths.index("stripes/copy.bmp")] == groups[paths.index("stripes/stripes_03.png")]
+    assert len(set(groups.tolist())) == 24
+
+
+def test_an_image_replaced_in_place_with_size_and_mtime_kept_is_computed_again(dataset: Path, tmp_path: Path):
+    target = dataset / "squares" / "picture.bmp"
+    write_image(target, "squares", seed=1)
+    out = tmp_path / "f"
+    cnncodes.extract(dataset, out, **FAST)
+    stat = target.stat()
+    Image.fromarray(np.ascontiguousarray(np.asarray(Image.open(target))[::-1])).save(target)  # same size, new pixels
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
+    again = cnncodes.extract(dataset, out, **FAST)
+    assert (again.computed, again.reused) == (1, 24)
+
+
+def test_dup_threshold_out_of_range_is_one_line_and_cross_class_copies_are_warned(dataset: Path, tmp_path: Path):
+    refused = cli("extract", dataset, "--out", tmp_path / "f", *FAST_ARGS, "--dup-threshold", "64")
+    assert refused.exit_code == 2 and "--dup-threshold must be between 0 and 16" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    shutil.copy(dataset / "stripes" / "stripes_01.png", dataset / "circles" / "also_circles.png")
+    warned = cli("extract", dataset, "--out", tmp_path / "f", *FAST_ARGS)
+    assert warned.exit_code == 0, warned.output
+    assert "1 duplicate group(s) hold images of different classes, e.g. circles/also_circles.png" in warned.stderr
 
 
 def test_untrained_weights_are_reproducible(dataset: Path, tmp_path: Path):

@@ -12,9 +12,18 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from cnncodes import split as split_module
 from cnncodes.errors import CnnCodesError
 from cnncodes.ingest import check_images, discover
-from cnncodes.split import DEFAULT_DUP_THRESHOLD, Split, group_duplicates, make_split, parse_fractions, read_split_csv
+from cnncodes.split import (
+    DEFAULT_DUP_THRESHOLD,
+    Split,
+    duplicate_warnings,
+    group_duplicates,
+    make_split,
+    parse_fractions,
+    read_split_csv,
+)
 
 from .conftest import FLOWERS
 
@@ -259,6 +268,69 @@ def test_group_duplicates_large_input_across_blocks():
     for i in range(300):
         assert groups[i] == groups[1500 + i]
     assert len(set(groups.tolist())) == 1500
+
+
+def exhaustive_groups(hashes: list[str], threshold: int) -> list[int]:
+    """The reference: compare every pair, and give each image the first index of its connected group."""
+    values = [int(h, 16) for h in hashes]
+    group = list(range(len(values)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i in range(len(values)):
+        for j in range(i):
+            if (values[i] ^ values[j]).bit_count() <= threshold:
+                a, b = root(i), root(j)
+                group[max(a, b)] = min(a, b)
+    return [root(i) for i in range(len(values))]
+
+
+def planted_near_duplicates(seed: int, reach: int, n: int = 300) -> list[str]:
+    """Random hashes, plus copies (and copies of copies) up to `reach` bits away from earlier ones."""
+    rng = np.random.default_rng(seed)
+    hashes = random_hashes(n, seed)
+    for _ in range(n):
+        source = hashes[rng.integers(len(hashes))]
+        hashes.append(flip_bits(source, rng.choice(64, rng.integers(0, reach + 1), replace=False)))
+    return [hashes[i] for i in rng.permutation(len(hashes))]
+
+
+@pytest.mark.parametrize("threshold", range(11))
+def test_group_duplicates_finds_exactly_the_groups_of_comparing_every_pair(threshold):
+    hashes = planted_near_duplicates(seed=threshold, reach=threshold + 2)
+    expected = exhaustive_groups(hashes, threshold)
+    assert group_duplicates(hashes, threshold).tolist() == expected
+    assert len(set(expected)) < len(hashes) - 50  # the planted copies did form groups
+
+
+def test_group_duplicates_folding_many_edges_keeps_the_groups(monkeypatch):
+    hashes = planted_near_duplicates(seed=99, reach=10)
+    expected = exhaustive_groups(hashes, 8)
+    monkeypatch.setattr(split_module, "_EDGES_IN_MEMORY", 5)  # fold the edges into components after every bucket
+    assert group_duplicates(hashes, 8).tolist() == expected
+
+
+@pytest.mark.parametrize("threshold", [17, 64, -2])
+def test_dup_threshold_out_of_range_is_refused(threshold):
+    with pytest.raises(CnnCodesError, match="between 0 and 16"):
+        group_duplicates(random_hashes(3, seed=0), threshold)
+
+
+def test_huge_and_cross_class_duplicate_groups_are_warned_about():
+    base = random_hashes(200, seed=3)
+    copies = [flip_bits(base[0], [i]) for i in range(30)]
+    hashes = base + copies + [base[5]]
+    paths = [f"p{i:03d}.jpg" for i in range(len(hashes))]
+    labels = ["a"] * 230 + ["b"]
+    warnings = duplicate_warnings(group_duplicates(hashes, 2), paths, labels, 2)
+    assert len(warnings) == 2
+    assert "1 duplicate group(s) are very large (the largest: 31 images" in warnings[0]
+    assert "--dup-threshold 2" in warnings[0]
+    assert "p005.jpg (a) and p230.jpg (b)" in warnings[1]
+    assert duplicate_warnings(group_duplicates(base, 2), paths, labels, 2) == []
 
 
 # --------------------------------------------------------------------------- tiny classes

@@ -1,7 +1,7 @@
 """Writing and fingerprinting the files cnncodes leaves behind.
 
-Every output is written to a temporary file in the same folder and moved into place with
-`os.replace`, so a reader never sees half a file, whatever interrupts the run.
+Every output is written to a temporary file in the same folder, synced, and moved into place
+with `os.replace`, so a reader never sees half a file, whatever interrupts the run.
 """
 
 from __future__ import annotations
@@ -28,17 +28,33 @@ os.umask(_UMASK)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` holds either the old or the new content, never a mix."""
+    """Write `data` so that `path` holds either the old or the new content, never a mix.
+
+    The file is synced before the rename and its folder after it, so even a power loss
+    leaves the old or the new content, not an empty file under the new name.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX: by syncing the folder itself)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -91,7 +91,7 @@ def user_errors(resume_hint: str = "nothing was written.") -> Iterator[None]:
 
 @app.command()
 def extract(
-    data: DataArg,
+    data: Annotated[str, typer.Argument(help="Folder with one sub-folder per class, a CSV with path,label columns, or the same in an object store (s3://bucket/prefix).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Features folder to write (created if missing).")],
     backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
     layer: Annotated[Optional[str], typer.Option(help="Layer whose output is the code (default: the last convolutional block).")] = None,
@@ -102,13 +102,15 @@ def extract(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.15,0.15",
     seed: Annotated[int, typer.Option(help="Seed of the split's hash.")] = 0,
-    dup_threshold: Annotated[int, typer.Option(help="Max pHash bit distance for two images to count as duplicates (-1: off).")] = DEFAULT_DUP_THRESHOLD,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads (default: one per core).")] = None,
+    dup_threshold: Annotated[int, typer.Option(help="Max pHash bit distance (0-16) for two images to count as duplicates (-1: off).")] = DEFAULT_DUP_THRESHOLD,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads, or Ray actors with --engine ray (default: one per core).")] = None,
     runtime: RuntimeOpt = "onnx",
     flip: Annotated[bool, typer.Option("--flip", help="Average each code with its mirror image's: twice the forward passes; not for classes that left and right tell apart.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
+    engine: Annotated[Literal["local", "ray"], typer.Option(help="Where checking and forward passes run: this machine, or a Ray cluster (pip install 'cnncodes[ray]').")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join with --engine ray (default: $RAY_ADDRESS, else a new local one).")] = None,
 ) -> None:
-    """Turn every image into a CNN code: features.npy, labels.npy, split.csv, rejected.csv, meta.json."""
+    """Turn every image into a CNN code: features.npy, labels.npy, groups.npy, split.csv, rejected.csv, meta.json."""
     from .extract import extract as run_extract
 
     with user_errors("finished batches are saved; run the same command again to resume."):
@@ -116,7 +118,7 @@ def extract(
             data, out, backbone=BackboneName(backbone).value, layer=layer, pooling=Pooling(pooling).value,
             weights=weights, image_size=image_size, resize=Resize(resize).value, batch_size=batch_size,
             split=split, seed=seed, dup_threshold=dup_threshold, workers=workers, runtime=Runtime(runtime).value,
-            flip=flip, progress=not quiet,
+            flip=flip, progress=not quiet, engine=engine, address=address,
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

@@ -1,29 +1,33 @@
 """`extract`: a folder of images in, one CNN code per image out.
 
-The work is a pipeline of three pieces that know nothing of each other, so a
-distributed engine can compose them the same way (one reader and writer per shard,
-one runner per worker):
+`extract()` reads as three public steps, so engines differ only in where the work runs:
 
-    reader = ImageReader(paths, size)          # files -> batches of uint8 pixels
-    runner = spec.runner(weights, "onnx")      # pixels -> codes (ONNX Runtime or Keras)
-    writer = FeatureWriter(dir, key, n, dim)   # codes -> rows of a memory-mapped .npy
+    the_plan = plan(dataset, out, ...)              # check every file, hash, split: before any network
+    done = compute_codes(out, job, ids, engine)     # the engine's batches of codes -> a FeatureWriter
+    publish(out, the_plan, done, ...)               # atomic outputs, meta.json last
 
-`extract()` adds what a user needs around them: checking every file before heavy work,
-the leak-safe split, caching and resuming, and atomic outputs.
+An engine composes the same pieces: `decode` (a file to pixels, or the reason it cannot
+be used), a runner (pixels to codes, `CodeJob.runner`), and the driver's `FeatureWriter`
+(rows of a memory-mapped .npy, in any order). `LocalEngine` runs them on threads of this
+machine; `cnncodes.ray_engine.RayEngine` on the actors of a Ray cluster.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -32,16 +36,32 @@ from numpy.lib.format import open_memmap
 from . import artifacts
 from .backbones import POOLINGS, get_backbone
 from .errors import CnnCodesError
-from .ingest import BadImage, Check, Dataset, check_images, check_resize, discover, load_square
+from .ingest import BadImage, Check, Dataset, check_image, check_resize, discover, load_square
 from .progress import progress_bar, warn
+from .remote import UriRoot, discover_uri, fetched, file_ids, is_uri
 from .runtime import MirrorAveraged, Runner, check_runtime, make_runner
-from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, Split, make_split, parse_fractions
+from .split import (
+    DEFAULT_DUP_THRESHOLD,
+    DEFAULT_FRACTIONS,
+    Split,
+    assign_subsets,
+    check_dup_threshold,
+    duplicate_warnings,
+    group_duplicates,
+    parse_fractions,
+)
 from .weights import Weights
 
 FEATURES_FORMAT = "cnncodes.features/1"
 # Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
 EXTRACTOR_FORMAT = 1
 CACHE_DIR = ".cache"
+ENGINES = ("local", "ray")
+# Files checked between two saves of the check cache.
+CHECK_CHUNK = 4096
+# Seconds between two saves of how long an unfinished run has worked (carried into meta.json).
+_CLOCK_EVERY = 10.0
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -134,6 +154,38 @@ class ExtractorSpec:
         return MirrorAveraged(runner) if self.flip else runner
 
 
+def decode(path: Path | str, size: int, resize: str = "crop") -> np.ndarray | str:
+    """The pixels a network sees for one file (a path or a URI), or the reason it cannot be used: never raises."""
+    try:
+        if is_uri(path):
+            with fetched(str(path)) as local:
+                return load_square(local, size, resize)
+        return load_square(path, size, resize)
+    except (BadImage, CnnCodesError) as e:
+        return str(e)
+
+
+def check_file(path: Path | str) -> Check:
+    """`check_image` of a path or a URI: usable or not, and the perceptual hash."""
+    if not is_uri(path):
+        return check_image(path)
+    try:
+        with fetched(str(path)) as local:
+            return check_image(local)
+    except CnnCodesError as e:
+        return Check(str(e), None)
+
+
+def discover_data(data: Path | str) -> Dataset:
+    """`discover` for a folder or a CSV, local or in an object store (a URI, or a CSV whose paths are URIs)."""
+    if is_uri(str(data)):
+        return discover_uri(str(data))
+    dataset = discover(data)
+    if any(is_uri(p) for p in dataset.paths):
+        return Dataset(UriRoot(""), dataset.paths, dataset.labels)  # type: ignore[arg-type]
+    return dataset
+
+
 @dataclass
 class Batch:
     """Decoded images of one batch; files that failed to decode are in `failed`."""
@@ -141,6 +193,14 @@ class Batch:
     rows: np.ndarray
     pixels: np.ndarray
     failed: list[tuple[int, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, rows: Sequence[int], decoded: Sequence[np.ndarray | str], size: int) -> Batch:
+        """Sort what `decode` returned into pixels and reasons."""
+        good = [(row, d) for row, d in zip(rows, decoded) if isinstance(d, np.ndarray)]
+        failed = [(int(row), d) for row, d in zip(rows, decoded) if isinstance(d, str)]
+        pixels = np.stack([d for _, d in good]) if good else np.empty((0, size, size, 3), np.uint8)
+        return cls(np.array([row for row, _ in good], dtype=np.int64), pixels, failed)
 
 
 class ImageReader:
@@ -150,14 +210,15 @@ class ImageReader:
     other and with the forward pass that consumes the batches.
     """
 
-    def __init__(self, paths: Sequence[Path], size: int, resize: str = "crop", batch_size: int = 32,
-                 workers: int | None = None, prefetch: int = 2):
+    AHEAD = 2  # batches decoded ahead of the one being consumed
+
+    def __init__(self, paths: Sequence[Path | str], size: int, resize: str = "crop", batch_size: int = 32,
+                 workers: int | None = None):
         self.paths = paths
         self.size = size
         self.resize = resize
         self.batch_size = batch_size
         self.workers = workers or os.cpu_count() or 2
-        self.prefetch = prefetch
 
     def __call__(self, rows: Sequence[int]) -> Iterator[Batch]:
         pool = ThreadPoolExecutor(max_workers=self.workers)
@@ -165,75 +226,205 @@ class ImageReader:
         try:
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start:start + self.batch_size]
-                pending.append((chunk, [pool.submit(self._load, self.paths[r]) for r in chunk]))
-                if len(pending) > self.prefetch:
+                pending.append((chunk, [pool.submit(decode, self.paths[r], self.size, self.resize) for r in chunk]))
+                if len(pending) > self.AHEAD:
                     yield self._collect(*pending.popleft())
             while pending:
                 yield self._collect(*pending.popleft())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _load(self, path: Path) -> np.ndarray | str:
-        try:
-            return load_square(path, self.size, self.resize)
-        except BadImage as e:
-            return str(e)
-
     def _collect(self, chunk: Sequence[int], futures: list) -> Batch:
-        results = [f.result() for f in futures]
-        good = [(row, r) for row, r in zip(chunk, results) if isinstance(r, np.ndarray)]
-        failed = [(row, r) for row, r in zip(chunk, results) if isinstance(r, str)]
-        pixels = np.stack([r for _, r in good]) if good else np.empty((0, self.size, self.size, 3), np.uint8)
-        return Batch(np.array([row for row, _ in good], dtype=np.int64), pixels, failed)
+        return Batch.of(chunk, [f.result() for f in futures], self.size)
+
+
+class CodeBatch(NamedTuple):
+    """Codes of some rows, as an engine returns them (in any order), and the rows that failed."""
+
+    rows: np.ndarray
+    codes: np.ndarray
+    failed: list[tuple[int, str]]
+
+
+@dataclass
+class CodeJob:
+    """What to compute: the extractor, the files by row, and how many images per forward pass."""
+
+    spec: ExtractorSpec
+    weights: Weights
+    runtime: str
+    paths: Sequence[Path | str]
+    batch_size: int = 32
+
+    @cached_property
+    def runner(self) -> Runner:
+        """Built on first use only: a run that reuses every row never loads a network."""
+        return self.spec.runner(self.weights, self.runtime)
+
+
+class Engine(Protocol):
+    """Where checking and the forward passes run; the driver keeps the caches and writes every output."""
+
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """The engine and the size of its cluster, for meta.json."""
+        ...
+
+    def check(self, files: Sequence[Path | str], advance: Callable[[int], None]) -> Iterator[tuple[list[int], list[Check]]]:
+        """`check_image` of every file, as (positions in `files`, checks) in any order."""
+        ...
+
+    def codes(self, job: CodeJob, rows: np.ndarray) -> Iterator[CodeBatch]:
+        """Codes of `rows` of `job.paths`, as they come."""
+        ...
+
+
+@dataclass
+class LocalEngine:
+    """Threads of this machine decode; ONNX Runtime (or Keras) uses all its cores for the forward pass."""
+
+    workers: int | None = None
+    name: ClassVar[str] = "local"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "nodes": 1, "cpus": os.cpu_count()}
+
+    def check(self, files: Sequence[Path | str], advance: Callable[[int], None]) -> Iterator[tuple[list[int], list[Check]]]:
+        with ThreadPoolExecutor(self.workers or os.cpu_count() or 2) as pool:  # Pillow decodes without the GIL
+            for start in range(0, len(files), CHECK_CHUNK):
+                chunk = files[start:start + CHECK_CHUNK]
+                found = []
+                for check in pool.map(check_file, chunk):
+                    found.append(check)
+                    advance(1)
+                yield list(range(start, start + len(chunk))), found
+
+    def codes(self, job: CodeJob, rows: np.ndarray) -> Iterator[CodeBatch]:
+        reader = ImageReader(job.paths, job.spec.image_size, job.spec.resize, job.batch_size, self.workers)
+        for batch in reader(rows):
+            yield CodeBatch(batch.rows, job.runner(batch.pixels), batch.failed)
+
+
+def make_engine(name: str = "local", workers: int | None = None, address: str | None = None) -> Engine:
+    """The engine called `name`; Ray is an optional extra, imported only when asked for."""
+    if name == "local":
+        if address:
+            raise CnnCodesError("--address names a Ray cluster: use it with --engine ray")
+        return LocalEngine(workers)
+    if name != "ray":
+        raise CnnCodesError(f"unknown engine {name!r}: use one of {', '.join(ENGINES)}")
+    try:
+        from .ray_engine import RayEngine
+    except ImportError as e:
+        raise CnnCodesError(f"--engine ray needs Ray ({e}): install it with pip install 'cnncodes[ray]'") from None
+    return RayEngine(workers, address)
+
+
+def _reserved_memmap(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A new float32 .npy with its disk space reserved now: a full disk is one error here, not a SIGBUS later."""
+    try:
+        codes = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        _reserve(path)
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        path.unlink(missing_ok=True)
+        raise CnnCodesError(
+            f"not enough space in {path.parent} for the codes: {_human_bytes(shape[0] * shape[1] * 4)} needed "
+            f"({e.strerror}); free some space and run the same command again (finished work is kept)") from None
+    return codes
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of a sparse file; file systems that cannot are left as they are."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
 
 
 class FeatureWriter:
-    """Stores code rows in a memory-mapped `.npy` as they come: memory is bounded by a batch.
+    """Stores code rows in a memory-mapped `.npy` as they come, in any order: memory is bounded by a batch.
 
-    Which rows are done is saved after every batch, so a killed run resumes where it
-    stopped; the state is tied to `key`, so different settings never reuse its rows. The
-    finished array becomes visible only through an atomic rename (`publish`).
+    The file's space is reserved up front. After each batch its rows are synced to disk
+    and their numbers appended to a log, so a killed run resumes where it stopped and a
+    save costs the batch, not every row so far. The state is tied to `key`, so different
+    settings never reuse its rows. The finished array is moved into place by `publish`.
     """
 
     def __init__(self, work_dir: Path, key: str, n_rows: int, dim: int):
         work_dir.mkdir(parents=True, exist_ok=True)
         self._data = work_dir / "partial.npy"
-        self._done = work_dir / "partial-done.npy"
+        self._log = work_dir / "partial-done.i64"
         self._state = work_dir / "partial.json"
+        self._clock = work_dir / "partial-seconds.txt"
         self.dim = dim
         expected = {"key": key, "rows": n_rows, "dim": dim}
         if not self._resume(expected):
             self._state.unlink(missing_ok=True)  # first, so a crash below cannot pair old state with new rows
-            self.codes = open_memmap(self._data, mode="w+", dtype=np.float32, shape=(n_rows, dim))
+            self.codes = _reserved_memmap(self._data, (n_rows, dim))
             self.done = np.zeros(n_rows, dtype=bool)
-            artifacts.write_npy_atomic(self._done, self.done)
+            self.seconds_before = 0.0
+            self._log.write_bytes(b"")
+            self._clock.unlink(missing_ok=True)
             artifacts.write_json_atomic(self._state, expected)
         self.resumed = int(self.done.sum())
+        self._appender = open(self._log, "ab")  # noqa: SIM115 - open for the writer's whole life, closed by publish
+        self._started = self._saved = time.perf_counter()
 
     def _resume(self, expected: dict) -> bool:
         try:
             if artifacts.read_json(self._state) != expected:
                 return False
             codes = np.load(self._data, mmap_mode="r+")
-            done = np.load(self._done)
+            logged = np.fromfile(self._log, dtype="<i8")
         except (OSError, ValueError):
             return False
-        if codes.shape != (expected["rows"], expected["dim"]) or done.shape != (expected["rows"],):
+        if codes.shape != (expected["rows"], expected["dim"]):
             return False
-        self.codes, self.done = codes, done
+        self.codes, self.done = codes, np.zeros(expected["rows"], dtype=bool)
+        self.done[logged[(logged >= 0) & (logged < expected["rows"])]] = True
+        try:
+            self.seconds_before = float(self._clock.read_text())
+        except (OSError, ValueError):
+            self.seconds_before = 0.0
         return True
 
     @property
     def todo(self) -> np.ndarray:
         return np.flatnonzero(~self.done)
 
+    @property
+    def seconds(self) -> float:
+        """Seconds this writer's rows took so far, interrupted runs included."""
+        return self.seconds_before + time.perf_counter() - self._started
+
     def write(self, rows: np.ndarray, codes: np.ndarray) -> None:
         if len(rows) == 0:
             return
         self.codes[rows] = codes
-        self.codes.flush()
+        self.codes.flush()  # the rows are on disk before the log says they are done
+        self._appender.write(np.asarray(rows, dtype="<i8").tobytes())
+        self._appender.flush()
         self.done[rows] = True
-        artifacts.write_npy_atomic(self._done, self.done)
+        if time.perf_counter() - self._saved > _CLOCK_EVERY:
+            self.save_clock()
+
+    def save_clock(self) -> None:
+        """Record the time worked so far, for the run that resumes these rows."""
+        artifacts.write_bytes_atomic(self._clock, f"{self.seconds:.3f}".encode())
+        self._saved = time.perf_counter()
 
     def copy_from(self, source: np.ndarray, pairs: Sequence[tuple[int, int]]) -> None:
         """Take rows (new, old) from an earlier run's features instead of recomputing them."""
@@ -242,27 +433,79 @@ class FeatureWriter:
             self.write(chunk[:, 0], source[chunk[:, 1]])
 
     def publish(self, dest: Path) -> np.ndarray:
-        """Move the finished rows to `dest` atomically; returns which rows it holds."""
+        """Move the finished rows to `dest` atomically; returns which rows it holds. Call `discard` after."""
         kept = np.flatnonzero(self.done)
         self.codes.flush()
+        self._appender.close()
         if len(kept) == len(self.done):
             del self.codes
             os.replace(self._data, dest)
         else:
             self._publish_subset(dest, kept)
-        self._state.unlink(missing_ok=True)
-        self._done.unlink(missing_ok=True)
-        self._data.unlink(missing_ok=True)
         return kept
+
+    def discard(self) -> None:
+        """Forget the unfinished state, once the published rows are recorded elsewhere."""
+        for path in (self._state, self._log, self._clock, self._data):
+            path.unlink(missing_ok=True)
 
     def _publish_subset(self, dest: Path, kept: np.ndarray) -> None:
         tmp = dest.with_name(f".{dest.name}.tmp")
-        out = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(kept), self.codes.shape[1]))
+        out = _reserved_memmap(tmp, (len(kept), self.codes.shape[1]))
         for start in range(0, len(kept), 1024):
             out[start:start + 1024] = self.codes[kept[start:start + 1024]]
         out.flush()
         del out, self.codes
         os.replace(tmp, dest)
+
+
+class CheckCache:
+    """What checking each file found, in SQLite (standard library): a save costs the new rows only.
+
+    Keyed by the file's identity (`_file_ids`), stored as bytes so that any file name,
+    even one that is not UTF-8, round-trips.
+    """
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = self._open(path)
+        except sqlite3.DatabaseError:  # a damaged cache is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+            self.db = self._open(path)
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE IF NOT EXISTS checks (id BLOB PRIMARY KEY, reason BLOB, phash TEXT)")
+        return db
+
+    def get(self, ids: Sequence[str]) -> list[Check | None]:
+        found: list[Check | None] = []
+        for start in range(0, len(ids), 500):
+            keys = [_bytes(i) for i in ids[start:start + 500]]
+            rows = self.db.execute(f"SELECT id, reason, phash FROM checks WHERE id IN ({','.join('?' * len(keys))})",
+                                   keys)
+            known = {k: Check(None if r is None else _text(r), h) for k, r, h in rows}
+            found += [known.get(k) for k in keys]
+        return found
+
+    def put(self, ids: Sequence[str], checks: Sequence[Check]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
+                            [(_bytes(i), None if c.reason is None else _bytes(c.reason), c.phash)
+                             for i, c in zip(ids, checks)])
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
 
 
 @dataclass
@@ -301,40 +544,47 @@ def extract(
     runtime: str = "onnx",
     flip: bool = False,
     progress: bool = True,
+    engine: str = "local",
+    address: str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> ExtractResult:
     """Write CNN codes of every usable image in `data` to `out` (see the README for the files).
 
     Bad files are skipped and listed in `rejected.csv`; re-running with the same data and
     settings recomputes nothing, and an interrupted run resumes where it stopped. `flip`
     averages each code with that of the mirror image (twice the forward passes).
+    `engine` is "local" or "ray" (`address`: a Ray cluster, else `RAY_ADDRESS` or a new
+    local one); `workers` is decoding threads locally, actors on Ray.
+    `on_batch(done, total)` is called after each batch of codes is safely stored: the
+    hook to follow a run from a notebook, or to stop it (raise KeyboardInterrupt) as
+    Ctrl-C would.
     """
     started = time.perf_counter()
     if batch_size < 1:
         raise CnnCodesError(f"--batch-size must be at least 1 (got {batch_size})")
     check_runtime(runtime)
+    check_dup_threshold(dup_threshold)
     fractions = parse_fractions(split)
     spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights, flip)
     out = Path(out)
-    dataset = discover(data)  # a missing or empty DATA fails before anything is written
+    dataset = discover_data(data)  # a missing or empty DATA fails before anything is written
+    discovered = time.perf_counter() - started
+    where = make_engine(engine, workers, address)
+    engine_start = time.perf_counter() - started - discovered
     with _exclusive(out):
-        usable, the_split, rejected, file_ids = plan(dataset, out, fractions, seed, dup_threshold, workers, progress)
-        run_key = artifacts.sha256_json([spec.key, file_ids, the_split.labels, the_split.subsets])
+        the_plan = plan(dataset, out, fractions, seed, dup_threshold, workers, progress, where)
+        run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, the_plan.split.labels, the_plan.split.subsets])
         if _up_to_date(out, run_key):
-            return _result_from_meta(out, rejected, the_split.warnings, time.perf_counter() - started)
-
-        paths = [usable.root / p for p in usable.paths]
-        done = _compute_codes(out, spec, lambda: spec.runner(resolved, runtime), paths, file_ids,
-                              batch_size, workers, progress)
-        writer = done.writer
-        kept = writer.publish(out / "features.npy.new")
-        rejected += [(usable.paths[row], reason) for row, reason in done.failed]
-        final = _keep_rows(the_split, kept)
-        meta = _meta(usable, final, spec, runtime, run_key, writer.dim,
-                     dict(fractions=fractions, seed=seed, dup_threshold=dup_threshold),
-                     time.perf_counter() - started, done.computed / done.seconds if done.computed else None)
-        _publish_outputs(out, final, meta, rejected, [file_ids[i] for i in kept], spec.key)
-    return ExtractResult(out, len(final.paths), meta["dim"], meta["classes"], final.counts(), rejected, done.computed,
-                         done.reused, meta["elapsed_seconds"], meta["images_per_second"], warnings=the_split.warnings)
+            return _result_from_meta(out, the_plan.rejected, the_plan.split.warnings, time.perf_counter() - started)
+        job = CodeJob(spec, resolved, runtime, [the_plan.usable.root / p for p in the_plan.usable.paths], batch_size)
+        done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
+        settings = {"fractions": fractions, "seed": seed, "dup_threshold": dup_threshold}
+        stages = {"discover": round(discovered, 3), "engine": round(engine_start, 3), **the_plan.seconds,
+                  "codes": round(done.seconds, 3)}
+        meta = publish(out, the_plan, done, spec, runtime, where.describe(), run_key, settings, started, stages)
+    return ExtractResult(out, meta["n_images"], meta["dim"], meta["classes"], meta["split"]["counts"],
+                         the_plan.rejected + done.failed_paths(the_plan), done.computed, done.reused,
+                         meta["elapsed_seconds"], meta["images_per_second"], warnings=the_plan.split.warnings)
 
 
 @contextmanager
@@ -364,50 +614,81 @@ class Plan(NamedTuple):
     split: Split
     rejected: list[tuple[str, str]]
     file_ids: list[str]
+    groups: np.ndarray  # duplicate group of each usable image: equal ids are near-duplicates
+    seconds: dict[str, float]  # per stage: check, duplicates, split
 
 
 def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
-         dup_threshold: int = DEFAULT_DUP_THRESHOLD, workers: int | None = None, progress: bool = True) -> Plan:
+         dup_threshold: int = DEFAULT_DUP_THRESHOLD, workers: int | None = None, progress: bool = True,
+         engine: Engine | None = None) -> Plan:
     """Check every image `discover` found, write `out/rejected.csv`, and split the usable ones.
 
     Stops with a `CnnCodesError` when a class, or the whole dataset, has no usable image.
     """
+    clock = _Stopwatch()
     all_ids = _file_ids(dataset)
-    checks = _check(dataset, all_ids, out / CACHE_DIR, workers, progress)
-    rejected = dataset.skipped + [(p, c.reason) for p, c in zip(dataset.paths, checks) if not c.ok]
+    checks = _check(dataset, all_ids, out / CACHE_DIR, engine or LocalEngine(workers), progress)
+    rejected = dataset.skipped + [(p, c.reason or "") for p, c in zip(dataset.paths, checks) if not c.ok]
     artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
     usable = _require_usable(dataset, checks)
-    the_split = make_split(usable.paths, usable.labels, [c.phash for c in checks if c.ok], fractions, seed, dup_threshold)
-    return Plan(usable, the_split, rejected, [fid for fid, c in zip(all_ids, checks) if c.ok])
+    phashes = [c.phash for c in checks if c.ok]
+    clock.lap("check")
+    groups = group_duplicates(phashes, dup_threshold)
+    warnings = duplicate_warnings(groups, usable.paths, usable.labels, dup_threshold)
+    clock.lap("duplicates")
+    the_split = assign_subsets(usable.paths, usable.labels, groups, fractions, seed)
+    the_split.warnings += warnings
+    clock.lap("split")
+    return Plan(usable, the_split, rejected, [fid for fid, c in zip(all_ids, checks) if c.ok], groups, clock.laps)
 
 
-def _check(dataset: Dataset, ids: list[str], cache_dir: Path, workers: int | None, progress: bool) -> list[Check]:
-    """Decode every file once (cached by path, size and mtime) to find the bad ones and hash the rest.
+class _Stopwatch:
+    """Seconds per stage of a run, for meta.json and the scale benchmark."""
 
-    The cache is saved every few thousand files, so an interrupted check resumes too.
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 3)
+        self._last = now
+
+
+def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine, progress: bool) -> list[Check]:
+    """Decode every file once (cached by its identity) to find the bad ones and hash the rest.
+
+    The cache saves every chunk the engine returns, so an interrupted check resumes too.
     """
-    cache_file = cache_dir / "checks.json"
+    (cache_dir / "checks.json").unlink(missing_ok=True)  # the cache of earlier versions, rewritten whole per chunk
+    cache = CheckCache(cache_dir / "checks.sqlite")
     try:
-        cache = artifacts.read_json(cache_file)
-    except (OSError, ValueError):
-        cache = {}
-    todo = [i for i, fid in enumerate(ids) if fid not in cache]
-    with progress_bar("Checking images", len(todo), enabled=progress and bool(todo)) as advance:
-        for start in range(0, len(todo), 4096):
-            chunk = todo[start:start + 4096]
-            found = check_images([dataset.root / dataset.paths[i] for i in chunk], workers or os.cpu_count() or 2, advance)
-            cache.update({ids[i]: [c.reason, c.phash] for i, c in zip(chunk, found)})
-            artifacts.write_json_atomic(cache_file, {fid: cache[fid] for fid in ids if fid in cache})
-    return [Check(*cache[fid]) for fid in ids]
+        checks = cache.get(ids)
+        todo = [i for i, c in enumerate(checks) if c is None]
+        with progress_bar("Checking images", len(todo), enabled=progress and bool(todo)) as advance:
+            for positions, found in engine.check([dataset.root / dataset.paths[i] for i in todo], advance):
+                rows = [todo[p] for p in positions]
+                cache.put([ids[i] for i in rows], found)
+                for i, check in zip(rows, found):
+                    checks[i] = check
+    finally:
+        cache.close()
+    return [c for c in checks if c is not None]
 
 
 def _file_ids(dataset: Dataset) -> list[str]:
-    """A file's identity for caches: its path with its size and modification time."""
+    """A file's identity for caches: its path, size, modification time, inode and change time.
+
+    The inode and change time catch a file replaced or edited in place with its size and
+    modification time kept (`touch -r`, `rsync -a`, `exiftool -P`).
+    """
+    if isinstance(dataset.root, UriRoot):
+        return file_ids(dataset)
     ids = []
     for rel in dataset.paths:
         try:
             st = (dataset.root / rel).stat()
-            ids.append(f"{rel}|{st.st_size}|{st.st_mtime_ns}")
+            ids.append(f"{rel}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}")
         except OSError:
             ids.append(f"{rel}|missing")
     return ids
@@ -424,56 +705,73 @@ def _require_usable(dataset: Dataset, checks: list[Check]) -> Dataset:
     return usable
 
 
-def _compute_codes(out, spec, make_runner, paths, file_ids, batch_size, workers, progress):
-    """Fill a FeatureWriter: resume, reuse rows of an earlier run, then run the network on the rest."""
-    previous = _previous_rows(out, spec.key, file_ids)
-    runner = None
-    dim = previous[0].shape[1] if previous else None
-    if previous is None or len(previous[1]) < len(file_ids):
-        runner = make_runner()
-        dim = runner.dim
-    run_key = artifacts.sha256_json([spec.key, file_ids])
-    writer = FeatureWriter(out / CACHE_DIR, run_key, len(file_ids), dim)
-    reused = 0
-    if previous is not None and writer.resumed == 0:
-        writer.copy_from(previous[0], previous[1])
-        reused = len(previous[1])
-    failed = []
-    todo = writer.todo
-    runner = runner or (make_runner() if len(todo) else None)
-    started = time.perf_counter()
-    if len(todo):
-        reader = ImageReader(paths, spec.image_size, spec.resize, batch_size, workers)
-        with progress_bar(f"Extracting {spec.backbone}/{spec.layer}", len(file_ids), enabled=progress,
-                          completed=len(file_ids) - len(todo)) as advance:
-            for batch in reader(todo):
-                writer.write(batch.rows, runner(batch.pixels))
-                failed += batch.failed
-                advance(len(batch.rows) + len(batch.failed))
-    computed = len(todo) - len(failed)
-    return _Computed(writer, computed, reused + writer.resumed, failed, time.perf_counter() - started)
+class Computed(NamedTuple):
+    """The filled FeatureWriter of a run, and how its rows came to be."""
 
-
-class _Computed(NamedTuple):
     writer: FeatureWriter
     computed: int
     reused: int
     failed: list[tuple[int, str]]
+    seconds: float  # this run's forward passes
+    earlier_seconds: float  # the share of earlier runs' time in the rows reused or resumed
+
+    def failed_paths(self, the_plan: Plan) -> list[tuple[str, str]]:
+        return [(the_plan.usable.paths[row], reason) for row, reason in self.failed]
+
+
+def compute_codes(out: Path, job: CodeJob, file_ids: list[str], engine: Engine, progress: bool = True,
+                  on_batch: Callable[[int, int], None] | None = None) -> Computed:
+    """Fill a FeatureWriter: resume, reuse rows of an earlier run, then let `engine` compute the rest."""
+    previous = _previous_rows(out, job.spec.key, file_ids)
+    covered = previous is not None and len(previous.pairs) == len(file_ids)
+    dim = previous.features.shape[1] if previous is not None and covered else job.runner.dim
+    writer = FeatureWriter(out / CACHE_DIR, artifacts.sha256_json([job.spec.key, file_ids]), len(file_ids), dim)
+    reused, earlier = writer.resumed, writer.seconds_before
+    if previous is not None and writer.resumed == 0:
+        writer.copy_from(previous.features, previous.pairs)
+        reused, earlier = len(previous.pairs), previous.seconds * len(previous.pairs) / max(len(previous.features), 1)
+    failed: list[tuple[int, str]] = []
+    todo = writer.todo
+    started = time.perf_counter()
+    if len(todo):
+        total = len(file_ids)
+        with progress_bar(f"Extracting {job.spec.backbone}/{job.spec.layer}", total, enabled=progress,
+                          completed=total - len(todo)) as advance:
+            try:
+                for batch in engine.codes(job, todo):
+                    writer.write(batch.rows, batch.codes)
+                    failed += batch.failed
+                    advance(len(batch.rows) + len(batch.failed))
+                    if on_batch:
+                        on_batch(int(writer.done.sum()), total)
+            finally:
+                writer.save_clock()
+    return Computed(writer, len(todo) - len(failed), reused, failed, time.perf_counter() - started, earlier)
+
+
+class _Previous(NamedTuple):
+    features: np.ndarray
+    pairs: list[tuple[int, int]]  # (new row, old row)
     seconds: float
 
 
-def _previous_rows(out: Path, spec_key: str, file_ids: list[str]):
-    """Rows of the last finished run with the same extractor, as (features, [(new, old)])."""
+def _previous_rows(out: Path, spec_key: str, file_ids: list[str]) -> _Previous | None:
+    """Rows of the last published features with the same extractor.
+
+    `rows.json` is removed before `features.npy` is replaced and written again right
+    after, so whenever it exists it describes the rows of `features.npy`.
+    """
     try:
         index = artifacts.read_json(out / CACHE_DIR / "rows.json")
-        if index["spec_key"] != spec_key or not (out / "meta.json").is_file():
+        if index["spec_key"] != spec_key:
             return None
         features = np.load(out / "features.npy", mmap_mode="r")
-    except (OSError, ValueError, KeyError):
+        seconds = float(index.get("seconds", 0.0))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     old = {fid: i for i, fid in enumerate(index["file_ids"]) if i < len(features)}
     pairs = [(new, old[fid]) for new, fid in enumerate(file_ids) if fid in old]
-    return (features, pairs) if pairs else None
+    return _Previous(features, pairs, seconds) if pairs else None
 
 
 def _up_to_date(out: Path, run_key: str) -> bool:
@@ -498,8 +796,43 @@ def _keep_rows(the_split: Split, kept: np.ndarray) -> Split:
                  [the_split.subsets[i] for i in kept], the_split.n_duplicate_groups, the_split.warnings)
 
 
-def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, run_key: str, dim: int, split_args: dict,
-          elapsed: float, rate: float | None) -> dict[str, Any]:
+def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runtime: str, engine: dict[str, Any],
+            run_key: str, split_args: dict[str, Any], started: float,
+            stages: dict[str, float] | None = None) -> dict[str, Any]:
+    """Replace the outputs; returns the meta record.
+
+    The order keeps every kill recoverable: `meta.json` and `rows.json` go first, the
+    finished rows are moved into `features.npy` and `rows.json` is back right after (two
+    renames), and only then is the unfinished state forgotten; `meta.json` goes last, so a
+    reader that finds it finds a complete set. A run killed in between reuses every row.
+    """
+    published = time.perf_counter()
+    kept = np.flatnonzero(done.writer.done)
+    elapsed = done.earlier_seconds + published - started
+    rows_index = {"spec_key": spec.key, "file_ids": [the_plan.file_ids[i] for i in kept], "seconds": elapsed}
+    cache = out / CACHE_DIR
+    artifacts.write_bytes_atomic(cache / "rows.json.new", json.dumps(rows_index, separators=(",", ":")).encode())
+    (out / "meta.json").unlink(missing_ok=True)
+    (cache / "rows.json").unlink(missing_ok=True)  # rows.json must never describe other features
+    done.writer.publish(out / "features.npy")
+    os.replace(cache / "rows.json.new", cache / "rows.json")
+    done.writer.discard()
+    final = _keep_rows(the_plan.split, kept)
+    classes = the_plan.usable.classes
+    artifacts.write_npy_atomic(out / "labels.npy", np.array([classes.index(c) for c in final.labels], dtype=np.int64))
+    artifacts.write_npy_atomic(out / "groups.npy", np.unique(the_plan.groups[kept], return_inverse=True)[1].astype(np.int64))
+    final.write_csv(out / "split.csv")
+    artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), the_plan.rejected + done.failed_paths(the_plan))
+    rate = done.computed / done.seconds if done.computed and done.seconds else None
+    meta = _meta(the_plan.usable, final, spec, runtime, engine, run_key, done.writer.dim, split_args,
+                 done.earlier_seconds + time.perf_counter() - started, rate)
+    meta["stage_seconds"] = {**(stages or {}), "publish": round(time.perf_counter() - published, 3)}
+    artifacts.write_json_atomic(out / "meta.json", meta)
+    return meta
+
+
+def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, engine: dict[str, Any], run_key: str,
+          dim: int, split_args: dict, elapsed: float, rate: float | None) -> dict[str, Any]:
     return {
         "format": FEATURES_FORMAT,
         "data": str(usable.root),
@@ -510,6 +843,7 @@ def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, run_
         "subsets": final.subsets,
         "extractor": spec.to_dict(),
         "runtime": runtime,
+        "engine": engine,
         "split": {**split_args, "fingerprint": final.fingerprint, "duplicate_groups": final.n_duplicate_groups,
                   "counts": final.counts()},
         "run_key": run_key,
@@ -518,16 +852,3 @@ def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, run_
         "elapsed_seconds": round(elapsed, 3),
         "images_per_second": round(rate, 2) if rate else None,
     }
-
-
-def _publish_outputs(out: Path, final: Split, meta: dict, rejected, file_ids: list[str], spec_key: str) -> None:
-    """Replace the outputs; `meta.json` goes last, so a reader that finds it finds a complete set."""
-    (out / "meta.json").unlink(missing_ok=True)
-    (out / CACHE_DIR / "rows.json").unlink(missing_ok=True)  # rows.json must never describe other features
-    os.replace(out / "features.npy.new", out / "features.npy")
-    classes = meta["classes"]
-    artifacts.write_npy_atomic(out / "labels.npy", np.array([classes.index(c) for c in final.labels], dtype=np.int64))
-    final.write_csv(out / "split.csv")
-    artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
-    artifacts.write_json_atomic(out / CACHE_DIR / "rows.json", {"spec_key": spec_key, "file_ids": file_ids})
-    artifacts.write_json_atomic(out / "meta.json", meta)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -28,6 +29,11 @@ DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 # Hamming distance between 64-bit pHashes at or below which two images count as copies.
 # On ../shared/datasets, 6 finds every listed duplicate pair and almost nothing else.
 DEFAULT_DUP_THRESHOLD = 6
+MAX_DUP_THRESHOLD = 16
+# Duplicate groups larger than this (and than 1% of the images) are worth a warning.
+_HUGE_GROUP = 20
+# Edges kept before they are folded into components: 64 MB of pairs.
+_EDGES_IN_MEMORY = 4_000_000
 # Subsets a small class is given first when it cannot have all three.
 _FILL_ORDER = ("train", "test", "val")
 
@@ -101,32 +107,119 @@ def assign_subsets(
     return Split(list(paths), list(labels), subsets, n_dup, warnings)
 
 
+def check_dup_threshold(threshold: int) -> None:
+    """-1 turns grouping off; above 16 bits apart, pHashes of unrelated images start to count as copies."""
+    if not isinstance(threshold, int) or not -1 <= threshold <= MAX_DUP_THRESHOLD:
+        raise CnnCodesError(f"--dup-threshold must be between 0 and {MAX_DUP_THRESHOLD} bits, or -1 to turn "
+                            f"duplicate grouping off (got {threshold!r})")
+
+
 def group_duplicates(phashes: Sequence[str], threshold: int) -> np.ndarray:
-    """Group ids such that images within `threshold` bits of each other share one."""
+    """Group ids such that images within `threshold` bits of each other share one (the group's first index).
+
+    Multi-index hashing instead of comparing every pair: the 64 bits are cut into m
+    chunks, and two hashes at most `threshold` bits apart differ in at most `threshold`
+    chunks, so they agree exactly on some m - threshold of them (pigeonhole; m = t + 1 is
+    the classic case of one chunk). Hashes are bucketed by each such combination of
+    chunks by sorting, and only hashes sharing a bucket are compared. The number of chunks
+    is chosen for the number of hashes, so buckets stay small: near-linear time and
+    memory, and exactly the groups of the exhaustive comparison.
+    """
+    check_dup_threshold(threshold)
     n = len(phashes)
-    parent = np.arange(n)
     if threshold < 0 or n < 2:
-        return parent
-    bits = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
-    for start in range(0, n, 1024):  # blocks keep the distance matrix small for big datasets
-        block = bits[start:start + 1024]
-        close = np.bitwise_count(block[:, None] ^ bits[None, :]) <= threshold
-        for i, j in zip(*np.nonzero(close)):
-            _union(parent, start + int(i), int(j))
-    return np.array([_find(parent, i) for i in range(n)])
+        return np.arange(n, dtype=np.int64)
+    unique, first_of = np.unique(np.array([int(h, 16) for h in phashes], dtype=np.uint64), return_inverse=True)
+    edges = _Edges(len(unique))
+    for mask in _chunk_keys(threshold, len(unique)):
+        edges.add(*_close_pairs_sharing(unique & mask, unique, threshold))
+    component = edges.components()[first_of.reshape(-1)]
+    first = np.full(component.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, component, np.arange(n, dtype=np.int64))
+    return first[component]
 
 
-def _find(parent: np.ndarray, i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = int(parent[i])
-    return i
+def _chunk_keys(threshold: int, n: int) -> list[np.uint64]:
+    """Bit masks of the chunk combinations to bucket by, for the cheapest number of chunks at `n` hashes."""
+    def cost(m: int) -> float:
+        agree = m - threshold  # chunks that must agree exactly
+        keys = math.comb(m, agree)
+        return keys * n * 40 + keys * n * n / 2 ** (64 * agree / m + 1)  # sorting + expected candidate pairs
+
+    m = min(range(threshold + 1, min(64, threshold + 12) + 1), key=cost)
+    edges = np.linspace(0, 64, m + 1).round().astype(int)
+    chunks = [sum(1 << b for b in range(lo, hi)) for lo, hi in itertools.pairwise(edges)]
+    return [np.uint64(sum(combo)) for combo in itertools.combinations(chunks, m - threshold)]
 
 
-def _union(parent: np.ndarray, a: int, b: int) -> None:
-    ra, rb = _find(parent, a), _find(parent, b)
-    if ra != rb:
-        parent[max(ra, rb)] = min(ra, rb)
+def _close_pairs_sharing(keys: np.ndarray, bits: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j) with equal `keys` whose `bits` are within `threshold`, walking each run of a sort."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    lengths = np.diff(np.r_[starts, len(keys)])
+    left = np.repeat(starts + lengths, lengths) - 1 - np.arange(len(keys))  # later members of the same run
+    found_a, found_b = [], []
+    active, step = np.flatnonzero(left >= 1), 1
+    while active.size:
+        a, b = order[active], order[active + step]
+        close = np.bitwise_count(bits[a] ^ bits[b]) <= threshold
+        found_a.append(a[close])
+        found_b.append(b[close])
+        step += 1
+        active = active[left[active] >= step]
+    empty = np.empty(0, dtype=np.int64)
+    return np.concatenate(found_a or [empty]), np.concatenate(found_b or [empty])
+
+
+class _Edges:
+    """Edges of the near-duplicate graph, folded into components whenever they pile up (bounded memory)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.a: list[np.ndarray] = []
+        self.b: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.a.append(a)
+        self.b.append(b)
+        self.count += len(a)
+        if self.count > _EDGES_IN_MEMORY:
+            labels = self.components()
+            linked = np.flatnonzero(np.bincount(labels)[labels] > 1)
+            first = np.full(self.n, self.n, dtype=np.int64)
+            np.minimum.at(first, labels[linked], linked)
+            self.a, self.b, self.count = [linked], [first[labels[linked]]], len(linked)
+
+    def components(self) -> np.ndarray:
+        from scipy.sparse import coo_array
+        from scipy.sparse.csgraph import connected_components
+
+        a = np.concatenate(self.a or [np.empty(0, dtype=np.int64)])
+        b = np.concatenate(self.b or [np.empty(0, dtype=np.int64)])
+        graph = coo_array((np.ones(len(a), dtype=np.int8), (a, b)), shape=(self.n, self.n))
+        return connected_components(graph, directed=False)[1]
+
+
+def duplicate_warnings(groups: np.ndarray, paths: Sequence[str], labels: Sequence[str], threshold: int) -> list[str]:
+    """One line each for duplicate groups a user should look at: huge ones, and ones that span classes."""
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups.tolist()):
+        members[g].append(i)
+    groups_of_many = [idx for idx in members.values() if len(idx) > 1]
+    warnings = []
+    huge = [idx for idx in groups_of_many if len(idx) > max(_HUGE_GROUP, len(paths) // 100)]
+    if huge:
+        biggest = max(huge, key=len)
+        warnings.append(f"{len(huge)} duplicate group(s) are very large (the largest: {len(biggest)} images, e.g. "
+                        f"{paths[biggest[0]]}): is --dup-threshold {threshold} too high for these images?")
+    mixed = [idx for idx in groups_of_many if len({labels[i] for i in idx}) > 1]
+    if mixed:
+        i, j = next((i, j) for i in mixed[0] for j in mixed[0] if labels[i] < labels[j])
+        warnings.append(f"{len(mixed)} duplicate group(s) hold images of different classes, e.g. {paths[i]} "
+                        f"({labels[i]}) and {paths[j]} ({labels[j]}): the same picture under two labels?")
+    return warnings
 
 
 def _hash_position(path: str, seed: int) -> float:
@@ -184,7 +277,7 @@ def _ensure_each_subset(labels, members, position, group_subset, fractions) -> l
 def read_split_csv(path: Path) -> Split:
     """Read a `split.csv` written by `extract`, to score another method on the same test set."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise CnnCodesError(f"cannot read split file {path}: {e.strerror}") from None

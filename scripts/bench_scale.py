@@ -1,0 +1,140 @@
+"""How `cnncodes extract` scales: time per stage and peak memory at 20,000 and 200,000 images.
+
+Synthetic images (40×40 PNGs in 10 classes, each distinct, one in 500 a near-copy of
+another), MobileNetV2 at 32 px with `--weights none` (the same speed as real weights) and a
+warm ONNX cache, as in issue #12. Every extract runs cold (a new --out) in a fresh
+subprocess, on the local engine and on the Ray engine (a local Ray of this machine's
+CPUs, started by the run: its start-up is the "engine" stage); sizes and engines are
+interleaved round by round, and the peak RSS is the driver process's (Ray's actors are
+processes of their own). Then `split.group_duplicates` alone on 1,000,000 random hashes
+with planted near-duplicates, in its own subprocess.
+
+    .venv/bin/python scripts/bench_scale.py [--sizes 20000,200000] [--engines local,ray] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+CLASSES = 10
+STAGES = ("discover", "engine", "check", "duplicates", "split", "codes", "publish")
+
+EXTRACT = """
+import json, resource, sys, time
+import cnncodes
+started = time.perf_counter()
+result = cnncodes.extract(sys.argv[1], sys.argv[2], backbone="mobilenetv2", weights="none", image_size=32,
+                          engine=sys.argv[3], progress=False)
+wall = time.perf_counter() - started
+meta = json.load(open(f"{sys.argv[2]}/meta.json"))
+print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "images": result.n_images, "stages": meta["stage_seconds"]}))
+"""
+
+GROUPING = """
+import json, resource, sys, time
+import numpy as np
+from cnncodes.split import group_duplicates
+n = int(sys.argv[1])
+rng = np.random.default_rng(0)
+bits = rng.integers(0, 2**64, size=n, dtype=np.uint64)
+copies = rng.integers(0, n, n // 100)
+noise = np.zeros(len(copies), dtype=np.uint64)
+for _ in range(4):
+    noise |= np.uint64(1) << rng.integers(0, 64, len(copies)).astype(np.uint64)
+bits[rng.integers(0, n, len(copies))] = bits[copies] ^ noise
+hashes = [f"{b:016x}" for b in bits.tolist()]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+started = time.perf_counter()
+groups = group_duplicates(hashes, 6)
+print(json.dumps({"seconds": time.perf_counter() - started, "groups": len(np.unique(groups)),
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": before}))
+"""
+
+
+def _write_images(root: Path, start: int, stop: int) -> None:
+    for i in range(start, stop):
+        source = i - 1 if i % 500 == 499 else i  # a near-copy of the image before it
+        rng = np.random.default_rng(source)
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        pixels = np.asarray(Image.fromarray(coarse).resize((40, 40), Image.Resampling.BILINEAR), dtype=np.int16)
+        if source != i:
+            pixels = pixels + 3
+        folder = root / f"class{source % CLASSES}"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:07d}.png")
+
+
+def make_images(root: Path, n: int) -> Path:
+    """`n` synthetic images under `root`, made once and kept for later runs."""
+    if (root / "done").is_file():
+        return root
+    for c in range(CLASSES):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+    step = 5000
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_write_images, [root] * len(range(0, n, step)), range(0, n, step),
+                      [min(s + step, n) for s in range(0, n, step)]))
+    (root / "done").touch()
+    return root
+
+
+def run(code: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="20000,200000")
+    parser.add_argument("--engines", default="local,ray")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--hashes", type=int, default=1_000_000)
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "cnncodes-bench-scale")
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    engines = args.engines.split(",")
+    datasets = {n: make_images(args.data / f"images-{n}", n) for n in sizes}
+    run(EXTRACT, str(datasets[sizes[0]]), str(args.data / "warm"), "local")  # the ONNX conversion, once
+    results = []
+    for r in range(args.rounds):
+        for n in sizes:
+            for engine in engines:
+                out = args.data / f"out-{n}-{engine}-{r}-{time.time_ns()}"
+                found = run(EXTRACT, str(datasets[n]), str(out), engine)
+                results.append({"images": n, "engine": engine, "round": r, **found})
+                print(json.dumps(results[-1]), flush=True)
+    grouping = run(GROUPING, str(args.hashes)) if args.hashes else None
+    if grouping:
+        print(json.dumps({"grouping": grouping}), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"extract": results, "grouping": grouping}, indent=2) + "\n")
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| images | engine | " + " | ".join(STAGES) + " | whole extract | images/s | peak RSS (driver) |",
+             "|---" * (len(STAGES) + 5) + "|"]
+    for row in results:
+        stages = " | ".join(f"{row['stages'].get(s, 0):.1f}" for s in STAGES)
+        lines.append(f"| {row['images']:,} | {row['engine']} | {stages} | {row['wall']:.1f} s | "
+                     f"{row['images'] / row['wall']:.0f} | {row['rss_mb']:.0f} MB |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

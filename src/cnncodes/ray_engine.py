@@ -1,0 +1,131 @@
+"""The Ray engine: checking and forward passes on the actors of a Ray cluster, through Ray Data.
+
+The driver (where `cnncodes extract --engine ray` runs) plans, keeps every cache and
+writes every output, exactly as the local engine does; only the work in between moves.
+Ray Data streams (row, path) items through `map_batches`: checking in tasks, decoding
+and the forward pass in a callable class on a fixed-size actor pool. The ONNX model is
+converted once, on the driver, and its bytes shipped to the actors, which never import
+TensorFlow. A file that cannot be decoded comes back as a row with its reason, so one
+corrupt file never fails a block; rows carry their index and may arrive in any order.
+
+Every node must see the files under the same paths (a shared file system) and have
+cnncodes installed (`pip install 'cnncodes[ray]'`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from .errors import CnnCodesError
+from .extract import Batch, CodeBatch, CodeJob, check_file, decode
+from .ingest import Check
+from .runtime import MirrorAveraged, OnnxRunner, onnx_cache_path
+
+# Items per block of the input dataset at most: the unit Ray Data schedules onto a worker.
+BLOCK_ROWS = 512
+
+
+class RayEngine:
+    """Connects to the cluster at `address` (else `RAY_ADDRESS`, else starts a local one) on creation."""
+
+    name = "ray"
+
+    def __init__(self, workers: int | None = None, address: str | None = None):
+        if not ray.is_initialized():
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                     logging_level=logging.ERROR, log_to_driver=False)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # cnncodes shows its own
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        self.cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = workers or self.cpus
+
+    def describe(self) -> dict[str, Any]:
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        return {"name": self.name, "nodes": nodes, "cpus": self.cpus, "workers": self.workers}
+
+    def check(self, files: Sequence[Path | str], advance: Callable[[int], None]) -> Iterator[tuple[list[int], list[Check]]]:
+        if not files:
+            return
+        checked = _items(range(len(files)), files, self.workers).map_batches(
+            _check_batch, batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=self.workers),
+            runtime_env=_object_store_settings())
+        for batch in checked.iter_batches(batch_size=None, batch_format="numpy"):
+            found = [Check(r or None, h or None) for r, h in zip(batch["reason"].tolist(), batch["phash"].tolist())]
+            advance(len(found))
+            yield batch["row"].tolist(), found
+
+    def codes(self, job: CodeJob, rows: np.ndarray) -> Iterator[CodeBatch]:
+        model = [ray.put(_onnx_bytes(job))]  # in a list, so each actor fetches it from the object store itself
+        coded = _items(rows, [job.paths[r] for r in rows], self.workers).map_batches(
+            _Coder, batch_size=job.batch_size, batch_format="numpy",
+            fn_constructor_kwargs={"model": model, "size": job.spec.image_size, "resize": job.spec.resize,
+                                   "flip": job.spec.flip},
+            compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1, runtime_env=_object_store_settings())
+        for batch in coded.iter_batches(batch_size=None, batch_format="numpy"):
+            bad = batch["reason"] != ""
+            failed = [(int(r), str(why)) for r, why in zip(batch["row"][bad], batch["reason"][bad])]
+            yield CodeBatch(batch["row"][~bad], np.asarray(batch["code"][~bad], dtype=np.float32), failed)
+
+
+def _items(rows: Sequence[int] | np.ndarray, paths: Sequence[Path | str], workers: int) -> ray.data.Dataset:
+    """A dataset of (row, path) as Arrow tables, in enough blocks to keep every worker busy."""
+    rows = np.asarray(rows, dtype=np.int64)
+    size = max(1, min(BLOCK_ROWS, -(-len(rows) // (4 * workers))))
+    tables = [pa.table({"row": rows[i:i + size], "path": pa.array([str(p) for p in paths[i:i + size]])})
+              for i in range(0, len(rows), size)]
+    return ray.data.from_arrow(tables)
+
+
+def _object_store_settings() -> dict[str, Any] | None:
+    """The driver's AWS settings (endpoint, region, credentials), so workers read the same object store."""
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {"env_vars": aws} if aws else None
+
+
+def _check_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    checks = [check_file(p) for p in batch["path"].tolist()]
+    return {"row": batch["row"], "reason": np.array([c.reason or "" for c in checks]),
+            "phash": np.array([c.phash or "" for c in checks])}
+
+
+def _onnx_bytes(job: CodeJob) -> bytes:
+    """The converted model, read once on the driver to be shipped to every actor."""
+    runner = job.runner
+    base = runner.runner if isinstance(runner, MirrorAveraged) else runner
+    if not isinstance(base, OnnxRunner):
+        raise CnnCodesError(f"the Ray engine runs models on ONNX Runtime, and {job.spec.backbone}/{job.spec.layer} "
+                            "runs on Keras here: use --engine local")
+    return onnx_cache_path(job.spec.network_key).read_bytes()
+
+
+class _Coder:
+    """One actor: decodes its batch with the same `decode` as the local engine and runs the ONNX model."""
+
+    def __init__(self, model: list[ray.ObjectRef], size: int, resize: str, flip: bool):
+        with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+            f.write(ray.get(model[0]))
+            f.flush()
+            runner = OnnxRunner(Path(f.name), threads=1)  # the actor's one CPU
+        self.runner = MirrorAveraged(runner) if flip else runner
+        self.size, self.resize = size, resize
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        decoded = Batch.of(batch["row"].tolist(), [decode(p, self.size, self.resize) for p in batch["path"].tolist()],
+                           self.size)
+        failed_rows = [row for row, _ in decoded.failed]
+        codes = self.runner(decoded.pixels)
+        return {
+            "row": np.concatenate([decoded.rows, np.array(failed_rows, dtype=np.int64)]),
+            "code": np.concatenate([codes, np.zeros((len(failed_rows), self.runner.dim), np.float32)]),
+            "reason": np.array([""] * len(decoded.rows) + [why for _, why in decoded.failed]),
+        }

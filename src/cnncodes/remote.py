@@ -1,0 +1,137 @@
+"""Datasets in an object store (`s3://bucket/prefix`, `gs://…`), read through pyarrow's file systems.
+
+The same rules as for a local folder: one sub-folder (key prefix) per class under the
+prefix, or a CSV of `path,label` rows whose paths are URIs. A file's identity for the
+caches is its URI, size and modification time. Each file is fetched into a temporary
+file and decoded by the same code as a local file, so both give the same pixels.
+
+S3 credentials and region come from the usual AWS variables and files; an S3-compatible
+server (MinIO, Ceph, moto) is reached through `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`,
+which pyarrow itself does not read.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+from .errors import CnnCodesError
+from .ingest import IMAGE_SUFFIXES, Dataset
+
+
+class UriRoot(str):
+    """The root of a remote dataset: `root / relative_path` gives the file's URI, as `Path` does locally."""
+
+    def __truediv__(self, rel: str) -> str:
+        return rel if is_uri(rel) else f"{self.rstrip('/')}/{rel}"
+
+
+def is_uri(source: object) -> bool:
+    return isinstance(source, str) and "://" in source
+
+
+def discover_uri(uri: str) -> Dataset:
+    """List the candidate images under an object-store prefix, or those of a CSV of URIs stored there."""
+    if urlsplit(uri).path.lower().endswith(".csv"):
+        return _discover_csv(uri)
+    fs, prefix = _filesystem(uri)
+    FileSelector, FileType = _pyarrow_fs().FileSelector, _pyarrow_fs().FileType
+    try:
+        listing = fs.get_file_info(FileSelector(prefix.rstrip("/"), recursive=True))
+    except (OSError, ValueError) as e:
+        raise CnnCodesError(f"cannot list {uri}: {e}") from None
+    found = []
+    for info in listing:
+        rel = info.path[len(prefix.rstrip("/")) + 1:]
+        parts = rel.split("/")
+        if (info.type == FileType.File and len(parts) > 1 and not any(p.startswith(".") for p in parts)
+                and Path(rel).suffix.lower() in IMAGE_SUFFIXES):
+            found.append((parts[0], rel))
+    if not found:
+        raise CnnCodesError(f"{uri} holds no images in class folders: put the images of each class under a prefix "
+                            f"of its own, e.g. {uri.rstrip('/')}/cat/1.jpg")
+    found.sort()
+    return Dataset(UriRoot(uri.rstrip("/")), [rel for _, rel in found], [label for label, _ in found])  # type: ignore[arg-type]
+
+
+def _discover_csv(uri: str) -> Dataset:
+    text = read_bytes(uri).decode("utf-8-sig", errors="replace")
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+        raise CnnCodesError(f"{uri} must have a header with 'path' and 'label' columns (found {reader.fieldnames})")
+    rows = sorted((r["label"].strip(), r["path"].strip()) for r in reader if r["path"] and r["label"])
+    if not rows:
+        raise CnnCodesError(f"{uri} lists no images")
+    base = uri.rsplit("/", 1)[0]
+    return Dataset(UriRoot(base), [p for _, p in rows], [label for label, _ in rows])  # type: ignore[arg-type]
+
+
+def file_ids(dataset: Dataset) -> list[str]:
+    """URI, size and modification time of every file: one listing of the root, one request per file outside it."""
+    FileSelector, FileType = _pyarrow_fs().FileSelector, _pyarrow_fs().FileType
+    fs, root = _filesystem(str(dataset.root))
+    try:
+        listed = {info.path: info for info in fs.get_file_info(FileSelector(root.rstrip("/"), recursive=True))}
+    except (OSError, ValueError):
+        listed = {}
+    ids = []
+    for rel in dataset.paths:
+        fs, path = _filesystem(str(dataset.root / rel))
+        try:
+            info = listed.get(path) or fs.get_file_info(path)
+        except OSError:
+            info = None
+        if info is None or info.type != FileType.File:
+            ids.append(f"{rel}|missing")
+        else:
+            ids.append(f"{rel}|{info.size}|{info.mtime_ns}")
+    return ids
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = _filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return f.read()
+    except (OSError, ValueError) as e:
+        raise CnnCodesError(f"cannot read {uri}: {e}") from None
+
+
+@contextmanager
+def fetched(uri: str) -> Iterator[Path]:
+    """The object at `uri` as a local temporary file, removed afterwards."""
+    with tempfile.NamedTemporaryFile(suffix=Path(urlsplit(uri).path).suffix) as f:
+        f.write(read_bytes(uri))
+        f.flush()
+        yield Path(f.name)
+
+
+def _filesystem(uri: str):
+    """pyarrow's file system for `uri` and the path within it; one file system per bucket and endpoint, reused."""
+    parts = urlsplit(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") if parts.scheme == "s3" else None
+    return _bucket_filesystem(parts.scheme, parts.netloc, endpoint), f"{parts.netloc}{parts.path}"
+
+
+@lru_cache(maxsize=64)
+def _bucket_filesystem(scheme: str, bucket: str, endpoint: str | None):
+    query = f"?{urlencode({'endpoint_override': endpoint})}" if endpoint else ""
+    try:
+        return _pyarrow_fs().FileSystem.from_uri(f"{scheme}://{bucket}{query}")[0]
+    except (OSError, ValueError) as e:
+        raise CnnCodesError(f"cannot open {scheme}://{bucket}: {e}") from None
+
+
+def _pyarrow_fs():
+    try:
+        import pyarrow.fs
+    except ImportError:
+        raise CnnCodesError("reading images from an object store needs pyarrow: pip install 'cnncodes[ray]'") from None
+    return pyarrow.fs

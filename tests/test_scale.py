@@ -1,0 +1,100 @@
+"""Images in an object store: `extract s3://bucket/prefix` against moto's S3 server on a free loopback port.
+
+The same class-folder rules and the same codes, split and rejections as for the same
+files on a local disk; a CSV of URIs works too.
+"""
+
+from __future__ import annotations
+
+import csv
+import socket
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cnncodes
+from cnncodes import remote
+from cnncodes.cli import app
+
+from .conftest import make_dataset
+
+runner = CliRunner()
+FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_data(s3_server, tmp_path, monkeypatch) -> tuple[str, Path]:
+    """A bucket holding a class-per-folder dataset (and one broken file), and the same files on disk."""
+    import pyarrow.fs
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(key, value)
+    remote._bucket_filesystem.cache_clear()
+    local = make_dataset(tmp_path / "data", per_class=6)
+    (local / "squares" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n and nothing else")
+    bucket = f"cnncodes-{uuid.uuid4().hex[:12]}"
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_server, region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir(bucket)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        with fs.open_output_stream(f"{bucket}/data/{path.relative_to(local).as_posix()}") as f:
+            f.write(path.read_bytes())
+    return f"s3://{bucket}/data", local
+
+
+def read(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_extract_from_an_s3_prefix_equals_extract_from_the_same_files_on_disk(s3_data, tmp_path):
+    uri, local = s3_data
+    result = runner.invoke(app, ["extract", uri, "--out", str(tmp_path / "s3"), "--backbone", "vgg16",
+                                 "--weights", "none", "--image-size", "32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    on_disk = cnncodes.extract(local, tmp_path / "disk", **FAST)
+    np.testing.assert_allclose(np.load(tmp_path / "s3" / "features.npy"), np.load(on_disk.out / "features.npy"),
+                               rtol=1e-6)
+    for name in ("split.csv", "rejected.csv"):
+        assert read(tmp_path / "s3" / name) == read(on_disk.out / name)
+    assert [r["path"] for r in read(tmp_path / "s3" / "rejected.csv")] == ["squares/broken.png"]
+    again = cnncodes.extract(uri, tmp_path / "s3", **FAST)
+    assert again.up_to_date
+
+
+def test_extract_from_a_csv_of_uris_in_the_bucket(s3_data, tmp_path):
+    import pyarrow.fs
+
+    uri, local = s3_data
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.png"))
+    listing = "path,label\n" + "".join(f"{uri}/{rel},{rel.split('/')[0]}\n" for rel in files)
+    bucket_path = uri.removeprefix("s3://").rsplit("/", 1)[0]
+    fs = remote._bucket_filesystem("s3", bucket_path, remote.os.environ["AWS_ENDPOINT_URL"])
+    with fs.open_output_stream(f"{bucket_path}/list.csv") as f:
+        f.write(listing.encode())
+    assert isinstance(fs, pyarrow.fs.S3FileSystem)
+    result = cnncodes.extract(f"s3://{bucket_path}/list.csv", tmp_path / "f", **FAST)
+    assert result.n_images == len(files) - 1 and [p for p, _ in result.rejected] == [f"{uri}/squares/broken.png"]
+
+
+def test_a_missing_bucket_is_one_clear_error(s3_data, tmp_path):
+    result = runner.invoke(app, ["extract", "s3://no-such-bucket-here/data", "--out", str(tmp_path / "f"), "--quiet",
+                                 "--weights", "none"])
+    assert result.exit_code == 2 and "s3://no-such-bucket-here/data" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
