@@ -9,7 +9,7 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from rich import box
@@ -23,7 +23,8 @@ COLUMNS = ("rank", "run", "method", "backbone", "layer", "classifier", "accuracy
 TERMINAL_COLUMNS = {"rank": "#", "run": "run", "method": "method", "accuracy": "accuracy [95% CI]",
                     "balanced acc": "bal.acc", "macro-F1": "F1", "fit s": "fit s", "extract s": "extr s",
                     "model size": "size"}
-FORMATS = ("table", "markdown", "csv", "json")
+Format = Literal["table", "markdown", "csv", "json"]
+FORMATS: tuple[str, ...] = get_args(Format)
 
 
 def rank(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
