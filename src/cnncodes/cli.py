@@ -178,8 +178,9 @@ def fit_svm(
                           class_weight=class_weight, n_jobs=n_jobs, seed=seed, name=name, progress=not quiet,
                           repeats=repeats)
     if not quiet:
-        out_console.print(rich_table(records, title=f"Fitted on {records[0]['n_train']} images, "
-                                                    f"scored on {records[0]['n_test']} test images"))
+        out_console.print(rich_table(rank(records), title=f"Fitted on {records[0]['n_train']} images, "
+                                                          f"scored on {records[0]['n_test']} test images",
+                                     width=out_console.width))
         for record in records:
             chosen = ", ".join(f"{k}={v}" for k, v in record["params"].items()
                                if k in ("normalize", "C", "gamma", "n_neighbors"))
@@ -209,7 +210,8 @@ def compare(
         if html_path:
             write_bytes_atomic(html_path, html_report(records).encode())
     if text is None:
-        out_console.print(rich_table(records, title=f"{len(records)} runs, {records[0]['n_test']} test images"))
+        out_console.print(rich_table(records, title=f"{len(records)} runs, {records[0]['n_test']} test images",
+                                     width=out_console.width))
     elif output:
         write_bytes_atomic(output, text.encode())
     else:

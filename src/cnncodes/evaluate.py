@@ -81,3 +81,29 @@ def per_image_predictions(paths: Sequence[str], y_true: np.ndarray, proba: np.nd
         {"path": path, "label": classes[t], "predicted": classes[int(p.argmax())], "probability": round(float(p.max()), 6)}
         for path, t, p in zip(paths, y_true, proba)
     ]
+
+
+def mcnemar_p(right_a: np.ndarray, right_b: np.ndarray) -> float:
+    """McNemar's exact test: the two-sided p-value that two models, right or wrong on the same images, differ.
+
+    Only the images on which they disagree count: under the null hypothesis each of those is
+    equally likely to favour either model, so the smaller count is binomial(n, 1/2).
+    """
+    from scipy.stats import binomtest
+
+    only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue)
+
+
+def paired_p(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
+    """Paired t-test over per-split scores of two runs on the same splits (p = 1 when they never differ)."""
+    from scipy.stats import ttest_rel
+
+    differences = np.subtract(scores_a, scores_b)
+    if not differences.any():
+        return 1.0
+    if np.ptp(differences) == 0:  # the same non-zero gap on every split: no spread to test against
+        return 0.0
+    return float(ttest_rel(scores_a, scores_b).pvalue)
