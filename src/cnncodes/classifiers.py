@@ -1,10 +1,17 @@
 """Classical classifiers on CNN codes, as one small scikit-learn estimator.
 
 `CodesClassifier(kind=...)` is normalisation, optional PCA and a linear SVM, logistic
-regression, RBF SVM or k-NN, with hyper-parameters chosen by cross-validation. Every kind
-gives probabilities: SVMs through temperature scaling of their decision scores
-(`CalibratedClassifierCV(method="temperature")`), which is a softmax of the scores and so
-never changes which class wins.
+regression, RBF SVM or k-NN, with the normalisation and hyper-parameters chosen by
+cross-validation on folds that keep duplicate groups together.
+
+Probabilities, measured on real MobileNetV2 codes of ../shared/datasets (docs/results.md):
+a softmax of SVC's one-vs-rest decision scores encodes little more than one-vs-one vote
+ranks, so its top-1 probability barely told right from wrong predictions. Every kind now
+turns informative scores into probabilities with one temperature fitted on out-of-fold
+scores (group-aware folds): SVMs their one-vs-one margins summed per class (each class's
+mean margin over its rivals), logistic regression and k-NN the log of their own
+probabilities. The predicted label stays the fitted model's decision: where the
+probabilities' top class differs from it (a near tie), the two swap places.
 """
 
 from __future__ import annotations
@@ -16,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
-from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedGroupKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import SVC
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .bundle import publish_bundle
@@ -35,24 +43,28 @@ from .evaluate import per_image_predictions, score
 from .features import Features, load_features
 from .progress import progress_bar
 from .records import build_record, refuse_to_replace, run_name
+from .split import assign_subsets
 
-_CALIBRATED = {"linear-svm", "rbf-svm"}
 _LINEAR = {"linear-svm", "logreg"}
+# `--normalize auto` searches each of these with its own grid.
+_AUTO = ("standard", "l2", "none")
+# Probabilities are floored here before their log: k-NN gives exact zeros.
+_FLOOR = 1e-4
 
 
-def _estimator(kind: str, class_weight: str | None) -> tuple[Any, dict[str, list]]:
+def _estimator(kind: str, class_weight: Any) -> tuple[Any, dict[str, list]]:
     """The estimator of a kind and its search grid, set for standardised codes (see `CodesClassifier._grid`)."""
     if kind == "linear-svm":
         # libsvm's linear kernel: on a few thousand codes it fits in a fraction of a second,
         # where liblinear's LinearSVC needs minutes for large C on standardised codes.
-        return SVC(kernel="linear", class_weight=class_weight), {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
+        return SVC(kernel="linear", class_weight=class_weight, decision_function_shape="ovo"), {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
     if kind == "logreg":
-        return LogisticRegression(class_weight=class_weight, max_iter=3000), {"C": [1e-2, 1e-1, 1.0, 10.0, 100.0]}
+        return LogisticRegression(class_weight=class_weight, max_iter=3000), {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}
     if kind == "rbf-svm":
-        return SVC(kernel="rbf", class_weight=class_weight), {"C": [1.0, 10.0, 100.0], "gamma": [0.25, 1.0, 4.0]}
+        return SVC(kernel="rbf", class_weight=class_weight, decision_function_shape="ovo"), {"C": [1.0, 10.0, 100.0], "gamma": [0.25, 1.0, 4.0]}
     if kind == "knn":
-        return KNeighborsClassifier(weights="distance"), {"n_neighbors": [1, 3, 5, 9, 15]}
-    raise CnnCodesError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)}")
+        return KNeighborsClassifier(weights="distance"), {"n_neighbors": [1, 3, 5, 9, 15, 25]}
+    raise ValueError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)}")
 
 
 def _normalizer(normalize: str):
@@ -62,19 +74,21 @@ def _normalizer(normalize: str):
         return Normalizer()
     if normalize == "none":
         return FunctionTransformer()
-    raise CnnCodesError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
+    raise ValueError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
 
 
 class CodesClassifier(ClassifierMixin, BaseEstimator):
-    """A classifier of CNN codes whose hyper-parameters are chosen by cross-validation.
+    """A classifier of CNN codes whose normalisation and hyper-parameters are chosen by cross-validation.
 
     `cv` is a number of stratified folds or any scikit-learn splitter (e.g. a
-    `PredefinedSplit` that scores on a validation subset). After `fit`, `best_params_`
-    holds the chosen values and `cv_score_` their cross-validated score.
+    `PredefinedSplit` that scores on a validation subset). `fit(X, y, groups=...)` keeps
+    images of one duplicate group in one fold. After `fit`, `best_params_` holds the chosen
+    values (with `normalize`), `cv_score_` their cross-validated score and `temperature_`
+    the calibration of the probabilities.
     """
 
-    def __init__(self, kind: str = "linear-svm", normalize: str = "standard", pca: int | None = None,
-                 class_weight: str | None = None, cv: Any = 5, n_jobs: int | None = -1, random_state: int = 0):
+    def __init__(self, kind: str = "linear-svm", normalize: str = "auto", pca: int | None = None,
+                 class_weight: Any = None, cv: Any = 5, n_jobs: int | None = -1, random_state: int = 0):
         self.kind = kind
         self.normalize = normalize
         self.pca = pca
@@ -83,79 +97,148 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def fit(self, X, y):
+    def fit(self, X, y, groups=None):
         X, y = validate_data(self, X, y, dtype=np.float32)
-        self.classes_ = np.unique(y)
-        if len(self.classes_) < 2:
-            raise CnnCodesError("training needs images of at least two classes")
-        if self.class_weight not in (None, "balanced"):
-            raise CnnCodesError(f"class_weight takes 'balanced' or None (got {self.class_weight!r})")
-        if self.n_jobs == 0:
-            raise CnnCodesError("n_jobs must not be 0: use -1 for all cores or a positive number")
-        smallest = int(np.bincount(np.searchsorted(self.classes_, y)).min())
-        if smallest < 2:
-            raise CnnCodesError("every class needs at least 2 training images (train+val) to choose hyper-parameters "
-                                "and calibrate probabilities: add images to the smallest class")
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        self._check_settings(codes)
+        groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+        smallest = int(np.bincount(codes).min())
+        folds = self._folds(X, codes, groups, smallest, self.cv)
+        calibration = self._folds(X, codes, groups, smallest, 3)
+        fold = min(len(train) for train, _ in folds + calibration)
         estimator, grid = _estimator(self.kind, self.class_weight)
-        splitter = self._splitter(smallest)
-        calibration = StratifiedKFold(n_splits=min(3, smallest), shuffle=True, random_state=self.random_state)
-        fold = min(_smallest_training_fold(s, X, y) for s in (splitter, calibration))
-        steps = [("normalize", _normalizer(self.normalize))]
-        if self.pca:  # every CV fold must be able to fit that many components
-            steps.append(("pca", PCA(n_components=min(self.pca, fold - 1, X.shape[1]), random_state=self.random_state)))
-        pipeline = Pipeline([*steps, ("model", estimator)])
-        search = GridSearchCV(pipeline, self._grid(grid, X, fold, steps), cv=splitter, n_jobs=self.n_jobs,
-                              scoring="balanced_accuracy" if self.class_weight else "accuracy", refit=True)
+        pipeline = Pipeline([("normalize", StandardScaler()), ("pca", "passthrough"), ("model", estimator)])
+        search = GridSearchCV(pipeline, self._grids(grid, X, fold), cv=folds, n_jobs=self.n_jobs, refit=False,
+                              scoring="balanced_accuracy" if self.class_weight else "accuracy")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            search.fit(X, y)
-            self.best_params_ = {k.removeprefix("model__"): v for k, v in search.best_params_.items()}
-            self.cv_score_ = float(search.best_score_)
-            self.model_ = self._with_probabilities(search.best_estimator_, X, y, calibration)
+            search.fit(X, codes)
+            chosen = search.best_params_
+            self.model_ = clone(pipeline).set_params(**chosen).fit(X, codes)
+            self.temperature_ = _fit_temperature(_out_of_fold_scores(self.model_, X, codes, calibration), codes)
+        self.best_params_ = {"normalize": next(n for n in _AUTO if type(_normalizer(n)) is type(chosen["normalize"])),
+                             **{k.removeprefix("model__"): v for k, v in chosen.items() if k.startswith("model__")}}
+        self.cv_score_ = float(search.best_score_)
         return self
 
-    def _grid(self, grid: dict[str, list], X: np.ndarray, fold: int, steps: list) -> dict[str, list]:
-        """The grid moved to the spread of the codes the model sees (after normalisation and PCA).
+    def _check_settings(self, codes: np.ndarray) -> None:
+        """scikit-learn's ValueErrors for bad data or settings (`fit_svm` turns them into one-line errors)."""
+        if len(self.classes_) < 2:
+            raise ValueError("training needs images of at least two classes (got one class)")
+        if np.bincount(codes).min() < 2:
+            raise ValueError("every class needs at least 2 training images (train+val) to choose hyper-parameters "
+                             "and calibrate probabilities: add images to the smallest class")
+        if not (self.class_weight in (None, "balanced") or isinstance(self.class_weight, dict)):
+            raise ValueError(f"class_weight takes 'balanced', a dict or None (got {self.class_weight!r})")
+        if self.n_jobs == 0:
+            raise ValueError("n_jobs must not be 0: use -1 for all cores or a positive number")
+        if self.normalize != "auto":
+            _normalizer(self.normalize)
+
+    def _folds(self, X, codes, groups, smallest: int, cv: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Stratified folds that never split a duplicate group (a copy in both halves flatters memorising models)."""
+        if not isinstance(cv, int):
+            return list(cv.split(X, codes, groups))
+        n_groups = len(np.unique(groups))
+        splitter = StratifiedGroupKFold(n_splits=max(2, min(cv, smallest, n_groups)), shuffle=True,
+                                        random_state=self.random_state)
+        with warnings.catch_warnings():  # a class with fewer groups than folds: scikit-learn warns, we know
+            warnings.simplefilter("ignore", UserWarning)
+            return [(train, test) for train, test in splitter.split(X, codes, groups) if len(test)]
+
+    def _grids(self, grid: dict[str, list], X: np.ndarray, fold: int) -> list[dict[str, list]]:
+        """One grid per normalisation searched, each moved to the spread of the codes the model sees.
 
         The grids suit standardised codes, whose total variance is their length. Scaling codes
         by s is the same problem as scaling a linear model's C by 1/s² (the intercept takes the
         mean), and `gamma` is relative to 1/(total variance), scikit-learn's "scale": so
         `--normalize l2` or `none`, and PCA, search the same effective range.
         """
-        grid = dict(grid)
-        if "gamma" in grid or self.kind in _LINEAR:
-            seen = Pipeline([(name, clone(step)) for name, step in steps]).fit_transform(X)
-            spread = float(seen.var(axis=0).sum()) or 1.0
-            if "gamma" in grid:
-                grid["gamma"] = [g / spread for g in grid["gamma"]]
-            if self.kind in _LINEAR:
-                grid["C"] = [c * seen.shape[1] / spread for c in grid["C"]]
-        if "n_neighbors" in grid:  # k-NN needs at least k training codes in every fold
-            grid["n_neighbors"] = [k for k in grid["n_neighbors"] if k <= fold] or [1]
-        return {f"model__{k}": v for k, v in grid.items()}
+        grids = []
+        for name in _AUTO if self.normalize == "auto" else (self.normalize,):
+            steps: list[tuple[str, Any]] = [("normalize", _normalizer(name))]
+            if self.pca:  # every CV fold must be able to fit that many components
+                steps.append(("pca", PCA(n_components=min(self.pca, fold - 1, X.shape[1]),
+                                         random_state=self.random_state)))
+            moved = dict(grid)
+            if "gamma" in grid or self.kind in _LINEAR:
+                seen = Pipeline(steps).fit_transform(X)
+                spread = float(seen.var(axis=0).sum()) or 1.0
+                if "gamma" in grid:
+                    moved["gamma"] = [g / spread for g in grid["gamma"]]
+                if self.kind in _LINEAR:
+                    moved["C"] = [c * seen.shape[1] / spread for c in grid["C"]]
+            if "n_neighbors" in grid:  # k-NN needs at least k training codes in every fold
+                moved["n_neighbors"] = [k for k in grid["n_neighbors"] if k <= fold] or [1]
+            grids.append({**{step: [obj] for step, obj in steps}, **{f"model__{k}": v for k, v in moved.items()}})
+        return grids
 
-    def _splitter(self, smallest: int):
-        if not isinstance(self.cv, int):
-            return self.cv
-        return StratifiedKFold(n_splits=min(self.cv, smallest), shuffle=True, random_state=self.random_state)
-
-    def _with_probabilities(self, fitted: Pipeline, X: np.ndarray, y: np.ndarray, calibration):
-        if self.kind not in _CALIBRATED:
-            return fitted
-        calibrated = CalibratedClassifierCV(clone(fitted), method="temperature", cv=calibration, ensemble=False)
-        return calibrated.fit(X, y)
-
-    def predict_proba(self, X) -> np.ndarray:
+    def _decide(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """The model's decision (class indices) and calibrated probabilities whose top class it is."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        return self.model_.predict_proba(X)
+        decision = self.model_.predict(X)
+        proba = _softmax(_scores(self.model_, X, len(self.classes_)) / self.temperature_)
+        rows = np.nonzero(proba.argmax(axis=1) != decision)[0]
+        top = proba[rows].argmax(axis=1)
+        proba[rows, top], proba[rows, decision[rows]] = proba[rows, decision[rows]], proba[rows, top]
+        return decision, proba
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self._decide(X)[1]
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        return self.classes_[self._decide(X)[0]]
 
 
-def _smallest_training_fold(splitter, X: np.ndarray, y: np.ndarray) -> int:
-    return min(len(train) for train, _ in splitter.split(X, y))
+def _scores(model: Pipeline, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-class scores whose softmax, at the right temperature, is a calibrated probability.
+
+    An SVM's one-vs-one margins are summed for each class (+ for its wins, − for its losses)
+    and divided by its number of rivals; other models give the log of their probabilities.
+    Classes a model never saw (a calibration fold without them) get the row's lowest score.
+    """
+    seen = model.classes_
+    if isinstance(model[-1], SVC):
+        margins = model.decision_function(X).reshape(len(X), -1)
+        if len(seen) == 2:  # scikit-learn's binary margin favours the second class, its pairs the first
+            margins = -margins
+        first, second = np.triu_indices(len(seen), 1)
+        found = np.zeros((len(X), len(seen)))
+        np.add.at(found.T, first, margins.T)
+        np.add.at(found.T, second, -margins.T)
+        found /= max(len(seen) - 1, 1)
+    else:
+        found = np.log(np.maximum(model.predict_proba(X), _FLOOR))
+    scores = np.repeat(found.min(axis=1, keepdims=True), n_classes, axis=1)
+    scores[:, seen] = found
+    return scores
+
+
+def _out_of_fold_scores(model: Pipeline, X: np.ndarray, codes: np.ndarray, folds) -> np.ndarray:
+    n_classes = len(np.unique(codes))
+    scores = np.zeros((len(X), n_classes))
+    for train, test in folds:
+        scores[test] = _scores(clone(model).fit(X[train], codes[train]), X[test], n_classes)
+    return scores
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _fit_temperature(scores: np.ndarray, codes: np.ndarray) -> float:
+    """The temperature that minimises the log-loss of out-of-fold scores.
+
+    Hand-made because `CalibratedClassifierCV(method="temperature")` scales an SVM's
+    one-vs-rest decision function, the uninformative vote ranks, rather than its margins.
+    """
+    def log_loss(log_t: float) -> float:
+        return float(-np.log(_softmax(scores / np.exp(log_t))[np.arange(len(codes)), codes] + 1e-300).mean())
+
+    return float(np.exp(minimize_scalar(log_loss, bounds=(-8.0, 8.0), method="bounded").x))
 
 
 def expand_kinds(names: Sequence[str]) -> list[str]:
@@ -175,7 +258,7 @@ def fit_svm(
     out: Path | str,
     *,
     classifiers: Sequence[str] = ("all",),
-    normalize: str = "standard",
+    normalize: str = "auto",
     pca: int | None = None,
     cv: int = 5,
     class_weight: str | None = None,
@@ -183,33 +266,54 @@ def fit_svm(
     seed: int = 0,
     name: str | None = None,
     progress: bool = True,
+    repeats: int = 1,
 ) -> list[dict[str, Any]]:
     """Fit each classifier on the train (and val) codes, score it once on the test codes, save it.
 
     Writes `<run>.joblib` (the fitted model, class names and the extractor spec) and
-    `<run>.json` (the run record) per classifier into `out`; returns the records.
+    `<run>.json` (the run record) per classifier into `out`; returns the records. With
+    `repeats` K > 1 the same images are split again K-1 times (seeds after the features' own,
+    duplicate groups kept together), each split fitted and scored on its own; the record adds
+    the per-split accuracies, their mean and standard deviation. The bundle is the first split's.
     """
     feats = load_features(features)
     kinds = expand_kinds(classifiers)
-    _normalizer(normalize)  # an unknown name fails here, before any model is fitted
-    fit_rows, test_rows = feats.rows("train", "val"), feats.rows("test")
-    if not test_rows.any():
+    if normalize not in NORMALIZERS:
+        raise CnnCodesError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
+    if repeats < 1:
+        raise CnnCodesError(f"--repeats must be at least 1 (got {repeats})")
+    splits = repeated_splits(feats, repeats)
+    if any(not (subsets == "test").any() for _, subsets in splits):
         raise CnnCodesError(f"{feats.path} has no test images: extract again with a --split that keeps a test share")
-    splitter = _selection_splitter(feats.subsets[fit_rows], cv, seed)
     out = Path(out)
-    models = {run_name(name, feats.spec.backbone, feats.spec.layer, kind):
-              CodesClassifier(kind, normalize, pca, class_weight, splitter, n_jobs, seed) for kind in kinds}
-    for run, model in models.items():  # all refused before any is fitted
-        refuse_to_replace(out / f"{run}.joblib", _origin(feats, model))
+    origin = {"features": str(feats.path.resolve()), "extractor": feats.meta["extractor"],
+              "split_fingerprint": feats.split_fingerprint, "normalize": normalize, "pca": pca,
+              "class_weight": class_weight}
+    runs = {run_name(name, feats.spec.backbone, feats.spec.layer, kind): kind for kind in kinds}
+    for run in runs:  # all refused before any is fitted
+        refuse_to_replace(out / f"{run}.joblib", origin)
     records = []
-    with progress_bar("Fitting classifiers", len(kinds), unit="model", enabled=progress) as advance:
-        for (run, model), kind in zip(models.items(), kinds):
-            records.append(_fit_one(feats, out, run, kind, fit_rows, test_rows, model))
-            advance(1)
+    with progress_bar("Fitting classifiers", len(kinds) * repeats, unit="model", enabled=progress) as advance:
+        for run, kind in runs.items():
+            def make(fit_subsets: np.ndarray, kind: str = kind) -> CodesClassifier:
+                return CodesClassifier(kind, normalize, pca, class_weight, _selection_splitter(fit_subsets, cv),
+                                       n_jobs, seed)
+
+            records.append(_fit_one(feats, out, run, kind, splits, make, origin, advance))
     return records
 
 
-def _selection_splitter(subsets: np.ndarray, cv: int, seed: int):
+def repeated_splits(feats: Features, repeats: int) -> list[tuple[int, np.ndarray]]:
+    """The features' own split, then `repeats - 1` more of the same images by `extract`'s rule, seeds counting up."""
+    made = feats.meta["split"]
+    first = int(made.get("seed", 0))
+    labels = [feats.classes[i] for i in feats.y]
+    return [(first, feats.subsets)] + [
+        (first + k, np.array(assign_subsets(feats.paths, labels, feats.groups, made["fractions"], first + k).subsets))
+        for k in range(1, repeats)]
+
+
+def _selection_splitter(subsets: np.ndarray, cv: int):
     """Folds of the train+val codes, or with `cv=0` the val subset as the one held-out fold."""
     if cv < 0 or cv == 1:
         raise CnnCodesError(f"--cv must be 0 (choose on the val subset) or at least 2 folds (got {cv})")
@@ -220,29 +324,40 @@ def _selection_splitter(subsets: np.ndarray, cv: int, seed: int):
     return PredefinedSplit(np.where(subsets == "val", 0, -1))
 
 
-def _origin(feats: Features, model: CodesClassifier) -> dict[str, Any]:
-    """What a run's meaning depends on: a run of the same name with another origin is never replaced."""
-    return {"features": str(feats.path.resolve()), "extractor": feats.meta["extractor"],
-            "split_fingerprint": feats.split_fingerprint, "normalize": model.normalize, "pca": model.pca,
-            "class_weight": model.class_weight}
+def _fit_split(feats: Features, subsets: np.ndarray, make) -> tuple[CodesClassifier, np.ndarray, float]:
+    """A model chosen and fitted on one split's train+val, and its probabilities on that split's test images."""
+    fit_rows = subsets != "test"
+    model = make(subsets[fit_rows])
+    started = time.perf_counter()
+    try:
+        model.fit(feats.X[fit_rows], feats.y[fit_rows], groups=feats.groups[fit_rows])
+    except ValueError as e:
+        raise CnnCodesError(str(e)) from None
+    seconds = time.perf_counter() - started
+    return model, class_probabilities(model, feats.X[subsets == "test"], len(feats.classes)), seconds
 
 
-def _fit_one(feats: Features, out: Path, run: str, kind: str, fit_rows, test_rows, model: CodesClassifier
+def _fit_one(feats: Features, out: Path, run: str, kind: str, splits, make, origin: dict[str, Any], advance
              ) -> dict[str, Any]:
     spec = feats.spec
-    started = time.perf_counter()
-    model.fit(feats.X[fit_rows], feats.y[fit_rows])
-    fit_seconds = time.perf_counter() - started
-    proba = class_probabilities(model, feats.X[test_rows], len(feats.classes))
+    (first_seed, subsets), *others = splits
+    model, proba, fit_seconds = _fit_split(feats, subsets, make)
+    advance(1)
+    test_rows = subsets == "test"
+    repeats = [_repeat(first_seed, feats.y[test_rows], proba)]
+    for seed, other in others:
+        repeats.append(_repeat(seed, feats.y[other == "test"], _fit_split(feats, other, make)[1]))
+        advance(1)
     record = build_record(
         run=run, method="cnn-codes", backbone=spec.backbone, layer=spec.layer, classifier=kind,
-        params={**model.best_params_, "normalize": model.normalize, "pca": model.pca,
-                "class_weight": model.class_weight, "cv": model.cv if isinstance(model.cv, int) else "val"},
-        cv_score=model.cv_score_, origin=_origin(feats, model),
+        params={**model.best_params_, "pca": model.pca, "class_weight": model.class_weight,
+                "cv": model.cv if isinstance(model.cv, int) else "val", "temperature": round(model.temperature_, 4)},
+        cv_score=model.cv_score_, origin=origin,
         dataset={"data": feats.meta["data"], "features": str(feats.path.resolve()),
                  "split_fingerprint": feats.split_fingerprint},
-        classes=feats.classes, n_train=int(fit_rows.sum()), n_test=int(test_rows.sum()),
+        classes=feats.classes, n_train=int((~test_rows).sum()), n_test=int(test_rows.sum()),
         **score(feats.y[test_rows], proba, feats.classes),
+        **(_repeats_summary(repeats) if others else {}),
         fit_seconds=round(fit_seconds, 3), extract_seconds=feats.meta["elapsed_seconds"],
         test_predictions=per_image_predictions([p for p, t in zip(feats.paths, test_rows) if t], feats.y[test_rows],
                                                proba, feats.classes),
@@ -250,6 +365,16 @@ def _fit_one(feats: Features, out: Path, run: str, kind: str, fit_rows, test_row
     return publish_bundle(out / f"{run}.joblib",
                           {"run": run, "model": model, "classes": feats.classes, "extractor": feats.meta["extractor"]},
                           record)
+
+
+def _repeat(seed: int, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
+    return {"seed": seed, "accuracy": float((proba.argmax(axis=1) == y_true).mean()), "n_test": len(y_true)}
+
+
+def _repeats_summary(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    accuracies = [r["accuracy"] for r in repeats]
+    return {"repeats": repeats, "accuracy_mean": float(np.mean(accuracies)),
+            "accuracy_sd": float(np.std(accuracies, ddof=1))}
 
 
 def class_probabilities(model: CodesClassifier, X: np.ndarray, n_classes: int) -> np.ndarray:

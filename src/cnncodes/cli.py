@@ -26,12 +26,12 @@ from rich.table import Table
 from rich.text import Text
 
 from .backbones import POOLINGS, REGISTRY, get_backbone
-from .choices import KINDS, NORMALIZERS, SMALL_CNN
+from .choices import KINDS, SMALL_CNN, Normalize
 from .errors import CnnCodesError
-from .records import load_records
 from .ingest import RESIZE_MODES
 from .progress import console as err_console
-from .report import FORMATS, html_report, rank, render, rich_table
+from .records import load_records
+from .report import Format, html_report, rank, render, rich_table
 from .runtime import RUNTIMES
 from .split import DEFAULT_DUP_THRESHOLD
 from .tflogs import VERBOSE_ENV
@@ -168,9 +168,6 @@ def layers(
     out_console.print(table)
 
 
-Classifier = Enum("Classifier", {name: name for name in ("all", *KINDS)}, type=str)
-Normalize = Enum("Normalize", {name: name for name in NORMALIZERS}, type=str)
-Format = Enum("Format", {name: name for name in FORMATS}, type=str)
 PredictFormat = Enum("PredictFormat", {name: name for name in ("table", "csv", "json")}, type=str)
 
 
@@ -178,8 +175,10 @@ PredictFormat = Enum("PredictFormat", {name: name for name in ("table", "csv", "
 def fit_svm(
     features: Annotated[Path, typer.Argument(help="Features folder written by `cnncodes extract`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .joblib bundles and .json run records.")],
-    classifier: Annotated[list[Classifier], typer.Option(help="Classifier to fit (repeatable).")] = ["all"],
-    normalize: Annotated[Normalize, typer.Option(help="Feature normalisation before the classifier.")] = "standard",
+    classifier: Annotated[list[str], typer.Option(
+        help=f"Classifier to fit (repeatable): {', '.join(KINDS)} or all.")] = ["all"],  # noqa: B006 - Typer's list default
+    normalize: Annotated[Normalize, typer.Option(
+        help="Feature normalisation before the classifier; auto: standard, l2 or none, chosen by cross-validation.")] = "auto",
     pca: Annotated[Optional[int], typer.Option(min=1, help="Reduce codes to N principal components first.")] = None,
     cv: Annotated[int, typer.Option(help="Cross-validation folds on train+val; 0 chooses on the val subset.")] = 5,
     class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced classes.")] = None,
@@ -187,19 +186,23 @@ def fit_svm(
     seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
     name: Annotated[Optional[str], typer.Option(help="Prefix of the run names.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+    repeats: Annotated[int, typer.Option(min=1, help="Score on K duplicate-aware splits of the same images "
+                                                     "(the features' own, then seeds after it): mean ± sd.")] = 1,
 ) -> None:
     """Fit linear SVM, logistic regression, RBF SVM and k-NN on CNN codes; score each once on the test subset."""
     from .classifiers import fit_svm as run_fit
 
     with user_errors():
-        records = run_fit(features, out, classifiers=[Classifier(c).value for c in classifier],
-                          normalize=Normalize(normalize).value, pca=pca, cv=cv, class_weight=class_weight,
-                          n_jobs=n_jobs, seed=seed, name=name, progress=not quiet)
+        records = run_fit(features, out, classifiers=classifier, normalize=normalize, pca=pca, cv=cv,
+                          class_weight=class_weight, n_jobs=n_jobs, seed=seed, name=name, progress=not quiet,
+                          repeats=repeats)
     if not quiet:
-        out_console.print(rich_table(records, title=f"Fitted on {records[0]['n_train']} images, "
-                                                    f"scored on {records[0]['n_test']} test images"))
+        out_console.print(rich_table(rank(records), title=f"Fitted on {records[0]['n_train']} images, "
+                                                          f"scored on {records[0]['n_test']} test images",
+                                     width=out_console.width))
         for record in records:
-            chosen = ", ".join(f"{k}={v}" for k, v in record["params"].items() if k in ("C", "gamma", "n_neighbors"))
+            chosen = ", ".join(f"{k}={v}" for k, v in record["params"].items()
+                               if k in ("normalize", "C", "gamma", "n_neighbors"))
             out_console.print(Text(f"{record['run']}: {chosen} (cv score {record['cv_score']:.3f}) -> "
                                    f"{out / record['model_file']}"), soft_wrap=True)
 
@@ -216,7 +219,7 @@ def compare(
 
     with user_errors():
         records = rank(load_records(models))
-        fmt = Format(format).value
+        fmt = format
         if fmt == "table":
             text = None
             if output:
@@ -226,7 +229,8 @@ def compare(
         if html_path:
             write_bytes_atomic(html_path, html_report(records).encode())
     if text is None:
-        out_console.print(rich_table(records, title=f"{len(records)} runs, {records[0]['n_test']} test images"))
+        out_console.print(rich_table(records, title=f"{len(records)} runs, {records[0]['n_test']} test images",
+                                     width=out_console.width))
     elif output:
         write_bytes_atomic(output, text.encode())
     else:

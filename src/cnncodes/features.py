@@ -11,7 +11,7 @@ import numpy as np
 from .artifacts import read_json
 from .errors import CnnCodesError
 from .extract import FEATURES_FORMAT, ExtractorSpec
-from .split import SUBSETS
+from .split import SUBSETS, Split
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Features:
     subsets: np.ndarray
     paths: list[str]
     meta: dict[str, Any]
+    groups: np.ndarray  # duplicate-group id per row: copies share one, so folds and re-splits keep them together
 
     @property
     def classes(self) -> list[str]:
@@ -34,8 +35,13 @@ class Features:
         return ExtractorSpec.from_dict(self.meta["extractor"])
 
     @property
+    def split(self) -> Split:
+        return Split(self.paths, [self.classes[i] for i in self.y], self.subsets.tolist())
+
+    @property
     def split_fingerprint(self) -> str:
-        return self.meta["split"]["fingerprint"]
+        """Computed from the rows themselves, not read from `meta.json`, so a record says what was really used."""
+        return self.split.fingerprint
 
     def rows(self, *subsets: str) -> np.ndarray:
         return np.isin(self.subsets, subsets)
@@ -61,4 +67,17 @@ def load_features(path: Path | str) -> Features:
     if not consistent:
         raise CnnCodesError(f"the files in {path} do not belong together (features {X.shape}, labels {y.shape}, "
                             f"meta says {n} rows): run `cnncodes extract` again")
-    return Features(path, np.asarray(X, dtype=np.float32), y, np.array(meta["subsets"]), meta["paths"], meta)
+    return Features(path, np.asarray(X, dtype=np.float32), y, np.array(meta["subsets"]), meta["paths"], meta,
+                    _groups(path, n))
+
+
+def _groups(path: Path, n: int) -> np.ndarray:
+    """The duplicate groups `extract` saved, or one group per row for features made before it saved them."""
+    try:
+        groups = np.load(path / "groups.npy")
+    except (OSError, ValueError):
+        return np.arange(n)
+    if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
+        raise CnnCodesError(f"{path}/groups.npy does not belong to these features ({groups.shape} for {n} rows): "
+                            "run `cnncodes extract` again")
+    return groups

@@ -9,46 +9,109 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from rich import box
 from rich.table import Table
 
 from .errors import CnnCodesError
+from .evaluate import mcnemar_p, paired_p
 
-COLUMNS = ("rank", "run", "method", "backbone", "layer", "classifier", "accuracy", "balanced acc", "macro-F1",
-           "fit s", "extract s", "model size")
-# A terminal is narrow: the run name stands for backbone, layer and classifier there.
-TERMINAL_COLUMNS = {"rank": "#", "run": "run", "method": "method", "accuracy": "accuracy [95% CI]",
-                    "balanced acc": "bal.acc", "macro-F1": "F1", "fit s": "fit s", "extract s": "extr s",
-                    "model size": "size"}
-FORMATS = ("table", "markdown", "csv", "json")
+COLUMNS = ("rank", "run", "method", "backbone", "layer", "classifier", "accuracy", "p vs best", "balanced acc",
+           "macro-F1", "ECE", "AUROC", "fit s", "extract s", "model size")
+# A terminal is narrow: the run name stands for backbone, layer and classifier there, and
+# below `WIDE` columns only what ranks and trusts a run is shown.
+TERMINAL_COLUMNS = {"rank": "#", "run": "run", "method": "method", "accuracy": "accuracy", "p vs best": "p",
+                    "balanced acc": "bal.acc", "macro-F1": "F1", "ECE": "ECE", "AUROC": "AUROC", "fit s": "fit s",
+                    "extract s": "extr s", "model size": "size"}
+NARROW_COLUMNS = ("rank", "run", "accuracy", "p vs best", "ECE", "AUROC")
+WIDE = 120
+# Below this p-value a run is marked significantly worse than the best one.
+ALPHA = 0.05
+Format = Literal["table", "markdown", "csv", "json"]
+FORMATS: tuple[str, ...] = get_args(Format)
 
 
 def rank(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best first; refuses records made on different splits, whose test sets differ."""
+    """Best first (by the mean over repeated splits when a run has them), each with `p_vs_best`.
+
+    Refuses records made on different splits, whose test sets differ. `p_vs_best` is the
+    p-value that the run is as good as the best: a paired t-test over the per-split scores
+    when both ran on the same repeated splits, else McNemar's exact test on their right and
+    wrong answers for the same test images (1 for the best run itself).
+    """
+    _same_test_set(records)
+    ranked = sorted(records, key=lambda r: (-r.get("accuracy_mean", r["accuracy"]), -r["accuracy"],
+                                            -r["balanced_accuracy"], r["fit_seconds"], r["run"]))
+    best = ranked[0]
+    return [r | _p_vs_best(r, best) for r in ranked]
+
+
+def _same_test_set(records: Sequence[dict[str, Any]]) -> None:
     splits: dict[str, list[str]] = {}
     for record in records:
-        splits.setdefault(record["dataset"]["split_fingerprint"], []).append(record["run"])
+        fingerprint = record.get("dataset", {}).get("split_fingerprint")
+        if not fingerprint or "test_predictions" not in record:
+            raise CnnCodesError(f"{record.get('record_path', record.get('run'))} has no split fingerprint or test "
+                                "predictions, so it cannot be compared: fit that run again")
+        splits.setdefault(fingerprint, []).append(record["run"])
     if len(splits) > 1:
         groups = "; ".join(f"split {fp[:10]}: {', '.join(runs)}" for fp, runs in splits.items())
         raise CnnCodesError(f"these runs were scored on different test sets and cannot be ranked together ({groups}): "
                             "compare the folders of one split separately")
-    return sorted(records, key=lambda r: (-r["accuracy"], -r["balanced_accuracy"], r["fit_seconds"], r["run"]))
+    tests = {run["run"]: sorted((p["path"], p["label"]) for p in run["test_predictions"]) for run in records}
+    first = next(iter(tests.values()))
+    differing = [name for name, test in tests.items() if test != first]
+    if differing:
+        raise CnnCodesError(f"runs {', '.join(differing)} claim the same split but were scored on other test images: "
+                            "their records were changed or made by another version; fit them again")
+
+
+def _p_vs_best(record: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
+    if record is best:
+        return {"p_vs_best": 1.0, "p_vs_best_test": "best"}
+    seeds = [r["seed"] for r in record.get("repeats", [])]
+    if len(seeds) > 1 and seeds == [r["seed"] for r in best.get("repeats", [])]:
+        return {"p_vs_best": paired_p([r["accuracy"] for r in best["repeats"]],
+                                      [r["accuracy"] for r in record["repeats"]]), "p_vs_best_test": "paired t"}
+    return {"p_vs_best": mcnemar_p(_right(record), _right(best)), "p_vs_best_test": "McNemar"}
+
+
+def _right(record: dict[str, Any]) -> np.ndarray:
+    """Right or wrong per test image, in path order, so two runs pair image by image."""
+    return np.array([p["predicted"] == p["label"] for p in sorted(record["test_predictions"], key=lambda p: p["path"])])
 
 
 def rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """Display rows in `COLUMNS` order: accuracy with its 95% interval, sizes in KB/MB."""
+    """Display rows in `COLUMNS` order: accuracy with its 95% interval (or mean ±sd over repeated splits), sizes
+    in KB/MB."""
     return [
         dict(zip(COLUMNS, (
-            str(i), r["run"], r["method"], r["backbone"], r["layer"], r.get("classifier") or "-",
-            f"{100 * r['accuracy']:.1f}% [{100 * r['accuracy_ci95'][0]:.0f}–{100 * r['accuracy_ci95'][1]:.0f}]",
-            f"{100 * r['balanced_accuracy']:.1f}%", f"{100 * r['macro_f1']:.1f}%", f"{r['fit_seconds']:.1f}",
-            _seconds(r.get("extract_seconds")), _size(r["model_bytes"]),
+            str(i), r["run"], r["method"], r["backbone"], r["layer"], r.get("classifier") or "-", _accuracy(r),
+            _p(r), f"{100 * r['balanced_accuracy']:.1f}%", f"{100 * r['macro_f1']:.1f}%", _number(r.get("ece")),
+            _number(r.get("confidence_auroc")), f"{r['fit_seconds']:.1f}", _seconds(r.get("extract_seconds")),
+            _size(r["model_bytes"]),
         )))
         for i, r in enumerate(records, start=1)
     ]
+
+
+def _accuracy(record: dict[str, Any]) -> str:
+    if "accuracy_mean" in record:
+        return f"{100 * record['accuracy_mean']:.1f}% ±{100 * record['accuracy_sd']:.1f}"
+    low, high = record["accuracy_ci95"]
+    return f"{100 * record['accuracy']:.1f}% [{100 * low:.0f}–{100 * high:.0f}]"
+
+
+def _p(record: dict[str, Any]) -> str:
+    if "p_vs_best" not in record or record.get("p_vs_best_test") == "best":
+        return "best" if "p_vs_best" in record else "-"
+    return f"{record['p_vs_best']:.2g}{' *' if record['p_vs_best'] < ALPHA else ''}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _seconds(value: float | None) -> str:
@@ -59,12 +122,17 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
-def rich_table(records: Sequence[dict[str, Any]], title: str | None = None) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
-    for name, header in TERMINAL_COLUMNS.items():
-        table.add_column(header, overflow="fold", no_wrap=name != "run")
+def rich_table(records: Sequence[dict[str, Any]], title: str | None = None, width: int = WIDE) -> Table:
+    """The ranked runs for a terminal `width` columns wide: below `WIDE`, only the columns that rank and trust."""
+    names = [n for n in TERMINAL_COLUMNS if width >= WIDE or n in NARROW_COLUMNS]
+    marked = any(r.get("p_vs_best", 1.0) < ALPHA for r in records)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True,
+                  caption=f"* significantly worse than the best run (p < {ALPHA})" if marked else None)
+    for name in names:
+        table.add_column(TERMINAL_COLUMNS[name], overflow="fold", no_wrap=name != "run",
+                         min_width=min(len(max((r["run"] for r in records), key=len)), 36) if name == "run" else None)
     for row in rows(records):
-        table.add_row(*(row[name] for name in TERMINAL_COLUMNS))
+        table.add_row(*(row[name] for name in names))
     return table
 
 
@@ -107,14 +175,53 @@ def _table_html(records: Sequence[dict[str, Any]]) -> str:
     first = records[0]
     return (f"<p>{len(records)} runs on one split ({html.escape(first['dataset']['split_fingerprint'][:12])}), "
             f"{first['n_test']} test images, best first.</p>"
-            + _html_table(COLUMNS, [list(row.values()) for row in rows(records)]))
+            + _html_table(COLUMNS, [list(row.values()) for row in rows(records)])
+            + f"<p>{html.escape(indistinguishable(records))}</p>")
+
+
+def indistinguishable(records: Sequence[dict[str, Any]]) -> str:
+    """One sentence: which runs the tests cannot tell from the best one (the marked ones are worse)."""
+    best, rest = records[0], records[1:]
+    tied = [r["run"] for r in rest if r.get("p_vs_best", 0.0) >= ALPHA]
+    tests = sorted({r["p_vs_best_test"] for r in rest if "p_vs_best_test" in r})
+    how = f" ({' and '.join(tests)}, p ≥ {ALPHA}; * marks the runs significantly worse)" if tests else ""
+    if not rest:
+        return f"{best['run']} is the only run."
+    if not tied:
+        return f"Every other run is significantly worse than {best['run']}{how}."
+    return f"Statistically indistinguishable from the best run, {best['run']}{how}: {', '.join(tied)}."
 
 
 def _run_html(record: dict[str, Any]) -> str:
     per_class = [[name, f"{s['precision']:.2f}", f"{s['recall']:.2f}", f"{s['f1']:.2f}", s["support"]]
                  for name, s in record["per_class"].items()]
     return (f"<h2>{html.escape(record['run'])}</h2><img alt='confusion matrix' src='{_confusion_png(record)}'>"
+            f"<img alt='reliability diagram' src='{_reliability_png(record)}'>"
             + _html_table(("class", "precision", "recall", "F1", "support"), per_class))
+
+
+def _reliability_png(record: dict[str, Any], bins: int = 15) -> str:
+    """Accuracy against mean top-1 probability in 15 equal-width bins of the test predictions: on the diagonal
+    when the probabilities can be taken at their word; bar widths show how many images fall in each bin."""
+    from matplotlib.figure import Figure
+
+    predictions = record["test_predictions"]
+    confidence = np.array([p["probability"] for p in predictions])
+    right = np.array([p["predicted"] == p["label"] for p in predictions])
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="#999", linestyle="--", linewidth=1)
+    for b in np.unique(which):
+        inside = which == b
+        ax.bar(confidence[inside].mean(), right[inside].mean(), width=0.9 / bins,
+               alpha=0.3 + 0.7 * inside.sum() / len(inside), color="#1f77b4")
+    ece = "" if record.get("ece") is None else f", ECE {record['ece']:.3f}"
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 probability", ylabel="accuracy",
+           title=f"{record['run']}{ece}")
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    return _data_uri(fig)
 
 
 def _confusion_png(record: dict[str, Any]) -> str:
