@@ -253,6 +253,20 @@ def test_cache_trunk_trains_on_cached_activations_and_its_model_predicts_the_sam
     assert again.exit_code == 2 and "cannot augment" in again.output
 
 
+def test_repeats_train_on_other_splits_of_the_features_and_record_mean_and_sd(tuned, tmp_path):
+    with pytest.raises(cnncodes.CnnCodesError, match="--split-from"):
+        finetune(tuned["data"], tmp_path / "x", tiny(), repeats=2, progress=False)
+    record = finetune(tuned["data"], tmp_path / "models", tiny(cache_trunk=True, fine_epochs=0), repeats=3,
+                      split_from=tuned["features"], progress=False)
+    seeds = [r["seed"] for r in record["repeats"]]
+    assert seeds == [0, 1, 2] and record["repeats"][0]["accuracy"] == record["accuracy"]
+    assert record["repeats"][0]["n_test"] == record["n_test"]
+    accuracies = [r["accuracy"] for r in record["repeats"]]
+    assert record["accuracy_mean"] == pytest.approx(np.mean(accuracies))
+    assert record["accuracy_sd"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert not (tmp_path / "models" / ".finetune" / "vgg16-finetune").exists()
+
+
 def test_smallcnn_trains_from_scratch_in_one_phase_and_predicts(tuned):
     models = tuned["root"] / "scratch-models"
     args = ["finetune", str(tuned["data"]), "--out", str(models), "--split-from", str(tuned["features"]),

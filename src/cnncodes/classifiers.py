@@ -42,7 +42,7 @@ from .errors import CnnCodesError
 from .evaluate import per_image_predictions, score
 from .features import Features, load_features
 from .progress import progress_bar
-from .records import build_record, refuse_to_replace, run_name
+from .records import build_record, refuse_to_replace, repeat_score, repeats_summary, run_name
 from .split import assign_subsets
 
 _LINEAR = {"linear-svm", "logreg"}
@@ -344,9 +344,9 @@ def _fit_one(feats: Features, out: Path, run: str, kind: str, splits, make, orig
     model, proba, fit_seconds = _fit_split(feats, subsets, make)
     advance(1)
     test_rows = subsets == "test"
-    repeats = [_repeat(first_seed, feats.y[test_rows], proba)]
+    repeats = [repeat_score(first_seed, feats.y[test_rows], proba)]
     for seed, other in others:
-        repeats.append(_repeat(seed, feats.y[other == "test"], _fit_split(feats, other, make)[1]))
+        repeats.append(repeat_score(seed, feats.y[other == "test"], _fit_split(feats, other, make)[1]))
         advance(1)
     record = build_record(
         run=run, method="cnn-codes", backbone=spec.backbone, layer=spec.layer, classifier=kind,
@@ -357,7 +357,7 @@ def _fit_one(feats: Features, out: Path, run: str, kind: str, splits, make, orig
                  "split_fingerprint": feats.split_fingerprint},
         classes=feats.classes, n_train=int((~test_rows).sum()), n_test=int(test_rows.sum()),
         **score(feats.y[test_rows], proba, feats.classes),
-        **(_repeats_summary(repeats) if others else {}),
+        **(repeats_summary(repeats) if others else {}),
         fit_seconds=round(fit_seconds, 3), extract_seconds=feats.meta["elapsed_seconds"],
         test_predictions=per_image_predictions([p for p, t in zip(feats.paths, test_rows) if t], feats.y[test_rows],
                                                proba, feats.classes),
@@ -365,16 +365,6 @@ def _fit_one(feats: Features, out: Path, run: str, kind: str, splits, make, orig
     return publish_bundle(out / f"{run}.joblib",
                           {"run": run, "model": model, "classes": feats.classes, "extractor": feats.meta["extractor"]},
                           record)
-
-
-def _repeat(seed: int, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
-    return {"seed": seed, "accuracy": float((proba.argmax(axis=1) == y_true).mean()), "n_test": len(y_true)}
-
-
-def _repeats_summary(repeats: list[dict[str, Any]]) -> dict[str, Any]:
-    accuracies = [r["accuracy"] for r in repeats]
-    return {"repeats": repeats, "accuracy_mean": float(np.mean(accuracies)),
-            "accuracy_sd": float(np.std(accuracies, ddof=1))}
 
 
 def class_probabilities(model: CodesClassifier, X: np.ndarray, n_classes: int) -> np.ndarray:

@@ -335,6 +335,7 @@ def finetune(
     name: Annotated[Optional[str], typer.Option(help="Prefix of the run name.")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the last finished epoch of an interrupted run.")] = False,
     restart: Annotated[bool, typer.Option(help="Discard an interrupted run's checkpoints and start afresh.")] = False,
+    repeats: Annotated[int, typer.Option(min=1, help="Also train and score on K-1 more duplicate-aware splits of the --split-from features (mean ± sd in the record).")] = 1,
     split: Annotated[str, typer.Option(help="train,val,test fractions of the split made without --split-from.")] = "0.7,0.15,0.15",
     split_seed: Annotated[int, typer.Option(help="Seed of the split made without --split-from (as extract's --seed).")] = 0,
     dup_threshold: Annotated[int, typer.Option(help="Duplicate threshold of the split made without --split-from.")] = DEFAULT_DUP_THRESHOLD,
@@ -351,7 +352,7 @@ def finetune(
             head_lr=head_lr, lr=lr, dropout=dropout, augment=augment, cache_trunk=cache_trunk,
             class_weight=class_weight, patience=patience, seed=seed)
         record = run_finetune(data, out, spec, split_from=split_from, split=split, split_seed=split_seed,
-                              dup_threshold=dup_threshold, name=name, resume=resume, restart=restart,
+                              dup_threshold=dup_threshold, name=name, repeats=repeats, resume=resume, restart=restart,
                               progress=not quiet)
     if not quiet:
         out_console.print(rich_table([record], title=f"{record['epochs_run']} epochs, {record['n_test']} test images"))

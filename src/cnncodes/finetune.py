@@ -32,11 +32,12 @@ from .choices import SMALL_CNN
 from .errors import CnnCodesError
 from .evaluate import per_image_predictions, score
 from .extract import extract, plan
+from .classifiers import repeated_splits
 from .features import load_features
 from .ingest import check_resize, discover, load_square
 from .models import build_classifier, small_cnn
 from .progress import progress_bar
-from .records import build_record, publish, refuse_to_replace, run_name
+from .records import build_record, publish, refuse_to_replace, repeat_score, repeats_summary, run_name
 from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, SUBSETS, Split, parse_fractions, read_split_csv
 from .weights import Weights
 
@@ -225,6 +226,7 @@ def finetune(
     split_seed: int = 0,
     dup_threshold: int = DEFAULT_DUP_THRESHOLD,
     name: str | None = None,
+    repeats: int = 1,
     resume: bool = False,
     restart: bool = False,
     callbacks: Sequence[keras.callbacks.Callback] = (),
@@ -243,6 +245,10 @@ def finetune(
             on the same test images as the CNN codes; else the split is made as `extract`
             makes it from `split`, `split_seed` and `dup_threshold`.
         name: prefix of the run name.
+        repeats: also train on `repeats - 1` more splits of the same images (the duplicate-aware
+            rule of `extract`, seeds counting up from the features' own; needs `split_from` a
+            features folder) and record each split's test accuracy, their mean and sd. The saved
+            model is the first split's. Practical with `cache_trunk`.
         resume: go on from the last finished epoch of an interrupted run (same settings).
         restart: discard an interrupted run's checkpoints and start afresh.
         callbacks: extra Keras callbacks for every phase's `fit`.
@@ -252,21 +258,58 @@ def finetune(
     data, out = Path(data), Path(out)
     fractions = parse_fractions(split)
     out.mkdir(parents=True, exist_ok=True)
-    the_split = load_split(data, out, Path(split_from) if split_from else None, fractions, split_seed, dup_threshold,
-                           progress)
+    splits = _splits(data, out, Path(split_from) if split_from else None, fractions, split_seed, dup_threshold,
+                     repeats, progress)
+    (first_seed, the_split), others = splits[0], splits[1:]
     run = run_name(name, spec.run_stem)
     origin = {"split": the_split.fingerprint,
-              "setting": sha256_json([type(spec).__name__, spec_params(spec), spec.weights.sha256])}
+              "setting": sha256_json([type(spec).__name__, spec_params(spec), spec.weights.sha256, repeats])}
     model_path = out / f"{run}.keras"
     refuse_to_replace(model_path, origin)
     checkpoints = _checkpoints(out / CHECKPOINTS / run, sha256_json(origin), resume, restart)
     training = _prepare(spec, data, out, the_split, progress)
     history, trainable = _train(spec, training, checkpoints, callbacks, progress)
     proba = training.trained.predict(training.datasets["test"], verbose=0)
-    record = publish(model_path, lambda tmp: training.model.save(tmp),
-                     _record(spec, run, origin, data, the_split, training, history, trainable, proba))
+    record = _record(spec, run, origin, data, the_split, training, history, trainable, proba)
+    if others:
+        scores = [repeat_score(first_seed, training.labels[training.subsets == "test"], proba)]
+        scores += [_score_repeat(spec, data, out, seed, split, checkpoints, progress) for seed, split in others]
+        record |= repeats_summary(scores)
+    record = publish(model_path, lambda tmp: training.model.save(tmp), record)
     shutil.rmtree(checkpoints, ignore_errors=True)  # last: a crash before here can still --resume
     return record
+
+
+def _splits(data: Path, out: Path, split_from: Path | None, fractions: Sequence[float], seed: int, dup_threshold: int,
+            repeats: int, progress: bool) -> list[tuple[int, Split]]:
+    """The split to train on, with its seed, then the other splits of `repeats`."""
+    if repeats < 1:
+        raise CnnCodesError(f"--repeats must be at least 1 (got {repeats})")
+    if repeats == 1:
+        return [(seed, load_split(data, out, split_from, fractions, seed, dup_threshold, progress))]
+    if split_from is None or not split_from.is_dir():
+        raise CnnCodesError("--repeats splits the images of a features folder again, keeping its duplicate groups "
+                            "together: give --split-from the folder extract wrote")
+    load_split(data, out, split_from, fractions, seed, dup_threshold, progress)  # the images must all be there
+    feats = load_features(split_from)
+    labels = [feats.classes[i] for i in feats.y]
+    return [(s, Split(feats.paths, labels, list(subsets))) for s, subsets in repeated_splits(feats, repeats)]
+
+
+def _score_repeat(spec: TrainingSpec, data: Path, out: Path, seed: int, the_split: Split, checkpoints: Path,
+                  progress: bool) -> dict[str, Any]:
+    """Train afresh on another split and score on its test images; a finished repeat is kept for --resume."""
+    done = checkpoints / f"repeat-{seed}.json"
+    if done.is_file():
+        return read_json(done)
+    folder = checkpoints / f"repeat-{seed}"
+    folder.mkdir(exist_ok=True)
+    training = _prepare(spec, data, out, the_split, progress)
+    _train(spec, training, folder, (), progress)
+    proba = training.trained.predict(training.datasets["test"], verbose=0)
+    score = repeat_score(seed, training.labels[training.subsets == "test"], proba)
+    write_json_atomic(done, score)
+    return score
 
 
 def image_root(data: Path) -> Path:

@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .artifacts import package_versions, read_json, sha256_file, write_json_atomic
 from .errors import CnnCodesError
 
@@ -99,3 +101,15 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
     if not records:
         raise CnnCodesError(f"no run records in {', '.join(map(str, folders))}: fit models first with `cnncodes fit-svm`")
     return records
+
+
+def repeat_score(seed: int, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
+    """One split of `--repeats`: its seed, test accuracy and test size."""
+    return {"seed": seed, "accuracy": float((proba.argmax(axis=1) == y_true).mean()), "n_test": len(y_true)}
+
+
+def repeats_summary(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record fields of a run scored on several splits: each split's score, their mean and sd."""
+    accuracies = [r["accuracy"] for r in repeats]
+    return {"repeats": repeats, "accuracy_mean": float(np.mean(accuracies)),
+            "accuracy_sd": float(np.std(accuracies, ddof=1))}
