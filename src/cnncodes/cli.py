@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -30,6 +30,7 @@ from .evaluate import load_records
 from .ingest import RESIZE_MODES
 from .progress import console as err_console
 from .report import FORMATS, html_report, rank, render, rich_table
+from .quantize import DEFAULT_CALIBRATION
 from .runtime import RUNTIMES
 from .split import DEFAULT_DUP_THRESHOLD
 
@@ -90,6 +91,8 @@ def extract(
     runtime: RuntimeOpt = "onnx",
     flip: Annotated[bool, typer.Option("--flip", help="Average each code with its mirror image's: twice the forward passes; not for classes that left and right tell apart.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
+    precision: Annotated[Literal["fp32", "int8"], typer.Option(help="int8: a quantized ONNX model, 1.2-3x faster; its agreement with fp32 is measured and recorded.")] = "fp32",
+    calibration: Annotated[int, typer.Option(min=1, help="Train images that calibrate the int8 model (never val or test images).")] = DEFAULT_CALIBRATION,
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, split.csv, rejected.csv, meta.json."""
     from .extract import extract as run_extract
@@ -99,7 +102,7 @@ def extract(
             data, out, backbone=BackboneName(backbone).value, layer=layer, pooling=Pooling(pooling).value,
             weights=weights, image_size=image_size, resize=Resize(resize).value, batch_size=batch_size,
             split=split, seed=seed, dup_threshold=dup_threshold, workers=workers, runtime=Runtime(runtime).value,
-            flip=flip, progress=not quiet,
+            flip=flip, progress=not quiet, precision=precision, calibration=calibration,
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

@@ -13,11 +13,14 @@ fingerprint, and its agreement is recorded in `meta.json` with a one-line warnin
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,49 +127,57 @@ def _calibration_pixels(spec: ExtractorSpec) -> tuple[np.ndarray, np.ndarray]:
 def _search(
     spec: ExtractorSpec, fp32: OnnxRunner, calibration: np.ndarray, holdout: np.ndarray, notice: Callable[[str], None]
 ) -> OnnxRunner:
-    """Try configurations fastest first; publish the first that agrees well enough with fp32, else the best."""
-    import onnx
-
-    fp32_path = onnx_cache_path(spec.network_key)
-    reference = fp32(holdout)
+    """Quantize in a scratch folder, publish the chosen model with what was tried, warn when it agrees poorly."""
     scratch = Path(tempfile.mkdtemp(dir=private_cache_dir(spec.model_key), prefix=".quantize-"))
     try:
-        groups = sensitive_layers(onnx.load(str(fp32_path), load_external_data=False))
-        tried: list[dict[str, Any]] = []
-        best: tuple[float, Path, dict[str, Any]] | None = None
-        for i, config in enumerate(_configurations(groups)):
-            made = scratch / f"{i}.onnx"
-            _quantize(fp32_path, made, _Batches(calibration, fp32.input), config, groups, scratch)
-            agreement = _agreement(OnnxRunner(made)(holdout), reference)
-            tried.append({**config, "agreement": agreement})
-            good = _good(agreement, GOOD)
-            if best is None or agreement["mean"] > best[0] or good:
-                best = (agreement["mean"], made, tried[-1])
-            if good:
-                break
-        assert best is not None
-        chosen = {**best[2], "calibration_images": len(calibration), "holdout_images": len(holdout), "tried": tried}
-        runner = OnnxRunner(best[1])
-        path = onnx_cache_path(spec.model_key)
-        publish(
-            best[1],
-            path,
-            {
-                "key": spec.model_key,
-                "model": f"{spec.backbone} int8",
-                "probe": fingerprint(runner(probe_batch(runner.input_shape))),
-                "quantization": chosen,
-            },
-        )
+        made, chosen = _best_configuration(_prepared(spec, scratch), fp32, calibration, holdout, scratch)
+        runner = OnnxRunner(made)
+        probe = fingerprint(runner(probe_batch(runner.input_shape)))
+        record = {"key": spec.model_key, "model": f"{spec.backbone} int8", "probe": probe, "quantization": chosen}
+        publish(made, onnx_cache_path(spec.model_key), record)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if not _good(chosen["agreement"], LOW):
-        a = chosen["agreement"]
+    agreement = chosen["agreement"]
+    if not _good(agreement, LOW):
         notice(
-            f"int8 codes agree with fp32 codes at cosine {a['mean']:.3f} on average (lowest {a['min']:.3f}) on "
-            f"{len(holdout)} held-out train images: check the accuracy, or use --precision fp32"
+            f"int8 codes agree with fp32 codes at cosine {agreement['mean']:.3f} on average (lowest "
+            f"{agreement['min']:.3f}) on {len(holdout)} held-out train images: check the accuracy, or use --precision fp32"
         )
     return runner
+
+
+def _prepared(spec: ExtractorSpec, scratch: Path) -> Path:
+    """The fp32 model with batch norms folded into their convolutions (measured: mean cosine 0.83 -> 0.975)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model = scratch / "fp32.onnx"
+    with _quiet():
+        quant_pre_process(str(onnx_cache_path(spec.network_key)), str(model), skip_symbolic_shape=True)
+    return model
+
+
+def _best_configuration(
+    model: Path, fp32: OnnxRunner, calibration: np.ndarray, holdout: np.ndarray, scratch: Path
+) -> tuple[Path, dict[str, Any]]:
+    """Try configurations fastest first: the first that agrees well enough with fp32 wins, else the best."""
+    import onnx
+
+    reference = fp32(holdout)
+    groups = sensitive_layers(onnx.load(str(model)))
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, Path, dict[str, Any]] | None = None
+    for i, config in enumerate(_configurations(groups)):
+        made = scratch / f"{i}.onnx"
+        _quantize(model, made, _Batches(calibration, fp32.input), config, groups, scratch)
+        agreement = _agreement(OnnxRunner(made)(holdout), reference)
+        tried.append({**config, "agreement": agreement})
+        good = _good(agreement, GOOD)
+        if best is None or agreement["mean"] > best[0] or good:
+            best = (agreement["mean"], made, tried[-1])
+        if good:
+            break
+    assert best is not None  # the first configuration is always tried
+    return best[1], {**best[2], "calibration_images": len(calibration), "holdout_images": len(holdout), "tried": tried}
 
 
 def sensitive_layers(model: Any) -> dict[str, list[str]]:
@@ -199,19 +210,31 @@ def _quantize(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     excluded = [node for name in config["fp32_layers"] for node in groups[name]]
-    quantize_static(
-        str(fp32),
-        str(out),
-        calibration,
-        quant_format=QuantFormat.QDQ,
-        per_channel=config["per_channel"],
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=getattr(CalibrationMethod, config["method"]),
-        nodes_to_exclude=excluded,
-        extra_options={"CalibStridedMinMax": 1},
-        calibration_cache_path=scratch / f"{config['method']}.json",
-    )
+    with _quiet():
+        quantize_static(
+            str(fp32),
+            str(out),
+            calibration,
+            quant_format=QuantFormat.QDQ,
+            per_channel=config["per_channel"],
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, config["method"]),
+            nodes_to_exclude=excluded,
+            extra_options={"CalibStridedMinMax": 1},
+            calibration_cache_path=scratch / f"{config['method']}.json",
+        )
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's quantization tools print progress and advice through print() and the root logger."""
+    logging.disable(logging.WARNING)
+    try:
+        with redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 class _Batches:
