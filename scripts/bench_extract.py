@@ -10,8 +10,9 @@ For each backbone, on the same N images from ../shared/datasets/oxford17flowers,
               model.predict, one image at a time.
 Every measurement runs in a fresh subprocess, timed the same way (first batch included);
 extract and forward are measured in --repeats interleaved rounds and the median is shown.
-Then: memory bounded by the batch, not the dataset; and the whole-process time of a
-one-image `cnncodes predict` with a warm ONNX cache.
+Then: memory bounded by the batch, not the dataset; the whole-process time of a one-image
+`cnncodes predict` with a warm ONNX cache; and `extract --precision int8` against fp32 on
+ONNX Runtime (interleaved rounds, after a first int8 run that quantizes).
 
     .venv/bin/python scripts/bench_extract.py [--images 256] [--backbones mobilenetv2,resnet50,vgg16]
 """
@@ -69,7 +70,7 @@ def work_extract(args) -> dict:
     started = time.perf_counter()
     result = cnncodes.extract(listing, Path(args.out or Path(args.tmp) / "out"), backbone=args.backbone,
                               weights=weights_for(args.backbone), image_size=args.size, batch_size=args.batch_size,
-                              runtime=args.runtime, progress=False)
+                              runtime=args.runtime, precision=args.precision, progress=False)
     return {"images_per_second": result.images_per_second, "wall_seconds": time.perf_counter() - started,
             "images": result.n_images, "peak_rss_mb": peak_rss_mb()}
 
@@ -153,6 +154,23 @@ def memory_table(args) -> None:
         print(f"| {run['images']} | {run['images_per_second']:.1f} | {run['peak_rss_mb']:.0f} MB |", flush=True)
 
 
+def int8_table(args) -> None:
+    """`extract --precision int8` against fp32 on ONNX Runtime, in interleaved rounds."""
+    print(f"\n# int8 against fp32 extract on ONNX Runtime: {args.images} images, batch {args.batch_size} "
+          f"(images/s, median of {args.repeats} interleaved rounds)\n")
+    print("| backbone | weights | extract fp32 | extract int8 | int8 / fp32 | int8 agreement (mean / min cosine) |")
+    print("|---|---|---|---|---|---|")
+    for backbone in args.backbones.split(","):
+        with tempfile.TemporaryDirectory() as tmp:  # the first int8 run quantizes; its meta has the agreement
+            measure("extract", backbone, args, precision="int8", out=str(Path(tmp) / "f"))
+            agreement = json.loads((Path(tmp) / "f" / "meta.json").read_text())["extractor"]["quantization"]["agreement"]
+        rounds = [{p: measure("extract", backbone, args, precision=p) for p in ("fp32", "int8")}
+                  for _ in range(args.repeats)]
+        fp32, int8 = (statistics.median(r[p]["images_per_second"] for r in rounds) for p in ("fp32", "int8"))
+        print(f"| {backbone} | {weights_for(backbone)} | {fp32:.1f} | {int8:.1f} | {int8 / fp32:.2f} | "
+              f"{agreement['mean']:.4f} / {agreement['min']:.4f} |", flush=True)
+
+
 def predict_table(args) -> None:
     """Whole-process seconds of `cnncodes predict BUNDLE one.jpg`, the ONNX model already cached."""
     cli = Path(sys.executable).parent / "cnncodes"
@@ -187,7 +205,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the extract and forward runs (median)")
     parser.add_argument("--memory-size", type=int, default=96, help="input size of the memory table's runs")
+    parser.add_argument("--tables", default="throughput,memory,predict,int8", help="which tables to measure")
     parser.add_argument("--runtime", default="onnx", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--options", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,10 +219,11 @@ def main() -> None:
     args.datasets = ("oxford17flowers",)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["CNNCODES_CACHE_DIR"] = cache  # conversions are shared by this run's measurements only
-        throughput_table(args)
-        memory_table(args)
-        predict_table(args)
+        for table in args.tables.split(","):
+            TABLES[table](args)
 
+
+TABLES = {"throughput": throughput_table, "memory": memory_table, "predict": predict_table, "int8": int8_table}
 
 if __name__ == "__main__":
     main()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
 import os
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,9 +20,9 @@ from typer.testing import CliRunner
 import cnncodes
 from cnncodes.cli import app
 from cnncodes.ingest import load_square
-from cnncodes.runtime import KerasRunner, OnnxRunner, make_runner, onnx_cache_path
+from cnncodes.runtime import KerasRunner, OnnxRunner, cached_runner, make_runner, onnx_cache_path
 
-from .conftest import FLOWERS, make_dataset, needs_real_weights
+from .conftest import FLOWERS, make_dataset, needs_real_weights, pattern
 
 runner = CliRunner()
 
@@ -69,25 +75,85 @@ def test_converted_model_is_cached_and_a_damaged_cache_is_rebuilt():
     builds = []
     rebuilt = make_runner(lambda: builds.append(1) or spec.build(weights), spec.key, "onnx")
     assert builds == [1] and isinstance(rebuilt, OnnxRunner)
-    assert json.loads(path.with_suffix(".json").read_text())["sha256"] != ""
+    assert json.loads(path.with_suffix(".json").read_text())["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert path.read_bytes() != bytes(data)
     assert isinstance(make_runner(must_not_build, spec.key, "onnx"), OnnxRunner)
 
 
-def test_failed_conversion_falls_back_to_keras_with_a_notice(monkeypatch, tmp_path):
-    import keras
+def test_cache_folder_is_private_and_a_swapped_entry_is_refused_and_rebuilt():
+    spec, weights = small_spec()
+    other, _ = cnncodes.ExtractorSpec.create("vgg16", "block3_pool", image_size=32, weights="none")
+    spec.runner(weights, "onnx")
+    other.runner(weights, "onnx")
+    pinned = spec.pinned()
+    mine, theirs = onnx_cache_path(spec.key), onnx_cache_path(other.key)
+    assert stat.S_IMODE(mine.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(mine.parent.parent.stat().st_mode) == 0o700
+    pixels = np.stack([pattern("stripes", i, 32) for i in range(3)])
+    expected = KerasRunner(spec.build(weights))(pixels)
 
-    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cache"))
+    shutil.copy(theirs, mine)  # another network's entry, copied with its record
+    shutil.copy(theirs.with_suffix(".json"), mine.with_suffix(".json"))
+    assert cached_runner(mine, spec.key) == "it was made for another model"
 
-    def broken_export(self, *args, **kwargs):
+    record = json.loads(theirs.with_suffix(".json").read_text())  # and with the record edited to fit
+    mine.with_suffix(".json").write_text(json.dumps(record | {"key": spec.key}))
+    notices = []
+    rebuilt = make_runner(partial(spec.build, weights), spec.key, "onnx", notice=notices.append, pin=pinned.probe)
+    assert sum("refused" in n for n in notices) == 1, notices
+    np.testing.assert_allclose(rebuilt(pixels), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    assert json.loads(mine.with_suffix(".json").read_text())["probe"] == pinned.probe
+
+
+def unexportable(spec, weights):
+    """A model whose export fails in the child process that converts it."""
+    model = spec.build(weights)
+
+    def broken_export(*args, **kwargs):
         raise RuntimeError("unsupported op Foo")
 
-    monkeypatch.setattr(keras.Model, "export", broken_export)
+    model.export = broken_export
+    return model
+
+
+def killed_in_child(spec, weights):
+    """Builds in this process; in the converting child, dies as the kernel's OOM killer would make it."""
+    if multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return spec.build(weights)
+
+
+def test_failed_conversion_falls_back_to_keras_with_a_notice_and_a_killed_one_is_tried_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cache"))
     spec, weights = small_spec()
     notices = []
-    fallback = make_runner(lambda: spec.build(weights), spec.key, "onnx", notice=notices.append)
+    fallback = make_runner(partial(unexportable, spec, weights), spec.key, "onnx", notice=notices.append)
     assert isinstance(fallback, KerasRunner)
-    assert len(notices) == 1 and "unsupported op Foo" in notices[0] and "Keras" in notices[0]
+    assert len(notices) == 2 and "converting vgg16" not in notices[1]
+    assert "unsupported op Foo" in notices[1] and "Keras" in notices[1]
     assert not onnx_cache_path(spec.key).exists()
+    assert onnx_cache_path(spec.key).with_suffix(".failed").is_file()  # a failure that repeats is not tried again
+
+    notices.clear()
+    killed = make_runner(partial(killed_in_child, spec, weights), spec.network_key + "-2", "onnx",
+                         notice=notices.append)
+    assert isinstance(killed, KerasRunner) and "killed" in notices[-1]
+    assert not onnx_cache_path(spec.network_key + "-2").with_suffix(".failed").exists()
+
+
+def test_cold_conversion_leaves_no_tensorflow_in_the_process(tmp_path):
+    script = """
+import sys, cnncodes
+from cnncodes.runtime import OnnxRunner
+spec, weights = cnncodes.ExtractorSpec.create("mobilenetv2", image_size=32, weights="none")
+assert isinstance(spec.runner(weights), OnnxRunner)
+print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))
+"""
+    env = os.environ | {"CNNCODES_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "converting mobilenetv2 for ONNX Runtime, once" in done.stderr
 
 
 def test_bundle_fitted_on_keras_codes_predicts_the_same_with_onnx(tmp_path):

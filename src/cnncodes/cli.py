@@ -30,6 +30,7 @@ from .choices import KINDS, SMALL_CNN, Normalize
 from .errors import CnnCodesError
 from .ingest import RESIZE_MODES
 from .progress import console as err_console
+from .quantize import DEFAULT_CALIBRATION
 from .records import load_records
 from .report import Format, html_report, rank, render, rich_table
 from .runtime import RUNTIMES
@@ -109,6 +110,8 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
     engine: Annotated[Literal["local", "ray"], typer.Option(help="Where checking and forward passes run: this machine, or a Ray cluster (pip install 'cnncodes[ray]').")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster to join with --engine ray (default: $RAY_ADDRESS, else a new local one).")] = None,
+    precision: Annotated[Literal["fp32", "int8"], typer.Option(help="int8: a quantized ONNX model, 1.2-3x faster; its agreement with fp32 is measured and recorded.")] = "fp32",
+    calibration: Annotated[int, typer.Option(min=1, help="Train images that calibrate the int8 model (never val or test images).")] = DEFAULT_CALIBRATION,
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, groups.npy, split.csv, rejected.csv, meta.json."""
     from .extract import extract as run_extract
@@ -118,7 +121,8 @@ def extract(
             data, out, backbone=BackboneName(backbone).value, layer=layer, pooling=Pooling(pooling).value,
             weights=weights, image_size=image_size, resize=Resize(resize).value, batch_size=batch_size,
             split=split, seed=seed, dup_threshold=dup_threshold, workers=workers, runtime=Runtime(runtime).value,
-            flip=flip, progress=not quiet, engine=engine, address=address,
+            flip=flip, progress=not quiet, engine=engine, address=address, precision=precision,
+            calibration=calibration,
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

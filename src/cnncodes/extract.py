@@ -23,9 +23,9 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -33,13 +33,13 @@ import numpy as np
 from filelock import FileLock, Timeout
 from numpy.lib.format import open_memmap
 
-from . import artifacts
+from . import artifacts, quantize
 from .backbones import POOLINGS, get_backbone
 from .errors import CnnCodesError
 from .ingest import BadImage, Check, Dataset, check_image, check_resize, discover, load_square
 from .progress import progress_bar, warn
 from .remote import UriRoot, discover_uri, fetched, file_ids, is_uri
-from .runtime import MirrorAveraged, Runner, check_runtime, make_runner
+from .runtime import MirrorAveraged, Runner, cache_record, check_runtime, make_runner
 from .split import (
     DEFAULT_DUP_THRESHOLD,
     DEFAULT_FRACTIONS,
@@ -78,6 +78,14 @@ class ExtractorSpec:
     weights_sha256: str | None = None
     weights_file: str | None = None
     flip: bool = False
+    # fp32, or int8: a quantized copy of the ONNX model, calibrated on train images only.
+    precision: str = "fp32"
+    # int8 only: {"n"} as asked, then the images chosen ("images", "holdout") and their "fingerprint".
+    calibration: dict[str, Any] | None = None
+    # Recorded by the cache when the model was made: the configuration int8 chose and its agreement with fp32.
+    quantization: dict[str, Any] | None = None
+    # The model's outputs on the probe batch (runtime.fingerprint): pins the cached model to these codes.
+    probe: list[float] | None = None
 
     @classmethod
     def create(
@@ -89,8 +97,12 @@ class ExtractorSpec:
         resize: str = "crop",
         weights: str = "imagenet",
         flip: bool = False,
+        precision: str = "fp32",
+        calibration: int = quantize.DEFAULT_CALIBRATION,
+        runtime: str = "onnx",
     ) -> tuple[ExtractorSpec, Weights]:
         """Validate the user's choices and resolve the weights file (no TensorFlow needed)."""
+        quantize.check_precision(precision, calibration, runtime)
         entry = get_backbone(backbone)
         layer = layer or entry.default_layer
         if pooling not in POOLINGS:
@@ -106,6 +118,7 @@ class ExtractorSpec:
             backbone=entry.name, layer=layer, pooling="none" if entry.needs_top(layer) else pooling,
             image_size=size, resize=resize, preprocessing=entry.preprocessing, weights=resolved.kind,
             weights_sha256=resolved.sha256, weights_file=str(resolved.path) if resolved.path else None, flip=flip,
+            precision=precision, calibration={"n": calibration} if precision == "int8" else None,
         )
         return spec, resolved
 
@@ -119,16 +132,39 @@ class ExtractorSpec:
     @property
     def network_key(self) -> str:
         """Equal keys mean equal networks. Untrained weights depend on Keras's initialisers."""
-        ignored = ("weights_file", "flip")
+        ignored = ("weights_file", "flip", "precision", "calibration", "quantization", "probe")
         identity = {k: v for k, v in self.to_dict().items() if k not in ignored} | {"format": EXTRACTOR_FORMAT}
         if self.weights == "none":
             identity["keras"] = artifacts.package_versions().get("keras")
         return artifacts.sha256_json(identity)
 
     @property
+    def model_key(self) -> str:
+        """Equal keys mean equal models run by the runtime: the network, quantized with its calibration set."""
+        if self.precision == "fp32":
+            return self.network_key
+        return artifacts.sha256_json([self.network_key, self.precision, self.calibration_fingerprint, quantize.FORMAT])
+
+    @property
+    def calibration_fingerprint(self) -> str | None:
+        return (self.calibration or {}).get("fingerprint")
+
+    @property
     def key(self) -> str:
-        """Equal keys mean equal codes; codes without --flip keep the keys they had before it existed."""
-        return artifacts.sha256_json([self.network_key, "flip"]) if self.flip else self.network_key
+        """Equal keys mean equal codes; fp32 codes without --flip keep the keys they had before either existed."""
+        return artifacts.sha256_json([self.model_key, "flip"]) if self.flip else self.model_key
+
+    def calibrated(self, train: Sequence[Path]) -> ExtractorSpec:
+        """For int8, the calibration and held-out images, chosen among `train` (never val or test images)."""
+        if self.precision == "fp32":
+            return self
+        return replace(self, calibration=quantize.calibration_set(train, self.calibration["n"]))
+
+    def pinned(self) -> ExtractorSpec:
+        """This spec with what the cache recorded when it made the model: the probe fingerprint, int8's choice."""
+        record = cache_record(self.model_key) or {}
+        return replace(self, probe=record.get("probe", self.probe),
+                       quantization=record.get("quantization", self.quantization))
 
     def find_weights(self, override: str | None = None) -> Weights:
         """The weights these codes were made with, found again (or at `override`) and checked by SHA-256."""
@@ -149,9 +185,18 @@ class ExtractorSpec:
         return build_extractor(get_backbone(self.backbone), self.image_size, self.layer, self.pooling, weights)
 
     def runner(self, weights: Weights, runtime: str = "onnx") -> Runner:
-        """The extractor on `runtime`; with a cached ONNX model, TensorFlow is never loaded."""
-        runner = make_runner(lambda: self.build(weights), self.network_key, runtime, notice=warn)
-        return MirrorAveraged(runner) if self.flip else runner
+        """The extractor on `runtime`, at its precision; with a cached ONNX model, TensorFlow is never loaded.
+
+        On a cache miss the network is converted in a child process (and quantized for int8), so
+        calling this ahead of time, e.g. in a container build, prepares the cache.
+        """
+        build = partial(self.build, weights)  # picklable: the conversion runs in a child process
+        if self.precision == "int8":
+            quantize.check_precision(self.precision, self.calibration["n"], runtime)
+            found: Runner = quantize.int8_runner(self, build, notice=warn)
+        else:
+            found = make_runner(build, self.network_key, runtime, notice=warn, pin=self.probe, label=self.backbone)
+        return MirrorAveraged(found) if self.flip else found
 
 
 def decode(path: Path | str, size: int, resize: str = "crop") -> np.ndarray | str:
@@ -547,13 +592,16 @@ def extract(
     engine: str = "local",
     address: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
+    calibration: int = quantize.DEFAULT_CALIBRATION,
 ) -> ExtractResult:
     """Write CNN codes of every usable image in `data` to `out` (see the README for the files).
 
     Bad files are skipped and listed in `rejected.csv`; re-running with the same data and
     settings recomputes nothing, and an interrupted run resumes where it stopped. `flip`
     averages each code with that of the mirror image (twice the forward passes).
-    `engine` is "local" or "ray" (`address`: a Ray cluster, else `RAY_ADDRESS` or a new
+    `precision` "int8" runs a quantized model calibrated on `calibration` train images (see
+    the README). `engine` is "local" or "ray" (`address`: a Ray cluster, else `RAY_ADDRESS` or a new
     local one); `workers` is decoding threads locally, actors on Ray.
     `on_batch(done, total)` is called after each batch of codes is safely stored: the
     hook to follow a run from a notebook, or to stop it (raise KeyboardInterrupt) as
@@ -565,7 +613,8 @@ def extract(
     check_runtime(runtime)
     check_dup_threshold(dup_threshold)
     fractions = parse_fractions(split)
-    spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights, flip)
+    spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights, flip, precision,
+                                          calibration, runtime)
     out = Path(out)
     dataset = discover_data(data)  # a missing or empty DATA fails before anything is written
     discovered = time.perf_counter() - started
@@ -573,6 +622,8 @@ def extract(
     engine_start = time.perf_counter() - started - discovered
     with _exclusive(out):
         the_plan = plan(dataset, out, fractions, seed, dup_threshold, workers, progress, where)
+        train = [the_plan.usable.root / p for p, s in zip(the_plan.split.paths, the_plan.split.subsets) if s == "train"]
+        spec = spec.calibrated(train)
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, the_plan.split.labels, the_plan.split.subsets])
         if _up_to_date(out, run_key):
             return _result_from_meta(out, the_plan.rejected, the_plan.split.warnings, time.perf_counter() - started)
@@ -841,7 +892,7 @@ def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, engi
         "dim": dim,
         "paths": final.paths,
         "subsets": final.subsets,
-        "extractor": spec.to_dict(),
+        "extractor": spec.pinned().to_dict(),
         "runtime": runtime,
         "engine": engine,
         "split": {**split_args, "fingerprint": final.fingerprint, "duplicate_groups": final.n_duplicate_groups,

@@ -10,6 +10,7 @@ import glob
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +80,22 @@ def load_predictor(model: Path | str, weights: str | None = None, runtime: str =
 def _finetuned_predictor(path: Path, runtime: str):
     """A fine-tuned `.keras` model (pixels in, probabilities out), checked against its run record."""
     record, data = load_record_for(path)
-
-    def build():
-        import keras
-
-        from . import preprocessing  # noqa: F401 - registers the Preprocess layer the model contains
-
-        with tempfile.TemporaryDirectory() as tmp:  # load exactly the bytes that were verified
-            verified = Path(tmp) / path.name
-            verified.write_bytes(data)
-            return keras.saving.load_model(verified)
-
-    runner = make_runner(build, f"finetuned:{record['model_sha256']}", runtime, notice=warn)
+    build = partial(_load_verified, path.name, data)  # picklable: the conversion runs in a child process
+    runner = make_runner(build, f"finetuned:{record['model_sha256']}", runtime, notice=warn, label=path.name)
     spec = record["extractor"]
     return runner, spec["image_size"], spec["resize"], record["classes"]
+
+
+def _load_verified(name: str, data: bytes):
+    """The fine-tuned Keras model from exactly the bytes that were verified against its record."""
+    import keras
+
+    from . import preprocessing  # noqa: F401 - registers the Preprocess layer the model contains
+
+    with tempfile.TemporaryDirectory() as tmp:
+        verified = Path(tmp) / name
+        verified.write_bytes(data)
+        return keras.saving.load_model(verified)
 
 
 def predict(model: Path | str, images: Sequence[str | Path], *, top_k: int = 3, batch_size: int = 32,

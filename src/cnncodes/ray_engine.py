@@ -105,7 +105,7 @@ def _onnx_bytes(job: CodeJob) -> bytes:
     if not isinstance(base, OnnxRunner):
         raise CnnCodesError(f"the Ray engine runs models on ONNX Runtime, and {job.spec.backbone}/{job.spec.layer} "
                             "runs on Keras here: use --engine local")
-    return onnx_cache_path(job.spec.network_key).read_bytes()
+    return onnx_cache_path(job.spec.model_key).read_bytes()  # the int8 model too, at its own key
 
 
 class _Coder:

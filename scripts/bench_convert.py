@@ -1,0 +1,91 @@
+"""First use of a backbone: cnncodes's ONNX conversion against Keras's bare `model.export`.
+
+For each backbone (untrained weights, its default input size), in fresh processes, with
+rounds that interleave the two so a slow spell of the shared machine hits both alike:
+  bare      build the Keras extractor, call it once (Keras exports only called models) and
+            `model.export(format="onnx")`, nothing else;
+  cnncodes  `ExtractorSpec.runner` on an empty cache: the conversion in a child process,
+            the check against Keras on the probe batch, the cached file, the ONNX session.
+Whole-process wall time, and the peak RSS of the whole process tree (the sum over the
+process and its children, sampled every 20 ms with psutil). Median of --repeats rounds.
+
+    .venv/bin/python scripts/bench_convert.py [--backbones mobilenetv2,resnet50,vgg16] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+BARE = """
+import sys, numpy as np, cnncodes
+spec, weights = cnncodes.ExtractorSpec.create(sys.argv[1], weights="none")
+model = spec.build(weights)
+model.predict_on_batch(np.zeros((1, *model.input_shape[1:]), np.uint8))  # Keras exports only called models
+model.export(sys.argv[2] + "/model.onnx", format="onnx", verbose=False)
+"""
+CNNCODES = """
+import sys, cnncodes
+from cnncodes.runtime import OnnxRunner
+spec, weights = cnncodes.ExtractorSpec.create(sys.argv[1], weights="none")
+assert isinstance(spec.runner(weights), OnnxRunner)
+"""
+
+
+def tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure(script: str, backbone: str) -> tuple[float, float]:
+    """Wall seconds and peak process-tree RSS (MB) of one fresh run with an empty cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = os.environ | {"CNNCODES_CACHE_DIR": tmp}
+        started = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-c", script, backbone, tmp], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        watched, peak = psutil.Process(child.pid), 0
+        while child.poll() is None:
+            try:
+                peak = max(peak, tree_rss(watched))
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        if child.returncode != 0:
+            raise SystemExit(f"{backbone} failed:\n{child.stderr.read()[-3000:]}")
+    return seconds, peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", default="mobilenetv2,resnet50,vgg16")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    print(f"# cold conversion, untrained weights, default size, median of {args.repeats} interleaved rounds\n")
+    print("| backbone | bare export s | cnncodes s | time ratio | bare export peak RSS | cnncodes peak RSS (tree) |")
+    print("|---|---|---|---|---|---|")
+    for backbone in args.backbones.split(","):
+        rounds = [(measure(BARE, backbone), measure(CNNCODES, backbone)) for _ in range(args.repeats)]
+        bare_s, ours_s = (statistics.median(r[i][0] for r in rounds) for i in (0, 1))
+        bare_mb, ours_mb = (statistics.median(r[i][1] for r in rounds) for i in (0, 1))
+        print(f"| {backbone} | {bare_s:.1f} | {ours_s:.1f} | {ours_s / bare_s:.2f} | {bare_mb:.0f} MB | {ours_mb:.0f} MB |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
