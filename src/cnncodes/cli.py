@@ -7,9 +7,6 @@ resume and exits 130.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +26,7 @@ from .errors import CnnCodesError
 from .evaluate import load_records
 from .ingest import RESIZE_MODES
 from .progress import console as err_console
-from .report import FORMATS, html_report, rank, render, rich_table
+from .report import FORMATS, html_report, predictions_table, rank, render, render_predictions, rich_table
 from .runtime import RUNTIMES
 from .split import DEFAULT_DUP_THRESHOLD
 
@@ -104,7 +101,7 @@ def extract(
     for warning in result.warnings:
         err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if result.rejected:
-        reasons = Counter(reason.split(" (")[0].split(":")[0] for _, reason in result.rejected)
+        reasons = Counter(category for _, _, category in result.rejected)
         summary = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
         err_console.print(f"[yellow]Skipped {len(result.rejected)} file(s)[/] ({escape(summary)}): "
                           f"see {escape(str(result.out / 'rejected.csv'))}",
@@ -237,15 +234,9 @@ def predict(
                               runtime=Runtime(runtime).value, progress=not quiet)
     fmt = PredictFormat(format).value
     if fmt == "table" and not output:
-        table = Table("image", "label", "probability", f"top {top_k}")
-        table.columns[0].overflow = "fold"  # paths wrap rather than lose their file name
-        for r in results:
-            top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in r.top_k)
-            table.add_row(Text(r.path), Text(r.label) if r.label else Text(r.error, style="red"),
-                          f"{r.probability:.3f}" if r.label else "", Text(top))
-        out_console.print(table)
+        out_console.print(predictions_table(results, top_k))
     else:
-        text = _predictions_text(results, "csv" if fmt == "table" else fmt)
+        text = render_predictions(results, "csv" if fmt == "table" else fmt)
         if output:
             write_bytes_atomic(output, text.encode())
         else:
@@ -255,18 +246,6 @@ def predict(
         err_console.print(f"[yellow]{failed} of {len(results)} file(s) could not be read[/]", highlight=False)
     if failed == len(results):
         raise typer.Exit(1)
-
-
-def _predictions_text(results, fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("path", "label", "probability", "top_k", "error"))
-    for r in results:
-        top = ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.top_k)
-        writer.writerow((r.path, r.label or "", "" if r.probability is None else f"{r.probability:.6f}", top, r.error or ""))
-    return buf.getvalue()
 
 
 @app.command()

@@ -42,6 +42,8 @@ FEATURES_FORMAT = "cnncodes.features/1"
 # Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
 EXTRACTOR_FORMAT = 1
 CACHE_DIR = ".cache"
+# rejected.csv: why each file was skipped, and the category (`BadImage.category`) summaries count.
+REJECTED_COLUMNS = ("path", "reason", "category")
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,9 @@ class ExtractorSpec:
         """The Keras extractor: uint8 pixels in, codes out."""
         return get_backbone(self.backbone).build_extractor(self.image_size, self.layer, self.pooling, weights)
 
-    def runner(self, weights: Weights, runtime: str = "onnx") -> Runner:
+    def runner(self, weights: Weights, runtime: str = "onnx", threads: int | None = None) -> Runner:
         """The extractor on `runtime`; with a cached ONNX model, TensorFlow is never loaded."""
-        runner = make_runner(lambda: self.build(weights), self.network_key, runtime, notice=warn)
+        runner = make_runner(lambda: self.build(weights), self.network_key, runtime, notice=warn, threads=threads)
         return MirrorAveraged(runner) if self.flip else runner
 
 
@@ -139,7 +141,7 @@ class Batch:
 
     rows: np.ndarray
     pixels: np.ndarray
-    failed: list[tuple[int, str]] = field(default_factory=list)
+    failed: list[tuple[int, BadImage]] = field(default_factory=list)
 
 
 class ImageReader:
@@ -172,16 +174,16 @@ class ImageReader:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _load(self, path: Path) -> np.ndarray | str:
+    def _load(self, path: Path) -> np.ndarray | BadImage:
         try:
             return load_square(path, self.size, self.resize)
         except BadImage as e:
-            return str(e)
+            return e
 
     def _collect(self, chunk: Sequence[int], futures: list) -> Batch:
         results = [f.result() for f in futures]
         good = [(row, r) for row, r in zip(chunk, results) if isinstance(r, np.ndarray)]
-        failed = [(row, r) for row, r in zip(chunk, results) if isinstance(r, str)]
+        failed = [(row, r) for row, r in zip(chunk, results) if isinstance(r, BadImage)]
         pixels = np.stack([r for _, r in good]) if good else np.empty((0, self.size, self.size, 3), np.uint8)
         return Batch(np.array([row for row, _ in good], dtype=np.int64), pixels, failed)
 
@@ -273,7 +275,7 @@ class ExtractResult:
     dim: int
     classes: list[str]
     counts: dict[str, int]
-    rejected: list[tuple[str, str]]
+    rejected: list[tuple[str, str, str]]  # REJECTED_COLUMNS
     computed: int
     reused: int
     seconds: float
@@ -326,7 +328,7 @@ def extract(
                               batch_size, workers, progress)
         writer = done.writer
         kept = writer.publish(out / "features.npy.new")
-        rejected += [(usable.paths[row], reason) for row, reason in done.failed]
+        rejected += [(usable.paths[row], str(bad), bad.category) for row, bad in done.failed]
         final = _keep_rows(the_split, kept)
         meta = _meta(usable, final, spec, runtime, run_key, writer.dim,
                      dict(fractions=fractions, seed=seed, dup_threshold=dup_threshold),
@@ -361,7 +363,7 @@ class Plan(NamedTuple):
 
     usable: Dataset
     split: Split
-    rejected: list[tuple[str, str]]
+    rejected: list[tuple[str, str, str]]  # REJECTED_COLUMNS
     file_ids: list[str]
 
 
@@ -373,8 +375,8 @@ def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACT
     """
     all_ids = _file_ids(dataset)
     checks = _check(dataset, all_ids, out / CACHE_DIR, workers, progress)
-    rejected = [(p, c.reason) for p, c in zip(dataset.paths, checks) if not c.ok]
-    artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
+    rejected = [(p, c.reason, c.category) for p, c in zip(dataset.paths, checks) if not c.ok]
+    artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, rejected)
     usable = _require_usable(dataset, checks)
     the_split = make_split(usable.paths, usable.labels, [c.phash for c in checks if c.ok], fractions, seed, dup_threshold)
     return Plan(usable, the_split, rejected, [fid for fid, c in zip(all_ids, checks) if c.ok])
@@ -385,7 +387,7 @@ def _check(dataset: Dataset, ids: list[str], cache_dir: Path, workers: int | Non
 
     The cache is saved every few thousand files, so an interrupted check resumes too.
     """
-    cache_file = cache_dir / "checks.json"
+    cache_file = cache_dir / "checks-2.json"  # 2: with the category of bad files
     try:
         cache = artifacts.read_json(cache_file)
     except (OSError, ValueError):
@@ -395,7 +397,7 @@ def _check(dataset: Dataset, ids: list[str], cache_dir: Path, workers: int | Non
         for start in range(0, len(todo), 4096):
             chunk = todo[start:start + 4096]
             found = check_images([dataset.root / dataset.paths[i] for i in chunk], workers or os.cpu_count() or 2, advance)
-            cache.update({ids[i]: [c.reason, c.phash] for i, c in zip(chunk, found)})
+            cache.update({ids[i]: [c.reason, c.phash, c.category] for i, c in zip(chunk, found)})
             artifacts.write_json_atomic(cache_file, {fid: cache[fid] for fid in ids if fid in cache})
     return [Check(*cache[fid]) for fid in ids]
 
@@ -457,7 +459,7 @@ class _Computed(NamedTuple):
     writer: FeatureWriter
     computed: int
     reused: int
-    failed: list[tuple[int, str]]
+    failed: list[tuple[int, BadImage]]
     seconds: float
 
 
@@ -527,6 +529,6 @@ def _publish_outputs(out: Path, final: Split, meta: dict, rejected, file_ids: li
     classes = meta["classes"]
     artifacts.write_npy_atomic(out / "labels.npy", np.array([classes.index(c) for c in final.labels], dtype=np.int64))
     final.write_csv(out / "split.csv")
-    artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
+    artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, rejected)
     artifacts.write_json_atomic(out / CACHE_DIR / "rows.json", {"spec_key": spec_key, "file_ids": file_ids})
     artifacts.write_json_atomic(out / "meta.json", meta)

@@ -58,12 +58,12 @@ class OnnxRunner:
     on 2 cores, no change for ResNet50).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -113,13 +113,16 @@ def check_runtime(runtime: str) -> None:
 
 
 def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
-                notice: Callable[[str], None] | None = None) -> Runner:
-    """A runner for the model that `build()` makes; on ONNX, built and converted only on a cache miss."""
+                notice: Callable[[str], None] | None = None, threads: int | None = None) -> Runner:
+    """A runner for the model that `build()` makes; on ONNX, built and converted only on a cache miss.
+
+    `threads` caps a cached ONNX model's operator threads (default: every core).
+    """
     check_runtime(runtime)
     if runtime == "keras":
         return KerasRunner(build())
     path = onnx_cache_path(model_key)
-    cached = _load_cached(path)
+    cached = _load_cached(path, threads)
     if cached is not None:
         return cached
     failed = path.with_suffix(".failed")
@@ -137,13 +140,13 @@ def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
     return KerasRunner(model)
 
 
-def _load_cached(path: Path) -> OnnxRunner | None:
+def _load_cached(path: Path, threads: int | None = None) -> OnnxRunner | None:
     """The cached ONNX model, unless it is missing, damaged or not the file its record names."""
     try:
         record = read_json(path.with_suffix(".json"))
         if sha256_file(path) != record["sha256"]:
             return None
-        return OnnxRunner(path)
+        return OnnxRunner(path, threads)
     except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, whatever is wrong with it
         return None
 
