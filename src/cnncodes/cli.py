@@ -302,3 +302,44 @@ def finetune(
             cache_trunk=cache_trunk, class_weight=class_weight, patience=patience, seed=seed, name=name, resume=resume, progress=not quiet)
     if not quiet:
         out_console.print(rich_table([record], title=f"{record['epochs_run']} epochs, {record['n_test']} test images"))
+
+
+ModelArg = Annotated[Path, typer.Argument(help="A .joblib bundle or a .keras model, with its .json run record beside it.")]
+MovedWeightsOpt = Annotated[str | None, typer.Option(help="Where the model's weights file is now, if it moved.")]
+
+
+@app.command()
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 in a container).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes; each gets cores / N threads.")] = 1,
+    max_bytes: Annotated[int, typer.Option(min=1, help="Largest request body (413 before it is read).")] = 20_000_000,
+    batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long an image waits for others to share its "
+                                                            "forward pass.")] = 5.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images per forward pass.")] = 32,
+    weights: MovedWeightsOpt = None,
+    runtime: RuntimeOpt = "onnx",
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    grace_seconds: Annotated[float, typer.Option(min=0, help="On SIGTERM, how long in-flight requests may take "
+                                                            "to finish.")] = 30.0,
+) -> None:
+    """Serve a saved model over HTTP: POST /predict, GET /healthz, /readyz, /metadata, /metrics."""
+    with user_errors():
+        from .serve import ServeSettings
+        from .serve import serve as run_serve
+
+        run_serve(ServeSettings(str(model), weights, Runtime(runtime).value, max_bytes, batch_wait_ms, max_batch),
+                  host=host, port=port, workers=workers, access_log=access_log, grace_seconds=grace_seconds)
+
+
+@app.command()
+def prepare(model: ModelArg, weights: MovedWeightsOpt = None) -> None:
+    """Verify a model and convert it for ONNX Runtime ahead of time (e.g. in a container build)."""
+    from .predict import load_predictor
+    from .runtime import cache_dir
+
+    with user_errors():
+        predictor = load_predictor(model, weights)
+    out_console.print(Text(f"prepared {model}: {len(predictor.classes)} classes, {predictor.image_size} px input, "
+                           f"ONNX model cached in {cache_dir() / 'onnx'}"), soft_wrap=True)
