@@ -323,13 +323,15 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     grace_seconds: Annotated[float, typer.Option(min=0, help="On SIGTERM, how long in-flight requests may take "
                                                             "to finish.")] = 30.0,
+    threads: Annotated[int | None, typer.Option(min=1, help="Threads per process (default: cores / workers; "
+                                                           "in a container, its CPU limit).")] = None,
 ) -> None:
     """Serve a saved model over HTTP: POST /predict, GET /healthz, /readyz, /metadata, /metrics."""
     with user_errors():
         from .serve import ServeSettings
         from .serve import serve as run_serve
 
-        run_serve(ServeSettings(str(model), weights, Runtime(runtime).value, max_bytes, batch_wait_ms, max_batch),
+        run_serve(ServeSettings(str(model), weights, Runtime(runtime).value, max_bytes, batch_wait_ms, max_batch, threads),
                   host=host, port=port, workers=workers, access_log=access_log, grace_seconds=grace_seconds)
 
 

@@ -243,7 +243,7 @@ def _metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
     summary = ("run", "method", "backbone", "layer", "classifier", "accuracy", "accuracy_ci95", "balanced_accuracy",
                "macro_f1", "n_train", "n_test", "created", "model_sha256")
     return {"classes": predictor.classes, "backbone": record.get("backbone"), "layer": record.get("layer"),
-            "input_size": predictor.image_size, "resize": predictor.resize,
+            "input_size": predictor.image_size, "resize": predictor.resize, "threads": settings.threads,
             "run": {key: record.get(key) for key in summary},
             "limits": {"max_bytes": settings.max_bytes, "max_files": MAX_FILES},
             "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms}}
@@ -263,12 +263,14 @@ def serve(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
           access_log: bool = True, grace_seconds: float = 30.0) -> None:
     """Load the model (errors surface here, before any port opens), then serve until SIGTERM or Ctrl-C.
 
-    Each of the `workers` processes gets `cores / workers` threads, so together they fit the
-    cores instead of each taking all of them.
+    Each of the `workers` processes gets `settings.threads` threads, by default `cores / workers`,
+    so together they fit the cores instead of each taking all of them. In a container whose CPU
+    limit is below the machine's core count, set them to the limit.
     """
     if workers < 1:
         raise CnnCodesError(f"--workers must be at least 1 (got {workers})")
-    settings = ServeSettings(**{**asdict(settings), "threads": max(1, (os.cpu_count() or 1) // workers)})
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
+    settings = ServeSettings(**{**asdict(settings), "threads": threads})
     predictor = _load(settings)  # verifies the model and fills the ONNX cache the workers load from
     options = {"host": host, "port": port, "access_log": access_log, "timeout_graceful_shutdown": grace_seconds}
     # After draining, uvicorn raises the SIGTERM it caught again; ending then is the success of a graceful stop.
