@@ -292,7 +292,7 @@ def test_serve_and_prepare_stop_with_one_line_on_a_bad_model(served, tmp_path):
 def test_prepare_loads_the_model_and_says_what_it_prepared(served):
     result = runner.invoke(app, ["prepare", str(served["model"])])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith(f"prepared {served['model']}: 3 classes, 128 px input")
+    assert result.stdout.startswith(f"prepared {served['model']} (3 classes, 128 px input): its runtime model is")
 
 
 def test_serve_without_its_extra_says_how_to_install_it(served, monkeypatch):

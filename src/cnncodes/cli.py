@@ -343,5 +343,5 @@ def prepare(model: ModelArg, weights: MovedWeightsOpt = None) -> None:
 
     with user_errors():
         predictor = load_predictor(model, weights)
-    out_console.print(Text(f"prepared {model}: {len(predictor.classes)} classes, {predictor.image_size} px input, "
-                           f"ONNX model cached in {cache_dir() / 'onnx'}"), soft_wrap=True)
+    out_console.print(Text(f"prepared {model} ({len(predictor.classes)} classes, {predictor.image_size} px input): "
+                           f"its runtime model is cached in {cache_dir() / 'onnx'}"), soft_wrap=True)

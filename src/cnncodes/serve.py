@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -270,9 +270,9 @@ def serve(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
     if workers < 1:
         raise CnnCodesError(f"--workers must be at least 1 (got {workers})")
     threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
-    settings = ServeSettings(**{**asdict(settings), "threads": threads})
+    settings = replace(settings, threads=threads)
     predictor = _load(settings)  # verifies the model and fills the ONNX cache the workers load from
-    options = {"host": host, "port": port, "access_log": access_log, "timeout_graceful_shutdown": grace_seconds}
+    options: dict[str, Any] = {"host": host, "port": port, "access_log": access_log, "timeout_graceful_shutdown": grace_seconds}
     # After draining, uvicorn raises the SIGTERM it caught again; ending then is the success of a graceful stop.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     if workers == 1:
