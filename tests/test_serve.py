@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -301,6 +302,20 @@ def test_serve_without_its_extra_says_how_to_install_it(served, monkeypatch):
     result = runner.invoke(app, ["serve", str(served["model"])])
     assert result.exit_code == 2
     assert "pip install 'cnncodes[serve]'" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_readyz_says_not_ready_until_the_warm_up_pass_ran(served):
+    """In process, without the lifespan that starts the warm-up: alive, not ready."""
+    from cnncodes.predict import load_predictor
+    from cnncodes.serve import ServeSettings, create_app
+
+    asgi = httpx.ASGITransport(app=create_app(load_predictor(served["model"]), ServeSettings(str(served["model"]))))
+
+    async def probe() -> tuple[int, int]:
+        async with httpx.AsyncClient(transport=asgi, base_url="http://test") as client:
+            return (await client.get("/healthz")).status_code, (await client.get("/readyz")).status_code
+
+    assert asyncio.run(probe()) == (200, 503)
 
 
 def test_a_photo_decodes_from_its_bytes_as_from_its_file(served, tmp_path):

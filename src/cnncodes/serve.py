@@ -65,7 +65,8 @@ class MicroBatcher:
     The first image to arrive waits up to `wait` seconds for others (unless `max_batch` are
     already queued); images that arrive while a batch runs form the next one, so under load
     batches fill without waiting. The forward pass runs on one thread of its own, with
-    ONNX Runtime's operator threads under it.
+    ONNX Runtime's operator threads under it. It starts with a warm-up pass on a full batch
+    (ONNX Runtime sizes its buffers on the first run); `ready` says it is done.
     """
 
     def __init__(self, probabilities: Callable[[np.ndarray], np.ndarray], max_batch: int, wait: float,
@@ -78,12 +79,10 @@ class MicroBatcher:
         self.arrived = asyncio.Event()
         self.forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-forward")
         self.task: asyncio.Task | None = None
+        self.ready = False
 
-    async def start(self, image_size: int) -> None:
-        """Warm up on a full batch (ONNX Runtime sizes its buffers on the first run), then serve."""
-        warm = np.zeros((self.max_batch, image_size, image_size, 3), np.uint8)
-        await asyncio.get_running_loop().run_in_executor(self.forward, self.probabilities, warm)
-        self.task = asyncio.create_task(self._run())
+    def start(self, image_size: int) -> None:
+        self.task = asyncio.create_task(self._run(image_size))
 
     async def stop(self) -> None:
         if self.task:
@@ -97,8 +96,11 @@ class MicroBatcher:
         self.arrived.set()
         return await future
 
-    async def _run(self) -> None:
+    async def _run(self, image_size: int) -> None:
         loop = asyncio.get_running_loop()
+        warm = np.zeros((self.max_batch, image_size, image_size, 3), np.uint8)
+        await loop.run_in_executor(self.forward, self.probabilities, warm)
+        self.ready = True
         while True:
             await self.arrived.wait()
             if len(self.pending) < self.max_batch:
@@ -168,14 +170,11 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
                            metrics.batch_size.observe)
     decoders = ThreadPoolExecutor(max_workers=settings.threads or os.cpu_count() or 1,
                                   thread_name_prefix="cnncodes-decode")
-    state = {"ready": False}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        await batcher.start(predictor.image_size)
-        state["ready"] = True
+        batcher.start(predictor.image_size)
         yield
-        state["ready"] = False
         await batcher.stop()
         decoders.shutdown(wait=True)
 
@@ -209,7 +208,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz():
-        if state["ready"]:
+        if batcher.ready:
             return {"status": "ready"}
         return JSONResponse({"status": "not ready"}, status_code=503)
 
