@@ -116,7 +116,7 @@ def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
                 notice: Callable[[str], None] | None = None, threads: int | None = None) -> Runner:
     """A runner for the model that `build()` makes; on ONNX, built and converted only on a cache miss.
 
-    `threads` caps a cached ONNX model's operator threads (default: every core).
+    `threads` caps ONNX Runtime's operator threads (default: every core).
     """
     check_runtime(runtime)
     if runtime == "keras":
@@ -131,7 +131,7 @@ def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
         reason = failed.read_text().strip()
     else:
         try:
-            return _convert(model, path)
+            return _convert(model, path, threads)
         except Exception as e:  # noqa: BLE001 - any converter failure falls back to the exact Keras path
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             write_bytes_atomic(failed, reason.encode())
@@ -151,7 +151,7 @@ def _load_cached(path: Path, threads: int | None = None) -> OnnxRunner | None:
         return None
 
 
-def _convert(model, path: Path) -> OnnxRunner:
+def _convert(model, path: Path, threads: int | None = None) -> OnnxRunner:
     """Export to ONNX, check it against Keras on a probe batch, then publish it atomically."""
     probe = np.random.default_rng(0).integers(0, 256, size=(2, *model.input_shape[1:]), dtype=np.uint8)
     expected = KerasRunner(model)(probe)  # also the call Keras's exporter needs to know the model's inputs
@@ -168,7 +168,7 @@ def _convert(model, path: Path) -> OnnxRunner:
                 model.export(str(exported), format="onnx", verbose=False)
         finally:
             converter_log.setLevel(level)
-        runner = OnnxRunner(exported)
+        runner = OnnxRunner(exported, threads)
         worst = float(np.abs(runner(probe) - expected).max())
         if worst > TOLERANCE * max(float(np.abs(expected).max()), 1e-6):
             raise CnnCodesError(f"ONNX output differs from Keras by {worst:.3g}")
