@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,ray,bench]'
+	$(PY) -m pip install --quiet -e '.[test,ray,serve,bench]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -120,7 +120,7 @@ def test_predict_reproduces_the_recorded_test_accuracy(fitted):
     result = cli("predict", model, *test_images, "--format", "json", "--top-k", "2", "--quiet")
     assert result.exit_code == 0, result.output
     answers = json.loads(result.stdout)
-    assert [a["path"] for a in answers] == test_images
+    assert [a["filename"] for a in answers] == test_images
     truth = [p["label"] for p in record["test_predictions"]]
     accuracy = np.mean([a["label"] == t for a, t in zip(answers, truth)])
     assert accuracy == record["accuracy"]
@@ -157,7 +157,7 @@ def test_predict_takes_files_folders_and_globs_and_reports_bad_files(fitted, tmp
     result = cli("predict", model, folder, single, str(tmp_path / "new" / "*.png"), tmp_path / "missing.png",
                  "--format", "json", "--quiet")
     assert result.exit_code == 0, result.output
-    answers = {Path(a["path"]).name: a for a in json.loads(result.stdout)}
+    answers = {Path(a["filename"]).name: a for a in json.loads(result.stdout)}
     assert len(json.loads(result.stdout)) == 6  # folder (3) + file + glob (a.png again) + missing
     assert answers["a.png"]["label"] in ("circles", "squares", "stripes")
     assert answers["b.jpg"]["error"] is None and answers["single.png"]["error"] is None

@@ -449,7 +449,7 @@ def test_check_image_good_and_bad(tmp_path):
                         ("rand.png", "not an image"), ("bomb.png", "too large")]:
         check = check_image(tmp_path / name)
         assert not check.ok and check.phash is None, name
-        assert words in check.reason, (name, check.reason)
+        assert words in check.reason and check.category == words, (name, check.reason)
 
 
 def test_check_image_phash_finds_reencoded_copies(tmp_path):

@@ -7,9 +7,6 @@ resume and exits 130.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import sys
 from collections import Counter
@@ -32,7 +29,7 @@ from .ingest import RESIZE_MODES
 from .progress import console as err_console
 from .quantize import DEFAULT_CALIBRATION
 from .records import load_records
-from .report import Format, html_report, rank, render, rich_table
+from .report import Format, html_report, predictions_table, rank, render, render_predictions, rich_table
 from .runtime import RUNTIMES
 from .split import DEFAULT_DUP_THRESHOLD
 from .tflogs import VERBOSE_ENV
@@ -264,15 +261,9 @@ def predict(
                               runtime=Runtime(runtime).value, progress=not quiet)
     fmt = PredictFormat(format).value
     if fmt == "table" and not output:
-        table = Table("image", "label", "probability", f"top {top_k}")
-        table.columns[0].overflow = "fold"  # paths wrap rather than lose their file name
-        for r in results:
-            top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in r.top_k)
-            table.add_row(Text(r.path), Text(r.label) if r.label else Text(r.error, style="red"),
-                          f"{r.probability:.3f}" if r.label else "", Text(top))
-        out_console.print(table)
+        out_console.print(predictions_table(results, top_k))
     else:
-        text = _predictions_text(results, "csv" if fmt == "table" else fmt)
+        text = render_predictions(results, "csv" if fmt == "table" else fmt)
         if output:
             write_bytes_atomic(output, text.encode())
         else:
@@ -282,18 +273,6 @@ def predict(
         err_console.print(f"[yellow]{failed} of {len(results)} file(s) could not be read[/]", highlight=False)
     if failed == len(results):
         raise typer.Exit(1)
-
-
-def _predictions_text(results, fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("path", "label", "probability", "top_k", "error"))
-    for r in results:
-        top = ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.top_k)
-        writer.writerow((r.path, r.label or "", "" if r.probability is None else f"{r.probability:.6f}", top, r.error or ""))
-    return buf.getvalue()
 
 
 @app.command()
@@ -360,3 +339,46 @@ def finetune(
                               progress=not quiet)
     if not quiet:
         out_console.print(rich_table([record], title=f"{record['epochs_run']} epochs, {record['n_test']} test images"))
+
+
+ModelArg = Annotated[Path, typer.Argument(help="A .joblib bundle or a .keras model, with its .json run record beside it.")]
+MovedWeightsOpt = Annotated[str | None, typer.Option(help="Where the model's weights file is now, if it moved.")]
+
+
+@app.command()
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 in a container).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes; each gets cores / N threads.")] = 1,
+    max_bytes: Annotated[int, typer.Option(min=1, help="Largest request body (413 before it is read).")] = 20_000_000,
+    batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long an image waits for others to share its "
+                                                            "forward pass.")] = 5.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images per forward pass.")] = 32,
+    weights: MovedWeightsOpt = None,
+    runtime: RuntimeOpt = "onnx",
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    grace_seconds: Annotated[float, typer.Option(min=0, help="On SIGTERM, how long in-flight requests may take "
+                                                            "to finish.")] = 30.0,
+    threads: Annotated[int | None, typer.Option(min=1, help="Threads per process (default: cores / workers; "
+                                                           "in a container, its CPU limit).")] = None,
+) -> None:
+    """Serve a saved model over HTTP: POST /predict, GET /healthz, /readyz, /metadata, /metrics."""
+    with user_errors():
+        from .serve import ServeSettings
+        from .serve import serve as run_serve
+
+        run_serve(ServeSettings(str(model), weights, Runtime(runtime).value, max_bytes, batch_wait_ms, max_batch, threads),
+                  host=host, port=port, workers=workers, access_log=access_log, grace_seconds=grace_seconds)
+
+
+@app.command()
+def prepare(model: ModelArg, weights: MovedWeightsOpt = None) -> None:
+    """Verify a model and convert it for ONNX Runtime ahead of time (e.g. in a container build)."""
+    from .predict import load_predictor
+    from .runtime import cache_dir
+
+    with user_errors():
+        predictor = load_predictor(model, weights)
+    out_console.print(Text(f"prepared {model} ({len(predictor.classes)} classes, {predictor.image_size} px input): "
+                           f"its runtime model is cached in {cache_dir() / 'onnx'}"), soft_wrap=True)

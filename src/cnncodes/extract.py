@@ -184,18 +184,20 @@ class ExtractorSpec:
 
         return build_extractor(get_backbone(self.backbone), self.image_size, self.layer, self.pooling, weights)
 
-    def runner(self, weights: Weights, runtime: str = "onnx") -> Runner:
+    def runner(self, weights: Weights, runtime: str = "onnx", threads: int | None = None) -> Runner:
         """The extractor on `runtime`, at its precision; with a cached ONNX model, TensorFlow is never loaded.
 
         On a cache miss the network is converted in a child process (and quantized for int8), so
-        calling this ahead of time, e.g. in a container build, prepares the cache.
+        calling this ahead of time, e.g. in a container build, prepares the cache. `threads`
+        caps ONNX Runtime's operator threads (a server process, a Ray actor).
         """
         build = partial(self.build, weights)  # picklable: the conversion runs in a child process
         if self.precision == "int8":
             quantize.check_precision(self.precision, self.calibration["n"], runtime)
-            found: Runner = quantize.int8_runner(self, build, notice=warn)
+            found: Runner = quantize.int8_runner(self, build, notice=warn, threads=threads)
         else:
-            found = make_runner(build, self.network_key, runtime, notice=warn, pin=self.probe, label=self.backbone)
+            found = make_runner(build, self.network_key, runtime, notice=warn, pin=self.probe, label=self.backbone,
+                                threads=threads)
         return MirrorAveraged(found) if self.flip else found
 
 

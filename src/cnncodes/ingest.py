@@ -9,6 +9,7 @@ pixels for the same file.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -32,7 +33,15 @@ _WHITE = (255, 255, 255)
 
 
 class BadImage(Exception):
-    """A file that cannot be used as an image; the message is the reason users see."""
+    """A file that cannot be used as an image; the message is the reason users see.
+
+    `category` ("empty", "truncated", "corrupt", "not an image", "unsupported" or "too large")
+    is what summaries count, so no caller reads it back out of the reason's wording.
+    """
+
+    def __init__(self, reason: str, category: str):
+        super().__init__(reason)
+        self.category = category
 
 
 @dataclass(frozen=True)
@@ -59,10 +68,11 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Check:
-    """What `check_image` learnt of one file: usable or not, and its perceptual hash."""
+    """What `check_image` learnt of one file: usable or not (and why: `BadImage`), and its perceptual hash."""
 
     reason: str | None
     phash: str | None
+    category: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -191,18 +201,17 @@ def looks_like_image(path: Path) -> bool:
     return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def load_rgb(path: Path | str, draft_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode any supported image file into an RGB image, upright, first frame only.
+def load_rgb(source: Path | str | bytes, draft_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode any supported image file (a path, or its bytes) into an RGB image, upright, first frame only.
 
     `draft_size` lets JPEG decode at a reduced scale that is still at least that size on
     both sides, which makes large photos several times cheaper to read. Raises `BadImage`
     with a reason a user can act on.
     """
-    path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise BadImage("empty file")
-        with Image.open(path) as im:
+        if (len(source) if isinstance(source, bytes) else Path(source).stat().st_size) == 0:
+            raise BadImage("empty file", "empty")
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as im:
             _check_header(im, max_pixels)
             if draft_size:
                 im.draft(None, (draft_size, draft_size))
@@ -211,28 +220,30 @@ def load_rgb(path: Path | str, draft_size: int | None = None, max_pixels: int = 
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
-        raise BadImage(f"too large (decompression bomb?): {e}") from None
+        raise BadImage(f"too large (decompression bomb?): {e}", "too large") from None
     except Image.UnidentifiedImageError:
-        raise BadImage("not an image (unrecognised format)") from None
+        raise BadImage("not an image (unrecognised format)", "not an image") from None
     except Exception as e:  # noqa: BLE001 - a corrupt file can make any Pillow plugin raise anything
-        raise BadImage(_describe(e)) from None
+        raise _damaged(e) from None
 
 
 def _check_header(im: Image.Image, max_pixels: int) -> None:
     if im.format not in IMAGE_FORMATS:
-        raise BadImage(f"unsupported format {im.format}")
+        raise BadImage(f"unsupported format {im.format}", "unsupported")
     width, height = im.size
     if width < 1 or height < 1:
-        raise BadImage(f"invalid size {width}x{height}")
+        raise BadImage(f"invalid size {width}x{height}", "corrupt")
     if width * height > max_pixels:
-        raise BadImage(f"too large: {width}x{height} pixels is over the limit of {max_pixels} (decompression bomb?)")
+        raise BadImage(f"too large: {width}x{height} pixels is over the limit of {max_pixels} (decompression bomb?)",
+                       "too large")
 
 
-def _describe(error: Exception) -> str:
+def _damaged(error: Exception) -> BadImage:
+    """What Pillow's own error says about a damaged file, in the reason users see."""
     text = str(error).strip() or type(error).__name__
     if "truncated" in text:
-        return f"truncated file ({text})"
-    return f"corrupt or unreadable image ({text})"
+        return BadImage(f"truncated file ({text})", "truncated")
+    return BadImage(f"corrupt or unreadable image ({text})", "corrupt")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -247,7 +258,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     try:
         return im.convert("RGB")
     except ValueError:
-        raise BadImage(f"unsupported colour mode {im.mode}") from None
+        raise BadImage(f"unsupported colour mode {im.mode}", "unsupported") from None
 
 
 def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
@@ -284,9 +295,9 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def load_square(path: Path | str, size: int, resize: str = "crop") -> np.ndarray:
-    """The pixels a network sees for one file: decoded, upright, RGB, `size`×`size`."""
-    return to_square(load_rgb(path, draft_size=size), size, resize)
+def load_square(source: Path | str | bytes, size: int, resize: str = "crop") -> np.ndarray:
+    """The pixels a network sees for one file (a path, or its bytes): decoded, upright, RGB, `size`×`size`."""
+    return to_square(load_rgb(source, draft_size=size), size, resize)
 
 
 def check_image(path: Path | str) -> Check:
@@ -296,7 +307,7 @@ def check_image(path: Path | str) -> Check:
     try:
         im = load_rgb(path, draft_size=64)
     except BadImage as e:
-        return Check(str(e), None)
+        return Check(str(e), None, e.category)
     return Check(None, str(imagehash.phash(im)))
 
 

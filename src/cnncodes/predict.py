@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -16,21 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import package_versions
-from .bundle import load_bundle, load_record_for
+from .artifacts import package_versions, read_json
+from .bundle import load_bundle, load_record_for, sidecar
 from .classifiers import class_probabilities
 from .errors import CnnCodesError
 from .extract import ExtractorSpec, ImageReader
-from .ingest import image_files
+from .ingest import image_files, load_square
 from .progress import progress_bar, warn
 from .runtime import make_runner
 
 
 @dataclass
 class Prediction:
-    """The answer for one input image; `error` says why a file could not be read."""
+    """The answer for one input image; `error` says why it could not be read."""
 
-    path: str
+    filename: str
     label: str | None = None
     probability: float | None = None
     top_k: list[dict[str, Any]] = field(default_factory=list)
@@ -38,6 +38,35 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A loaded model: images in, `Prediction`s out, decoded exactly as its training images were.
+
+    `predict` and `cnncodes serve` both go through it: `pixels` is the one decoding path
+    (files or uploaded bytes, through `ingest.load_square`), `answers` the one way a batch
+    of pixels becomes predictions.
+    """
+
+    probabilities: Callable[[np.ndarray], np.ndarray]
+    image_size: int
+    resize: str
+    classes: list[str]
+    record: dict[str, Any]
+
+    def pixels(self, source: Path | str | bytes) -> np.ndarray:
+        """The `image_size`² pixels the model sees for a file or its bytes; raises `BadImage`."""
+        return load_square(source, self.image_size, self.resize)
+
+    def answers(self, filenames: Sequence[str], pixels: np.ndarray, top_k: int) -> list[Prediction]:
+        return [self.answer(name, proba, top_k) for name, proba in zip(filenames, self.probabilities(pixels))]
+
+    def answer(self, filename: str, proba: np.ndarray, top_k: int) -> Prediction:
+        """The prediction for one row of class probabilities: the `top_k` classes, most likely first."""
+        order = np.argsort(-proba, kind="stable")[:top_k]
+        top = [{"label": self.classes[i], "probability": round(float(proba[i]), 6)} for i in order]
+        return Prediction(filename, top[0]["label"], top[0]["probability"], top)
 
 
 def expand_inputs(items: Sequence[str | Path]) -> list[tuple[str, str | None]]:
@@ -57,10 +86,11 @@ def expand_inputs(items: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     return found
 
 
-def load_predictor(model: Path | str, weights: str | None = None, runtime: str = "onnx"):
-    """A function from uint8 pixel batches to class probabilities, its input size, resize mode and classes."""
+def load_predictor(model: Path | str, weights: str | None = None, runtime: str = "onnx",
+                   threads: int | None = None) -> Predictor:
+    """Verify and load a `.joblib` bundle or a fine-tuned `.keras` model; `threads` caps ONNX Runtime's threads."""
     if Path(model).suffix == ".keras":
-        return _finetuned_predictor(Path(model), runtime)
+        return _finetuned_predictor(Path(model), runtime, threads)
     bundle = load_bundle(Path(model))
     spec = ExtractorSpec.from_dict(bundle["extractor"])
     if spec.weights == "none":
@@ -68,22 +98,24 @@ def load_predictor(model: Path | str, weights: str | None = None, runtime: str =
         if made != installed:
             raise CnnCodesError(f"{model} uses untrained weights drawn by Keras {made}; Keras {installed} would draw "
                                 f"others: install keras=={made}")
-    runner = spec.runner(spec.find_weights(weights), runtime)
+    runner = spec.runner(spec.find_weights(weights), runtime, threads)
     classifier, classes = bundle["model"], bundle["classes"]
 
     def probabilities(pixels: np.ndarray) -> np.ndarray:
         return class_probabilities(classifier, runner(pixels), len(classes))
 
-    return probabilities, spec.image_size, spec.resize, classes
+    record = read_json(sidecar(Path(model)))  # verified by load_bundle, which checked the bundle against it
+    return Predictor(probabilities, spec.image_size, spec.resize, classes, record)
 
 
-def _finetuned_predictor(path: Path, runtime: str):
+def _finetuned_predictor(path: Path, runtime: str, threads: int | None) -> Predictor:
     """A fine-tuned `.keras` model (pixels in, probabilities out), checked against its run record."""
     record, data = load_record_for(path)
     build = partial(_load_verified, path.name, data)  # picklable: the conversion runs in a child process
-    runner = make_runner(build, f"finetuned:{record['model_sha256']}", runtime, notice=warn, label=path.name)
+    runner = make_runner(build, f"finetuned:{record['model_sha256']}", runtime, notice=warn, label=path.name,
+                         threads=threads)
     spec = record["extractor"]
-    return runner, spec["image_size"], spec["resize"], record["classes"]
+    return Predictor(runner, spec["image_size"], spec["resize"], record["classes"], record)
 
 
 def _load_verified(name: str, data: bytes):
@@ -106,21 +138,16 @@ def predict(model: Path | str, images: Sequence[str | Path], *, top_k: int = 3, 
     inputs = expand_inputs(images)
     if not inputs:
         raise CnnCodesError("no images given")
-    probabilities, image_size, resize, classes = load_predictor(model, weights, runtime)
+    predictor = load_predictor(model, weights, runtime)
     results = [Prediction(path, error=error) for path, error in inputs]
     rows = [i for i, (_, error) in enumerate(inputs) if error is None]
-    reader = ImageReader([Path(p) for p, _ in inputs], image_size, resize, batch_size)
+    reader = ImageReader([Path(p) for p, _ in inputs], predictor.image_size, predictor.resize, batch_size)
     with progress_bar("Predicting", len(rows), enabled=progress) as advance:
         for batch in reader(rows):
-            for row, proba in zip(batch.rows, probabilities(batch.pixels)):
-                _fill(results[row], proba, classes, top_k)
-            for row, reason in batch.failed:
-                results[row].error = reason
+            names = [results[row].filename for row in batch.rows]
+            for row, answer in zip(batch.rows, predictor.answers(names, batch.pixels, top_k)):
+                results[row] = answer
+            for row, bad in batch.failed:
+                results[row].error = str(bad)
             advance(len(batch.rows) + len(batch.failed))
     return results
-
-
-def _fill(result: Prediction, proba: np.ndarray, classes: Sequence[str], top_k: int) -> None:
-    order = np.argsort(-proba, kind="stable")[:top_k]
-    result.top_k = [{"label": classes[i], "probability": round(float(proba[i]), 6)} for i in order]
-    result.label, result.probability = result.top_k[0]["label"], result.top_k[0]["probability"]

@@ -84,10 +84,11 @@ def _fingerprint(images: Sequence[str], holdout: Sequence[str]) -> str:
     return sha256_json([[sha256_file(Path(p)) for p in images], [sha256_file(Path(p)) for p in holdout]])
 
 
-def int8_runner(spec: ExtractorSpec, build: Callable[[], Any], notice: Callable[[str], None]) -> OnnxRunner:
-    """The int8 model of `spec`, from the cache or quantized now from the fp32 ONNX model."""
+def int8_runner(spec: ExtractorSpec, build: Callable[[], Any], notice: Callable[[str], None],
+                threads: int | None = None) -> OnnxRunner:
+    """The int8 model of `spec`, from the cache (on `threads` threads) or quantized now from the fp32 ONNX model."""
     path = onnx_cache_path(spec.model_key)
-    found = cached_runner(path, spec.model_key, spec.probe)
+    found = cached_runner(path, spec.model_key, spec.probe, threads)
     if isinstance(found, OnnxRunner):
         return found
     if found is not None:

@@ -9,14 +9,18 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from .errors import CnnCodesError
 from .evaluate import mcnemar_p, paired_p
+
+if TYPE_CHECKING:
+    from .predict import Prediction
 
 COLUMNS = ("rank", "run", "method", "backbone", "layer", "classifier", "accuracy", "p vs best", "balanced acc",
            "macro-F1", "ECE", "AUROC", "fit s", "extract s", "model size")
@@ -270,3 +274,31 @@ def _thumbnail(path: Path) -> str:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=85)
     return f"<img alt='' src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+
+
+
+def predictions_table(results: Sequence[Prediction], top_k: int) -> Table:
+    """`predict`'s answers for a terminal: one row per image, its error in red where it had one."""
+    table = Table("image", "label", "probability", f"top {top_k}")
+    table.columns[0].overflow = "fold"  # paths wrap rather than lose their file name
+    for r in results:
+        top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in r.top_k)
+        table.add_row(Text(r.filename), Text(r.label) if r.label else Text(r.error or "", style="red"),
+                      f"{r.probability:.3f}" if r.probability is not None else "", Text(top))
+    return table
+
+
+def render_predictions(results: Sequence[Prediction], fmt: str) -> str:
+    """`predict`'s answers as JSON (the fields `cnncodes serve` answers with) or CSV (a `path` column)."""
+    if fmt == "json":
+        return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
+    if fmt != "csv":
+        raise CnnCodesError(f"unknown format {fmt!r}: use csv or json")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("path", "label", "probability", "top_k", "error"))
+    for r in results:
+        top = ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.top_k)
+        probability = "" if r.probability is None else f"{r.probability:.6f}"
+        writer.writerow((r.filename, r.label or "", probability, top, r.error or ""))
+    return buf.getvalue()

@@ -179,18 +179,19 @@ def check_runtime(runtime: str) -> None:
 
 def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
                 notice: Callable[[str], None] | None = None, pin: Sequence[float] | None = None,
-                label: str = "this model") -> Runner:
+                label: str = "this model", threads: int | None = None) -> Runner:
     """A runner for the model that `build()` makes; on ONNX, built and converted only on a cache miss.
 
     `pin` is the probe fingerprint recorded with earlier codes of this model: a cached model
     that does not match it is converted again, and a conversion that does not match it is
     refused. A picklable `build` (a function or a bound method with picklable arguments) is
-    converted in a child process; `prepare` ahead of time is the same call.
+    converted in a child process; `prepare` ahead of time is the same call. `threads` caps
+    ONNX Runtime's operator threads (default: every core).
     """
     check_runtime(runtime)
     if runtime == "keras":
         return KerasRunner(build())
-    found = onnx_model(build, model_key, notice, pin, label)
+    found = onnx_model(build, model_key, notice, pin, label, threads)
     if isinstance(found, OnnxRunner):
         return found
     _say(notice, f"{label} cannot run on ONNX Runtime ({found}); running on Keras instead")
@@ -198,10 +199,11 @@ def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
 
 
 def onnx_model(build: Callable[[], Any], model_key: str, notice: Callable[[str], None] | None = None,
-               pin: Sequence[float] | None = None, label: str = "this model") -> OnnxRunner | str:
+               pin: Sequence[float] | None = None, label: str = "this model",
+               threads: int | None = None) -> OnnxRunner | str:
     """The checked ONNX model of `build()`, converted on a cache miss; a string says why there is none."""
     path = onnx_cache_path(model_key)
-    found = cached_runner(path, model_key, pin)
+    found = cached_runner(path, model_key, pin, threads)
     if isinstance(found, OnnxRunner):
         return found
     if found is not None:
@@ -211,7 +213,7 @@ def onnx_model(build: Callable[[], Any], model_key: str, notice: Callable[[str],
         return failed.read_text().strip()
     _say(notice, f"converting {label} for ONNX Runtime, once: {CONVERSION_ESTIMATE}")
     try:
-        runner = _convert(build, path, model_key)
+        runner = _convert(build, path, model_key, threads)
     except Exception as e:  # noqa: BLE001 - any converter failure falls back to the exact Keras path
         reason = _reason(e)
         if not _transient(e):
@@ -232,7 +234,8 @@ def refuse_unpinned(runner: Runner, pin: Sequence[float] | None, label: str) -> 
                             "another Keras or a changed network): make the codes again with this installation")
 
 
-def cached_runner(path: Path, model_key: str, pin: Sequence[float] | None = None) -> OnnxRunner | str | None:
+def cached_runner(path: Path, model_key: str, pin: Sequence[float] | None = None,
+                  threads: int | None = None) -> OnnxRunner | str | None:
     """The cached model, checked against its record, its key and the pin; None if absent or damaged.
 
     A string says why an intact entry was refused: made for another key, or outputs that
@@ -244,7 +247,7 @@ def cached_runner(path: Path, model_key: str, pin: Sequence[float] | None = None
             return None
         if record.get("key") != model_key:
             return "it was made for another model"
-        runner = OnnxRunner(path)
+        runner = OnnxRunner(path, threads)
     except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, whatever is wrong with it
         return None
     if pin is not None and not matches(probe_fingerprint(runner), pin):
@@ -258,13 +261,13 @@ def publish(made: Path, path: Path, record: dict[str, Any]) -> None:
     write_json_atomic(path.with_suffix(".json"), {"sha256": sha256_file(path), **record})
 
 
-def _convert(build: Callable[[], Any], path: Path, model_key: str) -> OnnxRunner:
+def _convert(build: Callable[[], Any], path: Path, model_key: str, threads: int | None = None) -> OnnxRunner:
     """Export in a child process, check the result against Keras here, then publish it atomically."""
     scratch = Path(tempfile.mkdtemp(dir=private_cache_dir(model_key), prefix=".export-"))
     try:
         exported = scratch / "model.onnx"
         expected, name = in_child(_export, build, exported)
-        runner = OnnxRunner(exported)
+        runner = OnnxRunner(exported, threads)
         worst = float(np.abs(runner(probe_batch(runner.input_shape)) - expected).max())
         if worst > TOLERANCE * max(float(np.abs(expected).max()), 1e-6):
             raise CnnCodesError(f"ONNX output differs from Keras by {worst:.3g}")

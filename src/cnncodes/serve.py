@@ -1,0 +1,286 @@
+"""`cnncodes serve`: a saved model as an HTTP prediction service (FastAPI on uvicorn).
+
+Uploads go through the same `Predictor` as `cnncodes predict`: the same decoding, the same
+pixels, the same probabilities. Images of concurrent requests are gathered into one forward
+pass (`MicroBatcher`), so a busy server runs at the batched rate of `predict`; decoding and
+the forward pass run on threads, never on the event loop. The server reads no paths from
+requests and serves no files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .errors import CnnCodesError
+from .ingest import BadImage
+from .predict import Prediction, Predictor, load_predictor
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from starlette.datastructures import UploadFile
+    from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ImportError as e:
+    raise CnnCodesError(f"cnncodes serve needs packages that are not installed ({e.name}): "
+                        "pip install 'cnncodes[serve]'") from None
+
+# Uvicorn's worker processes read their settings from here (`--workers N` imports the app by name).
+SETTINGS_ENV = "CNNCODES_SERVE_SETTINGS"
+# Files one multipart request may carry; more is refused by Starlette's form parser with a 400.
+MAX_FILES = 256
+UPLOAD_HELP = "send images as multipart/form-data files named 'files', or one image body with an image/* content type"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything a server process needs to build its app: JSON-able, for uvicorn's worker processes."""
+
+    model: str
+    weights: str | None = None
+    runtime: str = "onnx"
+    max_bytes: int = 20_000_000
+    batch_wait_ms: float = 5.0
+    max_batch: int = 32
+    threads: int | None = None
+
+
+class MicroBatcher:
+    """Gathers the images of concurrent requests into one forward pass.
+
+    The first image to arrive waits up to `wait` seconds for others (unless `max_batch` are
+    already queued); images that arrive while a batch runs form the next one, so under load
+    batches fill without waiting. The forward pass runs on one thread of its own, with
+    ONNX Runtime's operator threads under it. It starts with a warm-up pass on a full batch
+    (ONNX Runtime sizes its buffers on the first run); `ready` says it is done.
+    """
+
+    def __init__(self, probabilities: Callable[[np.ndarray], np.ndarray], max_batch: int, wait: float,
+                 on_batch: Callable[[int], None]):
+        self.probabilities = probabilities
+        self.max_batch = max_batch
+        self.wait = wait
+        self.on_batch = on_batch
+        self.pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
+        self.arrived = asyncio.Event()
+        self.forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-forward")
+        self.task: asyncio.Task | None = None
+        self.ready = False
+
+    def start(self, image_size: int) -> None:
+        self.task = asyncio.create_task(self._run(image_size))
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        self.forward.shutdown(wait=True)
+
+    async def submit(self, pixels: np.ndarray) -> np.ndarray:
+        """The class probabilities of one image's pixels, computed in some batch."""
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((pixels, future))
+        self.arrived.set()
+        return await future
+
+    async def _run(self, image_size: int) -> None:
+        loop = asyncio.get_running_loop()
+        warm = np.zeros((self.max_batch, image_size, image_size, 3), np.uint8)
+        await loop.run_in_executor(self.forward, self.probabilities, warm)
+        self.ready = True
+        while True:
+            await self.arrived.wait()
+            if len(self.pending) < self.max_batch:
+                await asyncio.sleep(self.wait)
+            items = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
+            if not self.pending:
+                self.arrived.clear()
+            self.on_batch(len(items))
+            try:
+                rows = await loop.run_in_executor(self.forward, self.probabilities, np.stack([p for p, _ in items]))
+            except Exception as e:  # noqa: BLE001 - the requests waiting on this batch get the error, not the batcher
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for (_, future), row in zip(items, rows):
+                if not future.done():  # its client may have gone
+                    future.set_result(row)
+
+
+class Metrics:
+    """The Prometheus metrics of one app, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("cnncodes_requests", "HTTP requests by route and status code.", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("cnncodes_request_seconds", "Time to answer a request, by route.", ["route"],
+                                 registry=self.registry)
+        self.batch_size = Histogram("cnncodes_batch_images", "Images per forward pass.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.images = Counter("cnncodes_images_predicted", "Images that got a prediction.", registry=self.registry)
+        self.rejected = Counter("cnncodes_images_rejected", "Uploads that could not be read, by category.",
+                                ["category"], registry=self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every request by its route's pattern (not its raw path) and final status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status, started = 500, time.perf_counter()
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
+    """The service: POST /predict, GET /healthz, /readyz, /metadata, /metrics."""
+    metrics = Metrics()
+    batcher = MicroBatcher(predictor.probabilities, settings.max_batch, settings.batch_wait_ms / 1000,
+                           metrics.batch_size.observe)
+    decoders = ThreadPoolExecutor(max_workers=settings.threads or os.cpu_count() or 1,
+                                  thread_name_prefix="cnncodes-decode")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start(predictor.image_size)
+        yield
+        await batcher.stop()
+        decoders.shutdown(wait=True)
+
+    app = FastAPI(title="cnncodes", summary=f"Predictions of {predictor.record.get('run', settings.model)}",
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    async def answer(filename: str, data: bytes, top_k: int) -> Prediction:
+        try:
+            pixels = await asyncio.get_running_loop().run_in_executor(decoders, predictor.pixels, data)
+        except BadImage as bad:
+            metrics.rejected.labels(bad.category).inc()
+            return Prediction(filename, error=str(bad))
+        result = predictor.answer(filename, await batcher.submit(pixels), top_k)
+        metrics.images.inc()
+        return result
+
+    @app.post("/predict")
+    async def predict(request: Request, top_k: int = Query(3, ge=1, description="Classes listed per image.")):
+        uploads = await _uploads(request)
+        results = await asyncio.gather(*(answer(name, data, top_k) for name, data in uploads))
+        body = {"predictions": [r.to_dict() for r in results]}
+        if all(r.error for r in results):
+            return JSONResponse({"detail": "no image in the request could be read", **body}, status_code=400)
+        return body
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if batcher.ready:
+            return {"status": "ready"}
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    @app.get("/metadata")
+    async def metadata():
+        return _metadata(predictor, settings)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _uploads(request: Request) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of each image of a multipart form (field `files`) or of a raw image body."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type.startswith("image/"):
+        return [("upload", await request.body())]
+    if media_type != "multipart/form-data":
+        raise HTTPException(415, f"unsupported content type {media_type or '(none)'}: {UPLOAD_HELP}")
+    async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES) as form:
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not files:
+            raise HTTPException(400, f"no files in the form: {UPLOAD_HELP}")
+        return [(f.filename or f"files[{i}]", await f.read()) for i, f in enumerate(files)]
+
+
+def _metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
+    record = predictor.record
+    summary = ("run", "method", "backbone", "layer", "classifier", "accuracy", "accuracy_ci95", "balanced_accuracy",
+               "macro_f1", "n_train", "n_test", "created", "model_sha256")
+    return {"classes": predictor.classes, "backbone": record.get("backbone"), "layer": record.get("layer"),
+            "input_size": predictor.image_size, "resize": predictor.resize, "threads": settings.threads,
+            "run": {key: record.get(key) for key in summary},
+            "limits": {"max_bytes": settings.max_bytes, "max_files": MAX_FILES},
+            "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms}}
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one of uvicorn's worker processes (`--workers N`), from `SETTINGS_ENV`."""
+    settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
+    return create_app(_load(settings), settings)
+
+
+def _load(settings: ServeSettings) -> Predictor:
+    return load_predictor(settings.model, settings.weights, settings.runtime, settings.threads)
+
+
+def serve(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          access_log: bool = True, grace_seconds: float = 30.0) -> None:
+    """Load the model (errors surface here, before any port opens), then serve until SIGTERM or Ctrl-C.
+
+    Each of the `workers` processes gets `settings.threads` threads, by default `cores / workers`,
+    so together they fit the cores instead of each taking all of them. In a container whose CPU
+    limit is below the machine's core count, set them to the limit.
+    """
+    if workers < 1:
+        raise CnnCodesError(f"--workers must be at least 1 (got {workers})")
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
+    settings = replace(settings, threads=threads)
+    predictor = _load(settings)  # verifies the model and fills the ONNX cache the workers load from
+    options: dict[str, Any] = {"host": host, "port": port, "access_log": access_log, "timeout_graceful_shutdown": grace_seconds}
+    # After draining, uvicorn raises the SIGTERM it caught again; ending then is the success of a graceful stop.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    if workers == 1:
+        uvicorn.run(create_app(predictor, settings), **options)
+        return
+    del predictor  # each worker loads its own, from the warm cache
+    os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
+    uvicorn.run("cnncodes.serve:app_from_environment", factory=True, workers=workers, **options)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)

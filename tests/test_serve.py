@@ -1,0 +1,328 @@
+"""`cnncodes serve` as a client sees it: a real uvicorn server in a subprocess, spoken to over HTTP with httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+import cnncodes
+from cnncodes.cli import app
+
+from .conftest import make_dataset, write_image
+from .test_ingest import png_header_only
+
+ROOT = Path(__file__).resolve().parents[1]
+CNNCODES = Path(sys.executable).with_name("cnncodes")
+MAX_BYTES = 200_000
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory) -> dict:
+    """A MobileNetV2 (untrained, 128 px: test_classify converts the same network) logreg bundle on 3 small
+    classes, and the environment to serve it in.
+
+    Session-scoped fixtures run before conftest's per-test cache isolation, so the same
+    cache folders are set here, for this process and for the servers it starts.
+    """
+    base = tmp_path_factory.getbasetemp()
+    env = {**os.environ, "CNNCODES_CACHE_DIR": str(base / "cnncodes_cache"), "KERAS_HOME": str(base / "keras_home")}
+    root = tmp_path_factory.mktemp("serve")
+    data = make_dataset(root / "data", per_class=6, size=40)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("CNNCODES_CACHE_DIR", "KERAS_HOME"):
+            mp.setenv(name, env[name])
+        cnncodes.extract(data, root / "features", backbone="mobilenetv2", weights="none", image_size=128,
+                         progress=False)
+        fitted = runner.invoke(app, ["fit-svm", str(root / "features"), "--out", str(root / "models"),
+                                     "--classifier", "logreg", "--cv", "2", "--quiet"])
+    assert fitted.exit_code == 0, fitted.output
+    model = root / "models" / "mobilenetv2-out_relu-logreg.joblib"
+    return {"root": root, "data": data, "model": model, "env": env, "images": sorted(data.rglob("*.*"))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(served: dict, *args: str, log: str = "server.log") -> Iterator[tuple[str, subprocess.Popen]]:
+    """`cnncodes serve` on a free loopback port, once /readyz says so; stopped afterwards if still running."""
+    port = free_port()
+    with open(served["root"] / log, "w") as out:
+        proc = subprocess.Popen([str(CNNCODES), "serve", str(served["model"]), "--port", str(port), "--no-access-log",
+                                 *args], env=served["env"], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (served["root"] / log).read_text()
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in 90 s"
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(served) -> Iterator[str]:
+    """The server most tests share: a small body limit, and a wait window long enough to batch concurrent requests."""
+    with running_server(served, "--max-bytes", str(MAX_BYTES), "--batch-wait-ms", "50") as (url, _):
+        yield url
+
+
+def upload(paths: list[Path]) -> list[tuple[str, tuple[str, bytes]]]:
+    return [("files", (p.name, p.read_bytes())) for p in paths]
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The value of one sample of the server's /metrics (0 if absent)."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    return 0.0
+
+
+def test_health_readiness_and_metadata(server, served):
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/readyz").json() == {"status": "ready"}
+    meta = httpx.get(f"{server}/metadata").json()
+    record = json.loads(served["model"].with_suffix(".json").read_text())
+    assert meta["classes"] == record["classes"] == ["circles", "squares", "stripes"]
+    assert (meta["backbone"], meta["layer"], meta["input_size"], meta["resize"]) == ("mobilenetv2", "out_relu", 128, "crop")
+    assert meta["run"]["run"] == record["run"] and meta["run"]["accuracy"] == record["accuracy"]
+    assert meta["limits"]["max_bytes"] == MAX_BYTES and meta["batching"]["max_batch"] == 32
+
+
+def test_predictions_equal_cnncodes_predict(server, served):
+    images = served["images"]
+    cli = runner.invoke(app, ["predict", str(served["model"]), *map(str, images), "--format", "json", "--top-k", "2",
+                              "--quiet"])
+    assert cli.exit_code == 0, cli.output
+    expected = json.loads(cli.stdout)
+    response = httpx.post(f"{server}/predict", params={"top_k": 2}, files=upload(images))
+    assert response.status_code == 200
+    got = response.json()["predictions"]
+    assert [g["filename"] for g in got] == [p.name for p in images]
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    assert [[t["label"] for t in g["top_k"]] for g in got] == [[t["label"] for t in e["top_k"]] for e in expected]
+    np.testing.assert_allclose([g["probability"] for g in got], [e["probability"] for e in expected], atol=1e-5)
+    assert all(g["error"] is None and len(g["top_k"]) == 2 for g in got)
+
+    raw = httpx.post(f"{server}/predict", content=images[0].read_bytes(), headers={"content-type": "image/jpeg"})
+    assert raw.status_code == 200
+    [one] = raw.json()["predictions"]
+    assert one["label"] == expected[0]["label"] and len(one["top_k"]) == 3  # the default top_k
+
+
+def test_a_mixed_request_answers_each_image_in_order(server, served):
+    good = served["images"][:2]
+    truncated = good[0].read_bytes()[:200]
+    files = [upload(good[:1])[0], ("files", ("cut.jpg", truncated)), ("files", ("notes.txt", b"plain text")),
+             ("files", ("empty.png", b"")), upload(good[1:])[0]]
+    response = httpx.post(f"{server}/predict", files=files)
+    assert response.status_code == 200
+    answers = response.json()["predictions"]
+    assert [a["filename"] for a in answers] == [good[0].name, "cut.jpg", "notes.txt", "empty.png", good[1].name]
+    assert answers[0]["label"] and answers[4]["label"] and answers[0]["error"] is None
+    assert "truncated" in answers[1]["error"] or "corrupt" in answers[1]["error"]
+    assert "not an image" in answers[2]["error"] and answers[3]["error"] == "empty file"
+    assert all(a["label"] is None and a["top_k"] == [] for a in answers[1:4])
+
+
+def test_unreadable_uploads_get_400_with_the_reason(server, served, tmp_path):
+    bomb = png_header_only(60_000, 60_000)
+    for body, content_type, words in [(b"\xff\xd8\xff\xe0 not really", "image/jpeg", "corrupt"),
+                                      (bomb, "image/png", "too large"), (b"", "image/png", "empty")]:
+        response = httpx.post(f"{server}/predict", content=body, headers={"content-type": content_type})
+        assert response.status_code == 400, words
+        assert words in response.json()["predictions"][0]["error"]
+    bombs = httpx.post(f"{server}/predict", files=[("files", ("bomb.png", bomb))] * 2)
+    assert bombs.status_code == 400 and all("decompression bomb" in p["error"] for p in bombs.json()["predictions"])
+    wrong_field = httpx.post(f"{server}/predict", files=[("image", ("a.jpg", served["images"][0].read_bytes()))])
+    assert wrong_field.status_code == 400 and "named 'files'" in wrong_field.json()["detail"]
+
+
+def test_wrong_content_types_get_415(server):
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/json"}, {}):
+        response = httpx.post(f"{server}/predict", content=b"{}", headers=headers)
+        assert response.status_code == 415
+        assert "multipart/form-data" in response.json()["detail"]
+
+
+def test_bodies_over_max_bytes_get_413_before_they_are_read(server):
+    big = np.random.default_rng(0).bytes(MAX_BYTES + 1)
+    assert httpx.post(f"{server}/predict", content=big, headers={"content-type": "image/png"}).status_code == 413
+    assert httpx.post(f"{server}/predict", files=[("files", ("big.png", big))]).status_code == 413
+    chunks = (big[i:i + 16_384] for i in range(0, len(big), 16_384))  # no Content-Length: counted as it comes
+    assert httpx.post(f"{server}/predict", content=chunks, headers={"content-type": "image/png"}).status_code == 413
+    # A declared 1 GB body is answered at once, without waiting for a byte of it.
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000000\r\n\r\n")
+        assert conn.recv(1024).startswith(b"HTTP/1.1 413")
+
+
+def test_errors_never_show_a_stack_trace(server):
+    responses = [httpx.get(f"{server}/nowhere"), httpx.get(f"{server}/predict"), httpx.get(f"{server}/docs"),
+                 httpx.post(f"{server}/predict?top_k=0", files=[("files", ("a.png", b"x"))]),
+                 httpx.post(f"{server}/predict?top_k=many", files=[("files", ("a.png", b"x"))]),
+                 httpx.post(f"{server}/predict", content=b"--xx\r\ngarbage", headers={
+                     "content-type": "multipart/form-data; boundary=xx"})]
+    assert [r.status_code for r in responses] == [404, 405, 404, 422, 422, 400]
+    for r in responses:
+        assert "Traceback" not in r.text and 'File "' not in r.text and ".py" not in r.text
+
+
+def test_concurrent_requests_share_forward_passes_and_are_counted(server, served):
+    before = {name: metric(server, name) for name in ("cnncodes_batch_images_count", "cnncodes_batch_images_sum",
+                                                        "cnncodes_images_predicted_total")}
+    before_415 = metric(server, "cnncodes_requests_total", route="/predict", status="415")
+    images = served["images"][:12]
+
+    def one(path: Path) -> int:
+        return httpx.post(f"{server}/predict", files=upload([path]), timeout=30).status_code
+
+    before_empty = metric(server, "cnncodes_images_rejected_total", category="empty")
+    threads_done: list[int] = []
+    threads = [threading.Thread(target=lambda p=p: threads_done.append(one(p))) for p in images]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    httpx.post(f"{server}/predict", content=b"x", headers={"content-type": "text/plain"})
+    httpx.post(f"{server}/predict", files=[("files", ("empty.png", b""))])
+    assert threads_done == [200] * len(images)
+    batches = metric(server, "cnncodes_batch_images_count") - before["cnncodes_batch_images_count"]
+    batched = metric(server, "cnncodes_batch_images_sum") - before["cnncodes_batch_images_sum"]
+    predicted = metric(server, "cnncodes_images_predicted_total") - before["cnncodes_images_predicted_total"]
+    assert batched == predicted == len(images)
+    assert batches < len(images)  # some forward pass served several requests
+    assert metric(server, "cnncodes_requests_total", route="/predict", status="415") == before_415 + 1
+    assert metric(server, "cnncodes_request_seconds_count", route="/predict") >= len(images)
+    assert metric(server, "cnncodes_images_rejected_total", category="empty") == before_empty + 1
+    assert httpx.get(f"{server}/metrics").headers["content-type"].startswith("text/plain")
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(served):
+    with running_server(served, "--batch-wait-ms", "1000", log="sigterm.log") as (url, proc):
+        answer: list[httpx.Response] = []
+        request = threading.Thread(target=lambda: answer.append(
+            httpx.post(f"{url}/predict", files=upload(served["images"][:1]), timeout=30)))
+        request.start()
+        time.sleep(0.4)  # the request now waits in the batcher's window
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):  # no new connections while draining
+            httpx.get(f"{url}/healthz", timeout=5)
+        request.join(timeout=30)
+        assert proc.wait(timeout=30) == 0
+    assert answer[0].status_code == 200 and answer[0].json()["predictions"][0]["label"]
+
+
+def test_workers_run_as_separate_processes_sharing_the_cores(served):
+    with running_server(served, "--workers", "2", log="workers.log") as (url, proc):
+        response = httpx.post(f"{url}/predict", files=upload(served["images"][:3]))
+        assert response.status_code == 200 and all(p["label"] for p in response.json()["predictions"])
+        assert httpx.get(f"{url}/metadata").json()["threads"] == max(1, (os.cpu_count() or 1) // 2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_kubernetes_manifest_and_dockerfile_point_at_real_routes_and_ports(server):
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text())}
+    assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [port] = container["ports"]
+    command = container.get("command", []) + container.get("args", [])
+    assert command[command.index("--port") + 1] == str(port["containerPort"])
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path and get["port"] in (port["containerPort"], port["name"])
+        assert httpx.get(f"{server}{get['path']}").status_code == 200
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) & set(container["resources"]["limits"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    service = docs["Service"]["spec"]
+    assert service["selector"].items() <= docs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    assert service["ports"][0]["targetPort"] in (port["containerPort"], port["name"])
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    assert hpa["metrics"][0]["resource"]["name"] == "cpu"
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"EXPOSE {port['containerPort']}" in dockerfile and "/healthz" in dockerfile
+    assert "cnncodes prepare" in dockerfile and "USER " in dockerfile
+
+
+def test_serve_and_prepare_stop_with_one_line_on_a_bad_model(served, tmp_path):
+    for command in ("serve", "prepare"):
+        result = runner.invoke(app, [command, str(tmp_path / "missing.joblib")])
+        assert result.exit_code == 2 and "not found" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_prepare_loads_the_model_and_says_what_it_prepared(served):
+    result = runner.invoke(app, ["prepare", str(served["model"])])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"prepared {served['model']} (3 classes, 128 px input): its runtime model is")
+
+
+def test_serve_without_its_extra_says_how_to_install_it(served, monkeypatch):
+    monkeypatch.delitem(sys.modules, "cnncodes.serve", raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # what `import fastapi` meets when it is not installed
+    result = runner.invoke(app, ["serve", str(served["model"])])
+    assert result.exit_code == 2
+    assert "pip install 'cnncodes[serve]'" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_readyz_says_not_ready_until_the_warm_up_pass_ran(served):
+    """In process, without the lifespan that starts the warm-up: alive, not ready."""
+    from cnncodes.predict import load_predictor
+    from cnncodes.serve import ServeSettings, create_app
+
+    asgi = httpx.ASGITransport(app=create_app(load_predictor(served["model"]), ServeSettings(str(served["model"]))))
+
+    async def probe() -> tuple[int, int]:
+        async with httpx.AsyncClient(transport=asgi, base_url="http://test") as client:
+            return (await client.get("/healthz")).status_code, (await client.get("/readyz")).status_code
+
+    assert asyncio.run(probe()) == (200, 503)
+
+
+def test_a_photo_decodes_from_its_bytes_as_from_its_file(served, tmp_path):
+    """Uploaded bytes and the same file on disk give the same pixels: one decoding path, draft mode included."""
+    from cnncodes.predict import load_predictor
+
+    photo = write_image(tmp_path / "photo.jpg", "circles", seed=9, size=300)
+    predictor = load_predictor(served["model"])
+    np.testing.assert_array_equal(predictor.pixels(photo.read_bytes()), predictor.pixels(photo))
+    assert predictor.pixels(photo).shape == (128, 128, 3)
