@@ -33,8 +33,10 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import SVC
+from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 
 from .bundle import publish_bundle
 from .choices import KINDS, NORMALIZERS
@@ -63,8 +65,28 @@ def _estimator(kind: str, class_weight: Any) -> tuple[Any, dict[str, list]]:
     if kind == "rbf-svm":
         return SVC(kernel="rbf", class_weight=class_weight, decision_function_shape="ovo"), {"C": [1.0, 10.0, 100.0], "gamma": [0.25, 1.0, 4.0]}
     if kind == "knn":
-        return KNeighborsClassifier(weights="distance"), {"n_neighbors": [1, 3, 5, 9, 15, 25]}
+        return _WeightedNeighbors(class_weight=class_weight), {"n_neighbors": [1, 3, 5, 9, 15, 25]}
     raise ValueError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)}")
+
+
+class _WeightedNeighbors(KNeighborsClassifier):
+    """Distance-weighted k-NN whose votes are scaled by class weights, like the other kinds' losses."""
+
+    def __init__(self, n_neighbors: int = 5, class_weight: Any = None):
+        super().__init__(n_neighbors=n_neighbors, weights="distance")
+        self.class_weight = class_weight
+
+    def fit(self, X, y):
+        super().fit(X, y)
+        self.vote_weights_ = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
+        return self
+
+    def predict_proba(self, X):
+        votes = super().predict_proba(X) * self.vote_weights_
+        return votes / np.maximum(votes.sum(axis=1, keepdims=True), np.finfo(float).tiny)
+
+    def predict(self, X):
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 
 def _normalizer(normalize: str):
@@ -111,7 +133,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         pipeline = Pipeline([("normalize", StandardScaler()), ("pca", "passthrough"), ("model", estimator)])
         search = GridSearchCV(pipeline, self._grids(grid, X, fold), cv=folds, n_jobs=self.n_jobs, refit=False,
                               scoring="balanced_accuracy" if self.class_weight else "accuracy")
-        with warnings.catch_warnings():
+        # One BLAS thread per fit: the parallelism is across candidates (n_jobs), and small fits on a
+        # busy machine spend more time waking idle BLAS threads than computing (measured: 10-100x).
+        with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", ConvergenceWarning)
             search.fit(X, codes)
             chosen = search.best_params_
@@ -189,7 +213,8 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         return self._decide(X)[1]
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self._decide(X)[0]]
+        decision, _ = self._decide(X)
+        return self.classes_[decision]
 
 
 def _scores(model: Pipeline, X: np.ndarray, n_classes: int) -> np.ndarray:
