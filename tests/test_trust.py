@@ -188,3 +188,9 @@ def test_a_record_without_a_split_fingerprint_is_a_one_line_error(codes, tmp_pat
     record_path.write_text(json.dumps(record))
     result = cli("compare", tmp_path / "old")
     assert result.exit_code == 2 and "no split fingerprint" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_file_name_that_is_not_utf8_gets_a_subset():
+    odd = b"caf\xe9.jpg".decode("utf-8", errors="surrogateescape")
+    split = assign_subsets([odd, "a.jpg", "b.jpg"], ["x", "x", "x"], [0, 1, 2], (0.34, 0.33, 0.33), 0)
+    assert sorted(split.subsets) == ["test", "train", "val"]

@@ -105,8 +105,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
     `cv` is a number of stratified folds or any scikit-learn splitter (e.g. a
     `PredefinedSplit` that scores on a validation subset). `fit(X, y, groups=...)` keeps
     images of one duplicate group in one fold. After `fit`, `best_params_` holds the chosen
-    values (with `normalize`), `cv_score_` their cross-validated score and `temperature_`
-    the calibration of the probabilities.
+    values (with `normalize`), `cv_score_` their cross-validated score, `temperature_`
+    the calibration of the probabilities and `grid_edges_` the parameters chosen at an end of
+    their grid (a hint that the grid is too narrow for these codes).
     """
 
     def __init__(self, kind: str = "linear-svm", normalize: str = "auto", pca: int | None = None,
@@ -131,7 +132,8 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         fold = min(len(train) for train, _ in folds + calibration)
         estimator, grid = _estimator(self.kind, self.class_weight)
         pipeline = Pipeline([("normalize", StandardScaler()), ("pca", "passthrough"), ("model", estimator)])
-        search = GridSearchCV(pipeline, self._grids(grid, X, fold), cv=folds, n_jobs=self.n_jobs, refit=False,
+        grids = self._grids(grid, X, fold)
+        search = GridSearchCV(pipeline, grids, cv=folds, n_jobs=self.n_jobs, refit=False,
                               scoring="balanced_accuracy" if self.class_weight else "accuracy")
         # One BLAS thread per fit: the parallelism is across candidates (n_jobs), and small fits on a
         # busy machine spend more time waking idle BLAS threads than computing (measured: 10-100x).
@@ -144,6 +146,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         self.best_params_ = {"normalize": next(n for n in _AUTO if type(_normalizer(n)) is type(chosen["normalize"])),
                              **{k.removeprefix("model__"): v for k, v in chosen.items() if k.startswith("model__")}}
         self.cv_score_ = float(search.best_score_)
+        searched = next(g for g in grids if g["normalize"][0] is chosen["normalize"])
+        self.grid_edges_ = [k.removeprefix("model__") for k, values in searched.items()
+                            if len(values) > 2 and chosen[k] in (min(values), max(values))]
         return self
 
     def _check_settings(self, codes: np.ndarray) -> None:
@@ -377,7 +382,7 @@ def _fit_one(feats: Features, out: Path, run: str, kind: str, splits, make, orig
         run=run, method="cnn-codes", backbone=spec.backbone, layer=spec.layer, classifier=kind,
         params={**model.best_params_, "pca": model.pca, "class_weight": model.class_weight,
                 "cv": model.cv if isinstance(model.cv, int) else "val", "temperature": round(model.temperature_, 4)},
-        cv_score=model.cv_score_, origin=origin,
+        cv_score=model.cv_score_, grid_edges=model.grid_edges_, origin=origin,
         dataset={"data": feats.meta["data"], "features": str(feats.path.resolve()),
                  "split_fingerprint": feats.split_fingerprint},
         classes=feats.classes, n_train=int((~test_rows).sum()), n_test=int(test_rows.sum()),
