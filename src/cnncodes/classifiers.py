@@ -167,12 +167,10 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
 
     def _folds(self, X, codes, groups, smallest: int, cv: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         """Stratified folds that never split a duplicate group (a copy in both halves flatters memorising models)."""
-        if not isinstance(cv, int):
-            return list(cv.split(X, codes, groups))
-        n_groups = len(np.unique(groups))
-        splitter = StratifiedGroupKFold(n_splits=max(2, min(cv, smallest, n_groups)), shuffle=True,
-                                        random_state=self.random_state)
-        with warnings.catch_warnings():  # a class with fewer groups than folds: scikit-learn warns, we know
+        splitter = cv if not isinstance(cv, int) else StratifiedGroupKFold(
+            n_splits=max(2, min(cv, smallest, len(np.unique(groups)))), shuffle=True, random_state=self.random_state)
+        # scikit-learn warns of a class with fewer groups than folds, and of a PredefinedSplit ignoring groups
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return [(train, test) for train, test in splitter.split(X, codes, groups) if len(test)]
 
@@ -241,6 +239,7 @@ def _scores(model: Pipeline, X: np.ndarray, n_classes: int) -> np.ndarray:
         found /= max(len(seen) - 1, 1)
     else:
         found = np.log(np.maximum(model.predict_proba(X), _FLOOR))
+    found = found.astype(np.float64)  # float32 codes give float32 scores, too coarse for a softmax summing to 1
     scores = np.repeat(found.min(axis=1, keepdims=True), n_classes, axis=1)
     scores[:, seen] = found
     return scores
