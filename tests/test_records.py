@@ -15,7 +15,7 @@ from cnncodes.records import build_record, publish, sidecar
 from .conftest import make_dataset
 
 runner = CliRunner()
-FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
+FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
 
 
 def cli(*args):

@@ -18,7 +18,8 @@ from .artifacts import package_versions, read_json
 from .errors import CnnCodesError
 from .records import RECORD_FORMAT, publish, sidecar
 
-BUNDLE_FORMAT = "cnncodes.bundle/1"
+# 2: probabilities by temperature over informative scores (`CodesClassifier.temperature_`).
+BUNDLE_FORMAT = "cnncodes.bundle/2"
 
 
 def publish_bundle(path: Path, contents: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
@@ -60,8 +61,11 @@ def load_bundle(path: Path) -> dict[str, Any]:
         raise CnnCodesError(f"{path} was made with scikit-learn {wanted} but {installed} is installed: "
                             f"install scikit-learn=={wanted} or fit the model again")
     bundle = joblib.load(io.BytesIO(data))
-    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+    if not isinstance(bundle, dict) or not str(bundle.get("format", "")).startswith("cnncodes.bundle/"):
         raise CnnCodesError(f"{path} is not a cnncodes model bundle")
+    if bundle["format"] != BUNDLE_FORMAT:
+        raise CnnCodesError(f"{path} was made by another version of cnncodes ({bundle['format']}, this one reads "
+                            f"{BUNDLE_FORMAT}): fit the model again with `cnncodes fit-svm`")
     return bundle
 
 

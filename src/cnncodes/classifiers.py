@@ -33,8 +33,10 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import SVC
+from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 
 from .bundle import publish_bundle
 from .choices import KINDS, NORMALIZERS
@@ -63,8 +65,28 @@ def _estimator(kind: str, class_weight: Any) -> tuple[Any, dict[str, list]]:
     if kind == "rbf-svm":
         return SVC(kernel="rbf", class_weight=class_weight, decision_function_shape="ovo"), {"C": [1.0, 10.0, 100.0], "gamma": [0.25, 1.0, 4.0]}
     if kind == "knn":
-        return KNeighborsClassifier(weights="distance"), {"n_neighbors": [1, 3, 5, 9, 15, 25]}
+        return _WeightedNeighbors(class_weight=class_weight), {"n_neighbors": [1, 3, 5, 9, 15, 25]}
     raise ValueError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)}")
+
+
+class _WeightedNeighbors(KNeighborsClassifier):
+    """Distance-weighted k-NN whose votes are scaled by class weights, like the other kinds' losses."""
+
+    def __init__(self, n_neighbors: int = 5, class_weight: Any = None):
+        super().__init__(n_neighbors=n_neighbors, weights="distance")
+        self.class_weight = class_weight
+
+    def fit(self, X, y):
+        super().fit(X, y)
+        self.vote_weights_ = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
+        return self
+
+    def predict_proba(self, X):
+        votes = super().predict_proba(X) * self.vote_weights_
+        return votes / np.maximum(votes.sum(axis=1, keepdims=True), np.finfo(float).tiny)
+
+    def predict(self, X):
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 
 def _normalizer(normalize: str):
@@ -83,8 +105,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
     `cv` is a number of stratified folds or any scikit-learn splitter (e.g. a
     `PredefinedSplit` that scores on a validation subset). `fit(X, y, groups=...)` keeps
     images of one duplicate group in one fold. After `fit`, `best_params_` holds the chosen
-    values (with `normalize`), `cv_score_` their cross-validated score and `temperature_`
-    the calibration of the probabilities.
+    values (with `normalize`), `cv_score_` their cross-validated score, `temperature_`
+    the calibration of the probabilities and `grid_edges_` the parameters chosen at an end of
+    their grid (a hint that the grid is too narrow for these codes).
     """
 
     def __init__(self, kind: str = "linear-svm", normalize: str = "auto", pca: int | None = None,
@@ -109,9 +132,12 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         fold = min(len(train) for train, _ in folds + calibration)
         estimator, grid = _estimator(self.kind, self.class_weight)
         pipeline = Pipeline([("normalize", StandardScaler()), ("pca", "passthrough"), ("model", estimator)])
-        search = GridSearchCV(pipeline, self._grids(grid, X, fold), cv=folds, n_jobs=self.n_jobs, refit=False,
+        grids = self._grids(grid, X, fold)
+        search = GridSearchCV(pipeline, grids, cv=folds, n_jobs=self.n_jobs, refit=False,
                               scoring="balanced_accuracy" if self.class_weight else "accuracy")
-        with warnings.catch_warnings():
+        # One BLAS thread per fit: the parallelism is across candidates (n_jobs), and small fits on a
+        # busy machine spend more time waking idle BLAS threads than computing (measured: 10-100x).
+        with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", ConvergenceWarning)
             search.fit(X, codes)
             chosen = search.best_params_
@@ -120,6 +146,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         self.best_params_ = {"normalize": next(n for n in _AUTO if type(_normalizer(n)) is type(chosen["normalize"])),
                              **{k.removeprefix("model__"): v for k, v in chosen.items() if k.startswith("model__")}}
         self.cv_score_ = float(search.best_score_)
+        searched = next(g for g in grids if g["normalize"][0] is chosen["normalize"])
+        self.grid_edges_ = [k.removeprefix("model__") for k, values in searched.items()
+                            if len(values) > 2 and chosen[k] in (min(values), max(values))]
         return self
 
     def _check_settings(self, codes: np.ndarray) -> None:
@@ -138,12 +167,10 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
 
     def _folds(self, X, codes, groups, smallest: int, cv: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         """Stratified folds that never split a duplicate group (a copy in both halves flatters memorising models)."""
-        if not isinstance(cv, int):
-            return list(cv.split(X, codes, groups))
-        n_groups = len(np.unique(groups))
-        splitter = StratifiedGroupKFold(n_splits=max(2, min(cv, smallest, n_groups)), shuffle=True,
-                                        random_state=self.random_state)
-        with warnings.catch_warnings():  # a class with fewer groups than folds: scikit-learn warns, we know
+        splitter = cv if not isinstance(cv, int) else StratifiedGroupKFold(
+            n_splits=max(2, min(cv, smallest, len(np.unique(groups)))), shuffle=True, random_state=self.random_state)
+        # scikit-learn warns of a class with fewer groups than folds, and of a PredefinedSplit ignoring groups
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return [(train, test) for train, test in splitter.split(X, codes, groups) if len(test)]
 
@@ -189,7 +216,8 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         return self._decide(X)[1]
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self._decide(X)[0]]
+        decision, _ = self._decide(X)
+        return self.classes_[decision]
 
 
 def _scores(model: Pipeline, X: np.ndarray, n_classes: int) -> np.ndarray:
@@ -211,6 +239,7 @@ def _scores(model: Pipeline, X: np.ndarray, n_classes: int) -> np.ndarray:
         found /= max(len(seen) - 1, 1)
     else:
         found = np.log(np.maximum(model.predict_proba(X), _FLOOR))
+    found = found.astype(np.float64)  # float32 codes give float32 scores, too coarse for a softmax summing to 1
     scores = np.repeat(found.min(axis=1, keepdims=True), n_classes, axis=1)
     scores[:, seen] = found
     return scores
@@ -352,7 +381,7 @@ def _fit_one(feats: Features, out: Path, run: str, kind: str, splits, make, orig
         run=run, method="cnn-codes", backbone=spec.backbone, layer=spec.layer, classifier=kind,
         params={**model.best_params_, "pca": model.pca, "class_weight": model.class_weight,
                 "cv": model.cv if isinstance(model.cv, int) else "val", "temperature": round(model.temperature_, 4)},
-        cv_score=model.cv_score_, origin=origin,
+        cv_score=model.cv_score_, grid_edges=model.grid_edges_, origin=origin,
         dataset={"data": feats.meta["data"], "features": str(feats.path.resolve()),
                  "split_fingerprint": feats.split_fingerprint},
         classes=feats.classes, n_train=int((~test_rows).sum()), n_test=int(test_rows.sum()),

@@ -202,9 +202,10 @@ def fit_svm(
                                                           f"scored on {records[0]['n_test']} test images",
                                      width=out_console.width))
         for record in records:
-            chosen = ", ".join(f"{k}={v}" for k, v in record["params"].items()
-                               if k in ("normalize", "C", "gamma", "n_neighbors"))
-            out_console.print(Text(f"{record['run']}: {chosen} (cv score {record['cv_score']:.3f}) -> "
+            chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in record["params"].items() if k in ("normalize", "C", "gamma", "n_neighbors"))
+            edges = f"; at the edge of its grid: {', '.join(record['grid_edges'])}" if record["grid_edges"] else ""
+            out_console.print(Text(f"{record['run']}: {chosen} (cv score {record['cv_score']:.3f}{edges}) -> "
                                    f"{out / record['model_file']}"), soft_wrap=True)
 
 

@@ -38,7 +38,7 @@ def calibration(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | None
               for b in np.unique(bins))
     mixed = 0 < right.sum() < len(right)
     return {
-        "log_loss": float(log_loss(y_true, np.clip(proba, 1e-15, 1), labels=np.arange(proba.shape[1]))),
+        "log_loss": float(log_loss(y_true, proba, labels=np.arange(proba.shape[1]))),
         "brier": float(((proba - onehot) ** 2).sum(axis=1).mean()),
         "ece": float(ece),
         "confidence_auroc": float(roc_auc_score(right, confidence)) if mixed else None,

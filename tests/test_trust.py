@@ -1,0 +1,196 @@
+"""Numbers users can trust: probabilities, repeated splits, significance, intervals, and the 80-column table."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+import cnncodes
+from cnncodes.choices import KINDS
+from cnncodes.classifiers import CodesClassifier, repeated_splits
+from cnncodes.cli import app
+from cnncodes.evaluate import calibration, mcnemar_p, paired_p, wilson_ci
+from cnncodes.features import load_features
+from cnncodes.records import load_records
+from cnncodes.report import rank, rich_table
+from cnncodes.split import assign_subsets
+
+from .conftest import make_dataset
+
+runner = CliRunner()
+FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_points_on_the_class_boundary_get_lower_top1_probabilities_than_far_ones(kind):
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [6.0, 0.0], [3.0, 5.0]])
+    y = np.repeat([0, 1, 2], 40)
+    X = np.hstack([centres[y] + rng.normal(scale=1.2, size=(120, 2)), rng.normal(size=(120, 4))])
+    model = CodesClassifier(kind, cv=3, n_jobs=1).fit(X, y)
+    far = np.hstack([centres, np.zeros((3, 4))])
+    boundary = np.hstack([(centres + np.roll(centres, 1, axis=0)) / 2, np.zeros((3, 4))])  # midpoints of two classes
+    top_far, top_boundary = model.predict_proba(far).max(axis=1), model.predict_proba(boundary).max(axis=1)
+    assert top_boundary.max() < top_far.min(), (top_boundary, top_far)
+    assert top_far.min() > 0.8
+    np.testing.assert_array_equal(model.predict(far), [0, 1, 2])
+    # the label is the model's decision, and always the top probability
+    np.testing.assert_array_equal(model.predict(X), model.classes_[model.model_.predict(X)])
+    np.testing.assert_array_equal(model.predict(X), model.predict_proba(X).argmax(axis=1))
+
+
+def test_calibration_scores_match_a_hand_computation():
+    y = np.array([0, 1, 1, 0])
+    proba = np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2], [0.3, 0.7]])
+    scores = calibration(y, proba)
+    # top-1 probabilities 0.9 0.6 0.8 0.7, right right wrong wrong, each alone in one of 15 bins
+    assert scores["ece"] == pytest.approx((0.1 + 0.4 + 0.8 + 0.7) / 4)
+    assert scores["brier"] == pytest.approx((0.02 + 0.32 + 1.28 + 0.98) / 4)
+    assert scores["log_loss"] == pytest.approx(-(math.log(0.9) + math.log(0.6) + math.log(0.2) + math.log(0.3)) / 4)
+    assert scores["confidence_auroc"] == pytest.approx(0.5)  # 0.9 beats both wrong ones, 0.6 neither
+    assert scores["confidence_right"] == pytest.approx(0.75) and scores["confidence_wrong"] == pytest.approx(0.75)
+    assert calibration(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))["confidence_auroc"] is None
+
+
+def test_the_interval_is_wilsons_and_never_zero_width():
+    low, high = wilson_ci(20, 20)
+    assert high == pytest.approx(1.0) and low == pytest.approx(20 / (20 + 1.959964**2), abs=1e-4)
+    low, high = wilson_ci(97, 100)
+    assert (round(low, 4), round(high, 4)) == (0.9155, 0.9897)
+
+
+def test_mcnemar_matches_a_hand_computation_and_identical_runs_get_p_1():
+    a = np.array([True] * 10 + [False] * 2)
+    b = np.array([True] * 2 + [False] * 8 + [True] * 2)
+    # 8 images only a gets right, 2 only b: p = 2 · P(Binomial(10, 1/2) ≤ 2) = 2 · 56 / 1024
+    assert mcnemar_p(a, b) == pytest.approx(112 / 1024)
+    assert mcnemar_p(a, a) == 1.0
+    assert paired_p([0.9, 0.8, 0.85], [0.9, 0.8, 0.85]) == 1.0
+    assert paired_p([0.9, 0.8, 0.85, 0.9], [0.8, 0.75, 0.8, 0.82]) < 0.05
+
+
+def fake_record(run: str, right: list[bool], repeats: list[float] | None = None) -> dict:
+    predictions = [{"path": f"{i}.png", "label": "a", "predicted": "a" if r else "b", "probability": 0.9}
+                   for i, r in enumerate(right)]
+    record = {"run": run, "method": "cnn-codes", "dataset": {"split_fingerprint": "f"}, "accuracy": float(np.mean(right)),
+              "balanced_accuracy": float(np.mean(right)), "fit_seconds": 1.0, "test_predictions": predictions}
+    if repeats:
+        record |= {"repeats": [{"seed": s, "accuracy": a, "n_test": 10} for s, a in enumerate(repeats)],
+                   "accuracy_mean": float(np.mean(repeats)), "accuracy_sd": float(np.std(repeats, ddof=1))}
+    return record
+
+
+def test_compare_gives_every_run_its_p_value_against_the_best():
+    best = fake_record("best", [True] * 30)
+    twin = fake_record("twin", [True] * 30)
+    worse = fake_record("worse", [True] * 18 + [False] * 12)
+    ranked = rank([worse, twin, best])
+    assert [r["run"] for r in ranked] == ["best", "twin", "worse"]
+    assert [r["p_vs_best"] for r in ranked[:2]] == [1.0, 1.0]
+    assert ranked[2]["p_vs_best"] == pytest.approx(2 * 0.5**12) and ranked[2]["p_vs_best_test"] == "McNemar"
+
+    # with repeats: ranked by the mean, tested over the per-split scores
+    steady = fake_record("steady", [True] * 20 + [False] * 10, repeats=[0.9, 0.92, 0.91, 0.93])
+    lucky = fake_record("lucky", [True] * 30, repeats=[0.8, 0.82, 0.81, 0.84])
+    ranked = rank([lucky, steady])
+    assert [r["run"] for r in ranked] == ["steady", "lucky"]
+    assert ranked[1]["p_vs_best_test"] == "paired t" and ranked[1]["p_vs_best"] < 0.05
+
+
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory) -> dict[str, Path]:
+    """Codes of 3 classes x 10 images, with pairs of images marked as duplicates in groups.npy."""
+    root = tmp_path_factory.mktemp("trust")
+    data = make_dataset(root / "data", per_class=10)
+    cnncodes.extract(data, root / "features", **FAST)
+    meta = json.loads((root / "features" / "meta.json").read_text())
+    # pairs of images of one class in one subset of extract's split, as its duplicate groups would be
+    order = np.argsort([f"{subset}/{path}" for subset, path in zip(meta["subsets"], meta["paths"])], kind="stable")
+    groups = np.empty(len(order), dtype=np.int64)
+    groups[order] = np.arange(len(order)) // 2
+    same = [len({meta["subsets"][i] for i in np.nonzero(groups == g)[0]}) == 1 for g in np.unique(groups)]
+    np.save(root / "features" / "groups.npy", np.where(np.isin(groups, np.unique(groups)[same]), groups, -1 - np.arange(len(order))))
+    return {"root": root, "data": data, "features": root / "features"}
+
+
+def test_repeated_splits_are_distinct_deterministic_and_keep_duplicates_together(codes):
+    feats = load_features(codes["features"])
+    splits = repeated_splits(feats, 4)
+    assert [seed for seed, _ in splits] == [0, 1, 2, 3]
+    np.testing.assert_array_equal(splits[0][1], feats.subsets)  # the first is the features' own split
+    assert len({tuple(subsets) for _, subsets in splits}) == 4
+    again = repeated_splits(load_features(codes["features"]), 4)
+    assert all((a == b).all() for (_, a), (_, b) in zip(splits, again))
+    for _, subsets in splits:
+        for group in np.unique(feats.groups):
+            assert len(set(subsets[feats.groups == group])) == 1
+        fitted_groups = set(feats.groups[subsets != "test"])
+        assert not fitted_groups & set(feats.groups[subsets == "test"])  # no copy of a test image is fitted
+        assert set(subsets) == {"train", "val", "test"}
+    labels = [feats.classes[i] for i in feats.y]
+    assert assign_subsets(feats.paths, labels, feats.groups, (0.7, 0.15, 0.15), 2).subsets == list(splits[2][1])
+
+
+def test_fit_svm_repeats_scores_each_split_on_its_own_test_images(codes, tmp_path):
+    result = cli("fit-svm", codes["features"], "--out", tmp_path, "--classifier", "knn", "--classifier", "linear-svm",
+                 "--cv", "2", "--repeats", "3", "--quiet")
+    assert result.exit_code == 0, result.output
+    feats = load_features(codes["features"])
+    splits = repeated_splits(feats, 3)
+    for path in tmp_path.glob("*.json"):
+        record = json.loads(path.read_text())
+        assert [r["seed"] for r in record["repeats"]] == [0, 1, 2]
+        assert [r["n_test"] for r in record["repeats"]] == [int((s == "test").sum()) for _, s in splits]
+        assert record["repeats"][0]["accuracy"] == record["accuracy"]  # the bundle and record are the first split's
+        accuracies = [r["accuracy"] for r in record["repeats"]]
+        assert record["accuracy_mean"] == pytest.approx(np.mean(accuracies))
+        assert record["accuracy_sd"] == pytest.approx(np.std(accuracies, ddof=1))
+        for key in ("log_loss", "brier", "ece"):
+            assert record[key] >= 0
+    as_json = json.loads(cli("compare", tmp_path, "--format", "json").stdout)
+    assert as_json[0]["accuracy_mean"] >= as_json[1]["accuracy_mean"] and as_json[0]["p_vs_best"] == 1.0
+
+
+def test_the_compare_table_reads_well_at_80_columns(codes, tmp_path):
+    for options in ([], ["--name", "l2-flip", "--normalize", "l2"]):
+        result = cli("fit-svm", codes["features"], "--out", tmp_path, "--classifier", "linear-svm", "--cv", "2",
+                     "--quiet", *options)
+        assert result.exit_code == 0, result.output
+    records = rank(load_records([tmp_path]))
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(rich_table(records, title="runs", width=80))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for record in records:  # every run name whole, on one line, with its accuracy, p-value, ECE and AUROC
+        line = next(line for line in lines if record["run"] in line)
+        assert f"{100 * record['accuracy']:.1f}%" in line and f"{record['ece']:.2f}" in line
+
+
+def test_a_record_without_a_split_fingerprint_is_a_one_line_error(codes, tmp_path):
+    result = cli("fit-svm", codes["features"], "--out", tmp_path / "m", "--classifier", "knn", "--cv", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    shutil.copytree(tmp_path / "m", tmp_path / "old")
+    record_path = tmp_path / "old" / "vgg16-block5_pool-knn.json"
+    record = json.loads(record_path.read_text())
+    del record["dataset"]["split_fingerprint"]
+    record_path.write_text(json.dumps(record))
+    result = cli("compare", tmp_path / "old")
+    assert result.exit_code == 2 and "no split fingerprint" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_file_name_that_is_not_utf8_gets_a_subset():
+    odd = b"caf\xe9.jpg".decode("utf-8", errors="surrogateescape")
+    split = assign_subsets([odd, "a.jpg", "b.jpg"], ["x", "x", "x"], [0, 1, 2], (0.34, 0.33, 0.33), 0)
+    assert sorted(split.subsets) == ["test", "train", "val"]
