@@ -8,7 +8,7 @@
 
 An engine composes the same pieces: `decode` (a file to pixels, or the reason it cannot
 be used), a runner (pixels to codes, `CodeJob.runner`), and the driver's `FeatureWriter`
-(rows of a memory-mapped .npy, in any order). `LocalEngine` runs them on threads of this
+(rows of a .npy written in place, in any order). `LocalEngine` runs them on threads of this
 machine; `cnncodes.ray_engine.RayEngine` on the actors of a Ray cluster.
 """
 
@@ -465,20 +465,24 @@ class _Stopwatch:
 def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine, progress: bool) -> list[Check]:
     """Decode every file once (cached by its identity) to find the bad ones and hash the rest.
 
-    The cache saves every chunk the engine returns, so an interrupted check resumes too.
+    The cache saves every few thousand files, and what an interrupted check found, so it resumes too.
     """
     (cache_dir / "checks.json").unlink(missing_ok=True)  # the cache of earlier versions, rewritten whole per chunk
     cache = CheckCache(cache_dir / "checks.sqlite")
+    unsaved: list[int] = []
     try:
         checks = cache.get(ids)
         todo = [i for i, c in enumerate(checks) if c is None]
         with progress_bar("Checking images", len(todo), enabled=progress and bool(todo)) as advance:
             for positions, found in engine.check([dataset.root / dataset.paths[i] for i in todo], advance):
-                rows = [todo[p] for p in positions]
-                cache.put([ids[i] for i in rows], found)
-                for i, check in zip(rows, found):
-                    checks[i] = check
+                for p, check in zip(positions, found):
+                    checks[todo[p]] = check
+                unsaved += [todo[p] for p in positions]
+                if len(unsaved) >= CHECK_CHUNK:
+                    cache.put([ids[i] for i in unsaved], [checks[i] for i in unsaved])
+                    unsaved = []
     finally:
+        cache.put([ids[i] for i in unsaved], [checks[i] for i in unsaved])
         cache.close()
     return [c for c in checks if c is not None]
 

@@ -243,15 +243,30 @@ class CheckCache:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        with self._failures():
+            try:
+                self.db = self._open(path)
+            except sqlite3.OperationalError:  # locked, disk full: not the cache's fault, keep it
+                raise
+            except sqlite3.DatabaseError:  # a damaged cache is rebuilt, never trusted
+                path.unlink(missing_ok=True)
+                self.db = self._open(path)
+
+    @contextmanager
+    def _failures(self) -> Iterator[None]:
+        """SQLite's I/O errors (a full disk, a read-only folder) become one error line that keeps the cache."""
         try:
-            self.db = self._open(path)
-        except sqlite3.DatabaseError:  # a damaged cache is rebuilt, never trusted
-            path.unlink(missing_ok=True)
-            self.db = self._open(path)
+            yield
+        except sqlite3.OperationalError as e:
+            raise CnnCodesError(f"cannot write the check cache {self.path} ({e}): free some space or make "
+                                f"{self.path.parent} writable, then run the same command again") from None
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path)
+        db.execute("PRAGMA journal_mode=WAL")  # a commit appends, and a crash loses at most the last ones
+        db.execute("PRAGMA synchronous=NORMAL")
         db.execute("CREATE TABLE IF NOT EXISTS checks (id BLOB PRIMARY KEY, reason BLOB, phash TEXT)")
         return db
 
@@ -266,6 +281,10 @@ class CheckCache:
         return found
 
     def put(self, ids: Sequence[str], checks: Sequence[Check]) -> None:
+        with self._failures():
+            self._put(ids, checks)
+
+    def _put(self, ids: Sequence[str], checks: Sequence[Check]) -> None:
         self.db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
                             [(_bytes(i), None if c.reason is None else _bytes(c.reason), c.phash)
                              for i, c in zip(ids, checks)])
