@@ -232,6 +232,21 @@ class ImageReader:
         return Batch.of(chunk, [f.result() for f in futures], self.size)
 
 
+class Files(Sequence[str]):
+    """The files of a dataset by row, joined to its root on demand: a million rows hold no million paths."""
+
+    def __init__(self, root: Path | str, names: Sequence[str]):
+        self.root, self.names = root, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return Files(self.root, self.names[index])
+        return str(self.root / self.names[index])
+
+
 class CodeBatch(NamedTuple):
     """Codes of some rows, as an engine returns them (in any order), and the rows that failed."""
 
@@ -383,7 +398,7 @@ def extract(
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, the_plan.split.labels, the_plan.split.subsets])
         if _up_to_date(out, run_key):
             return _result_from_meta(out, the_plan.rejected, the_plan.split.warnings, time.perf_counter() - started)
-        job = CodeJob(spec, resolved, runtime, [the_plan.usable.root / p for p in the_plan.usable.paths], batch_size)
+        job = CodeJob(spec, resolved, runtime, Files(the_plan.usable.root, the_plan.usable.paths), batch_size)
         done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
         settings = {"fractions": fractions, "seed": seed, "dup_threshold": dup_threshold}
         stages = {"discover": round(discovered, 3), "engine": round(engine_start, 3), **the_plan.seconds,
@@ -434,11 +449,11 @@ def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACT
     """
     clock = _Stopwatch()
     all_ids = _file_ids(dataset)
-    checks = _check(dataset, all_ids, out / CACHE_DIR, engine or LocalEngine(workers), progress)
-    rejected = [(p, c.reason or "") for p, c in zip(dataset.paths, checks) if not c.ok]
+    reasons, all_hashes = _check(dataset, all_ids, out / CACHE_DIR, engine or LocalEngine(workers), progress)
+    rejected = [(p, r) for p, r in zip(dataset.paths, reasons) if r is not None]
     artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
-    usable = _require_usable(dataset, checks)
-    phashes = [c.phash for c in checks if c.ok]
+    usable = _require_usable(dataset, reasons)
+    phashes = [h for h, r in zip(all_hashes, reasons) if r is None]
     clock.lap("check")
     groups = group_duplicates(phashes, dup_threshold)
     warnings = duplicate_warnings(groups, usable.paths, usable.labels, dup_threshold)
@@ -446,7 +461,8 @@ def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACT
     the_split = make_split(usable.paths, usable.labels, phashes, fractions, seed, dup_threshold)
     the_split.warnings += warnings
     clock.lap("split")
-    return Plan(usable, the_split, rejected, [fid for fid, c in zip(all_ids, checks) if c.ok], groups, clock.laps)
+    return Plan(usable, the_split, rejected, [fid for fid, r in zip(all_ids, reasons) if r is None], groups,
+                clock.laps)
 
 
 class _Stopwatch:
@@ -462,29 +478,34 @@ class _Stopwatch:
         self._last = now
 
 
-def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine, progress: bool) -> list[Check]:
+def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine,
+           progress: bool) -> tuple[list[str | None], list[str | None]]:
     """Decode every file once (cached by its identity) to find the bad ones and hash the rest.
 
-    The cache saves every few thousand files, and what an interrupted check found, so it resumes too.
+    Returns each file's reason to be rejected (None if usable) and perceptual hash. The
+    cache saves every few thousand files, and what an interrupted check found, so it
+    resumes too.
     """
     (cache_dir / "checks.json").unlink(missing_ok=True)  # the cache of earlier versions, rewritten whole per chunk
     cache = CheckCache(cache_dir / "checks.sqlite")
     unsaved: list[int] = []
+    reasons: list[str | None] = []
+    phashes: list[str | None] = []
     try:
-        checks = cache.get(ids)
-        todo = [i for i, c in enumerate(checks) if c is None]
+        reasons, phashes = cache.get(ids)
+        todo = [i for i, (r, h) in enumerate(zip(reasons, phashes)) if r is None and h is None]
         with progress_bar("Checking images", len(todo), enabled=progress and bool(todo)) as advance:
-            for positions, found in engine.check([dataset.root / dataset.paths[i] for i in todo], advance):
+            for positions, found in engine.check(Files(dataset.root, [dataset.paths[i] for i in todo]), advance):
                 for p, check in zip(positions, found):
-                    checks[todo[p]] = check
+                    reasons[todo[p]], phashes[todo[p]] = check.reason, check.phash
                 unsaved += [todo[p] for p in positions]
                 if len(unsaved) >= CHECK_CHUNK:
-                    cache.put([ids[i] for i in unsaved], [checks[i] for i in unsaved])
+                    cache.put([ids[i] for i in unsaved], [reasons[i] for i in unsaved], [phashes[i] for i in unsaved])
                     unsaved = []
     finally:
-        cache.put([ids[i] for i in unsaved], [checks[i] for i in unsaved])
+        cache.put([ids[i] for i in unsaved], [reasons[i] for i in unsaved], [phashes[i] for i in unsaved])
         cache.close()
-    return [c for c in checks if c is not None]
+    return reasons, phashes
 
 
 def _file_ids(dataset: Dataset) -> list[str]:
@@ -505,8 +526,8 @@ def _file_ids(dataset: Dataset) -> list[str]:
     return ids
 
 
-def _require_usable(dataset: Dataset, checks: list[Check]) -> Dataset:
-    keep = [i for i, c in enumerate(checks) if c.ok]
+def _require_usable(dataset: Dataset, reasons: list[str | None]) -> Dataset:
+    keep = [i for i, r in enumerate(reasons) if r is None]
     if not keep:
         raise CnnCodesError(f"no usable image in {dataset.root}: all {len(dataset)} files were rejected (see rejected.csv)")
     usable = Dataset(dataset.root, [dataset.paths[i] for i in keep], [dataset.labels[i] for i in keep])
@@ -626,7 +647,7 @@ def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runt
     elapsed = done.earlier_seconds + published - started
     rows_index = {"spec_key": spec.key, "file_ids": [the_plan.file_ids[i] for i in kept], "seconds": elapsed}
     cache = out / CACHE_DIR
-    artifacts.write_bytes_atomic(cache / "rows.json.new", json.dumps(rows_index, separators=(",", ":")).encode())
+    _dump_json(cache / "rows.json.new", rows_index)
     (out / "meta.json").unlink(missing_ok=True)
     (cache / "rows.json").unlink(missing_ok=True)  # rows.json must never describe other features
     done.writer.publish(out / "features.npy")
@@ -644,6 +665,14 @@ def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runt
     meta["stage_seconds"] = {**(stages or {}), "publish": round(time.perf_counter() - published, 3)}
     artifacts.write_json_atomic(out / "meta.json", meta)
     return meta
+
+
+def _dump_json(path: Path, obj: Any) -> None:
+    """Compact JSON streamed to a file and synced: a million file ids never become one string in memory."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, engine: dict[str, Any], run_key: str,

@@ -20,7 +20,6 @@ from numpy.lib.format import open_memmap, read_array_header_1_0, read_array_head
 
 from . import artifacts
 from .errors import CnnCodesError
-from .ingest import Check
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Seconds between two syncs of finished rows (a kill loses at most this much work) and two saves of the clock.
@@ -270,25 +269,27 @@ class CheckCache:
         db.execute("CREATE TABLE IF NOT EXISTS checks (id BLOB PRIMARY KEY, reason BLOB, phash TEXT)")
         return db
 
-    def get(self, ids: Sequence[str]) -> list[Check | None]:
-        found: list[Check | None] = []
+    def get(self, ids: Sequence[str]) -> tuple[list[str | None], list[str | None]]:
+        """Each file's reason to be rejected and perceptual hash; both None for a file not checked yet."""
+        reasons: list[str | None] = []
+        phashes: list[str | None] = []
         for start in range(0, len(ids), 500):
             keys = [_bytes(i) for i in ids[start:start + 500]]
             rows = self.db.execute(f"SELECT id, reason, phash FROM checks WHERE id IN ({','.join('?' * len(keys))})",
                                    keys)
-            known = {k: Check(None if r is None else _text(r), h) for k, r, h in rows}
-            found += [known.get(k) for k in keys]
-        return found
+            known = {k: (None if r is None else _text(r), h) for k, r, h in rows}
+            for k in keys:
+                reason, phash = known.get(k, (None, None))
+                reasons.append(reason)
+                phashes.append(phash)
+        return reasons, phashes
 
-    def put(self, ids: Sequence[str], checks: Sequence[Check]) -> None:
+    def put(self, ids: Sequence[str], reasons: Sequence[str | None], phashes: Sequence[str | None]) -> None:
         with self._failures():
-            self._put(ids, checks)
-
-    def _put(self, ids: Sequence[str], checks: Sequence[Check]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
-                            [(_bytes(i), None if c.reason is None else _bytes(c.reason), c.phash)
-                             for i, c in zip(ids, checks)])
-        self.db.commit()
+            self.db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
+                                [(_bytes(i), None if r is None else _bytes(r), h)
+                                 for i, r, h in zip(ids, reasons, phashes)])
+            self.db.commit()
 
     def close(self) -> None:
         self.db.close()
