@@ -8,16 +8,14 @@
 
 An engine composes the same pieces: `decode` (a file to pixels, or the reason it cannot
 be used), a runner (pixels to codes, `CodeJob.runner`), and the driver's `FeatureWriter`
-(rows of a memory-mapped .npy, in any order). `LocalEngine` runs them on threads of this
+(rows of a .npy written in place, in any order). `LocalEngine` runs them on threads of this
 machine; `cnncodes.ray_engine.RayEngine` on the actors of a Ray cluster.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +29,6 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 from filelock import FileLock, Timeout
-from numpy.lib.format import open_memmap
 
 from . import artifacts, quantize
 from .backbones import POOLINGS, get_backbone
@@ -50,6 +47,7 @@ from .split import (
     group_duplicates,
     parse_fractions,
 )
+from .storage import CheckCache, FeatureWriter, npy_layout
 from .weights import Weights
 
 FEATURES_FORMAT = "cnncodes.features/1"
@@ -59,9 +57,6 @@ CACHE_DIR = ".cache"
 ENGINES = ("local", "ray")
 # Files checked between two saves of the check cache.
 CHECK_CHUNK = 4096
-# Seconds between two saves of how long an unfinished run has worked (carried into meta.json).
-_CLOCK_EVERY = 10.0
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -285,6 +280,21 @@ class ImageReader:
         return Batch.of(chunk, [f.result() for f in futures], self.size)
 
 
+class Files(Sequence[str]):
+    """The files of a dataset by row, joined to its root on demand: a million rows hold no million paths."""
+
+    def __init__(self, root: Path | str, names: Sequence[str]):
+        self.root, self.names = root, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return Files(self.root, self.names[index])
+        return str(self.root / self.names[index])
+
+
 class CodeBatch(NamedTuple):
     """Codes of some rows, as an engine returns them (in any order), and the rows that failed."""
 
@@ -368,193 +378,6 @@ def make_engine(name: str = "local", workers: int | None = None, address: str | 
     return RayEngine(workers, address)
 
 
-def _reserved_memmap(path: Path, shape: tuple[int, int]) -> np.memmap:
-    """A new float32 .npy with its disk space reserved now: a full disk is one error here, not a SIGBUS later."""
-    try:
-        codes = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-        _reserve(path)
-    except OSError as e:
-        if e.errno not in _NO_SPACE:
-            raise
-        path.unlink(missing_ok=True)
-        raise CnnCodesError(
-            f"not enough space in {path.parent} for the codes: {_human_bytes(shape[0] * shape[1] * 4)} needed "
-            f"({e.strerror}); free some space and run the same command again (finished work is kept)") from None
-    return codes
-
-
-def _reserve(path: Path) -> None:
-    """Allocate every block of a sparse file; file systems that cannot are left as they are."""
-    with open(path, "r+b") as f:
-        try:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
-class FeatureWriter:
-    """Stores code rows in a memory-mapped `.npy` as they come, in any order: memory is bounded by a batch.
-
-    The file's space is reserved up front. After each batch its rows are synced to disk
-    and their numbers appended to a log, so a killed run resumes where it stopped and a
-    save costs the batch, not every row so far. The state is tied to `key`, so different
-    settings never reuse its rows. The finished array is moved into place by `publish`.
-    """
-
-    def __init__(self, work_dir: Path, key: str, n_rows: int, dim: int):
-        work_dir.mkdir(parents=True, exist_ok=True)
-        self._data = work_dir / "partial.npy"
-        self._log = work_dir / "partial-done.i64"
-        self._state = work_dir / "partial.json"
-        self._clock = work_dir / "partial-seconds.txt"
-        self.dim = dim
-        expected = {"key": key, "rows": n_rows, "dim": dim}
-        if not self._resume(expected):
-            self._state.unlink(missing_ok=True)  # first, so a crash below cannot pair old state with new rows
-            self.codes = _reserved_memmap(self._data, (n_rows, dim))
-            self.done = np.zeros(n_rows, dtype=bool)
-            self.seconds_before = 0.0
-            self._log.write_bytes(b"")
-            self._clock.unlink(missing_ok=True)
-            artifacts.write_json_atomic(self._state, expected)
-        self.resumed = int(self.done.sum())
-        self._appender = open(self._log, "ab")  # noqa: SIM115 - open for the writer's whole life, closed by publish
-        self._started = self._saved = time.perf_counter()
-
-    def _resume(self, expected: dict) -> bool:
-        try:
-            if artifacts.read_json(self._state) != expected:
-                return False
-            codes = np.load(self._data, mmap_mode="r+")
-            logged = np.fromfile(self._log, dtype="<i8")
-        except (OSError, ValueError):
-            return False
-        if codes.shape != (expected["rows"], expected["dim"]):
-            return False
-        self.codes, self.done = codes, np.zeros(expected["rows"], dtype=bool)
-        self.done[logged[(logged >= 0) & (logged < expected["rows"])]] = True
-        try:
-            self.seconds_before = float(self._clock.read_text())
-        except (OSError, ValueError):
-            self.seconds_before = 0.0
-        return True
-
-    @property
-    def todo(self) -> np.ndarray:
-        return np.flatnonzero(~self.done)
-
-    @property
-    def seconds(self) -> float:
-        """Seconds this writer's rows took so far, interrupted runs included."""
-        return self.seconds_before + time.perf_counter() - self._started
-
-    def write(self, rows: np.ndarray, codes: np.ndarray) -> None:
-        if len(rows) == 0:
-            return
-        self.codes[rows] = codes
-        self.codes.flush()  # the rows are on disk before the log says they are done
-        self._appender.write(np.asarray(rows, dtype="<i8").tobytes())
-        self._appender.flush()
-        self.done[rows] = True
-        if time.perf_counter() - self._saved > _CLOCK_EVERY:
-            self.save_clock()
-
-    def save_clock(self) -> None:
-        """Record the time worked so far, for the run that resumes these rows."""
-        artifacts.write_bytes_atomic(self._clock, f"{self.seconds:.3f}".encode())
-        self._saved = time.perf_counter()
-
-    def copy_from(self, source: np.ndarray, pairs: Sequence[tuple[int, int]]) -> None:
-        """Take rows (new, old) from an earlier run's features instead of recomputing them."""
-        for start in range(0, len(pairs), 1024):
-            chunk = np.array(pairs[start:start + 1024], dtype=np.int64).reshape(-1, 2)
-            self.write(chunk[:, 0], source[chunk[:, 1]])
-
-    def publish(self, dest: Path) -> np.ndarray:
-        """Move the finished rows to `dest` atomically; returns which rows it holds. Call `discard` after."""
-        kept = np.flatnonzero(self.done)
-        self.codes.flush()
-        self._appender.close()
-        if len(kept) == len(self.done):
-            del self.codes
-            os.replace(self._data, dest)
-        else:
-            self._publish_subset(dest, kept)
-        return kept
-
-    def discard(self) -> None:
-        """Forget the unfinished state, once the published rows are recorded elsewhere."""
-        for path in (self._state, self._log, self._clock, self._data):
-            path.unlink(missing_ok=True)
-
-    def _publish_subset(self, dest: Path, kept: np.ndarray) -> None:
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        out = _reserved_memmap(tmp, (len(kept), self.codes.shape[1]))
-        for start in range(0, len(kept), 1024):
-            out[start:start + 1024] = self.codes[kept[start:start + 1024]]
-        out.flush()
-        del out, self.codes
-        os.replace(tmp, dest)
-
-
-class CheckCache:
-    """What checking each file found, in SQLite (standard library): a save costs the new rows only.
-
-    Keyed by the file's identity (`_file_ids`), stored as bytes so that any file name,
-    even one that is not UTF-8, round-trips.
-    """
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = self._open(path)
-        except sqlite3.DatabaseError:  # a damaged cache is rebuilt, never trusted
-            path.unlink(missing_ok=True)
-            self.db = self._open(path)
-
-    @staticmethod
-    def _open(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path)
-        db.execute("CREATE TABLE IF NOT EXISTS checks (id BLOB PRIMARY KEY, reason BLOB, phash TEXT)")
-        return db
-
-    def get(self, ids: Sequence[str]) -> list[Check | None]:
-        found: list[Check | None] = []
-        for start in range(0, len(ids), 500):
-            keys = [_bytes(i) for i in ids[start:start + 500]]
-            rows = self.db.execute(f"SELECT id, reason, phash FROM checks WHERE id IN ({','.join('?' * len(keys))})",
-                                   keys)
-            known = {k: Check(None if r is None else _text(r), h) for k, r, h in rows}
-            found += [known.get(k) for k in keys]
-        return found
-
-    def put(self, ids: Sequence[str], checks: Sequence[Check]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
-                            [(_bytes(i), None if c.reason is None else _bytes(c.reason), c.phash)
-                             for i, c in zip(ids, checks)])
-        self.db.commit()
-
-    def close(self) -> None:
-        self.db.close()
-
-
-def _bytes(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "surrogateescape")
-
-
 @dataclass
 class ExtractResult:
     """What `extract` produced, for the CLI's summary and for notebooks."""
@@ -629,7 +452,7 @@ def extract(
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, the_plan.split.labels, the_plan.split.subsets])
         if _up_to_date(out, run_key):
             return _result_from_meta(out, the_plan.rejected, the_plan.split.warnings, time.perf_counter() - started)
-        job = CodeJob(spec, resolved, runtime, [the_plan.usable.root / p for p in the_plan.usable.paths], batch_size)
+        job = CodeJob(spec, resolved, runtime, Files(the_plan.usable.root, the_plan.usable.paths), batch_size)
         done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
         settings = {"fractions": fractions, "seed": seed, "dup_threshold": dup_threshold}
         stages = {"discover": round(discovered, 3), "engine": round(engine_start, 3), **the_plan.seconds,
@@ -680,11 +503,11 @@ def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACT
     """
     clock = _Stopwatch()
     all_ids = _file_ids(dataset)
-    checks = _check(dataset, all_ids, out / CACHE_DIR, engine or LocalEngine(workers), progress)
-    rejected = dataset.skipped + [(p, c.reason or "") for p, c in zip(dataset.paths, checks) if not c.ok]
+    reasons, all_hashes = _check(dataset, all_ids, out / CACHE_DIR, engine or LocalEngine(workers), progress)
+    rejected = dataset.skipped + [(p, r) for p, r in zip(dataset.paths, reasons) if r is not None]
     artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
-    usable = _require_usable(dataset, checks)
-    phashes = [c.phash for c in checks if c.ok]
+    usable = _require_usable(dataset, reasons)
+    phashes = [h for h, r in zip(all_hashes, reasons) if r is None]
     clock.lap("check")
     groups = group_duplicates(phashes, dup_threshold)
     warnings = duplicate_warnings(groups, usable.paths, usable.labels, dup_threshold)
@@ -692,7 +515,8 @@ def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACT
     the_split = assign_subsets(usable.paths, usable.labels, groups, fractions, seed)
     the_split.warnings += warnings
     clock.lap("split")
-    return Plan(usable, the_split, rejected, [fid for fid, c in zip(all_ids, checks) if c.ok], groups, clock.laps)
+    return Plan(usable, the_split, rejected, [fid for fid, r in zip(all_ids, reasons) if r is None], groups,
+                clock.laps)
 
 
 class _Stopwatch:
@@ -708,25 +532,34 @@ class _Stopwatch:
         self._last = now
 
 
-def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine, progress: bool) -> list[Check]:
+def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine,
+           progress: bool) -> tuple[list[str | None], list[str | None]]:
     """Decode every file once (cached by its identity) to find the bad ones and hash the rest.
 
-    The cache saves every chunk the engine returns, so an interrupted check resumes too.
+    Returns each file's reason to be rejected (None if usable) and perceptual hash. The
+    cache saves every few thousand files, and what an interrupted check found, so it
+    resumes too.
     """
     (cache_dir / "checks.json").unlink(missing_ok=True)  # the cache of earlier versions, rewritten whole per chunk
     cache = CheckCache(cache_dir / "checks.sqlite")
+    unsaved: list[int] = []
+    reasons: list[str | None] = []
+    phashes: list[str | None] = []
     try:
-        checks = cache.get(ids)
-        todo = [i for i, c in enumerate(checks) if c is None]
+        reasons, phashes = cache.get(ids)
+        todo = [i for i, (r, h) in enumerate(zip(reasons, phashes)) if r is None and h is None]
         with progress_bar("Checking images", len(todo), enabled=progress and bool(todo)) as advance:
-            for positions, found in engine.check([dataset.root / dataset.paths[i] for i in todo], advance):
-                rows = [todo[p] for p in positions]
-                cache.put([ids[i] for i in rows], found)
-                for i, check in zip(rows, found):
-                    checks[i] = check
+            for positions, found in engine.check(Files(dataset.root, [dataset.paths[i] for i in todo]), advance):
+                for p, check in zip(positions, found):
+                    reasons[todo[p]], phashes[todo[p]] = check.reason, check.phash
+                unsaved += [todo[p] for p in positions]
+                if len(unsaved) >= CHECK_CHUNK:
+                    cache.put([ids[i] for i in unsaved], [reasons[i] for i in unsaved], [phashes[i] for i in unsaved])
+                    unsaved = []
     finally:
+        cache.put([ids[i] for i in unsaved], [reasons[i] for i in unsaved], [phashes[i] for i in unsaved])
         cache.close()
-    return [c for c in checks if c is not None]
+    return reasons, phashes
 
 
 def _file_ids(dataset: Dataset) -> list[str]:
@@ -747,8 +580,8 @@ def _file_ids(dataset: Dataset) -> list[str]:
     return ids
 
 
-def _require_usable(dataset: Dataset, checks: list[Check]) -> Dataset:
-    keep = [i for i, c in enumerate(checks) if c.ok]
+def _require_usable(dataset: Dataset, reasons: list[str | None]) -> Dataset:
+    keep = [i for i, r in enumerate(reasons) if r is None]
     if not keep:
         raise CnnCodesError(f"no usable image in {dataset.root}: all {len(dataset)} files were rejected (see rejected.csv)")
     usable = Dataset(dataset.root, [dataset.paths[i] for i in keep], [dataset.labels[i] for i in keep])
@@ -777,12 +610,12 @@ def compute_codes(out: Path, job: CodeJob, file_ids: list[str], engine: Engine, 
     """Fill a FeatureWriter: resume, reuse rows of an earlier run, then let `engine` compute the rest."""
     previous = _previous_rows(out, job.spec.key, file_ids)
     covered = previous is not None and len(previous.pairs) == len(file_ids)
-    dim = previous.features.shape[1] if previous is not None and covered else job.runner.dim
+    dim = previous.dim if previous is not None and covered else job.runner.dim
     writer = FeatureWriter(out / CACHE_DIR, artifacts.sha256_json([job.spec.key, file_ids]), len(file_ids), dim)
     reused, earlier = writer.resumed, writer.seconds_before
     if previous is not None and writer.resumed == 0:
-        writer.copy_from(previous.features, previous.pairs)
-        reused, earlier = len(previous.pairs), previous.seconds * len(previous.pairs) / max(len(previous.features), 1)
+        writer.copy_from(previous.path, previous.pairs)
+        reused, earlier = len(previous.pairs), previous.seconds * len(previous.pairs) / max(previous.rows, 1)
     failed: list[tuple[int, str]] = []
     todo = writer.todo
     started = time.perf_counter()
@@ -796,14 +629,18 @@ def compute_codes(out: Path, job: CodeJob, file_ids: list[str], engine: Engine, 
                     failed += batch.failed
                     advance(len(batch.rows) + len(batch.failed))
                     if on_batch:
+                        writer.sync()  # the hook may stop the run: what it was told is stored, is
                         on_batch(int(writer.done.sum()), total)
             finally:
+                writer.sync()
                 writer.save_clock()
     return Computed(writer, len(todo) - len(failed), reused, failed, time.perf_counter() - started, earlier)
 
 
 class _Previous(NamedTuple):
-    features: np.ndarray
+    path: Path
+    rows: int
+    dim: int
     pairs: list[tuple[int, int]]  # (new row, old row)
     seconds: float
 
@@ -818,13 +655,13 @@ def _previous_rows(out: Path, spec_key: str, file_ids: list[str]) -> _Previous |
         index = artifacts.read_json(out / CACHE_DIR / "rows.json")
         if index["spec_key"] != spec_key:
             return None
-        features = np.load(out / "features.npy", mmap_mode="r")
+        (rows, dim), _ = npy_layout(out / "features.npy")
         seconds = float(index.get("seconds", 0.0))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    old = {fid: i for i, fid in enumerate(index["file_ids"]) if i < len(features)}
+    old = {fid: i for i, fid in enumerate(index["file_ids"]) if i < rows}
     pairs = [(new, old[fid]) for new, fid in enumerate(file_ids) if fid in old]
-    return _Previous(features, pairs, seconds) if pairs else None
+    return _Previous(out / "features.npy", rows, dim, pairs, seconds) if pairs else None
 
 
 def _up_to_date(out: Path, run_key: str) -> bool:
@@ -864,7 +701,7 @@ def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runt
     elapsed = done.earlier_seconds + published - started
     rows_index = {"spec_key": spec.key, "file_ids": [the_plan.file_ids[i] for i in kept], "seconds": elapsed}
     cache = out / CACHE_DIR
-    artifacts.write_bytes_atomic(cache / "rows.json.new", json.dumps(rows_index, separators=(",", ":")).encode())
+    _dump_json(cache / "rows.json.new", rows_index)
     (out / "meta.json").unlink(missing_ok=True)
     (cache / "rows.json").unlink(missing_ok=True)  # rows.json must never describe other features
     done.writer.publish(out / "features.npy")
@@ -882,6 +719,14 @@ def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runt
     meta["stage_seconds"] = {**(stages or {}), "publish": round(time.perf_counter() - published, 3)}
     artifacts.write_json_atomic(out / "meta.json", meta)
     return meta
+
+
+def _dump_json(path: Path, obj: Any) -> None:
+    """Compact JSON streamed to a file and synced: a million file ids never become one string in memory."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, engine: dict[str, Any], run_key: str,

@@ -56,7 +56,7 @@ class RayEngine:
     def check(self, files: Sequence[Path | str], advance: Callable[[int], None]) -> Iterator[tuple[list[int], list[Check]]]:
         if not files:
             return
-        checked = _items(range(len(files)), files, self.workers).map_batches(
+        checked = _items(np.arange(len(files)), files, self.workers).map_batches(
             _check_batch, batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=self.workers),
             runtime_env=_object_store_settings())
         for batch in checked.iter_batches(batch_size=None, batch_format="numpy"):
@@ -66,7 +66,7 @@ class RayEngine:
 
     def codes(self, job: CodeJob, rows: np.ndarray) -> Iterator[CodeBatch]:
         model = [ray.put(_onnx_bytes(job))]  # in a list, so each actor fetches it from the object store itself
-        coded = _items(rows, [job.paths[r] for r in rows], self.workers).map_batches(
+        coded = _items(rows, job.paths, self.workers).map_batches(
             _Coder, batch_size=job.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model": model, "size": job.spec.image_size, "resize": job.spec.resize,
                                    "flip": job.spec.flip},
@@ -77,11 +77,11 @@ class RayEngine:
             yield CodeBatch(batch["row"][~bad], np.asarray(batch["code"][~bad], dtype=np.float32), failed)
 
 
-def _items(rows: Sequence[int] | np.ndarray, paths: Sequence[Path | str], workers: int) -> ray.data.Dataset:
-    """A dataset of (row, path) as Arrow tables, in enough blocks to keep every worker busy."""
+def _items(rows: np.ndarray, files: Sequence[Path | str], workers: int) -> ray.data.Dataset:
+    """A dataset of (row, file of that row) as Arrow tables, in enough blocks to keep every worker busy."""
     rows = np.asarray(rows, dtype=np.int64)
     size = max(1, min(BLOCK_ROWS, -(-len(rows) // (4 * workers))))
-    tables = [pa.table({"row": rows[i:i + size], "path": pa.array([str(p) for p in paths[i:i + size]])})
+    tables = [pa.table({"row": rows[i:i + size], "path": pa.array([str(files[r]) for r in rows[i:i + size]])})
               for i in range(0, len(rows), size)]
     return ray.data.from_arrow(tables)
 

@@ -1,0 +1,305 @@
+"""The state `extract` keeps on disk: code rows as they come, and what checking each file found.
+
+Both cost the new work per save, never everything so far, so a million images cost no
+more per batch than a thousand, and both survive a kill at any moment.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.format import open_memmap, read_array_header_1_0, read_array_header_2_0, read_magic
+
+from . import artifacts
+from .errors import CnnCodesError
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Seconds between two syncs of finished rows (a kill loses at most this much work) and two saves of the clock.
+SYNC_EVERY = 2.0
+_CLOCK_EVERY = 10.0
+_CHUNK_ROWS = 1024
+
+
+class FeatureWriter:
+    """Stores code rows in a float32 `.npy` as they come, in any order: memory is bounded by a batch.
+
+    Rows are written with positioned writes (the page cache holds them, not this process),
+    into a file whose disk space is reserved up front. Every couple of seconds the file
+    is synced and then the numbers of the rows it holds are appended to a log, so a killed
+    run resumes where it stopped and a save costs the new rows only. The state is tied to
+    `key`, so different settings never reuse its rows. `publish` moves the result into place.
+    """
+
+    def __init__(self, work_dir: Path, key: str, n_rows: int, dim: int):
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self._data = work_dir / "partial.npy"
+        self._log = work_dir / "partial-done.i64"
+        self._state = work_dir / "partial.json"
+        self._clock = work_dir / "partial-seconds.txt"
+        self.dim = dim
+        expected = {"key": key, "rows": n_rows, "dim": dim}
+        if not self._resume(expected):
+            self._state.unlink(missing_ok=True)  # first, so a crash below cannot pair old state with new rows
+            reserve_npy(self._data, (n_rows, dim))
+            self.done = np.zeros(n_rows, dtype=bool)
+            self.seconds_before = 0.0
+            self._log.write_bytes(b"")
+            self._clock.unlink(missing_ok=True)
+            artifacts.write_json_atomic(self._state, expected)
+        self.resumed = int(self.done.sum())
+        self._offset = npy_layout(self._data)[1]
+        self._fd = os.open(self._data, os.O_RDWR)
+        self._unsynced: list[np.ndarray] = []
+        self._started = self._synced = self._clocked = time.perf_counter()
+
+    def _resume(self, expected: dict) -> bool:
+        try:
+            if artifacts.read_json(self._state) != expected:
+                return False
+            shape = npy_layout(self._data)[0]
+            logged = np.fromfile(self._log, dtype="<i8")
+        except (OSError, ValueError):
+            return False
+        if shape != (expected["rows"], expected["dim"]):
+            return False
+        self.done = np.zeros(expected["rows"], dtype=bool)
+        self.done[logged[(logged >= 0) & (logged < expected["rows"])]] = True
+        try:
+            self.seconds_before = float(self._clock.read_text())
+        except (OSError, ValueError):
+            self.seconds_before = 0.0
+        return True
+
+    @property
+    def todo(self) -> np.ndarray:
+        return np.flatnonzero(~self.done)
+
+    @property
+    def seconds(self) -> float:
+        """Seconds this writer's rows took so far, interrupted runs included."""
+        return self.seconds_before + time.perf_counter() - self._started
+
+    def write(self, rows: np.ndarray, codes: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        codes = np.ascontiguousarray(codes, dtype="<f4").reshape(len(rows), self.dim)
+        for start, stop in _runs(rows):
+            os.pwrite(self._fd, codes[start:stop].tobytes(), self._offset + int(rows[start]) * self.dim * 4)
+        self.done[rows] = True
+        self._unsynced.append(rows)
+        if time.perf_counter() - self._synced > SYNC_EVERY:
+            self.sync()
+
+    def sync(self) -> None:
+        """Make the rows written so far survive a crash: data on disk first, then the log that names them."""
+        if self._unsynced:
+            os.fdatasync(self._fd)
+            with open(self._log, "ab") as log:
+                log.write(np.concatenate(self._unsynced).astype("<i8").tobytes())
+            self._unsynced = []
+        self._synced = time.perf_counter()
+        if self._synced - self._clocked > _CLOCK_EVERY:
+            self.save_clock()
+
+    def save_clock(self) -> None:
+        """Record the time worked so far, for the run that resumes these rows."""
+        artifacts.write_bytes_atomic(self._clock, f"{self.seconds:.3f}".encode())
+        self._clocked = time.perf_counter()
+
+    def copy_from(self, source: Path, pairs: Sequence[tuple[int, int]]) -> None:
+        """Take rows (new, old) from an earlier run's features file instead of recomputing them."""
+        with npy_rows(source) as old:
+            for start in range(0, len(pairs), _CHUNK_ROWS):
+                chunk = np.array(pairs[start:start + _CHUNK_ROWS], dtype=np.int64).reshape(-1, 2)
+                self.write(chunk[:, 0], old.read(chunk[:, 1]))
+        self.sync()
+
+    def publish(self, dest: Path) -> np.ndarray:
+        """Move the finished rows to `dest` atomically; returns which rows it holds. Call `discard` after."""
+        self.sync()
+        os.close(self._fd)
+        kept = np.flatnonzero(self.done)
+        if len(kept) == len(self.done):
+            os.replace(self._data, dest)
+            return kept
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        reserve_npy(tmp, (len(kept), self.dim))
+        with npy_rows(self._data) as source, npy_rows(tmp, write=True) as out:
+            for start in range(0, len(kept), _CHUNK_ROWS):
+                rows = kept[start:start + _CHUNK_ROWS]
+                out.write(np.arange(start, start + len(rows)), source.read(rows))
+        os.replace(tmp, dest)
+        return kept
+
+    def discard(self) -> None:
+        """Forget the unfinished state, once the published rows are recorded elsewhere."""
+        for path in (self._state, self._log, self._clock, self._data):
+            path.unlink(missing_ok=True)
+
+
+class NpyRows:
+    """Rows of a 2-D float32 `.npy` read (or written) with positioned file I/O, not a memory map.
+
+    A memory map would count every page it touched in this process's memory; file I/O
+    leaves them to the page cache, so memory stays bounded by a chunk of rows.
+    """
+
+    def __init__(self, fd: int, shape: tuple[int, ...], offset: int):
+        self.fd, self.shape, self.offset = fd, shape, offset
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        dim = self.shape[1]
+        out = np.empty((len(rows), dim), dtype="<f4")
+        for start, stop in _runs(rows):
+            data = os.pread(self.fd, (stop - start) * dim * 4, self.offset + int(rows[start]) * dim * 4)
+            out[start:stop] = np.frombuffer(data, dtype="<f4").reshape(stop - start, dim)
+        return out
+
+    def write(self, rows: np.ndarray, codes: np.ndarray) -> None:
+        dim = self.shape[1]
+        codes = np.ascontiguousarray(codes, dtype="<f4")
+        for start, stop in _runs(rows):
+            os.pwrite(self.fd, codes[start:stop].tobytes(), self.offset + int(rows[start]) * dim * 4)
+
+
+@contextmanager
+def npy_rows(path: Path, write: bool = False) -> Iterator[NpyRows]:
+    """`NpyRows` of the file at `path`; written rows are synced to disk on the way out."""
+    shape, offset = npy_layout(path)
+    fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
+    try:
+        yield NpyRows(fd, shape, offset)
+        if write:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _runs(rows: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(start, stop) positions of the runs of consecutive row numbers in `rows`: one system call each."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return itertools.pairwise([0, *breaks.tolist(), len(rows)])
+
+
+def npy_layout(path: Path) -> tuple[tuple[int, ...], int]:
+    """Shape and data offset of a C-ordered float32 `.npy`; ValueError for anything else."""
+    with open(path, "rb") as f:
+        version = read_magic(f)
+        shape, fortran, dtype = (read_array_header_1_0 if version == (1, 0) else read_array_header_2_0)(f)
+        if fortran or dtype != np.dtype("<f4"):
+            raise ValueError(f"{path} is not a C-ordered float32 array")
+        return shape, f.tell()
+
+
+def reserve_npy(path: Path, shape: tuple[int, int]) -> None:
+    """A new float32 .npy with its disk space reserved now: a full disk is one error here, not a SIGBUS later."""
+    try:
+        header = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)  # writes the header, sizes the file
+        del header
+        _reserve(path)
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        path.unlink(missing_ok=True)
+        raise CnnCodesError(
+            f"not enough space in {path.parent} for the codes: {_human_bytes(shape[0] * shape[1] * 4)} needed "
+            f"({e.strerror}); free some space and run the same command again (finished work is kept)") from None
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of a sparse file; file systems that cannot are left as they are."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class CheckCache:
+    """What checking each file found, in SQLite (standard library): a save costs the new rows only.
+
+    Keyed by the file's identity (`_file_ids`), stored as bytes so that any file name,
+    even one that is not UTF-8, round-trips.
+    """
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        with self._failures():
+            try:
+                self.db = self._open(path)
+            except sqlite3.OperationalError:  # locked, disk full: not the cache's fault, keep it
+                raise
+            except sqlite3.DatabaseError:  # a damaged cache is rebuilt, never trusted
+                path.unlink(missing_ok=True)
+                self.db = self._open(path)
+
+    @contextmanager
+    def _failures(self) -> Iterator[None]:
+        """SQLite's I/O errors (a full disk, a read-only folder) become one error line that keeps the cache."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            raise CnnCodesError(f"cannot write the check cache {self.path} ({e}): free some space or make "
+                                f"{self.path.parent} writable, then run the same command again") from None
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA journal_mode=WAL")  # a commit appends, and a crash loses at most the last ones
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE IF NOT EXISTS checks (id BLOB PRIMARY KEY, reason BLOB, phash TEXT)")
+        return db
+
+    def get(self, ids: Sequence[str]) -> tuple[list[str | None], list[str | None]]:
+        """Each file's reason to be rejected and perceptual hash; both None for a file not checked yet."""
+        reasons: list[str | None] = []
+        phashes: list[str | None] = []
+        for start in range(0, len(ids), 500):
+            keys = [_bytes(i) for i in ids[start:start + 500]]
+            rows = self.db.execute(f"SELECT id, reason, phash FROM checks WHERE id IN ({','.join('?' * len(keys))})",
+                                   keys)
+            known = {k: (None if r is None else _text(r), h) for k, r, h in rows}
+            for k in keys:
+                reason, phash = known.get(k, (None, None))
+                reasons.append(reason)
+                phashes.append(phash)
+        return reasons, phashes
+
+    def put(self, ids: Sequence[str], reasons: Sequence[str | None], phashes: Sequence[str | None]) -> None:
+        with self._failures():
+            self.db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
+                                [(_bytes(i), None if r is None else _bytes(r), h)
+                                 for i, r, h in zip(ids, reasons, phashes)])
+            self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
