@@ -11,7 +11,7 @@ Importing this module does not import TensorFlow: only building a model does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from .errors import CnnCodesError
 from .weights import UNTRAINED_SEED, Weights, resolve_weights
@@ -19,7 +19,8 @@ from .weights import UNTRAINED_SEED, Weights, resolve_weights
 if TYPE_CHECKING:
     import keras
 
-POOLINGS = ("avg", "max", "flatten")
+Pooling = Literal["avg", "max", "flatten"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 

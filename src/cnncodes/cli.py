@@ -12,9 +12,8 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -22,15 +21,15 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .backbones import POOLINGS, REGISTRY, get_backbone
+from .backbones import REGISTRY, Pooling, get_backbone
 from .choices import KINDS, SMALL_CNN, Normalize
 from .errors import CnnCodesError
-from .ingest import RESIZE_MODES
+from .ingest import Resize
 from .progress import console as err_console
 from .quantize import DEFAULT_CALIBRATION
-from .records import load_records
 from .report import Format, html_report, predictions_table, rank, render, render_predictions, rich_table
-from .runtime import RUNTIMES
+from .report import compare as run_compare
+from .runtime import Runtime
 from .split import DEFAULT_DUP_THRESHOLD
 from .tflogs import VERBOSE_ENV
 
@@ -48,20 +47,22 @@ out_console = Console()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", help="Also show TensorFlow's native log lines.")] = False,
 ) -> None:
-    """Image classification with little data: CNN codes from frozen ImageNet networks,
-    linear models and SVMs on them, compared with fine-tuning."""
+    """Options of every command; file names print as the bytes they are, UTF-8 or not."""
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
-    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as the bytes they are
+    for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="surrogateescape")
 
-BackboneName = Enum("BackboneName", {name: name for name in REGISTRY}, type=str)
-TrainableName = Enum("TrainableName", {name: name for name in (*REGISTRY, SMALL_CNN)}, type=str)
-Pooling = Enum("Pooling", {name: name for name in POOLINGS}, type=str)
-Resize = Enum("Resize", {name: name for name in RESIZE_MODES}, type=str)
-Runtime = Enum("Runtime", {name: name for name in RUNTIMES}, type=str)
+
+# Backbone choices come from the registry, its one source; type checkers see plain strings.
+if TYPE_CHECKING:
+    BackboneName = TrainableName = str
+else:
+    BackboneName = Literal[tuple(REGISTRY)]
+    TrainableName = Literal[(*REGISTRY, SMALL_CNN)]
+PredictFormat = Literal["table", "csv", "json"]
 
 
 # Parameters several commands share, declared once (Typer reads the Annotated metadata).
@@ -115,9 +116,9 @@ def extract(
 
     with user_errors("finished batches are saved; run the same command again to resume."):
         result = run_extract(
-            data, out, backbone=BackboneName(backbone).value, layer=layer, pooling=Pooling(pooling).value,
-            weights=weights, image_size=image_size, resize=Resize(resize).value, batch_size=batch_size,
-            split=split, seed=seed, dup_threshold=dup_threshold, workers=workers, runtime=Runtime(runtime).value,
+            data, out, backbone=backbone, layer=layer, pooling=pooling,
+            weights=weights, image_size=image_size, resize=resize, batch_size=batch_size,
+            split=split, seed=seed, dup_threshold=dup_threshold, workers=workers, runtime=runtime,
             flip=flip, progress=not quiet, engine=engine, address=address, precision=precision,
             calibration=calibration,
         )
@@ -161,7 +162,7 @@ def layers(
     from .weights import Weights
 
     with user_errors():
-        entry = get_backbone(BackboneName(backbone).value)
+        entry = get_backbone(backbone)
         network = entry.build_network(image_size or entry.default_size, entry.default_layer, Weights("none"))
     table = Table("layer", "output shape", "named tap")
     for layer in network.layers:
@@ -169,7 +170,6 @@ def layers(
     out_console.print(table)
 
 
-PredictFormat = Enum("PredictFormat", {name: name for name in ("table", "csv", "json")}, type=str)
 
 
 @app.command("fit-svm")
@@ -220,7 +220,7 @@ def compare(
     from .artifacts import write_bytes_atomic
 
     with user_errors():
-        records = rank(load_records(models))
+        records = run_compare(models)
         fmt = format
         if fmt == "table":
             text = None
@@ -230,12 +230,12 @@ def compare(
             text = render(records, fmt)
         if html_path:
             write_bytes_atomic(html_path, html_report(records).encode())
+        if text is not None and output:
+            write_bytes_atomic(output, text.encode())
     if text is None:
         out_console.print(rich_table(records, title=f"{len(records)} runs, {records[0]['n_test']} test images",
                                      width=out_console.width))
-    elif output:
-        write_bytes_atomic(output, text.encode())
-    else:
+    elif not output:
         typer.echo(text, nl=False)
     if html_path:
         err_console.print(Text(f"Report written to {html_path}"), soft_wrap=True)
@@ -259,16 +259,14 @@ def predict(
 
     with user_errors():
         results = run_predict(model, images, top_k=top_k, batch_size=batch_size, weights=weights,
-                              runtime=Runtime(runtime).value, progress=not quiet)
-    fmt = PredictFormat(format).value
-    if fmt == "table" and not output:
+                              runtime=runtime, progress=not quiet)
+        text = None if format == "table" and not output else render_predictions(results, "csv" if format == "table" else format)
+        if text is not None and output:
+            write_bytes_atomic(output, text.encode("utf-8", "surrogateescape"))
+    if text is None:
         out_console.print(predictions_table(results, top_k))
-    else:
-        text = render_predictions(results, "csv" if fmt == "table" else fmt)
-        if output:
-            write_bytes_atomic(output, text.encode())
-        else:
-            typer.echo(text, nl=False)
+    elif not output:
+        typer.echo(text, nl=False)
     failed = sum(1 for r in results if r.error)
     if failed:
         err_console.print(f"[yellow]{failed} of {len(results)} file(s) could not be read[/]", highlight=False)
@@ -287,7 +285,7 @@ def demo(
     from .demo import run_demo
 
     with user_errors():
-        run_demo(data, out, BackboneName(backbone).value, image_size)
+        run_demo(data, out, backbone, image_size)
 
 
 @app.command()
@@ -331,7 +329,7 @@ def finetune(
 
     with user_errors("finished epochs are saved; add --resume to go on."):
         spec = make_spec(
-            TrainableName(backbone).value, weights=weights, image_size=image_size, resize=Resize(resize).value,
+            backbone, weights=weights, image_size=image_size, resize=resize,
             batch_size=batch_size, head_epochs=head_epochs, fine_epochs=fine_epochs, unfreeze=unfreeze,
             head_lr=head_lr, lr=lr, dropout=dropout, augment=augment, cache_trunk=cache_trunk,
             class_weight=class_weight, patience=patience, seed=seed)
@@ -369,7 +367,7 @@ def serve(
         from .serve import ServeSettings
         from .serve import serve as run_serve
 
-        run_serve(ServeSettings(str(model), weights, Runtime(runtime).value, max_bytes, batch_wait_ms, max_batch, threads),
+        run_serve(ServeSettings(str(model), weights, runtime, max_bytes, batch_wait_ms, max_batch, threads),
                   host=host, port=port, workers=workers, access_log=access_log, grace_seconds=grace_seconds)
 
 

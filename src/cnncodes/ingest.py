@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,7 +27,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".w
 # Pillow format names we accept; MPO is the multi-picture JPEG some cameras write.
 IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"})
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
-RESIZE_MODES = ("crop", "squash", "pad")
+Resize = Literal["crop", "squash", "pad"]
+RESIZE_MODES: tuple[str, ...] = get_args(Resize)
 # Above this many pixels a file is refused as a likely decompression bomb (Pillow's limit).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 _WHITE = (255, 255, 255)

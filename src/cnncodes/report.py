@@ -16,6 +16,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from .artifacts import csv_text
 from .errors import CnnCodesError
 from .evaluate import mcnemar_p, paired_p
 
@@ -35,6 +36,17 @@ WIDE = 120
 ALPHA = 0.05
 Format = Literal["table", "markdown", "csv", "json"]
 FORMATS: tuple[str, ...] = get_args(Format)
+
+
+def compare(models: Sequence[Path | str]) -> list[dict[str, Any]]:
+    """Every run record in the `models` folders, best first, each with `p_vs_best` (see `rank`).
+
+    Args:
+        models: folders written by `fit_svm` and `finetune` (their `out`).
+    """
+    from .records import load_records
+
+    return rank(load_records([Path(m) for m in models]))
 
 
 def rank(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -294,11 +306,6 @@ def render_predictions(results: Sequence[Prediction], fmt: str) -> str:
         return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
     if fmt != "csv":
         raise CnnCodesError(f"unknown format {fmt!r}: use csv or json")
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("path", "label", "probability", "top_k", "error"))
-    for r in results:
-        top = ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.top_k)
-        probability = "" if r.probability is None else f"{r.probability:.6f}"
-        writer.writerow((r.filename, r.label or "", probability, top, r.error or ""))
-    return buf.getvalue()
+    rows = [(r.filename, r.label or "", "" if r.probability is None else f"{r.probability:.6f}",
+             ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.top_k), r.error or "") for r in results]
+    return csv_text(("path", "label", "probability", "top_k", "error"), rows)

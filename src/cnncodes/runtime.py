@@ -29,14 +29,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
 from .artifacts import package_versions, read_json, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 from .errors import CnnCodesError
 
-RUNTIMES = ("onnx", "keras")
+Runtime = Literal["onnx", "keras"]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 CACHE_ENV = "CNNCODES_CACHE_DIR"
 # ONNX and Keras outputs must agree to this fraction of the largest output on the probe batch.
 TOLERANCE = 1e-4
