@@ -22,3 +22,26 @@ def test_tensorflow_start_up_lines_never_reach_the_terminal_unless_verbose():
     assert not any(line in quiet.stderr for line in NATIVE_LINES), quiet.stderr
     verbose = cnncodes("--verbose", "layers", "mobilenetv2", "--image-size", "32")
     assert verbose.returncode == 0 and any(line in verbose.stderr for line in NATIVE_LINES), verbose.stderr
+
+
+def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from cnncodes.cli import app
+
+    from .conftest import make_dataset
+
+    runner = CliRunner()
+    data = make_dataset(tmp_path / "data", per_class=6)
+    fast = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet"]
+    assert runner.invoke(app, ["extract", str(data), "--out", str(tmp_path / "f"), *fast]).exit_code == 0
+    fitted = runner.invoke(app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "logreg",
+                                 "--quiet"])
+    assert fitted.exit_code == 0, fitted.output
+    a_folder = tmp_path / "m"
+    for args in (["compare", str(a_folder), "--format", "csv", "--output", str(a_folder)],
+                 ["predict", str(a_folder / "vgg16-block5_pool-logreg.joblib"), str(data / "stripes"), "--format", "json",
+                  "--output", str(a_folder), "--quiet"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.stderr
