@@ -53,7 +53,7 @@ class Backbone:
         return layer in self.top_taps
 
     def resolve_weights(self, choice: str, layer: str) -> Weights:
-        if self.needs_top(layer):
+        if self.needs_top(layer) and self.top_weights_file and self.top_weights_url:
             return resolve_weights(choice, self.top_weights_file, self.top_weights_url, self.name, self.top_weights_md5)
         return resolve_weights(choice, self.weights_file, self.weights_url, self.name, self.weights_md5)
 

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional, TypeAlias
 
 import typer
 from rich.console import Console
@@ -58,7 +58,8 @@ def main(
 
 # Backbone choices come from the registry, its one source; type checkers see plain strings.
 if TYPE_CHECKING:
-    BackboneName = TrainableName = str
+    BackboneName: TypeAlias = str
+    TrainableName: TypeAlias = str
 else:
     BackboneName = Literal[tuple(REGISTRY)]
     TrainableName = Literal[(*REGISTRY, SMALL_CNN)]

@@ -356,7 +356,7 @@ def _prepare(spec: TrainingSpec, data: Path, out: Path, the_split: Split, progre
     model, network = spec.build(len(classes))
     start = first_unfrozen(network, spec.unfreeze) if isinstance(spec, FinetuneSpec) and network else None
     extract_seconds = None
-    if spec.cache_trunk and network is not None and start is not None:
+    if isinstance(spec, FinetuneSpec) and spec.cache_trunk and network is not None and start is not None:
         cut = cut_layer(network, start)
         trained = cached_top(model, network, cut)
         datasets, extract_seconds = _trunk_datasets(data, out, spec, cut, trained.input_shape[1:], the_split, labels,

@@ -30,7 +30,7 @@ _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a", b"
 Resize = Literal["crop", "squash", "pad"]
 RESIZE_MODES: tuple[str, ...] = get_args(Resize)
 # Above this many pixels a file is refused as a likely decompression bomb (Pillow's limit).
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 178_956_970
 _WHITE = (255, 255, 255)
 
 

@@ -39,13 +39,21 @@ def progress_bar(description: str, total: int, unit: str = "img", enabled: bool 
                  completed: int = 0) -> Iterator[Callable[[int], None]]:
     """Yield `advance(n)`; shows a bar with count, rate and ETA when `enabled`."""
     if not enabled:
-        yield lambda n=1: None
+        yield _ignore
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, completed=completed)
-        yield lambda n=1: progress.advance(task, n)
+
+        def advance(n: int = 1) -> None:
+            progress.advance(task, n)
+
+        yield advance
+
+
+def _ignore(n: int = 1) -> None:
+    """`advance` when no bar is shown."""
 
 
 def say(message: str) -> None:
