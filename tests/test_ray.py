@@ -87,7 +87,8 @@ def test_a_file_that_fails_to_decode_on_an_actor_comes_back_with_its_reason(loca
     batches = list(RayEngine(workers=1).codes(CodeJob(spec, weights, "onnx", paths, batch_size=8), np.arange(3)))
     rows = sorted(int(r) for b in batches for r in b.rows)
     failed = [f for b in batches for f in b.failed]
-    assert rows == [0, 2] and len(failed) == 1 and failed[0][0] == 1 and "not an image" in failed[0][1]
+    assert rows == [0, 2] and len(failed) == 1 and failed[0][0] == 1 and "not an image" in str(failed[0][1])
+    assert failed[0][1].category == "not an image"  # the category crosses the cluster too
 
 
 def test_engine_ray_without_ray_installed_is_one_line_saying_how_to_install(data, tmp_path, monkeypatch):
@@ -102,5 +103,5 @@ def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):  # n
     uri, local = s3_data
     on_ray = cnncodes.extract(uri, tmp_path / "ray", engine="ray", batch_size=4, **FAST)
     on_disk = cnncodes.extract(local, tmp_path / "disk", **FAST)
-    assert on_ray.n_images == on_disk.n_images == 18 and [p for p, _ in on_ray.rejected] == ["squares/broken.png"]
+    assert on_ray.n_images == on_disk.n_images == 18 and [p for p, *_ in on_ray.rejected] == ["squares/broken.png"]
     assert np.abs(np.load(on_ray.out / "features.npy") - np.load(on_disk.out / "features.npy")).max() <= 1e-5

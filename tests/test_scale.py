@@ -90,7 +90,7 @@ def test_extract_from_a_csv_of_uris_in_the_bucket(s3_data, tmp_path):
         f.write(listing.encode())
     assert isinstance(fs, pyarrow.fs.S3FileSystem)
     result = cnncodes.extract(f"s3://{bucket_path}/list.csv", tmp_path / "f", **FAST)
-    assert result.n_images == len(files) - 1 and [p for p, _ in result.rejected] == [f"{uri}/squares/broken.png"]
+    assert result.n_images == len(files) - 1 and [p for p, *_ in result.rejected] == [f"{uri}/squares/broken.png"]
 
 
 def test_a_missing_bucket_is_one_clear_error(s3_data, tmp_path):

@@ -126,7 +126,7 @@ def extract(
     for warning in result.warnings:
         err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if result.rejected:
-        reasons = Counter(reason.split(" (")[0].split(":")[0] for _, reason in result.rejected)
+        reasons = Counter(category for _, _, category in result.rejected)
         summary = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
         err_console.print(f"[yellow]Skipped {len(result.rejected)} file(s)[/] ({escape(summary)}): "
                           f"see {escape(str(result.out / 'rejected.csv'))}",

@@ -54,6 +54,8 @@ FEATURES_FORMAT = "cnncodes.features/1"
 # Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
 EXTRACTOR_FORMAT = 1
 CACHE_DIR = ".cache"
+# rejected.csv: why each file was skipped, and the category (`BadImage.category`) summaries count.
+REJECTED_COLUMNS = ("path", "reason", "category")
 ENGINES = ("local", "ray")
 # Files checked between two saves of the check cache.
 CHECK_CHUNK = 4096
@@ -196,15 +198,17 @@ class ExtractorSpec:
         return MirrorAveraged(found) if self.flip else found
 
 
-def decode(path: Path | str, size: int, resize: str = "crop") -> np.ndarray | str:
-    """The pixels a network sees for one file (a path or a URI), or the reason it cannot be used: never raises."""
+def decode(path: Path | str, size: int, resize: str = "crop") -> np.ndarray | BadImage:
+    """The pixels a network sees for one file (a path or a URI), or why it cannot be used: never raises."""
     try:
         if is_uri(path):
             with fetched(str(path)) as local:
                 return load_square(local, size, resize)
         return load_square(path, size, resize)
-    except (BadImage, CnnCodesError) as e:
-        return str(e)
+    except BadImage as e:
+        return e
+    except CnnCodesError as e:  # an object store that does not answer
+        return BadImage(str(e), "unreadable")
 
 
 def check_file(path: Path | str) -> Check:
@@ -215,7 +219,7 @@ def check_file(path: Path | str) -> Check:
         with fetched(str(path)) as local:
             return check_image(local)
     except CnnCodesError as e:
-        return Check(str(e), None)
+        return Check(str(e), None, "unreadable")
 
 
 def discover_data(data: Path | str) -> Dataset:
@@ -234,13 +238,13 @@ class Batch:
 
     rows: np.ndarray
     pixels: np.ndarray
-    failed: list[tuple[int, str]] = field(default_factory=list)
+    failed: list[tuple[int, BadImage]] = field(default_factory=list)
 
     @classmethod
-    def of(cls, rows: Sequence[int], decoded: Sequence[np.ndarray | str], size: int) -> Batch:
-        """Sort what `decode` returned into pixels and reasons."""
+    def of(cls, rows: Sequence[int], decoded: Sequence[np.ndarray | BadImage], size: int) -> Batch:
+        """Sort what `decode` returned into pixels and the reasons of the files that failed."""
         good = [(row, d) for row, d in zip(rows, decoded) if isinstance(d, np.ndarray)]
-        failed = [(int(row), d) for row, d in zip(rows, decoded) if isinstance(d, str)]
+        failed = [(int(row), d) for row, d in zip(rows, decoded) if isinstance(d, BadImage)]
         pixels = np.stack([d for _, d in good]) if good else np.empty((0, size, size, 3), np.uint8)
         return cls(np.array([row for row, _ in good], dtype=np.int64), pixels, failed)
 
@@ -300,7 +304,7 @@ class CodeBatch(NamedTuple):
 
     rows: np.ndarray
     codes: np.ndarray
-    failed: list[tuple[int, str]]
+    failed: list[tuple[int, BadImage]]
 
 
 @dataclass
@@ -387,7 +391,7 @@ class ExtractResult:
     dim: int
     classes: list[str]
     counts: dict[str, int]
-    rejected: list[tuple[str, str]]
+    rejected: list[tuple[str, str, str]]  # REJECTED_COLUMNS
     computed: int
     reused: int
     seconds: float
@@ -488,7 +492,7 @@ class Plan(NamedTuple):
 
     usable: Dataset
     split: Split
-    rejected: list[tuple[str, str]]
+    rejected: list[tuple[str, str, str]]  # REJECTED_COLUMNS
     file_ids: list[str]
     groups: np.ndarray  # duplicate group of each usable image: equal ids are near-duplicates
     seconds: dict[str, float]  # per stage: check, duplicates, split
@@ -503,9 +507,11 @@ def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACT
     """
     clock = _Stopwatch()
     all_ids = _file_ids(dataset)
-    reasons, all_hashes = _check(dataset, all_ids, out / CACHE_DIR, engine or LocalEngine(workers), progress)
-    rejected = dataset.skipped + [(p, r) for p, r in zip(dataset.paths, reasons) if r is not None]
-    artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), rejected)
+    reasons, categories, all_hashes = _check(dataset, all_ids, out / CACHE_DIR, engine or LocalEngine(workers),
+                                             progress)
+    rejected = dataset.skipped + [(p, r, c or "") for p, r, c in zip(dataset.paths, reasons, categories)
+                                  if r is not None]
+    artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, rejected)
     usable = _require_usable(dataset, reasons)
     phashes = [h for h, r in zip(all_hashes, reasons) if r is None]
     clock.lap("check")
@@ -533,10 +539,10 @@ class _Stopwatch:
 
 
 def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine,
-           progress: bool) -> tuple[list[str | None], list[str | None]]:
+           progress: bool) -> tuple[list[str | None], list[str | None], list[str | None]]:
     """Decode every file once (cached by its identity) to find the bad ones and hash the rest.
 
-    Returns each file's reason to be rejected (None if usable) and perceptual hash. The
+    Returns each file's reason to be rejected (None if usable), its category and perceptual hash. The
     cache saves every few thousand files, and what an interrupted check found, so it
     resumes too.
     """
@@ -544,22 +550,28 @@ def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine,
     cache = CheckCache(cache_dir / "checks.sqlite")
     unsaved: list[int] = []
     reasons: list[str | None] = []
+    categories: list[str | None] = []
     phashes: list[str | None] = []
+
+    def save() -> None:
+        cache.put([ids[i] for i in unsaved], [reasons[i] for i in unsaved], [categories[i] for i in unsaved],
+                  [phashes[i] for i in unsaved])
+        unsaved.clear()
+
     try:
-        reasons, phashes = cache.get(ids)
+        reasons, categories, phashes = cache.get(ids)
         todo = [i for i, (r, h) in enumerate(zip(reasons, phashes)) if r is None and h is None]
         with progress_bar("Checking images", len(todo), enabled=progress and bool(todo)) as advance:
             for positions, found in engine.check(Files(dataset.root, [dataset.paths[i] for i in todo]), advance):
                 for p, check in zip(positions, found):
-                    reasons[todo[p]], phashes[todo[p]] = check.reason, check.phash
+                    reasons[todo[p]], categories[todo[p]], phashes[todo[p]] = check.reason, check.category, check.phash
                 unsaved += [todo[p] for p in positions]
                 if len(unsaved) >= CHECK_CHUNK:
-                    cache.put([ids[i] for i in unsaved], [reasons[i] for i in unsaved], [phashes[i] for i in unsaved])
-                    unsaved = []
+                    save()
     finally:
-        cache.put([ids[i] for i in unsaved], [reasons[i] for i in unsaved], [phashes[i] for i in unsaved])
+        save()
         cache.close()
-    return reasons, phashes
+    return reasons, categories, phashes
 
 
 def _file_ids(dataset: Dataset) -> list[str]:
@@ -597,12 +609,12 @@ class Computed(NamedTuple):
     writer: FeatureWriter
     computed: int
     reused: int
-    failed: list[tuple[int, str]]
+    failed: list[tuple[int, BadImage]]
     seconds: float  # this run's forward passes
     earlier_seconds: float  # the share of earlier runs' time in the rows reused or resumed
 
-    def failed_paths(self, the_plan: Plan) -> list[tuple[str, str]]:
-        return [(the_plan.usable.paths[row], reason) for row, reason in self.failed]
+    def failed_paths(self, the_plan: Plan) -> list[tuple[str, str, str]]:
+        return [(the_plan.usable.paths[row], str(bad), bad.category) for row, bad in self.failed]
 
 
 def compute_codes(out: Path, job: CodeJob, file_ids: list[str], engine: Engine, progress: bool = True,
@@ -616,7 +628,7 @@ def compute_codes(out: Path, job: CodeJob, file_ids: list[str], engine: Engine, 
     if previous is not None and writer.resumed == 0:
         writer.copy_from(previous.path, previous.pairs)
         reused, earlier = len(previous.pairs), previous.seconds * len(previous.pairs) / max(previous.rows, 1)
-    failed: list[tuple[int, str]] = []
+    failed: list[tuple[int, BadImage]] = []
     todo = writer.todo
     started = time.perf_counter()
     if len(todo):
@@ -712,7 +724,7 @@ def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runt
     artifacts.write_npy_atomic(out / "labels.npy", np.array([classes.index(c) for c in final.labels], dtype=np.int64))
     artifacts.write_npy_atomic(out / "groups.npy", np.unique(the_plan.groups[kept], return_inverse=True)[1].astype(np.int64))
     final.write_csv(out / "split.csv")
-    artifacts.write_csv_atomic(out / "rejected.csv", ("path", "reason"), the_plan.rejected + done.failed_paths(the_plan))
+    artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, the_plan.rejected + done.failed_paths(the_plan))
     rate = done.computed / done.seconds if done.computed and done.seconds else None
     meta = _meta(the_plan.usable, final, spec, runtime, engine, run_key, done.writer.dim, split_args,
                  done.earlier_seconds + time.perf_counter() - started, rate)

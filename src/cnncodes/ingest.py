@@ -51,14 +51,14 @@ class Dataset:
     """The images of a dataset before any of them is decoded.
 
     `paths` are relative to `root` (POSIX form), in a stable order: by class, then path.
-    `skipped` lists every other file found, with the reason it is not a candidate, so no
-    file disappears without a word.
+    `skipped` lists every other file found as (path, reason, category), so no file
+    disappears without a word.
     """
 
     root: Path
     paths: list[str]
     labels: list[str]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
@@ -98,7 +98,7 @@ def _discover_folders(root: Path) -> Dataset:
     class_dirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
     if not class_dirs:
         raise CnnCodesError(f"{root} has no class sub-folders: put the images of each class in a folder of its own, e.g. {root}/cat/1.jpg")
-    skipped = [(e.name, _outside_reason(e)) for e in entries if e not in class_dirs]
+    skipped = [(e.name, *_outside_reason(e)) for e in entries if e not in class_dirs]
     paths, labels = [], []
     for class_dir in class_dirs:
         found, passed_over = scan(class_dir)
@@ -106,14 +106,14 @@ def _discover_folders(root: Path) -> Dataset:
             raise CnnCodesError(f"class folder {class_dir} has no image files: add images or remove the folder")
         paths += [p.relative_to(root).as_posix() for p in found]
         labels += [class_dir.name] * len(found)
-        skipped += [(p.relative_to(root).as_posix(), reason) for p, reason in passed_over]
+        skipped += [(p.relative_to(root).as_posix(), reason, category) for p, reason, category in passed_over]
     return Dataset(root.resolve(), paths, labels, skipped)
 
 
-def _outside_reason(entry: Path) -> str:
+def _outside_reason(entry: Path) -> tuple[str, str]:
     if entry.name.startswith("."):
-        return "hidden folder, not read" if entry.is_dir() else "hidden file"
-    return "not in a class folder" if entry.exists() else "broken symbolic link"
+        return ("hidden folder, not read" if entry.is_dir() else "hidden file"), "hidden"
+    return ("not in a class folder", "outside classes") if entry.exists() else ("broken symbolic link", "broken link")
 
 
 def _discover_csv(csv_path: Path) -> Dataset:
@@ -149,45 +149,47 @@ def image_files(folder: Path) -> list[Path]:
     return scan(folder)[0]
 
 
-def scan(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The image files under `folder` and every other file with the reason it is passed over, both sorted.
+def scan(folder: Path) -> tuple[list[Path], list[tuple[Path, str, str]]]:
+    """The image files under `folder` and every other file with the reason and category it is passed over for.
 
     Symbolic links are followed (a linked folder of images belongs to its class), each real
     folder once, so a link loop ends; unreadable folders and broken links are reported.
     """
     images: list[Path] = []
-    skipped: list[tuple[Path, str]] = []
+    skipped: list[tuple[Path, str, str]] = []
     seen: set[tuple[int, int]] = set()
 
     def unreadable(error: OSError) -> None:
-        skipped.append((Path(error.filename), f"folder not readable ({error.strerror})"))
+        skipped.append((Path(error.filename), f"folder not readable ({error.strerror})", "unreadable"))
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         here = Path(dirpath)
         identity = (os.stat(here).st_dev, os.stat(here).st_ino)
         if identity in seen:
-            skipped.append((here, "symbolic link to a folder already read (a loop, or a second path to it)"))
+            skipped.append((here, "symbolic link to a folder already read (a loop, or a second path to it)",
+                            "already read"))
             dirnames[:] = []
             continue
         seen.add(identity)
-        skipped += [(here / d, "hidden folder, not read") for d in dirnames if d.startswith(".")]
+        skipped += [(here / d, "hidden folder, not read", "hidden") for d in dirnames if d.startswith(".")]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            reason = _not_a_candidate(here / name)
-            if reason:
-                skipped.append((here / name, reason))
+            passed_over = _not_a_candidate(here / name)
+            if passed_over:
+                skipped.append((here / name, *passed_over))
             else:
                 images.append(here / name)
     return sorted(images), sorted(skipped)
 
 
-def _not_a_candidate(path: Path) -> str | None:
+def _not_a_candidate(path: Path) -> tuple[str, str] | None:
+    """Why a file is no candidate, and the category summaries count; None for an image."""
     if path.name.startswith("."):
-        return "hidden file"
+        return "hidden file", "hidden"
     if not path.exists():
-        return "broken symbolic link"
+        return "broken symbolic link", "broken link"
     if not looks_like_image(path):
-        return "not an image (neither its name nor its first bytes say so)"
+        return "not an image (neither its name nor its first bytes say so)", "not an image"
     return None
 
 

@@ -27,7 +27,7 @@ import ray
 
 from .errors import CnnCodesError
 from .extract import Batch, CodeBatch, CodeJob, check_file, decode
-from .ingest import Check
+from .ingest import BadImage, Check
 from .runtime import MirrorAveraged, OnnxRunner, onnx_cache_path
 
 # Items per block of the input dataset at most: the unit Ray Data schedules onto a worker.
@@ -60,7 +60,8 @@ class RayEngine:
             _check_batch, batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=self.workers),
             runtime_env=_object_store_settings())
         for batch in checked.iter_batches(batch_size=None, batch_format="numpy"):
-            found = [Check(r or None, h or None) for r, h in zip(batch["reason"].tolist(), batch["phash"].tolist())]
+            found = [Check(r or None, h or None, c or None)
+                     for r, h, c in zip(batch["reason"].tolist(), batch["phash"].tolist(), batch["category"].tolist())]
             advance(len(found))
             yield batch["row"].tolist(), found
 
@@ -73,7 +74,8 @@ class RayEngine:
             compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1, runtime_env=_object_store_settings())
         for batch in coded.iter_batches(batch_size=None, batch_format="numpy"):
             bad = batch["reason"] != ""
-            failed = [(int(r), str(why)) for r, why in zip(batch["row"][bad], batch["reason"][bad])]
+            failed = [(int(r), BadImage(str(why), str(category)))
+                      for r, why, category in zip(batch["row"][bad], batch["reason"][bad], batch["category"][bad])]
             yield CodeBatch(batch["row"][~bad], np.asarray(batch["code"][~bad], dtype=np.float32), failed)
 
 
@@ -95,6 +97,7 @@ def _object_store_settings() -> dict[str, Any] | None:
 def _check_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     checks = [check_file(p) for p in batch["path"].tolist()]
     return {"row": batch["row"], "reason": np.array([c.reason or "" for c in checks]),
+            "category": np.array([c.category or "" for c in checks]),
             "phash": np.array([c.phash or "" for c in checks])}
 
 
@@ -127,5 +130,6 @@ class _Coder:
         return {
             "row": np.concatenate([decoded.rows, np.array(failed_rows, dtype=np.int64)]),
             "code": np.concatenate([codes, np.zeros((len(failed_rows), self.runner.dim), np.float32)]),
-            "reason": np.array([""] * len(decoded.rows) + [why for _, why in decoded.failed]),
+            "reason": np.array([""] * len(decoded.rows) + [str(bad) for _, bad in decoded.failed]),
+            "category": np.array([""] * len(decoded.rows) + [bad.category for _, bad in decoded.failed]),
         }

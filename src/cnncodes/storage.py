@@ -266,29 +266,33 @@ class CheckCache:
         db = sqlite3.connect(path)
         db.execute("PRAGMA journal_mode=WAL")  # a commit appends, and a crash loses at most the last ones
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS checks (id BLOB PRIMARY KEY, reason BLOB, phash TEXT)")
+        db.execute("DROP TABLE IF EXISTS checks")  # version 1, without the category of bad files
+        db.execute("CREATE TABLE IF NOT EXISTS checks2 (id BLOB PRIMARY KEY, reason BLOB, category TEXT, phash TEXT)")
         return db
 
-    def get(self, ids: Sequence[str]) -> tuple[list[str | None], list[str | None]]:
-        """Each file's reason to be rejected and perceptual hash; both None for a file not checked yet."""
+    def get(self, ids: Sequence[str]) -> tuple[list[str | None], list[str | None], list[str | None]]:
+        """Each file's reason to be rejected, its category and perceptual hash; all None for a file not checked yet."""
         reasons: list[str | None] = []
+        categories: list[str | None] = []
         phashes: list[str | None] = []
         for start in range(0, len(ids), 500):
             keys = [_bytes(i) for i in ids[start:start + 500]]
-            rows = self.db.execute(f"SELECT id, reason, phash FROM checks WHERE id IN ({','.join('?' * len(keys))})",
-                                   keys)
-            known = {k: (None if r is None else _text(r), h) for k, r, h in rows}
+            rows = self.db.execute(
+                f"SELECT id, reason, category, phash FROM checks2 WHERE id IN ({','.join('?' * len(keys))})", keys)
+            known = {k: (None if r is None else _text(r), c, h) for k, r, c, h in rows}
             for k in keys:
-                reason, phash = known.get(k, (None, None))
+                reason, category, phash = known.get(k, (None, None, None))
                 reasons.append(reason)
+                categories.append(category)
                 phashes.append(phash)
-        return reasons, phashes
+        return reasons, categories, phashes
 
-    def put(self, ids: Sequence[str], reasons: Sequence[str | None], phashes: Sequence[str | None]) -> None:
+    def put(self, ids: Sequence[str], reasons: Sequence[str | None], categories: Sequence[str | None],
+            phashes: Sequence[str | None]) -> None:
         with self._failures():
-            self.db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
-                                [(_bytes(i), None if r is None else _bytes(r), h)
-                                 for i, r, h in zip(ids, reasons, phashes)])
+            self.db.executemany("INSERT OR REPLACE INTO checks2 VALUES (?, ?, ?, ?)",
+                                [(_bytes(i), None if r is None else _bytes(r), c, h)
+                                 for i, r, c, h in zip(ids, reasons, categories, phashes)])
             self.db.commit()
 
     def close(self) -> None:
