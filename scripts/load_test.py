@@ -84,6 +84,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def batches(url: str) -> tuple[float, float]:
+    """(forward passes, images in them) so far, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+               for s in family.samples}
+    return samples["cnncodes_batch_images_count"], samples["cnncodes_batch_images_sum"]
+
+
 def payloads(images: list[Path], n: int, corrupt: float, seed: int) -> list[tuple[str, bytes, bool]]:
     """(filename, bytes, is_corrupt) of each request, in order."""
     rng = random.Random(seed)
@@ -165,10 +174,10 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(hammer(url, payloads(images, args.warmup, 0.0, 1), args.clients, args.max_seconds))
-        rss_warm = rss_mb(server.pid)
+        rss_warm, batches_warm = rss_mb(server.pid), batches(url)
         run = asyncio.run(hammer(url, payloads(images, args.requests, args.corrupt, 0), args.clients,
                                  args.max_seconds))
-        rss_end = rss_mb(server.pid)
+        rss_end, batches_end = rss_mb(server.pid), batches(url)
     finally:
         server.send_signal(signal.SIGTERM)
         exit_code = server.wait(timeout=60)
@@ -180,6 +189,7 @@ def main() -> None:
     corrupt_sent = sum(1 for _, _, corrupt in results if corrupt)
     corrupt_400 = sum(1 for status, _, corrupt in results if corrupt and status == 400)
     images_per_s = statuses[200] / seconds
+    passes, batched = batches_end[0] - batches_warm[0], batches_end[1] - batches_warm[1]
     predict_mean = (predict_before + predict_after) / 2
     rows = [
         ("requests answered / sent", f"{len(results)} / {args.requests} ({args.clients} clients)"),
@@ -190,6 +200,7 @@ def main() -> None:
         ("wall time", f"{seconds:.1f} s"),
         ("requests/s", f"{len(results) / seconds:.1f}"),
         ("images/s (predicted)", f"{images_per_s:.1f}"),
+        ("forward passes, mean images per pass", f"{passes:.0f}, {batched / passes:.1f}"),
         ("latency p50 / p95 / p99", " / ".join(f"{percentile(latencies, q):.0f} ms" for q in (50, 95, 99))),
         ("server RSS after warm-up / at end", f"{rss_warm:.0f} MB / {rss_end:.0f} MB ({rss_end - rss_warm:+.0f} MB)"),
         ("`predict` batched images/s (before / after)", f"{predict_before:.1f} / {predict_after:.1f}"),

@@ -55,7 +55,8 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
     result = cli("extract", dataset, "--out", out, *FAST_ARGS)
     assert result.exit_code == 0, result.output
     summary = " ".join(result.stderr.split())
-    assert "Skipped 3 file(s) (" in summary and all(f"1 {why}" in summary for why in ("empty", "truncated", "not an image"))
+    assert "Skipped 3 file(s) (" in summary
+    assert all(f"1 {why}" in summary for why in ("empty", "truncated", "not an image"))
 
     features = np.load(out / "features.npy")
     labels = np.load(out / "labels.npy")

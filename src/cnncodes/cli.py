@@ -341,7 +341,7 @@ def finetune(
         out_console.print(rich_table([record], title=f"{record['epochs_run']} epochs, {record['n_test']} test images"))
 
 
-ModelArg = Annotated[Path, typer.Argument(help="A .joblib bundle or a .keras model, with its .json run record beside it.")]
+ModelArg = Annotated[Path, typer.Argument(help="A .joblib bundle or a .keras model, its .json run record beside it.")]
 MovedWeightsOpt = Annotated[str | None, typer.Option(help="Where the model's weights file is now, if it moved.")]
 
 
@@ -368,8 +368,9 @@ def serve(
         from .serve import ServeSettings
         from .serve import serve as run_serve
 
-        run_serve(ServeSettings(str(model), weights, runtime, max_bytes, batch_wait_ms, max_batch, threads),
-                  host=host, port=port, workers=workers, access_log=access_log, grace_seconds=grace_seconds)
+        settings = ServeSettings(str(model), weights, runtime, max_bytes, batch_wait_ms, max_batch,
+                                 threads)
+        run_serve(settings, host=host, port=port, workers=workers, access_log=access_log, grace_seconds=grace_seconds)
 
 
 @app.command()

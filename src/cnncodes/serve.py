@@ -65,8 +65,14 @@ class MicroBatcher:
     The first image to arrive waits up to `wait` seconds for others (unless `max_batch` are
     already queued); images that arrive while a batch runs form the next one, so under load
     batches fill without waiting. The forward pass runs on one thread of its own, with
-    ONNX Runtime's operator threads under it. It starts with a warm-up pass on a full batch
-    (ONNX Runtime sizes its buffers on the first run); `ready` says it is done.
+    ONNX Runtime's operator threads under it.
+
+    ONNX Runtime keeps memory per input shape, so a batch runs as pieces whose sizes are
+    powers of two (17 = 16 + 1: no padding, six shapes up to 32), and the warm-up runs each
+    of them, largest first and then smallest first, which brings memory to its steady state
+    before the first request (measured with MobileNetV2 at 224 px: flat afterwards, where
+    batches of every size from 1 to 32 grew RSS by about 150 MB under load). `ready` says
+    the warm-up is done.
     """
 
     def __init__(self, probabilities: Callable[[np.ndarray], np.ndarray], max_batch: int, wait: float,
@@ -96,10 +102,17 @@ class MicroBatcher:
         self.arrived.set()
         return await future
 
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        sizes = _powers_of_two(len(pixels))
+        starts = np.cumsum([0, *sizes[:-1]])
+        return np.concatenate([self.probabilities(pixels[start:start + size]) for start, size in zip(starts, sizes)])
+
     async def _run(self, image_size: int) -> None:
         loop = asyncio.get_running_loop()
-        warm = np.zeros((self.max_batch, image_size, image_size, 3), np.uint8)
-        await loop.run_in_executor(self.forward, self.probabilities, warm)
+        sizes = [1 << b for b in range(self.max_batch.bit_length())]
+        for size in sizes[::-1] + sizes:
+            warm = np.zeros((size, image_size, image_size, 3), np.uint8)
+            await loop.run_in_executor(self.forward, self.probabilities, warm)
         self.ready = True
         while True:
             await self.arrived.wait()
@@ -110,7 +123,7 @@ class MicroBatcher:
                 self.arrived.clear()
             self.on_batch(len(items))
             try:
-                rows = await loop.run_in_executor(self.forward, self.probabilities, np.stack([p for p, _ in items]))
+                rows = await loop.run_in_executor(self.forward, self._forward, np.stack([p for p, _ in items]))
             except Exception as e:  # noqa: BLE001 - the requests waiting on this batch get the error, not the batcher
                 for _, future in items:
                     if not future.done():
@@ -119,6 +132,11 @@ class MicroBatcher:
             for (_, future), row in zip(items, rows):
                 if not future.done():  # its client may have gone
                     future.set_result(row)
+
+
+def _powers_of_two(n: int) -> list[int]:
+    """`n` as a sum of distinct powers of two, largest first."""
+    return [1 << b for b in reversed(range(n.bit_length())) if n >> b & 1]
 
 
 class Metrics:
