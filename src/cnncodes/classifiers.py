@@ -59,7 +59,8 @@ def _estimator(kind: str, class_weight: Any) -> tuple[Any, dict[str, list]]:
     if kind == "linear-svm":
         # libsvm's linear kernel: on a few thousand codes it fits in a fraction of a second,
         # where liblinear's LinearSVC needs minutes for large C on standardised codes.
-        return SVC(kernel="linear", class_weight=class_weight, decision_function_shape="ovo"), {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
+        return (SVC(kernel="linear", class_weight=class_weight, decision_function_shape="ovo"),
+                {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]})
     if kind == "logreg":
         return LogisticRegression(class_weight=class_weight, max_iter=3000), {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}
     if kind == "rbf-svm":
