@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ def codes(tmp_path_factory) -> dict[str, Path]:
 
 
 def fit(features: Path, out: Path, *options):
-    return cli("fit-svm", features, "--out", out, "--classifier", "knn", "--cv", "2", "--quiet", *options)
+    return cli("fit-svm", features, "--out", out, "--classifier", "knn", "--cv", "2", "--n-jobs", "1", "--quiet",
+               *options)
 
 
 def test_a_run_made_with_other_settings_or_codes_is_refused_not_replaced(codes, tmp_path):
@@ -48,10 +50,12 @@ def test_a_run_made_with_other_settings_or_codes_is_refused_not_replaced(codes, 
     assert fit(codes["features"], out, "--normalize", "l2", "--name", "l2").exit_code == 0
 
     moved = tmp_path / "features"
-    cnncodes.extract(codes["data"], moved, **FAST)
+    shutil.copytree(codes["features"], moved)
     shared = tmp_path / "shared"
     assert fit(moved, shared).exit_code == 0
-    cnncodes.extract(codes["data"], moved, **(FAST | {"image_size": 40}))  # the same folder, re-extracted
+    meta = json.loads((moved / "meta.json").read_text())  # the same folder, as if re-extracted with --resize pad
+    meta["extractor"]["resize"] = "pad"
+    (moved / "meta.json").write_text(json.dumps(meta))
     refused = fit(moved, shared)
     assert refused.exit_code == 2 and "extractor" in refused.stderr, refused.output
     assert json.loads((out / "vgg16-block5_pool-knn.json").read_text())["model_sha256"] == record["model_sha256"]

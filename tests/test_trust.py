@@ -84,7 +84,8 @@ def test_mcnemar_matches_a_hand_computation_and_identical_runs_get_p_1():
 def fake_record(run: str, right: list[bool], repeats: list[float] | None = None) -> dict:
     predictions = [{"path": f"{i}.png", "label": "a", "predicted": "a" if r else "b", "probability": 0.9}
                    for i, r in enumerate(right)]
-    record = {"run": run, "method": "cnn-codes", "dataset": {"split_fingerprint": "f"}, "accuracy": float(np.mean(right)),
+    record = {"run": run, "method": "cnn-codes", "dataset": {"split_fingerprint": "f"},
+              "accuracy": float(np.mean(right)),
               "balanced_accuracy": float(np.mean(right)), "fit_seconds": 1.0, "test_predictions": predictions}
     if repeats:
         record |= {"repeats": [{"seed": s, "accuracy": a, "n_test": 10} for s, a in enumerate(repeats)],
@@ -121,7 +122,8 @@ def codes(tmp_path_factory) -> dict[str, Path]:
     groups = np.empty(len(order), dtype=np.int64)
     groups[order] = np.arange(len(order)) // 2
     same = [len({meta["subsets"][i] for i in np.nonzero(groups == g)[0]}) == 1 for g in np.unique(groups)]
-    np.save(root / "features" / "groups.npy", np.where(np.isin(groups, np.unique(groups)[same]), groups, -1 - np.arange(len(order))))
+    alone = -1 - np.arange(len(order))  # a pair split by extract's subsets becomes two groups
+    np.save(root / "features" / "groups.npy", np.where(np.isin(groups, np.unique(groups)[same]), groups, alone))
     return {"root": root, "data": data, "features": root / "features"}
 
 

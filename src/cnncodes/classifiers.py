@@ -59,11 +59,13 @@ def _estimator(kind: str, class_weight: Any) -> tuple[Any, dict[str, list]]:
     if kind == "linear-svm":
         # libsvm's linear kernel: on a few thousand codes it fits in a fraction of a second,
         # where liblinear's LinearSVC needs minutes for large C on standardised codes.
-        return SVC(kernel="linear", class_weight=class_weight, decision_function_shape="ovo"), {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
+        return (SVC(kernel="linear", class_weight=class_weight, decision_function_shape="ovo"),
+                {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]})
     if kind == "logreg":
         return LogisticRegression(class_weight=class_weight, max_iter=3000), {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}
     if kind == "rbf-svm":
-        return SVC(kernel="rbf", class_weight=class_weight, decision_function_shape="ovo"), {"C": [1.0, 10.0, 100.0], "gamma": [0.25, 1.0, 4.0]}
+        return (SVC(kernel="rbf", class_weight=class_weight, decision_function_shape="ovo"),
+                {"C": [1.0, 10.0, 100.0], "gamma": [0.0625, 0.25, 1.0, 4.0]})
     if kind == "knn":
         return _WeightedNeighbors(class_weight=class_weight), {"n_neighbors": [1, 3, 5, 9, 15, 25]}
     raise ValueError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)}")

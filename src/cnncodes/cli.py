@@ -217,7 +217,8 @@ def compare(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
     html_path: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
 ) -> None:
-    """Rank every run on the same test set: accuracy with its 95% interval, balanced accuracy, macro-F1, cost."""
+    """Rank every run on the same test set: accuracy (95% interval, or mean ± sd over repeated splits), its p-value
+    against the best run, calibration (ECE, AUROC of confidence), balanced accuracy, macro-F1, cost."""
     from .artifacts import write_bytes_atomic
 
     with user_errors():

@@ -99,7 +99,8 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
             if isinstance(record, dict) and record.get("format") == RECORD_FORMAT:
                 records.append(record | {"record_path": str(path)})
     if not records:
-        raise CnnCodesError(f"no run records in {', '.join(map(str, folders))}: fit models first with `cnncodes fit-svm`")
+        raise CnnCodesError(f"no run records in {', '.join(map(str, folders))}: "
+                            "fit models first with `cnncodes fit-svm`")
     return records
 
 
