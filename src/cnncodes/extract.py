@@ -99,7 +99,7 @@ class ExtractorSpec:
         runtime: str = "onnx",
     ) -> tuple[ExtractorSpec, Weights]:
         """Validate the user's choices and resolve the weights file (no TensorFlow needed)."""
-        quantize.check_precision(precision, calibration, runtime)
+        quantize.check_precision(precision, runtime, calibration)
         entry = get_backbone(backbone)
         layer = layer or entry.default_layer
         if pooling not in POOLINGS:
@@ -155,7 +155,8 @@ class ExtractorSpec:
         """For int8, the calibration and held-out images, chosen among `train` (never val or test images)."""
         if self.precision == "fp32":
             return self
-        return replace(self, calibration=quantize.calibration_set(train, self.calibration["n"]))
+        n = (self.calibration or {}).get("n", quantize.DEFAULT_CALIBRATION)
+        return replace(self, calibration=quantize.calibration_set(train, n))
 
     def pinned(self) -> ExtractorSpec:
         """This spec with what the cache recorded when it made the model: the probe fingerprint, int8's choice."""
@@ -188,14 +189,18 @@ class ExtractorSpec:
         calling this ahead of time, e.g. in a container build, prepares the cache. `threads`
         caps ONNX Runtime's operator threads (a server process, a Ray actor).
         """
+        quantize.check_precision(self.precision, runtime)
         build = partial(self.build, weights)  # picklable: the conversion runs in a child process
         if self.precision == "int8":
-            quantize.check_precision(self.precision, self.calibration["n"], runtime)
             found: Runner = quantize.int8_runner(self, build, notice=warn, threads=threads)
         else:
             found = make_runner(build, self.network_key, runtime, notice=warn, pin=self.probe, label=self.backbone,
                                 threads=threads)
         return MirrorAveraged(found) if self.flip else found
+
+    def prepare(self, weights: Weights | None = None) -> None:
+        """Convert (and for int8 quantize) this extractor into the cache ahead of time, e.g. in a container build."""
+        self.runner(weights or self.find_weights())
 
 
 def decode(path: Path | str, size: int, resize: str = "crop") -> np.ndarray | BadImage:

@@ -47,16 +47,18 @@ if TYPE_CHECKING:
 PRECISIONS = ("fp32", "int8")
 DEFAULT_CALIBRATION = 128
 # Bump when the search or the quantization settings change: no cache keeps a model of the old ones.
-FORMAT = 2
+FORMAT = 3
 # Held-out train images that judge each configuration (a quarter of the train images when fewer).
 HOLDOUT = 32
 # Agreement (mean, lowest cosine with fp32 codes) that ends the search, and below which the user is warned.
-GOOD = (0.995, 0.98)
+# Measured on Flowers-17 with MobileNetV2: codes at 0.976 / 0.95 kept the classifiers' test accuracy
+# (README), codes at 0.888 / 0.81 (batch norms not folded) lost 0.6-5.6 points.
+GOOD = (0.97, 0.94)
 LOW = (0.95, 0.9)
 _BATCH = 8  # calibration images per forward pass: activation ranges are merged batch by batch
 
 
-def check_precision(precision: str, calibration: int, runtime: str) -> None:
+def check_precision(precision: str, runtime: str, calibration: int = DEFAULT_CALIBRATION) -> None:
     if precision not in PRECISIONS:
         raise CnnCodesError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "int8" and runtime != "onnx":
@@ -194,14 +196,15 @@ def sensitive_layers(model: Any) -> dict[str, list[str]]:
 
 
 def _configurations(groups: dict[str, list[str]]) -> Iterator[dict[str, Any]]:
-    """Calibration methods, then per-tensor weights, then sensitive layers kept in fp32: fastest first."""
-    for method in ("MinMax", "Percentile", "Entropy"):
-        yield {"method": method, "per_channel": True, "fp32_layers": []}
+    """MinMax (per-channel, per-tensor, sensitive layers kept in fp32), then the slow histogram methods."""
+    yield {"method": "MinMax", "per_channel": True, "fp32_layers": []}
     yield {"method": "MinMax", "per_channel": False, "fp32_layers": []}
     for name in groups:
         yield {"method": "MinMax", "per_channel": True, "fp32_layers": [name]}
     if len(groups) > 1:
         yield {"method": "MinMax", "per_channel": True, "fp32_layers": list(groups)}
+    for method in ("Percentile", "Entropy"):  # each calibration takes about half a minute for MobileNetV2
+        yield {"method": method, "per_channel": True, "fp32_layers": []}
 
 
 def _quantize(
