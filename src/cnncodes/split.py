@@ -129,7 +129,7 @@ def group_duplicates(phashes: Sequence[str], threshold: int) -> np.ndarray:
     n = len(phashes)
     if threshold < 0 or n < 2:
         return np.arange(n, dtype=np.int64)
-    unique, first_of = np.unique(np.array([int(h, 16) for h in phashes], dtype=np.uint64), return_inverse=True)
+    unique, first_of = np.unique(_as_bits(phashes), return_inverse=True)
     edges = _Edges(len(unique))
     for mask in _chunk_keys(threshold, len(unique)):
         edges.add(*_close_pairs_sharing(unique & mask, unique, threshold))
@@ -137,6 +137,17 @@ def group_duplicates(phashes: Sequence[str], threshold: int) -> np.ndarray:
     first = np.full(component.max() + 1, n, dtype=np.int64)
     np.minimum.at(first, component, np.arange(n, dtype=np.int64))
     return first[component]
+
+
+def _as_bits(phashes: Sequence[str]) -> np.ndarray:
+    """64-bit hex hashes as unsigned integers; 16-digit ones (imagehash's) are parsed in one go."""
+    joined = "".join(phashes)
+    if len(joined) == 16 * len(phashes):
+        try:
+            return np.frombuffer(bytes.fromhex(joined), dtype=">u8").astype(np.uint64)
+        except ValueError:
+            pass  # not all hex digits: let int() name the bad one
+    return np.array([int(h, 16) for h in phashes], dtype=np.uint64)
 
 
 def _chunk_keys(threshold: int, n: int) -> list[np.uint64]:
@@ -204,10 +215,11 @@ class _Edges:
 
 def duplicate_warnings(groups: np.ndarray, paths: Sequence[str], labels: Sequence[str], threshold: int) -> list[str]:
     """One line each for duplicate groups a user should look at: huge ones, and ones that span classes."""
+    sizes = np.bincount(groups) if len(groups) else np.zeros(0, dtype=np.int64)
     members: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups.tolist()):
-        members[g].append(i)
-    groups_of_many = [idx for idx in members.values() if len(idx) > 1]
+    for i in np.flatnonzero(sizes[groups] > 1).tolist():  # only rows with copies: memory follows the duplicates
+        members[int(groups[i])].append(i)
+    groups_of_many = list(members.values())
     warnings = []
     huge = [idx for idx in groups_of_many if len(idx) > max(_HUGE_GROUP, len(paths) // 100)]
     if huge:
