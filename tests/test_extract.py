@@ -77,7 +77,7 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
         "backbone": "vgg16", "layer": "block5_pool", "pooling": "avg", "image_size": 32, "resize": "crop",
         "preprocessing": "caffe: RGB to BGR, minus ImageNet mean", "weights": "none",
         "weights_sha256": None, "weights_file": None, "flip": False, "precision": "fp32", "calibration": None,
-        "quantization": None,
+        "quantization": None, "format": 1,
     }
     assert meta["versions"]["keras"].startswith("3.")
     assert meta["images_per_second"] > 0 and meta["elapsed_seconds"] > 0

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from functools import cached_property, partial
 from pathlib import Path
@@ -83,6 +83,8 @@ class ExtractorSpec:
     quantization: dict[str, Any] | None = None
     # The model's outputs on the probe batch (runtime.fingerprint): pins the cached model to these codes.
     probe: list[float] | None = None
+    # How an extractor is built from these fields; specs of another format are refused, not rebuilt differently.
+    format: int = EXTRACTOR_FORMAT
 
     @classmethod
     def create(
@@ -121,7 +123,21 @@ class ExtractorSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExtractorSpec:
-        return cls(**data)
+        """The spec recorded in meta.json or a bundle; one made by another version of cnncodes is refused in one line.
+
+        Specs saved before the format was recorded are format 1.
+        """
+        made = data.get("format", 1)
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if made != EXTRACTOR_FORMAT or unknown:
+            what = f"extractor format {made}" + (f" with fields {', '.join(unknown)}" if unknown else "")
+            raise CnnCodesError(f"these codes or this model were made by another version of cnncodes ({what}; this one "
+                                f"builds format {EXTRACTOR_FORMAT}): extract and fit again with this version, or install "
+                                "the one that made them")
+        try:
+            return cls(**{**data, "format": made})
+        except TypeError as e:  # a field it needs is missing
+            raise CnnCodesError(f"the recorded extractor is incomplete ({e}): extract and fit again") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

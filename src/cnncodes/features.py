@@ -47,6 +47,10 @@ class Features:
         return np.isin(self.subsets, subsets)
 
 
+# What every reader of a features folder relies on.
+_META_KEYS = ("n_images", "classes", "dim", "paths", "subsets", "extractor", "split", "data")
+
+
 def load_features(path: Path | str) -> Features:
     """Load and cross-check `meta.json`, `features.npy` and `labels.npy` of a features folder."""
     path = Path(path)
@@ -58,8 +62,12 @@ def load_features(path: Path | str) -> Features:
         y = np.load(path / "labels.npy")
     except (OSError, ValueError) as e:
         raise CnnCodesError(f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again") from None
-    if meta.get("format") != FEATURES_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FEATURES_FORMAT:
         raise CnnCodesError(f"{path}/meta.json is not a cnncodes features record (format {meta.get('format')!r})")
+    missing = [key for key in _META_KEYS if key not in meta]
+    if missing:
+        raise CnnCodesError(f"{path}/meta.json lacks {', '.join(missing)}: it was made by another version or damaged; "
+                            "run `cnncodes extract` again")
     n, classes = meta["n_images"], meta["classes"]
     consistent = (X.ndim == 2 and X.shape == (n, meta["dim"]) and y.shape == (n,) and len(meta["paths"]) == n
                   and len(meta["subsets"]) == n and (n == 0 or 0 <= y.min() <= y.max() < len(classes))
