@@ -132,7 +132,24 @@ def _load_verified(name: str, data: bytes):
 
 def predict(model: Path | str, images: Sequence[str | Path], *, top_k: int = 3, batch_size: int = 32,
             weights: str | None = None, runtime: str = "onnx", progress: bool = True) -> list[Prediction]:
-    """Predict every image; unreadable ones get an `error` instead of a label."""
+    """Predict every image with a saved model; unreadable ones get an `error` instead of a label.
+
+    The model's run record says how it was made, so the same extractor (network, layer,
+    pooling, size, resize mode, weights checked by SHA-256, precision) is rebuilt from it.
+
+    Args:
+        model: a `.joblib` bundle from `fit_svm` or a `.keras` model from `finetune`, with
+            its `.json` run record beside it (the file is verified against it before loading).
+        images: image files, folders (searched recursively) or glob patterns.
+        top_k: how many classes each `Prediction.top_k` lists.
+        batch_size: images per forward pass.
+        weights: where the model's weights file is now, if it moved since extraction.
+        runtime: `onnx` (default, no TensorFlow with a warm cache) or `keras`.
+        progress: a rich progress bar.
+
+    Returns:
+        One `Prediction` per input, in order (`filename`, `label`, `probability`, `top_k`, `error`).
+    """
     if top_k < 1:
         raise CnnCodesError(f"--top-k must be at least 1 (got {top_k})")
     inputs = expand_inputs(images)
