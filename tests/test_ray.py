@@ -74,8 +74,8 @@ def test_interrupted_ray_run_resumes_without_redoing_finished_rows(local_ray, da
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(data, out, engine="ray", batch_size=4, on_batch=stop, **FAST)
-    resumed = cnncodes.extract(data, out, engine="ray", batch_size=4, **FAST)
+        cnncodes.extract(data, out, engine="ray", workers=1, batch_size=4, on_batch=stop, **FAST)
+    resumed = cnncodes.extract(data, out, engine="ray", workers=1, batch_size=4, **FAST)
     assert (resumed.computed, resumed.reused) == (24 - stopped_at[0], stopped_at[0])
     fresh = cnncodes.extract(data, tmp_path / "fresh", **FAST)
     assert np.abs(np.load(out / "features.npy") - np.load(fresh.out / "features.npy")).max() <= 1e-5
@@ -101,7 +101,7 @@ def test_engine_ray_without_ray_installed_is_one_line_saying_how_to_install(data
 
 def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):  # noqa: F811 - the fixture
     uri, local = s3_data
-    on_ray = cnncodes.extract(uri, tmp_path / "ray", engine="ray", batch_size=4, **FAST)
+    on_ray = cnncodes.extract(uri, tmp_path / "ray", engine="ray", workers=1, batch_size=4, **FAST)
     on_disk = cnncodes.extract(local, tmp_path / "disk", **FAST)
     assert on_ray.n_images == on_disk.n_images == 18 and [p for p, *_ in on_ray.rejected] == ["squares/broken.png"]
     assert np.abs(np.load(on_ray.out / "features.npy") - np.load(on_disk.out / "features.npy")).max() <= 1e-5

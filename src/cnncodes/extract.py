@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol, cast
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -287,7 +287,7 @@ class ImageReader:
         self.batch_size = batch_size
         self.workers = workers or os.cpu_count() or 2
 
-    def __call__(self, rows: Sequence[int]) -> Iterator[Batch]:
+    def __call__(self, rows: Sequence[int] | np.ndarray) -> Iterator[Batch]:
         pool = ThreadPoolExecutor(max_workers=self.workers)
         pending: deque = deque()
         try:
@@ -347,7 +347,7 @@ class CodeJob:
 class Engine(Protocol):
     """Where checking and the forward passes run; the driver keeps the caches and writes every output."""
 
-    name: str
+    name: ClassVar[str]
 
     def describe(self) -> dict[str, Any]:
         """The engine and the size of its cluster, for meta.json."""
@@ -534,7 +534,7 @@ def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACT
                                   if r is not None]
     artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, rejected)
     usable = _require_usable(dataset, reasons)
-    phashes = [h for h, r in zip(all_hashes, reasons) if r is None]
+    phashes = cast(list[str], [h for h, r in zip(all_hashes, reasons) if r is None])  # usable files have one
     clock.lap("check")
     groups = group_duplicates(phashes, dup_threshold)
     warnings = duplicate_warnings(groups, usable.paths, usable.labels, dup_threshold)

@@ -19,7 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,7 @@ BLOCK_ROWS = 512
 class RayEngine:
     """Connects to the cluster at `address` (else `RAY_ADDRESS`, else starts a local one) on creation."""
 
-    name = "ray"
+    name: ClassVar[str] = "ray"
 
     def __init__(self, workers: int | None = None, address: str | None = None):
         if not ray.is_initialized():
