@@ -81,7 +81,7 @@ class Backbone:
         if weights.path is not None:
             try:
                 network.load_weights(weights.path)
-            except Exception as e:  # noqa: BLE001 - Keras raises several types for a file that does not fit
+            except Exception as e:
                 raise CnnCodesError(f"weights file {weights.path} does not fit {self.name} ({str(e).splitlines()[0]})") from None
         return network
 

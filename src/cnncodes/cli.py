@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, Optional, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Literal, TypeAlias
 
 import typer
 from rich.console import Console
@@ -94,16 +94,16 @@ def extract(
     data: Annotated[str, typer.Argument(help="Folder with one sub-folder per class, a CSV with path,label columns, or the same in an object store (s3://bucket/prefix).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Features folder to write (created if missing).")],
     backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
-    layer: Annotated[Optional[str], typer.Option(help="Layer whose output is the code (default: the last convolutional block).")] = None,
+    layer: Annotated[str | None, typer.Option(help="Layer whose output is the code (default: the last convolutional block).")] = None,
     pooling: Annotated[Pooling, typer.Option(help="How a feature map becomes a vector.")] = "avg",
     weights: WeightsOpt = "imagenet",
-    image_size: Annotated[Optional[int], typer.Option(min=1, help="Square input size in pixels (default: the backbone's).")] = None,
+    image_size: Annotated[int | None, typer.Option(min=1, help="Square input size in pixels (default: the backbone's).")] = None,
     resize: ResizeOpt = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.15,0.15",
     seed: Annotated[int, typer.Option(help="Seed of the split's hash.")] = 0,
     dup_threshold: Annotated[int, typer.Option(help="Max pHash bit distance (0-16) for two images to count as duplicates (-1: off).")] = DEFAULT_DUP_THRESHOLD,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding threads, or Ray actors with --engine ray (default: one per core).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Decoding threads, or Ray actors with --engine ray (default: one per core).")] = None,
     runtime: RuntimeOpt = "onnx",
     flip: Annotated[bool, typer.Option("--flip", help="Average each code with its mirror image's: twice the forward passes; not for classes that left and right tell apart.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
@@ -157,7 +157,7 @@ def backbones() -> None:
 @app.command()
 def layers(
     backbone: Annotated[BackboneName, typer.Argument(help="Network to list.")],
-    image_size: Annotated[Optional[int], typer.Option(min=1, help="Input size the shapes are shown for.")] = None,
+    image_size: Annotated[int | None, typer.Option(min=1, help="Input size the shapes are shown for.")] = None,
 ) -> None:
     """List every layer name of a backbone with its output shape, for --layer."""
     from .weights import Weights
@@ -181,12 +181,12 @@ def fit_svm(
         help=f"Classifier to fit (repeatable): {', '.join(KINDS)} or all.")] = ["all"],  # noqa: B006 - Typer's list default
     normalize: Annotated[Normalize, typer.Option(
         help="Feature normalisation before the classifier; auto: standard, l2 or none, chosen by cross-validation.")] = "auto",
-    pca: Annotated[Optional[int], typer.Option(min=1, help="Reduce codes to N principal components first.")] = None,
+    pca: Annotated[int | None, typer.Option(min=1, help="Reduce codes to N principal components first.")] = None,
     cv: Annotated[int, typer.Option(help="Cross-validation folds on train+val; 0 chooses on the val subset.")] = 5,
-    class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced classes.")] = None,
+    class_weight: Annotated[str | None, typer.Option(help="'balanced' for imbalanced classes.")] = None,
     n_jobs: Annotated[int, typer.Option(help="Parallel jobs for the search (-1: all cores).")] = -1,
     seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
-    name: Annotated[Optional[str], typer.Option(help="Prefix of the run names.")] = None,
+    name: Annotated[str | None, typer.Option(help="Prefix of the run names.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
     repeats: Annotated[int, typer.Option(min=1, help="Score on K duplicate-aware splits of the same images "
                                                      "(the features' own, then seeds after it): mean ± sd.")] = 1,
@@ -214,8 +214,8 @@ def fit_svm(
 def compare(
     models: Annotated[list[Path], typer.Argument(help="Folders of run records (the --out of fit-svm and finetune).")],
     format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = "table",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
-    html_path: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    html_path: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
 ) -> None:
     """Rank every run on the same test set: accuracy (95% interval, or mean ± sd over repeated splits), its p-value
     against the best run, calibration (ECE, AUROC of confidence), balanced accuracy, macro-F1, cost."""
@@ -249,9 +249,9 @@ def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
     format: Annotated[PredictFormat, typer.Option("--format", "-f", help="Output format.")] = "table",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
-    weights: Annotated[Optional[str], typer.Option(help="Where the model's weights file is now, if it moved.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Where the model's weights file is now, if it moved.")] = None,
     runtime: RuntimeOpt = "onnx",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -278,10 +278,10 @@ def predict(
 
 @app.command()
 def demo(
-    data: Annotated[Optional[Path], typer.Argument(help="Your class-per-folder images (default: scikit-learn's digits).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for features, models and the report (default: models/<name of DATA>).")] = None,
+    data: Annotated[Path | None, typer.Argument(help="Your class-per-folder images (default: scikit-learn's digits).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for features, models and the report (default: models/<name of DATA>).")] = None,
     backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
-    image_size: Annotated[Optional[int], typer.Option(min=1, help="Input size (default: 96 for the digits, else the backbone's).")] = None,
+    image_size: Annotated[int | None, typer.Option(min=1, help="Input size (default: 96 for the digits, else the backbone's).")] = None,
 ) -> None:
     """Run the whole pipeline (extract, fit-svm, finetune, compare, predict) and say what each step does."""
     from .demo import run_demo
@@ -294,29 +294,29 @@ def demo(
 def finetune(
     data: DataArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .keras model and its .json run record.")],
-    split_from: Annotated[Optional[Path], typer.Option(help="Features folder (or split.csv) whose split to use.")] = None,
+    split_from: Annotated[Path | None, typer.Option(help="Features folder (or split.csv) whose split to use.")] = None,
     backbone: Annotated[TrainableName, typer.Option(
         help=f"ImageNet network to fine-tune, or {SMALL_CNN}: a small ConvNet from scratch (with --weights none).")] = "mobilenetv2",
     weights: WeightsOpt = "imagenet",
-    image_size: Annotated[Optional[int], typer.Option(min=1, help="Square input size (160 is a fast choice on a CPU).")] = None,
+    image_size: Annotated[int | None, typer.Option(min=1, help="Square input size (160 is a fast choice on a CPU).")] = None,
     resize: ResizeOpt = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per training step.")] = 32,
     head_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 1: the head on the frozen backbone.")] = 5,
     fine_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 2: the top block unfrozen (smallcnn: more epochs of its one phase).")] = 5,
-    unfreeze: Annotated[Optional[str], typer.Option(help="Unfreeze the layers after this one, or the last N layers.")] = None,
+    unfreeze: Annotated[str | None, typer.Option(help="Unfreeze the layers after this one, or the last N layers.")] = None,
     head_lr: Annotated[float, typer.Option(help="Learning rate of phase 1 (smallcnn: its only one).")] = 1e-3,
     lr: Annotated[float, typer.Option(help="Learning rate of phase 2.")] = 1e-5,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout before the new softmax layer.")] = 0.2,
-    augment: Annotated[Optional[bool], typer.Option(
+    augment: Annotated[bool | None, typer.Option(
         help="Random flips, rotations, zooms and contrast while training (default: on; off with --cache-trunk).",
         show_default=False)] = None,
     cache_trunk: Annotated[bool, typer.Option(
         "--cache-trunk", help="Compute the frozen layers' activations once (kept in OUT/.trunk) and train only the top block "
              "and head on them: several times faster per epoch, no augmentation.")] = False,
-    class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced classes.")] = None,
+    class_weight: Annotated[str | None, typer.Option(help="'balanced' for imbalanced classes.")] = None,
     patience: Annotated[int, typer.Option(min=1, help="Epochs without val-accuracy gain before stopping.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of shuffling and initialisation.")] = 0,
-    name: Annotated[Optional[str], typer.Option(help="Prefix of the run name.")] = None,
+    name: Annotated[str | None, typer.Option(help="Prefix of the run name.")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the last finished epoch of an interrupted run.")] = False,
     restart: Annotated[bool, typer.Option(help="Discard an interrupted run's checkpoints and start afresh.")] = False,
     repeats: Annotated[int, typer.Option(min=1, help="Also train and score on K-1 more duplicate-aware splits of the --split-from features (mean ± sd in the record).")] = 1,

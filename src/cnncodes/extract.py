@@ -184,7 +184,7 @@ class ExtractorSpec:
         """The weights these codes were made with, found again (or at `override`) and checked by SHA-256."""
         if self.weights == "none":
             return Weights("none")
-        choice = override or ("imagenet" if self.weights == "imagenet" else self.weights_file)
+        choice = override or ("imagenet" if self.weights == "imagenet" else self.weights_file) or ""
         found = get_backbone(self.backbone).resolve_weights(choice, self.layer)
         if found.sha256 != self.weights_sha256:
             raise CnnCodesError(

@@ -29,10 +29,10 @@ import numpy as np
 from .artifacts import read_json, sha256_json, write_bytes_atomic, write_json_atomic
 from .backbones import Backbone, get_backbone
 from .choices import SMALL_CNN
+from .classifiers import repeated_splits
 from .errors import CnnCodesError
 from .evaluate import per_image_predictions, score
 from .extract import extract, plan
-from .classifiers import repeated_splits
 from .features import load_features
 from .ingest import check_resize, discover, load_square
 from .models import build_classifier, small_cnn

@@ -227,7 +227,7 @@ def load_rgb(source: Path | str | bytes, draft_size: int | None = None, max_pixe
         raise BadImage(f"too large (decompression bomb?): {e}", "too large") from None
     except Image.UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)", "not an image") from None
-    except Exception as e:  # noqa: BLE001 - a corrupt file can make any Pillow plugin raise anything
+    except Exception as e:
         raise _damaged(e) from None
 
 

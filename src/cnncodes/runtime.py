@@ -215,7 +215,7 @@ def onnx_model(build: Callable[[], Any], model_key: str, notice: Callable[[str],
     _say(notice, f"converting {label} for ONNX Runtime, once: {CONVERSION_ESTIMATE}")
     try:
         runner = _convert(build, path, model_key, threads)
-    except Exception as e:  # noqa: BLE001 - any converter failure falls back to the exact Keras path
+    except Exception as e:
         reason = _reason(e)
         if not _transient(e):
             write_bytes_atomic(failed, reason.encode())
@@ -249,7 +249,7 @@ def cached_runner(path: Path, model_key: str, pin: Sequence[float] | None = None
         if record.get("key") != model_key:
             return "it was made for another model"
         runner = OnnxRunner(path, threads)
-    except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, whatever is wrong with it
+    except Exception:
         return None
     if pin is not None and not matches(probe_fingerprint(runner), pin):
         return "its outputs on the probe batch are not the ones recorded with these codes"

@@ -124,7 +124,7 @@ class MicroBatcher:
             self.on_batch(len(items))
             try:
                 rows = await loop.run_in_executor(self.forward, self._forward, np.stack([p for p, _ in items]))
-            except Exception as e:  # noqa: BLE001 - the requests waiting on this batch get the error, not the batcher
+            except Exception as e:
                 for _, future in items:
                     if not future.done():
                         future.set_exception(e)

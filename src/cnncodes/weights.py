@@ -88,7 +88,7 @@ def _download(file_name: str, url: str, backbone: str, md5: str | None) -> Path:
 
     try:
         return Path(get_file(file_name, url, cache_subdir="models", file_hash=md5))
-    except Exception as e:  # noqa: BLE001 - offline, proxy, HTTP or hash errors all end the same way
+    except Exception as e:
         searched = " nor ".join(str(d) for d in search_dirs())
         if not os.environ.get(WEIGHTS_DIR_ENV):
             searched = f"${WEIGHTS_DIR_ENV} (not set) nor {searched}"
