@@ -76,3 +76,16 @@ def test_publish_moves_model_and_record_together_or_not_at_all(tmp_path):
     assert model.read_bytes() == b"old model"
     assert json.loads(sidecar(model).read_text())["model_sha256"] == first["model_sha256"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.joblib", "run.json"]
+
+
+def test_a_bundle_of_an_older_format_is_refused_in_one_line(tmp_path):
+    import joblib
+
+    from cnncodes.artifacts import package_versions
+    from cnncodes.bundle import load_bundle
+
+    model = tmp_path / "old.joblib"
+    publish(model, lambda tmp: joblib.dump({"format": "cnncodes.bundle/1", "model": None}, tmp),
+            build_record(run="old") | {"versions": package_versions()})
+    with pytest.raises(cnncodes.CnnCodesError, match="another version of cnncodes"):
+        load_bundle(model)

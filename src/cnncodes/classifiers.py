@@ -132,7 +132,10 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         folds = self._folds(X, codes, groups, smallest, self.cv)
         calibration = self._folds(X, codes, groups, smallest, 3)
         fold = min(len(train) for train, _ in folds + calibration)
-        estimator, grid = _estimator(self.kind, self.class_weight)
+        weights = self.class_weight  # a dict names classes by label; the models see their codes
+        if isinstance(weights, dict):
+            weights = {code: weights.get(label, 1.0) for code, label in enumerate(self.classes_)}
+        estimator, grid = _estimator(self.kind, weights)
         pipeline = Pipeline([("normalize", StandardScaler()), ("pca", "passthrough"), ("model", estimator)])
         grids = self._grids(grid, X, fold)
         search = GridSearchCV(pipeline, grids, cv=folds, n_jobs=self.n_jobs, refit=False,
@@ -145,10 +148,11 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             chosen = search.best_params_
             self.model_ = clone(pipeline).set_params(**chosen).fit(X, codes)
             self.temperature_ = _fit_temperature(_out_of_fold_scores(self.model_, X, codes, calibration), codes)
-        self.best_params_ = {"normalize": next(n for n in _AUTO if type(_normalizer(n)) is type(chosen["normalize"])),
-                             **{k.removeprefix("model__"): v for k, v in chosen.items() if k.startswith("model__")}}
+        name, searched = next((n, g) for n, g in zip(self._normalizations(), grids)
+                              if g["normalize"][0] is chosen["normalize"])
+        self.best_params_ = {"normalize": name, **{k.removeprefix("model__"): v for k, v in chosen.items()
+                                                   if k.startswith("model__")}}
         self.cv_score_ = float(search.best_score_)
-        searched = next(g for g in grids if g["normalize"][0] is chosen["normalize"])
         self.grid_edges_ = [k.removeprefix("model__") for k, values in searched.items()
                             if len(values) > 2 and chosen[k] in (min(values), max(values))]
         return self
@@ -185,7 +189,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         `--normalize l2` or `none`, and PCA, search the same effective range.
         """
         grids = []
-        for name in _AUTO if self.normalize == "auto" else (self.normalize,):
+        for name in self._normalizations():
             steps: list[tuple[str, Any]] = [("normalize", _normalizer(name))]
             if self.pca:  # every CV fold must be able to fit that many components
                 steps.append(("pca", PCA(n_components=min(self.pca, fold - 1, X.shape[1]),
@@ -202,6 +206,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
                 moved["n_neighbors"] = [k for k in grid["n_neighbors"] if k <= fold] or [1]
             grids.append({**{step: [obj] for step, obj in steps}, **{f"model__{k}": v for k, v in moved.items()}})
         return grids
+
+    def _normalizations(self) -> tuple[str, ...]:
+        return _AUTO if self.normalize == "auto" else (self.normalize,)
 
     def _decide(self, X) -> tuple[np.ndarray, np.ndarray]:
         """The model's decision (class indices) and calibrated probabilities whose top class it is."""
