@@ -91,7 +91,7 @@ def extract(
     runtime: RuntimeOpt = "onnx",
     flip: Annotated[bool, typer.Option("--flip", help="Average each code with its mirror image's: twice the forward passes; not for classes that left and right tell apart.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
-    precision: Annotated[Literal["fp32", "int8"], typer.Option(help="int8: a quantized ONNX model, 1.2-3x faster; its agreement with fp32 is measured and recorded.")] = "fp32",
+    precision: Annotated[Literal["fp32", "int8"], typer.Option(help="int8: a quantized ONNX model, faster on a CPU; its agreement with fp32 codes is measured and recorded.")] = "fp32",
     calibration: Annotated[int, typer.Option(min=1, help="Train images that calibrate the int8 model (never val or test images).")] = DEFAULT_CALIBRATION,
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, split.csv, rejected.csv, meta.json."""
