@@ -109,7 +109,7 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
     engine: Annotated[Literal["local", "ray"], typer.Option(help="Where checking and forward passes run: this machine, or a Ray cluster (pip install 'cnncodes[ray]').")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster to join with --engine ray (default: $RAY_ADDRESS, else a new local one).")] = None,
-    precision: Annotated[Literal["fp32", "int8"], typer.Option(help="int8: a quantized ONNX model, 1.2-3x faster; its agreement with fp32 is measured and recorded.")] = "fp32",
+    precision: Annotated[Literal["fp32", "int8"], typer.Option(help="int8: a quantized ONNX model, faster on a CPU; its agreement with fp32 codes is measured and recorded.")] = "fp32",
     calibration: Annotated[int, typer.Option(min=1, help="Train images that calibrate the int8 model (never val or test images).")] = DEFAULT_CALIBRATION,
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, groups.npy, split.csv, rejected.csv, meta.json."""

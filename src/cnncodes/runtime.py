@@ -225,7 +225,7 @@ def onnx_model(build: Callable[[], Any], model_key: str, notice: Callable[[str],
 
 
 # Measured by scripts/bench_convert.py on a shared 2-core machine (README, "Runtimes").
-CONVERSION_ESTIMATE = "~10-40 s"
+CONVERSION_ESTIMATE = "~10-30 s"
 
 
 def refuse_unpinned(runner: Runner, pin: Sequence[float] | None, label: str) -> None:
