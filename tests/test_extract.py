@@ -372,7 +372,7 @@ def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, mo
     keras_home = tmp_path / "keras_home"
     monkeypatch.setenv("KERAS_HOME", str(keras_home))
     monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(mobilenet_weights_file.parent))
-    args = FAST | dict(backbone="mobilenetv2", weights="imagenet")
+    args = FAST | dict(backbone="mobilenetv2", weights="imagenet", runtime="keras")  # resolution, not runtime
     from_env = cnncodes.extract(dataset, tmp_path / "env", **args)
     meta = json.loads((from_env.out / "meta.json").read_text())
     assert meta["extractor"]["weights_sha256"] == sha256_file(mobilenet_weights_file)
@@ -390,6 +390,7 @@ def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, mo
                            rtol=1e-2, atol=0)
 
     by_path = cli("extract", dataset, "--out", tmp_path / "path", "--backbone", "mobilenetv2", "--image-size", "32",
+                  "--runtime", "keras",
                   "--weights", cache_copy, "--quiet")
     assert by_path.exit_code == 0, by_path.output
     np.testing.assert_array_equal(np.load(tmp_path / "path" / "features.npy"), np.load(from_cache.out / "features.npy"))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -116,11 +114,25 @@ def unexportable(spec, weights):
     return model
 
 
-def killed_in_child(spec, weights):
-    """Builds in this process; in the converting child, dies as the kernel's OOM killer would make it."""
+KILLED_IN_CHILD = """
+import multiprocessing, os, signal
+import cnncodes
+
+
+def build():
+    \"\"\"Builds in the parent; in the converting child, dies as the kernel's OOM killer would make it.\"\"\"
     if multiprocessing.parent_process() is not None:
         os.kill(os.getpid(), signal.SIGKILL)
+    spec, weights = cnncodes.ExtractorSpec.create("vgg16", image_size=32, weights="none")
     return spec.build(weights)
+"""
+CONVERT_KILLED = """
+from cnncodes.runtime import make_runner, onnx_cache_path
+from killed import build
+notices = []
+runner = make_runner(build, "killed", "onnx", notice=notices.append)
+print(type(runner).__name__, onnx_cache_path("killed").with_suffix(".failed").exists(), notices[-1])
+"""
 
 
 def test_failed_conversion_falls_back_to_keras_with_a_notice_and_a_killed_one_is_tried_again(monkeypatch, tmp_path):
@@ -134,11 +146,14 @@ def test_failed_conversion_falls_back_to_keras_with_a_notice_and_a_killed_one_is
     assert not onnx_cache_path(spec.key).exists()
     assert onnx_cache_path(spec.key).with_suffix(".failed").is_file()  # a failure that repeats is not tried again
 
-    notices.clear()
-    killed = make_runner(partial(killed_in_child, spec, weights), spec.network_key + "-2", "onnx",
-                         notice=notices.append)
-    assert isinstance(killed, KerasRunner) and "killed" in notices[-1]
-    assert not onnx_cache_path(spec.network_key + "-2").with_suffix(".failed").exists()
+    # A process without TensorFlow converts in a child; one killed there is tried again next time.
+    (tmp_path / "killed.py").write_text(KILLED_IN_CHILD)
+    env = os.environ | {"CNNCODES_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", CONVERT_KILLED], capture_output=True, text=True, env=env,
+                          check=False, timeout=600)
+    assert done.returncode == 0, done.stderr
+    kind, failed_recorded, notice = done.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert kind == "KerasRunner" and failed_recorded == "False" and "killed" in notice
 
 
 def test_cold_conversion_leaves_no_tensorflow_in_the_process(tmp_path):

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -281,8 +282,11 @@ def _convert(build: Callable[[], Any], path: Path, model_key: str, threads: int 
 def in_child(function: Callable[..., Any], *args: Any) -> Any:
     """`function(*args)` in a fresh process that exits afterwards, so its memory goes back to the system.
 
-    Arguments that cannot be pickled (a closure) run here instead.
+    It runs here instead when TensorFlow is loaded already (a fine-tune, a notebook): a child
+    would add only its own start-up, several seconds. So does a closure, which cannot be pickled.
     """
+    if "tensorflow" in sys.modules:
+        return function(*args)
     try:
         pickle.dumps((function, args))
     except (pickle.PicklingError, AttributeError, TypeError):
