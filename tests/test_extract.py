@@ -67,10 +67,12 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
     assert all(Path(p).parent.name == meta["classes"][i] for p, i in zip(meta["paths"], labels))
     assert set(meta["subsets"]) == {"train", "val", "test"}
     assert list(split_rows[0]) == ["path", "label", "subset"]
-    assert meta["extractor"] | {"weights_sha256": None} == {
+    assert len(meta["extractor"]["probe"]) == 8  # the pin of the cached ONNX model (test_runtime)
+    assert meta["extractor"] | {"weights_sha256": None, "probe": None} == {
         "backbone": "vgg16", "layer": "block5_pool", "pooling": "avg", "image_size": 32, "resize": "crop",
         "preprocessing": "caffe: RGB to BGR, minus ImageNet mean", "weights": "none",
         "weights_sha256": None, "weights_file": None, "flip": False,
+        "precision": "fp32", "calibration": None, "quantization": None, "probe": None,
     }
     assert meta["versions"]["keras"].startswith("3.")
     assert meta["images_per_second"] > 0 and meta["elapsed_seconds"] > 0
