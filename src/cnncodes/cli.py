@@ -29,8 +29,8 @@ from .errors import CnnCodesError
 from .evaluate import load_records
 from .ingest import RESIZE_MODES
 from .progress import console as err_console
-from .report import FORMATS, html_report, rank, render, rich_table
 from .quantize import DEFAULT_CALIBRATION
+from .report import FORMATS, html_report, rank, render, rich_table
 from .runtime import RUNTIMES
 from .split import DEFAULT_DUP_THRESHOLD
 
