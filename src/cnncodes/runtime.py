@@ -46,6 +46,8 @@ TOLERANCE = 1e-4
 # loose enough for int8 rebuilt by another ONNX Runtime, far tighter than any other network.
 PIN_TOLERANCE = 1e-2
 _CONVERTERS = ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime")
+# What the first-use notice promises: 7-20 s measured by scripts/bench_convert.py on 2 cores (README, "Runtimes").
+CONVERSION_ESTIMATE = "~10-30 s"
 # Failures that may not happen again (memory, disk space): never recorded as permanent.
 _TRANSIENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG)
 
@@ -223,10 +225,6 @@ def onnx_model(build: Callable[[], Any], model_key: str, notice: Callable[[str],
         return reason
     refuse_unpinned(runner, pin, label)
     return runner
-
-
-# Measured by scripts/bench_convert.py on a shared 2-core machine (README, "Runtimes").
-CONVERSION_ESTIMATE = "~10-30 s"
 
 
 def refuse_unpinned(runner: Runner, pin: Sequence[float] | None, label: str) -> None:
