@@ -15,6 +15,7 @@ process and its children, sampled every 20 ms with psutil). Median of --repeats 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -44,10 +45,8 @@ assert isinstance(spec.runner(weights), OnnxRunner)
 def tree_rss(process: psutil.Process) -> int:
     total = 0
     for p in [process, *process.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 
@@ -56,8 +55,13 @@ def measure(script: str, backbone: str) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         env = os.environ | {"CNNCODES_CACHE_DIR": tmp}
         started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-c", script, backbone, tmp], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, backbone, tmp],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         watched, peak = psutil.Process(child.pid), 0
         while child.poll() is None:
             try:
@@ -83,8 +87,11 @@ def main() -> None:
         rounds = [(measure(BARE, backbone), measure(CNNCODES, backbone)) for _ in range(args.repeats)]
         bare_s, ours_s = (statistics.median(r[i][0] for r in rounds) for i in (0, 1))
         bare_mb, ours_mb = (statistics.median(r[i][1] for r in rounds) for i in (0, 1))
-        print(f"| {backbone} | {bare_s:.1f} | {ours_s:.1f} | {ours_s / bare_s:.2f} | {bare_mb:.0f} MB | {ours_mb:.0f} MB |",
-              flush=True)
+        print(
+            f"| {backbone} | {bare_s:.1f} | {ours_s:.1f} | {ours_s / bare_s:.2f} "
+            f"| {bare_mb:.0f} MB | {ours_mb:.0f} MB |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

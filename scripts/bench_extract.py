@@ -68,11 +68,23 @@ def work_extract(args) -> dict:
     listing = Path(args.tmp) / "list.csv"
     listing.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in image_list(args.images, args.datasets)))
     started = time.perf_counter()
-    result = cnncodes.extract(listing, Path(args.out or Path(args.tmp) / "out"), backbone=args.backbone,
-                              weights=weights_for(args.backbone), image_size=args.size, batch_size=args.batch_size,
-                              runtime=args.runtime, precision=args.precision, progress=False)
-    return {"images_per_second": result.images_per_second, "wall_seconds": time.perf_counter() - started,
-            "images": result.n_images, "peak_rss_mb": peak_rss_mb()}
+    result = cnncodes.extract(
+        listing,
+        Path(args.out or Path(args.tmp) / "out"),
+        backbone=args.backbone,
+        weights=weights_for(args.backbone),
+        image_size=args.size,
+        batch_size=args.batch_size,
+        runtime=args.runtime,
+        precision=args.precision,
+        progress=False,
+    )
+    return {
+        "images_per_second": result.images_per_second,
+        "wall_seconds": time.perf_counter() - started,
+        "images": result.n_images,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def work_forward(args) -> dict:
@@ -84,7 +96,7 @@ def work_forward(args) -> dict:
     run = spec.runner(weights, args.runtime)
     started = time.perf_counter()
     for start in range(0, len(pixels), args.batch_size):
-        run(pixels[start:start + args.batch_size])
+        run(pixels[start : start + args.batch_size])
     return {"images_per_second": len(pixels) / (time.perf_counter() - started)}
 
 
@@ -121,25 +133,42 @@ def measure(kind: str, backbone: str, args, **overrides) -> dict:
 
 
 def throughput_table(args) -> None:
-    print(f"# extract throughput: {args.images} images of oxford17flowers, batch {args.batch_size}, "
-          f"{os.cpu_count()} cores (images/s, median of {args.repeats} interleaved rounds)\n")
-    print("| backbone | weights | extract onnx | extract keras | forward onnx | forward keras | tutorial loop | "
-          "onnx / keras extract | onnx extract / onnx forward | keras extract / keras forward | "
-          "onnx extract / tutorial | peak RSS onnx extract |")
+    print(
+        f"# extract throughput: {args.images} images of oxford17flowers, batch {args.batch_size}, "
+        f"{os.cpu_count()} cores (images/s, median of {args.repeats} interleaved rounds)\n"
+    )
+    print(
+        "| backbone | weights | extract onnx | extract keras | forward onnx | forward keras | tutorial loop | "
+        "onnx / keras extract | onnx extract / onnx forward | keras extract / keras forward | "
+        "onnx extract / tutorial | peak RSS onnx extract |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for backbone in args.backbones.split(","):
         # forward first: it converts to ONNX, so extract measures the warm steady state (RSS too).
         # Rounds interleave the runtimes, so a slow spell of this shared machine hits both alike.
-        rounds = [{(kind, rt): measure(kind, backbone, args, runtime=rt)
-                   for kind in ("forward", "extract") for rt in ("onnx", "keras")} for _ in range(args.repeats)]
+        rounds = [
+            {
+                (kind, rt): measure(kind, backbone, args, runtime=rt)
+                for kind in ("forward", "extract")
+                for rt in ("onnx", "keras")
+            }
+            for _ in range(args.repeats)
+        ]
         run = rounds[-1]
         speed = {key: statistics.median(r[key]["images_per_second"] for r in rounds) for key in run}
         tutorial = measure("tutorial", backbone, args)["images_per_second"]
-        eo, ek, fo, fk = (speed["extract", "onnx"], speed["extract", "keras"], speed["forward", "onnx"],
-                          speed["forward", "keras"])
-        print(f"| {backbone} | {weights_for(backbone)} | {eo:.1f} | {ek:.1f} | {fo:.1f} | {fk:.1f} | {tutorial:.1f} | "
-              f"{eo / ek:.2f} | {eo / fo:.2f} | {ek / fk:.2f} | {eo / tutorial:.1f} | "
-              f"{run['extract', 'onnx']['peak_rss_mb']:.0f} MB |", flush=True)
+        eo, ek, fo, fk = (
+            speed["extract", "onnx"],
+            speed["extract", "keras"],
+            speed["forward", "onnx"],
+            speed["forward", "keras"],
+        )
+        print(
+            f"| {backbone} | {weights_for(backbone)} | {eo:.1f} | {ek:.1f} | {fo:.1f} | {fk:.1f} | {tutorial:.1f} | "
+            f"{eo / ek:.2f} | {eo / fo:.2f} | {ek / fk:.2f} | {eo / tutorial:.1f} | "
+            f"{run['extract', 'onnx']['peak_rss_mb']:.0f} MB |",
+            flush=True,
+        )
 
 
 def memory_table(args) -> None:
@@ -156,19 +185,27 @@ def memory_table(args) -> None:
 
 def int8_table(args) -> None:
     """`extract --precision int8` against fp32 on ONNX Runtime, in interleaved rounds."""
-    print(f"\n# int8 against fp32 extract on ONNX Runtime: {args.images} images, batch {args.batch_size} "
-          f"(images/s, median of {args.repeats} interleaved rounds)\n")
+    print(
+        f"\n# int8 against fp32 extract on ONNX Runtime: {args.images} images, batch {args.batch_size} "
+        f"(images/s, median of {args.repeats} interleaved rounds)\n"
+    )
     print("| backbone | weights | extract fp32 | extract int8 | int8 / fp32 | int8 agreement (mean / min cosine) |")
     print("|---|---|---|---|---|---|")
     for backbone in args.backbones.split(","):
         with tempfile.TemporaryDirectory() as tmp:  # the first int8 run quantizes; its meta has the agreement
             measure("extract", backbone, args, precision="int8", out=str(Path(tmp) / "f"))
-            agreement = json.loads((Path(tmp) / "f" / "meta.json").read_text())["extractor"]["quantization"]["agreement"]
-        rounds = [{p: measure("extract", backbone, args, precision=p) for p in ("fp32", "int8")}
-                  for _ in range(args.repeats)]
+            agreement = json.loads((Path(tmp) / "f" / "meta.json").read_text())["extractor"]["quantization"][
+                "agreement"
+            ]
+        rounds = [
+            {p: measure("extract", backbone, args, precision=p) for p in ("fp32", "int8")} for _ in range(args.repeats)
+        ]
         fp32, int8 = (statistics.median(r[p]["images_per_second"] for r in rounds) for p in ("fp32", "int8"))
-        print(f"| {backbone} | {weights_for(backbone)} | {fp32:.1f} | {int8:.1f} | {int8 / fp32:.2f} | "
-              f"{agreement['mean']:.4f} / {agreement['min']:.4f} |", flush=True)
+        print(
+            f"| {backbone} | {weights_for(backbone)} | {fp32:.1f} | {int8:.1f} | {int8 / fp32:.2f} | "
+            f"{agreement['mean']:.4f} / {agreement['min']:.4f} |",
+            flush=True,
+        )
 
 
 def predict_table(args) -> None:
@@ -182,8 +219,21 @@ def predict_table(args) -> None:
         for backbone in args.backbones.split(","):
             out = Path(tmp) / backbone
             measure("extract", backbone, args, images=136, out=str(out / "features"), runtime="onnx")
-            subprocess.run([str(cli), "fit-svm", str(out / "features"), "--out", str(out / "models"), "--classifier",
-                            "logreg", "--cv", "2", "--quiet"], check=True)
+            subprocess.run(
+                [
+                    str(cli),
+                    "fit-svm",
+                    str(out / "features"),
+                    "--out",
+                    str(out / "models"),
+                    "--classifier",
+                    "logreg",
+                    "--cv",
+                    "2",
+                    "--quiet",
+                ],
+                check=True,
+            )
             bundle = next((out / "models").glob("*.joblib"))
             for runtime in ("onnx", "keras"):
                 command = [str(cli), "predict", str(bundle), image, "--quiet", "--runtime", runtime]

@@ -36,10 +36,20 @@ def configurations(args) -> list[tuple[str, dict]]:
     return [
         ("mobilenetv2 head only", mobilenet | dict(head_epochs=e, fine_epochs=0)),
         ("mobilenetv2 head + top block", mobilenet | dict(head_epochs=e, fine_epochs=e)),
-        ("mobilenetv2 head + top block, no augmentation", mobilenet | dict(head_epochs=e, fine_epochs=e, augment=False)),
-        ("mobilenetv2 head + top block, --cache-trunk", mobilenet | dict(head_epochs=e, fine_epochs=e, cache_trunk=True)),
-        ("smallcnn from scratch (64 px)", dict(backbone="smallcnn", weights="none", image_size=64,
-                                               head_epochs=3 * e, fine_epochs=3 * e, patience=2 * e)),
+        (
+            "mobilenetv2 head + top block, no augmentation",
+            mobilenet | dict(head_epochs=e, fine_epochs=e, augment=False),
+        ),
+        (
+            "mobilenetv2 head + top block, --cache-trunk",
+            mobilenet | dict(head_epochs=e, fine_epochs=e, cache_trunk=True),
+        ),
+        (
+            "smallcnn from scratch (64 px)",
+            dict(
+                backbone="smallcnn", weights="none", image_size=64, head_epochs=3 * e, fine_epochs=3 * e, patience=2 * e
+            ),
+        ),
         ("vgg16 head + top block, no augmentation (untrained: speed only)", vgg | dict(augment=False)),
         ("vgg16 head + top block, --cache-trunk (untrained: speed only)", vgg | dict(cache_trunk=True)),
     ]
@@ -64,20 +74,26 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     features = args.work / "split"
     cnncodes.extract(DATA, features, backbone="mobilenetv2", image_size=96, progress=False)  # the shared split
-    print(f"# finetune on cats_dogs_horses_humans, {args.size} px, batch {args.batch_size}, "
-          f"{os.cpu_count()} cores, seed 0\n")
+    print(
+        f"# finetune on cats_dogs_horses_humans, {args.size} px, batch {args.batch_size}, "
+        f"{os.cpu_count()} cores, seed 0\n"
+    )
     print("| run | epochs run | s/epoch head | s/epoch fine | one-time trunk s | total s | test accuracy |")
     print("|---|---|---|---|---|---|---|")
     for i, (label, options) in enumerate(configurations(args)):
         started = time.perf_counter()
-        record = finetune(DATA, args.work / f"models-{i}", split_from=features, batch_size=args.batch_size,
-                          progress=False, **options)
+        record = finetune(
+            DATA, args.work / f"models-{i}", split_from=features, batch_size=args.batch_size, progress=False, **options
+        )
         total = time.perf_counter() - started
         phases = ("scratch", "-") if options["backbone"] == "smallcnn" else ("head", "fine")
         trunk = record["extract_seconds"]
-        print(f"| {label} | {record['epochs_run']} | {epoch_seconds(record, phases[0])} | "
-              f"{epoch_seconds(record, phases[1])} | {f'{trunk:.0f}' if trunk else '-'} | {total:.0f} | "
-              f"{record['accuracy']:.1%} |", flush=True)
+        print(
+            f"| {label} | {record['epochs_run']} | {epoch_seconds(record, phases[0])} | "
+            f"{epoch_seconds(record, phases[1])} | {f'{trunk:.0f}' if trunk else '-'} | {total:.0f} | "
+            f"{record['accuracy']:.1%} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

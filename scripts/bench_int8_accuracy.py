@@ -50,17 +50,24 @@ def main() -> None:
                 scores.setdefault((kind, precision), []).append(100 * value)
             if quantization:
                 a = quantization["agreement"]
-                print(f"seed {seed}: int8 {quantization['method']}, per-channel {quantization['per_channel']}, "
-                      f"fp32 layers {quantization['fp32_layers'] or 'none'}; cosine with fp32 mean {a['mean']:.4f}, "
-                      f"min {a['min']:.4f}", flush=True)
-            print(f"seed {seed} {precision}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in accuracy.items()), flush=True)
+                print(
+                    f"seed {seed}: int8 {quantization['method']}, per-channel {quantization['per_channel']}, "
+                    f"fp32 layers {quantization['fp32_layers'] or 'none'}; cosine with fp32 mean {a['mean']:.4f}, "
+                    f"min {a['min']:.4f}",
+                    flush=True,
+                )
+            print(
+                f"seed {seed} {precision}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in accuracy.items()), flush=True
+            )
     print(f"\n| classifier | fp32 test accuracy | int8 test accuracy | int8 - fp32 (mean over {args.seeds} splits) |")
     print("|---|---|---|---|")
     for kind in sorted({k for k, _ in scores}):
         fp32, int8 = scores[kind, "fp32"], scores[kind, "int8"]
-        print(f"| {kind} | {statistics.mean(fp32):.1f} ± {statistics.stdev(fp32):.1f} % | "
-              f"{statistics.mean(int8):.1f} ± {statistics.stdev(int8):.1f} % | "
-              f"{statistics.mean(int8) - statistics.mean(fp32):+.2f} points |")
+        print(
+            f"| {kind} | {statistics.mean(fp32):.1f} ± {statistics.stdev(fp32):.1f} % | "
+            f"{statistics.mean(int8):.1f} ± {statistics.stdev(int8):.1f} % | "
+            f"{statistics.mean(int8) - statistics.mean(fp32):+.2f} points |"
+        )
 
 
 if __name__ == "__main__":

@@ -84,8 +84,14 @@ def make_images(root: Path, n: int) -> Path:
         (root / f"class{c}").mkdir(parents=True, exist_ok=True)
     step = 5000
     with ProcessPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(_write_images, [root] * len(range(0, n, step)), range(0, n, step),
-                      [min(s + step, n) for s in range(0, n, step)]))
+        list(
+            pool.map(
+                _write_images,
+                [root] * len(range(0, n, step)),
+                range(0, n, step),
+                [min(s + step, n) for s in range(0, n, step)],
+            )
+        )
     (root / "done").touch()
     return root
 
@@ -127,12 +133,16 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| images | engine | " + " | ".join(STAGES) + " | whole extract | images/s | peak RSS (driver) |",
-             "|---" * (len(STAGES) + 5) + "|"]
+    lines = [
+        "| images | engine | " + " | ".join(STAGES) + " | whole extract | images/s | peak RSS (driver) |",
+        "|---" * (len(STAGES) + 5) + "|",
+    ]
     for row in results:
         stages = " | ".join(f"{row['stages'].get(s, 0):.1f}" for s in STAGES)
-        lines.append(f"| {row['images']:,} | {row['engine']} | {stages} | {row['wall']:.1f} s | "
-                     f"{row['images'] / row['wall']:.0f} | {row['rss_mb']:.0f} MB |")
+        lines.append(
+            f"| {row['images']:,} | {row['engine']} | {stages} | {row['wall']:.1f} s | "
+            f"{row['images'] / row['wall']:.0f} | {row['rss_mb']:.0f} MB |"
+        )
     return "\n".join(lines)
 
 

@@ -46,9 +46,10 @@ def fit_model(work: Path, n_images: int) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "train.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "label"), *((str(p), p.parent.name) for p in images)])
-    for command in (["extract", str(work / "train.csv"), "--out", str(work / "features"), "--quiet"],
-                    ["fit-svm", str(work / "features"), "--out", str(work / "models"), "--classifier", "logreg",
-                     "--quiet"]):
+    for command in (
+        ["extract", str(work / "train.csv"), "--out", str(work / "features"), "--quiet"],
+        ["fit-svm", str(work / "features"), "--out", str(work / "models"), "--classifier", "logreg", "--quiet"],
+    ):
         subprocess.run([str(CNNCODES), *command], check=True)
     return model
 
@@ -61,8 +62,11 @@ def free_port() -> int:
 
 def start_server(model: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(CNNCODES), "serve", str(model), "--port", str(port), "--no-access-log", *extra],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(CNNCODES), "serve", str(model), "--port", str(port), "--no-access-log", *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -88,8 +92,11 @@ def batches(url: str) -> tuple[float, float]:
     """(forward passes, images in them) so far, from the server's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples = {s.name: s.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-               for s in family.samples}
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for s in family.samples
+    }
     return samples["cnncodes_batch_images_count"], samples["cnncodes_batch_images_sum"]
 
 
@@ -175,8 +182,7 @@ def main() -> None:
     try:
         asyncio.run(hammer(url, payloads(images, args.warmup, 0.0, 1), args.clients, args.max_seconds))
         rss_warm, batches_warm = rss_mb(server.pid), batches(url)
-        run = asyncio.run(hammer(url, payloads(images, args.requests, args.corrupt, 0), args.clients,
-                                 args.max_seconds))
+        run = asyncio.run(hammer(url, payloads(images, args.requests, args.corrupt, 0), args.clients, args.max_seconds))
         rss_end, batches_end = rss_mb(server.pid), batches(url)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -193,8 +199,10 @@ def main() -> None:
     predict_mean = (predict_before + predict_after) / 2
     rows = [
         ("requests answered / sent", f"{len(results)} / {args.requests} ({args.clients} clients)"),
-        ("transport errors (dropped connections)", str(sum(run["errors"].values())) + (f" {dict(run['errors'])}"
-                                                                                        if run["errors"] else "")),
+        (
+            "transport errors (dropped connections)",
+            str(sum(run["errors"].values())) + (f" {dict(run['errors'])}" if run["errors"] else ""),
+        ),
         ("status histogram", ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items()))),
         ("corrupt uploads answered 400", f"{corrupt_400} / {corrupt_sent}"),
         ("wall time", f"{seconds:.1f} s"),

@@ -19,6 +19,15 @@ print(heavy, [f.__module__ for f in (compare, extract, finetune, fit_svm, make_s
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["[]", "['cnncodes.report',", "'cnncodes.extract',", "'cnncodes.finetune',",
-                                   "'cnncodes.classifiers',", "'cnncodes.finetune',", "'cnncodes.predict']", "True",
-                                   "CodesClassifier", "True"]
+    assert done.stdout.split() == [
+        "[]",
+        "['cnncodes.report',",
+        "'cnncodes.extract',",
+        "'cnncodes.finetune',",
+        "'cnncodes.classifiers',",
+        "'cnncodes.finetune',",
+        "'cnncodes.predict']",
+        "True",
+        "CodesClassifier",
+        "True",
+    ]

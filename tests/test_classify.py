@@ -63,8 +63,25 @@ def test_fit_svm_writes_a_bundle_and_a_run_record_per_classifier(fitted):
 
 def test_cv_zero_chooses_on_val_and_pca_shrinks_the_codes(fitted):
     out = fitted["root"] / "models_val"
-    result = cli("fit-svm", fitted["features"], "--out", out, "--classifier", "logreg", "--cv", "0",
-                 "--pca", "8", "--normalize", "l2", "--class-weight", "balanced", "--name", "small", "--quiet")
+    result = cli(
+        "fit-svm",
+        fitted["features"],
+        "--out",
+        out,
+        "--classifier",
+        "logreg",
+        "--cv",
+        "0",
+        "--pca",
+        "8",
+        "--normalize",
+        "l2",
+        "--class-weight",
+        "balanced",
+        "--name",
+        "small",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     record = records(out)["small-vgg16-block5_pool-logreg"]
     assert record["params"]["cv"] == "val" and record["params"]["pca"] == 8
@@ -135,11 +152,24 @@ def test_predict_reproduces_the_recorded_test_accuracy(fitted):
 
 
 def test_a_bundle_of_flip_codes_predicts_its_recorded_test_probabilities(fitted, tmp_path):
-    result = cli("extract", fitted["data"], "--out", tmp_path / "features", "--flip", "--backbone", "vgg16",
-                 "--weights", "none", "--image-size", "32", "--quiet")
+    result = cli(
+        "extract",
+        fitted["data"],
+        "--out",
+        tmp_path / "features",
+        "--flip",
+        "--backbone",
+        "vgg16",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
-    result = cli("fit-svm", tmp_path / "features", "--out", tmp_path / "models", "--classifier", "logreg", "--cv", "3",
-                 "--quiet")
+    result = cli(
+        "fit-svm", tmp_path / "features", "--out", tmp_path / "models", "--classifier", "logreg", "--cv", "3", "--quiet"
+    )
     assert result.exit_code == 0, result.output
     model = tmp_path / "models" / "vgg16-block5_pool-logreg.joblib"
     recorded = json.loads(model.with_suffix(".json").read_text())["test_predictions"]
@@ -157,8 +187,17 @@ def test_predict_takes_files_folders_and_globs_and_reports_bad_files(fitted, tmp
     write_image(folder / "deeper" / "b.jpg", "circles", seed=5001)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
     single = write_image(tmp_path / "single.png", "squares", seed=5002)
-    result = cli("predict", model, folder, single, str(tmp_path / "new" / "*.png"), tmp_path / "missing.png",
-                 "--format", "json", "--quiet")
+    result = cli(
+        "predict",
+        model,
+        folder,
+        single,
+        str(tmp_path / "new" / "*.png"),
+        tmp_path / "missing.png",
+        "--format",
+        "json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     answers = {Path(a["filename"]).name: a for a in json.loads(result.stdout)}
     assert len(json.loads(result.stdout)) == 6  # folder (3) + file + glob (a.png again) + missing
@@ -169,7 +208,8 @@ def test_predict_takes_files_folders_and_globs_and_reports_bad_files(fitted, tmp
 
     as_csv = cli("predict", model, single, "--format", "csv", "--output", tmp_path / "p.csv", "--quiet")
     assert as_csv.exit_code == 0
-    row = next(csv.DictReader(open(tmp_path / "p.csv")))
+    with open(tmp_path / "p.csv", newline="") as f:
+        row = next(csv.DictReader(f))
     assert row["path"] == str(single) and row["label"] in ("circles", "squares", "stripes")
 
     table = runner.invoke(app, ["predict", str(model), str(single)], env={"COLUMNS": "300"})
@@ -211,8 +251,9 @@ def test_predict_refuses_a_bundle_whose_weights_file_changed(fitted, tmp_path):
     from .test_extract import save_legacy_h5_weights
 
     keras.utils.set_random_seed(7)
-    weights = save_legacy_h5_weights(keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)),
-                                     tmp_path / "my_vgg16.h5")
+    weights = save_legacy_h5_weights(
+        keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)), tmp_path / "my_vgg16.h5"
+    )
     cnncodes.extract(fitted["data"], tmp_path / "f", **(FAST | dict(weights=str(weights))))
     fit = cli("fit-svm", tmp_path / "f", "--out", tmp_path / "m", "--classifier", "knn", "--quiet")
     assert fit.exit_code == 0, fit.output
@@ -255,10 +296,12 @@ def test_linear_svm_on_real_mobilenet_codes_beats_85_percent(tmp_path, monkeypat
             shutil.copy(src, data / name / src.name)
     scores = {}
     for weights in ("imagenet", "none"):
-        cnncodes.extract(data, tmp_path / weights, backbone="mobilenetv2", image_size=128, weights=weights,
-                         progress=False)
-        fit = cli("fit-svm", tmp_path / weights, "--out", tmp_path / f"m-{weights}", "--classifier", "linear-svm",
-                  "--quiet")
+        cnncodes.extract(
+            data, tmp_path / weights, backbone="mobilenetv2", image_size=128, weights=weights, progress=False
+        )
+        fit = cli(
+            "fit-svm", tmp_path / weights, "--out", tmp_path / f"m-{weights}", "--classifier", "linear-svm", "--quiet"
+        )
         assert fit.exit_code == 0, fit.output
         scores[weights] = records(tmp_path / f"m-{weights}")["mobilenetv2-out_relu-linear-svm"]["accuracy"]
     assert scores["imagenet"] > 0.85, scores
@@ -273,8 +316,17 @@ def test_fit_svm_refuses_to_overwrite_runs_made_from_other_codes(fitted):
     assert first.exit_code == 0, first.output
     second = cli("fit-svm", root / "features_max", "--out", root / "shared_out", "--classifier", "knn", "--quiet")
     assert second.exit_code == 2 and "--name" in second.stderr
-    named = cli("fit-svm", root / "features_max", "--out", root / "shared_out", "--classifier", "knn", "--name", "max",
-                "--quiet")
+    named = cli(
+        "fit-svm",
+        root / "features_max",
+        "--out",
+        root / "shared_out",
+        "--classifier",
+        "knn",
+        "--name",
+        "max",
+        "--quiet",
+    )
     assert named.exit_code == 0 and len(records(root / "shared_out")) == 2
 
 

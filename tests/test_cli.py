@@ -11,8 +11,13 @@ NATIVE_LINES = ("absl::InitializeLog", "oneDNN custom operations")
 
 def cnncodes(*args: str) -> subprocess.CompletedProcess:
     code = "import sys; from cnncodes.cli import app; sys.argv = ['cnncodes', *sys.argv[1:]]; app()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+    )
 
 
 def test_tensorflow_start_up_lines_never_reach_the_terminal_unless_verbose():
@@ -35,13 +40,24 @@ def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=6)
     fast = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet"]
     assert runner.invoke(app, ["extract", str(data), "--out", str(tmp_path / "f"), *fast]).exit_code == 0
-    fitted = runner.invoke(app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "logreg",
-                                 "--quiet"])
+    fitted = runner.invoke(
+        app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "logreg", "--quiet"]
+    )
     assert fitted.exit_code == 0, fitted.output
     a_folder = tmp_path / "m"
-    for args in (["compare", str(a_folder), "--format", "csv", "--output", str(a_folder)],
-                 ["predict", str(a_folder / "vgg16-block5_pool-logreg.joblib"), str(data / "stripes"), "--format", "json",
-                  "--output", str(a_folder), "--quiet"]):
+    for args in (
+        ["compare", str(a_folder), "--format", "csv", "--output", str(a_folder)],
+        [
+            "predict",
+            str(a_folder / "vgg16-block5_pool-logreg.joblib"),
+            str(data / "stripes"),
+            "--format",
+            "json",
+            "--output",
+            str(a_folder),
+            "--quiet",
+        ],
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.stderr

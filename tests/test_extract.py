@@ -74,10 +74,20 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
     extractor = dict(meta["extractor"])
     assert all(isinstance(v, float) for v in extractor.pop("probe"))  # pins the ONNX model to Keras's outputs
     assert extractor | {"weights_sha256": None} == {
-        "backbone": "vgg16", "layer": "block5_pool", "pooling": "avg", "image_size": 32, "resize": "crop",
-        "preprocessing": "caffe: RGB to BGR, minus ImageNet mean", "weights": "none",
-        "weights_sha256": None, "weights_file": None, "flip": False, "precision": "fp32", "calibration": None,
-        "quantization": None, "format": 1,
+        "backbone": "vgg16",
+        "layer": "block5_pool",
+        "pooling": "avg",
+        "image_size": 32,
+        "resize": "crop",
+        "preprocessing": "caffe: RGB to BGR, minus ImageNet mean",
+        "weights": "none",
+        "weights_sha256": None,
+        "weights_file": None,
+        "flip": False,
+        "precision": "fp32",
+        "calibration": None,
+        "quantization": None,
+        "format": 1,
     }
     assert meta["versions"]["keras"].startswith("3.")
     assert meta["images_per_second"] > 0 and meta["elapsed_seconds"] > 0
@@ -111,7 +121,9 @@ def test_flip_codes_are_the_mean_of_the_image_and_its_mirror_image(dataset: Path
     network, pixels = direct_forward_pass(dataset, result.out)
     expected = (network(pixels) + network(pixels[:, :, ::-1])) / 2
     codes = np.load(result.out / "features.npy")
-    on_keras = np.load(cnncodes.extract(dataset, tmp_path / "k", flip=True, runtime="keras", **FAST).out / "features.npy")
+    on_keras = np.load(
+        cnncodes.extract(dataset, tmp_path / "k", flip=True, runtime="keras", **FAST).out / "features.npy"
+    )
     for found in (codes, on_keras):
         assert np.abs(found - expected).max() <= 1e-4 * np.abs(expected).max()
     plain = np.load(cnncodes.extract(dataset, tmp_path / "plain", **FAST).out / "features.npy")
@@ -150,7 +162,9 @@ def test_rerun_with_same_data_and_settings_recomputes_nothing(dataset: Path, tmp
     assert (out / "features.npy").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("change", [dict(pooling="max"), dict(layer="block3_pool"), dict(image_size=40), dict(flip=True)])
+@pytest.mark.parametrize(
+    "change", [dict(pooling="max"), dict(layer="block3_pool"), dict(image_size=40), dict(flip=True)]
+)
 def test_changed_settings_never_reuse_stale_rows(dataset: Path, tmp_path: Path, change):
     out = tmp_path / "f"
     base = FAST | dict(layer="block4_pool")  # a 2x2 map at 32 px, so avg and max pooling differ
@@ -183,10 +197,12 @@ def test_added_images_are_the_only_ones_computed_and_keep_old_subsets(dataset: P
 
 def stop_after(rows: int, pause: float = 0.0):
     """An `on_batch` hook that stops the run like Ctrl-C once `rows` codes are stored."""
+
     def hook(done: int, _total: int) -> None:
         if done >= rows:
             time.sleep(pause)
             raise KeyboardInterrupt
+
     return hook
 
 
@@ -266,8 +282,9 @@ def test_a_full_disk_is_one_error_line_and_the_same_command_completes_with_space
     out = tmp_path / "f"
     cnncodes.extract(dataset, tmp_path / "warm", **FAST)  # the ONNX conversion is cached before space runs out
     args = ["extract", str(dataset), "--out", str(out), *FAST_ARGS]
-    full = subprocess.run([sys.executable, "-c", FULL_DISK, *args], capture_output=True, text=True, timeout=300,
-                          check=False)
+    full = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, *args], capture_output=True, text=True, timeout=300, check=False
+    )
     assert full.returncode == 2, full.stderr
     message = full.stderr.strip()
     assert len(message.splitlines()) == 1 and "Traceback" not in message
@@ -382,28 +399,55 @@ def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, mo
     cache_copy.parent.mkdir(parents=True)
     shutil.move(mobilenet_weights_file, cache_copy)
     from_cache = cnncodes.extract(dataset, tmp_path / "cache", **args)
-    assert json.loads((from_cache.out / "meta.json").read_text())["extractor"]["weights_sha256"] == sha256_file(cache_copy)
+    assert json.loads((from_cache.out / "meta.json").read_text())["extractor"]["weights_sha256"] == sha256_file(
+        cache_copy
+    )
     np.testing.assert_array_equal(np.load(from_env.out / "features.npy"), np.load(from_cache.out / "features.npy"))
     untrained = cnncodes.extract(dataset, tmp_path / "none", **(FAST | dict(backbone="mobilenetv2")))
     # untrained MobileNetV2 codes are tiny (around 1e-12): compare them relatively
-    assert not np.allclose(np.load(untrained.out / "features.npy"), np.load(from_cache.out / "features.npy"),
-                           rtol=1e-2, atol=0)
+    assert not np.allclose(
+        np.load(untrained.out / "features.npy"), np.load(from_cache.out / "features.npy"), rtol=1e-2, atol=0
+    )
 
-    by_path = cli("extract", dataset, "--out", tmp_path / "path", "--backbone", "mobilenetv2", "--image-size", "32",
-                  "--runtime", "keras",
-                  "--weights", cache_copy, "--quiet")
+    by_path = cli(
+        "extract",
+        dataset,
+        "--out",
+        tmp_path / "path",
+        "--backbone",
+        "mobilenetv2",
+        "--image-size",
+        "32",
+        "--runtime",
+        "keras",
+        "--weights",
+        cache_copy,
+        "--quiet",
+    )
     assert by_path.exit_code == 0, by_path.output
     np.testing.assert_array_equal(np.load(tmp_path / "path" / "features.npy"), np.load(from_cache.out / "features.npy"))
 
 
-def test_a_canonical_file_that_is_not_kerass_is_refused_unless_given_by_path(dataset, tmp_path, vgg16_weights_file,
-                                                                            monkeypatch):
+def test_a_canonical_file_that_is_not_kerass_is_refused_unless_given_by_path(
+    dataset, tmp_path, vgg16_weights_file, monkeypatch
+):
     monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(vgg16_weights_file.parent))
     refused = cli("extract", dataset, "--out", tmp_path / "f", "--backbone", "vgg16", "--image-size", "32", "--quiet")
     assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "not the file Keras publishes" in refused.stderr and f"--weights {vgg16_weights_file}" in refused.stderr
-    by_path = cli("extract", dataset, "--out", tmp_path / "f", "--backbone", "vgg16", "--image-size", "32",
-                  "--weights", vgg16_weights_file, "--quiet")
+    by_path = cli(
+        "extract",
+        dataset,
+        "--out",
+        tmp_path / "f",
+        "--backbone",
+        "vgg16",
+        "--image-size",
+        "32",
+        "--weights",
+        vgg16_weights_file,
+        "--quiet",
+    )
     assert by_path.exit_code == 0, by_path.output
 
 
@@ -419,15 +463,31 @@ def test_offline_without_weights_is_one_clear_error(dataset, tmp_path, monkeypat
     assert result.exit_code == 2
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "Traceback" not in result.output
-    for needed in ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "CNNCODES_WEIGHTS_DIR", "--weights PATH",
-                   "--weights none", os.environ["KERAS_HOME"]):
+    for needed in (
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "CNNCODES_WEIGHTS_DIR",
+        "--weights PATH",
+        "--weights none",
+        os.environ["KERAS_HOME"],
+    ):
         assert needed in message, needed
     assert not (tmp_path / "f" / "features.npy").exists()
 
 
 def test_weights_file_that_does_not_fit_is_a_clear_error(dataset, tmp_path, vgg16_weights_file):
-    result = cli("extract", dataset, "--out", tmp_path / "f", "--backbone", "resnet50", "--image-size", "32",
-                 "--weights", vgg16_weights_file, "--quiet")
+    result = cli(
+        "extract",
+        dataset,
+        "--out",
+        tmp_path / "f",
+        "--backbone",
+        "resnet50",
+        "--image-size",
+        "32",
+        "--weights",
+        vgg16_weights_file,
+        "--quiet",
+    )
     assert result.exit_code == 2 and "does not fit resnet50" in result.stderr
 
 

@@ -16,7 +16,7 @@ from cnncodes.split import read_split_csv
 from .conftest import make_dataset, write_image
 
 runner = CliRunner()
-ODD = (os.fsdecode(b"caf\xe9.png"), "carriage\rreturn.png", "new\nline.png", "comma, \"quote\".png")
+ODD = (os.fsdecode(b"caf\xe9.png"), "carriage\rreturn.png", "new\nline.png", 'comma, "quote".png')
 
 
 def test_odd_file_names_round_trip_and_every_file_is_a_row_or_a_rejection(tmp_path: Path):
@@ -26,8 +26,22 @@ def test_odd_file_names_round_trip_and_every_file_is_a_row_or_a_rejection(tmp_pa
     (data / "circles" / os.fsdecode(b"bad\xff.jpg")).write_bytes(b"not a jpeg")
     (data / "squares" / "readme.txt").write_text("notes")
     out = tmp_path / "features"
-    result = runner.invoke(app, ["extract", str(data), "--out", str(out), "--backbone", "mobilenetv2", "--weights",
-                                 "none", "--image-size", "32", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(data),
+            "--out",
+            str(out),
+            "--backbone",
+            "mobilenetv2",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     split = read_split_csv(out / "split.csv")
     meta = json.loads((out / "meta.json").read_text())

@@ -42,9 +42,30 @@ def tuned(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("finetune")
     data = make_dataset(root / "data", per_class=8)
     cnncodes.extract(data, root / "features", backbone="vgg16", weights="none", image_size=32, progress=False)
-    result = runner.invoke(app, ["finetune", str(data), "--out", str(root / "models"), "--split-from",
-                                 str(root / "features"), "--backbone", "vgg16", "--weights", "none", "--image-size",
-                                 "32", "--batch-size", "8", "--head-epochs", "2", "--fine-epochs", "1", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(data),
+            "--out",
+            str(root / "models"),
+            "--split-from",
+            str(root / "features"),
+            "--backbone",
+            "vgg16",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--head-epochs",
+            "2",
+            "--fine-epochs",
+            "1",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return {"root": root, "data": data, "features": root / "features", "models": root / "models"}
 
@@ -56,7 +77,7 @@ def test_finetune_writes_a_model_and_a_run_record_on_the_features_split(tuned):
     assert record["dataset"]["split_fingerprint"] == meta["split"]["fingerprint"]
     assert record["n_test"] == meta["subsets"].count("test") == len(record["test_predictions"])
     assert record["epochs_run"] == len(record["history"]) >= 2
-    assert [h["phase"] for h in record["history"]][0] == "head" and record["history"][-1]["phase"] == "fine"
+    assert next(h["phase"] for h in record["history"]) == "head" and record["history"][-1]["phase"] == "fine"
     assert {"accuracy", "val_accuracy", "loss"} <= set(record["history"][0])
     assert record["params"]["trainable_weights"] == {"head": 2, "fine": 8}  # head, then + block5's 3 convs
     assert (tuned["models"] / "vgg16-finetune.keras").stat().st_size == record["model_bytes"]
@@ -68,29 +89,50 @@ def test_predict_with_the_keras_model_reproduces_the_recorded_test_predictions(t
     record = json.loads(model.with_suffix(".json").read_text())
     images = [str(tuned["data"] / p["path"]) for p in record["test_predictions"]]
     for runtime in ("onnx", "keras"):
-        result = runner.invoke(app, ["predict", str(model), *images, "--format", "json", "--runtime", runtime,
-                                     "--quiet"])
+        result = runner.invoke(
+            app, ["predict", str(model), *images, "--format", "json", "--runtime", runtime, "--quiet"]
+        )
         assert result.exit_code == 0, result.output
         answers = json.loads(result.stdout)
         assert [a["label"] for a in answers] == [p["predicted"] for p in record["test_predictions"]]
-        np.testing.assert_allclose([a["probability"] for a in answers],
-                                   [p["probability"] for p in record["test_predictions"]], atol=1e-4)
+        np.testing.assert_allclose(
+            [a["probability"] for a in answers], [p["probability"] for p in record["test_predictions"]], atol=1e-4
+        )
 
 
 def test_compare_ranks_finetune_beside_cnn_codes_runs(tuned):
-    fit = runner.invoke(app, ["fit-svm", str(tuned["features"]), "--out", str(tuned["models"]), "--classifier",
-                              "logreg", "--cv", "2", "--quiet"])
+    fit = runner.invoke(
+        app,
+        [
+            "fit-svm",
+            str(tuned["features"]),
+            "--out",
+            str(tuned["models"]),
+            "--classifier",
+            "logreg",
+            "--cv",
+            "2",
+            "--quiet",
+        ],
+    )
     assert fit.exit_code == 0, fit.output
     listed = json.loads(runner.invoke(app, ["compare", str(tuned["models"]), "--format", "json"]).stdout)
     assert {r["method"] for r in listed} == {"finetune", "cnn-codes"}
 
 
-@pytest.mark.parametrize(("backbone", "after", "trainable", "frozen"), [
-    ("vgg16", "block4_pool", ["block5_conv1", "block5_conv3"], ["block4_conv3", "block1_conv1"]),
-    ("resnet50", "conv4_block6_out", ["conv5_block1_1_conv", "conv5_block3_3_conv"],
-     ["conv4_block6_3_conv", "conv5_block1_1_bn", "conv5_block3_3_bn"]),
-    ("vgg16", "2", ["block5_pool", "block5_conv3"], ["block5_conv2"]),
-])
+@pytest.mark.parametrize(
+    ("backbone", "after", "trainable", "frozen"),
+    [
+        ("vgg16", "block4_pool", ["block5_conv1", "block5_conv3"], ["block4_conv3", "block1_conv1"]),
+        (
+            "resnet50",
+            "conv4_block6_out",
+            ["conv5_block1_1_conv", "conv5_block3_3_conv"],
+            ["conv4_block6_3_conv", "conv5_block1_1_bn", "conv5_block3_3_bn"],
+        ),
+        ("vgg16", "2", ["block5_pool", "block5_conv3"], ["block5_conv2"]),
+    ],
+)
 def test_phase_two_unfreezes_the_top_block_and_keeps_batchnorm_frozen(backbone, after, trainable, frozen):
     entry = cnncodes.backbones.get_backbone(backbone)
     _, network = build_classifier(entry, 32, 3, Weights("none"), 0.2)
@@ -126,7 +168,7 @@ def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, opti
         finetune(data, out, spec, callbacks=[InterruptAtEpoch(2)], progress=False)  # in the fine phase's first epoch
     assert (out / ".finetune" / "vgg16-finetune" / "head.json").is_file()
     assert not (out / "vgg16-finetune.keras").exists()
-    with pytest.raises(cnncodes.CnnCodesError, match="--resume .* or --restart"):
+    with pytest.raises(cnncodes.CnnCodesError, match=r"--resume .* or --restart"):
         finetune(data, out, spec, progress=False)
     with pytest.raises(cnncodes.CnnCodesError, match="other arguments"):
         finetune(data, out, tiny(fine_epochs=2, patience=5, lr=1e-3, **options), resume=True, progress=False)
@@ -146,8 +188,27 @@ def test_restart_discards_an_interrupted_run_and_another_setting_needs_a_name(tm
     first = finetune(data, out, tiny(), restart=True, progress=False)
     assert [h["phase"] for h in first["history"]] == ["head", "fine"]
     assert finetune(data, out, tiny(), progress=False)["origin"] == first["origin"]  # the same run again is fine
-    result = runner.invoke(app, ["finetune", str(data), "--out", str(out), "--backbone", "vgg16", "--weights", "none",
-                                 "--image-size", "32", "--head-epochs", "1", "--fine-epochs", "1", "--lr", "1e-3"])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(data),
+            "--out",
+            str(out),
+            "--backbone",
+            "vgg16",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--head-epochs",
+            "1",
+            "--fine-epochs",
+            "1",
+            "--lr",
+            "1e-3",
+        ],
+    )
     assert result.exit_code == 2 and "already holds run vgg16-finetune" in result.output
     assert json.loads((out / "vgg16-finetune.json").read_text())["origin"] == first["origin"]
     named = finetune(data, out, tiny(lr=1e-3), name="fast", progress=False)
@@ -207,20 +268,25 @@ def test_the_model_on_cached_trunk_activations_equals_the_whole_model(backbone):
     start = first_unfrozen(network, entry.finetune_after)
     cut = cut_layer(network, start)
     assert cut == entry.finetune_after
-    model.get_layer("head").set_weights([np.random.default_rng(0).normal(size=w.shape) for w in
-                                         model.get_layer("head").get_weights()])
+    model.get_layer("head").set_weights(
+        [np.random.default_rng(0).normal(size=w.shape) for w in model.get_layer("head").get_weights()]
+    )
     pixels = np.random.default_rng(1).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
     preprocessed = Preprocess(backbone)(pixels)
     trunk = keras.Model(network.inputs, network.get_layer(cut).output)
     top = cached_top(model, network, cut)
-    np.testing.assert_allclose(top.predict(trunk.predict(preprocessed, verbose=0), verbose=0),
-                               model.predict(pixels, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        top.predict(trunk.predict(preprocessed, verbose=0), verbose=0),
+        model.predict(pixels, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     set_trainable(network, start)
     assert {id(w) for w in top.trainable_weights} == {id(w) for w in model.trainable_weights}
 
 
 def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_residual_block():
-    vgg, vgg_network = build_classifier(cnncodes.backbones.get_backbone("vgg16"), 32, 3, Weights("none"), 0.2)
+    _vgg, vgg_network = build_classifier(cnncodes.backbones.get_backbone("vgg16"), 32, 3, Weights("none"), 0.2)
     assert cut_layer(vgg_network, first_unfrozen(vgg_network, 2)) == "block5_conv2"
     with pytest.raises(cnncodes.CnnCodesError, match="no frozen layer"):
         cut_layer(vgg_network, first_unfrozen(vgg_network, 99))
@@ -233,9 +299,28 @@ def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_
 
 def test_cache_trunk_trains_on_cached_activations_and_its_model_predicts_the_same(tuned):
     models = tuned["root"] / "trunk-models"
-    args = ["finetune", str(tuned["data"]), "--out", str(models), "--split-from", str(tuned["features"]),
-            "--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--batch-size", "8",
-            "--head-epochs", "1", "--fine-epochs", "2", "--cache-trunk", "--quiet"]
+    args = [
+        "finetune",
+        str(tuned["data"]),
+        "--out",
+        str(models),
+        "--split-from",
+        str(tuned["features"]),
+        "--backbone",
+        "vgg16",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--head-epochs",
+        "1",
+        "--fine-epochs",
+        "2",
+        "--cache-trunk",
+        "--quiet",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((models / "vgg16-finetune.json").read_text())
@@ -245,19 +330,29 @@ def test_cache_trunk_trains_on_cached_activations_and_its_model_predicts_the_sam
     trunk = json.loads((models / TRUNK_DIR / "vgg16-block4_pool-32-crop-untrained" / "meta.json").read_text())
     assert trunk["dim"] == 2 * 2 * 512 and trunk["extractor"]["pooling"] == "flatten"
     images = [str(tuned["data"] / p["path"]) for p in record["test_predictions"]]
-    answers = json.loads(runner.invoke(app, ["predict", str(models / "vgg16-finetune.keras"), *images, "--format",
-                                             "json", "--quiet"]).stdout)
-    np.testing.assert_allclose([a["probability"] for a in answers],
-                               [p["probability"] for p in record["test_predictions"]], atol=1e-4)
-    again = runner.invoke(app, args + ["--augment"])
+    answers = json.loads(
+        runner.invoke(
+            app, ["predict", str(models / "vgg16-finetune.keras"), *images, "--format", "json", "--quiet"]
+        ).stdout
+    )
+    np.testing.assert_allclose(
+        [a["probability"] for a in answers], [p["probability"] for p in record["test_predictions"]], atol=1e-4
+    )
+    again = runner.invoke(app, [*args, "--augment"])
     assert again.exit_code == 2 and "cannot augment" in again.output
 
 
 def test_repeats_train_on_other_splits_of_the_features_and_record_mean_and_sd(tuned, tmp_path):
     with pytest.raises(cnncodes.CnnCodesError, match="--split-from"):
         finetune(tuned["data"], tmp_path / "x", tiny(), repeats=2, progress=False)
-    record = finetune(tuned["data"], tmp_path / "models", tiny(cache_trunk=True, fine_epochs=0), repeats=3,
-                      split_from=tuned["features"], progress=False)
+    record = finetune(
+        tuned["data"],
+        tmp_path / "models",
+        tiny(cache_trunk=True, fine_epochs=0),
+        repeats=3,
+        split_from=tuned["features"],
+        progress=False,
+    )
     seeds = [r["seed"] for r in record["repeats"]]
     assert seeds == [0, 1, 2] and record["repeats"][0]["accuracy"] == record["accuracy"]
     assert record["repeats"][0]["n_test"] == record["n_test"]
@@ -269,22 +364,51 @@ def test_repeats_train_on_other_splits_of_the_features_and_record_mean_and_sd(tu
 
 def test_smallcnn_trains_from_scratch_in_one_phase_and_predicts(tuned):
     models = tuned["root"] / "scratch-models"
-    args = ["finetune", str(tuned["data"]), "--out", str(models), "--split-from", str(tuned["features"]),
-            "--backbone", "smallcnn", "--image-size", "16", "--batch-size", "8", "--head-epochs", "2",
-            "--fine-epochs", "1", "--quiet"]
+    args = [
+        "finetune",
+        str(tuned["data"]),
+        "--out",
+        str(models),
+        "--split-from",
+        str(tuned["features"]),
+        "--backbone",
+        "smallcnn",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--head-epochs",
+        "2",
+        "--fine-epochs",
+        "1",
+        "--quiet",
+    ]
     refused = runner.invoke(app, args)
     assert refused.exit_code == 2 and "--weights none" in refused.output
-    result = runner.invoke(app, args + ["--weights", "none"])
+    result = runner.invoke(app, [*args, "--weights", "none"])
     assert result.exit_code == 0, result.output
     record = json.loads((models / "smallcnn-scratch.json").read_text())
     assert record["method"] == "from-scratch" and record["extractor"]["image_size"] == 16
     assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("scratch", 1), ("scratch", 2), ("scratch", 3)]
     assert record["params"]["trainable_weights"] == {"scratch": 8}  # 2 convs + 2 dense, kernel + bias
-    assert set(record["params"]) == {"image_size", "resize", "batch_size", "epochs", "lr", "augment", "class_weight",
-                                     "patience", "seed", "trainable_weights"}  # only the settings it uses
+    assert set(record["params"]) == {
+        "image_size",
+        "resize",
+        "batch_size",
+        "epochs",
+        "lr",
+        "augment",
+        "class_weight",
+        "patience",
+        "seed",
+        "trainable_weights",
+    }  # only the settings it uses
     images = [str(tuned["data"] / p["path"]) for p in record["test_predictions"]]
-    answers = json.loads(runner.invoke(app, ["predict", str(models / "smallcnn-scratch.keras"), *images, "--format",
-                                             "json", "--quiet"]).stdout)
+    answers = json.loads(
+        runner.invoke(
+            app, ["predict", str(models / "smallcnn-scratch.keras"), *images, "--format", "json", "--quiet"]
+        ).stdout
+    )
     assert [a["label"] for a in answers] == [p["predicted"] for p in record["test_predictions"]]
     listed = json.loads(runner.invoke(app, ["compare", str(models), str(tuned["models"]), "--format", "json"]).stdout)
     assert "from-scratch" in {r["method"] for r in listed}

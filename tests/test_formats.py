@@ -33,12 +33,28 @@ def test_a_spec_records_its_format_and_one_from_another_version_is_refused():
 def test_features_whose_meta_lacks_a_key_or_has_a_newer_spec_are_one_line_errors(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=6)
     out = tmp_path / "f"
-    made = runner.invoke(app, ["extract", str(data), "--out", str(out), "--backbone", "vgg16", "--weights", "none",
-                               "--image-size", "32", "--quiet"])
+    made = runner.invoke(
+        app,
+        [
+            "extract",
+            str(data),
+            "--out",
+            str(out),
+            "--backbone",
+            "vgg16",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--quiet",
+        ],
+    )
     assert made.exit_code == 0, made.output
     meta = json.loads((out / "meta.json").read_text())
-    for broken, words in ((meta | {"extractor": meta["extractor"] | {"format": 9}}, "another version"),
-                          ({k: v for k, v in meta.items() if k != "classes"}, "lacks classes")):
+    for broken, words in (
+        (meta | {"extractor": meta["extractor"] | {"format": 9}}, "another version"),
+        ({k: v for k, v in meta.items() if k != "classes"}, "lacks classes"),
+    ):
         (out / "meta.json").write_text(json.dumps(broken))
         result = runner.invoke(app, ["fit-svm", str(out), "--out", str(tmp_path / "m"), "--quiet"])
         assert result.exit_code == 2 and words in result.stderr and "Traceback" not in result.output

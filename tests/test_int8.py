@@ -76,8 +76,13 @@ def small_int8(tmp_path_factory):
         result = extract(data, root / "features", *SMALL, "--precision", "int8", "--calibration", "6")
     fit = cli("fit-svm", root / "features", "--out", root / "models", "--classifier", "logreg", "--cv", "3", "--quiet")
     assert fit.exit_code == 0, fit.output
-    return {"root": root, "data": data, "features": root / "features", "output": result.output,
-            "model": root / "models" / "vgg16-block3_pool-logreg.joblib"}
+    return {
+        "root": root,
+        "data": data,
+        "features": root / "features",
+        "output": result.output,
+        "model": root / "models" / "vgg16-block3_pool-logreg.joblib",
+    }
 
 
 def test_calibration_reads_train_images_only(small_int8):

@@ -50,8 +50,9 @@ def read(path: Path) -> list[dict]:
 
 
 def test_ray_engine_writes_what_the_local_engine_writes(local_ray, data: Path, tmp_path: Path):
-    result = runner.invoke(app, ["extract", str(data), "--out", str(tmp_path / "ray"), *FAST_ARGS,
-                                 "--engine", "ray", "--batch-size", "4"])
+    result = runner.invoke(
+        app, ["extract", str(data), "--out", str(tmp_path / "ray"), *FAST_ARGS, "--engine", "ray", "--batch-size", "4"]
+    )
     assert result.exit_code == 0, result.output
     local = cnncodes.extract(data, tmp_path / "local", **FAST)
     ray_codes, local_codes = np.load(tmp_path / "ray" / "features.npy"), np.load(local.out / "features.npy")

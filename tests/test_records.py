@@ -32,8 +32,9 @@ def codes(tmp_path_factory) -> dict[str, Path]:
 
 
 def fit(features: Path, out: Path, *options):
-    return cli("fit-svm", features, "--out", out, "--classifier", "knn", "--cv", "2", "--n-jobs", "1", "--quiet",
-               *options)
+    return cli(
+        "fit-svm", features, "--out", out, "--classifier", "knn", "--cv", "2", "--n-jobs", "1", "--quiet", *options
+    )
 
 
 def test_a_run_made_with_other_settings_or_codes_is_refused_not_replaced(codes, tmp_path):
@@ -43,8 +44,11 @@ def test_a_run_made_with_other_settings_or_codes_is_refused_not_replaced(codes, 
     again = fit(codes["features"], out)
     assert again.exit_code == 0, again.output  # the same command replaces its own run
 
-    for options, named in ((["--normalize", "l2"], "normalize"), (["--pca", "4"], "pca"),
-                           (["--class-weight", "balanced"], "class_weight")):
+    for options, named in (
+        (["--normalize", "l2"], "normalize"),
+        (["--pca", "4"], "pca"),
+        (["--class-weight", "balanced"], "class_weight"),
+    ):
         refused = fit(codes["features"], out, *options)
         assert refused.exit_code == 2 and named in refused.stderr and "--name" in refused.stderr, refused.output
     assert fit(codes["features"], out, "--normalize", "l2", "--name", "l2").exit_code == 0
@@ -85,7 +89,10 @@ def test_a_bundle_of_an_older_format_is_refused_in_one_line(tmp_path):
     from cnncodes.bundle import load_bundle
 
     model = tmp_path / "old.joblib"
-    publish(model, lambda tmp: joblib.dump({"format": "cnncodes.bundle/1", "model": None}, tmp),
-            build_record(run="old") | {"versions": package_versions()})
+    publish(
+        model,
+        lambda tmp: joblib.dump({"format": "cnncodes.bundle/1", "model": None}, tmp),
+        build_record(run="old") | {"versions": package_versions()},
+    )
     with pytest.raises(cnncodes.CnnCodesError, match="another version of cnncodes"):
         load_bundle(model)

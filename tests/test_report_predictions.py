@@ -23,14 +23,24 @@ def test_json_has_the_fields_of_the_server_in_input_order():
     rows = json.loads(render_predictions(ANSWERS, "json"))
     assert [list(r) for r in rows] == [["filename", "label", "probability", "top_k", "error"]] * 2
     assert rows[0]["top_k"][1] == {"label": "dog", "probability": 0.1} and rows[0]["error"] is None
-    assert rows[1] == {"filename": "b/broken.jpg", "label": None, "probability": None, "top_k": [],
-                       "error": "truncated file (image file is truncated)"}
+    assert rows[1] == {
+        "filename": "b/broken.jpg",
+        "label": None,
+        "probability": None,
+        "top_k": [],
+        "error": "truncated file (image file is truncated)",
+    }
 
 
 def test_csv_keeps_a_path_column_and_flattens_top_k():
     rows = list(csv.DictReader(io.StringIO(render_predictions(ANSWERS, "csv"))))
-    assert rows[0] == {"path": "a/cat.jpg", "label": "cat", "probability": "0.900000",
-                       "top_k": "cat:0.900000;dog:0.100000", "error": ""}
+    assert rows[0] == {
+        "path": "a/cat.jpg",
+        "label": "cat",
+        "probability": "0.900000",
+        "top_k": "cat:0.900000;dog:0.100000",
+        "error": "",
+    }
     assert rows[1]["label"] == rows[1]["probability"] == "" and rows[1]["error"].startswith("truncated")
     with pytest.raises(CnnCodesError, match="csv or json"):
         render_predictions(ANSWERS, "xml")

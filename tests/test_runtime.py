@@ -34,8 +34,10 @@ def assert_same_codes(spec, weights, pixels):
     assert np.abs(onnx_codes - keras_codes).max() <= 1e-4 * np.abs(keras_codes).max()
 
 
-@pytest.mark.parametrize(("backbone", "layer"), [("vgg16", None), ("vgg16", "block3_pool"),
-                                                  ("resnet50", None), ("resnet50", "conv4_block6_out")])
+@pytest.mark.parametrize(
+    ("backbone", "layer"),
+    [("vgg16", None), ("vgg16", "block3_pool"), ("resnet50", None), ("resnet50", "conv4_block6_out")],
+)
 def test_onnx_codes_equal_keras_codes_untrained(tmp_path, backbone, layer):
     data = make_dataset(tmp_path / "d", per_class=2)
     pixels = np.stack([load_square(p, 48) for p in sorted(data.rglob("*.*"))])
@@ -149,8 +151,9 @@ def test_failed_conversion_falls_back_to_keras_with_a_notice_and_a_killed_one_is
     # A process without TensorFlow converts in a child; one killed there is tried again next time.
     (tmp_path / "killed.py").write_text(KILLED_IN_CHILD)
     env = os.environ | {"CNNCODES_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", CONVERT_KILLED], capture_output=True, text=True, env=env,
-                          check=False, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", CONVERT_KILLED], capture_output=True, text=True, env=env, check=False, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     kind, failed_recorded, notice = done.stdout.strip().splitlines()[-1].split(" ", 2)
     assert kind == "KerasRunner" and failed_recorded == "False" and "killed" in notice
@@ -173,36 +176,41 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'
 
 def test_bundle_fitted_on_keras_codes_predicts_the_same_with_onnx(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=10)
-    cnncodes.extract(data, tmp_path / "f", backbone="vgg16", weights="none", image_size=32, runtime="keras",
-                     progress=False)
-    fit = runner.invoke(app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "logreg",
-                              "--quiet"])
+    cnncodes.extract(
+        data, tmp_path / "f", backbone="vgg16", weights="none", image_size=32, runtime="keras", progress=False
+    )
+    fit = runner.invoke(
+        app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "logreg", "--quiet"]
+    )
     assert fit.exit_code == 0, fit.output
     model = tmp_path / "m" / "vgg16-block5_pool-logreg.joblib"
     answers = {}
     for runtime in ("keras", "onnx"):
-        result = runner.invoke(app, ["predict", str(model), str(data), "--runtime", runtime, "--format", "json",
-                                     "--quiet"])
+        result = runner.invoke(
+            app, ["predict", str(model), str(data), "--runtime", runtime, "--format", "json", "--quiet"]
+        )
         assert result.exit_code == 0, result.output
         answers[runtime] = json.loads(result.stdout)
     assert [a["label"] for a in answers["keras"]] == [a["label"] for a in answers["onnx"]]
-    np.testing.assert_allclose([a["probability"] for a in answers["keras"]],
-                               [a["probability"] for a in answers["onnx"]], atol=1e-3)
+    np.testing.assert_allclose(
+        [a["probability"] for a in answers["keras"]], [a["probability"] for a in answers["onnx"]], atol=1e-3
+    )
 
 
 def test_warm_cache_extract_and_predict_never_import_tensorflow(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=6)
     cnncodes.extract(data, tmp_path / "f", backbone="vgg16", weights="none", image_size=32, progress=False)
-    fit = runner.invoke(app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "knn",
-                              "--quiet"])
+    fit = runner.invoke(
+        app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "knn", "--quiet"]
+    )
     assert fit.exit_code == 0, fit.output
     (tmp_path / "d" / "squares" / "extra.png").write_bytes((tmp_path / "d" / "squares" / "squares_01.png").read_bytes())
     script = f"""
 import sys, cnncodes
 from cnncodes.predict import predict
-r = cnncodes.extract({str(data)!r}, {str(tmp_path / 'f2')!r}, backbone="vgg16", weights="none", image_size=32,
+r = cnncodes.extract({str(data)!r}, {str(tmp_path / "f2")!r}, backbone="vgg16", weights="none", image_size=32,
                      progress=False)
-p = predict({str(tmp_path / 'm' / 'vgg16-block5_pool-knn.joblib')!r}, [{str(data / 'stripes')!r}], progress=False)
+p = predict({str(tmp_path / "m" / "vgg16-block5_pool-knn.joblib")!r}, [{str(data / "stripes")!r}], progress=False)
 assert r.computed == r.n_images and all(x.label for x in p), (r, p)
 print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))
 """

@@ -43,8 +43,12 @@ def s3_data(s3_server, tmp_path, monkeypatch) -> tuple[str, Path]:
     """A bucket holding a class-per-folder dataset (and one broken file), and the same files on disk."""
     import pyarrow.fs
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+    }.items():
         monkeypatch.setenv(key, value)
     remote._bucket_filesystem.cache_clear()
     local = make_dataset(tmp_path / "data", per_class=6)
@@ -65,12 +69,27 @@ def read(path: Path) -> list[dict]:
 
 def test_extract_from_an_s3_prefix_equals_extract_from_the_same_files_on_disk(s3_data, tmp_path):
     uri, local = s3_data
-    result = runner.invoke(app, ["extract", uri, "--out", str(tmp_path / "s3"), "--backbone", "vgg16",
-                                 "--weights", "none", "--image-size", "32", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            uri,
+            "--out",
+            str(tmp_path / "s3"),
+            "--backbone",
+            "vgg16",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     on_disk = cnncodes.extract(local, tmp_path / "disk", **FAST)
-    np.testing.assert_allclose(np.load(tmp_path / "s3" / "features.npy"), np.load(on_disk.out / "features.npy"),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "s3" / "features.npy"), np.load(on_disk.out / "features.npy"), rtol=1e-6
+    )
     for name in ("split.csv", "rejected.csv"):
         assert read(tmp_path / "s3" / name) == read(on_disk.out / name)
     assert [r["path"] for r in read(tmp_path / "s3" / "rejected.csv")] == ["squares/broken.png"]
@@ -94,7 +113,8 @@ def test_extract_from_a_csv_of_uris_in_the_bucket(s3_data, tmp_path):
 
 
 def test_a_missing_bucket_is_one_clear_error(s3_data, tmp_path):
-    result = runner.invoke(app, ["extract", "s3://no-such-bucket-here/data", "--out", str(tmp_path / "f"), "--quiet",
-                                 "--weights", "none"])
+    result = runner.invoke(
+        app, ["extract", "s3://no-such-bucket-here/data", "--out", str(tmp_path / "f"), "--quiet", "--weights", "none"]
+    )
     assert result.exit_code == 2 and "s3://no-such-bucket-here/data" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -49,10 +49,23 @@ def served(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         for name in ("CNNCODES_CACHE_DIR", "KERAS_HOME"):
             mp.setenv(name, env[name])
-        cnncodes.extract(data, root / "features", backbone="mobilenetv2", weights="none", image_size=128,
-                         progress=False)
-        fitted = runner.invoke(app, ["fit-svm", str(root / "features"), "--out", str(root / "models"),
-                                     "--classifier", "logreg", "--cv", "2", "--quiet"])
+        cnncodes.extract(
+            data, root / "features", backbone="mobilenetv2", weights="none", image_size=128, progress=False
+        )
+        fitted = runner.invoke(
+            app,
+            [
+                "fit-svm",
+                str(root / "features"),
+                "--out",
+                str(root / "models"),
+                "--classifier",
+                "logreg",
+                "--cv",
+                "2",
+                "--quiet",
+            ],
+        )
     assert fitted.exit_code == 0, fitted.output
     model = root / "models" / "mobilenetv2-out_relu-logreg.joblib"
     return {"root": root, "data": data, "model": model, "env": env, "images": sorted(data.rglob("*.*"))}
@@ -69,8 +82,12 @@ def running_server(served: dict, *args: str, log: str = "server.log") -> Iterato
     """`cnncodes serve` on a free loopback port, once /readyz says so; stopped afterwards if still running."""
     port = free_port()
     with open(served["root"] / log, "w") as out:
-        proc = subprocess.Popen([str(CNNCODES), "serve", str(served["model"]), "--port", str(port), "--no-access-log",
-                                 *args], env=served["env"], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(CNNCODES), "serve", str(served["model"]), "--port", str(port), "--no-access-log", *args],
+            env=served["env"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -116,15 +133,21 @@ def test_health_readiness_and_metadata(server, served):
     meta = httpx.get(f"{server}/metadata").json()
     record = json.loads(served["model"].with_suffix(".json").read_text())
     assert meta["classes"] == record["classes"] == ["circles", "squares", "stripes"]
-    assert (meta["backbone"], meta["layer"], meta["input_size"], meta["resize"]) == ("mobilenetv2", "out_relu", 128, "crop")
+    assert (meta["backbone"], meta["layer"], meta["input_size"], meta["resize"]) == (
+        "mobilenetv2",
+        "out_relu",
+        128,
+        "crop",
+    )
     assert meta["run"]["run"] == record["run"] and meta["run"]["accuracy"] == record["accuracy"]
     assert meta["limits"]["max_bytes"] == MAX_BYTES and meta["batching"]["max_batch"] == 32
 
 
 def test_predictions_equal_cnncodes_predict(server, served):
     images = served["images"]
-    cli = runner.invoke(app, ["predict", str(served["model"]), *map(str, images), "--format", "json", "--top-k", "2",
-                              "--quiet"])
+    cli = runner.invoke(
+        app, ["predict", str(served["model"]), *map(str, images), "--format", "json", "--top-k", "2", "--quiet"]
+    )
     assert cli.exit_code == 0, cli.output
     expected = json.loads(cli.stdout)
     response = httpx.post(f"{server}/predict", params={"top_k": 2}, files=upload(images))
@@ -145,8 +168,13 @@ def test_predictions_equal_cnncodes_predict(server, served):
 def test_a_mixed_request_answers_each_image_in_order(server, served):
     good = served["images"][:2]
     truncated = good[0].read_bytes()[:200]
-    files = [upload(good[:1])[0], ("files", ("cut.jpg", truncated)), ("files", ("notes.txt", b"plain text")),
-             ("files", ("empty.png", b"")), upload(good[1:])[0]]
+    files = [
+        upload(good[:1])[0],
+        ("files", ("cut.jpg", truncated)),
+        ("files", ("notes.txt", b"plain text")),
+        ("files", ("empty.png", b"")),
+        upload(good[1:])[0],
+    ]
     response = httpx.post(f"{server}/predict", files=files)
     assert response.status_code == 200
     answers = response.json()["predictions"]
@@ -159,8 +187,11 @@ def test_a_mixed_request_answers_each_image_in_order(server, served):
 
 def test_unreadable_uploads_get_400_with_the_reason(server, served, tmp_path):
     bomb = png_header_only(60_000, 60_000)
-    for body, content_type, words in [(b"\xff\xd8\xff\xe0 not really", "image/jpeg", "corrupt"),
-                                      (bomb, "image/png", "too large"), (b"", "image/png", "empty")]:
+    for body, content_type, words in [
+        (b"\xff\xd8\xff\xe0 not really", "image/jpeg", "corrupt"),
+        (bomb, "image/png", "too large"),
+        (b"", "image/png", "empty"),
+    ]:
         response = httpx.post(f"{server}/predict", content=body, headers={"content-type": content_type})
         assert response.status_code == 400, words
         assert words in response.json()["predictions"][0]["error"]
@@ -181,29 +212,40 @@ def test_bodies_over_max_bytes_get_413_before_they_are_read(server):
     big = np.random.default_rng(0).bytes(MAX_BYTES + 1)
     assert httpx.post(f"{server}/predict", content=big, headers={"content-type": "image/png"}).status_code == 413
     assert httpx.post(f"{server}/predict", files=[("files", ("big.png", big))]).status_code == 413
-    chunks = (big[i:i + 16_384] for i in range(0, len(big), 16_384))  # no Content-Length: counted as it comes
+    chunks = (big[i : i + 16_384] for i in range(0, len(big), 16_384))  # no Content-Length: counted as it comes
     assert httpx.post(f"{server}/predict", content=chunks, headers={"content-type": "image/png"}).status_code == 413
     # A declared 1 GB body is answered at once, without waiting for a byte of it.
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000000\r\n\r\n")
+        conn.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000000\r\n\r\n"
+        )
         assert conn.recv(1024).startswith(b"HTTP/1.1 413")
 
 
 def test_errors_never_show_a_stack_trace(server):
-    responses = [httpx.get(f"{server}/nowhere"), httpx.get(f"{server}/predict"), httpx.get(f"{server}/docs"),
-                 httpx.post(f"{server}/predict?top_k=0", files=[("files", ("a.png", b"x"))]),
-                 httpx.post(f"{server}/predict?top_k=many", files=[("files", ("a.png", b"x"))]),
-                 httpx.post(f"{server}/predict", content=b"--xx\r\ngarbage", headers={
-                     "content-type": "multipart/form-data; boundary=xx"})]
+    responses = [
+        httpx.get(f"{server}/nowhere"),
+        httpx.get(f"{server}/predict"),
+        httpx.get(f"{server}/docs"),
+        httpx.post(f"{server}/predict?top_k=0", files=[("files", ("a.png", b"x"))]),
+        httpx.post(f"{server}/predict?top_k=many", files=[("files", ("a.png", b"x"))]),
+        httpx.post(
+            f"{server}/predict",
+            content=b"--xx\r\ngarbage",
+            headers={"content-type": "multipart/form-data; boundary=xx"},
+        ),
+    ]
     assert [r.status_code for r in responses] == [404, 405, 404, 422, 422, 400]
     for r in responses:
         assert "Traceback" not in r.text and 'File "' not in r.text and ".py" not in r.text
 
 
 def test_concurrent_requests_share_forward_passes_and_are_counted(server, served):
-    before = {name: metric(server, name) for name in ("cnncodes_batch_images_count", "cnncodes_batch_images_sum",
-                                                        "cnncodes_images_predicted_total")}
+    before = {
+        name: metric(server, name)
+        for name in ("cnncodes_batch_images_count", "cnncodes_batch_images_sum", "cnncodes_images_predicted_total")
+    }
     before_415 = metric(server, "cnncodes_requests_total", route="/predict", status="415")
     images = served["images"][:12]
 
@@ -234,8 +276,9 @@ def test_concurrent_requests_share_forward_passes_and_are_counted(server, served
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(served):
     with running_server(served, "--batch-wait-ms", "1000", log="sigterm.log") as (url, proc):
         answer: list[httpx.Response] = []
-        request = threading.Thread(target=lambda: answer.append(
-            httpx.post(f"{url}/predict", files=upload(served["images"][:1]), timeout=30)))
+        request = threading.Thread(
+            target=lambda: answer.append(httpx.post(f"{url}/predict", files=upload(served["images"][:1]), timeout=30))
+        )
         request.start()
         time.sleep(0.4)  # the request now waits in the batcher's window
         proc.send_signal(signal.SIGTERM)

@@ -64,27 +64,42 @@ def subset_of(split: Split) -> dict[str, str]:
 # --------------------------------------------------------------------------- parse_fractions
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("0.7,0.15,0.15", (0.7, 0.15, 0.15)),
-    (" 0.8, 0.1 ,0.1 ", (0.8, 0.1, 0.1)),
-    ("0.8,0,0.2", (0.8, 0.0, 0.2)),
-    ("0.5,0.25,0.25", (0.5, 0.25, 0.25)),
-    ([0.6, 0.2, 0.2], (0.6, 0.2, 0.2)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0.7,0.15,0.15", (0.7, 0.15, 0.15)),
+        (" 0.8, 0.1 ,0.1 ", (0.8, 0.1, 0.1)),
+        ("0.8,0,0.2", (0.8, 0.0, 0.2)),
+        ("0.5,0.25,0.25", (0.5, 0.25, 0.25)),
+        ([0.6, 0.2, 0.2], (0.6, 0.2, 0.2)),
+    ],
+)
 def test_parse_fractions_accepts(text, expected):
     got = parse_fractions(text)
     assert isinstance(got, tuple) and len(got) == 3
     assert got == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text", [
-    "abc", "0.7;0.15;0.15", "", "0.7,0.15,x", "70%,15%,15%",   # not numbers
-    "0.7,0.3", "1", "0.5,0.2,0.2,0.1",                          # wrong counts
-    "-0.1,0.6,0.5", "0.8,-0.1,0.3",                             # negative
-    "0.5,0.2,0.2", "0.7,0.2,0.2", "70,15,15",                   # sums != 1
-    "0,0.5,0.5",                                                # zero train
-    "0.8,0.2,0",                                                # zero test
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "abc",
+        "0.7;0.15;0.15",
+        "",
+        "0.7,0.15,x",
+        "70%,15%,15%",  # not numbers
+        "0.7,0.3",
+        "1",
+        "0.5,0.2,0.2,0.1",  # wrong counts
+        "-0.1,0.6,0.5",
+        "0.8,-0.1,0.3",  # negative
+        "0.5,0.2,0.2",
+        "0.7,0.2,0.2",
+        "70,15,15",  # sums != 1
+        "0,0.5,0.5",  # zero train
+        "0.8,0.2,0",  # zero test
+    ],
+)
 def test_parse_fractions_rejects(text):
     with pytest.raises(CnnCodesError, match="split"):
         parse_fractions(text)
@@ -234,10 +249,10 @@ def test_duplicate_groups_of_three_and_custom_threshold():
 
 def test_group_duplicates_transitive():
     a = random_hashes(1, seed=1)[0]
-    b = flip_bits(a, [0, 1, 2, 3])        # 4 from a
-    c = flip_bits(b, [10, 11, 12, 13])    # 4 from b, 8 from a
-    d = flip_bits(a, range(20, 50))       # far from all
-    e = d                                  # exact copy of d
+    b = flip_bits(a, [0, 1, 2, 3])  # 4 from a
+    c = flip_bits(b, [10, 11, 12, 13])  # 4 from b, 8 from a
+    d = flip_bits(a, range(20, 50))  # far from all
+    e = d  # exact copy of d
     assert hamming(a, c) == 8
     groups = group_duplicates([a, d, b, c, e], 4)
     assert len(groups) == 5
@@ -393,14 +408,17 @@ def test_round_trip_of_a_made_split(tmp_path):
     assert back.fingerprint == split.fingerprint
 
 
-@pytest.mark.parametrize("text, words", [
-    ("path,label\na.jpg,x\n", "path,label,subset"),
-    ("file,label,subset\na.jpg,x,train\n", "path,label,subset"),
-    ("", "path,label,subset"),
-    ("path,label,subset\n", "path,label,subset"),
-    ("path,label,subset\na.jpg,x,train\nb.jpg,x,training\n", "training"),
-    ("path,label,subset\na.jpg,x,TEST\n", "TEST"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("path,label\na.jpg,x\n", "path,label,subset"),
+        ("file,label,subset\na.jpg,x,train\n", "path,label,subset"),
+        ("", "path,label,subset"),
+        ("path,label,subset\n", "path,label,subset"),
+        ("path,label,subset\na.jpg,x,train\nb.jpg,x,training\n", "training"),
+        ("path,label,subset\na.jpg,x,TEST\n", "TEST"),
+    ],
+)
 def test_read_split_csv_rejects(tmp_path, text, words):
     (tmp_path / "split.csv").write_text(text, encoding="utf-8")
     with pytest.raises(CnnCodesError, match=words):
@@ -427,9 +445,9 @@ def test_fingerprint_identifies_the_split():
     for other in ("train", "val", "test"):
         if other == split.subsets[7]:
             continue
-        changed = Split(split.paths, split.labels, split.subsets[:7] + [other] + split.subsets[8:])
+        changed = Split(split.paths, split.labels, [*split.subsets[:7], other, *split.subsets[8:]])
         assert changed.fingerprint != split.fingerprint
-    relabelled = Split(split.paths, ["x"] + split.labels[1:], split.subsets)
+    relabelled = Split(split.paths, ["x", *split.labels[1:]], split.subsets)
     assert relabelled.fingerprint != split.fingerprint
     assert len(split.fingerprint) == 64
 
@@ -440,8 +458,7 @@ def test_fingerprint_identifies_the_split():
 @pytest.mark.usefixtures("shared_data")
 def test_real_flowers_duplicates_share_a_subset():
     with open(DUPLICATES_TSV, newline="", encoding="utf-8") as f:
-        pairs = [(r["file_a"], r["file_b"]) for r in csv.DictReader(f, delimiter="\t")
-                 if r["dataset"] == FLOWERS.name]
+        pairs = [(r["file_a"], r["file_b"]) for r in csv.DictReader(f, delimiter="\t") if r["dataset"] == FLOWERS.name]
     assert len(pairs) >= 50
 
     ds = discover(FLOWERS)

@@ -82,14 +82,25 @@ def test_mcnemar_matches_a_hand_computation_and_identical_runs_get_p_1():
 
 
 def fake_record(run: str, right: list[bool], repeats: list[float] | None = None) -> dict:
-    predictions = [{"path": f"{i}.png", "label": "a", "predicted": "a" if r else "b", "probability": 0.9}
-                   for i, r in enumerate(right)]
-    record = {"run": run, "method": "cnn-codes", "dataset": {"split_fingerprint": "f"},
-              "accuracy": float(np.mean(right)),
-              "balanced_accuracy": float(np.mean(right)), "fit_seconds": 1.0, "test_predictions": predictions}
+    predictions = [
+        {"path": f"{i}.png", "label": "a", "predicted": "a" if r else "b", "probability": 0.9}
+        for i, r in enumerate(right)
+    ]
+    record = {
+        "run": run,
+        "method": "cnn-codes",
+        "dataset": {"split_fingerprint": "f"},
+        "accuracy": float(np.mean(right)),
+        "balanced_accuracy": float(np.mean(right)),
+        "fit_seconds": 1.0,
+        "test_predictions": predictions,
+    }
     if repeats:
-        record |= {"repeats": [{"seed": s, "accuracy": a, "n_test": 10} for s, a in enumerate(repeats)],
-                   "accuracy_mean": float(np.mean(repeats)), "accuracy_sd": float(np.std(repeats, ddof=1))}
+        record |= {
+            "repeats": [{"seed": s, "accuracy": a, "n_test": 10} for s, a in enumerate(repeats)],
+            "accuracy_mean": float(np.mean(repeats)),
+            "accuracy_sd": float(np.std(repeats, ddof=1)),
+        }
     return record
 
 
@@ -146,8 +157,21 @@ def test_repeated_splits_are_distinct_deterministic_and_keep_duplicates_together
 
 
 def test_fit_svm_repeats_scores_each_split_on_its_own_test_images(codes, tmp_path):
-    result = cli("fit-svm", codes["features"], "--out", tmp_path, "--classifier", "knn", "--classifier", "linear-svm",
-                 "--cv", "2", "--repeats", "3", "--quiet")
+    result = cli(
+        "fit-svm",
+        codes["features"],
+        "--out",
+        tmp_path,
+        "--classifier",
+        "knn",
+        "--classifier",
+        "linear-svm",
+        "--cv",
+        "2",
+        "--repeats",
+        "3",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     feats = load_features(codes["features"])
     splits = repeated_splits(feats, 3)
@@ -167,8 +191,18 @@ def test_fit_svm_repeats_scores_each_split_on_its_own_test_images(codes, tmp_pat
 
 def test_the_compare_table_reads_well_at_80_columns(codes, tmp_path):
     for options in ([], ["--name", "l2-flip", "--normalize", "l2"]):
-        result = cli("fit-svm", codes["features"], "--out", tmp_path, "--classifier", "linear-svm", "--cv", "2",
-                     "--quiet", *options)
+        result = cli(
+            "fit-svm",
+            codes["features"],
+            "--out",
+            tmp_path,
+            "--classifier",
+            "linear-svm",
+            "--cv",
+            "2",
+            "--quiet",
+            *options,
+        )
         assert result.exit_code == 0, result.output
     records = rank(load_records([tmp_path]))
     console = Console(width=80, record=True, file=io.StringIO())

@@ -21,11 +21,26 @@ from .errors import CnnCodesError  # noqa: E402
 from .extract import ExtractorSpec, extract  # noqa: E402
 
 # Names of the public API defined in modules that are heavy to import, loaded on first use.
-_LAZY = {"fit_svm": "classifiers", "CodesClassifier": "classifiers", "finetune": "finetune",
-         "make_spec": "finetune", "predict": "predict", "compare": "report"}
+_LAZY = {
+    "fit_svm": "classifiers",
+    "CodesClassifier": "classifiers",
+    "finetune": "finetune",
+    "make_spec": "finetune",
+    "predict": "predict",
+    "compare": "report",
+}
 
-__all__ = ["CnnCodesError", "CodesClassifier", "ExtractorSpec", "compare", "extract", "finetune", "fit_svm",
-           "make_spec", "predict"]
+__all__ = [
+    "CnnCodesError",
+    "CodesClassifier",
+    "ExtractorSpec",
+    "compare",
+    "extract",
+    "finetune",
+    "fit_svm",
+    "make_spec",
+    "predict",
+]
 __version__ = "0.1.0"
 
 

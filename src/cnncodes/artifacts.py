@@ -19,8 +19,18 @@ from typing import Any
 
 import numpy as np
 
-_PACKAGES = ("cnncodes", "tensorflow-cpu", "tensorflow", "keras", "numpy", "pillow",
-             "scikit-learn", "onnxruntime", "onnx", "tf2onnx")
+_PACKAGES = (
+    "cnncodes",
+    "tensorflow-cpu",
+    "tensorflow",
+    "keras",
+    "numpy",
+    "pillow",
+    "scikit-learn",
+    "onnxruntime",
+    "onnx",
+    "tf2onnx",
+)
 
 
 _UMASK = os.umask(0)

@@ -67,7 +67,10 @@ class Backbone:
         if size < self.min_size:
             raise CnnCodesError(f"{self.name} needs images of at least {self.min_size} px (got --image-size {size})")
         if self.needs_top(layer) and size != self.default_size:
-            raise CnnCodesError(f"layer {layer} of {self.name} belongs to the classifier top, which takes {self.default_size} px images only (got {size})")
+            raise CnnCodesError(
+                f"layer {layer} of {self.name} belongs to the classifier top, which takes "
+                f"{self.default_size} px images only (got {size})"
+            )
 
     def build_network(self, size: int, layer: str, weights: Weights) -> keras.Model:
         """The backbone itself, with `weights` loaded, taking preprocessed float pixels."""
@@ -82,20 +85,29 @@ class Backbone:
             try:
                 network.load_weights(weights.path)
             except Exception as e:
-                raise CnnCodesError(f"weights file {weights.path} does not fit {self.name} ({str(e).splitlines()[0]})") from None
+                raise CnnCodesError(
+                    f"weights file {weights.path} does not fit {self.name} ({str(e).splitlines()[0]})"
+                ) from None
         return network
 
 
 def _vgg(name: str, constructor: str, md5: str, top_md5: str) -> Backbone:
     return Backbone(
-        name=name, constructor=constructor, module=name, preprocessing="caffe: RGB to BGR, minus ImageNet mean",
-        default_size=224, min_size=32, taps=("block3_pool", "block4_pool", "block5_pool"),
+        name=name,
+        constructor=constructor,
+        module=name,
+        preprocessing="caffe: RGB to BGR, minus ImageNet mean",
+        default_size=224,
+        min_size=32,
+        taps=("block3_pool", "block4_pool", "block5_pool"),
         weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
         weights_url=f"{_KERAS_URL}{name}/{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        finetune_after="block4_pool", top_taps=("fc1", "fc2"),
+        finetune_after="block4_pool",
+        top_taps=("fc1", "fc2"),
         top_weights_file=f"{name}_weights_tf_dim_ordering_tf_kernels.h5",
         top_weights_url=f"{_KERAS_URL}{name}/{name}_weights_tf_dim_ordering_tf_kernels.h5",
-        weights_md5=md5, top_weights_md5=top_md5,
+        weights_md5=md5,
+        top_weights_md5=top_md5,
     )
 
 
@@ -108,42 +120,69 @@ REGISTRY: dict[str, Backbone] = {
         _vgg("vgg16", "VGG16", "6d6bbae143d832006294945121d1f1fc", "64373286793e3c8b2b4e3219cbf3544b"),
         _vgg("vgg19", "VGG19", "253f8cb515780f3b799900260a226db6", "cbe5617147190e668d6c5d5026f83318"),
         Backbone(
-            name="resnet50", constructor="ResNet50", module="resnet50",
+            name="resnet50",
+            constructor="ResNet50",
+            module="resnet50",
             preprocessing="caffe: RGB to BGR, minus ImageNet mean",
-            default_size=224, min_size=32, taps=("conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
+            default_size=224,
+            min_size=32,
+            taps=("conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
             weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=f"{_KERAS_URL}resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            finetune_after="conv4_block6_out", weights_md5="4d473c1dd8becc155b73f8504c6f6626",
+            finetune_after="conv4_block6_out",
+            weights_md5="4d473c1dd8becc155b73f8504c6f6626",
         ),
         Backbone(
-            name="mobilenetv2", constructor="MobileNetV2", module="mobilenet_v2", preprocessing=_SCALE_TF,
-            default_size=224, min_size=32,
+            name="mobilenetv2",
+            constructor="MobileNetV2",
+            module="mobilenet_v2",
+            preprocessing=_SCALE_TF,
+            default_size=224,
+            min_size=32,
             taps=("block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu", "out_relu"),
-            weights_file=_MOBILENET_FILE, weights_url=f"{_KERAS_URL}mobilenet_v2/{_MOBILENET_FILE}",
+            weights_file=_MOBILENET_FILE,
+            weights_url=f"{_KERAS_URL}mobilenet_v2/{_MOBILENET_FILE}",
             finetune_after="block_15_add",
         ),
         Backbone(
-            name="efficientnetb0", constructor="EfficientNetB0", module="efficientnet",
+            name="efficientnetb0",
+            constructor="EfficientNetB0",
+            module="efficientnet",
             preprocessing="none: the network rescales and normalises itself",
-            default_size=224, min_size=32, taps=("block3b_add", "block4c_add", "block6d_add", "top_activation"),
+            default_size=224,
+            min_size=32,
+            taps=("block3b_add", "block4c_add", "block6d_add", "top_activation"),
             weights_file="efficientnetb0_notop.h5",
             weights_url="https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
-            finetune_after="block6d_add", weights_md5="50bc09e76180e00e4465e1a485ddc09d",
+            finetune_after="block6d_add",
+            weights_md5="50bc09e76180e00e4465e1a485ddc09d",
         ),
         Backbone(
-            name="inceptionv3", constructor="InceptionV3", module="inception_v3", preprocessing=_SCALE_TF,
-            default_size=299, min_size=75, taps=("mixed2", "mixed5", "mixed7", "mixed10"),
+            name="inceptionv3",
+            constructor="InceptionV3",
+            module="inception_v3",
+            preprocessing=_SCALE_TF,
+            default_size=299,
+            min_size=75,
+            taps=("mixed2", "mixed5", "mixed7", "mixed10"),
             weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=f"{_KERAS_URL}inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            finetune_after="mixed8", weights_md5="bcbd6486424b2319ff4ef7d526e38f63",
+            finetune_after="mixed8",
+            weights_md5="bcbd6486424b2319ff4ef7d526e38f63",
         ),
         Backbone(
-            name="xception", constructor="Xception", module="xception", preprocessing=_SCALE_TF,
-            default_size=299, min_size=71, taps=("block4_sepconv2_act", "block13_sepconv2_act", "block14_sepconv2_act"),
+            name="xception",
+            constructor="Xception",
+            module="xception",
+            preprocessing=_SCALE_TF,
+            default_size=299,
+            min_size=71,
+            taps=("block4_sepconv2_act", "block13_sepconv2_act", "block14_sepconv2_act"),
             weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_url=f"{_KERAS_URL}xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
             # block13_pool feeds a residual add: the first layer whose output alone feeds the rest is in block14
-            finetune_after="block14_sepconv1_act", weights_md5="b0042744bf5b25fce3cb969f33bebb97",
+            finetune_after="block14_sepconv1_act",
+            weights_md5="b0042744bf5b25fce3cb969f33bebb97",
         ),
     )
 }

@@ -24,6 +24,7 @@ BUNDLE_FORMAT = "cnncodes.bundle/2"
 
 def publish_bundle(path: Path, contents: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     """Save a bundle and its run record together (see `records.publish`); returns the completed record."""
+
     def write(tmp: Path) -> None:
         joblib.dump({"format": BUNDLE_FORMAT, **contents, "versions": package_versions()}, tmp, compress=3)
 
@@ -43,13 +44,17 @@ def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
     try:
         record = read_json(record_path)
     except (OSError, ValueError):
-        raise CnnCodesError(f"{model_path} has no readable run record {record_path.name} beside it, so it cannot be "
-                            "verified; load only bundles you made or trust, with their .json") from None
+        raise CnnCodesError(
+            f"{model_path} has no readable run record {record_path.name} beside it, so it cannot be "
+            "verified; load only bundles you made or trust, with their .json"
+        ) from None
     if record.get("format") != RECORD_FORMAT or "model_sha256" not in record:
         raise CnnCodesError(f"{record_path} is not a cnncodes run record")
     if hashlib.sha256(data).hexdigest() != record["model_sha256"]:
-        raise CnnCodesError(f"{model_path} does not match the SHA-256 in {record_path.name}: the file was changed "
-                            "after it was made; refusing to load it")
+        raise CnnCodesError(
+            f"{model_path} does not match the SHA-256 in {record_path.name}: the file was changed "
+            "after it was made; refusing to load it"
+        )
     return record, data
 
 
@@ -58,14 +63,18 @@ def load_bundle(path: Path) -> dict[str, Any]:
     record, data = load_record_for(path)
     wanted, installed = record["versions"].get("scikit-learn"), package_versions().get("scikit-learn")
     if _minor(wanted) != _minor(installed):
-        raise CnnCodesError(f"{path} was made with scikit-learn {wanted} but {installed} is installed: "
-                            f"install scikit-learn=={wanted} or fit the model again")
+        raise CnnCodesError(
+            f"{path} was made with scikit-learn {wanted} but {installed} is installed: "
+            f"install scikit-learn=={wanted} or fit the model again"
+        )
     bundle = joblib.load(io.BytesIO(data))
     if not isinstance(bundle, dict) or not str(bundle.get("format", "")).startswith("cnncodes.bundle/"):
         raise CnnCodesError(f"{path} is not a cnncodes model bundle")
     if bundle["format"] != BUNDLE_FORMAT:
-        raise CnnCodesError(f"{path} was made by another version of cnncodes ({bundle['format']}, this one reads "
-                            f"{BUNDLE_FORMAT}): fit the model again with `cnncodes fit-svm`")
+        raise CnnCodesError(
+            f"{path} was made by another version of cnncodes ({bundle['format']}, this one reads "
+            f"{BUNDLE_FORMAT}): fit the model again with `cnncodes fit-svm`"
+        )
     return bundle
 
 

@@ -59,13 +59,17 @@ def _estimator(kind: str, class_weight: Any) -> tuple[Any, dict[str, list]]:
     if kind == "linear-svm":
         # libsvm's linear kernel: on a few thousand codes it fits in a fraction of a second,
         # where liblinear's LinearSVC needs minutes for large C on standardised codes.
-        return (SVC(kernel="linear", class_weight=class_weight, decision_function_shape="ovo"),
-                {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]})
+        return (
+            SVC(kernel="linear", class_weight=class_weight, decision_function_shape="ovo"),
+            {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]},
+        )
     if kind == "logreg":
         return LogisticRegression(class_weight=class_weight, max_iter=3000), {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}
     if kind == "rbf-svm":
-        return (SVC(kernel="rbf", class_weight=class_weight, decision_function_shape="ovo"),
-                {"C": [1.0, 10.0, 100.0], "gamma": [0.0625, 0.25, 1.0, 4.0]})
+        return (
+            SVC(kernel="rbf", class_weight=class_weight, decision_function_shape="ovo"),
+            {"C": [1.0, 10.0, 100.0], "gamma": [0.0625, 0.25, 1.0, 4.0]},
+        )
     if kind == "knn":
         return _WeightedNeighbors(class_weight=class_weight), {"n_neighbors": [1, 3, 5, 9, 15, 25]}
     raise ValueError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)}")
@@ -112,8 +116,16 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
     their grid (a hint that the grid is too narrow for these codes).
     """
 
-    def __init__(self, kind: str = "linear-svm", normalize: str = "auto", pca: int | None = None,
-                 class_weight: Any = None, cv: Any = 5, n_jobs: int | None = -1, random_state: int = 0):
+    def __init__(
+        self,
+        kind: str = "linear-svm",
+        normalize: str = "auto",
+        pca: int | None = None,
+        class_weight: Any = None,
+        cv: Any = 5,
+        n_jobs: int | None = -1,
+        random_state: int = 0,
+    ):
         self.kind = kind
         self.normalize = normalize
         self.pca = pca
@@ -138,8 +150,14 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         estimator, grid = _estimator(self.kind, weights)
         pipeline = Pipeline([("normalize", StandardScaler()), ("pca", "passthrough"), ("model", estimator)])
         grids = self._grids(grid, X, fold)
-        search = GridSearchCV(pipeline, grids, cv=folds, n_jobs=self.n_jobs, refit=False,
-                              scoring="balanced_accuracy" if self.class_weight else "accuracy")
+        search = GridSearchCV(
+            pipeline,
+            grids,
+            cv=folds,
+            n_jobs=self.n_jobs,
+            refit=False,
+            scoring="balanced_accuracy" if self.class_weight else "accuracy",
+        )
         # One BLAS thread per fit: the parallelism is across candidates (n_jobs), and small fits on a
         # busy machine spend more time waking idle BLAS threads than computing (measured: 10-100x).
         with warnings.catch_warnings(), threadpool_limits(1):
@@ -148,13 +166,19 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             chosen = search.best_params_
             self.model_ = clone(pipeline).set_params(**chosen).fit(X, codes)
             self.temperature_ = _fit_temperature(_out_of_fold_scores(self.model_, X, codes, calibration), codes)
-        name, searched = next((n, g) for n, g in zip(self._normalizations(), grids)
-                              if g["normalize"][0] is chosen["normalize"])
-        self.best_params_ = {"normalize": name, **{k.removeprefix("model__"): v for k, v in chosen.items()
-                                                   if k.startswith("model__")}}
+        name, searched = next(
+            (n, g) for n, g in zip(self._normalizations(), grids) if g["normalize"][0] is chosen["normalize"]
+        )
+        self.best_params_ = {
+            "normalize": name,
+            **{k.removeprefix("model__"): v for k, v in chosen.items() if k.startswith("model__")},
+        }
         self.cv_score_ = float(search.best_score_)
-        self.grid_edges_ = [k.removeprefix("model__") for k, values in searched.items()
-                            if len(values) > 2 and chosen[k] in (min(values), max(values))]
+        self.grid_edges_ = [
+            k.removeprefix("model__")
+            for k, values in searched.items()
+            if len(values) > 2 and chosen[k] in (min(values), max(values))
+        ]
         return self
 
     def _check_settings(self, codes: np.ndarray) -> None:
@@ -162,8 +186,10 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError("training needs images of at least two classes (got one class)")
         if np.bincount(codes).min() < 2:
-            raise ValueError("every class needs at least 2 training images (train+val) to choose hyper-parameters "
-                             "and calibrate probabilities: add images to the smallest class")
+            raise ValueError(
+                "every class needs at least 2 training images (train+val) to choose hyper-parameters "
+                "and calibrate probabilities: add images to the smallest class"
+            )
         if not (self.class_weight in (None, "balanced") or isinstance(self.class_weight, dict)):
             raise ValueError(f"class_weight takes 'balanced', a dict or None (got {self.class_weight!r})")
         if self.n_jobs == 0:
@@ -173,8 +199,13 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
 
     def _folds(self, X, codes, groups, smallest: int, cv: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         """Stratified folds that never split a duplicate group (a copy in both halves flatters memorising models)."""
-        splitter = cv if not isinstance(cv, int) else StratifiedGroupKFold(
-            n_splits=max(2, min(cv, smallest, len(np.unique(groups)))), shuffle=True, random_state=self.random_state)
+        splitter = (
+            cv
+            if not isinstance(cv, int)
+            else StratifiedGroupKFold(
+                n_splits=max(2, min(cv, smallest, len(np.unique(groups)))), shuffle=True, random_state=self.random_state
+            )
+        )
         # scikit-learn warns of a class with fewer groups than folds, and of a PredefinedSplit ignoring groups
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -192,8 +223,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         for name in self._normalizations():
             steps: list[tuple[str, Any]] = [("normalize", _normalizer(name))]
             if self.pca:  # every CV fold must be able to fit that many components
-                steps.append(("pca", PCA(n_components=min(self.pca, fold - 1, X.shape[1]),
-                                         random_state=self.random_state)))
+                steps.append(
+                    ("pca", PCA(n_components=min(self.pca, fold - 1, X.shape[1]), random_state=self.random_state))
+                )
             moved = dict(grid)
             if "gamma" in grid or self.kind in _LINEAR:
                 seen = Pipeline(steps).fit_transform(X)
@@ -273,6 +305,7 @@ def _fit_temperature(scores: np.ndarray, codes: np.ndarray) -> float:
     Hand-made because `CalibratedClassifierCV(method="temperature")` scales an SVM's
     one-vs-rest decision function, the uninformative vote ranks, rather than its margins.
     """
+
     def log_loss(log_t: float) -> float:
         return float(-np.log(_softmax(scores / np.exp(log_t))[np.arange(len(codes)), codes] + 1e-300).mean())
 
@@ -324,18 +357,25 @@ def fit_svm(
     if any(not (subsets == "test").any() for _, subsets in splits):
         raise CnnCodesError(f"{feats.path} has no test images: extract again with a --split that keeps a test share")
     out = Path(out)
-    origin = {"features": str(feats.path.resolve()), "extractor": feats.meta["extractor"],
-              "split_fingerprint": feats.split_fingerprint, "normalize": normalize, "pca": pca,
-              "class_weight": class_weight}
+    origin = {
+        "features": str(feats.path.resolve()),
+        "extractor": feats.meta["extractor"],
+        "split_fingerprint": feats.split_fingerprint,
+        "normalize": normalize,
+        "pca": pca,
+        "class_weight": class_weight,
+    }
     runs = {run_name(name, feats.spec.backbone, feats.spec.layer, kind): kind for kind in kinds}
     for run in runs:  # all refused before any is fitted
         refuse_to_replace(out / f"{run}.joblib", origin)
     records = []
     with progress_bar("Fitting classifiers", len(kinds) * repeats, unit="model", enabled=progress) as advance:
         for run, kind in runs.items():
+
             def make(fit_subsets: np.ndarray, kind: str = kind) -> CodesClassifier:
-                return CodesClassifier(kind, normalize, pca, class_weight, _selection_splitter(fit_subsets, cv),
-                                       n_jobs, seed)
+                return CodesClassifier(
+                    kind, normalize, pca, class_weight, _selection_splitter(fit_subsets, cv), n_jobs, seed
+                )
 
             records.append(_fit_one(feats, out, run, kind, splits, make, origin, advance))
     return records
@@ -348,7 +388,8 @@ def repeated_splits(feats: Features, repeats: int) -> list[tuple[int, np.ndarray
     labels = [feats.classes[i] for i in feats.y]
     return [(first, feats.subsets)] + [
         (first + k, np.array(assign_subsets(feats.paths, labels, feats.groups, made["fractions"], first + k).subsets))
-        for k in range(1, repeats)]
+        for k in range(1, repeats)
+    ]
 
 
 def _selection_splitter(subsets: np.ndarray, cv: int):
@@ -375,8 +416,9 @@ def _fit_split(feats: Features, subsets: np.ndarray, make) -> tuple[CodesClassif
     return model, class_probabilities(model, feats.X[subsets == "test"], len(feats.classes)), seconds
 
 
-def _fit_one(feats: Features, out: Path, run: str, kind: str, splits, make, origin: dict[str, Any], advance
-             ) -> dict[str, Any]:
+def _fit_one(
+    feats: Features, out: Path, run: str, kind: str, splits, make, origin: dict[str, Any], advance
+) -> dict[str, Any]:
     spec = feats.spec
     (first_seed, subsets), *others = splits
     model, proba, fit_seconds = _fit_split(feats, subsets, make)
@@ -387,22 +429,42 @@ def _fit_one(feats: Features, out: Path, run: str, kind: str, splits, make, orig
         repeats.append(repeat_score(seed, feats.y[other == "test"], _fit_split(feats, other, make)[1]))
         advance(1)
     record = build_record(
-        run=run, method="cnn-codes", backbone=spec.backbone, layer=spec.layer, classifier=kind,
-        params={**model.best_params_, "pca": model.pca, "class_weight": model.class_weight,
-                "cv": model.cv if isinstance(model.cv, int) else "val", "temperature": round(model.temperature_, 4)},
-        cv_score=model.cv_score_, grid_edges=model.grid_edges_, origin=origin,
-        dataset={"data": feats.meta["data"], "features": str(feats.path.resolve()),
-                 "split_fingerprint": feats.split_fingerprint},
-        classes=feats.classes, n_train=int((~test_rows).sum()), n_test=int(test_rows.sum()),
+        run=run,
+        method="cnn-codes",
+        backbone=spec.backbone,
+        layer=spec.layer,
+        classifier=kind,
+        params={
+            **model.best_params_,
+            "pca": model.pca,
+            "class_weight": model.class_weight,
+            "cv": model.cv if isinstance(model.cv, int) else "val",
+            "temperature": round(model.temperature_, 4),
+        },
+        cv_score=model.cv_score_,
+        grid_edges=model.grid_edges_,
+        origin=origin,
+        dataset={
+            "data": feats.meta["data"],
+            "features": str(feats.path.resolve()),
+            "split_fingerprint": feats.split_fingerprint,
+        },
+        classes=feats.classes,
+        n_train=int((~test_rows).sum()),
+        n_test=int(test_rows.sum()),
         **score(feats.y[test_rows], proba, feats.classes),
         **(repeats_summary(repeats) if others else {}),
-        fit_seconds=round(fit_seconds, 3), extract_seconds=feats.meta["elapsed_seconds"],
-        test_predictions=per_image_predictions([p for p, t in zip(feats.paths, test_rows) if t], feats.y[test_rows],
-                                               proba, feats.classes),
+        fit_seconds=round(fit_seconds, 3),
+        extract_seconds=feats.meta["elapsed_seconds"],
+        test_predictions=per_image_predictions(
+            [p for p, t in zip(feats.paths, test_rows) if t], feats.y[test_rows], proba, feats.classes
+        ),
     )
-    return publish_bundle(out / f"{run}.joblib",
-                          {"run": run, "model": model, "classes": feats.classes, "extractor": feats.meta["extractor"]},
-                          record)
+    return publish_bundle(
+        out / f"{run}.joblib",
+        {"run": run, "model": model, "classes": feats.classes, "extractor": feats.meta["extractor"]},
+        record,
+    )
 
 
 def class_probabilities(model: CodesClassifier, X: np.ndarray, n_classes: int) -> np.ndarray:

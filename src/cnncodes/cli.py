@@ -67,9 +67,13 @@ PredictFormat = Literal["table", "csv", "json"]
 
 
 # Parameters several commands share, declared once (Typer reads the Annotated metadata).
-DataArg = Annotated[Path, typer.Argument(help="Folder with one sub-folder per class, or a CSV with path,label columns.")]
+DataArg = Annotated[
+    Path, typer.Argument(help="Folder with one sub-folder per class, or a CSV with path,label columns.")
+]
 WeightsOpt = Annotated[str, typer.Option(help="imagenet, none (untrained), or a .h5 weights file.")]
-ResizeOpt = Annotated[Resize, typer.Option(help="crop: centre square; squash: ignore aspect ratio; pad: white borders.")]
+ResizeOpt = Annotated[
+    Resize, typer.Option(help="crop: centre square; squash: ignore aspect ratio; pad: white borders.")
+]
 RuntimeOpt = Annotated[Runtime, typer.Option(help="Forward pass on ONNX Runtime (fast) or Keras.")]
 
 
@@ -91,36 +95,90 @@ def user_errors(resume_hint: str = "nothing was written.") -> Iterator[None]:
 
 @app.command()
 def extract(
-    data: Annotated[str, typer.Argument(help="Folder with one sub-folder per class, a CSV with path,label columns, or the same in an object store (s3://bucket/prefix).")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Folder with one sub-folder per class, a CSV with path,label columns, or "
+            "the same in an object store (s3://bucket/prefix)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Features folder to write (created if missing).")],
     backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
-    layer: Annotated[str | None, typer.Option(help="Layer whose output is the code (default: the last convolutional block).")] = None,
+    layer: Annotated[
+        str | None, typer.Option(help="Layer whose output is the code (default: the last convolutional block).")
+    ] = None,
     pooling: Annotated[Pooling, typer.Option(help="How a feature map becomes a vector.")] = "avg",
     weights: WeightsOpt = "imagenet",
-    image_size: Annotated[int | None, typer.Option(min=1, help="Square input size in pixels (default: the backbone's).")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(min=1, help="Square input size in pixels (default: the backbone's).")
+    ] = None,
     resize: ResizeOpt = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.15,0.15",
     seed: Annotated[int, typer.Option(help="Seed of the split's hash.")] = 0,
-    dup_threshold: Annotated[int, typer.Option(help="Max pHash bit distance (0-16) for two images to count as duplicates (-1: off).")] = DEFAULT_DUP_THRESHOLD,
-    workers: Annotated[int | None, typer.Option(min=1, help="Decoding threads, or Ray actors with --engine ray (default: one per core).")] = None,
+    dup_threshold: Annotated[
+        int, typer.Option(help="Max pHash bit distance (0-16) for two images to count as duplicates (-1: off).")
+    ] = DEFAULT_DUP_THRESHOLD,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Decoding threads, or Ray actors with --engine ray (default: one per core)."),
+    ] = None,
     runtime: RuntimeOpt = "onnx",
-    flip: Annotated[bool, typer.Option("--flip", help="Average each code with its mirror image's: twice the forward passes; not for classes that left and right tell apart.")] = False,
+    flip: Annotated[
+        bool,
+        typer.Option(
+            "--flip",
+            help="Average each code with its mirror image's: twice the forward "
+            "passes; not for classes that left and right tell apart.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
-    engine: Annotated[Literal["local", "ray"], typer.Option(help="Where checking and forward passes run: this machine, or a Ray cluster (pip install 'cnncodes[ray]').")] = "local",
-    address: Annotated[str | None, typer.Option(help="Ray cluster to join with --engine ray (default: $RAY_ADDRESS, else a new local one).")] = None,
-    precision: Annotated[Literal["fp32", "int8"], typer.Option(help="int8: a quantized ONNX model, faster on a CPU; its agreement with fp32 codes is measured and recorded.")] = "fp32",
-    calibration: Annotated[int, typer.Option(min=1, help="Train images that calibrate the int8 model (never val or test images).")] = DEFAULT_CALIBRATION,
+    engine: Annotated[
+        Literal["local", "ray"],
+        typer.Option(
+            help="Where checking and forward passes run: this machine, or a Ray cluster (pip install 'cnncodes[ray]')."
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join with --engine ray (default: $RAY_ADDRESS, else a new local one)."),
+    ] = None,
+    precision: Annotated[
+        Literal["fp32", "int8"],
+        typer.Option(
+            help="int8: a quantized ONNX model, faster on a CPU; "
+            "its agreement with fp32 codes is measured and "
+            "recorded."
+        ),
+    ] = "fp32",
+    calibration: Annotated[
+        int, typer.Option(min=1, help="Train images that calibrate the int8 model (never val or test images).")
+    ] = DEFAULT_CALIBRATION,
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, groups.npy, split.csv, rejected.csv, meta.json."""
     from .extract import extract as run_extract
 
     with user_errors("finished batches are saved; run the same command again to resume."):
         result = run_extract(
-            data, out, backbone=backbone, layer=layer, pooling=pooling,
-            weights=weights, image_size=image_size, resize=resize, batch_size=batch_size,
-            split=split, seed=seed, dup_threshold=dup_threshold, workers=workers, runtime=runtime,
-            flip=flip, progress=not quiet, engine=engine, address=address, precision=precision,
+            data,
+            out,
+            backbone=backbone,
+            layer=layer,
+            pooling=pooling,
+            weights=weights,
+            image_size=image_size,
+            resize=resize,
+            batch_size=batch_size,
+            split=split,
+            seed=seed,
+            dup_threshold=dup_threshold,
+            workers=workers,
+            runtime=runtime,
+            flip=flip,
+            progress=not quiet,
+            engine=engine,
+            address=address,
+            precision=precision,
             calibration=calibration,
         )
     for warning in result.warnings:
@@ -128,17 +186,30 @@ def extract(
     if result.rejected:
         reasons = Counter(category for _, _, category in result.rejected)
         summary = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
-        err_console.print(f"[yellow]Skipped {len(result.rejected)} file(s)[/] ({escape(summary)}): "
-                          f"see {escape(str(result.out / 'rejected.csv'))}",
-                          highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[yellow]Skipped {len(result.rejected)} file(s)[/] ({escape(summary)}): "
+            f"see {escape(str(result.out / 'rejected.csv'))}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if quiet:
         return
-    state = "up to date, nothing recomputed" if result.up_to_date else (
-        f"{result.computed} computed, {result.reused} reused in {result.seconds:.1f} s"
-        + (f" ({result.images_per_second:.1f} images/s)" if result.images_per_second else ""))
+    state = (
+        "up to date, nothing recomputed"
+        if result.up_to_date
+        else (
+            f"{result.computed} computed, {result.reused} reused in {result.seconds:.1f} s"
+            + (f" ({result.images_per_second:.1f} images/s)" if result.images_per_second else "")
+        )
+    )
     counts = ", ".join(f"{n} {s}" for s, n in result.counts.items())
-    out_console.print(Text(f"{result.n_images} codes of {result.dim} numbers for {len(result.classes)} classes "
-                           f"({counts}) in {result.out}: {state}"), soft_wrap=True)
+    out_console.print(
+        Text(
+            f"{result.n_images} codes of {result.dim} numbers for {len(result.classes)} classes "
+            f"({counts}) in {result.out}: {state}"
+        ),
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -149,8 +220,14 @@ def backbones() -> None:
         column.overflow = "fold"  # narrow terminals wrap names instead of cutting them
     table.columns[0].no_wrap = True
     for entry in REGISTRY.values():
-        table.add_row(entry.name, str(entry.default_size), entry.default_layer,
-                      ", ".join(entry.taps[:-1] + entry.top_taps), entry.preprocessing, entry.weights_file)
+        table.add_row(
+            entry.name,
+            str(entry.default_size),
+            entry.default_layer,
+            ", ".join(entry.taps[:-1] + entry.top_taps),
+            entry.preprocessing,
+            entry.weights_file,
+        )
     out_console.print(table)
 
 
@@ -171,16 +248,19 @@ def layers(
     out_console.print(table)
 
 
-
-
 @app.command("fit-svm")
 def fit_svm(
     features: Annotated[Path, typer.Argument(help="Features folder written by `cnncodes extract`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .joblib bundles and .json run records.")],
-    classifier: Annotated[list[str], typer.Option(
-        help=f"Classifier to fit (repeatable): {', '.join(KINDS)} or all.")] = ["all"],  # noqa: B006 - Typer's list default
-    normalize: Annotated[Normalize, typer.Option(
-        help="Feature normalisation before the classifier; auto: standard, l2 or none, chosen by cross-validation.")] = "auto",
+    classifier: Annotated[
+        list[str], typer.Option(help=f"Classifier to fit (repeatable): {', '.join(KINDS)} or all.")
+    ] = ["all"],  # noqa: B006 - Typer's list default
+    normalize: Annotated[
+        Normalize,
+        typer.Option(
+            help="Feature normalisation before the classifier; auto: standard, l2 or none, chosen by cross-validation."
+        ),
+    ] = "auto",
     pca: Annotated[int | None, typer.Option(min=1, help="Reduce codes to N principal components first.")] = None,
     cv: Annotated[int, typer.Option(help="Cross-validation folds on train+val; 0 chooses on the val subset.")] = 5,
     class_weight: Annotated[str | None, typer.Option(help="'balanced' for imbalanced classes.")] = None,
@@ -188,26 +268,55 @@ def fit_svm(
     seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
     name: Annotated[str | None, typer.Option(help="Prefix of the run names.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
-    repeats: Annotated[int, typer.Option(min=1, help="Score on K duplicate-aware splits of the same images "
-                                                     "(the features' own, then seeds after it): mean ± sd.")] = 1,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Score on K duplicate-aware splits of the same images "
+            "(the features' own, then seeds after it): mean ± sd.",
+        ),
+    ] = 1,
 ) -> None:
     """Fit linear SVM, logistic regression, RBF SVM and k-NN on CNN codes; score each once on the test subset."""
     from .classifiers import fit_svm as run_fit
 
     with user_errors():
-        records = run_fit(features, out, classifiers=classifier, normalize=normalize, pca=pca, cv=cv,
-                          class_weight=class_weight, n_jobs=n_jobs, seed=seed, name=name, progress=not quiet,
-                          repeats=repeats)
+        records = run_fit(
+            features,
+            out,
+            classifiers=classifier,
+            normalize=normalize,
+            pca=pca,
+            cv=cv,
+            class_weight=class_weight,
+            n_jobs=n_jobs,
+            seed=seed,
+            name=name,
+            progress=not quiet,
+            repeats=repeats,
+        )
     if not quiet:
-        out_console.print(rich_table(rank(records), title=f"Fitted on {records[0]['n_train']} images, "
-                                                          f"scored on {records[0]['n_test']} test images",
-                                     width=out_console.width))
+        out_console.print(
+            rich_table(
+                rank(records),
+                title=f"Fitted on {records[0]['n_train']} images, scored on {records[0]['n_test']} test images",
+                width=out_console.width,
+            )
+        )
         for record in records:
-            chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in record["params"].items() if k in ("normalize", "C", "gamma", "n_neighbors"))
+            chosen = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in record["params"].items()
+                if k in ("normalize", "C", "gamma", "n_neighbors")
+            )
             edges = f"; at the edge of its grid: {', '.join(record['grid_edges'])}" if record["grid_edges"] else ""
-            out_console.print(Text(f"{record['run']}: {chosen} (cv score {record['cv_score']:.3f}{edges}) -> "
-                                   f"{out / record['model_file']}"), soft_wrap=True)
+            out_console.print(
+                Text(
+                    f"{record['run']}: {chosen} (cv score {record['cv_score']:.3f}{edges}) -> "
+                    f"{out / record['model_file']}"
+                ),
+                soft_wrap=True,
+            )
 
 
 @app.command()
@@ -235,8 +344,11 @@ def compare(
         if text is not None and output:
             write_bytes_atomic(output, text.encode())
     if text is None:
-        out_console.print(rich_table(records, title=f"{len(records)} runs, {records[0]['n_test']} test images",
-                                     width=out_console.width))
+        out_console.print(
+            rich_table(
+                records, title=f"{len(records)} runs, {records[0]['n_test']} test images", width=out_console.width
+            )
+        )
     elif not output:
         typer.echo(text, nl=False)
     if html_path:
@@ -245,7 +357,12 @@ def compare(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Argument(help="A .joblib bundle from fit-svm or a .keras model from finetune (with its .json beside it).")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A .joblib bundle from fit-svm or a .keras model from finetune (with its .json beside it)."
+        ),
+    ],
     images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
     format: Annotated[PredictFormat, typer.Option("--format", "-f", help="Output format.")] = "table",
@@ -260,9 +377,14 @@ def predict(
     from .predict import predict as run_predict
 
     with user_errors():
-        results = run_predict(model, images, top_k=top_k, batch_size=batch_size, weights=weights,
-                              runtime=runtime, progress=not quiet)
-        text = None if format == "table" and not output else render_predictions(results, "csv" if format == "table" else format)
+        results = run_predict(
+            model, images, top_k=top_k, batch_size=batch_size, weights=weights, runtime=runtime, progress=not quiet
+        )
+        text = (
+            None
+            if format == "table" and not output
+            else render_predictions(results, "csv" if format == "table" else format)
+        )
         if text is not None and output:
             write_bytes_atomic(output, text.encode("utf-8", "surrogateescape"))
     if text is None:
@@ -278,10 +400,19 @@ def predict(
 
 @app.command()
 def demo(
-    data: Annotated[Path | None, typer.Argument(help="Your class-per-folder images (default: scikit-learn's digits).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for features, models and the report (default: models/<name of DATA>).")] = None,
+    data: Annotated[
+        Path | None, typer.Argument(help="Your class-per-folder images (default: scikit-learn's digits).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Folder for features, models and the report (default: models/<name of DATA>)."
+        ),
+    ] = None,
     backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
-    image_size: Annotated[int | None, typer.Option(min=1, help="Input size (default: 96 for the digits, else the backbone's).")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(min=1, help="Input size (default: 96 for the digits, else the backbone's).")
+    ] = None,
 ) -> None:
     """Run the whole pipeline (extract, fit-svm, finetune, compare, predict) and say what each step does."""
     from .demo import run_demo
@@ -295,34 +426,68 @@ def finetune(
     data: DataArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .keras model and its .json run record.")],
     split_from: Annotated[Path | None, typer.Option(help="Features folder (or split.csv) whose split to use.")] = None,
-    backbone: Annotated[TrainableName, typer.Option(
-        help=f"ImageNet network to fine-tune, or {SMALL_CNN}: a small ConvNet from scratch (with --weights none).")] = "mobilenetv2",
+    backbone: Annotated[
+        TrainableName,
+        typer.Option(
+            help=f"ImageNet network to fine-tune, or {SMALL_CNN}: a small ConvNet from scratch (with --weights none)."
+        ),
+    ] = "mobilenetv2",
     weights: WeightsOpt = "imagenet",
-    image_size: Annotated[int | None, typer.Option(min=1, help="Square input size (160 is a fast choice on a CPU).")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(min=1, help="Square input size (160 is a fast choice on a CPU).")
+    ] = None,
     resize: ResizeOpt = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per training step.")] = 32,
     head_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 1: the head on the frozen backbone.")] = 5,
-    fine_epochs: Annotated[int, typer.Option(min=0, help="Epochs of phase 2: the top block unfrozen (smallcnn: more epochs of its one phase).")] = 5,
-    unfreeze: Annotated[str | None, typer.Option(help="Unfreeze the layers after this one, or the last N layers.")] = None,
+    fine_epochs: Annotated[
+        int,
+        typer.Option(min=0, help="Epochs of phase 2: the top block unfrozen (smallcnn: more epochs of its one phase)."),
+    ] = 5,
+    unfreeze: Annotated[
+        str | None, typer.Option(help="Unfreeze the layers after this one, or the last N layers.")
+    ] = None,
     head_lr: Annotated[float, typer.Option(help="Learning rate of phase 1 (smallcnn: its only one).")] = 1e-3,
     lr: Annotated[float, typer.Option(help="Learning rate of phase 2.")] = 1e-5,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout before the new softmax layer.")] = 0.2,
-    augment: Annotated[bool | None, typer.Option(
-        help="Random flips, rotations, zooms and contrast while training (default: on; off with --cache-trunk).",
-        show_default=False)] = None,
-    cache_trunk: Annotated[bool, typer.Option(
-        "--cache-trunk", help="Compute the frozen layers' activations once (kept in OUT/.trunk) and train only the top block "
-             "and head on them: several times faster per epoch, no augmentation.")] = False,
+    augment: Annotated[
+        bool | None,
+        typer.Option(
+            help="Random flips, rotations, zooms and contrast while training (default: on; off with --cache-trunk).",
+            show_default=False,
+        ),
+    ] = None,
+    cache_trunk: Annotated[
+        bool,
+        typer.Option(
+            "--cache-trunk",
+            help="Compute the frozen layers' activations once (kept in OUT/.trunk) and train only the top "
+            "block "
+            "and head on them: several times faster per epoch, no augmentation.",
+        ),
+    ] = False,
     class_weight: Annotated[str | None, typer.Option(help="'balanced' for imbalanced classes.")] = None,
     patience: Annotated[int, typer.Option(min=1, help="Epochs without val-accuracy gain before stopping.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of shuffling and initialisation.")] = 0,
     name: Annotated[str | None, typer.Option(help="Prefix of the run name.")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the last finished epoch of an interrupted run.")] = False,
     restart: Annotated[bool, typer.Option(help="Discard an interrupted run's checkpoints and start afresh.")] = False,
-    repeats: Annotated[int, typer.Option(min=1, help="Also train and score on K-1 more duplicate-aware splits of the --split-from features (mean ± sd in the record).")] = 1,
-    split: Annotated[str, typer.Option(help="train,val,test fractions of the split made without --split-from.")] = "0.7,0.15,0.15",
-    split_seed: Annotated[int, typer.Option(help="Seed of the split made without --split-from (as extract's --seed).")] = 0,
-    dup_threshold: Annotated[int, typer.Option(help="Duplicate threshold of the split made without --split-from.")] = DEFAULT_DUP_THRESHOLD,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Also train and score on K-1 more duplicate-aware splits of the "
+            "--split-from features (mean ± sd in the record).",
+        ),
+    ] = 1,
+    split: Annotated[
+        str, typer.Option(help="train,val,test fractions of the split made without --split-from.")
+    ] = "0.7,0.15,0.15",
+    split_seed: Annotated[
+        int, typer.Option(help="Seed of the split made without --split-from (as extract's --seed).")
+    ] = 0,
+    dup_threshold: Annotated[
+        int, typer.Option(help="Duplicate threshold of the split made without --split-from.")
+    ] = DEFAULT_DUP_THRESHOLD,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
 ) -> None:
     """Fine-tune the backbone end to end (head, then the top block) and score it on the same test set."""
@@ -331,13 +496,37 @@ def finetune(
 
     with user_errors("finished epochs are saved; add --resume to go on."):
         spec = make_spec(
-            backbone, weights=weights, image_size=image_size, resize=resize,
-            batch_size=batch_size, head_epochs=head_epochs, fine_epochs=fine_epochs, unfreeze=unfreeze,
-            head_lr=head_lr, lr=lr, dropout=dropout, augment=augment, cache_trunk=cache_trunk,
-            class_weight=class_weight, patience=patience, seed=seed)
-        record = run_finetune(data, out, spec, split_from=split_from, split=split, split_seed=split_seed,
-                              dup_threshold=dup_threshold, name=name, repeats=repeats, resume=resume, restart=restart,
-                              progress=not quiet)
+            backbone,
+            weights=weights,
+            image_size=image_size,
+            resize=resize,
+            batch_size=batch_size,
+            head_epochs=head_epochs,
+            fine_epochs=fine_epochs,
+            unfreeze=unfreeze,
+            head_lr=head_lr,
+            lr=lr,
+            dropout=dropout,
+            augment=augment,
+            cache_trunk=cache_trunk,
+            class_weight=class_weight,
+            patience=patience,
+            seed=seed,
+        )
+        record = run_finetune(
+            data,
+            out,
+            spec,
+            split_from=split_from,
+            split=split,
+            split_seed=split_seed,
+            dup_threshold=dup_threshold,
+            name=name,
+            repeats=repeats,
+            resume=resume,
+            restart=restart,
+            progress=not quiet,
+        )
     if not quiet:
         out_console.print(rich_table([record], title=f"{record['epochs_run']} epochs, {record['n_test']} test images"))
 
@@ -353,24 +542,27 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Server processes; each gets cores / N threads.")] = 1,
     max_bytes: Annotated[int, typer.Option(min=1, help="Largest request body (413 before it is read).")] = 20_000_000,
-    batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long an image waits for others to share its "
-                                                            "forward pass.")] = 5.0,
+    batch_wait_ms: Annotated[
+        float, typer.Option(min=0, help="How long an image waits for others to share its forward pass.")
+    ] = 5.0,
     max_batch: Annotated[int, typer.Option(min=1, help="Most images per forward pass.")] = 32,
     weights: MovedWeightsOpt = None,
     runtime: RuntimeOpt = "onnx",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
-    grace_seconds: Annotated[float, typer.Option(min=0, help="On SIGTERM, how long in-flight requests may take "
-                                                            "to finish.")] = 30.0,
-    threads: Annotated[int | None, typer.Option(min=1, help="Threads per process (default: cores / workers; "
-                                                           "in a container, its CPU limit).")] = None,
+    grace_seconds: Annotated[
+        float, typer.Option(min=0, help="On SIGTERM, how long in-flight requests may take to finish.")
+    ] = 30.0,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="Threads per process (default: cores / workers; in a container, its CPU limit)."),
+    ] = None,
 ) -> None:
     """Serve a saved model over HTTP: POST /predict, GET /healthz, /readyz, /metadata, /metrics."""
     with user_errors():
         from .serve import ServeSettings
         from .serve import serve as run_serve
 
-        settings = ServeSettings(str(model), weights, runtime, max_bytes, batch_wait_ms, max_batch,
-                                 threads)
+        settings = ServeSettings(str(model), weights, runtime, max_bytes, batch_wait_ms, max_batch, threads)
         run_serve(settings, host=host, port=port, workers=workers, access_log=access_log, grace_seconds=grace_seconds)
 
 
@@ -382,5 +574,10 @@ def prepare(model: ModelArg, weights: MovedWeightsOpt = None) -> None:
 
     with user_errors():
         predictor = load_predictor(model, weights)
-    out_console.print(Text(f"prepared {model} ({len(predictor.classes)} classes, {predictor.image_size} px input): "
-                           f"its runtime model is cached in {cache_dir() / 'onnx'}"), soft_wrap=True)
+    out_console.print(
+        Text(
+            f"prepared {model} ({len(predictor.classes)} classes, {predictor.image_size} px input): "
+            f"its runtime model is cached in {cache_dir() / 'onnx'}"
+        ),
+        soft_wrap=True,
+    )

@@ -57,8 +57,14 @@ def claim_output(out: Path, data: Path) -> Path:
     return out
 
 
-def run_demo(data: Path | None = None, out: Path | None = None, backbone: str = "mobilenetv2",
-             image_size: int | None = None, examples: int = 8, finetune_epochs: tuple[int, int] = (20, 10)) -> list[dict]:
+def run_demo(
+    data: Path | None = None,
+    out: Path | None = None,
+    backbone: str = "mobilenetv2",
+    image_size: int | None = None,
+    examples: int = 8,
+    finetune_epochs: tuple[int, int] = (20, 10),
+) -> list[dict]:
     """extract -> fit-svm -> finetune -> compare -> predict, saying what each step does; returns the ranked records.
 
     `out` defaults to `models/<name of the data folder>`; it must be empty or hold an earlier
@@ -75,14 +81,25 @@ def run_demo(data: Path | None = None, out: Path | None = None, backbone: str = 
     say(f"[bold]2/6[/] extract: {backbone} turns every image into a CNN code -> {escape(str(features))}")
     result = extract(data, features, backbone=backbone, image_size=size)
     say(f"      {result.n_images} codes of {result.dim} numbers; split {result.counts}")
-    say("[bold]3/6[/] fit-svm: linear SVM, logistic regression, RBF SVM and k-NN on the codes "
-        "(hyper-parameters by 5-fold cross-validation)")
+    say(
+        "[bold]3/6[/] fit-svm: linear SVM, logistic regression, RBF SVM and k-NN on the codes "
+        "(hyper-parameters by 5-fold cross-validation)"
+    )
     fit_svm(features, out)
-    say(f"[bold]4/6[/] finetune: {backbone}'s top block and a new head trained on the same split, on the "
+    say(
+        f"[bold]4/6[/] finetune: {backbone}'s top block and a new head trained on the same split, on the "
         f"frozen layers' activations computed once (--cache-trunk; up to {finetune_epochs[0]} epochs of the head, "
-        f"{finetune_epochs[1]} with the top block unfrozen)")
-    spec = make_spec(backbone, image_size=size, cache_trunk=True, head_epochs=finetune_epochs[0],
-                     fine_epochs=finetune_epochs[1], lr=1e-4, patience=5)
+        f"{finetune_epochs[1]} with the top block unfrozen)"
+    )
+    spec = make_spec(
+        backbone,
+        image_size=size,
+        cache_trunk=True,
+        head_epochs=finetune_epochs[0],
+        fine_epochs=finetune_epochs[1],
+        lr=1e-4,
+        patience=5,
+    )
     finetune(data, out, spec, split_from=features, restart=True, progress=True)
     say(f"[bold]5/6[/] compare: every run scored on the same {result.counts['test']} test images")
     records = rank(load_records([out]))
@@ -93,8 +110,9 @@ def run_demo(data: Path | None = None, out: Path | None = None, backbone: str = 
     best = records[0]
     say(f"[bold]6/6[/] predict: the best run ({escape(best['run'])}) on {examples} test images it never saw")
     sample = best["test_predictions"][:: max(1, len(best["test_predictions"]) // examples)][:examples]
-    answers = predict(out / best["model_file"], [str(Path(best["dataset"]["data"]) / p["path"]) for p in sample],
-                      progress=False)
+    answers = predict(
+        out / best["model_file"], [str(Path(best["dataset"]["data"]) / p["path"]) for p in sample], progress=False
+    )
     for truth, answer in zip(sample, answers):
         top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in answer.top_k)
         mark = "[green]right[/]" if answer.label == truth["label"] else "[red]wrong[/]"

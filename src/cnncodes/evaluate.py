@@ -34,8 +34,7 @@ def calibration(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | None
     confidence, right = proba.max(axis=1), proba.argmax(axis=1) == y_true
     onehot = np.eye(proba.shape[1])[y_true]
     bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
-    ece = sum(abs(confidence[bins == b].mean() - right[bins == b].mean()) * (bins == b).mean()
-              for b in np.unique(bins))
+    ece = sum(abs(confidence[bins == b].mean() - right[bins == b].mean()) * (bins == b).mean() for b in np.unique(bins))
     mixed = 0 < right.sum() < len(right)
     return {
         "log_loss": float(log_loss(y_true, proba, labels=np.arange(proba.shape[1]))),
@@ -75,10 +74,17 @@ def score(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict
     }
 
 
-def per_image_predictions(paths: Sequence[str], y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> list[dict]:
+def per_image_predictions(
+    paths: Sequence[str], y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]
+) -> list[dict]:
     """One line per test image, for reports that show the most confident mistakes."""
     return [
-        {"path": path, "label": classes[t], "predicted": classes[int(p.argmax())], "probability": round(float(p.max()), 6)}
+        {
+            "path": path,
+            "label": classes[t],
+            "predicted": classes[int(p.argmax())],
+            "probability": round(float(p.max()), 6),
+        }
         for path, t, p in zip(paths, y_true, proba)
     ]
 

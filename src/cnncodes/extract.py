@@ -107,17 +107,27 @@ class ExtractorSpec:
         if pooling not in POOLINGS:
             raise CnnCodesError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
         if flip and pooling == "flatten" and not entry.needs_top(layer):
-            raise CnnCodesError("--flip averages the codes of an image and of its mirror image, which only makes sense "
-                                "for pooled codes: use --pooling avg or max")
+            raise CnnCodesError(
+                "--flip averages the codes of an image and of its mirror image, which only makes sense "
+                "for pooled codes: use --pooling avg or max"
+            )
         check_resize(resize)
         size = image_size or entry.default_size
         entry.check_size(size, layer)
         resolved = entry.resolve_weights(weights, layer)
         spec = cls(
-            backbone=entry.name, layer=layer, pooling="none" if entry.needs_top(layer) else pooling,
-            image_size=size, resize=resize, preprocessing=entry.preprocessing, weights=resolved.kind,
-            weights_sha256=resolved.sha256, weights_file=str(resolved.path) if resolved.path else None, flip=flip,
-            precision=precision, calibration={"n": calibration} if precision == "int8" else None,
+            backbone=entry.name,
+            layer=layer,
+            pooling="none" if entry.needs_top(layer) else pooling,
+            image_size=size,
+            resize=resize,
+            preprocessing=entry.preprocessing,
+            weights=resolved.kind,
+            weights_sha256=resolved.sha256,
+            weights_file=str(resolved.path) if resolved.path else None,
+            flip=flip,
+            precision=precision,
+            calibration={"n": calibration} if precision == "int8" else None,
         )
         return spec, resolved
 
@@ -131,9 +141,12 @@ class ExtractorSpec:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if made != EXTRACTOR_FORMAT or unknown:
             what = f"extractor format {made}" + (f" with fields {', '.join(unknown)}" if unknown else "")
-            raise CnnCodesError(f"these codes or this model were made by another version of cnncodes ({what}; this one "
-                                f"builds format {EXTRACTOR_FORMAT}): extract and fit again with this version, or install "
-                                "the one that made them")
+            raise CnnCodesError(
+                f"these codes or this model were made by another version of cnncodes ({what}; this one "
+                f"builds format {EXTRACTOR_FORMAT}): extract and fit again with this version, or "
+                f"install "
+                "the one that made them"
+            )
         try:
             return cls(**{**data, "format": made})
         except TypeError as e:  # a field it needs is missing
@@ -177,8 +190,9 @@ class ExtractorSpec:
     def pinned(self) -> ExtractorSpec:
         """This spec with what the cache recorded when it made the model: the probe fingerprint, int8's choice."""
         record = cache_record(self.model_key) or {}
-        return replace(self, probe=record.get("probe", self.probe),
-                       quantization=record.get("quantization", self.quantization))
+        return replace(
+            self, probe=record.get("probe", self.probe), quantization=record.get("quantization", self.quantization)
+        )
 
     def find_weights(self, override: str | None = None) -> Weights:
         """The weights these codes were made with, found again (or at `override`) and checked by SHA-256."""
@@ -189,7 +203,8 @@ class ExtractorSpec:
         if found.sha256 != self.weights_sha256:
             raise CnnCodesError(
                 f"the weights {found.path or choice} are not the ones this model was made with ({self.weights_file}, "
-                f"SHA-256 {self.weights_sha256}): give the right file with --weights PATH")
+                f"SHA-256 {self.weights_sha256}): give the right file with --weights PATH"
+            )
         return found
 
     def build(self, weights: Weights):
@@ -210,8 +225,9 @@ class ExtractorSpec:
         if self.precision == "int8":
             found: Runner = quantize.int8_runner(self, build, notice=warn, threads=threads)
         else:
-            found = make_runner(build, self.network_key, runtime, notice=warn, pin=self.probe, label=self.backbone,
-                                threads=threads)
+            found = make_runner(
+                build, self.network_key, runtime, notice=warn, pin=self.probe, label=self.backbone, threads=threads
+            )
         return MirrorAveraged(found) if self.flip else found
 
     def prepare(self, weights: Weights | None = None) -> None:
@@ -279,8 +295,14 @@ class ImageReader:
 
     AHEAD = 2  # batches decoded ahead of the one being consumed
 
-    def __init__(self, paths: Sequence[Path | str], size: int, resize: str = "crop", batch_size: int = 32,
-                 workers: int | None = None):
+    def __init__(
+        self,
+        paths: Sequence[Path | str],
+        size: int,
+        resize: str = "crop",
+        batch_size: int = 32,
+        workers: int | None = None,
+    ):
         self.paths = paths
         self.size = size
         self.resize = resize
@@ -292,7 +314,7 @@ class ImageReader:
         pending: deque = deque()
         try:
             for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
+                chunk = rows[start : start + self.batch_size]
                 pending.append((chunk, [pool.submit(decode, self.paths[r], self.size, self.resize) for r in chunk]))
                 if len(pending) > self.AHEAD:
                     yield self._collect(*pending.popleft())
@@ -353,7 +375,9 @@ class Engine(Protocol):
         """The engine and the size of its cluster, for meta.json."""
         ...
 
-    def check(self, files: Sequence[Path | str], advance: Callable[[int], None]) -> Iterator[tuple[list[int], list[Check]]]:
+    def check(
+        self, files: Sequence[Path | str], advance: Callable[[int], None]
+    ) -> Iterator[tuple[list[int], list[Check]]]:
         """`check_image` of every file, as (positions in `files`, checks) in any order."""
         ...
 
@@ -372,10 +396,12 @@ class LocalEngine:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "nodes": 1, "cpus": os.cpu_count()}
 
-    def check(self, files: Sequence[Path | str], advance: Callable[[int], None]) -> Iterator[tuple[list[int], list[Check]]]:
+    def check(
+        self, files: Sequence[Path | str], advance: Callable[[int], None]
+    ) -> Iterator[tuple[list[int], list[Check]]]:
         with ThreadPoolExecutor(self.workers or os.cpu_count() or 2) as pool:  # Pillow decodes without the GIL
             for start in range(0, len(files), CHECK_CHUNK):
-                chunk = files[start:start + CHECK_CHUNK]
+                chunk = files[start : start + CHECK_CHUNK]
                 found = []
                 for check in pool.map(check_file, chunk):
                     found.append(check)
@@ -463,8 +489,9 @@ def extract(
     check_runtime(runtime)
     check_dup_threshold(dup_threshold)
     fractions = parse_fractions(split)
-    spec, resolved = ExtractorSpec.create(backbone, layer, pooling, image_size, resize, weights, flip, precision,
-                                          calibration, runtime)
+    spec, resolved = ExtractorSpec.create(
+        backbone, layer, pooling, image_size, resize, weights, flip, precision, calibration, runtime
+    )
     out = Path(out)
     dataset = discover_data(data)  # a missing or empty DATA fails before anything is written
     discovered = time.perf_counter() - started
@@ -480,12 +507,26 @@ def extract(
         job = CodeJob(spec, resolved, runtime, Files(the_plan.usable.root, the_plan.usable.paths), batch_size)
         done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
         settings = {"fractions": fractions, "seed": seed, "dup_threshold": dup_threshold}
-        stages = {"discover": round(discovered, 3), "engine": round(engine_start, 3), **the_plan.seconds,
-                  "codes": round(done.seconds, 3)}
+        stages = {
+            "discover": round(discovered, 3),
+            "engine": round(engine_start, 3),
+            **the_plan.seconds,
+            "codes": round(done.seconds, 3),
+        }
         meta = publish(out, the_plan, done, spec, runtime, where.describe(), run_key, settings, started, stages)
-    return ExtractResult(out, meta["n_images"], meta["dim"], meta["classes"], meta["split"]["counts"],
-                         the_plan.rejected + done.failed_paths(the_plan), done.computed, done.reused,
-                         meta["elapsed_seconds"], meta["images_per_second"], warnings=the_plan.split.warnings)
+    return ExtractResult(
+        out,
+        meta["n_images"],
+        meta["dim"],
+        meta["classes"],
+        meta["split"]["counts"],
+        the_plan.rejected + done.failed_paths(the_plan),
+        done.computed,
+        done.reused,
+        meta["elapsed_seconds"],
+        meta["images_per_second"],
+        warnings=the_plan.split.warnings,
+    )
 
 
 @contextmanager
@@ -500,8 +541,9 @@ def _exclusive(out: Path) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise CnnCodesError(f"another cnncodes extract is writing to {out}: wait for it to finish, "
-                            "or give this one another --out") from None
+        raise CnnCodesError(
+            f"another cnncodes extract is writing to {out}: wait for it to finish, or give this one another --out"
+        ) from None
     try:
         yield
     finally:
@@ -519,19 +561,28 @@ class Plan(NamedTuple):
     seconds: dict[str, float]  # per stage: check, duplicates, split
 
 
-def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
-         dup_threshold: int = DEFAULT_DUP_THRESHOLD, workers: int | None = None, progress: bool = True,
-         engine: Engine | None = None) -> Plan:
+def plan(
+    dataset: Dataset,
+    out: Path,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+    dup_threshold: int = DEFAULT_DUP_THRESHOLD,
+    workers: int | None = None,
+    progress: bool = True,
+    engine: Engine | None = None,
+) -> Plan:
     """Check every image `discover` found, write `out/rejected.csv`, and split the usable ones.
 
     Stops with a `CnnCodesError` when a class, or the whole dataset, has no usable image.
     """
     clock = _Stopwatch()
     all_ids = _file_ids(dataset)
-    reasons, categories, all_hashes = _check(dataset, all_ids, out / CACHE_DIR, engine or LocalEngine(workers),
-                                             progress)
-    rejected = dataset.skipped + [(p, r, c or "") for p, r, c in zip(dataset.paths, reasons, categories)
-                                  if r is not None]
+    reasons, categories, all_hashes = _check(
+        dataset, all_ids, out / CACHE_DIR, engine or LocalEngine(workers), progress
+    )
+    rejected = dataset.skipped + [
+        (p, r, c or "") for p, r, c in zip(dataset.paths, reasons, categories) if r is not None
+    ]
     artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, rejected)
     usable = _require_usable(dataset, reasons)
     phashes = cast(list[str], [h for h, r in zip(all_hashes, reasons) if r is None])  # usable files have one
@@ -542,8 +593,7 @@ def plan(dataset: Dataset, out: Path, fractions: Sequence[float] = DEFAULT_FRACT
     the_split = assign_subsets(usable.paths, usable.labels, groups, fractions, seed)
     the_split.warnings += warnings
     clock.lap("split")
-    return Plan(usable, the_split, rejected, [fid for fid, r in zip(all_ids, reasons) if r is None], groups,
-                clock.laps)
+    return Plan(usable, the_split, rejected, [fid for fid, r in zip(all_ids, reasons) if r is None], groups, clock.laps)
 
 
 class _Stopwatch:
@@ -559,8 +609,9 @@ class _Stopwatch:
         self._last = now
 
 
-def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine,
-           progress: bool) -> tuple[list[str | None], list[str | None], list[str | None]]:
+def _check(
+    dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine, progress: bool
+) -> tuple[list[str | None], list[str | None], list[str | None]]:
     """Decode every file once (cached by its identity) to find the bad ones and hash the rest.
 
     Returns each file's reason to be rejected (None if usable), its category and perceptual hash. The
@@ -575,8 +626,12 @@ def _check(dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine,
     phashes: list[str | None] = []
 
     def save() -> None:
-        cache.put([ids[i] for i in unsaved], [reasons[i] for i in unsaved], [categories[i] for i in unsaved],
-                  [phashes[i] for i in unsaved])
+        cache.put(
+            [ids[i] for i in unsaved],
+            [reasons[i] for i in unsaved],
+            [categories[i] for i in unsaved],
+            [phashes[i] for i in unsaved],
+        )
         unsaved.clear()
 
     try:
@@ -616,7 +671,9 @@ def _file_ids(dataset: Dataset) -> list[str]:
 def _require_usable(dataset: Dataset, reasons: list[str | None]) -> Dataset:
     keep = [i for i, r in enumerate(reasons) if r is None]
     if not keep:
-        raise CnnCodesError(f"no usable image in {dataset.root}: all {len(dataset)} files were rejected (see rejected.csv)")
+        raise CnnCodesError(
+            f"no usable image in {dataset.root}: all {len(dataset)} files were rejected (see rejected.csv)"
+        )
     usable = Dataset(dataset.root, [dataset.paths[i] for i in keep], [dataset.labels[i] for i in keep])
     empty = sorted(set(dataset.labels) - set(usable.labels))
     if empty:
@@ -638,8 +695,14 @@ class Computed(NamedTuple):
         return [(the_plan.usable.paths[row], str(bad), bad.category) for row, bad in self.failed]
 
 
-def compute_codes(out: Path, job: CodeJob, file_ids: list[str], engine: Engine, progress: bool = True,
-                  on_batch: Callable[[int, int], None] | None = None) -> Computed:
+def compute_codes(
+    out: Path,
+    job: CodeJob,
+    file_ids: list[str],
+    engine: Engine,
+    progress: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Computed:
     """Fill a FeatureWriter: resume, reuse rows of an earlier run, then let `engine` compute the rest."""
     previous = _previous_rows(out, job.spec.key, file_ids)
     covered = previous is not None and len(previous.pairs) == len(file_ids)
@@ -654,8 +717,9 @@ def compute_codes(out: Path, job: CodeJob, file_ids: list[str], engine: Engine, 
     started = time.perf_counter()
     if len(todo):
         total = len(file_ids)
-        with progress_bar(f"Extracting {job.spec.backbone}/{job.spec.layer}", total, enabled=progress,
-                          completed=total - len(todo)) as advance:
+        with progress_bar(
+            f"Extracting {job.spec.backbone}/{job.spec.layer}", total, enabled=progress, completed=total - len(todo)
+        ) as advance:
             try:
                 for batch in engine.codes(job, todo):
                     writer.write(batch.rows, batch.codes)
@@ -708,20 +772,46 @@ def _up_to_date(out: Path, run_key: str) -> bool:
 def _result_from_meta(out: Path, rejected, warnings, seconds: float) -> ExtractResult:
     meta = artifacts.read_json(out / "meta.json")
     counts = {s: meta["subsets"].count(s) for s in ("train", "val", "test")}
-    return ExtractResult(out, meta["n_images"], meta["dim"], meta["classes"], counts, rejected, 0, meta["n_images"],
-                         seconds, None, up_to_date=True, warnings=warnings)
+    return ExtractResult(
+        out,
+        meta["n_images"],
+        meta["dim"],
+        meta["classes"],
+        counts,
+        rejected,
+        0,
+        meta["n_images"],
+        seconds,
+        None,
+        up_to_date=True,
+        warnings=warnings,
+    )
 
 
 def _keep_rows(the_split: Split, kept: np.ndarray) -> Split:
     if len(kept) == len(the_split.paths):
         return the_split
-    return Split([the_split.paths[i] for i in kept], [the_split.labels[i] for i in kept],
-                 [the_split.subsets[i] for i in kept], the_split.n_duplicate_groups, the_split.warnings)
+    return Split(
+        [the_split.paths[i] for i in kept],
+        [the_split.labels[i] for i in kept],
+        [the_split.subsets[i] for i in kept],
+        the_split.n_duplicate_groups,
+        the_split.warnings,
+    )
 
 
-def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runtime: str, engine: dict[str, Any],
-            run_key: str, split_args: dict[str, Any], started: float,
-            stages: dict[str, float] | None = None) -> dict[str, Any]:
+def publish(
+    out: Path,
+    the_plan: Plan,
+    done: Computed,
+    spec: ExtractorSpec,
+    runtime: str,
+    engine: dict[str, Any],
+    run_key: str,
+    split_args: dict[str, Any],
+    started: float,
+    stages: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Replace the outputs; returns the meta record.
 
     The order keeps every kill recoverable: `meta.json` and `rows.json` go first, the
@@ -743,12 +833,24 @@ def publish(out: Path, the_plan: Plan, done: Computed, spec: ExtractorSpec, runt
     final = _keep_rows(the_plan.split, kept)
     classes = the_plan.usable.classes
     artifacts.write_npy_atomic(out / "labels.npy", np.array([classes.index(c) for c in final.labels], dtype=np.int64))
-    artifacts.write_npy_atomic(out / "groups.npy", np.unique(the_plan.groups[kept], return_inverse=True)[1].astype(np.int64))
+    artifacts.write_npy_atomic(
+        out / "groups.npy", np.unique(the_plan.groups[kept], return_inverse=True)[1].astype(np.int64)
+    )
     final.write_csv(out / "split.csv")
     artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, the_plan.rejected + done.failed_paths(the_plan))
     rate = done.computed / done.seconds if done.computed and done.seconds else None
-    meta = _meta(the_plan.usable, final, spec, runtime, engine, run_key, done.writer.dim, split_args,
-                 done.earlier_seconds + time.perf_counter() - started, rate)
+    meta = _meta(
+        the_plan.usable,
+        final,
+        spec,
+        runtime,
+        engine,
+        run_key,
+        done.writer.dim,
+        split_args,
+        done.earlier_seconds + time.perf_counter() - started,
+        rate,
+    )
     meta["stage_seconds"] = {**(stages or {}), "publish": round(time.perf_counter() - published, 3)}
     artifacts.write_json_atomic(out / "meta.json", meta)
     return meta
@@ -762,8 +864,18 @@ def _dump_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, engine: dict[str, Any], run_key: str,
-          dim: int, split_args: dict, elapsed: float, rate: float | None) -> dict[str, Any]:
+def _meta(
+    usable: Dataset,
+    final: Split,
+    spec: ExtractorSpec,
+    runtime: str,
+    engine: dict[str, Any],
+    run_key: str,
+    dim: int,
+    split_args: dict,
+    elapsed: float,
+    rate: float | None,
+) -> dict[str, Any]:
     return {
         "format": FEATURES_FORMAT,
         "data": str(usable.root),
@@ -775,8 +887,12 @@ def _meta(usable: Dataset, final: Split, spec: ExtractorSpec, runtime: str, engi
         "extractor": spec.pinned().to_dict(),
         "runtime": runtime,
         "engine": engine,
-        "split": {**split_args, "fingerprint": final.fingerprint, "duplicate_groups": final.n_duplicate_groups,
-                  "counts": final.counts()},
+        "split": {
+            **split_args,
+            "fingerprint": final.fingerprint,
+            "duplicate_groups": final.n_duplicate_groups,
+            "counts": final.counts(),
+        },
         "run_key": run_key,
         "versions": artifacts.package_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

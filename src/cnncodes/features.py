@@ -55,28 +55,43 @@ def load_features(path: Path | str) -> Features:
     """Load and cross-check `meta.json`, `features.npy` and `labels.npy` of a features folder."""
     path = Path(path)
     if not (path / "meta.json").is_file():
-        raise CnnCodesError(f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out {path}`")
+        raise CnnCodesError(
+            f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out {path}`"
+        )
     try:
         meta = read_json(path / "meta.json")
         X = np.load(path / "features.npy", mmap_mode="r")
         y = np.load(path / "labels.npy")
     except (OSError, ValueError) as e:
-        raise CnnCodesError(f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again") from None
+        raise CnnCodesError(
+            f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FEATURES_FORMAT:
         raise CnnCodesError(f"{path}/meta.json is not a cnncodes features record (format {meta.get('format')!r})")
     missing = [key for key in _META_KEYS if key not in meta]
     if missing:
-        raise CnnCodesError(f"{path}/meta.json lacks {', '.join(missing)}: it was made by another version or damaged; "
-                            "run `cnncodes extract` again")
+        raise CnnCodesError(
+            f"{path}/meta.json lacks {', '.join(missing)}: it was made by another version or damaged; "
+            "run `cnncodes extract` again"
+        )
     n, classes = meta["n_images"], meta["classes"]
-    consistent = (X.ndim == 2 and X.shape == (n, meta["dim"]) and y.shape == (n,) and len(meta["paths"]) == n
-                  and len(meta["subsets"]) == n and (n == 0 or 0 <= y.min() <= y.max() < len(classes))
-                  and set(meta["subsets"]) <= set(SUBSETS))
+    consistent = (
+        X.ndim == 2
+        and X.shape == (n, meta["dim"])
+        and y.shape == (n,)
+        and len(meta["paths"]) == n
+        and len(meta["subsets"]) == n
+        and (n == 0 or 0 <= y.min() <= y.max() < len(classes))
+        and set(meta["subsets"]) <= set(SUBSETS)
+    )
     if not consistent:
-        raise CnnCodesError(f"the files in {path} do not belong together (features {X.shape}, labels {y.shape}, "
-                            f"meta says {n} rows): run `cnncodes extract` again")
-    return Features(path, np.asarray(X, dtype=np.float32), y, np.array(meta["subsets"]), meta["paths"], meta,
-                    _groups(path, n))
+        raise CnnCodesError(
+            f"the files in {path} do not belong together (features {X.shape}, labels {y.shape}, "
+            f"meta says {n} rows): run `cnncodes extract` again"
+        )
+    return Features(
+        path, np.asarray(X, dtype=np.float32), y, np.array(meta["subsets"]), meta["paths"], meta, _groups(path, n)
+    )
 
 
 def _groups(path: Path, n: int) -> np.ndarray:
@@ -86,6 +101,8 @@ def _groups(path: Path, n: int) -> np.ndarray:
     except (OSError, ValueError):
         return np.arange(n)
     if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
-        raise CnnCodesError(f"{path}/groups.npy does not belong to these features ({groups.shape} for {n} rows): "
-                            "run `cnncodes extract` again")
+        raise CnnCodesError(
+            f"{path}/groups.npy does not belong to these features ({groups.shape} for {n} rows): "
+            "run `cnncodes extract` again"
+        )
     return groups

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import keras
 import numpy as np
@@ -122,7 +122,7 @@ class ScratchSpec:
     weights = Weights("none")
     cache_trunk = False
     run_stem = f"{SMALL_CNN}-scratch"
-    described = {"layer": "all layers", "classifier": "small ConvNet"}
+    described: ClassVar[dict[str, str]] = {"layer": "all layers", "classifier": "small ConvNet"}
 
     def build(self, n_classes: int) -> tuple[keras.Model, keras.Model | None]:
         return small_cnn(self.image_size, n_classes), None
@@ -174,32 +174,56 @@ def make_spec(
         seed: shuffling and initialisation.
     """
     if batch_size < 1 or min(head_lr, lr) <= 0:
-        raise CnnCodesError(f"--batch-size must be at least 1 and learning rates positive "
-                            f"(got {batch_size}, --head-lr {head_lr}, --lr {lr})")
+        raise CnnCodesError(
+            f"--batch-size must be at least 1 and learning rates positive "
+            f"(got {batch_size}, --head-lr {head_lr}, --lr {lr})"
+        )
     check_resize(resize)
     if class_weight not in (None, "balanced"):
         raise CnnCodesError(f"class_weight takes 'balanced' or None (got {class_weight!r})")
     augment = not cache_trunk if augment is None else augment
     if cache_trunk and augment:
-        raise CnnCodesError("--cache-trunk trains on activations computed once, so it cannot augment: "
-                            "drop --augment, or drop --cache-trunk")
+        raise CnnCodesError(
+            "--cache-trunk trains on activations computed once, so it cannot augment: "
+            "drop --augment, or drop --cache-trunk"
+        )
     if backbone.lower() == SMALL_CNN:
         if weights != "none":
             raise CnnCodesError(f"{SMALL_CNN} trains from scratch and has no pretrained weights: pass --weights none")
         if unfreeze or cache_trunk:
-            raise CnnCodesError(f"{SMALL_CNN} trains all its layers from scratch: "
-                                "--unfreeze and --cache-trunk apply to ImageNet backbones only")
+            raise CnnCodesError(
+                f"{SMALL_CNN} trains all its layers from scratch: "
+                "--unfreeze and --cache-trunk apply to ImageNet backbones only"
+            )
         size = image_size or SMALL_CNN_SIZE
         if size < SMALL_CNN_MIN_SIZE:
-            raise CnnCodesError(f"{SMALL_CNN} needs images of at least {SMALL_CNN_MIN_SIZE} px (got --image-size {size})")
-        return ScratchSpec(size, resize, batch_size, head_epochs + fine_epochs, head_lr, augment, class_weight,
-                           patience, seed)
+            raise CnnCodesError(
+                f"{SMALL_CNN} needs images of at least {SMALL_CNN_MIN_SIZE} px (got --image-size {size})"
+            )
+        return ScratchSpec(
+            size, resize, batch_size, head_epochs + fine_epochs, head_lr, augment, class_weight, patience, seed
+        )
     entry = get_backbone(backbone)
     size = image_size or entry.default_size
     entry.check_size(size, entry.default_layer)
-    return FinetuneSpec(entry.name, entry.resolve_weights(weights, entry.default_layer), size, resize,
-                        parse_unfreeze(unfreeze or entry.finetune_after), batch_size, head_epochs, fine_epochs,
-                        head_lr, lr, dropout, augment, cache_trunk, class_weight, patience, seed)
+    return FinetuneSpec(
+        entry.name,
+        entry.resolve_weights(weights, entry.default_layer),
+        size,
+        resize,
+        parse_unfreeze(unfreeze or entry.finetune_after),
+        batch_size,
+        head_epochs,
+        fine_epochs,
+        head_lr,
+        lr,
+        dropout,
+        augment,
+        cache_trunk,
+        class_weight,
+        patience,
+        seed,
+    )
 
 
 def parse_unfreeze(text: str) -> str | int:
@@ -258,12 +282,15 @@ def finetune(
     data, out = Path(data), Path(out)
     fractions = parse_fractions(split)
     out.mkdir(parents=True, exist_ok=True)
-    splits = _splits(data, out, Path(split_from) if split_from else None, fractions, split_seed, dup_threshold,
-                     repeats, progress)
+    splits = _splits(
+        data, out, Path(split_from) if split_from else None, fractions, split_seed, dup_threshold, repeats, progress
+    )
     (first_seed, the_split), others = splits[0], splits[1:]
     run = run_name(name, spec.run_stem)
-    origin = {"split": the_split.fingerprint,
-              "setting": sha256_json([type(spec).__name__, spec_params(spec), spec.weights.sha256, repeats])}
+    origin = {
+        "split": the_split.fingerprint,
+        "setting": sha256_json([type(spec).__name__, spec_params(spec), spec.weights.sha256, repeats]),
+    }
     model_path = out / f"{run}.keras"
     refuse_to_replace(model_path, origin)
     checkpoints = _checkpoints(out / CHECKPOINTS / run, sha256_json(origin), resume, restart)
@@ -280,24 +307,35 @@ def finetune(
     return record
 
 
-def _splits(data: Path, out: Path, split_from: Path | None, fractions: Sequence[float], seed: int, dup_threshold: int,
-            repeats: int, progress: bool) -> list[tuple[int, Split]]:
+def _splits(
+    data: Path,
+    out: Path,
+    split_from: Path | None,
+    fractions: Sequence[float],
+    seed: int,
+    dup_threshold: int,
+    repeats: int,
+    progress: bool,
+) -> list[tuple[int, Split]]:
     """The split to train on, with its seed, then the other splits of `repeats`."""
     if repeats < 1:
         raise CnnCodesError(f"--repeats must be at least 1 (got {repeats})")
     if repeats == 1:
         return [(seed, load_split(data, out, split_from, fractions, seed, dup_threshold, progress))]
     if split_from is None or not split_from.is_dir():
-        raise CnnCodesError("--repeats splits the images of a features folder again, keeping its duplicate groups "
-                            "together: give --split-from the folder extract wrote")
+        raise CnnCodesError(
+            "--repeats splits the images of a features folder again, keeping its duplicate groups "
+            "together: give --split-from the folder extract wrote"
+        )
     load_split(data, out, split_from, fractions, seed, dup_threshold, progress)  # the images must all be there
     feats = load_features(split_from)
     labels = [feats.classes[i] for i in feats.y]
     return [(s, Split(feats.paths, labels, list(subsets))) for s, subsets in repeated_splits(feats, repeats)]
 
 
-def _score_repeat(spec: TrainingSpec, data: Path, out: Path, seed: int, the_split: Split, checkpoints: Path,
-                  progress: bool) -> dict[str, Any]:
+def _score_repeat(
+    spec: TrainingSpec, data: Path, out: Path, seed: int, the_split: Split, checkpoints: Path, progress: bool
+) -> dict[str, Any]:
     """Train afresh on another split and score on its test images; a finished repeat is kept for --resume."""
     done = checkpoints / f"repeat-{seed}.json"
     if done.is_file():
@@ -317,8 +355,15 @@ def image_root(data: Path) -> Path:
     return (data.parent if data.is_file() else data).resolve()
 
 
-def load_split(data: Path, out: Path, split_from: Path | None, fractions: Sequence[float], seed: int,
-               dup_threshold: int, progress: bool) -> Split:
+def load_split(
+    data: Path,
+    out: Path,
+    split_from: Path | None,
+    fractions: Sequence[float],
+    seed: int,
+    dup_threshold: int,
+    progress: bool,
+) -> Split:
     """The split of a features folder (or a split.csv) when given, else one made as `extract` makes it."""
     if split_from is None:
         the_split = plan(discover(data), out, fractions, seed, dup_threshold, progress=progress).split
@@ -328,8 +373,10 @@ def load_split(data: Path, out: Path, split_from: Path | None, fractions: Sequen
     the_split = read_split_csv(csv_path)
     missing = [p for p in the_split.paths if not (image_root(data) / p).is_file()]
     if missing:
-        raise CnnCodesError(f"{len(missing)} image(s) of {csv_path} are not under {data} (e.g. {missing[0]}): "
-                            "give the DATA folder the split was made from")
+        raise CnnCodesError(
+            f"{len(missing)} image(s) of {csv_path} are not under {data} (e.g. {missing[0]}): "
+            "give the DATA folder the split was made from"
+        )
     return the_split
 
 
@@ -359,8 +406,9 @@ def _prepare(spec: TrainingSpec, data: Path, out: Path, the_split: Split, progre
     if isinstance(spec, FinetuneSpec) and spec.cache_trunk and network is not None and start is not None:
         cut = cut_layer(network, start)
         trained = cached_top(model, network, cut)
-        datasets, extract_seconds = _trunk_datasets(data, out, spec, cut, trained.input_shape[1:], the_split, labels,
-                                                    subsets, progress)
+        datasets, extract_seconds = _trunk_datasets(
+            data, out, spec, cut, trained.input_shape[1:], the_split, labels, subsets, progress
+        )
     else:
         trained = model
         paths = [str(image_root(data) / p) for p in the_split.paths]
@@ -369,8 +417,9 @@ def _prepare(spec: TrainingSpec, data: Path, out: Path, the_split: Split, progre
     return _Training(model, trained, network, start, datasets, weights, classes, labels, subsets, extract_seconds)
 
 
-def _train(spec: TrainingSpec, training: _Training, checkpoints: Path, callbacks: Sequence[Any],
-           progress: bool) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _train(
+    spec: TrainingSpec, training: _Training, checkpoints: Path, callbacks: Sequence[Any], progress: bool
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Every phase in order; returns the per-epoch history and the trainable weights of each phase."""
     keras.utils.set_random_seed(spec.seed)  # building a trunk extractor may have drawn numbers: same run, same draws
     history: list[dict[str, Any]] = []
@@ -383,23 +432,46 @@ def _train(spec: TrainingSpec, training: _Training, checkpoints: Path, callbacks
     return history, trainable
 
 
-def _record(spec: TrainingSpec, run: str, origin: dict[str, str], data: Path, the_split: Split,
-            training: _Training, history: list[dict[str, Any]], trainable: dict[str, int], proba: np.ndarray) -> dict:
+def _record(
+    spec: TrainingSpec,
+    run: str,
+    origin: dict[str, str],
+    data: Path,
+    the_split: Split,
+    training: _Training,
+    history: list[dict[str, Any]],
+    trainable: dict[str, int],
+    proba: np.ndarray,
+) -> dict:
     test = training.subsets == "test"
     y_test = training.labels[test]
     return build_record(
-        run=run, method=spec.method, backbone=spec.backbone, **spec.described,
+        run=run,
+        method=spec.method,
+        backbone=spec.backbone,
+        **spec.described,
         params=spec_params(spec) | {"trainable_weights": trainable},
-        extractor={"backbone": spec.backbone, "image_size": spec.image_size, "resize": spec.resize,
-                   "weights": spec.weights.kind, "weights_sha256": spec.weights.sha256},
-        dataset={"data": str(image_root(data)), "split_fingerprint": the_split.fingerprint}, origin=origin,
-        classes=training.classes, n_train=int((training.subsets == "train").sum()), n_test=int(test.sum()),
+        extractor={
+            "backbone": spec.backbone,
+            "image_size": spec.image_size,
+            "resize": spec.resize,
+            "weights": spec.weights.kind,
+            "weights_sha256": spec.weights.sha256,
+        },
+        dataset={"data": str(image_root(data)), "split_fingerprint": the_split.fingerprint},
+        origin=origin,
+        classes=training.classes,
+        n_train=int((training.subsets == "train").sum()),
+        n_test=int(test.sum()),
         **score(y_test, proba, training.classes),
         # the epochs' own seconds: they survive a resume, where a wall clock would restart
-        fit_seconds=round(sum(e["seconds"] for e in history), 3), extract_seconds=training.extract_seconds,
-        epochs_run=len(history), history=history,
-        test_predictions=per_image_predictions([p for p, t in zip(the_split.paths, test) if t], y_test, proba,
-                                               training.classes),
+        fit_seconds=round(sum(e["seconds"] for e in history), 3),
+        extract_seconds=training.extract_seconds,
+        epochs_run=len(history),
+        history=history,
+        test_predictions=per_image_predictions(
+            [p for p, t in zip(the_split.paths, test) if t], y_test, proba, training.classes
+        ),
     )
 
 
@@ -418,8 +490,10 @@ def cached_top(model, network, cut: str):
     try:
         top = keras.Model(network.get_layer(cut).output, network.output, name=f"{network.name}_after_{cut}")
     except ValueError:  # Keras: the output is not connected to that input alone
-        raise CnnCodesError(f"--cache-trunk cannot cut {network.name} after {cut!r}: layers above it also read earlier "
-                            "outputs (a residual connection); give --unfreeze the last layer of a block") from None
+        raise CnnCodesError(
+            f"--cache-trunk cannot cut {network.name} after {cut!r}: layers above it also read earlier "
+            "outputs (a residual connection); give --unfreeze the last layer of a block"
+        ) from None
     codes = keras.Input(top.input_shape[1:], name="trunk_codes")
     x = top(codes, training=False)
     for name in ("head_pool", "head_dropout", "head"):
@@ -458,9 +532,15 @@ def augmentation(seed: int):
 
     Kept out of the saved model, so the model exports to ONNX and predicts deterministically.
     """
-    return keras.Sequential([keras.layers.RandomFlip("horizontal", seed=seed),
-                             keras.layers.RandomRotation(0.1, seed=seed), keras.layers.RandomZoom(0.1, seed=seed),
-                             keras.layers.RandomContrast(0.1, seed=seed)], name="augmentation")
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.1, seed=seed),
+            keras.layers.RandomZoom(0.1, seed=seed),
+            keras.layers.RandomContrast(0.1, seed=seed),
+        ],
+        name="augmentation",
+    )
 
 
 def _dataset(paths: list[str], labels: np.ndarray, rows: np.ndarray, spec: TrainingSpec, train: bool):
@@ -496,26 +576,60 @@ def _dataset(paths: list[str], labels: np.ndarray, rows: np.ndarray, spec: Train
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _trunk_datasets(data: Path, out: Path, spec: FinetuneSpec, cut: str, shape: tuple[int, ...], the_split: Split,
-                    labels: np.ndarray, subsets: np.ndarray, progress: bool) -> tuple[dict[str, CachedRows], float]:
+def _trunk_datasets(
+    data: Path,
+    out: Path,
+    spec: FinetuneSpec,
+    cut: str,
+    shape: tuple[int, ...],
+    the_split: Split,
+    labels: np.ndarray,
+    subsets: np.ndarray,
+    progress: bool,
+) -> tuple[dict[str, CachedRows], float]:
     """Activations at the cut, computed once by `extract` (ONNX Runtime, resumable) and kept in OUT/.trunk.
 
     Returns the datasets and the seconds the activations took to compute (when first made).
     """
     weights = spec.weights
     choice = str(weights.path) if weights.kind == "file" else weights.kind
-    folder = out / TRUNK_DIR / f"{spec.backbone}-{cut}-{spec.image_size}-{spec.resize}-{(weights.sha256 or 'untrained')[:12]}"
-    extract(data, folder, backbone=spec.backbone, layer=cut, pooling="flatten", weights=choice,
-            image_size=spec.image_size, resize=spec.resize, batch_size=spec.batch_size, progress=progress)
+    folder = (
+        out
+        / TRUNK_DIR
+        / f"{spec.backbone}-{cut}-{spec.image_size}-{spec.resize}-{(weights.sha256 or 'untrained')[:12]}"
+    )
+    extract(
+        data,
+        folder,
+        backbone=spec.backbone,
+        layer=cut,
+        pooling="flatten",
+        weights=choice,
+        image_size=spec.image_size,
+        resize=spec.resize,
+        batch_size=spec.batch_size,
+        progress=progress,
+    )
     codes = load_features(folder)
     row_of = {p: i for i, p in enumerate(codes.paths)}
     missing = [p for p in the_split.paths if p not in row_of]
     if missing:
-        raise CnnCodesError(f"{len(missing)} image(s) of the split could not be read for --cache-trunk "
-                            f"(e.g. {missing[0]}: see {folder / 'rejected.csv'})")
+        raise CnnCodesError(
+            f"{len(missing)} image(s) of the split could not be read for --cache-trunk "
+            f"(e.g. {missing[0]}: see {folder / 'rejected.csv'})"
+        )
     rows = np.array([row_of[p] for p in the_split.paths])
-    datasets = {s: CachedRows(codes.X, rows[subsets == s], labels[subsets == s], shape, spec.batch_size,
-                              spec.seed if s == "train" else None) for s in SUBSETS}
+    datasets = {
+        s: CachedRows(
+            codes.X,
+            rows[subsets == s],
+            labels[subsets == s],
+            shape,
+            spec.batch_size,
+            spec.seed if s == "train" else None,
+        )
+        for s in SUBSETS
+    }
     return datasets, codes.meta["elapsed_seconds"]
 
 
@@ -534,23 +648,28 @@ def _checkpoints(folder: Path, key: str, resume: bool, restart: bool) -> Path:
     """
     if folder.is_dir() and not restart:
         if not resume:
-            raise CnnCodesError(f"{folder} holds the checkpoints of an interrupted run of this name: "
-                                "add --resume to go on from its last finished epoch, or --restart to discard them")
+            raise CnnCodesError(
+                f"{folder} holds the checkpoints of an interrupted run of this name: "
+                "add --resume to go on from its last finished epoch, or --restart to discard them"
+            )
         try:
             if read_json(folder / "arguments.json")["key"] == key:
                 return folder
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        raise CnnCodesError(f"--resume: the checkpoints in {folder} were made with other arguments or another split; "
-                            "run again with the same ones, or with --restart to discard them")
+        raise CnnCodesError(
+            f"--resume: the checkpoints in {folder} were made with other arguments or another split; "
+            "run again with the same ones, or with --restart to discard them"
+        )
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     write_json_atomic(folder / "arguments.json", {"key": key})
     return folder
 
 
-def _phase(training: _Training, phase: Phase, patience: int, checkpoints: Path, callbacks: Sequence[Any],
-           progress: bool) -> list[dict[str, Any]]:
+def _phase(
+    training: _Training, phase: Phase, patience: int, checkpoints: Path, callbacks: Sequence[Any], progress: bool
+) -> list[dict[str, Any]]:
     """One phase: Adam at its rate, early stopping on val accuracy (best weights kept), a backup per epoch.
 
     A finished phase leaves its weights and history, so a resumed run skips it; a phase
@@ -561,15 +680,27 @@ def _phase(training: _Training, phase: Phase, patience: int, checkpoints: Path, 
     if done.is_file() and weights.is_file():
         model.load_weights(weights)
         return read_json(done)
-    model.compile(optimizer=keras.optimizers.Adam(phase.lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(phase.lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     log = HistoryLog(checkpoints / f"{phase.name}-history.json", phase.name)
     if phase.epochs > 0:
-        every = [log, keras.callbacks.BackupAndRestore(str(checkpoints / f"{phase.name}-backup")),
-                 ResumableEarlyStopping(checkpoints / f"{phase.name}-stopping", patience),
-                 RichProgress(f"Fine-tuning ({phase.name})", phase.epochs, progress), *callbacks]
-        model.fit(datasets["train"], validation_data=datasets["val"], epochs=phase.epochs, shuffle=False,
-                  class_weight=training.class_weight, callbacks=every, verbose=0)  # the datasets shuffle themselves
+        every = [
+            log,
+            keras.callbacks.BackupAndRestore(str(checkpoints / f"{phase.name}-backup")),
+            ResumableEarlyStopping(checkpoints / f"{phase.name}-stopping", patience),
+            RichProgress(f"Fine-tuning ({phase.name})", phase.epochs, progress),
+            *callbacks,
+        ]
+        model.fit(
+            datasets["train"],
+            validation_data=datasets["val"],
+            epochs=phase.epochs,
+            shuffle=False,
+            class_weight=training.class_weight,
+            callbacks=every,
+            verbose=0,
+        )  # the datasets shuffle themselves
     model.save_weights(weights)
     write_json_atomic(done, log.epochs)
     return log.epochs
@@ -620,8 +751,12 @@ class HistoryLog(keras.callbacks.Callback):
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        entry = {"phase": self.phase, "epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
-                 "seconds": round(time.perf_counter() - self.started, 3)}
+        entry = {
+            "phase": self.phase,
+            "epoch": epoch + 1,
+            **{k: float(v) for k, v in (logs or {}).items()},
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [entry]
         write_json_atomic(self.path, self.epochs)
 
@@ -629,8 +764,15 @@ class HistoryLog(keras.callbacks.Callback):
 class CachedRows(keras.utils.PyDataset):
     """Batches of cached trunk activations read from the memory-mapped codes; reshuffled each epoch when seeded."""
 
-    def __init__(self, codes: np.ndarray, rows: np.ndarray, labels: np.ndarray, shape: Sequence[int],
-                 batch_size: int, seed: int | None = None):
+    def __init__(
+        self,
+        codes: np.ndarray,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        shape: Sequence[int],
+        batch_size: int,
+        seed: int | None = None,
+    ):
         super().__init__()
         self.codes, self.rows, self.labels, self.shape, self.batch_size = codes, rows, labels, tuple(shape), batch_size
         self.rng = None if seed is None else np.random.default_rng(seed)
@@ -641,7 +783,7 @@ class CachedRows(keras.utils.PyDataset):
         return math.ceil(len(self.rows) / self.batch_size)
 
     def __getitem__(self, i: int):
-        take = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
+        take = np.sort(self.order[i * self.batch_size : (i + 1) * self.batch_size])
         return self.codes[self.rows[take]].reshape(-1, *self.shape), self.labels[take]
 
     def on_epoch_end(self) -> None:
@@ -657,8 +799,12 @@ class RichProgress(keras.callbacks.Callback):
         self.description, self.epochs, self.enabled = description, epochs, enabled
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._bar = progress_bar(f"{self.description} epoch {epoch + 1}/{self.epochs}",
-                                 self.params.get("steps") or 0, unit="batch", enabled=self.enabled)
+        self._bar = progress_bar(
+            f"{self.description} epoch {epoch + 1}/{self.epochs}",
+            self.params.get("steps") or 0,
+            unit="batch",
+            enabled=self.enabled,
+        )
         self._advance = self._bar.__enter__()
 
     def on_train_batch_end(self, batch, logs=None):

@@ -85,10 +85,14 @@ def discover(source: Path | str) -> Dataset:
     """List the candidate images of a class-per-folder directory or a `path,label` CSV."""
     source = Path(source)
     if not source.exists():
-        raise CnnCodesError(f"{source} does not exist: give a folder with one sub-folder per class, or a CSV with path,label columns")
+        raise CnnCodesError(
+            f"{source} does not exist: give a folder with one sub-folder per class, or a CSV with path,label columns"
+        )
     if source.is_file():
         if source.suffix.lower() != ".csv":
-            raise CnnCodesError(f"{source} is a file: give a folder with one sub-folder per class, or a .csv with path,label columns")
+            raise CnnCodesError(
+                f"{source} is a file: give a folder with one sub-folder per class, or a .csv with path,label columns"
+            )
         return _discover_csv(source)
     return _discover_folders(source)
 
@@ -97,7 +101,10 @@ def _discover_folders(root: Path) -> Dataset:
     entries = sorted(root.iterdir())
     class_dirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
     if not class_dirs:
-        raise CnnCodesError(f"{root} has no class sub-folders: put the images of each class in a folder of its own, e.g. {root}/cat/1.jpg")
+        raise CnnCodesError(
+            f"{root} has no class sub-folders: put the images of each class in a folder of its own, "
+            f"e.g. {root}/cat/1.jpg"
+        )
     skipped = [(e.name, *_outside_reason(e)) for e in entries if e not in class_dirs]
     paths, labels = [], []
     for class_dir in class_dirs:
@@ -121,9 +128,13 @@ def _discover_csv(csv_path: Path) -> Dataset:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                raise CnnCodesError(f"{csv_path} must have a header with 'path' and 'label' columns (found {reader.fieldnames})")
-            rows = sorted({(r["path"].strip(), r["label"].strip()) for r in reader if r["path"] and r["label"]},
-                          key=lambda row: (row[1], row[0]))
+                raise CnnCodesError(
+                    f"{csv_path} must have a header with 'path' and 'label' columns (found {reader.fieldnames})"
+                )
+            rows = sorted(
+                {(r["path"].strip(), r["label"].strip()) for r in reader if r["path"] and r["label"]},
+                key=lambda row: (row[1], row[0]),
+            )
     except (UnicodeDecodeError, csv.Error) as e:
         raise CnnCodesError(f"{csv_path} is not a readable UTF-8 CSV file ({e})") from None
     if not rows:
@@ -140,8 +151,10 @@ def _refuse_conflicting_labels(csv_path: Path, rows: Sequence[tuple[str, str]]) 
     conflicts = sorted((p, ls) for p, ls in labels.items() if len(ls) > 1)
     if conflicts:
         path, names = conflicts[0]
-        raise CnnCodesError(f"{csv_path} gives {len(conflicts)} image(s) more than one label (e.g. {path}: "
-                            f"{', '.join(names)}): keep one row per image")
+        raise CnnCodesError(
+            f"{csv_path} gives {len(conflicts)} image(s) more than one label (e.g. {path}: "
+            f"{', '.join(names)}): keep one row per image"
+        )
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -166,8 +179,9 @@ def scan(folder: Path) -> tuple[list[Path], list[tuple[Path, str, str]]]:
         here = Path(dirpath)
         identity = (os.stat(here).st_dev, os.stat(here).st_ino)
         if identity in seen:
-            skipped.append((here, "symbolic link to a folder already read (a loop, or a second path to it)",
-                            "already read"))
+            skipped.append(
+                (here, "symbolic link to a folder already read (a loop, or a second path to it)", "already read")
+            )
             dirnames[:] = []
             continue
         seen.add(identity)
@@ -238,8 +252,9 @@ def _check_header(im: Image.Image, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise BadImage(f"invalid size {width}x{height}", "corrupt")
     if width * height > max_pixels:
-        raise BadImage(f"too large: {width}x{height} pixels is over the limit of {max_pixels} (decompression bomb?)",
-                       "too large")
+        raise BadImage(
+            f"too large: {width}x{height} pixels is over the limit of {max_pixels} (decompression bomb?)", "too large"
+        )
 
 
 def _damaged(error: Exception) -> BadImage:
@@ -256,7 +271,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return _high_depth_to_rgb(im)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
         background.alpha_composite(rgba)
         return background.convert("RGB")
     try:
@@ -268,10 +283,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     """Integer modes hold 16-bit samples (Pillow's I and I;16); float images are 0–1 or 0–255."""
     values = np.asarray(im, dtype=np.float32)
-    if im.mode == "F":
-        scale = 255.0 if values.size and float(np.nanmax(values)) <= 1.0 else 1.0
-    else:
-        scale = 255.0 / 65535.0
+    scale = (255.0 if values.size and float(np.nanmax(values)) <= 1.0 else 1.0) if im.mode == "F" else 255.0 / 65535.0
     gray = np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
     return Image.fromarray(gray, mode="L").convert("RGB")
 

@@ -27,8 +27,9 @@ def build_extractor(entry: Backbone, size: int, layer: str, pooling: str, weight
     return keras.Model(pixels, _pool(trunk(preprocessed), pooling), name=f"{entry.name}_codes")
 
 
-def build_classifier(entry: Backbone, size: int, n_classes: int, weights: Weights,
-                     dropout: float) -> tuple[keras.Model, keras.Model]:
+def build_classifier(
+    entry: Backbone, size: int, n_classes: int, weights: Weights, dropout: float
+) -> tuple[keras.Model, keras.Model]:
     """The fine-tuning model (backbone in inference mode, pooled, dropout, softmax head) and its backbone.
 
     The backbone is returned too, because fine-tuning freezes and unfreezes its layers.

@@ -86,8 +86,9 @@ def expand_inputs(items: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     return found
 
 
-def load_predictor(model: Path | str, weights: str | None = None, runtime: str = "onnx",
-                   threads: int | None = None) -> Predictor:
+def load_predictor(
+    model: Path | str, weights: str | None = None, runtime: str = "onnx", threads: int | None = None
+) -> Predictor:
     """Verify and load a `.joblib` bundle or a fine-tuned `.keras` model; `threads` caps ONNX Runtime's threads."""
     if Path(model).suffix == ".keras":
         return _finetuned_predictor(Path(model), runtime, threads)
@@ -96,8 +97,10 @@ def load_predictor(model: Path | str, weights: str | None = None, runtime: str =
     if spec.weights == "none":
         made, installed = bundle["versions"].get("keras"), package_versions().get("keras")
         if made != installed:
-            raise CnnCodesError(f"{model} uses untrained weights drawn by Keras {made}; Keras {installed} would draw "
-                                f"others: install keras=={made}")
+            raise CnnCodesError(
+                f"{model} uses untrained weights drawn by Keras {made}; Keras {installed} would draw "
+                f"others: install keras=={made}"
+            )
     runner = spec.runner(spec.find_weights(weights), runtime, threads)
     classifier, classes = bundle["model"], bundle["classes"]
 
@@ -112,8 +115,9 @@ def _finetuned_predictor(path: Path, runtime: str, threads: int | None) -> Predi
     """A fine-tuned `.keras` model (pixels in, probabilities out), checked against its run record."""
     record, data = load_record_for(path)
     build = partial(_load_verified, path.name, data)  # picklable: the conversion runs in a child process
-    runner = make_runner(build, f"finetuned:{record['model_sha256']}", runtime, notice=warn, label=path.name,
-                         threads=threads)
+    runner = make_runner(
+        build, f"finetuned:{record['model_sha256']}", runtime, notice=warn, label=path.name, threads=threads
+    )
     spec = record["extractor"]
     return Predictor(runner, spec["image_size"], spec["resize"], record["classes"], record)
 
@@ -130,8 +134,16 @@ def _load_verified(name: str, data: bytes):
         return keras.saving.load_model(verified)
 
 
-def predict(model: Path | str, images: Sequence[str | Path], *, top_k: int = 3, batch_size: int = 32,
-            weights: str | None = None, runtime: str = "onnx", progress: bool = True) -> list[Prediction]:
+def predict(
+    model: Path | str,
+    images: Sequence[str | Path],
+    *,
+    top_k: int = 3,
+    batch_size: int = 32,
+    weights: str | None = None,
+    runtime: str = "onnx",
+    progress: bool = True,
+) -> list[Prediction]:
     """Predict every image with a saved model; unreadable ones get an `error` instead of a label.
 
     The model's run record says how it was made, so the same extractor (network, layer,

@@ -35,14 +35,22 @@ class RateColumn(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(description: str, total: int, unit: str = "img", enabled: bool = True,
-                 completed: int = 0) -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    description: str, total: int, unit: str = "img", enabled: bool = True, completed: int = 0
+) -> Iterator[Callable[[int], None]]:
     """Yield `advance(n)`; shows a bar with count, rate and ETA when `enabled`."""
     if not enabled:
         yield _ignore
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, completed=completed)
 

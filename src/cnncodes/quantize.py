@@ -86,8 +86,9 @@ def _fingerprint(images: Sequence[str], holdout: Sequence[str]) -> str:
     return sha256_json([[sha256_file(Path(p)) for p in images], [sha256_file(Path(p)) for p in holdout]])
 
 
-def int8_runner(spec: ExtractorSpec, build: Callable[[], Any], notice: Callable[[str], None],
-                threads: int | None = None) -> OnnxRunner:
+def int8_runner(
+    spec: ExtractorSpec, build: Callable[[], Any], notice: Callable[[str], None], threads: int | None = None
+) -> OnnxRunner:
     """The int8 model of `spec`, from the cache (on `threads` threads) or quantized now from the fp32 ONNX model."""
     path = onnx_cache_path(spec.model_key)
     found = cached_runner(path, spec.model_key, spec.probe, threads)
@@ -144,7 +145,8 @@ def _search(
     if not _good(agreement, LOW):
         notice(
             f"int8 codes agree with fp32 codes at cosine {agreement['mean']:.3f} on average (lowest "
-            f"{agreement['min']:.3f}) on {len(holdout)} held-out train images: check the accuracy, or use --precision fp32"
+            f"{agreement['min']:.3f}) on {len(holdout)} held-out train images: check the accuracy, or use --precision "
+            f"fp32"
         )
     return runner
 

@@ -41,8 +41,12 @@ class RayEngine:
 
     def __init__(self, workers: int | None = None, address: str | None = None):
         if not ray.is_initialized():
-            ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                     logging_level=logging.ERROR, log_to_driver=False)
+            ray.init(
+                address=address or os.environ.get("RAY_ADDRESS") or None,
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+            )
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # cnncodes shows its own
         logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -53,29 +57,48 @@ class RayEngine:
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         return {"name": self.name, "nodes": nodes, "cpus": self.cpus, "workers": self.workers}
 
-    def check(self, files: Sequence[Path | str], advance: Callable[[int], None]) -> Iterator[tuple[list[int], list[Check]]]:
+    def check(
+        self, files: Sequence[Path | str], advance: Callable[[int], None]
+    ) -> Iterator[tuple[list[int], list[Check]]]:
         if not files:
             return
         checked = _items(np.arange(len(files)), files, self.workers).map_batches(
-            _check_batch, batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=self.workers),
-            runtime_env=_object_store_settings())
+            _check_batch,
+            batch_size=64,
+            batch_format="numpy",
+            compute=ray.data.TaskPoolStrategy(size=self.workers),
+            runtime_env=_object_store_settings(),
+        )
         for batch in checked.iter_batches(batch_size=None, batch_format="numpy"):
-            found = [Check(r or None, h or None, c or None)
-                     for r, h, c in zip(batch["reason"].tolist(), batch["phash"].tolist(), batch["category"].tolist())]
+            found = [
+                Check(r or None, h or None, c or None)
+                for r, h, c in zip(batch["reason"].tolist(), batch["phash"].tolist(), batch["category"].tolist())
+            ]
             advance(len(found))
             yield batch["row"].tolist(), found
 
     def codes(self, job: CodeJob, rows: np.ndarray) -> Iterator[CodeBatch]:
         model = [ray.put(_onnx_bytes(job))]  # in a list, so each actor fetches it from the object store itself
         coded = _items(rows, job.paths, self.workers).map_batches(
-            _Coder, batch_size=job.batch_size, batch_format="numpy",
-            fn_constructor_kwargs={"model": model, "size": job.spec.image_size, "resize": job.spec.resize,
-                                   "flip": job.spec.flip},
-            compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1, runtime_env=_object_store_settings())
+            _Coder,
+            batch_size=job.batch_size,
+            batch_format="numpy",
+            fn_constructor_kwargs={
+                "model": model,
+                "size": job.spec.image_size,
+                "resize": job.spec.resize,
+                "flip": job.spec.flip,
+            },
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
+            num_cpus=1,
+            runtime_env=_object_store_settings(),
+        )
         for batch in coded.iter_batches(batch_size=None, batch_format="numpy"):
             bad = batch["reason"] != ""
-            failed = [(int(r), BadImage(str(why), str(category)))
-                      for r, why, category in zip(batch["row"][bad], batch["reason"][bad], batch["category"][bad])]
+            failed = [
+                (int(r), BadImage(str(why), str(category)))
+                for r, why, category in zip(batch["row"][bad], batch["reason"][bad], batch["category"][bad])
+            ]
             yield CodeBatch(batch["row"][~bad], np.asarray(batch["code"][~bad], dtype=np.float32), failed)
 
 
@@ -83,8 +106,10 @@ def _items(rows: np.ndarray, files: Sequence[Path | str], workers: int) -> ray.d
     """A dataset of (row, file of that row) as Arrow tables, in enough blocks to keep every worker busy."""
     rows = np.asarray(rows, dtype=np.int64)
     size = max(1, min(BLOCK_ROWS, -(-len(rows) // (4 * workers))))
-    tables = [pa.table({"row": rows[i:i + size], "path": pa.array([str(files[r]) for r in rows[i:i + size]])})
-              for i in range(0, len(rows), size)]
+    tables = [
+        pa.table({"row": rows[i : i + size], "path": pa.array([str(files[r]) for r in rows[i : i + size]])})
+        for i in range(0, len(rows), size)
+    ]
     return ray.data.from_arrow(tables)
 
 
@@ -96,9 +121,12 @@ def _object_store_settings() -> dict[str, Any] | None:
 
 def _check_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     checks = [check_file(p) for p in batch["path"].tolist()]
-    return {"row": batch["row"], "reason": np.array([c.reason or "" for c in checks]),
-            "category": np.array([c.category or "" for c in checks]),
-            "phash": np.array([c.phash or "" for c in checks])}
+    return {
+        "row": batch["row"],
+        "reason": np.array([c.reason or "" for c in checks]),
+        "category": np.array([c.category or "" for c in checks]),
+        "phash": np.array([c.phash or "" for c in checks]),
+    }
 
 
 def _onnx_bytes(job: CodeJob) -> bytes:
@@ -106,8 +134,10 @@ def _onnx_bytes(job: CodeJob) -> bytes:
     runner = job.runner
     base = runner.runner if isinstance(runner, MirrorAveraged) else runner
     if not isinstance(base, OnnxRunner):
-        raise CnnCodesError(f"the Ray engine runs models on ONNX Runtime, and {job.spec.backbone}/{job.spec.layer} "
-                            "runs on Keras here: use --engine local")
+        raise CnnCodesError(
+            f"the Ray engine runs models on ONNX Runtime, and {job.spec.backbone}/{job.spec.layer} "
+            "runs on Keras here: use --engine local"
+        )
     return onnx_cache_path(job.spec.model_key).read_bytes()  # the int8 model too, at its own key
 
 
@@ -123,8 +153,9 @@ class _Coder:
         self.size, self.resize = size, resize
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        decoded = Batch.of(batch["row"].tolist(), [decode(p, self.size, self.resize) for p in batch["path"].tolist()],
-                           self.size)
+        decoded = Batch.of(
+            batch["row"].tolist(), [decode(p, self.size, self.resize) for p in batch["path"].tolist()], self.size
+        )
         failed_rows = [row for row, _ in decoded.failed]
         codes = self.runner(decoded.pixels)
         return {

@@ -36,8 +36,12 @@ def sidecar(model_path: Path) -> Path:
 
 def build_record(**fields: Any) -> dict[str, Any]:
     """A run record with the given fields, stamped with the package versions and the time."""
-    return {"format": RECORD_FORMAT, **fields, "versions": package_versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "format": RECORD_FORMAT,
+        **fields,
+        "versions": package_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def refuse_to_replace(model_path: Path, origin: dict[str, Any]) -> None:
@@ -48,14 +52,18 @@ def refuse_to_replace(model_path: Path, origin: dict[str, Any]) -> None:
     """
     try:
         old = read_json(sidecar(model_path))
-        old_origin = old.get("origin") or {"features": old["dataset"].get("features"),
-                                           "split_fingerprint": old["dataset"].get("split_fingerprint")}
+        old_origin = old.get("origin") or {
+            "features": old["dataset"].get("features"),
+            "split_fingerprint": old["dataset"].get("split_fingerprint"),
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
     changed = sorted(k for k in set(old_origin) & set(origin) if old_origin[k] != origin[k])
     if changed:
-        raise CnnCodesError(f"{model_path.parent} already holds run {model_path.stem}, made with another "
-                            f"{', '.join(changed)}: give these runs a --name, or another --out folder")
+        raise CnnCodesError(
+            f"{model_path.parent} already holds run {model_path.stem}, made with another "
+            f"{', '.join(changed)}: give these runs a --name, or another --out folder"
+        )
 
 
 def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[str, Any]) -> dict[str, Any]:
@@ -67,8 +75,12 @@ def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[
     model_path.parent.mkdir(parents=True, exist_ok=True)
     with _temporary(model_path) as model_tmp, _temporary(sidecar(model_path)) as record_tmp:
         write_model(model_tmp)
-        record = {**record, "model_file": model_path.name, "model_bytes": model_tmp.stat().st_size,
-                  "model_sha256": sha256_file(model_tmp)}
+        record = {
+            **record,
+            "model_file": model_path.name,
+            "model_bytes": model_tmp.stat().st_size,
+            "model_sha256": sha256_file(model_tmp),
+        }
         write_json_atomic(record_tmp, record)
         os.replace(model_tmp, model_path)
         os.replace(record_tmp, sidecar(model_path))
@@ -99,8 +111,9 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
             if isinstance(record, dict) and record.get("format") == RECORD_FORMAT:
                 records.append(record | {"record_path": str(path)})
     if not records:
-        raise CnnCodesError(f"no run records in {', '.join(map(str, folders))}: "
-                            "fit models first with `cnncodes fit-svm`")
+        raise CnnCodesError(
+            f"no run records in {', '.join(map(str, folders))}: fit models first with `cnncodes fit-svm`"
+        )
     return records
 
 
@@ -112,5 +125,8 @@ def repeat_score(seed: int, y_true: np.ndarray, proba: np.ndarray) -> dict[str, 
 def repeats_summary(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     """The record fields of a run scored on several splits: each split's score, their mean and sd."""
     accuracies = [r["accuracy"] for r in repeats]
-    return {"repeats": repeats, "accuracy_mean": float(np.mean(accuracies)),
-            "accuracy_sd": float(np.std(accuracies, ddof=1))}
+    return {
+        "repeats": repeats,
+        "accuracy_mean": float(np.mean(accuracies)),
+        "accuracy_sd": float(np.std(accuracies, ddof=1)),
+    }

@@ -49,14 +49,20 @@ def discover_uri(uri: str) -> Dataset:
         raise CnnCodesError(f"cannot list {uri}: {e}") from None
     found = []
     for info in listing:
-        rel = info.path[len(prefix.rstrip("/")) + 1:]
+        rel = info.path[len(prefix.rstrip("/")) + 1 :]
         parts = rel.split("/")
-        if (info.type == FileType.File and len(parts) > 1 and not any(p.startswith(".") for p in parts)
-                and Path(rel).suffix.lower() in IMAGE_SUFFIXES):
+        if (
+            info.type == FileType.File
+            and len(parts) > 1
+            and not any(p.startswith(".") for p in parts)
+            and Path(rel).suffix.lower() in IMAGE_SUFFIXES
+        ):
             found.append((parts[0], rel))
     if not found:
-        raise CnnCodesError(f"{uri} holds no images in class folders: put the images of each class under a prefix "
-                            f"of its own, e.g. {uri.rstrip('/')}/cat/1.jpg")
+        raise CnnCodesError(
+            f"{uri} holds no images in class folders: put the images of each class under a prefix "
+            f"of its own, e.g. {uri.rstrip('/')}/cat/1.jpg"
+        )
     found.sort()
     return Dataset(UriRoot(uri.rstrip("/")), [rel for _, rel in found], [label for label, _ in found])  # type: ignore[arg-type]
 
@@ -116,7 +122,9 @@ def fetched(uri: str) -> Iterator[Path]:
 def _filesystem(uri: str):
     """pyarrow's file system for `uri` and the path within it; one file system per bucket and endpoint, reused."""
     parts = urlsplit(uri)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") if parts.scheme == "s3" else None
+    endpoint = (
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") if parts.scheme == "s3" else None
+    )
     return _bucket_filesystem(parts.scheme, parts.netloc, endpoint), f"{parts.netloc}{parts.path}"
 
 

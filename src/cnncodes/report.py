@@ -23,13 +23,39 @@ from .evaluate import mcnemar_p, paired_p
 if TYPE_CHECKING:
     from .predict import Prediction
 
-COLUMNS = ("rank", "run", "method", "backbone", "layer", "classifier", "accuracy", "p vs best", "balanced acc",
-           "macro-F1", "ECE", "AUROC", "fit s", "extract s", "model size")
+COLUMNS = (
+    "rank",
+    "run",
+    "method",
+    "backbone",
+    "layer",
+    "classifier",
+    "accuracy",
+    "p vs best",
+    "balanced acc",
+    "macro-F1",
+    "ECE",
+    "AUROC",
+    "fit s",
+    "extract s",
+    "model size",
+)
 # A terminal is narrow: the run name stands for backbone, layer and classifier there, and
 # below `WIDE` columns only what ranks and trusts a run is shown.
-TERMINAL_COLUMNS = {"rank": "#", "run": "run", "method": "method", "accuracy": "accuracy", "p vs best": "p",
-                    "balanced acc": "bal.acc", "macro-F1": "F1", "ECE": "ECE", "AUROC": "AUROC", "fit s": "fit s",
-                    "extract s": "extr s", "model size": "size"}
+TERMINAL_COLUMNS = {
+    "rank": "#",
+    "run": "run",
+    "method": "method",
+    "accuracy": "accuracy",
+    "p vs best": "p",
+    "balanced acc": "bal.acc",
+    "macro-F1": "F1",
+    "ECE": "ECE",
+    "AUROC": "AUROC",
+    "fit s": "fit s",
+    "extract s": "extr s",
+    "model size": "size",
+}
 NARROW_COLUMNS = ("rank", "run", "accuracy", "p vs best", "ECE", "AUROC")
 WIDE = 120
 # Below this p-value a run is marked significantly worse than the best one.
@@ -58,8 +84,16 @@ def rank(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     wrong answers for the same test images (1 for the best run itself).
     """
     _same_test_set(records)
-    ranked = sorted(records, key=lambda r: (-r.get("accuracy_mean", r["accuracy"]), -r["accuracy"],
-                                            -r["balanced_accuracy"], r["fit_seconds"], r["run"]))
+    ranked = sorted(
+        records,
+        key=lambda r: (
+            -r.get("accuracy_mean", r["accuracy"]),
+            -r["accuracy"],
+            -r["balanced_accuracy"],
+            r["fit_seconds"],
+            r["run"],
+        ),
+    )
     best = ranked[0]
     return [r | _p_vs_best(r, best) for r in ranked]
 
@@ -69,19 +103,25 @@ def _same_test_set(records: Sequence[dict[str, Any]]) -> None:
     for record in records:
         fingerprint = record.get("dataset", {}).get("split_fingerprint")
         if not fingerprint or "test_predictions" not in record:
-            raise CnnCodesError(f"{record.get('record_path', record.get('run'))} has no split fingerprint or test "
-                                "predictions, so it cannot be compared: fit that run again")
+            raise CnnCodesError(
+                f"{record.get('record_path', record.get('run'))} has no split fingerprint or test "
+                "predictions, so it cannot be compared: fit that run again"
+            )
         splits.setdefault(fingerprint, []).append(record["run"])
     if len(splits) > 1:
         groups = "; ".join(f"split {fp[:10]}: {', '.join(runs)}" for fp, runs in splits.items())
-        raise CnnCodesError(f"these runs were scored on different test sets and cannot be ranked together ({groups}): "
-                            "compare the folders of one split separately")
+        raise CnnCodesError(
+            f"these runs were scored on different test sets and cannot be ranked together ({groups}): "
+            "compare the folders of one split separately"
+        )
     tests = {run["run"]: sorted((p["path"], p["label"]) for p in run["test_predictions"]) for run in records}
     first = next(iter(tests.values()))
     differing = [name for name, test in tests.items() if test != first]
     if differing:
-        raise CnnCodesError(f"runs {', '.join(differing)} claim the same split but were scored on other test images: "
-                            "their records were changed or made by another version; fit them again")
+        raise CnnCodesError(
+            f"runs {', '.join(differing)} claim the same split but were scored on other test images: "
+            "their records were changed or made by another version; fit them again"
+        )
 
 
 def _p_vs_best(record: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
@@ -89,8 +129,10 @@ def _p_vs_best(record: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
         return {"p_vs_best": 1.0, "p_vs_best_test": "best"}
     seeds = [r["seed"] for r in record.get("repeats", [])]
     if len(seeds) > 1 and seeds == [r["seed"] for r in best.get("repeats", [])]:
-        return {"p_vs_best": paired_p([r["accuracy"] for r in best["repeats"]],
-                                      [r["accuracy"] for r in record["repeats"]]), "p_vs_best_test": "paired t"}
+        return {
+            "p_vs_best": paired_p([r["accuracy"] for r in best["repeats"]], [r["accuracy"] for r in record["repeats"]]),
+            "p_vs_best_test": "paired t",
+        }
     return {"p_vs_best": mcnemar_p(_right(record), _right(best)), "p_vs_best_test": "McNemar"}
 
 
@@ -103,12 +145,28 @@ def rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     """Display rows in `COLUMNS` order: accuracy with its 95% interval (or mean ±sd over repeated splits), sizes
     in KB/MB."""
     return [
-        dict(zip(COLUMNS, (
-            str(i), r["run"], r["method"], r["backbone"], r["layer"], r.get("classifier") or "-", _accuracy(r),
-            _p(r), f"{100 * r['balanced_accuracy']:.1f}%", f"{100 * r['macro_f1']:.1f}%", _number(r.get("ece")),
-            _number(r.get("confidence_auroc")), f"{r['fit_seconds']:.1f}", _seconds(r.get("extract_seconds")),
-            _size(r["model_bytes"]),
-        )))
+        dict(
+            zip(
+                COLUMNS,
+                (
+                    str(i),
+                    r["run"],
+                    r["method"],
+                    r["backbone"],
+                    r["layer"],
+                    r.get("classifier") or "-",
+                    _accuracy(r),
+                    _p(r),
+                    f"{100 * r['balanced_accuracy']:.1f}%",
+                    f"{100 * r['macro_f1']:.1f}%",
+                    _number(r.get("ece")),
+                    _number(r.get("confidence_auroc")),
+                    f"{r['fit_seconds']:.1f}",
+                    _seconds(r.get("extract_seconds")),
+                    _size(r["model_bytes"]),
+                ),
+            )
+        )
         for i, r in enumerate(records, start=1)
     ]
 
@@ -142,11 +200,21 @@ def rich_table(records: Sequence[dict[str, Any]], title: str | None = None, widt
     """The ranked runs for a terminal `width` columns wide: below `WIDE`, only the columns that rank and trust."""
     names = [n for n in TERMINAL_COLUMNS if width >= WIDE or n in NARROW_COLUMNS]
     marked = any(r.get("p_vs_best", 1.0) < ALPHA for r in records)
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True,
-                  caption=f"* significantly worse than the best run (p < {ALPHA})" if marked else None)
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+        caption=f"* significantly worse than the best run (p < {ALPHA})" if marked else None,
+    )
     for name in names:
-        table.add_column(TERMINAL_COLUMNS[name], overflow="fold", no_wrap=name != "run",
-                         min_width=min(len(max((r["run"] for r in records), key=len)), 36) if name == "run" else None)
+        table.add_column(
+            TERMINAL_COLUMNS[name],
+            overflow="fold",
+            no_wrap=name != "run",
+            min_width=min(len(max((r["run"] for r in records), key=len)), 36) if name == "run" else None,
+        )
     for row in rows(records):
         table.add_row(*(row[name] for name in names))
     return table
@@ -174,11 +242,15 @@ def html_report(records: Sequence[dict[str, Any]], mistakes: int = 12) -> str:
     sections = [_table_html(records)]
     sections += [_run_html(r) for r in records]
     sections.append(_mistakes_html(records[0], mistakes))
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
-             ".thumbs{display:flex;flex-wrap:wrap;gap:12px}.thumbs figure{margin:0;width:150px;font-size:12px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>cnncodes comparison</title>"
-            f"<style>{style}</style></head><body><h1>cnncodes comparison</h1>{''.join(sections)}</body></html>\n")
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+        ".thumbs{display:flex;flex-wrap:wrap;gap:12px}.thumbs figure{margin:0;width:150px;font-size:12px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>cnncodes comparison</title>"
+        f"<style>{style}</style></head><body><h1>cnncodes comparison</h1>{''.join(sections)}</body></html>\n"
+    )
 
 
 def _html_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
@@ -189,10 +261,12 @@ def _html_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
 
 def _table_html(records: Sequence[dict[str, Any]]) -> str:
     first = records[0]
-    return (f"<p>{len(records)} runs on one split ({html.escape(first['dataset']['split_fingerprint'][:12])}), "
-            f"{first['n_test']} test images, best first.</p>"
-            + _html_table(COLUMNS, [list(row.values()) for row in rows(records)])
-            + f"<p>{html.escape(indistinguishable(records))}</p>")
+    return (
+        f"<p>{len(records)} runs on one split ({html.escape(first['dataset']['split_fingerprint'][:12])}), "
+        f"{first['n_test']} test images, best first.</p>"
+        + _html_table(COLUMNS, [list(row.values()) for row in rows(records)])
+        + f"<p>{html.escape(indistinguishable(records))}</p>"
+    )
 
 
 def indistinguishable(records: Sequence[dict[str, Any]]) -> str:
@@ -209,11 +283,15 @@ def indistinguishable(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _run_html(record: dict[str, Any]) -> str:
-    per_class = [[name, f"{s['precision']:.2f}", f"{s['recall']:.2f}", f"{s['f1']:.2f}", s["support"]]
-                 for name, s in record["per_class"].items()]
-    return (f"<h2>{html.escape(record['run'])}</h2><img alt='confusion matrix' src='{_confusion_png(record)}'>"
-            f"<img alt='reliability diagram' src='{_reliability_png(record)}'>"
-            + _html_table(("class", "precision", "recall", "F1", "support"), per_class))
+    per_class = [
+        [name, f"{s['precision']:.2f}", f"{s['recall']:.2f}", f"{s['f1']:.2f}", s["support"]]
+        for name, s in record["per_class"].items()
+    ]
+    return (
+        f"<h2>{html.escape(record['run'])}</h2><img alt='confusion matrix' src='{_confusion_png(record)}'>"
+        f"<img alt='reliability diagram' src='{_reliability_png(record)}'>"
+        + _html_table(("class", "precision", "recall", "F1", "support"), per_class)
+    )
 
 
 def _reliability_png(record: dict[str, Any], bins: int = 15) -> str:
@@ -230,11 +308,15 @@ def _reliability_png(record: dict[str, Any], bins: int = 15) -> str:
     ax.plot([0, 1], [0, 1], color="#999", linestyle="--", linewidth=1)
     for b in np.unique(which):
         inside = which == b
-        ax.bar(confidence[inside].mean(), right[inside].mean(), width=0.9 / bins,
-               alpha=0.3 + 0.7 * inside.sum() / len(inside), color="#1f77b4")
+        ax.bar(
+            confidence[inside].mean(),
+            right[inside].mean(),
+            width=0.9 / bins,
+            alpha=0.3 + 0.7 * inside.sum() / len(inside),
+            color="#1f77b4",
+        )
     ece = "" if record.get("ece") is None else f", ECE {record['ece']:.3f}"
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 probability", ylabel="accuracy",
-           title=f"{record['run']}{ece}")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 probability", ylabel="accuracy", title=f"{record['run']}{ece}")
     ax.title.set_fontsize(8)
     fig.tight_layout()
     return _data_uri(fig)
@@ -249,7 +331,8 @@ def _confusion_png(record: dict[str, Any]) -> str:
     fig = Figure(figsize=(size, size))
     ax = fig.subplots()
     ConfusionMatrixDisplay(np.array(record["confusion_matrix"]), display_labels=classes).plot(
-        ax=ax, cmap="Blues", colorbar=False, xticks_rotation="vertical")
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation="vertical"
+    )
     ax.set_title(f"{record['run']}: {100 * record['accuracy']:.1f}%")
     fig.tight_layout()
     return _data_uri(fig)
@@ -269,10 +352,11 @@ def _mistakes_html(best: dict[str, Any], limit: int) -> str:
     figures = []
     for p in wrong[:limit]:
         caption = f"{p['path']}<br>true {p['label']}, predicted {p['predicted']} ({100 * p['probability']:.0f}%)"
-        figures.append(f"<figure>{_thumbnail(Path(best['dataset']['data']) / p['path'])}"
-                       f"<figcaption>{html.escape(caption).replace('&lt;br&gt;', '<br>')}</figcaption></figure>")
-    return (f"<h2>Most confident mistakes of {html.escape(best['run'])}</h2>"
-            f"<div class='thumbs'>{''.join(figures)}</div>")
+        figures.append(
+            f"<figure>{_thumbnail(Path(best['dataset']['data']) / p['path'])}"
+            f"<figcaption>{html.escape(caption).replace('&lt;br&gt;', '<br>')}</figcaption></figure>"
+        )
+    return f"<h2>Most confident mistakes of {html.escape(best['run'])}</h2><div class='thumbs'>{''.join(figures)}</div>"
 
 
 def _thumbnail(path: Path) -> str:
@@ -288,15 +372,18 @@ def _thumbnail(path: Path) -> str:
     return f"<img alt='' src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 
-
 def predictions_table(results: Sequence[Prediction], top_k: int) -> Table:
     """`predict`'s answers for a terminal: one row per image, its error in red where it had one."""
     table = Table("image", "label", "probability", f"top {top_k}")
     table.columns[0].overflow = "fold"  # paths wrap rather than lose their file name
     for r in results:
         top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in r.top_k)
-        table.add_row(Text(r.filename), Text(r.label) if r.label else Text(r.error or "", style="red"),
-                      f"{r.probability:.3f}" if r.probability is not None else "", Text(top))
+        table.add_row(
+            Text(r.filename),
+            Text(r.label) if r.label else Text(r.error or "", style="red"),
+            f"{r.probability:.3f}" if r.probability is not None else "",
+            Text(top),
+        )
     return table
 
 
@@ -306,6 +393,14 @@ def render_predictions(results: Sequence[Prediction], fmt: str) -> str:
         return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
     if fmt != "csv":
         raise CnnCodesError(f"unknown format {fmt!r}: use csv or json")
-    rows = [(r.filename, r.label or "", "" if r.probability is None else f"{r.probability:.6f}",
-             ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.top_k), r.error or "") for r in results]
+    rows = [
+        (
+            r.filename,
+            r.label or "",
+            "" if r.probability is None else f"{r.probability:.6f}",
+            ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r.top_k),
+            r.error or "",
+        )
+        for r in results
+    ]
     return csv_text(("path", "label", "probability", "top_k", "error"), rows)

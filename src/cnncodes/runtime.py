@@ -181,9 +181,15 @@ def check_runtime(runtime: str) -> None:
         raise CnnCodesError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
 
 
-def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
-                notice: Callable[[str], None] | None = None, pin: Sequence[float] | None = None,
-                label: str = "this model", threads: int | None = None) -> Runner:
+def make_runner(
+    build: Callable[[], Any],
+    model_key: str,
+    runtime: str = "onnx",
+    notice: Callable[[str], None] | None = None,
+    pin: Sequence[float] | None = None,
+    label: str = "this model",
+    threads: int | None = None,
+) -> Runner:
     """A runner for the model that `build()` makes; on ONNX, built and converted only on a cache miss.
 
     `pin` is the probe fingerprint recorded with earlier codes of this model: a cached model
@@ -202,9 +208,14 @@ def make_runner(build: Callable[[], Any], model_key: str, runtime: str = "onnx",
     return KerasRunner(build())
 
 
-def onnx_model(build: Callable[[], Any], model_key: str, notice: Callable[[str], None] | None = None,
-               pin: Sequence[float] | None = None, label: str = "this model",
-               threads: int | None = None) -> OnnxRunner | str:
+def onnx_model(
+    build: Callable[[], Any],
+    model_key: str,
+    notice: Callable[[str], None] | None = None,
+    pin: Sequence[float] | None = None,
+    label: str = "this model",
+    threads: int | None = None,
+) -> OnnxRunner | str:
     """The checked ONNX model of `build()`, converted on a cache miss; a string says why there is none."""
     path = onnx_cache_path(model_key)
     found = cached_runner(path, model_key, pin, threads)
@@ -230,12 +241,15 @@ def onnx_model(build: Callable[[], Any], model_key: str, notice: Callable[[str],
 def refuse_unpinned(runner: Runner, pin: Sequence[float] | None, label: str) -> None:
     """Stop when a freshly made model does not give the outputs recorded with earlier codes."""
     if pin is not None and not matches(probe_fingerprint(runner), pin):
-        raise CnnCodesError(f"{label} made here does not give the outputs recorded with these codes (other weights, "
-                            "another Keras or a changed network): make the codes again with this installation")
+        raise CnnCodesError(
+            f"{label} made here does not give the outputs recorded with these codes (other weights, "
+            "another Keras or a changed network): make the codes again with this installation"
+        )
 
 
-def cached_runner(path: Path, model_key: str, pin: Sequence[float] | None = None,
-                  threads: int | None = None) -> OnnxRunner | str | None:
+def cached_runner(
+    path: Path, model_key: str, pin: Sequence[float] | None = None, threads: int | None = None
+) -> OnnxRunner | str | None:
     """The cached model, checked against its record, its key and the pin; None if absent or damaged.
 
     A string says why an intact entry was refused: made for another key, or outputs that

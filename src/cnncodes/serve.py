@@ -36,8 +36,9 @@ try:
     from starlette.middleware.body_limit import RequestBodyLimitMiddleware
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as e:
-    raise CnnCodesError(f"cnncodes serve needs packages that are not installed ({e.name}): "
-                        "pip install 'cnncodes[serve]'") from None
+    raise CnnCodesError(
+        f"cnncodes serve needs packages that are not installed ({e.name}): pip install 'cnncodes[serve]'"
+    ) from None
 
 # Uvicorn's worker processes read their settings from here (`--workers N` imports the app by name).
 SETTINGS_ENV = "CNNCODES_SERVE_SETTINGS"
@@ -75,8 +76,13 @@ class MicroBatcher:
     the warm-up is done.
     """
 
-    def __init__(self, probabilities: Callable[[np.ndarray], np.ndarray], max_batch: int, wait: float,
-                 on_batch: Callable[[int], None]):
+    def __init__(
+        self,
+        probabilities: Callable[[np.ndarray], np.ndarray],
+        max_batch: int,
+        wait: float,
+        on_batch: Callable[[int], None],
+    ):
         self.probabilities = probabilities
         self.max_batch = max_batch
         self.wait = wait
@@ -105,7 +111,7 @@ class MicroBatcher:
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         sizes = _powers_of_two(len(pixels))
         starts = np.cumsum([0, *sizes[:-1]])
-        return np.concatenate([self.probabilities(pixels[start:start + size]) for start, size in zip(starts, sizes)])
+        return np.concatenate([self.probabilities(pixels[start : start + size]) for start, size in zip(starts, sizes)])
 
     async def _run(self, image_size: int) -> None:
         loop = asyncio.get_running_loop()
@@ -144,15 +150,25 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("cnncodes_requests", "HTTP requests by route and status code.", ["route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("cnncodes_request_seconds", "Time to answer a request, by route.", ["route"],
-                                 registry=self.registry)
-        self.batch_size = Histogram("cnncodes_batch_images", "Images per forward pass.",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.requests = Counter(
+            "cnncodes_requests", "HTTP requests by route and status code.", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "cnncodes_request_seconds", "Time to answer a request, by route.", ["route"], registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "cnncodes_batch_images",
+            "Images per forward pass.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.images = Counter("cnncodes_images_predicted", "Images that got a prediction.", registry=self.registry)
-        self.rejected = Counter("cnncodes_images_rejected", "Uploads that could not be read, by category.",
-                                ["category"], registry=self.registry)
+        self.rejected = Counter(
+            "cnncodes_images_rejected",
+            "Uploads that could not be read, by category.",
+            ["category"],
+            registry=self.registry,
+        )
 
 
 class MetricsMiddleware:
@@ -184,10 +200,12 @@ class MetricsMiddleware:
 def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     """The service: POST /predict, GET /healthz, /readyz, /metadata, /metrics."""
     metrics = Metrics()
-    batcher = MicroBatcher(predictor.probabilities, settings.max_batch, settings.batch_wait_ms / 1000,
-                           metrics.batch_size.observe)
-    decoders = ThreadPoolExecutor(max_workers=settings.threads or os.cpu_count() or 1,
-                                  thread_name_prefix="cnncodes-decode")
+    batcher = MicroBatcher(
+        predictor.probabilities, settings.max_batch, settings.batch_wait_ms / 1000, metrics.batch_size.observe
+    )
+    decoders = ThreadPoolExecutor(
+        max_workers=settings.threads or os.cpu_count() or 1, thread_name_prefix="cnncodes-decode"
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -196,8 +214,13 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         await batcher.stop()
         decoders.shutdown(wait=True)
 
-    app = FastAPI(title="cnncodes", summary=f"Predictions of {predictor.record.get('run', settings.model)}",
-                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="cnncodes",
+        summary=f"Predictions of {predictor.record.get('run', settings.model)}",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
@@ -257,13 +280,32 @@ async def _uploads(request: Request) -> list[tuple[str, bytes]]:
 
 def _metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
     record = predictor.record
-    summary = ("run", "method", "backbone", "layer", "classifier", "accuracy", "accuracy_ci95", "balanced_accuracy",
-               "macro_f1", "n_train", "n_test", "created", "model_sha256")
-    return {"classes": predictor.classes, "backbone": record.get("backbone"), "layer": record.get("layer"),
-            "input_size": predictor.image_size, "resize": predictor.resize, "threads": settings.threads,
-            "run": {key: record.get(key) for key in summary},
-            "limits": {"max_bytes": settings.max_bytes, "max_files": MAX_FILES},
-            "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms}}
+    summary = (
+        "run",
+        "method",
+        "backbone",
+        "layer",
+        "classifier",
+        "accuracy",
+        "accuracy_ci95",
+        "balanced_accuracy",
+        "macro_f1",
+        "n_train",
+        "n_test",
+        "created",
+        "model_sha256",
+    )
+    return {
+        "classes": predictor.classes,
+        "backbone": record.get("backbone"),
+        "layer": record.get("layer"),
+        "input_size": predictor.image_size,
+        "resize": predictor.resize,
+        "threads": settings.threads,
+        "run": {key: record.get(key) for key in summary},
+        "limits": {"max_bytes": settings.max_bytes, "max_files": MAX_FILES},
+        "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms},
+    }
 
 
 def app_from_environment() -> FastAPI:
@@ -276,8 +318,15 @@ def _load(settings: ServeSettings) -> Predictor:
     return load_predictor(settings.model, settings.weights, settings.runtime, settings.threads)
 
 
-def serve(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          access_log: bool = True, grace_seconds: float = 30.0) -> None:
+def serve(
+    settings: ServeSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    access_log: bool = True,
+    grace_seconds: float = 30.0,
+) -> None:
     """Load the model (errors surface here, before any port opens), then serve until SIGTERM or Ctrl-C.
 
     Each of the `workers` processes gets `settings.threads` threads, by default `cores / workers`,
@@ -289,7 +338,12 @@ def serve(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
     threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
     settings = replace(settings, threads=threads)
     predictor = _load(settings)  # verifies the model and fills the ONNX cache the workers load from
-    options: dict[str, Any] = {"host": host, "port": port, "access_log": access_log, "timeout_graceful_shutdown": grace_seconds}
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "access_log": access_log,
+        "timeout_graceful_shutdown": grace_seconds,
+    }
     # After draining, uvicorn raises the SIGTERM it caught again; ending then is the success of a graceful stop.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     if workers == 1:

@@ -67,8 +67,17 @@ def parse_fractions(text: str | Sequence[float]) -> tuple[float, float, float]:
         parts = [float(p) for p in text.split(",")] if isinstance(text, str) else [float(p) for p in text]
     except ValueError:
         raise CnnCodesError(f"--split must be three numbers like 0.7,0.15,0.15 (got {text!r})") from None
-    if len(parts) != 3 or not all(math.isfinite(p) for p in parts) or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6 or parts[0] <= 0 or parts[2] <= 0:
-        raise CnnCodesError(f"--split takes train,val,test fractions that sum to 1, with train and test above 0 (got {text!r})")
+    if (
+        len(parts) != 3
+        or not all(math.isfinite(p) for p in parts)
+        or min(parts) < 0
+        or abs(sum(parts) - 1) > 1e-6
+        or parts[0] <= 0
+        or parts[2] <= 0
+    ):
+        raise CnnCodesError(
+            f"--split takes train,val,test fractions that sum to 1, with train and test above 0 (got {text!r})"
+        )
     return parts[0], parts[1], parts[2]
 
 
@@ -110,8 +119,10 @@ def assign_subsets(
 def check_dup_threshold(threshold: int) -> None:
     """-1 turns grouping off; above 16 bits apart, pHashes of unrelated images start to count as copies."""
     if not isinstance(threshold, int) or not -1 <= threshold <= MAX_DUP_THRESHOLD:
-        raise CnnCodesError(f"--dup-threshold must be between 0 and {MAX_DUP_THRESHOLD} bits, or -1 to turn "
-                            f"duplicate grouping off (got {threshold!r})")
+        raise CnnCodesError(
+            f"--dup-threshold must be between 0 and {MAX_DUP_THRESHOLD} bits, or -1 to turn "
+            f"duplicate grouping off (got {threshold!r})"
+        )
 
 
 def group_duplicates(phashes: Sequence[str], threshold: int) -> np.ndarray:
@@ -152,6 +163,7 @@ def _as_bits(phashes: Sequence[str]) -> np.ndarray:
 
 def _chunk_keys(threshold: int, n: int) -> list[np.uint64]:
     """Bit masks of the chunk combinations to bucket by, for the cheapest number of chunks at `n` hashes."""
+
     def cost(m: int) -> float:
         agree = m - threshold  # chunks that must agree exactly
         keys = math.comb(m, agree)
@@ -224,13 +236,17 @@ def duplicate_warnings(groups: np.ndarray, paths: Sequence[str], labels: Sequenc
     huge = [idx for idx in groups_of_many if len(idx) > max(_HUGE_GROUP, len(paths) // 100)]
     if huge:
         biggest = max(huge, key=len)
-        warnings.append(f"{len(huge)} duplicate group(s) are very large (the largest: {len(biggest)} images, e.g. "
-                        f"{paths[biggest[0]]}): is --dup-threshold {threshold} too high for these images?")
+        warnings.append(
+            f"{len(huge)} duplicate group(s) are very large (the largest: {len(biggest)} images, e.g. "
+            f"{paths[biggest[0]]}): is --dup-threshold {threshold} too high for these images?"
+        )
     mixed = [idx for idx in groups_of_many if len({labels[i] for i in idx}) > 1]
     if mixed:
         i, j = next((i, j) for i in mixed[0] for j in mixed[0] if labels[i] < labels[j])
-        warnings.append(f"{len(mixed)} duplicate group(s) hold images of different classes, e.g. {paths[i]} "
-                        f"({labels[i]}) and {paths[j]} ({labels[j]}): the same picture under two labels?")
+        warnings.append(
+            f"{len(mixed)} duplicate group(s) hold images of different classes, e.g. {paths[i]} "
+            f"({labels[i]}) and {paths[j]} ({labels[j]}): the same picture under two labels?"
+        )
     return warnings
 
 

@@ -119,7 +119,7 @@ class FeatureWriter:
         """Take rows (new, old) from an earlier run's features file instead of recomputing them."""
         with npy_rows(source) as old:
             for start in range(0, len(pairs), _CHUNK_ROWS):
-                chunk = np.array(pairs[start:start + _CHUNK_ROWS], dtype=np.int64).reshape(-1, 2)
+                chunk = np.array(pairs[start : start + _CHUNK_ROWS], dtype=np.int64).reshape(-1, 2)
                 self.write(chunk[:, 0], old.read(chunk[:, 1]))
         self.sync()
 
@@ -135,7 +135,7 @@ class FeatureWriter:
         reserve_npy(tmp, (len(kept), self.dim))
         with npy_rows(self._data) as source, npy_rows(tmp, write=True) as out:
             for start in range(0, len(kept), _CHUNK_ROWS):
-                rows = kept[start:start + _CHUNK_ROWS]
+                rows = kept[start : start + _CHUNK_ROWS]
                 out.write(np.arange(start, start + len(rows)), source.read(rows))
         os.replace(tmp, dest)
         return kept
@@ -212,7 +212,8 @@ def reserve_npy(path: Path, shape: tuple[int, int]) -> None:
         path.unlink(missing_ok=True)
         raise CnnCodesError(
             f"not enough space in {path.parent} for the codes: {_human_bytes(shape[0] * shape[1] * 4)} needed "
-            f"({e.strerror}); free some space and run the same command again (finished work is kept)") from None
+            f"({e.strerror}); free some space and run the same command again (finished work is kept)"
+        ) from None
 
 
 def _reserve(path: Path) -> None:
@@ -258,8 +259,10 @@ class CheckCache:
         try:
             yield
         except sqlite3.OperationalError as e:
-            raise CnnCodesError(f"cannot write the check cache {self.path} ({e}): free some space or make "
-                                f"{self.path.parent} writable, then run the same command again") from None
+            raise CnnCodesError(
+                f"cannot write the check cache {self.path} ({e}): free some space or make "
+                f"{self.path.parent} writable, then run the same command again"
+            ) from None
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
@@ -276,9 +279,10 @@ class CheckCache:
         categories: list[str | None] = []
         phashes: list[str | None] = []
         for start in range(0, len(ids), 500):
-            keys = [_bytes(i) for i in ids[start:start + 500]]
+            keys = [_bytes(i) for i in ids[start : start + 500]]
             rows = self.db.execute(
-                f"SELECT id, reason, category, phash FROM checks2 WHERE id IN ({','.join('?' * len(keys))})", keys)
+                f"SELECT id, reason, category, phash FROM checks2 WHERE id IN ({','.join('?' * len(keys))})", keys
+            )
             known = {k: (None if r is None else _text(r), c, h) for k, r, c, h in rows}
             for k in keys:
                 reason, category, phash = known.get(k, (None, None, None))
@@ -287,12 +291,21 @@ class CheckCache:
                 phashes.append(phash)
         return reasons, categories, phashes
 
-    def put(self, ids: Sequence[str], reasons: Sequence[str | None], categories: Sequence[str | None],
-            phashes: Sequence[str | None]) -> None:
+    def put(
+        self,
+        ids: Sequence[str],
+        reasons: Sequence[str | None],
+        categories: Sequence[str | None],
+        phashes: Sequence[str | None],
+    ) -> None:
         with self._failures():
-            self.db.executemany("INSERT OR REPLACE INTO checks2 VALUES (?, ?, ?, ?)",
-                                [(_bytes(i), None if r is None else _bytes(r), c, h)
-                                 for i, r, c, h in zip(ids, reasons, categories, phashes)])
+            self.db.executemany(
+                "INSERT OR REPLACE INTO checks2 VALUES (?, ?, ?, ?)",
+                [
+                    (_bytes(i), None if r is None else _bytes(r), c, h)
+                    for i, r, c, h in zip(ids, reasons, categories, phashes)
+                ],
+            )
             self.db.commit()
 
     def close(self) -> None:
@@ -305,5 +318,3 @@ def _bytes(text: str) -> bytes:
 
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
-
-

@@ -50,5 +50,10 @@ def _native_stderr_to_devnull() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
-    sys.stderr = io.TextIOWrapper(os.fdopen(original, "wb", buffering=0), encoding=sys.stderr.encoding,
-                                  errors=sys.stderr.errors, line_buffering=True, write_through=True)
+    sys.stderr = io.TextIOWrapper(
+        os.fdopen(original, "wb", buffering=0),
+        encoding=sys.stderr.encoding,
+        errors=sys.stderr.errors,
+        line_buffering=True,
+        write_through=True,
+    )

@@ -57,7 +57,9 @@ def resolve_weights(choice: str, file_name: str, url: str, backbone: str, md5: s
         return Weights("imagenet", path, _published(path, md5))
     path = Path(choice).expanduser()
     if not path.is_file():
-        raise CnnCodesError(f"--weights {choice}: no such file; use imagenet, none, or the path of a Keras .h5 weights file")
+        raise CnnCodesError(
+            f"--weights {choice}: no such file; use imagenet, none, or the path of a Keras .h5 weights file"
+        )
     return Weights("file", path.resolve(), sha256_file(path))
 
 
@@ -69,9 +71,11 @@ def _published(path: Path, md5: str | None) -> str:
             sha256.update(chunk)
             found.update(chunk)
     if md5 is not None and found.hexdigest() != md5:
-        raise CnnCodesError(f"{path} is not the file Keras publishes under that name (MD5 {found.hexdigest()}, "
-                            f"expected {md5}): delete it to download it again, or load it on purpose with "
-                            f"--weights {path}")
+        raise CnnCodesError(
+            f"{path} is not the file Keras publishes under that name (MD5 {found.hexdigest()}, "
+            f"expected {md5}): delete it to download it again, or load it on purpose with "
+            f"--weights {path}"
+        )
     return sha256.hexdigest()
 
 
