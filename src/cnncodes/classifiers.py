@@ -346,6 +346,20 @@ def fit_svm(
     `repeats` K > 1 the same images are split again K-1 times (seeds after the features' own,
     duplicate groups kept together), each split fitted and scored on its own; the record adds
     the per-split accuracies, their mean and standard deviation. The bundle is the first split's.
+
+    Args:
+        features: a folder written by `extract`.
+        out: the models folder.
+        classifiers: `linear-svm`, `logreg`, `rbf-svm`, `knn` or `all` (repeatable).
+        normalize: `auto` (standard, l2 and none, chosen by cross-validation), `standard`, `l2` or `none`.
+        pca: reduce the codes to this many principal components first.
+        cv: folds of group-aware cross-validation on train+val; 0 chooses on the val subset.
+        class_weight: `balanced` for imbalanced classes.
+        n_jobs: parallel jobs of the search (-1: all cores).
+        seed: the folds' seed.
+        name: prefix of the run names.
+        progress: a rich progress bar.
+        repeats: splits to score on (see above).
     """
     feats = load_features(features)
     kinds = expand_kinds(classifiers)

@@ -474,14 +474,31 @@ def extract(
     """Write CNN codes of every usable image in `data` to `out` (see the README for the files).
 
     Bad files are skipped and listed in `rejected.csv`; re-running with the same data and
-    settings recomputes nothing, and an interrupted run resumes where it stopped. `flip`
-    averages each code with that of the mirror image (twice the forward passes).
-    `precision` "int8" runs a quantized model calibrated on `calibration` train images (see
-    the README). `engine` is "local" or "ray" (`address`: a Ray cluster, else `RAY_ADDRESS` or a new
-    local one); `workers` is decoding threads locally, actors on Ray.
-    `on_batch(done, total)` is called after each batch of codes is safely stored: the
-    hook to follow a run from a notebook, or to stop it (raise KeyboardInterrupt) as
-    Ctrl-C would.
+    settings recomputes nothing, and an interrupted run resumes where it stopped.
+
+    Args:
+        data: a class-per-folder directory or a `path,label` CSV, local or `s3://…`.
+        out: the features folder (created if missing).
+        backbone: a registry name (`cnncodes backbones` lists them).
+        layer: the layer whose output is the code (default: the registry's deepest tap).
+        pooling: `avg`, `max` or `flatten`.
+        weights: `imagenet`, `none` (untrained, seeded) or the path of a Keras weights file.
+        image_size: square input size (default: the backbone's).
+        resize: `crop`, `squash` or `pad`.
+        batch_size: images per forward pass.
+        split: train,val,test fractions.
+        seed: the split's hash seed.
+        dup_threshold: pHash bits within which two images are duplicates (0-16; -1 turns it off).
+        workers: decoding threads locally, actors on Ray.
+        runtime: `onnx` (default) or `keras`.
+        flip: average each code with that of the mirror image (twice the forward passes).
+        progress: rich progress bars.
+        engine: `local` or `ray`.
+        address: a Ray cluster (else `RAY_ADDRESS`, else a new local one).
+        on_batch: `on_batch(done, total)` after each batch of codes is safely stored, to follow a
+            run from a notebook or stop it (raise KeyboardInterrupt) as Ctrl-C would.
+        precision: `fp32`, or `int8`: a quantized model calibrated on `calibration` train images.
+        calibration: how many train images calibrate the int8 model.
     """
     started = time.perf_counter()
     if batch_size < 1:

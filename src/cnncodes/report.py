@@ -234,7 +234,7 @@ def render(records: Sequence[dict[str, Any]], fmt: str) -> str:
         writer.writeheader()
         writer.writerows(table)
         return buf.getvalue()
-    raise CnnCodesError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    raise CnnCodesError(f"unknown format {fmt!r}: render writes markdown, csv or json (rich_table draws the table)")
 
 
 def html_report(records: Sequence[dict[str, Any]], mistakes: int = 12) -> str:
