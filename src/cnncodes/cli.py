@@ -528,7 +528,8 @@ def finetune(
             progress=not quiet,
         )
     if not quiet:
-        out_console.print(rich_table([record], title=f"{record['epochs_run']} epochs, {record['n_test']} test images"))
+        title = f"{record['epochs_run']} epochs, {record['n_test']} test images"
+        out_console.print(rich_table([record], title=title, width=out_console.width))
 
 
 ModelArg = Annotated[Path, typer.Argument(help="A .joblib bundle or a .keras model, its .json run record beside it.")]

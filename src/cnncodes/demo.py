@@ -103,7 +103,7 @@ def run_demo(
     finetune(data, out, spec, split_from=features, restart=True, progress=True)
     say(f"[bold]5/6[/] compare: every run scored on the same {result.counts['test']} test images")
     records = rank(load_records([out]))
-    console.print(rich_table(records))
+    console.print(rich_table(records, width=console.width))
     report = out / "report.html"
     write_bytes_atomic(report, html_report(records).encode())
     say(f"      report with confusion matrices and mistakes: {escape(str(report))}")
