@@ -106,3 +106,18 @@ def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):  # n
     on_disk = cnncodes.extract(local, tmp_path / "disk", **FAST)
     assert on_ray.n_images == on_disk.n_images == 18 and [p for p, *_ in on_ray.rejected] == ["squares/broken.png"]
     assert np.abs(np.load(on_ray.out / "features.npy") - np.load(on_disk.out / "features.npy")).max() <= 1e-5
+
+
+def test_an_int8_extract_runs_the_same_quantized_model_on_the_actors(local_ray, data: Path, tmp_path: Path):
+    options = [*FAST_ARGS, "--layer", "block3_pool", "--precision", "int8", "--calibration", "6"]
+    local = runner.invoke(app, ["extract", str(data), "--out", str(tmp_path / "local"), *options])
+    assert local.exit_code == 0, local.output
+    on_ray = runner.invoke(
+        app, ["extract", str(data), "--out", str(tmp_path / "ray"), *options, "--engine", "ray", "--batch-size", "4"]
+    )
+    assert on_ray.exit_code == 0, on_ray.output
+    local_codes, ray_codes = np.load(tmp_path / "local" / "features.npy"), np.load(tmp_path / "ray" / "features.npy")
+    assert np.abs(ray_codes - local_codes).max() <= 1e-5 * np.abs(local_codes).max()
+    assert json.loads((tmp_path / "ray" / "meta.json").read_text())["extractor"]["precision"] == "int8"
+    fp32 = cnncodes.extract(data, tmp_path / "fp32", **FAST, layer="block3_pool")
+    assert not np.allclose(np.load(fp32.out / "features.npy"), ray_codes)  # the quantized model ran there
