@@ -6,10 +6,14 @@ calibration of every kind's probabilities. With `--full`, also: for each dataset
 ../shared/datasets: CNN codes from every backbone whose ImageNet weights resolve (the others are
 listed as skipped, with the reason) x linear-svm, logreg, rbf-svm and knn; plus a fine-tune of
 MobileNetV2 on the same split; then `compare`. A layer sweep on one dataset shows where the best
-code sits. Writes docs/results.md (tables, the command lines that made them, machine, date,
-versions) and prints the README summary.
+code sits. With `--int8`: what `extract --precision int8` costs in accuracy, ImageNet MobileNetV2
+codes of Flowers-17 at fp32 and int8 (128 train images calibrate each split's int8 model) over 5
+duplicate-aware splits (`extract --seed 0..4`), `fit-svm` with its defaults on each: mean ± sd of
+every classifier's test accuracy, beside fp32, and the int8 codes' recorded agreement. Writes
+docs/results.md (tables, the command lines that made them, machine, date, versions) and prints
+the README summary.
 
-    .venv/bin/python scripts/bench_accuracy.py [--work /tmp/cnncodes-accuracy] [--full]
+    .venv/bin/python scripts/bench_accuracy.py [--work /tmp/cnncodes-accuracy] [--full] [--int8]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from datetime import date
@@ -363,6 +368,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnncodes-accuracy"))
     parser.add_argument("--sweep", default="oxford17flowers")
     parser.add_argument("--full", action="store_true", help="also the extraction variants, fine-tunes and layer sweep")
+    parser.add_argument("--int8", action="store_true", help="also int8 against fp32 MobileNetV2 codes on Flowers-17")
     args = parser.parse_args()
     os.environ.setdefault("CNNCODES_CACHE_DIR", str(args.work / "cache"))
     log: list[str] = []
@@ -410,6 +416,10 @@ def main() -> None:
         sections.append(
             "## Backbones skipped\n\n" + ("\n".join(f"- {b}: {why}" for b, why in skipped.items()) or "none")
         )
+    if args.int8:
+        sections.append(
+            f"## int8 against fp32: MobileNetV2 on oxford17flowers, {REPEATS} splits\n\n" + int8_table(args.work)
+        )
     sections.append("## Command lines\n\n```sh\n" + "\n".join(relative(line, args.work) for line in log) + "\n```")
     out = ROOT / "docs" / "results.md"
     out.parent.mkdir(exist_ok=True)
@@ -418,6 +428,49 @@ def main() -> None:
         "\n" + defaults_vs_tutorial(repeated) + "\n\n" + repeats_table(repeated) + "\n\n" + calibration_table(repeated)
     )
     print(f"\nwrote {out}")
+
+
+def int8_split(work: Path, seed: int, precision: str) -> tuple[dict[str, float], dict | None]:
+    """Test accuracy of each default classifier on one Flowers-17 split's codes, and int8's recorded agreement."""
+    import cnncodes
+    from cnncodes.classifiers import fit_svm
+
+    folder = work / "int8" / f"seed{seed}-{precision}"
+    flowers = SHARED / "datasets" / "oxford17flowers"
+    cnncodes.extract(flowers, folder / "features", seed=seed, precision=precision, progress=False)
+    records = fit_svm(folder / "features", folder / "models", progress=False)
+    quantization = json.loads((folder / "features" / "meta.json").read_text())["extractor"].get("quantization")
+    return {r["classifier"]: r["accuracy"] for r in records}, quantization
+
+
+def int8_table(work: Path) -> str:
+    """fp32 against int8 MobileNetV2 codes of Flowers-17 over the splits: mean ± sd per classifier."""
+    scores: dict[tuple[str, str], list[float]] = {}
+    agreement = []
+    for seed in range(REPEATS):
+        for precision in ("fp32", "int8"):
+            accuracy, quantization = int8_split(work, seed, precision)
+            for kind, value in accuracy.items():
+                scores.setdefault((kind, precision), []).append(100 * value)
+            if quantization:
+                a = quantization["agreement"]
+                agreement.append(
+                    f"seed {seed}: {quantization['method']}, per-channel {quantization['per_channel']}, "
+                    f"fp32 layers {quantization['fp32_layers'] or 'none'}; cosine with fp32 mean "
+                    f"{a['mean']:.4f}, lowest {a['min']:.4f}"
+                )
+    lines = [
+        f"| classifier | fp32 test accuracy | int8 test accuracy | int8 - fp32 (mean over {REPEATS} splits) |",
+        "|---|---|---|---|",
+    ]
+    for kind in sorted({k for k, _ in scores}):
+        fp32, int8 = scores[kind, "fp32"], scores[kind, "int8"]
+        lines.append(
+            f"| {kind} | {statistics.mean(fp32):.1f} ± {statistics.stdev(fp32):.1f} % | "
+            f"{statistics.mean(int8):.1f} ± {statistics.stdev(int8):.1f} % | "
+            f"{statistics.mean(int8) - statistics.mean(fp32):+.2f} points |"
+        )
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {line}" for line in agreement)
 
 
 def relative(line: str, work: Path) -> str:
