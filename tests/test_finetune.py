@@ -33,6 +33,10 @@ runner = CliRunner()
 TINY = dict(backbone="vgg16", weights="none", image_size=32, batch_size=8, head_epochs=1, fine_epochs=1)
 
 
+# The same settings on the command line.
+TINY_ARGS = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
+
+
 def tiny(**changes):
     return make_spec(**(TINY | changes))
 
@@ -42,30 +46,8 @@ def tuned(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("finetune")
     data = make_dataset(root / "data", per_class=8)
     cnncodes.extract(data, root / "features", backbone="vgg16", weights="none", image_size=32, progress=False)
-    result = runner.invoke(
-        app,
-        [
-            "finetune",
-            str(data),
-            "--out",
-            str(root / "models"),
-            "--split-from",
-            str(root / "features"),
-            "--backbone",
-            "vgg16",
-            "--weights",
-            "none",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "8",
-            "--head-epochs",
-            "2",
-            "--fine-epochs",
-            "1",
-            "--quiet",
-        ],
-    )
+    args = ["finetune", str(data), "--out", str(root / "models"), "--split-from", str(root / "features"), *TINY_ARGS]
+    result = runner.invoke(app, [*args, "--head-epochs", "2", "--fine-epochs", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     return {"root": root, "data": data, "features": root / "features", "models": root / "models"}
 
@@ -299,28 +281,8 @@ def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_
 
 def test_cache_trunk_trains_on_cached_activations_and_its_model_predicts_the_same(tuned):
     models = tuned["root"] / "trunk-models"
-    args = [
-        "finetune",
-        str(tuned["data"]),
-        "--out",
-        str(models),
-        "--split-from",
-        str(tuned["features"]),
-        "--backbone",
-        "vgg16",
-        "--weights",
-        "none",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--head-epochs",
-        "1",
-        "--fine-epochs",
-        "2",
-        "--cache-trunk",
-        "--quiet",
-    ]
+    args = ["finetune", str(tuned["data"]), "--out", str(models), "--split-from", str(tuned["features"]), *TINY_ARGS]
+    args += ["--head-epochs", "1", "--fine-epochs", "2", "--cache-trunk", "--quiet"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((models / "vgg16-finetune.json").read_text())
