@@ -326,8 +326,11 @@ def compare(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
     html_path: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
 ) -> None:
-    """Rank every run on the same test set: accuracy (95% interval, or mean ± sd over repeated splits), its p-value
-    against the best run, calibration (ECE, AUROC of confidence), balanced accuracy, macro-F1, cost."""
+    """Rank every run on the same test set: accuracy, p-value against the best run, calibration, cost.
+
+    Accuracy has its 95% interval, or mean ± sd over repeated splits; calibration is the ECE and
+    the AUROC of the confidence; wider terminals add balanced accuracy and macro-F1.
+    """
     from .artifacts import write_bytes_atomic
 
     with user_errors():
