@@ -506,14 +506,15 @@ def extract(
     check_runtime(runtime)
     check_dup_threshold(dup_threshold)
     fractions = parse_fractions(split)
+    dataset = discover_data(data)  # a missing or empty DATA fails before anything is written or downloaded
+    discovered = time.perf_counter() - started
     spec, resolved = ExtractorSpec.create(
         backbone, layer, pooling, image_size, resize, weights, flip, precision, calibration, runtime
     )
     out = Path(out)
-    dataset = discover_data(data)  # a missing or empty DATA fails before anything is written
-    discovered = time.perf_counter() - started
+    engine_started = time.perf_counter()
     where = make_engine(engine, workers, address)
-    engine_start = time.perf_counter() - started - discovered
+    engine_start = time.perf_counter() - engine_started
     with _exclusive(out):
         the_plan = plan(dataset, out, fractions, seed, dup_threshold, workers, progress, where)
         train = [the_plan.usable.root / p for p, s in zip(the_plan.split.paths, the_plan.split.subsets) if s == "train"]
