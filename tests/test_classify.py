@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cnncodes
+from cnncodes.choices import KINDS
 from cnncodes.cli import app
 
 from .conftest import FLOWERS, make_dataset, needs_real_weights, write_image
@@ -42,7 +43,7 @@ def records(models: Path) -> dict[str, dict]:
 
 def test_fit_svm_writes_a_bundle_and_a_run_record_per_classifier(fitted):
     runs = records(fitted["models"])
-    assert set(runs) == {f"vgg16-block5_pool-{k}" for k in ("linear-svm", "logreg", "rbf-svm", "knn")}
+    assert set(runs) == {f"vgg16-block5_pool-{k}" for k in KINDS}
     meta = json.loads((fitted["features"] / "meta.json").read_text())
     n_test = meta["subsets"].count("test")
     for name, r in runs.items():

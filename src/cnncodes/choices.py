@@ -6,7 +6,7 @@ would cost every command, `extract` included, about two seconds (TensorFlow, eig
 
 from typing import Literal, get_args
 
-KINDS = ("linear-svm", "logreg", "rbf-svm", "knn")
+KINDS = ("linear-svm", "logreg", "rbf-svm", "knn", "sgd")
 # auto: each of the others with its own grid, chosen by cross-validation.
 Normalize = Literal["auto", "standard", "l2", "none"]
 NORMALIZERS: tuple[str, ...] = get_args(Normalize)

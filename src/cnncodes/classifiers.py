@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ from scipy.optimize import minimize_scalar
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedGroupKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
@@ -43,7 +45,7 @@ from .choices import KINDS, NORMALIZERS
 from .errors import CnnCodesError
 from .evaluate import per_image_predictions, score
 from .features import Features, load_features
-from .progress import progress_bar
+from .progress import progress_bar, warn
 from .records import build_record, refuse_to_replace, repeat_score, repeats_summary, run_name
 from .split import assign_subsets
 
@@ -52,6 +54,15 @@ _LINEAR = {"linear-svm", "logreg"}
 _AUTO = ("standard", "l2", "none")
 # Probabilities are floored here before their log: k-NN gives exact zeros.
 _FLOOR = 1e-4
+# Training codes above which `--classifier all` skips the kinds that cannot finish in reasonable
+# time: libsvm's SVC is quadratic in samples, k-NN's prediction scans every training code.
+MAX_EXACT = 50_000
+_QUADRATIC = ("linear-svm", "rbf-svm", "knn")
+# `sgd`: codes read per `partial_fit` call (one chunk in memory at a time), passes over them, and its grid.
+SGD_CHUNK = 4096
+_SGD_EPOCHS = 10
+_SGD_LOSSES = ("hinge", "log_loss")  # a linear SVM, logistic regression
+_SGD_ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2)
 
 
 def _estimator(kind: str, class_weight: Any) -> tuple[Any, dict[str, list]]:
@@ -125,7 +136,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         cv: Any = 5,
         n_jobs: int | None = -1,
         random_state: int = 0,
+        chunk_size: int = SGD_CHUNK,
     ):
+        self.chunk_size = chunk_size
         self.kind = kind
         self.normalize = normalize
         self.pca = pca
@@ -140,14 +153,13 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         self.classes_, codes = np.unique(y, return_inverse=True)
         self._check_settings(codes)
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+        if self.kind == "sgd":
+            return self._fit_streaming(X, np.arange(len(X)), codes, groups)
         smallest = int(np.bincount(codes).min())
         folds = self._folds(X, codes, groups, smallest, self.cv)
         calibration = self._folds(X, codes, groups, smallest, 3)
         fold = min(len(train) for train, _ in folds + calibration)
-        weights = self.class_weight  # a dict names classes by label; the models see their codes
-        if isinstance(weights, dict):
-            weights = {code: weights.get(label, 1.0) for code, label in enumerate(self.classes_)}
-        estimator, grid = _estimator(self.kind, weights)
+        estimator, grid = _estimator(self.kind, self._code_weights())
         pipeline = Pipeline([("normalize", StandardScaler()), ("pca", "passthrough"), ("model", estimator)])
         grids = self._grids(grid, X, fold)
         search = GridSearchCV(
@@ -181,6 +193,45 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         ]
         return self
 
+    def fit_rows(self, X, y, rows: np.ndarray, groups=None) -> CodesClassifier:
+        """Fit on `X[rows]`; `sgd` reads them a chunk at a time, so X may be memory-mapped codes larger than memory.
+
+        The other kinds need their codes in memory and fit on the copy `X[rows]`.
+        """
+        rows = np.sort(np.asarray(rows))
+        groups = np.arange(len(rows)) if groups is None else np.asarray(groups)[rows]
+        if self.kind != "sgd":
+            return self.fit(X[rows], np.asarray(y)[rows], groups=groups)
+        self.n_features_in_ = X.shape[1]
+        self.classes_, codes = np.unique(np.asarray(y)[rows], return_inverse=True)
+        self._check_settings(codes)
+        return self._fit_streaming(X, rows, codes, groups)
+
+    def _fit_streaming(self, X, rows: np.ndarray, codes: np.ndarray, groups: np.ndarray) -> CodesClassifier:
+        """`sgd`: normalisation, loss and alpha chosen on one held-out fold (with `cv=0` the val subset), then refit.
+
+        One fold, not k: each candidate is several passes over codes that may not fit in memory.
+        The temperature is fitted on the chosen candidate's held-out scores.
+        """
+        train, held = self._folds(rows, codes, groups, int(np.bincount(codes).min()), self.cv)[0]
+        fit = _StreamingFit(X, len(self.classes_), self._code_weights(), self.chunk_size, self.random_state)
+        candidates = list(product(self._normalizations(), _SGD_LOSSES, _SGD_ALPHAS))
+        metric = balanced_accuracy_score if self.class_weight else accuracy_score
+        held_scores = {c: fit.scores(fit.model(rows[train], codes[train], *c), rows[held]) for c in candidates}
+        chosen = max(candidates, key=lambda c: metric(codes[held], held_scores[c].argmax(axis=1)))
+        self.model_ = fit.model(rows, codes, *chosen)
+        self.temperature_ = _fit_temperature(held_scores[chosen], codes[held])
+        self.best_params_ = {"normalize": chosen[0], "loss": chosen[1], "alpha": chosen[2]}
+        self.cv_score_ = float(metric(codes[held], held_scores[chosen].argmax(axis=1)))
+        self.grid_edges_ = ["alpha"] if chosen[2] in (min(_SGD_ALPHAS), max(_SGD_ALPHAS)) else []
+        return self
+
+    def _code_weights(self) -> Any:
+        """The class weights by class code: a dict names classes by label; the models see their codes."""
+        if isinstance(self.class_weight, dict):
+            return {code: self.class_weight.get(label, 1.0) for code, label in enumerate(self.classes_)}
+        return self.class_weight
+
     def _check_settings(self, codes: np.ndarray) -> None:
         """scikit-learn's ValueErrors for bad data or settings (`fit_svm` turns them into one-line errors)."""
         if len(self.classes_) < 2:
@@ -196,6 +247,10 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError("n_jobs must not be 0: use -1 for all cores or a positive number")
         if self.normalize != "auto":
             _normalizer(self.normalize)
+        if self.kind == "sgd" and self.pca:
+            raise ValueError("--pca needs the codes in memory: the sgd classifier streams them, use it without --pca")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1 (got {self.chunk_size})")
 
     def _folds(self, X, codes, groups, smallest: int, cv: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         """Stratified folds that never split a duplicate group (a copy in both halves flatters memorising models)."""
@@ -278,12 +333,59 @@ def _scores(model: Pipeline, X: np.ndarray, n_classes: int) -> np.ndarray:
         np.add.at(found.T, first, margins.T)
         np.add.at(found.T, second, -margins.T)
         found /= max(len(seen) - 1, 1)
+    elif isinstance(model[-1], SGDClassifier):
+        found = _margins(model.decision_function(X))
     else:
         found = np.log(np.maximum(model.predict_proba(X), _FLOOR))
     found = found.astype(np.float64)  # float32 codes give float32 scores, too coarse for a softmax summing to 1
     scores = np.repeat(found.min(axis=1, keepdims=True), n_classes, axis=1)
     scores[:, seen] = found
     return scores
+
+
+def _margins(decision: np.ndarray) -> np.ndarray:
+    """A linear model's one-vs-rest margins per class; a binary margin split ± between its two classes."""
+    return decision.reshape(len(decision), -1) if decision.ndim == 2 else np.column_stack([-decision, decision]) / 2
+
+
+class _StreamingFit:
+    """Fits `sgd` candidates on rows of X one chunk in memory at a time, in shuffled chunks, over several epochs."""
+
+    def __init__(self, X, n_classes: int, weights: Any, chunk_size: int, seed: int):
+        self.X, self.classes, self.chunk_size, self.seed = X, np.arange(n_classes), chunk_size, seed
+        self.weights = weights
+        self.partial_fits = 0
+
+    def chunks(self, positions: np.ndarray, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+        """Positions in chunks, in order or shuffled by `rng`; a shuffled chunk is sorted, so a memmap is read forward.
+
+        Codes are stored class by class: a chunk of consecutive rows would hold one class.
+        """
+        if rng is None:
+            return [positions[i : i + self.chunk_size] for i in range(0, len(positions), self.chunk_size)]
+        order = rng.permutation(positions)
+        return [np.sort(order[i : i + self.chunk_size]) for i in range(0, len(order), self.chunk_size)]
+
+    def model(self, rows: np.ndarray, codes: np.ndarray, normalize: str, loss: str, alpha: float) -> Pipeline:
+        scaler = _normalizer(normalize)
+        for chunk in self.chunks(rows):
+            scaler.partial_fit(self.X[chunk]) if isinstance(scaler, StandardScaler) else scaler.fit(self.X[chunk])
+        weights = self.weights
+        if weights == "balanced":  # partial_fit takes no "balanced": the weights it would compute, from all rows
+            seen = np.unique(codes)
+            weights = dict(zip(seen.tolist(), compute_class_weight(weights, classes=seen, y=codes)))
+        sgd = SGDClassifier(loss=loss, alpha=alpha, class_weight=weights, random_state=self.seed)
+        rng = np.random.default_rng(self.seed)
+        positions = np.arange(len(rows))
+        for _ in range(_SGD_EPOCHS):
+            for chunk in self.chunks(positions, rng):
+                sgd.partial_fit(scaler.transform(self.X[rows[chunk]]), codes[chunk], classes=self.classes)
+                self.partial_fits += 1
+        return Pipeline([("normalize", scaler), ("model", sgd)])
+
+    def scores(self, model: Pipeline, rows: np.ndarray) -> np.ndarray:
+        parts = [_margins(model.decision_function(self.X[chunk])) for chunk in self.chunks(rows)]
+        return np.vstack(parts).astype(np.float64)
 
 
 def _out_of_fold_scores(model: Pipeline, X: np.ndarray, codes: np.ndarray, folds) -> np.ndarray:
@@ -324,6 +426,21 @@ def expand_kinds(names: Sequence[str]) -> list[str]:
     return kinds
 
 
+def _feasible_kinds(names: Sequence[str], n_fit: int, max_exact: int) -> list[str]:
+    """The kinds to fit: above `max_exact` codes `all` leaves out those that would take hours, saying so.
+
+    A kind asked for by name runs anyway (the user chose it), with a warning: never an hours-long silent fit.
+    """
+    kinds = expand_kinds(names)
+    if n_fit <= max_exact:
+        return kinds
+    named = set(expand_kinds([n for n in names if n != "all"]))
+    for kind in (k for k in kinds if k in _QUADRATIC):
+        verb = "may take hours" if kind in named else "skipped"
+        warn(f"{kind} {verb} on {n_fit:,} training codes (above {max_exact:,}): --classifier sgd scales to any size")
+    return [k for k in kinds if k not in _QUADRATIC or k in named]
+
+
 def fit_svm(
     features: Path | str,
     out: Path | str,
@@ -338,6 +455,7 @@ def fit_svm(
     name: str | None = None,
     progress: bool = True,
     repeats: int = 1,
+    max_exact: int = MAX_EXACT,
 ) -> list[dict[str, Any]]:
     """Fit each classifier on the train (and val) codes, score it once on the test codes, save it.
 
@@ -350,7 +468,7 @@ def fit_svm(
     Args:
         features: a folder written by `extract`.
         out: the models folder.
-        classifiers: `linear-svm`, `logreg`, `rbf-svm`, `knn` or `all` (repeatable).
+        classifiers: `linear-svm`, `logreg`, `rbf-svm`, `knn`, `sgd` or `all` (repeatable).
         normalize: `auto` (standard, l2 and none, chosen by cross-validation), `standard`, `l2` or `none`.
         pca: reduce the codes to this many principal components first.
         cv: folds of group-aware cross-validation on train+val; 0 chooses on the val subset.
@@ -360,9 +478,10 @@ def fit_svm(
         name: prefix of the run names.
         progress: a rich progress bar.
         repeats: splits to score on (see above).
+        max_exact: training codes above which `all` skips linear-svm, rbf-svm and k-NN (an explicit one warns).
     """
     feats = load_features(features)
-    kinds = expand_kinds(classifiers)
+    kinds = _feasible_kinds(classifiers, int((feats.subsets != "test").sum()), max_exact)
     if normalize not in NORMALIZERS:
         raise CnnCodesError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
     if repeats < 1:
@@ -423,7 +542,7 @@ def _fit_split(feats: Features, subsets: np.ndarray, make) -> tuple[CodesClassif
     model = make(subsets[fit_rows])
     started = time.perf_counter()
     try:
-        model.fit(feats.X[fit_rows], feats.y[fit_rows], groups=feats.groups[fit_rows])
+        model.fit_rows(feats.X, feats.y, np.flatnonzero(fit_rows), groups=feats.groups)
     except ValueError as e:
         raise CnnCodesError(str(e)) from None
     seconds = time.perf_counter() - started

@@ -277,7 +277,7 @@ def fit_svm(
         ),
     ] = 1,
 ) -> None:
-    """Fit linear SVM, logistic regression, RBF SVM and k-NN on CNN codes; score each once on the test subset."""
+    """Fit linear SVM, logistic regression, RBF SVM, k-NN and SGD on CNN codes; score each once on the test subset."""
     from .classifiers import fit_svm as run_fit
 
     with user_errors():
