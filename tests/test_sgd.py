@@ -1,0 +1,98 @@
+"""The `sgd` classifier, which streams codes larger than memory, and `all` leaving out kinds that cannot scale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+from typer.testing import CliRunner
+
+import cnncodes
+from cnncodes.classifiers import CodesClassifier, fit_svm
+from cnncodes.cli import app
+from cnncodes.features import load_features
+
+from .conftest import make_dataset
+
+runner = CliRunner()
+FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+class CountingCodes:
+    """Codes that remember the most rows any one read asked for: the memory a streaming fit needs."""
+
+    def __init__(self, X: np.ndarray):
+        self.X, self.shape, self.most_rows = X, X.shape, 0
+
+    def __getitem__(self, rows):
+        found = self.X[rows]
+        self.most_rows = max(self.most_rows, len(found))
+        return found
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sgd")
+    data = make_dataset(root / "data", per_class=10)
+    cnncodes.extract(data, root / "features", **FAST)
+    return root / "features"
+
+
+def blobs(n: int = 900) -> tuple[np.ndarray, np.ndarray]:
+    X, y = make_blobs(n, n_features=64, centers=4, cluster_std=6.0, random_state=1)
+    return X.astype(np.float32), y
+
+
+def test_sgd_is_as_accurate_as_logistic_regression_on_separable_codes():
+    X, y = blobs()
+    scores = {
+        kind: CodesClassifier(kind, cv=3).fit(X[:600], y[:600]).score(X[600:], y[600:]) for kind in ("sgd", "logreg")
+    }
+    assert scores["sgd"] >= 0.9
+    assert scores["sgd"] >= scores["logreg"] - 0.03
+
+
+def test_sgd_reads_one_chunk_of_codes_at_a_time():
+    X, y = blobs()
+    codes = CountingCodes(X)
+    rows = np.arange(0, 900, 2)
+    model = CodesClassifier("sgd", cv=3, chunk_size=50).fit_rows(codes, y, rows)
+    assert codes.most_rows == 50
+    assert model.score(X[1::2], y[1::2]) >= 0.9
+    proba = model.predict_proba(X[1::2])
+    assert np.allclose(proba.sum(axis=1), 1) and 0.05 < model.temperature_ < 20
+
+
+def test_features_stay_memory_mapped(features):
+    X = load_features(features).X
+    assert not X.flags.owndata and isinstance(X.base, np.memmap)
+
+
+def test_sgd_bundle_predicts_with_the_cli(features, tmp_path):
+    fitted = cli("fit-svm", features, "--out", tmp_path, "--classifier", "sgd", "--cv", "3", "--quiet")
+    assert fitted.exit_code == 0, fitted.output
+    model = tmp_path / "vgg16-block5_pool-sgd.joblib"
+    record = json.loads(model.with_suffix(".json").read_text())
+    assert record["classifier"] == "sgd" and record["params"]["loss"] in ("hinge", "log_loss")
+    assert record["params"]["temperature"] > 0 and record["ece"] is not None
+    data = json.loads((features / "meta.json").read_text())["data"]
+    images = [str(Path(data) / p["path"]) for p in record["test_predictions"]]
+    predicted = cli("predict", model, *images, "--format", "json", "--quiet")
+    assert predicted.exit_code == 0, predicted.output
+    answers = json.loads(predicted.stdout)
+    assert [a["label"] for a in answers] == [p["predicted"] for p in record["test_predictions"]]
+
+
+def test_all_above_the_size_limit_skips_the_kinds_that_cannot_scale(features, tmp_path, capsys):
+    records = fit_svm(features, tmp_path, classifiers=["all", "knn"], cv=3, max_exact=10, progress=False)
+    assert [r["classifier"] for r in records] == ["logreg", "knn", "sgd"]
+    warned = " ".join(capsys.readouterr().err.split())
+    assert "linear-svm skipped on" in warned and "rbf-svm skipped on" in warned
+    assert "knn may take hours on" in warned and "--classifier sgd scales to any size" in warned
