@@ -10,6 +10,12 @@ processes of their own). Then `split.group_duplicates` alone on 1,000,000 random
 with planted near-duplicates, in its own subprocess.
 
     .venv/bin/python scripts/bench_scale.py [--sizes 20000,200000] [--engines local,ray] [--rounds 1]
+
+With `--codes 2000,10000,50000` it measures instead the classifiers on synthetic codes of
+dimension 1280 (10 classes, memory-mapped .npy): `sgd` against `linear-svm`, both with
+`--normalize standard --cv 3`, sizes interleaved, each fit in a fresh subprocess: wall time,
+peak RSS, and peak anonymous RSS (RSS counts the memory-mapped codes' pages, which the
+kernel can drop). A kind that passes `--fit-timeout` seconds is stopped and not run on larger sizes.
 """
 
 from __future__ import annotations
@@ -63,6 +69,83 @@ print(json.dumps({"seconds": time.perf_counter() - started, "groups": len(np.uni
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": before}))
 """
 
+FIT = """
+import json, resource, sys, threading, time
+import numpy as np
+from cnncodes.classifiers import CodesClassifier
+X, y = np.load(sys.argv[1], mmap_mode="r"), np.load(sys.argv[2])
+peak = [0]
+def watch():
+    while True:
+        with open("/proc/self/status") as status:
+            anon = next(int(line.split()[1]) for line in status if line.startswith("RssAnon"))
+        peak[0] = max(peak[0], anon)
+        time.sleep(0.05)
+threading.Thread(target=watch, daemon=True).start()
+started = time.perf_counter()
+model = CodesClassifier(sys.argv[3], normalize="standard", cv=3, n_jobs=1).fit_rows(X, y, np.arange(len(y)))
+print(json.dumps({"seconds": time.perf_counter() - started, "cv_score": model.cv_score_,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "anon_mb": peak[0] / 1024}))
+"""
+DIMENSION = 1280
+
+
+def make_codes(root: Path, n: int) -> tuple[Path, Path]:
+    """`n` synthetic non-negative codes of 10 noisy classes, written in chunks to a .npy, and their labels."""
+    codes, labels = root / f"codes-{n}.npy", root / f"labels-{n}.npy"
+    if labels.is_file():
+        return codes, labels
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n)
+    centres = rng.normal(0, 1, (CLASSES, DIMENSION)).astype(np.float32)
+    y = rng.integers(0, CLASSES, n)
+    X = np.lib.format.open_memmap(codes, mode="w+", dtype=np.float32, shape=(n, DIMENSION))
+    for start in range(0, n, 5000):
+        part = y[start : start + 5000]
+        X[start : start + len(part)] = np.maximum(centres[part] + rng.normal(0, 4, (len(part), DIMENSION)), 0)
+    X.flush()
+    np.save(labels, y)
+    return codes, labels
+
+
+def bench_classifiers(sizes: list[int], root: Path, timeout: float) -> list[dict]:
+    """sgd and linear-svm fit times, sizes interleaved; a kind that times out is not run on larger sizes."""
+    results: list[dict] = []
+    stopped: set[str] = set()
+    for n in sizes:
+        codes, labels = make_codes(root, n)
+        for kind in ("sgd", "linear-svm"):
+            if kind in stopped:
+                results.append({"codes": n, "kind": kind, "skipped": True})
+                continue
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-c", FIT, str(codes), str(labels), kind],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=timeout,
+                )
+                results.append({"codes": n, "kind": kind, **json.loads(done.stdout.strip().splitlines()[-1])})
+            except subprocess.TimeoutExpired:
+                stopped.add(kind)
+                results.append({"codes": n, "kind": kind, "timeout": timeout})
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def classifier_table(results: list[dict]) -> str:
+    lines = ["| codes | classifier | fit | peak RSS | peak anonymous RSS | held-out accuracy |", "|---" * 6 + "|"]
+    for row in results:
+        if "seconds" in row:
+            found = f"{row['seconds']:.1f} s | {row['rss_mb']:.0f} MB | {row['anon_mb']:.0f} MB | {row['cv_score']:.3f}"
+        elif "timeout" in row:
+            found = f"stopped after {row['timeout']:.0f} s | | |"
+        else:
+            found = "not run (stopped at a smaller size) | | |"
+        lines.append(f"| {row['codes']:,} | {row['kind']} | {found} |")
+    return "\n".join(lines)
+
 
 def _write_images(root: Path, start: int, stop: int) -> None:
     for i in range(start, stop):
@@ -111,7 +194,15 @@ def main() -> None:
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "cnncodes-bench-scale")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--codes", help="measure sgd and linear-svm on this many codes instead, e.g. 2000,10000,50000")
+    parser.add_argument("--fit-timeout", type=float, default=300.0)
     args = parser.parse_args()
+    if args.codes:
+        found = bench_classifiers([int(n) for n in args.codes.split(",")], args.data / "codes", args.fit_timeout)
+        if args.json:
+            args.json.write_text(json.dumps({"classifiers": found}, indent=2) + "\n")
+        print(classifier_table(found))
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     engines = args.engines.split(",")
     datasets = {n: make_images(args.data / f"images-{n}", n) for n in sizes}
