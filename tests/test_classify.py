@@ -101,7 +101,7 @@ def test_compare_ranks_best_first_in_every_format(fitted, tmp_path):
 
     as_json = json.loads(cli("compare", fitted["models"], "--format", "json").stdout)
     accuracies = [r["accuracy"] for r in as_json]
-    assert accuracies == sorted(accuracies, reverse=True) and len(as_json) == 4
+    assert accuracies == sorted(accuracies, reverse=True) and len(as_json) == len(KINDS)
     assert {r["run"] for r in as_json} == set(runs)
 
     rows = list(csv.DictReader(io.StringIO(cli("compare", fitted["models"], "--format", "csv").stdout)))
@@ -111,12 +111,12 @@ def test_compare_ranks_best_first_in_every_format(fitted, tmp_path):
     markdown = cli("compare", fitted["models"], "--format", "markdown", "--output", tmp_path / "t.md")
     assert markdown.exit_code == 0
     lines = (tmp_path / "t.md").read_text().splitlines()
-    assert lines[0].startswith("| rank | run |") and len(lines) == 2 + 4
+    assert lines[0].startswith("| rank | run |") and len(lines) == 2 + len(KINDS)
 
     report = cli("compare", fitted["models"], "--html", tmp_path / "r.html", "--format", "csv")
     assert report.exit_code == 0
     page = (tmp_path / "r.html").read_text()
-    assert page.count("alt='confusion matrix'") == 4 and page.count("alt='reliability diagram'") == 4
+    assert page.count("alt='confusion matrix'") == len(KINDS) and page.count("alt='reliability diagram'") == len(KINDS)
     assert "precision" in page and ("Statistically indistinguishable" in page or "significantly worse" in page)
     best = as_json[0]
     wrong = [p for p in best["test_predictions"] if p["predicted"] != p["label"]]

@@ -61,6 +61,8 @@ _QUADRATIC = ("linear-svm", "rbf-svm", "knn")
 # `sgd`: codes read per `partial_fit` call (one chunk in memory at a time), passes over them, and its grid.
 SGD_CHUNK = 4096
 _SGD_EPOCHS = 10
+# ...and at least this many updates: 10 passes over a few dozen codes leave SGD far from converged.
+_SGD_UPDATES = 20_000
 _SGD_LOSSES = ("hinge", "log_loss")  # a linear SVM, logistic regression
 _SGD_ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2)
 
@@ -377,7 +379,7 @@ class _StreamingFit:
         sgd = SGDClassifier(loss=loss, alpha=alpha, class_weight=weights, random_state=self.seed)
         rng = np.random.default_rng(self.seed)
         positions = np.arange(len(rows))
-        for _ in range(_SGD_EPOCHS):
+        for _ in range(max(_SGD_EPOCHS, -(-_SGD_UPDATES // len(rows)))):
             for chunk in self.chunks(positions, rng):
                 sgd.partial_fit(scaler.transform(self.X[rows[chunk]]), codes[chunk], classes=self.classes)
                 self.partial_fits += 1
