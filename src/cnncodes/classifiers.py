@@ -378,8 +378,9 @@ class _StreamingFit:
             weights = dict(zip(seen.tolist(), compute_class_weight(weights, classes=seen, y=codes)))
         sgd = SGDClassifier(loss=loss, alpha=alpha, class_weight=weights, random_state=self.seed)
         rng = np.random.default_rng(self.seed)
-        positions = np.arange(len(rows))
-        for _ in range(max(_SGD_EPOCHS, -(-_SGD_UPDATES // len(rows)))):
+        # Fewer codes than a chunk: each chunk holds them several times, rather than thousands of tiny calls.
+        positions = np.tile(np.arange(len(rows)), max(1, self.chunk_size // len(rows)))
+        for _ in range(max(_SGD_EPOCHS, -(-_SGD_UPDATES // len(positions)))):
             for chunk in self.chunks(positions, rng):
                 sgd.partial_fit(scaler.transform(self.X[rows[chunk]]), codes[chunk], classes=self.classes)
                 self.partial_fits += 1
