@@ -12,7 +12,7 @@ with planted near-duplicates, in its own subprocess.
     .venv/bin/python scripts/bench_scale.py [--sizes 20000,200000] [--engines local,ray] [--rounds 1]
 
 With `--codes 2000,10000,50000` it measures instead the classifiers on synthetic codes of
-dimension 1280 (10 classes, memory-mapped .npy): `sgd` against `linear-svm`, both with
+dimension 1280 (10 classes, memory-mapped .npy): `sgd` against `logreg` and `linear-svm`, all with
 `--normalize standard --cv 3`, sizes interleaved, each fit in a fresh subprocess: wall time,
 peak RSS, and peak anonymous RSS (RSS counts the memory-mapped codes' pages, which the
 kernel can drop). A kind that passes `--fit-timeout` seconds is stopped and not run on larger sizes.
@@ -109,12 +109,12 @@ def make_codes(root: Path, n: int) -> tuple[Path, Path]:
 
 
 def bench_classifiers(sizes: list[int], root: Path, timeout: float) -> list[dict]:
-    """sgd and linear-svm fit times, sizes interleaved; a kind that times out is not run on larger sizes."""
+    """sgd, logreg and linear-svm fit times, sizes interleaved; a kind that times out is not run on larger sizes."""
     results: list[dict] = []
     stopped: set[str] = set()
     for n in sizes:
         codes, labels = make_codes(root, n)
-        for kind in ("sgd", "linear-svm"):
+        for kind in ("sgd", "logreg", "linear-svm"):
             if kind in stopped:
                 results.append({"codes": n, "kind": kind, "skipped": True})
                 continue
@@ -194,7 +194,9 @@ def main() -> None:
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "cnncodes-bench-scale")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
-    parser.add_argument("--codes", help="measure sgd and linear-svm on this many codes instead, e.g. 2000,10000,50000")
+    parser.add_argument(
+        "--codes", help="measure sgd, logreg and linear-svm on this many codes instead, e.g. 2000,10000,50000"
+    )
     parser.add_argument("--fit-timeout", type=float, default=300.0)
     args = parser.parse_args()
     if args.codes:

@@ -91,9 +91,12 @@ def test_sgd_bundle_predicts_with_the_cli(features, tmp_path):
     assert [a["label"] for a in answers] == [p["predicted"] for p in record["test_predictions"]]
 
 
-def test_all_above_the_size_limit_skips_the_kinds_that_cannot_scale(features, tmp_path, capsys):
-    records = fit_svm(features, tmp_path, classifiers=["all", "knn"], cv=3, max_exact=10, progress=False)
-    assert [r["classifier"] for r in records] == ["logreg", "knn", "sgd"]
+def test_all_fits_the_exact_kinds_below_the_size_limit_and_logreg_and_sgd_above(features, tmp_path, capsys):
+    small = fit_svm(features, tmp_path / "small", classifiers=["all"], cv=3, progress=False)
+    assert [r["classifier"] for r in small] == ["linear-svm", "logreg", "rbf-svm", "knn"]
+    assert capsys.readouterr().err == ""
+    large = fit_svm(features, tmp_path / "large", classifiers=["all", "knn"], cv=3, max_exact=10, progress=False)
+    assert [r["classifier"] for r in large] == ["logreg", "sgd", "knn"]
     warned = " ".join(capsys.readouterr().err.split())
-    assert "linear-svm skipped on" in warned and "rbf-svm skipped on" in warned
+    assert "all: linear-svm, rbf-svm left out on" in warned and "sgd fitted instead" in warned
     assert "knn may take hours on" in warned and "--classifier sgd scales to any size" in warned

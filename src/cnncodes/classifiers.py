@@ -41,7 +41,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from .bundle import publish_bundle
-from .choices import KINDS, NORMALIZERS
+from .choices import KINDS, MAX_EXACT, NORMALIZERS
 from .errors import CnnCodesError
 from .evaluate import per_image_predictions, score
 from .features import Features, load_features
@@ -54,10 +54,11 @@ _LINEAR = {"linear-svm", "logreg"}
 _AUTO = ("standard", "l2", "none")
 # Probabilities are floored here before their log: k-NN gives exact zeros.
 _FLOOR = 1e-4
-# Training codes above which `--classifier all` skips the kinds that cannot finish in reasonable
-# time: libsvm's SVC is quadratic in samples, k-NN's prediction scans every training code.
-MAX_EXACT = 50_000
+# Above `MAX_EXACT` training codes (see choices.py) `--classifier all` leaves these out, and `sgd`,
+# their streaming stand-in, takes their place.
 _QUADRATIC = ("linear-svm", "rbf-svm", "knn")
+_EXACT = ("linear-svm", "logreg", "rbf-svm", "knn")
+_SCALABLE = ("logreg", "sgd")
 # `sgd`: codes read per `partial_fit` call (one chunk in memory at a time), passes over them, and its grid.
 SGD_CHUNK = 4096
 _SGD_EPOCHS = 10
@@ -213,16 +214,21 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         """`sgd`: normalisation, loss and alpha chosen on one held-out fold (with `cv=0` the val subset), then refit.
 
         One fold, not k: each candidate is several passes over codes that may not fit in memory.
-        The temperature is fitted on the chosen candidate's held-out scores.
+        The temperature is fitted like the other kinds', on out-of-fold scores of 3 group-aware folds:
+        one held-out fold is often predicted without a mistake, which drives the temperature to zero.
         """
-        train, held = self._folds(rows, codes, groups, int(np.bincount(codes).min()), self.cv)[0]
+        smallest = int(np.bincount(codes).min())
+        train, held = self._folds(rows, codes, groups, smallest, self.cv)[0]
         fit = _StreamingFit(X, len(self.classes_), self._code_weights(), self.chunk_size, self.random_state)
         candidates = list(product(self._normalizations(), _SGD_LOSSES, _SGD_ALPHAS))
         metric = balanced_accuracy_score if self.class_weight else accuracy_score
         held_scores = {c: fit.scores(fit.model(rows[train], codes[train], *c), rows[held]) for c in candidates}
         chosen = max(candidates, key=lambda c: metric(codes[held], held_scores[c].argmax(axis=1)))
         self.model_ = fit.model(rows, codes, *chosen)
-        self.temperature_ = _fit_temperature(held_scores[chosen], codes[held])
+        out_of_fold = np.zeros((len(rows), len(self.classes_)))
+        for part, rest in self._folds(rows, codes, groups, smallest, 3):
+            out_of_fold[rest] = fit.scores(fit.model(rows[part], codes[part], *chosen), rows[rest])
+        self.temperature_ = _fit_temperature(out_of_fold, codes)
         self.best_params_ = {"normalize": chosen[0], "loss": chosen[1], "alpha": chosen[2]}
         self.cv_score_ = float(metric(codes[held], held_scores[chosen].argmax(axis=1)))
         self.grid_edges_ = ["alpha"] if chosen[2] in (min(_SGD_ALPHAS), max(_SGD_ALPHAS)) else []
@@ -417,31 +423,29 @@ def _fit_temperature(scores: np.ndarray, codes: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(log_loss, bounds=(-8.0, 8.0), method="bounded").x))
 
 
-def expand_kinds(names: Sequence[str]) -> list[str]:
-    """`all` or repeated names, in the order given, without repeats."""
+def choose_kinds(names: Sequence[str], n_fit: int, max_exact: int = MAX_EXACT) -> list[str]:
+    """The kinds to fit for `names` (kinds or `all`, in the order given, without repeats) on `n_fit` codes.
+
+    `all` is every kind that suits the size: up to `max_exact` training codes the four exact kinds
+    (sgd, a streaming approximation of the linear ones, adds nothing there), above it logreg and sgd,
+    with one line naming what it left out. A kind asked for by name runs at any size, with a warning:
+    never an hours-long silent fit.
+    """
+    large = n_fit > max_exact
     kinds: list[str] = []
     for name in names:
-        for kind in KINDS if name == "all" else [name]:
+        for kind in (_SCALABLE if large else _EXACT) if name == "all" else [name]:
             if kind not in KINDS:
                 raise CnnCodesError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)} or all")
             if kind not in kinds:
                 kinds.append(kind)
+    if large:
+        size = f"{n_fit:,} training codes (above {max_exact:,})"
+        if "all" in names and (left := [k for k in _QUADRATIC if k not in kinds]):
+            warn(f"all: {', '.join(left)} left out on {size}, where they would take hours; sgd fitted instead")
+        for kind in (k for k in _QUADRATIC if k in kinds):
+            warn(f"{kind} may take hours on {size}: --classifier sgd scales to any size")
     return kinds
-
-
-def _feasible_kinds(names: Sequence[str], n_fit: int, max_exact: int) -> list[str]:
-    """The kinds to fit: above `max_exact` codes `all` leaves out those that would take hours, saying so.
-
-    A kind asked for by name runs anyway (the user chose it), with a warning: never an hours-long silent fit.
-    """
-    kinds = expand_kinds(names)
-    if n_fit <= max_exact:
-        return kinds
-    named = set(expand_kinds([n for n in names if n != "all"]))
-    for kind in (k for k in kinds if k in _QUADRATIC):
-        verb = "may take hours" if kind in named else "skipped"
-        warn(f"{kind} {verb} on {n_fit:,} training codes (above {max_exact:,}): --classifier sgd scales to any size")
-    return [k for k in kinds if k not in _QUADRATIC or k in named]
 
 
 def fit_svm(
@@ -471,7 +475,7 @@ def fit_svm(
     Args:
         features: a folder written by `extract`.
         out: the models folder.
-        classifiers: `linear-svm`, `logreg`, `rbf-svm`, `knn`, `sgd` or `all` (repeatable).
+        classifiers: `linear-svm`, `logreg`, `rbf-svm`, `knn`, `sgd` or `all` (repeatable; see `choose_kinds`).
         normalize: `auto` (standard, l2 and none, chosen by cross-validation), `standard`, `l2` or `none`.
         pca: reduce the codes to this many principal components first.
         cv: folds of group-aware cross-validation on train+val; 0 chooses on the val subset.
@@ -481,10 +485,10 @@ def fit_svm(
         name: prefix of the run names.
         progress: a rich progress bar.
         repeats: splits to score on (see above).
-        max_exact: training codes above which `all` skips linear-svm, rbf-svm and k-NN (an explicit one warns).
+        max_exact: training codes above which `all` fits logreg and sgd only (a kind named anyway warns).
     """
     feats = load_features(features)
-    kinds = _feasible_kinds(classifiers, int((feats.subsets != "test").sum()), max_exact)
+    kinds = choose_kinds(classifiers, int((feats.subsets != "test").sum()), max_exact)
     if normalize not in NORMALIZERS:
         raise CnnCodesError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
     if repeats < 1:

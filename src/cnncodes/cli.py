@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .backbones import REGISTRY, Pooling, get_backbone
-from .choices import KINDS, SMALL_CNN, Normalize
+from .choices import KINDS, MAX_EXACT, SMALL_CNN, Normalize
 from .errors import CnnCodesError
 from .ingest import Resize
 from .progress import console as err_console
@@ -253,7 +253,11 @@ def fit_svm(
     features: Annotated[Path, typer.Argument(help="Features folder written by `cnncodes extract`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the .joblib bundles and .json run records.")],
     classifier: Annotated[
-        list[str], typer.Option(help=f"Classifier to fit (repeatable): {', '.join(KINDS)} or all.")
+        list[str],
+        typer.Option(
+            help=f"Classifier to fit (repeatable): {', '.join(KINDS)} or all "
+            f"(the first four; above {MAX_EXACT:,} training codes logreg and sgd)."
+        ),
     ] = ["all"],  # noqa: B006 - Typer's list default
     normalize: Annotated[
         Normalize,
@@ -277,7 +281,7 @@ def fit_svm(
         ),
     ] = 1,
 ) -> None:
-    """Fit linear SVM, logistic regression, RBF SVM, k-NN and SGD on CNN codes; score each once on the test subset."""
+    """Fit linear SVM, logistic regression, RBF SVM and k-NN (or SGD) on CNN codes; score each on the test subset."""
     from .classifiers import fit_svm as run_fit
 
     with user_errors():
