@@ -220,17 +220,19 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         smallest = int(np.bincount(codes).min())
         train, held = self._folds(rows, codes, groups, smallest, self.cv)[0]
         fit = _StreamingFit(X, len(self.classes_), self._code_weights(), self.chunk_size, self.random_state)
-        candidates = list(product(self._normalizations(), _SGD_LOSSES, _SGD_ALPHAS))
         metric = balanced_accuracy_score if self.class_weight else accuracy_score
-        held_scores = {c: fit.scores(fit.model(rows[train], codes[train], *c), rows[held]) for c in candidates}
-        chosen = max(candidates, key=lambda c: metric(codes[held], held_scores[c].argmax(axis=1)))
+        best = -1.0
+        for candidate in product(self._normalizations(), _SGD_LOSSES, _SGD_ALPHAS):
+            held_codes = fit.scores(fit.model(rows[train], codes[train], *candidate), rows[held]).argmax(axis=1)
+            if (found := float(metric(codes[held], held_codes))) > best:  # the first of equals, as GridSearchCV
+                best, chosen = found, candidate
         self.model_ = fit.model(rows, codes, *chosen)
         out_of_fold = np.zeros((len(rows), len(self.classes_)))
         for part, rest in self._folds(rows, codes, groups, smallest, 3):
             out_of_fold[rest] = fit.scores(fit.model(rows[part], codes[part], *chosen), rows[rest])
         self.temperature_ = _fit_temperature(out_of_fold, codes)
         self.best_params_ = {"normalize": chosen[0], "loss": chosen[1], "alpha": chosen[2]}
-        self.cv_score_ = float(metric(codes[held], held_scores[chosen].argmax(axis=1)))
+        self.cv_score_ = best
         self.grid_edges_ = ["alpha"] if chosen[2] in (min(_SGD_ALPHAS), max(_SGD_ALPHAS)) else []
         return self
 
