@@ -180,7 +180,7 @@ class ExtractorSpec:
         """Equal keys mean equal codes; fp32 codes without --flip keep the keys they had before either existed."""
         return artifacts.sha256_json([self.model_key, "flip"]) if self.flip else self.model_key
 
-    def calibrated(self, train: Sequence[Path]) -> ExtractorSpec:
+    def calibrated(self, train: Sequence[Path | str]) -> ExtractorSpec:
         """For int8, the calibration and held-out images, chosen among `train` (never val or test images)."""
         if self.precision == "fp32":
             return self
@@ -517,8 +517,7 @@ def extract(
     engine_start = time.perf_counter() - engine_started
     with _exclusive(out):
         the_plan = plan(dataset, out, fractions, seed, dup_threshold, workers, progress, where)
-        train = [the_plan.usable.root / p for p, s in zip(the_plan.split.paths, the_plan.split.subsets) if s == "train"]
-        spec = spec.calibrated(train)
+        spec = spec.calibrated(the_plan.train_files())  # names, not a Path per train image, none kept
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, the_plan.split.labels, the_plan.split.subsets])
         if _up_to_date(out, run_key):
             return _result_from_meta(out, the_plan.rejected, the_plan.split.warnings, time.perf_counter() - started)
@@ -577,6 +576,11 @@ class Plan(NamedTuple):
     file_ids: list[str]
     groups: np.ndarray  # duplicate group of each usable image: equal ids are near-duplicates
     seconds: dict[str, float]  # per stage: check, duplicates, split
+
+    def train_files(self) -> Files:
+        """The train images, int8's calibration candidates: names joined to the root only when read."""
+        names = [p for p, s in zip(self.split.paths, self.split.subsets) if s == "train"]
+        return Files(self.usable.root, names)
 
 
 def plan(
