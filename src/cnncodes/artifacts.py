@@ -32,6 +32,8 @@ _PACKAGES = (
     "tf2onnx",
 )
 
+# JSON pieces hashed at a time by `sha256_json`: a few MB of text, few calls.
+_HASH_PIECES = 65536
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -110,8 +112,21 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_json(obj: Any) -> str:
-    """A stable fingerprint of JSON-able data (key order does not matter)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    """A stable fingerprint of JSON-able data (key order does not matter).
+
+    It is the SHA-256 of `json.dumps(obj, sort_keys=True)`, hashed piece by piece as it is
+    encoded, so fingerprinting a million file ids never holds their whole JSON (and its
+    bytes) in memory at once.
+    """
+    digest = hashlib.sha256()
+    pieces: list[str] = []
+    for piece in json.JSONEncoder(sort_keys=True).iterencode(obj):
+        pieces.append(piece)
+        if len(pieces) >= _HASH_PIECES:
+            digest.update("".join(pieces).encode())
+            pieces.clear()
+    digest.update("".join(pieces).encode())
+    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
