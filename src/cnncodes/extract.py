@@ -50,7 +50,8 @@ from .split import (
 from .storage import CheckCache, FeatureWriter, npy_layout
 from .weights import Weights
 
-FEATURES_FORMAT = "cnncodes.features/1"
+# Format 2 keeps the rows' paths and subsets in split.csv only; format 1 listed them in meta.json too.
+FEATURES_FORMAT = "cnncodes.features/2"
 # Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
 EXTRACTOR_FORMAT = 1
 CACHE_DIR = ".cache"
@@ -793,13 +794,12 @@ def _up_to_date(out: Path, run_key: str) -> bool:
 
 def _result_from_meta(out: Path, rejected, warnings, seconds: float) -> ExtractResult:
     meta = artifacts.read_json(out / "meta.json")
-    counts = {s: meta["subsets"].count(s) for s in ("train", "val", "test")}
     return ExtractResult(
         out,
         meta["n_images"],
         meta["dim"],
         meta["classes"],
-        counts,
+        meta["split"]["counts"],
         rejected,
         0,
         meta["n_images"],
@@ -904,8 +904,6 @@ def _meta(
         "classes": usable.classes,
         "n_images": len(final.paths),
         "dim": dim,
-        "paths": final.paths,
-        "subsets": final.subsets,
         "extractor": spec.pinned().to_dict(),
         "runtime": runtime,
         "engine": engine,

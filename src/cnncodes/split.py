@@ -303,17 +303,31 @@ def _ensure_each_subset(labels, members, position, group_subset, fractions) -> l
 
 
 def read_split_csv(path: Path) -> Split:
-    """Read a `split.csv` written by `extract`, to score another method on the same test set."""
+    """Read a `split.csv` written by `extract`, to score another method on the same test set.
+
+    Rows are read one at a time into three lists, not into a dict each: a features folder of
+    a million images loads its split in the memory of its strings.
+    """
+    paths: list[str] = []
+    labels: list[str] = []
+    subsets: list[str] = []
     try:
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.reader(f)
+            header = next(reader, [])
+            if {"path", "label", "subset"} <= set(header):
+                columns = [header.index(c) for c in ("path", "label", "subset")]
+                for row in filter(None, reader):  # blank lines are no rows, as for csv.DictReader
+                    paths.append(row[columns[0]])
+                    labels.append(row[columns[1]])
+                    subsets.append(row[columns[2]])
     except OSError as e:
         raise CnnCodesError(f"cannot read split file {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, csv.Error):
-        raise CnnCodesError(f"{path} is not a split file: it is not a UTF-8 CSV") from None
-    if not rows or not {"path", "label", "subset"} <= set(rows[0]):
+    except (UnicodeDecodeError, csv.Error, IndexError):
+        raise CnnCodesError(f"{path} is not a split file: it is not a UTF-8 CSV of path,label,subset rows") from None
+    if not paths:
         raise CnnCodesError(f"{path} is not a split file: it needs path,label,subset columns")
-    bad = {r["subset"] for r in rows} - set(SUBSETS)
+    bad = set(subsets) - set(SUBSETS)
     if bad:
         raise CnnCodesError(f"{path} has unknown subsets {sorted(bad)}: use train, val or test")
-    return Split([r["path"] for r in rows], [r["label"] for r in rows], [r["subset"] for r in rows])
+    return Split(paths, labels, subsets)
