@@ -12,10 +12,11 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
@@ -40,16 +41,24 @@ os.umask(_UMASK)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` holds either the old or the new content, never a mix.
+    """Write `data` so that `path` holds either the old or the new content, never a mix."""
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file beside `path` to write, moved into place once the block ends without an error.
 
     The file is synced before the rename and its folder after it, so even a power loss
-    leaves the old or the new content, not an empty file under the new name.
+    leaves the old or the new content, not an empty file under the new name. Writers stream
+    into it, so a large output never exists as one string in memory as well.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be like any other
@@ -74,28 +83,41 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """CSV that round-trips any file name.
-
-    Lines end in CRLF (RFC 4180), because the csv module quotes a field holding any
-    character of the line terminator: with a bare "\n" terminator, Python before 3.11.9 and
-    3.12.3 left a carriage return in a name unquoted and the file split the row in two.
-    """
+    """CSV that round-trips any file name (see `_csv_writer`)."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\r\n")
+    writer = _csv_writer(buf)
     writer.writerow(header)
     writer.writerows(rows)
     return buf.getvalue()
 
 
+def _csv_writer(text: TextIO) -> Any:
+    """A CSV writer whose lines end in CRLF (RFC 4180).
+
+    The csv module quotes a field holding any character of the line terminator: with a bare
+    "\n" terminator, Python before 3.11.9 and 3.12.3 left a carriage return in a name unquoted
+    and the file split the row in two.
+    """
+    return csv.writer(text, lineterminator="\r\n")
+
+
 def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A CSV file whose file names keep the bytes they have on disk, UTF-8 or not (surrogateescape)."""
-    write_bytes_atomic(path, csv_text(header, rows).encode("utf-8", "surrogateescape"))
+    """A CSV file whose file names keep the bytes they have on disk, UTF-8 or not (surrogateescape).
+
+    Rows are encoded into the file as they come: a million of them never become one string.
+    """
+    with _atomic_file(path) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        writer = _csv_writer(text)
+        writer.writerow(header)
+        writer.writerows(rows)
+        text.flush()
+        text.detach()  # the file is the atomic writer's to sync and close
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    write_bytes_atomic(path, buf.getvalue())
+    with _atomic_file(path) as f:
+        np.save(f, array)
 
 
 def read_json(path: Path) -> Any:
