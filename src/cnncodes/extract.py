@@ -659,12 +659,14 @@ def _check(
 
     try:
         reasons, categories, phashes = cache.get(ids)
-        todo = [i for i, (r, h) in enumerate(zip(reasons, phashes)) if r is None and h is None]
-        with progress_bar("Checking images", len(todo), enabled=progress and bool(todo)) as advance:
+        # An array, not a list: no int object per file.
+        todo = np.flatnonzero([r is None and h is None for r, h in zip(reasons, phashes)])
+        with progress_bar("Checking images", len(todo), enabled=progress and bool(len(todo))) as advance:
             for positions, found in engine.check(Files(dataset.root, [dataset.paths[i] for i in todo]), advance):
-                for p, check in zip(positions, found):
-                    reasons[todo[p]], categories[todo[p]], phashes[todo[p]] = check.reason, check.category, check.phash
-                unsaved += [todo[p] for p in positions]
+                rows = todo[positions].tolist()
+                for row, check in zip(rows, found):
+                    reasons[row], categories[row], phashes[row] = check.reason, check.category, check.phash
+                unsaved += rows
                 if len(unsaved) >= CHECK_CHUNK:
                     save()
     finally:
