@@ -33,8 +33,8 @@ _PACKAGES = (
     "tf2onnx",
 )
 
-# JSON pieces hashed at a time by `sha256_json`: a few MB of text, few calls.
-_HASH_PIECES = 65536
+# Items of a long list encoded at a time by `json_pieces`.
+_JSON_CHUNK = 4096
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -136,19 +136,46 @@ def sha256_file(path: Path) -> str:
 def sha256_json(obj: Any) -> str:
     """A stable fingerprint of JSON-able data (key order does not matter).
 
-    It is the SHA-256 of `json.dumps(obj, sort_keys=True)`, hashed piece by piece as it is
-    encoded, so fingerprinting a million file ids never holds their whole JSON (and its
-    bytes) in memory at once.
+    It is the SHA-256 of `json.dumps(obj, sort_keys=True)`, hashed piece by piece
+    (`json_pieces`), so fingerprinting a million file ids never holds their whole JSON in memory.
     """
     digest = hashlib.sha256()
-    pieces: list[str] = []
-    for piece in json.JSONEncoder(sort_keys=True).iterencode(obj):
-        pieces.append(piece)
-        if len(pieces) >= _HASH_PIECES:
-            digest.update("".join(pieces).encode())
-            pieces.clear()
-    digest.update("".join(pieces).encode())
+    for piece in json_pieces(obj, sort_keys=True):
+        digest.update(piece.encode())
     return digest.hexdigest()
+
+
+def json_pieces(obj: Any, separators: tuple[str, str] = (", ", ": "), sort_keys: bool = False) -> Iterator[str]:
+    """The text of `json.dumps(obj, separators=separators, sort_keys=sort_keys)`, in pieces.
+
+    Lists are encoded `_JSON_CHUNK` items at a time, and so are lazy sequences (any `Sequence`
+    but a list, tuple or string, such as `extract.FileIds`), which `json` itself cannot encode:
+    a long list is never held whole as text, nor a lazy one as objects.
+    """
+    between, colon = separators
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        yield "{"
+        for n, k in enumerate(sorted(obj) if sort_keys else obj):
+            yield (between if n else "") + json.dumps(k) + colon
+            yield from json_pieces(obj[k], separators, sort_keys)
+        yield "}"
+    elif isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        yield "["
+        for start in range(0, len(obj), _JSON_CHUNK):
+            chunk = list(obj[start : start + _JSON_CHUNK])
+            if any(_lazy(item) or isinstance(item, dict) for item in chunk):
+                for n, item in enumerate(chunk):
+                    yield between if start or n else ""
+                    yield from json_pieces(item, separators, sort_keys)
+            else:
+                yield (between if start else "") + json.dumps(chunk, separators=separators, sort_keys=sort_keys)[1:-1]
+        yield "]"
+    else:
+        yield json.dumps(obj, separators=separators, sort_keys=sort_keys)
+
+
+def _lazy(obj: Any) -> bool:
+    return isinstance(obj, Sequence) and not isinstance(obj, (str, bytes, list, tuple))
 
 
 def package_versions() -> dict[str, str]:

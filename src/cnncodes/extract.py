@@ -14,7 +14,6 @@ machine; `cnncodes.ray_engine.RayEngine` on the actors of a Ray cluster.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
@@ -343,6 +342,36 @@ class Files(Sequence[str]):
         return str(self.root / self.names[index])
 
 
+# A file's size, modification time, inode and change time, as os.stat gives them.
+_STAT = np.dtype([("size", "<i8"), ("mtime", "<i8"), ("inode", "<u8"), ("ctime", "<i8")])
+
+
+class FileIds(Sequence[str]):
+    """Each file's identity (`_file_ids`), formatted when read.
+
+    Its path is the dataset's own string and its numbers sit in one array, so a million
+    files hold no million id strings for the whole run.
+    """
+
+    def __init__(self, names: Sequence[str], stats: np.ndarray):
+        self.names, self.stats = names, stats  # stats: _STAT rows; a size of -1 is a missing file
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        size, mtime, inode, ctime = self.stats[index].tolist()
+        name = self.names[index]
+        return f"{name}|missing" if size < 0 else f"{name}|{size}|{mtime}|{inode}|{ctime}"
+
+
+def _take(ids: Sequence[str], rows: np.ndarray, names: Sequence[str]) -> Sequence[str]:
+    """The ids of `rows`, whose paths are `names`: still lazy `FileIds` if they were."""
+    return FileIds(names, ids.stats[rows]) if isinstance(ids, FileIds) else [ids[i] for i in rows.tolist()]
+
+
 class CodeBatch(NamedTuple):
     """Codes of some rows, as an engine returns them (in any order), and the rows that failed."""
 
@@ -574,7 +603,7 @@ class Plan(NamedTuple):
     usable: Dataset
     split: Split
     rejected: list[tuple[str, str, str]]  # REJECTED_COLUMNS
-    file_ids: list[str]
+    file_ids: Sequence[str]
     groups: np.ndarray  # duplicate group of each usable image: equal ids are near-duplicates
     seconds: dict[str, float]  # per stage: check, duplicates, split
 
@@ -607,8 +636,9 @@ def plan(
         (p, r, c or "") for p, r, c in zip(dataset.paths, reasons, categories) if r is not None
     ]
     artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, rejected)
-    usable = _require_usable(dataset, reasons)
-    phashes = cast(list[str], [h for h, r in zip(all_hashes, reasons) if r is None])  # usable files have one
+    keep = np.flatnonzero([r is None for r in reasons])
+    usable = _require_usable(dataset, keep)
+    phashes = cast(list[str], [all_hashes[i] for i in keep.tolist()])  # usable files have one
     clock.lap("check")
     groups = group_duplicates(phashes, dup_threshold)
     warnings = duplicate_warnings(groups, usable.paths, usable.labels, dup_threshold)
@@ -616,7 +646,7 @@ def plan(
     the_split = assign_subsets(usable.paths, usable.labels, groups, fractions, seed)
     the_split.warnings += warnings
     clock.lap("split")
-    return Plan(usable, the_split, rejected, [fid for fid, r in zip(all_ids, reasons) if r is None], groups, clock.laps)
+    return Plan(usable, the_split, rejected, _take(all_ids, keep, usable.paths), groups, clock.laps)
 
 
 class _Stopwatch:
@@ -633,7 +663,7 @@ class _Stopwatch:
 
 
 def _check(
-    dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine, progress: bool
+    dataset: Dataset, ids: Sequence[str], cache_dir: Path, engine: Engine, progress: bool
 ) -> tuple[list[str | None], list[str | None], list[str | None]]:
     """Decode every file once (cached by its identity) to find the bad ones and hash the rest.
 
@@ -675,7 +705,7 @@ def _check(
     return reasons, categories, phashes
 
 
-def _file_ids(dataset: Dataset) -> list[str]:
+def _file_ids(dataset: Dataset) -> Sequence[str]:
     """A file's identity for caches: its path, size, modification time, inode and change time.
 
     The inode and change time catch a file replaced or edited in place with its size and
@@ -683,23 +713,26 @@ def _file_ids(dataset: Dataset) -> list[str]:
     """
     if isinstance(dataset.root, UriRoot):
         return file_ids(dataset)
-    ids = []
-    for rel in dataset.paths:
+    stats = np.empty(len(dataset.paths), dtype=_STAT)
+    for i, rel in enumerate(dataset.paths):
         try:
             st = (dataset.root / rel).stat()
-            ids.append(f"{rel}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}")
+            stats[i] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
         except OSError:
-            ids.append(f"{rel}|missing")
-    return ids
+            stats[i] = (-1, 0, 0, 0)
+    return FileIds(dataset.paths, stats)
 
 
-def _require_usable(dataset: Dataset, reasons: list[str | None]) -> Dataset:
-    keep = [i for i, r in enumerate(reasons) if r is None]
-    if not keep:
+def _require_usable(dataset: Dataset, keep: np.ndarray) -> Dataset:
+    """The files at rows `keep`: the dataset's own lists when every file is usable."""
+    if not len(keep):
         raise CnnCodesError(
             f"no usable image in {dataset.root}: all {len(dataset)} files were rejected (see rejected.csv)"
         )
-    usable = Dataset(dataset.root, [dataset.paths[i] for i in keep], [dataset.labels[i] for i in keep])
+    if len(keep) == len(dataset):
+        return Dataset(dataset.root, dataset.paths, dataset.labels)
+    rows = keep.tolist()
+    usable = Dataset(dataset.root, [dataset.paths[i] for i in rows], [dataset.labels[i] for i in rows])
     empty = sorted(set(dataset.labels) - set(usable.labels))
     if empty:
         raise CnnCodesError(f"no usable image in class {', '.join(empty)}: add images or remove the folder")
@@ -723,7 +756,7 @@ class Computed(NamedTuple):
 def compute_codes(
     out: Path,
     job: CodeJob,
-    file_ids: list[str],
+    file_ids: Sequence[str],
     engine: Engine,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
@@ -767,7 +800,7 @@ class _Previous(NamedTuple):
     seconds: float
 
 
-def _previous_rows(out: Path, spec_key: str, file_ids: list[str]) -> _Previous | None:
+def _previous_rows(out: Path, spec_key: str, file_ids: Sequence[str]) -> _Previous | None:
     """Rows of the last published features with the same extractor.
 
     `rows.json` is removed before `features.npy` is replaced and written again right
@@ -846,7 +879,8 @@ def publish(
     published = time.perf_counter()
     kept = np.flatnonzero(done.writer.done)
     elapsed = done.earlier_seconds + published - started
-    rows_index = {"spec_key": spec.key, "file_ids": [the_plan.file_ids[i] for i in kept], "seconds": elapsed}
+    final = _keep_rows(the_plan.split, kept)
+    rows_index = {"spec_key": spec.key, "file_ids": _take(the_plan.file_ids, kept, final.paths), "seconds": elapsed}
     cache = out / CACHE_DIR
     _dump_json(cache / "rows.json.new", rows_index)
     (out / "meta.json").unlink(missing_ok=True)
@@ -854,7 +888,6 @@ def publish(
     done.writer.publish(out / "features.npy")
     os.replace(cache / "rows.json.new", cache / "rows.json")
     done.writer.discard()
-    final = _keep_rows(the_plan.split, kept)
     classes = the_plan.usable.classes
     artifacts.write_npy_atomic(out / "labels.npy", np.array([classes.index(c) for c in final.labels], dtype=np.int64))
     artifacts.write_npy_atomic(
@@ -883,7 +916,7 @@ def publish(
 def _dump_json(path: Path, obj: Any) -> None:
     """Compact JSON streamed to a file and synced: a million file ids never become one string in memory."""
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
+        f.writelines(artifacts.json_pieces(obj, separators=(",", ":")))
         f.flush()
         os.fsync(f.fileno())
 
