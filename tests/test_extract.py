@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib
 import json
 import os
@@ -592,3 +593,22 @@ def test_paths_with_brackets_and_unwritable_outputs_are_one_line_errors(dataset,
     a_file.write_text("x")
     result = cli("extract", dataset, "--out", a_file, *FAST_ARGS)
     assert result.exit_code == 2 and result.stderr.startswith("Error:") and "Traceback" not in result.output
+
+
+def test_file_ids_read_as_the_id_strings_and_hash_and_dump_as_their_json(tmp_path: Path):
+    """FileIds keeps numbers, not strings; every reader sees the same ids, keys and rows.json text as with a list."""
+    from cnncodes import artifacts
+    from cnncodes.extract import _file_ids
+    from cnncodes.ingest import Dataset
+
+    write_image(tmp_path / "a" / "x.png")
+    write_image(tmp_path / "a" / "ü y.png")
+    dataset = Dataset(tmp_path, ["a/x.png", "a/ü y.png", "a/gone.png"], ["a", "a", "a"])
+    ids = _file_ids(dataset)
+    st = (tmp_path / "a" / "x.png").stat()
+    expected = [f"a/x.png|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}", ids[1], "a/gone.png|missing"]
+    assert list(ids) == expected and ids[1].startswith("a/ü y.png|") and ids[0:2] == expected[:2]
+    for obj in (["key", ids, ["a"] * 3, {"n": [1.5, None, True]}], {"file_ids": ids, "seconds": 2.0}):
+        plain = json.loads(json.dumps(obj, default=list))
+        assert artifacts.sha256_json(obj) == hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+        assert "".join(artifacts.json_pieces(obj, (",", ":"))) == json.dumps(plain, separators=(",", ":"))
