@@ -368,7 +368,9 @@ class FileIds(Sequence[str]):
 
 
 def _take(ids: Sequence[str], rows: np.ndarray, names: Sequence[str]) -> Sequence[str]:
-    """The ids of `rows`, whose paths are `names`: still lazy `FileIds` if they were."""
+    """The ids of `rows` (ascending), whose paths are `names`: lazy `FileIds` if they were; `ids` if all."""
+    if len(rows) == len(ids):
+        return ids
     return FileIds(names, ids.stats[rows]) if isinstance(ids, FileIds) else [ids[i] for i in rows.tolist()]
 
 
@@ -889,7 +891,9 @@ def publish(
     os.replace(cache / "rows.json.new", cache / "rows.json")
     done.writer.discard()
     classes = the_plan.usable.classes
-    artifacts.write_npy_atomic(out / "labels.npy", np.array([classes.index(c) for c in final.labels], dtype=np.int64))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.fromiter((index[c] for c in final.labels), dtype=np.int64, count=len(final.labels))
+    artifacts.write_npy_atomic(out / "labels.npy", labels)
     artifacts.write_npy_atomic(
         out / "groups.npy", np.unique(the_plan.groups[kept], return_inverse=True)[1].astype(np.int64)
     )
