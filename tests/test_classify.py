@@ -44,7 +44,7 @@ def test_fit_svm_writes_a_bundle_and_a_run_record_per_classifier(fitted):
     runs = records(fitted["models"])
     assert set(runs) == {f"vgg16-block5_pool-{k}" for k in ("linear-svm", "logreg", "rbf-svm", "knn")}
     meta = json.loads((fitted["features"] / "meta.json").read_text())
-    n_test = meta["subsets"].count("test")
+    n_test = meta["split"]["counts"]["test"]
     for name, r in runs.items():
         assert (fitted["models"] / f"{name}.joblib").stat().st_size == r["model_bytes"]
         assert r["method"] == "cnn-codes" and r["backbone"] == "vgg16" and r["layer"] == "block5_pool"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib
 import json
 import os
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 import cnncodes
 from cnncodes.artifacts import sha256_file
 from cnncodes.cli import app
+from cnncodes.features import load_features
 from cnncodes.runtime import KerasRunner
 from cnncodes.split import Split
 
@@ -65,11 +67,11 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
     assert features.dtype == np.float32 and features.shape == (24, 512)
     assert np.isfinite(features).all() and features.std() > 0
     assert meta["classes"] == ["circles", "squares", "stripes"]
-    assert [r["path"] for r in split_rows] == meta["paths"]
-    assert [r["subset"] for r in split_rows] == meta["subsets"]
+    assert meta["format"] == "cnncodes.features/2" and "paths" not in meta and "subsets" not in meta  # split.csv's
+    assert meta["split"]["counts"] == {s: [r["subset"] for r in split_rows].count(s) for s in ("train", "val", "test")}
     assert [meta["classes"][i] for i in labels] == [r["label"] for r in split_rows]
-    assert all(Path(p).parent.name == meta["classes"][i] for p, i in zip(meta["paths"], labels))
-    assert set(meta["subsets"]) == {"train", "val", "test"}
+    assert all(Path(r["path"]).parent.name == meta["classes"][i] for r, i in zip(split_rows, labels))
+    assert {r["subset"] for r in split_rows} == {"train", "val", "test"}
     assert list(split_rows[0]) == ["path", "label", "subset"]
     extractor = dict(meta["extractor"])
     assert all(isinstance(v, float) for v in extractor.pop("probe"))  # pins the ONNX model to Keras's outputs
@@ -102,10 +104,9 @@ def direct_forward_pass(dataset: Path, features: Path) -> tuple[KerasRunner, np.
     """The Keras network of a features folder, and the pixels of its images in row order."""
     from cnncodes.ingest import load_square
 
-    meta = json.loads((features / "meta.json").read_text())
-    spec = cnncodes.ExtractorSpec.from_dict(meta["extractor"])
-    pixels = np.stack([load_square(dataset / p, spec.image_size) for p in meta["paths"]])
-    return KerasRunner(spec.build(spec.find_weights())), pixels
+    feats = load_features(features)
+    pixels = np.stack([load_square(dataset / p, feats.spec.image_size) for p in feats.paths])
+    return KerasRunner(feats.spec.build(feats.spec.find_weights())), pixels
 
 
 def test_codes_match_a_direct_forward_pass_in_row_order(dataset: Path, tmp_path: Path):
@@ -140,8 +141,7 @@ def test_flip_codes_stay_the_same_when_every_image_is_mirrored(dataset: Path, tm
 
     def codes(name: str, flip: bool) -> np.ndarray:
         out = cnncodes.extract(tmp_path / name, tmp_path / f"{name}-{flip}", flip=flip, **FAST).out
-        paths = json.loads((out / "meta.json").read_text())["paths"]
-        return np.load(out / "features.npy")[np.argsort(paths)]
+        return np.load(out / "features.npy")[np.argsort(load_features(out).paths)]
 
     scale = np.abs(codes("original", True)).max()
     assert np.abs(codes("original", True) - codes("mirrored", True)).max() <= 1e-4 * scale
@@ -181,16 +181,16 @@ def test_changed_settings_never_reuse_stale_rows(dataset: Path, tmp_path: Path, 
 def test_added_images_are_the_only_ones_computed_and_keep_old_subsets(dataset: Path, tmp_path: Path):
     out = tmp_path / "f"
     cnncodes.extract(dataset, out, **FAST)
-    old_meta = json.loads((out / "meta.json").read_text())
-    old_rows = dict(zip(old_meta["paths"], np.load(out / "features.npy")))
+    old = load_features(out)
+    old_rows = dict(zip(old.paths, np.array(old.X)))  # a copy: the next extract replaces the file
     for i in range(3):
         write_image(dataset / "stripes" / f"new_{i}.png", "stripes", seed=900 + i)
     result = cnncodes.extract(dataset, out, **FAST)
     assert (result.computed, result.reused, result.n_images) == (3, 24, 27)
-    meta = json.loads((out / "meta.json").read_text())
-    subsets = dict(zip(meta["paths"], meta["subsets"]))
-    assert all(subsets[p] == s for p, s in zip(old_meta["paths"], old_meta["subsets"]))
-    features = dict(zip(meta["paths"], np.load(out / "features.npy")))
+    new = load_features(out)
+    subsets = dict(zip(new.paths, new.subsets))
+    assert all(subsets[p] == s for p, s in zip(old.paths, old.subsets))
+    features = dict(zip(new.paths, new.X))
     for path, row in old_rows.items():
         np.testing.assert_array_equal(features[path], row)
 
@@ -274,6 +274,7 @@ import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))  # the SQLite cache fits, the codes do not
 from cnncodes.cli import app
+from cnncodes.features import load_features
 app(sys.argv[1:])
 """
 
@@ -304,7 +305,7 @@ def test_groups_file_gives_near_duplicates_one_id(dataset: Path, tmp_path: Path)
     Image.open(original).save(dataset / "stripes" / "copy.bmp")
     result = cnncodes.extract(dataset, tmp_path / "f", **FAST)
     groups = np.load(result.out / "groups.npy")
-    paths = json.loads((result.out / "meta.json").read_text())["paths"]
+    paths = load_features(result.out).paths
     assert groups.dtype == np.int64 and groups.shape == (25,)
     assert groups[paths.index("stripes/copy.bmp")] == groups[paths.index("stripes/stripes_03.png")]
     assert len(set(groups.tolist())) == 24
@@ -592,3 +593,22 @@ def test_paths_with_brackets_and_unwritable_outputs_are_one_line_errors(dataset,
     a_file.write_text("x")
     result = cli("extract", dataset, "--out", a_file, *FAST_ARGS)
     assert result.exit_code == 2 and result.stderr.startswith("Error:") and "Traceback" not in result.output
+
+
+def test_file_ids_read_as_the_id_strings_and_hash_and_dump_as_their_json(tmp_path: Path):
+    """FileIds keeps numbers, not strings; every reader sees the same ids, keys and rows.json text as with a list."""
+    from cnncodes import artifacts
+    from cnncodes.extract import _file_ids
+    from cnncodes.ingest import Dataset
+
+    write_image(tmp_path / "a" / "x.png")
+    write_image(tmp_path / "a" / "ü y.png")
+    dataset = Dataset(tmp_path, ["a/x.png", "a/ü y.png", "a/gone.png"], ["a", "a", "a"])
+    ids = _file_ids(dataset)
+    st = (tmp_path / "a" / "x.png").stat()
+    expected = [f"a/x.png|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}", ids[1], "a/gone.png|missing"]
+    assert list(ids) == expected and ids[1].startswith("a/ü y.png|") and ids[0:2] == expected[:2]
+    for obj in (["key", ids, ["a"] * 3, {"n": [1.5, None, True]}], {"file_ids": ids, "seconds": 2.0}):
+        plain = json.loads(json.dumps(obj, default=list))
+        assert artifacts.sha256_json(obj) == hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+        assert "".join(artifacts.json_pieces(obj, (",", ":"))) == json.dumps(plain, separators=(",", ":"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from cnncodes.cli import app
+from cnncodes.features import load_features
 from cnncodes.split import read_split_csv
 
 from .conftest import make_dataset, write_image
@@ -44,8 +44,7 @@ def test_odd_file_names_round_trip_and_every_file_is_a_row_or_a_rejection(tmp_pa
     )
     assert result.exit_code == 0, result.output
     split = read_split_csv(out / "split.csv")
-    meta = json.loads((out / "meta.json").read_text())
-    assert split.paths == meta["paths"]
+    assert split.paths == load_features(out).paths
     for name in ODD:
         assert f"stripes/{name}" in split.paths
     with open(out / "rejected.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:

@@ -57,7 +57,7 @@ def test_finetune_writes_a_model_and_a_run_record_on_the_features_split(tuned):
     meta = json.loads((tuned["features"] / "meta.json").read_text())
     assert record["method"] == "finetune" and record["backbone"] == "vgg16"
     assert record["dataset"]["split_fingerprint"] == meta["split"]["fingerprint"]
-    assert record["n_test"] == meta["subsets"].count("test") == len(record["test_predictions"])
+    assert record["n_test"] == meta["split"]["counts"]["test"] == len(record["test_predictions"])
     assert record["epochs_run"] == len(record["history"]) >= 2
     assert next(h["phase"] for h in record["history"]) == "head" and record["history"][-1]["phase"] == "fine"
     assert {"accuracy", "val_accuracy", "loss"} <= set(record["history"][0])

@@ -7,8 +7,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+import cnncodes
 from cnncodes import CnnCodesError, ExtractorSpec
 from cnncodes.cli import app
+from cnncodes.features import load_features
 
 from .conftest import make_dataset
 
@@ -59,3 +61,30 @@ def test_features_whose_meta_lacks_a_key_or_has_a_newer_spec_are_one_line_errors
         result = runner.invoke(app, ["fit-svm", str(out), "--out", str(tmp_path / "m"), "--quiet"])
         assert result.exit_code == 2 and words in result.stderr and "Traceback" not in result.output
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_features_of_format_1_with_paths_and_subsets_in_meta_still_load(tmp_path):
+    """Format 2 keeps the rows' paths and subsets in split.csv only; folders listing them in meta.json still load."""
+    out = cnncodes.extract(
+        make_dataset(tmp_path / "data", per_class=6),
+        tmp_path / "f",
+        backbone="vgg16",
+        weights="none",
+        image_size=32,
+        progress=False,
+    ).out
+    new = load_features(out)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["format"] == "cnncodes.features/2" and "paths" not in meta
+    old = meta | {"format": "cnncodes.features/1", "paths": new.paths, "subsets": new.subsets.tolist()}
+    (out / "meta.json").write_text(json.dumps(old))
+    (out / "split.csv").rename(tmp_path / "split.csv")  # format 1 needs only meta.json's lists
+    loaded = load_features(out)
+    assert loaded.paths == new.paths and loaded.subsets.tolist() == new.subsets.tolist()
+    assert loaded.split_fingerprint == new.split_fingerprint == meta["split"]["fingerprint"]
+    (out / "meta.json").write_text(json.dumps({k: v for k, v in old.items() if k != "paths"}))
+    with pytest.raises(CnnCodesError, match="lacks paths"):
+        load_features(out)
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CnnCodesError, match=r"split\.csv"):  # format 2 without its split.csv
+        load_features(out)

@@ -127,12 +127,12 @@ def codes(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trust")
     data = make_dataset(root / "data", per_class=10)
     cnncodes.extract(data, root / "features", **FAST)
-    meta = json.loads((root / "features" / "meta.json").read_text())
+    made = load_features(root / "features")
     # pairs of images of one class in one subset of extract's split, as its duplicate groups would be
-    order = np.argsort([f"{subset}/{path}" for subset, path in zip(meta["subsets"], meta["paths"])], kind="stable")
+    order = np.argsort([f"{subset}/{path}" for subset, path in zip(made.subsets, made.paths)], kind="stable")
     groups = np.empty(len(order), dtype=np.int64)
     groups[order] = np.arange(len(order)) // 2
-    same = [len({meta["subsets"][i] for i in np.nonzero(groups == g)[0]}) == 1 for g in np.unique(groups)]
+    same = [len({made.subsets[i] for i in np.nonzero(groups == g)[0]}) == 1 for g in np.unique(groups)]
     alone = -1 - np.arange(len(order))  # a pair split by extract's subsets becomes two groups
     np.save(root / "features" / "groups.npy", np.where(np.isin(groups, np.unique(groups)[same]), groups, alone))
     return {"root": root, "data": data, "features": root / "features"}

@@ -12,10 +12,11 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
@@ -32,22 +33,32 @@ _PACKAGES = (
     "tf2onnx",
 )
 
+# Items of a long list encoded at a time by `json_pieces`.
+_JSON_CHUNK = 4096
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` holds either the old or the new content, never a mix.
+    """Write `data` so that `path` holds either the old or the new content, never a mix."""
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file beside `path` to write, moved into place once the block ends without an error.
 
     The file is synced before the rename and its folder after it, so even a power loss
-    leaves the old or the new content, not an empty file under the new name.
+    leaves the old or the new content, not an empty file under the new name. Writers stream
+    into it, so a large output never exists as one string in memory as well.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be like any other
@@ -72,28 +83,41 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """CSV that round-trips any file name.
-
-    Lines end in CRLF (RFC 4180), because the csv module quotes a field holding any
-    character of the line terminator: with a bare "\n" terminator, Python before 3.11.9 and
-    3.12.3 left a carriage return in a name unquoted and the file split the row in two.
-    """
+    """CSV that round-trips any file name (see `_csv_writer`)."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\r\n")
+    writer = _csv_writer(buf)
     writer.writerow(header)
     writer.writerows(rows)
     return buf.getvalue()
 
 
+def _csv_writer(text: TextIO) -> Any:
+    """A CSV writer whose lines end in CRLF (RFC 4180).
+
+    The csv module quotes a field holding any character of the line terminator: with a bare
+    "\n" terminator, Python before 3.11.9 and 3.12.3 left a carriage return in a name unquoted
+    and the file split the row in two.
+    """
+    return csv.writer(text, lineterminator="\r\n")
+
+
 def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A CSV file whose file names keep the bytes they have on disk, UTF-8 or not (surrogateescape)."""
-    write_bytes_atomic(path, csv_text(header, rows).encode("utf-8", "surrogateescape"))
+    """A CSV file whose file names keep the bytes they have on disk, UTF-8 or not (surrogateescape).
+
+    Rows are encoded into the file as they come: a million of them never become one string.
+    """
+    with _atomic_file(path) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        writer = _csv_writer(text)
+        writer.writerow(header)
+        writer.writerows(rows)
+        text.flush()
+        text.detach()  # the file is the atomic writer's to sync and close
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    write_bytes_atomic(path, buf.getvalue())
+    with _atomic_file(path) as f:
+        np.save(f, array)
 
 
 def read_json(path: Path) -> Any:
@@ -110,8 +134,48 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_json(obj: Any) -> str:
-    """A stable fingerprint of JSON-able data (key order does not matter)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    """A stable fingerprint of JSON-able data (key order does not matter).
+
+    It is the SHA-256 of `json.dumps(obj, sort_keys=True)`, hashed piece by piece
+    (`json_pieces`), so fingerprinting a million file ids never holds their whole JSON in memory.
+    """
+    digest = hashlib.sha256()
+    for piece in json_pieces(obj, sort_keys=True):
+        digest.update(piece.encode())
+    return digest.hexdigest()
+
+
+def json_pieces(obj: Any, separators: tuple[str, str] = (", ", ": "), sort_keys: bool = False) -> Iterator[str]:
+    """The text of `json.dumps(obj, separators=separators, sort_keys=sort_keys)`, in pieces.
+
+    Lists are encoded `_JSON_CHUNK` items at a time, and so are lazy sequences (any `Sequence`
+    but a list, tuple or string, such as `extract.FileIds`), which `json` itself cannot encode:
+    a long list is never held whole as text, nor a lazy one as objects.
+    """
+    between, colon = separators
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        yield "{"
+        for n, k in enumerate(sorted(obj) if sort_keys else obj):
+            yield (between if n else "") + json.dumps(k) + colon
+            yield from json_pieces(obj[k], separators, sort_keys)
+        yield "}"
+    elif isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        yield "["
+        for start in range(0, len(obj), _JSON_CHUNK):
+            chunk = list(obj[start : start + _JSON_CHUNK])
+            if any(_lazy(item) or isinstance(item, dict) for item in chunk):
+                for n, item in enumerate(chunk):
+                    yield between if start or n else ""
+                    yield from json_pieces(item, separators, sort_keys)
+            else:
+                yield (between if start else "") + json.dumps(chunk, separators=separators, sort_keys=sort_keys)[1:-1]
+        yield "]"
+    else:
+        yield json.dumps(obj, separators=separators, sort_keys=sort_keys)
+
+
+def _lazy(obj: Any) -> bool:
+    return isinstance(obj, Sequence) and not isinstance(obj, (str, bytes, list, tuple))
 
 
 def package_versions() -> dict[str, str]:

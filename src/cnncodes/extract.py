@@ -14,7 +14,6 @@ machine; `cnncodes.ray_engine.RayEngine` on the actors of a Ray cluster.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
@@ -50,7 +49,8 @@ from .split import (
 from .storage import CheckCache, FeatureWriter, npy_layout
 from .weights import Weights
 
-FEATURES_FORMAT = "cnncodes.features/1"
+# Format 2 keeps the rows' paths and subsets in split.csv only; format 1 listed them in meta.json too.
+FEATURES_FORMAT = "cnncodes.features/2"
 # Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
 EXTRACTOR_FORMAT = 1
 CACHE_DIR = ".cache"
@@ -180,7 +180,7 @@ class ExtractorSpec:
         """Equal keys mean equal codes; fp32 codes without --flip keep the keys they had before either existed."""
         return artifacts.sha256_json([self.model_key, "flip"]) if self.flip else self.model_key
 
-    def calibrated(self, train: Sequence[Path]) -> ExtractorSpec:
+    def calibrated(self, train: Sequence[Path | str]) -> ExtractorSpec:
         """For int8, the calibration and held-out images, chosen among `train` (never val or test images)."""
         if self.precision == "fp32":
             return self
@@ -340,6 +340,38 @@ class Files(Sequence[str]):
         if isinstance(index, slice):
             return Files(self.root, self.names[index])
         return str(self.root / self.names[index])
+
+
+# A file's size, modification time, inode and change time, as os.stat gives them.
+_STAT = np.dtype([("size", "<i8"), ("mtime", "<i8"), ("inode", "<u8"), ("ctime", "<i8")])
+
+
+class FileIds(Sequence[str]):
+    """Each file's identity (`_file_ids`), formatted when read.
+
+    Its path is the dataset's own string and its numbers sit in one array, so a million
+    files hold no million id strings for the whole run.
+    """
+
+    def __init__(self, names: Sequence[str], stats: np.ndarray):
+        self.names, self.stats = names, stats  # stats: _STAT rows; a size of -1 is a missing file
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        size, mtime, inode, ctime = self.stats[index].tolist()
+        name = self.names[index]
+        return f"{name}|missing" if size < 0 else f"{name}|{size}|{mtime}|{inode}|{ctime}"
+
+
+def _take(ids: Sequence[str], rows: np.ndarray, names: Sequence[str]) -> Sequence[str]:
+    """The ids of `rows` (ascending), whose paths are `names`: lazy `FileIds` if they were; `ids` if all."""
+    if len(rows) == len(ids):
+        return ids
+    return FileIds(names, ids.stats[rows]) if isinstance(ids, FileIds) else [ids[i] for i in rows.tolist()]
 
 
 class CodeBatch(NamedTuple):
@@ -517,8 +549,7 @@ def extract(
     engine_start = time.perf_counter() - engine_started
     with _exclusive(out):
         the_plan = plan(dataset, out, fractions, seed, dup_threshold, workers, progress, where)
-        train = [the_plan.usable.root / p for p, s in zip(the_plan.split.paths, the_plan.split.subsets) if s == "train"]
-        spec = spec.calibrated(train)
+        spec = spec.calibrated(the_plan.train_files())  # names, not a Path per train image, none kept
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, the_plan.split.labels, the_plan.split.subsets])
         if _up_to_date(out, run_key):
             return _result_from_meta(out, the_plan.rejected, the_plan.split.warnings, time.perf_counter() - started)
@@ -574,9 +605,14 @@ class Plan(NamedTuple):
     usable: Dataset
     split: Split
     rejected: list[tuple[str, str, str]]  # REJECTED_COLUMNS
-    file_ids: list[str]
+    file_ids: Sequence[str]
     groups: np.ndarray  # duplicate group of each usable image: equal ids are near-duplicates
     seconds: dict[str, float]  # per stage: check, duplicates, split
+
+    def train_files(self) -> Files:
+        """The train images, int8's calibration candidates: names joined to the root only when read."""
+        names = [p for p, s in zip(self.split.paths, self.split.subsets) if s == "train"]
+        return Files(self.usable.root, names)
 
 
 def plan(
@@ -602,8 +638,9 @@ def plan(
         (p, r, c or "") for p, r, c in zip(dataset.paths, reasons, categories) if r is not None
     ]
     artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, rejected)
-    usable = _require_usable(dataset, reasons)
-    phashes = cast(list[str], [h for h, r in zip(all_hashes, reasons) if r is None])  # usable files have one
+    keep = np.flatnonzero([r is None for r in reasons])
+    usable = _require_usable(dataset, keep)
+    phashes = cast(list[str], [all_hashes[i] for i in keep.tolist()])  # usable files have one
     clock.lap("check")
     groups = group_duplicates(phashes, dup_threshold)
     warnings = duplicate_warnings(groups, usable.paths, usable.labels, dup_threshold)
@@ -611,7 +648,7 @@ def plan(
     the_split = assign_subsets(usable.paths, usable.labels, groups, fractions, seed)
     the_split.warnings += warnings
     clock.lap("split")
-    return Plan(usable, the_split, rejected, [fid for fid, r in zip(all_ids, reasons) if r is None], groups, clock.laps)
+    return Plan(usable, the_split, rejected, _take(all_ids, keep, usable.paths), groups, clock.laps)
 
 
 class _Stopwatch:
@@ -628,7 +665,7 @@ class _Stopwatch:
 
 
 def _check(
-    dataset: Dataset, ids: list[str], cache_dir: Path, engine: Engine, progress: bool
+    dataset: Dataset, ids: Sequence[str], cache_dir: Path, engine: Engine, progress: bool
 ) -> tuple[list[str | None], list[str | None], list[str | None]]:
     """Decode every file once (cached by its identity) to find the bad ones and hash the rest.
 
@@ -654,12 +691,14 @@ def _check(
 
     try:
         reasons, categories, phashes = cache.get(ids)
-        todo = [i for i, (r, h) in enumerate(zip(reasons, phashes)) if r is None and h is None]
-        with progress_bar("Checking images", len(todo), enabled=progress and bool(todo)) as advance:
+        # An array, not a list: no int object per file.
+        todo = np.flatnonzero([r is None and h is None for r, h in zip(reasons, phashes)])
+        with progress_bar("Checking images", len(todo), enabled=progress and bool(len(todo))) as advance:
             for positions, found in engine.check(Files(dataset.root, [dataset.paths[i] for i in todo]), advance):
-                for p, check in zip(positions, found):
-                    reasons[todo[p]], categories[todo[p]], phashes[todo[p]] = check.reason, check.category, check.phash
-                unsaved += [todo[p] for p in positions]
+                rows = todo[positions].tolist()
+                for row, check in zip(rows, found):
+                    reasons[row], categories[row], phashes[row] = check.reason, check.category, check.phash
+                unsaved += rows
                 if len(unsaved) >= CHECK_CHUNK:
                     save()
     finally:
@@ -668,7 +707,7 @@ def _check(
     return reasons, categories, phashes
 
 
-def _file_ids(dataset: Dataset) -> list[str]:
+def _file_ids(dataset: Dataset) -> Sequence[str]:
     """A file's identity for caches: its path, size, modification time, inode and change time.
 
     The inode and change time catch a file replaced or edited in place with its size and
@@ -676,23 +715,26 @@ def _file_ids(dataset: Dataset) -> list[str]:
     """
     if isinstance(dataset.root, UriRoot):
         return file_ids(dataset)
-    ids = []
-    for rel in dataset.paths:
+    stats = np.empty(len(dataset.paths), dtype=_STAT)
+    for i, rel in enumerate(dataset.paths):
         try:
             st = (dataset.root / rel).stat()
-            ids.append(f"{rel}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}")
+            stats[i] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
         except OSError:
-            ids.append(f"{rel}|missing")
-    return ids
+            stats[i] = (-1, 0, 0, 0)
+    return FileIds(dataset.paths, stats)
 
 
-def _require_usable(dataset: Dataset, reasons: list[str | None]) -> Dataset:
-    keep = [i for i, r in enumerate(reasons) if r is None]
-    if not keep:
+def _require_usable(dataset: Dataset, keep: np.ndarray) -> Dataset:
+    """The files at rows `keep`: the dataset's own lists when every file is usable."""
+    if not len(keep):
         raise CnnCodesError(
             f"no usable image in {dataset.root}: all {len(dataset)} files were rejected (see rejected.csv)"
         )
-    usable = Dataset(dataset.root, [dataset.paths[i] for i in keep], [dataset.labels[i] for i in keep])
+    if len(keep) == len(dataset):
+        return Dataset(dataset.root, dataset.paths, dataset.labels)
+    rows = keep.tolist()
+    usable = Dataset(dataset.root, [dataset.paths[i] for i in rows], [dataset.labels[i] for i in rows])
     empty = sorted(set(dataset.labels) - set(usable.labels))
     if empty:
         raise CnnCodesError(f"no usable image in class {', '.join(empty)}: add images or remove the folder")
@@ -716,7 +758,7 @@ class Computed(NamedTuple):
 def compute_codes(
     out: Path,
     job: CodeJob,
-    file_ids: list[str],
+    file_ids: Sequence[str],
     engine: Engine,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
@@ -760,7 +802,7 @@ class _Previous(NamedTuple):
     seconds: float
 
 
-def _previous_rows(out: Path, spec_key: str, file_ids: list[str]) -> _Previous | None:
+def _previous_rows(out: Path, spec_key: str, file_ids: Sequence[str]) -> _Previous | None:
     """Rows of the last published features with the same extractor.
 
     `rows.json` is removed before `features.npy` is replaced and written again right
@@ -789,13 +831,12 @@ def _up_to_date(out: Path, run_key: str) -> bool:
 
 def _result_from_meta(out: Path, rejected, warnings, seconds: float) -> ExtractResult:
     meta = artifacts.read_json(out / "meta.json")
-    counts = {s: meta["subsets"].count(s) for s in ("train", "val", "test")}
     return ExtractResult(
         out,
         meta["n_images"],
         meta["dim"],
         meta["classes"],
-        counts,
+        meta["split"]["counts"],
         rejected,
         0,
         meta["n_images"],
@@ -840,7 +881,8 @@ def publish(
     published = time.perf_counter()
     kept = np.flatnonzero(done.writer.done)
     elapsed = done.earlier_seconds + published - started
-    rows_index = {"spec_key": spec.key, "file_ids": [the_plan.file_ids[i] for i in kept], "seconds": elapsed}
+    final = _keep_rows(the_plan.split, kept)
+    rows_index = {"spec_key": spec.key, "file_ids": _take(the_plan.file_ids, kept, final.paths), "seconds": elapsed}
     cache = out / CACHE_DIR
     _dump_json(cache / "rows.json.new", rows_index)
     (out / "meta.json").unlink(missing_ok=True)
@@ -848,9 +890,10 @@ def publish(
     done.writer.publish(out / "features.npy")
     os.replace(cache / "rows.json.new", cache / "rows.json")
     done.writer.discard()
-    final = _keep_rows(the_plan.split, kept)
     classes = the_plan.usable.classes
-    artifacts.write_npy_atomic(out / "labels.npy", np.array([classes.index(c) for c in final.labels], dtype=np.int64))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.fromiter((index[c] for c in final.labels), dtype=np.int64, count=len(final.labels))
+    artifacts.write_npy_atomic(out / "labels.npy", labels)
     artifacts.write_npy_atomic(
         out / "groups.npy", np.unique(the_plan.groups[kept], return_inverse=True)[1].astype(np.int64)
     )
@@ -877,7 +920,7 @@ def publish(
 def _dump_json(path: Path, obj: Any) -> None:
     """Compact JSON streamed to a file and synced: a million file ids never become one string in memory."""
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
+        f.writelines(artifacts.json_pieces(obj, separators=(",", ":")))
         f.flush()
         os.fsync(f.fileno())
 
@@ -900,8 +943,6 @@ def _meta(
         "classes": usable.classes,
         "n_images": len(final.paths),
         "dim": dim,
-        "paths": final.paths,
-        "subsets": final.subsets,
         "extractor": spec.pinned().to_dict(),
         "runtime": runtime,
         "engine": engine,

@@ -11,7 +11,10 @@ import numpy as np
 from .artifacts import read_json
 from .errors import CnnCodesError
 from .extract import FEATURES_FORMAT, ExtractorSpec
-from .split import SUBSETS, Split
+from .split import SUBSETS, Split, read_split_csv
+
+# Features folders written before split.csv became the only list of the rows' paths and subsets.
+_FORMAT_1 = "cnncodes.features/1"
 
 
 @dataclass
@@ -47,12 +50,17 @@ class Features:
         return np.isin(self.subsets, subsets)
 
 
-# What every reader of a features folder relies on.
-_META_KEYS = ("n_images", "classes", "dim", "paths", "subsets", "extractor", "split", "data")
+# What every reader of a features folder relies on; format 1 also listed the rows' paths and subsets.
+_META_KEYS = ("n_images", "classes", "dim", "extractor", "split", "data")
+_FORMATS = {FEATURES_FORMAT: (), _FORMAT_1: ("paths", "subsets")}
 
 
 def load_features(path: Path | str) -> Features:
-    """Load and cross-check `meta.json`, `features.npy` and `labels.npy` of a features folder."""
+    """Load and cross-check `meta.json`, `features.npy`, `labels.npy` and the rows' paths and subsets.
+
+    Those are read from `split.csv`; folders written before it was their only record (format
+    1) list them in `meta.json`, and still load.
+    """
     path = Path(path)
     if not (path / "meta.json").is_file():
         raise CnnCodesError(
@@ -66,32 +74,45 @@ def load_features(path: Path | str) -> Features:
         raise CnnCodesError(
             f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
         ) from None
-    if not isinstance(meta, dict) or meta.get("format") != FEATURES_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in _FORMATS:
         raise CnnCodesError(f"{path}/meta.json is not a cnncodes features record (format {meta.get('format')!r})")
-    missing = [key for key in _META_KEYS if key not in meta]
+    missing = [key for key in _META_KEYS + _FORMATS[meta["format"]] if key not in meta]
     if missing:
         raise CnnCodesError(
             f"{path}/meta.json lacks {', '.join(missing)}: it was made by another version or damaged; "
             "run `cnncodes extract` again"
         )
+    paths, labels, subsets = _rows(path, meta)
     n, classes = meta["n_images"], meta["classes"]
     consistent = (
         X.ndim == 2
         and X.shape == (n, meta["dim"])
         and y.shape == (n,)
-        and len(meta["paths"]) == n
-        and len(meta["subsets"]) == n
+        and len(paths) == n
+        and len(subsets) == n
         and (n == 0 or 0 <= y.min() <= y.max() < len(classes))
-        and set(meta["subsets"]) <= set(SUBSETS)
+        and set(subsets) <= set(SUBSETS)
+        and (labels is None or labels == [classes[i] for i in y])
     )
     if not consistent:
         raise CnnCodesError(
             f"the files in {path} do not belong together (features {X.shape}, labels {y.shape}, "
             f"meta says {n} rows): run `cnncodes extract` again"
         )
-    return Features(
-        path, np.asarray(X, dtype=np.float32), y, np.array(meta["subsets"]), meta["paths"], meta, _groups(path, n)
-    )
+    return Features(path, np.asarray(X, dtype=np.float32), y, np.array(subsets), paths, meta, _groups(path, n))
+
+
+def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None, list[str]]:
+    """Each row's path, label and subset, from split.csv; format 1's from meta.json, whose labels are labels.npy's only.
+
+    A folder without rows (every usable image failed to decode) has a split.csv of its header alone.
+    """
+    if meta["format"] == _FORMAT_1:
+        return meta["paths"], None, meta["subsets"]
+    if meta["n_images"] == 0:
+        return [], [], []
+    the_split = read_split_csv(path / "split.csv")
+    return the_split.paths, the_split.labels, the_split.subsets
 
 
 def _groups(path: Path, n: int) -> np.ndarray:

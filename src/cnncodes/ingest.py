@@ -106,14 +106,15 @@ def _discover_folders(root: Path) -> Dataset:
             f"e.g. {root}/cat/1.jpg"
         )
     skipped = [(e.name, *_outside_reason(e)) for e in entries if e not in class_dirs]
-    paths, labels = [], []
+    paths: list[str] = []
+    labels: list[str] = []
     for class_dir in class_dirs:
-        found, passed_over = scan(class_dir)
+        found, passed_over = scan(class_dir, root)
         if not found:
             raise CnnCodesError(f"class folder {class_dir} has no image files: add images or remove the folder")
-        paths += [p.relative_to(root).as_posix() for p in found]
+        paths += found
         labels += [class_dir.name] * len(found)
-        skipped += [(p.relative_to(root).as_posix(), reason, category) for p, reason, category in passed_over]
+        skipped += passed_over
     return Dataset(root.resolve(), paths, labels, skipped)
 
 
@@ -159,25 +160,29 @@ def _refuse_conflicting_labels(csv_path: Path, rows: Sequence[tuple[str, str]]) 
 
 def image_files(folder: Path) -> list[Path]:
     """Every image file under `folder`, recursively and sorted, hidden files and folders left out."""
-    return scan(folder)[0]
+    return [folder / p for p in scan(folder)[0]]
 
 
-def scan(folder: Path) -> tuple[list[Path], list[tuple[Path, str, str]]]:
+def scan(folder: Path, base: Path | None = None) -> tuple[list[str], list[tuple[str, str, str]]]:
     """The image files under `folder` and every other file with the reason and category it is passed over for.
 
-    Symbolic links are followed (a linked folder of images belongs to its class), each real
-    folder once, so a link loop ends; unreadable folders and broken links are reported.
+    Paths are POSIX strings relative to `base` (default: `folder`), sorted part by part as
+    `Path`s sort: a folder of a million images makes no million `Path` objects. Symbolic links
+    are followed (a linked folder of images belongs to its class), each real folder once, so
+    a link loop ends; unreadable folders and broken links are reported.
     """
-    images: list[Path] = []
-    skipped: list[tuple[Path, str, str]] = []
+    start = base or folder
+    images: list[str] = []
+    skipped: list[tuple[str, str, str]] = []
     seen: set[tuple[int, int]] = set()
 
     def unreadable(error: OSError) -> None:
-        skipped.append((Path(error.filename), f"folder not readable ({error.strerror})", "unreadable"))
+        skipped.append((_relative(error.filename, start), f"folder not readable ({error.strerror})", "unreadable"))
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
-        here = Path(dirpath)
-        identity = (os.stat(here).st_dev, os.stat(here).st_ino)
+        here = _relative(dirpath, start)
+        prefix = "" if here == "." else f"{here}/"
+        identity = (os.stat(dirpath).st_dev, os.stat(dirpath).st_ino)
         if identity in seen:
             skipped.append(
                 (here, "symbolic link to a folder already read (a loop, or a second path to it)", "already read")
@@ -185,31 +190,45 @@ def scan(folder: Path) -> tuple[list[Path], list[tuple[Path, str, str]]]:
             dirnames[:] = []
             continue
         seen.add(identity)
-        skipped += [(here / d, "hidden folder, not read", "hidden") for d in dirnames if d.startswith(".")]
+        skipped += [(prefix + d, "hidden folder, not read", "hidden") for d in dirnames if d.startswith(".")]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            passed_over = _not_a_candidate(here / name)
+            passed_over = _not_a_candidate(os.path.join(dirpath, name))
             if passed_over:
-                skipped.append((here / name, *passed_over))
+                skipped.append((prefix + name, *passed_over))
             else:
-                images.append(here / name)
-    return sorted(images), sorted(skipped)
+                images.append(prefix + name)
+    images.sort(key=_by_parts)
+    skipped.sort(key=lambda entry: (_by_parts(entry[0]), *entry[1:]))
+    return images, skipped
 
 
-def _not_a_candidate(path: Path) -> tuple[str, str] | None:
+def _relative(path: str, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
+def _by_parts(path: str) -> str:
+    """A sort key that orders POSIX paths part by part, as `Path`s are ordered.
+
+    No file name holds a NUL, so NUL sorts a separator below every character a name can hold.
+    """
+    return path.replace("/", "\0")
+
+
+def _not_a_candidate(path: str) -> tuple[str, str] | None:
     """Why a file is no candidate, and the category summaries count; None for an image."""
-    if path.name.startswith("."):
+    if os.path.basename(path).startswith("."):
         return "hidden file", "hidden"
-    if not path.exists():
+    if not os.path.exists(path):
         return "broken symbolic link", "broken link"
     if not looks_like_image(path):
         return "not an image (neither its name nor its first bytes say so)", "not an image"
     return None
 
 
-def looks_like_image(path: Path) -> bool:
+def looks_like_image(path: Path | str) -> bool:
     """True for files named like images and for files whose first bytes say they are one."""
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
         return True
     try:
         with open(path, "rb") as f:

@@ -67,7 +67,7 @@ def check_precision(precision: str, runtime: str, calibration: int = DEFAULT_CAL
         raise CnnCodesError(f"--calibration must be at least 1 image (got {calibration})")
 
 
-def calibration_set(train: Sequence[Path], n: int) -> dict[str, Any]:
+def calibration_set(train: Sequence[Path | str], n: int) -> dict[str, Any]:
     """A seeded sample of the train images: `n` to calibrate on, up to HOLDOUT others to judge by.
 
     The fingerprint hashes their contents, so a changed image gives another int8 model.

@@ -103,17 +103,43 @@ def assign_subsets(
     """The split of images whose duplicate groups are known: each group follows the hash of its first path.
 
     `fit-svm --repeats` calls it with the groups `extract` saved and other seeds, so every
-    repeat keeps copies together exactly as the first split does.
+    repeat keeps copies together exactly as the first split does. Groups are numbered in
+    the order of their first image and held in arrays, so memory per image is a few numbers,
+    not a dict entry and a list per group.
     """
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[int(g)].append(i)
-    position = {g: _hash_position(min(paths[i] for i in idx), seed) for g, idx in members.items()}
-    group_subset = {g: _subset_at(u, fractions) for g, u in position.items()}
-    warnings = _ensure_each_subset(labels, members, position, group_subset, fractions)
-    subsets = [group_subset[int(g)] for g in groups]
-    n_dup = sum(1 for idx in members.values() if len(idx) > 1)
+    group_of, first = _number_groups(groups)
+    position = _positions(paths, group_of, first, seed)
+    highs = np.cumsum([0.0, *fractions])[1:]
+    subset_of = np.minimum(np.searchsorted(highs, position, side="right"), len(SUBSETS) - 1)
+    class_names, class_of_row = _label_codes(labels)
+    warnings = _ensure_each_subset(class_names, class_of_row[first], position, subset_of, fractions)
+    subsets = [SUBSETS[k] for k in subset_of[group_of].tolist()]
+    n_dup = int((np.bincount(group_of) > 1).sum())
     return Split(list(paths), list(labels), subsets, n_dup, warnings)
+
+
+def _number_groups(groups: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's group numbered by first appearance, and each group's first row (ascending)."""
+    _, first, inverse = np.unique(np.asarray(groups, dtype=np.int64), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.reshape(-1)], np.sort(first)
+
+
+def _positions(paths: Sequence[str], group_of: np.ndarray, first: np.ndarray, seed: int) -> np.ndarray:
+    """Each group's place in [0, 1): the hash of its smallest path; only rows with copies are compared."""
+    smallest = [paths[i] for i in first.tolist()]
+    copies = np.flatnonzero(np.bincount(group_of)[group_of] > 1)
+    for i, g in zip(copies.tolist(), group_of[copies].tolist()):
+        smallest[g] = min(smallest[g], paths[i])
+    return np.array([_hash_position(p, seed) for p in smallest], dtype=np.float64)
+
+
+def _label_codes(labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The sorted class names and each row's index among them."""
+    names = sorted(set(labels))
+    index = {name: i for i, name in enumerate(names)}
+    return names, np.fromiter((index[label] for label in labels), dtype=np.int64, count=len(labels))
 
 
 def check_dup_threshold(threshold: int) -> None:
@@ -256,45 +282,40 @@ def _hash_position(path: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _bounds(fractions: Sequence[float]) -> dict[str, tuple[float, float]]:
-    edges = np.cumsum([0.0, *fractions])
-    return {s: (float(edges[k]), float(edges[k + 1])) for k, s in enumerate(SUBSETS)}
-
-
-def _subset_at(u: float, fractions: Sequence[float]) -> str:
-    for subset, (_, high) in _bounds(fractions).items():
-        if u < high:
-            return subset
-    return SUBSETS[-1]
-
-
-def _ensure_each_subset(labels, members, position, group_subset, fractions) -> list[str]:
-    """Move the nearest groups of a small class into subsets the hash left empty.
+def _ensure_each_subset(
+    class_names: list[str], class_of: np.ndarray, position: np.ndarray, subset_of: np.ndarray, fractions
+) -> list[str]:
+    """Move the nearest groups of a small class into subsets the hash left empty (`subset_of` is updated).
 
     Only classes with an empty subset are touched, so for classes large enough to have
-    all three, adding images still never moves an existing one.
+    all three, adding images still never moves an existing one. A class is that of its
+    groups' first images.
     """
-    bounds = _bounds(fractions)
-    wanted = [s for s in _FILL_ORDER if fractions[SUBSETS.index(s)] > 0]
-    by_class: dict[str, list[int]] = defaultdict(list)
-    for g, idx in members.items():
-        by_class[labels[idx[0]]].append(g)
+    edges = np.cumsum([0.0, *fractions])
+    wanted = [SUBSETS.index(s) for s in _FILL_ORDER if fractions[SUBSETS.index(s)] > 0]
+    have = np.zeros((len(class_names), len(SUBSETS)), dtype=np.int64)
+    np.add.at(have, (class_of, subset_of), 1)
+    by_class = np.argsort(class_of, kind="stable")  # each class's groups in the order of their first image
+    starts = np.searchsorted(class_of[by_class], np.arange(len(class_names) + 1))
     warnings = []
-    for label in sorted(by_class):
-        class_groups = by_class[label]
+    for c, label in enumerate(class_names):
+        class_groups = by_class[starts[c] : starts[c + 1]]
+        if not len(class_groups):
+            continue  # a label seen only among copies of another class's images
         targets = wanted[: len(class_groups)]
         for subset in targets:
-            have = Counter(group_subset[g] for g in class_groups)
-            if have[subset]:
+            if have[c, subset]:
                 continue
             # A donor keeps one group for itself if it is a target; pigeonholes say one exists.
-            surplus = [s for s in SUBSETS if have[s] > (1 if s in targets else 0)]
-            donor = max(surplus, key=lambda s: (have[s], -SUBSETS.index(s)))
-            low, high = bounds[subset]
-            candidates = [g for g in class_groups if group_subset[g] == donor]
-            moved = min(candidates, key=lambda g: max(low - position[g], position[g] - high, 0.0))
-            group_subset[moved] = subset
-        missing = [s for s in wanted if not any(group_subset[g] == s for g in class_groups)]
+            surplus = [s for s in range(len(SUBSETS)) if have[c, s] > (1 if s in targets else 0)]
+            donor = max(surplus, key=lambda s: (have[c, s], -s))
+            candidates = class_groups[subset_of[class_groups] == donor]
+            places = position[candidates]
+            distance = np.maximum(np.maximum(edges[subset] - places, places - edges[subset + 1]), 0.0)
+            subset_of[candidates[np.argmin(distance)]] = subset
+            have[c, donor] -= 1
+            have[c, subset] += 1
+        missing = [SUBSETS[s] for s in wanted if not have[c, s]]
         if missing:
             warnings.append(
                 f"class {label!r} has only {len(class_groups)} distinct image(s): none in {', '.join(missing)}"
@@ -303,17 +324,31 @@ def _ensure_each_subset(labels, members, position, group_subset, fractions) -> l
 
 
 def read_split_csv(path: Path) -> Split:
-    """Read a `split.csv` written by `extract`, to score another method on the same test set."""
+    """Read a `split.csv` written by `extract`, to score another method on the same test set.
+
+    Rows are read one at a time into three lists, not into a dict each: a features folder of
+    a million images loads its split in the memory of its strings.
+    """
+    paths: list[str] = []
+    labels: list[str] = []
+    subsets: list[str] = []
     try:
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.reader(f)
+            header = next(reader, [])
+            if {"path", "label", "subset"} <= set(header):
+                columns = [header.index(c) for c in ("path", "label", "subset")]
+                for row in filter(None, reader):  # blank lines are no rows, as for csv.DictReader
+                    paths.append(row[columns[0]])
+                    labels.append(row[columns[1]])
+                    subsets.append(row[columns[2]])
     except OSError as e:
         raise CnnCodesError(f"cannot read split file {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, csv.Error):
-        raise CnnCodesError(f"{path} is not a split file: it is not a UTF-8 CSV") from None
-    if not rows or not {"path", "label", "subset"} <= set(rows[0]):
+    except (UnicodeDecodeError, csv.Error, IndexError):
+        raise CnnCodesError(f"{path} is not a split file: it is not a UTF-8 CSV of path,label,subset rows") from None
+    if not paths:
         raise CnnCodesError(f"{path} is not a split file: it needs path,label,subset columns")
-    bad = {r["subset"] for r in rows} - set(SUBSETS)
+    bad = set(subsets) - set(SUBSETS)
     if bad:
         raise CnnCodesError(f"{path} has unknown subsets {sorted(bad)}: use train, val or test")
-    return Split([r["path"] for r in rows], [r["label"] for r in rows], [r["subset"] for r in rows])
+    return Split(paths, labels, subsets)
