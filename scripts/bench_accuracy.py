@@ -242,7 +242,7 @@ def defaults_vs_tutorial(results: dict[str, tuple[list[dict], list[float]]]) -> 
     return "\n".join(lines)
 
 
-def variants_table(name: str, runs: dict[str, tuple[list[dict], list[float]]], work: Path) -> list[str]:
+def variants_table(name: str, runs: dict[str, tuple[list[dict], list[float]]]) -> list[str]:
     """Each extraction variant's run chosen on CV, beside LogisticRegression() on its codes and the tutorial's."""
     import numpy as np
 
@@ -250,9 +250,8 @@ def variants_table(name: str, runs: dict[str, tuple[list[dict], list[float]]], w
     lines = []
     for variant, (records, baseline) in runs.items():
         best = max(records, key=lambda r: r["cv_score"])
-        meta = json.loads((codes_folder(work, name, variant) / "meta.json").read_text())
         lines.append(
-            f"| {name} | {variant or 'defaults (224 px)'} | {meta['images_per_second']:.0f} | {best['run']} | "
+            f"| {name} | {variant or 'defaults (224 px)'} | {best['run']} | "
             f"{pct(best['cv_score'])} | {mean_sd([x['accuracy'] for x in best['repeats']])} | {mean_sd(baseline)} | "
             f"{100 * (best['accuracy_mean'] - tutorial):+.1f} points |"
         )
@@ -429,20 +428,21 @@ def main() -> None:
     ]
     if args.variants:
         header = (
-            "| dataset | codes | images/s | chosen on CV | CV acc | its test acc (5 splits) | "
-            "LogisticRegression() on these codes | chosen − tutorial |\n|---|---|---|---|---|---|---|---|"
+            "| dataset | codes | chosen on CV | CV acc | its test acc (5 splits) | "
+            "LogisticRegression() on these codes | chosen − tutorial |\n|---|---|---|---|---|---|---|"
         )
         rows = []
         for name in DATASETS:
             runs = {"": repeated[name]}
             runs |= {v: repeated_runs(name, args.work, log, v, options) for v, options in REPEAT_VARIANTS}
-            rows += variants_table(name, runs, args.work)
+            rows += variants_table(name, runs)
         sections.append(
             f"## Extraction variants over {REPEATS} splits\n\nThe same {REPEATS} splits and `fit-svm --repeats "
             f"{REPEATS}` defaults on codes extracted otherwise: averaged with the mirror image's (`--flip`), at "
             "320 px, or both. *Chosen − tutorial*: the run chosen on CV against the tutorial's "
-            "`LogisticRegression()` on the default 224-px codes (the first row's baseline); images/s is "
-            "`extract`'s own rate on the shared machine.\n\n" + header + "\n" + "\n".join(rows)
+            "`LogisticRegression()` on the default 224-px codes (the first row's baseline). 320 px is 2.0x "
+            "the pixels of 224 px and `--flip` twice the forward passes (`scripts/bench_extract.py` measures "
+            "speeds).\n\n" + header + "\n" + "\n".join(rows)
         )
     if args.full:
         skipped: dict[str, str] = {}
