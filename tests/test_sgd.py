@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import cnncodes
 from cnncodes.classifiers import CodesClassifier, fit_svm
 from cnncodes.cli import app
+from cnncodes.errors import CnnCodesError
 from cnncodes.features import load_features
 
 from .conftest import make_dataset
@@ -77,8 +78,9 @@ def test_features_stay_memory_mapped(features):
 
 
 def test_sgd_bundle_predicts_with_the_cli(features, tmp_path):
-    fitted = cli("fit-svm", features, "--out", tmp_path, "--classifier", "sgd", "--cv", "3", "--quiet")
+    fitted = cli("fit-svm", features, "--out", tmp_path, "--classifier", "sgd", "--cv", "3")
     assert fitted.exit_code == 0, fitted.output
+    assert "loss=" in fitted.stdout and "alpha=" in fitted.stdout
     model = tmp_path / "vgg16-block5_pool-sgd.joblib"
     record = json.loads(model.with_suffix(".json").read_text())
     assert record["classifier"] == "sgd" and record["params"]["loss"] in ("hinge", "log_loss")
@@ -100,3 +102,15 @@ def test_all_fits_the_exact_kinds_below_the_size_limit_and_logreg_and_sgd_above(
     warned = " ".join(capsys.readouterr().err.split())
     assert "all: linear-svm, rbf-svm left out on" in warned and "sgd fitted instead" in warned
     assert "knn may take hours on" in warned and "--classifier sgd scales to any size" in warned
+
+
+def test_pca_above_the_size_limit_fits_logreg_alone_and_sgd_with_pca_is_refused_before_any_fit(
+    features, tmp_path, capsys
+):
+    records = fit_svm(features, tmp_path / "pca", classifiers=["all"], cv=3, pca=4, max_exact=10, progress=False)
+    assert [r["classifier"] for r in records] == ["logreg"]
+    warned = " ".join(capsys.readouterr().err.split())
+    assert "all: linear-svm, rbf-svm, knn, sgd left out on" in warned and "logreg only" in warned
+    with pytest.raises(CnnCodesError, match="--pca needs the codes in memory"):
+        fit_svm(features, tmp_path / "refused", classifiers=["logreg", "sgd"], cv=3, pca=4, progress=False)
+    assert not (tmp_path / "refused").exists()

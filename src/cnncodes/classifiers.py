@@ -66,6 +66,7 @@ _SGD_EPOCHS = 10
 _SGD_UPDATES = 20_000
 _SGD_LOSSES = ("hinge", "log_loss")  # a linear SVM, logistic regression
 _SGD_ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2)
+_SGD_WITH_PCA = "--pca needs the codes in memory: the sgd classifier streams them, use it without --pca"
 
 
 def _estimator(kind: str, class_weight: Any) -> tuple[Any, dict[str, list]]:
@@ -258,7 +259,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         if self.normalize != "auto":
             _normalizer(self.normalize)
         if self.kind == "sgd" and self.pca:
-            raise ValueError("--pca needs the codes in memory: the sgd classifier streams them, use it without --pca")
+            raise ValueError(_SGD_WITH_PCA)
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1 (got {self.chunk_size})")
 
@@ -425,26 +426,31 @@ def _fit_temperature(scores: np.ndarray, codes: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(log_loss, bounds=(-8.0, 8.0), method="bounded").x))
 
 
-def choose_kinds(names: Sequence[str], n_fit: int, max_exact: int = MAX_EXACT) -> list[str]:
+def choose_kinds(names: Sequence[str], n_fit: int, max_exact: int = MAX_EXACT, pca: int | None = None) -> list[str]:
     """The kinds to fit for `names` (kinds or `all`, in the order given, without repeats) on `n_fit` codes.
 
     `all` is every kind that suits the size: up to `max_exact` training codes the four exact kinds
-    (sgd, a streaming approximation of the linear ones, adds nothing there), above it logreg and sgd,
-    with one line naming what it left out. A kind asked for by name runs at any size, with a warning:
-    never an hours-long silent fit.
+    (sgd, a streaming approximation of the linear ones, adds nothing there), above it logreg and sgd
+    (logreg alone with `pca`: sgd streams the codes, PCA needs them in memory), with one line naming
+    what it left out. A kind asked for by name runs at any size, with a warning: never an hours-long
+    silent fit. Checked before anything is fitted, so a refused kind leaves no half-done run.
     """
     large = n_fit > max_exact
+    scalable = tuple(k for k in _SCALABLE if not (pca and k == "sgd"))
     kinds: list[str] = []
     for name in names:
-        for kind in (_SCALABLE if large else _EXACT) if name == "all" else [name]:
+        for kind in (scalable if large else _EXACT) if name == "all" else [name]:
             if kind not in KINDS:
                 raise CnnCodesError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)} or all")
             if kind not in kinds:
                 kinds.append(kind)
+    if pca and "sgd" in kinds:
+        raise CnnCodesError(_SGD_WITH_PCA)
     if large:
         size = f"{n_fit:,} training codes (above {max_exact:,})"
-        if "all" in names and (left := [k for k in _QUADRATIC if k not in kinds]):
-            warn(f"all: {', '.join(left)} left out on {size}, where they would take hours; sgd fitted instead")
+        if "all" in names and (left := [k for k in (*_QUADRATIC, "sgd") if k not in kinds]):
+            instead = "logreg only (sgd streams the codes, --pca needs them in memory)" if pca else "sgd fitted instead"
+            warn(f"all: {', '.join(left)} left out on {size}, where they would take hours; {instead}")
         for kind in (k for k in _QUADRATIC if k in kinds):
             warn(f"{kind} may take hours on {size}: --classifier sgd scales to any size")
     return kinds
@@ -490,7 +496,7 @@ def fit_svm(
         max_exact: training codes above which `all` fits logreg and sgd only (a kind named anyway warns).
     """
     feats = load_features(features)
-    kinds = choose_kinds(classifiers, int((feats.subsets != "test").sum()), max_exact)
+    kinds = choose_kinds(classifiers, int((feats.subsets != "test").sum()), max_exact, pca)
     if normalize not in NORMALIZERS:
         raise CnnCodesError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
     if repeats < 1:
@@ -555,7 +561,12 @@ def _fit_split(feats: Features, subsets: np.ndarray, make) -> tuple[CodesClassif
     except ValueError as e:
         raise CnnCodesError(str(e)) from None
     seconds = time.perf_counter() - started
-    return model, class_probabilities(model, feats.X[subsets == "test"], len(feats.classes)), seconds
+    test = np.flatnonzero(subsets == "test")  # scored a chunk at a time: the codes may not fit in memory
+    parts = [
+        class_probabilities(model, feats.X[test[i : i + SGD_CHUNK]], len(feats.classes))
+        for i in range(0, len(test), SGD_CHUNK)
+    ]
+    return model, np.vstack(parts), seconds
 
 
 def _fit_one(

@@ -311,7 +311,7 @@ def fit_svm(
             chosen = ", ".join(
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in record["params"].items()
-                if k in ("normalize", "C", "gamma", "n_neighbors")
+                if k in ("normalize", "C", "gamma", "n_neighbors", "loss", "alpha")
             )
             edges = f"; at the edge of its grid: {', '.join(record['grid_edges'])}" if record["grid_edges"] else ""
             out_console.print(
