@@ -223,14 +223,17 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         fit = _StreamingFit(X, len(self.classes_), self._code_weights(), self.chunk_size, self.random_state)
         metric = balanced_accuracy_score if self.class_weight else accuracy_score
         best = -1.0
-        for candidate in product(self._normalizations(), _SGD_LOSSES, _SGD_ALPHAS):
-            held_codes = fit.scores(fit.model(rows[train], codes[train], *candidate), rows[held]).argmax(axis=1)
-            if (found := float(metric(codes[held], held_codes))) > best:  # the first of equals, as GridSearchCV
-                best, chosen = found, candidate
-        self.model_ = fit.model(rows, codes, *chosen)
+        for normalize in self._normalizations():
+            scaler = fit.scaler(rows[train], normalize)
+            for loss, alpha in product(_SGD_LOSSES, _SGD_ALPHAS):
+                model = fit.model(rows[train], codes[train], scaler, loss, alpha)
+                held_codes = fit.scores(model, rows[held]).argmax(axis=1)
+                if (found := float(metric(codes[held], held_codes))) > best:  # the first of equals, as GridSearchCV
+                    best, chosen = found, (normalize, loss, alpha)
+        self.model_ = fit.fitted(rows, codes, *chosen)
         out_of_fold = np.zeros((len(rows), len(self.classes_)))
         for part, rest in self._folds(rows, codes, groups, smallest, 3):
-            out_of_fold[rest] = fit.scores(fit.model(rows[part], codes[part], *chosen), rows[rest])
+            out_of_fold[rest] = fit.scores(fit.fitted(rows[part], codes[part], *chosen), rows[rest])
         self.temperature_ = _fit_temperature(out_of_fold, codes)
         self.best_params_ = {"normalize": chosen[0], "loss": chosen[1], "alpha": chosen[2]}
         self.cv_score_ = best
@@ -359,28 +362,32 @@ def _margins(decision: np.ndarray) -> np.ndarray:
     return decision.reshape(len(decision), -1) if decision.ndim == 2 else np.column_stack([-decision, decision]) / 2
 
 
+def _chunks(positions: np.ndarray, size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Positions in chunks, in order or shuffled by `rng`; a shuffled chunk is sorted, so a memmap is read forward.
+
+    Codes are stored class by class: a chunk of consecutive rows would hold one class.
+    """
+    if rng is None:
+        return [positions[i : i + size] for i in range(0, len(positions), size)]
+    order = rng.permutation(positions)
+    return [np.sort(order[i : i + size]) for i in range(0, len(order), size)]
+
+
 class _StreamingFit:
     """Fits `sgd` candidates on rows of X one chunk in memory at a time, in shuffled chunks, over several epochs."""
 
     def __init__(self, X, n_classes: int, weights: Any, chunk_size: int, seed: int):
         self.X, self.classes, self.chunk_size, self.seed = X, np.arange(n_classes), chunk_size, seed
         self.weights = weights
-        self.partial_fits = 0
 
-    def chunks(self, positions: np.ndarray, rng: np.random.Generator | None = None) -> list[np.ndarray]:
-        """Positions in chunks, in order or shuffled by `rng`; a shuffled chunk is sorted, so a memmap is read forward.
-
-        Codes are stored class by class: a chunk of consecutive rows would hold one class.
-        """
-        if rng is None:
-            return [positions[i : i + self.chunk_size] for i in range(0, len(positions), self.chunk_size)]
-        order = rng.permutation(positions)
-        return [np.sort(order[i : i + self.chunk_size]) for i in range(0, len(order), self.chunk_size)]
-
-    def model(self, rows: np.ndarray, codes: np.ndarray, normalize: str, loss: str, alpha: float) -> Pipeline:
+    def scaler(self, rows: np.ndarray, normalize: str) -> Any:
+        """The normalisation fitted on `rows` in one pass, shared by every candidate fitted on those rows."""
         scaler = _normalizer(normalize)
-        for chunk in self.chunks(rows):
+        for chunk in _chunks(rows, self.chunk_size):
             scaler.partial_fit(self.X[chunk]) if isinstance(scaler, StandardScaler) else scaler.fit(self.X[chunk])
+        return scaler
+
+    def model(self, rows: np.ndarray, codes: np.ndarray, scaler: Any, loss: str, alpha: float) -> Pipeline:
         weights = self.weights
         if weights == "balanced":  # partial_fit takes no "balanced": the weights it would compute, from all rows
             seen = np.unique(codes)
@@ -390,13 +397,15 @@ class _StreamingFit:
         # Fewer codes than a chunk: each chunk holds them several times, rather than thousands of tiny calls.
         positions = np.tile(np.arange(len(rows)), max(1, self.chunk_size // len(rows)))
         for _ in range(max(_SGD_EPOCHS, -(-_SGD_UPDATES // len(positions)))):
-            for chunk in self.chunks(positions, rng):
+            for chunk in _chunks(positions, self.chunk_size, rng):
                 sgd.partial_fit(scaler.transform(self.X[rows[chunk]]), codes[chunk], classes=self.classes)
-                self.partial_fits += 1
         return Pipeline([("normalize", scaler), ("model", sgd)])
 
+    def fitted(self, rows: np.ndarray, codes: np.ndarray, normalize: str, loss: str, alpha: float) -> Pipeline:
+        return self.model(rows, codes, self.scaler(rows, normalize), loss, alpha)
+
     def scores(self, model: Pipeline, rows: np.ndarray) -> np.ndarray:
-        parts = [_margins(model.decision_function(self.X[chunk])) for chunk in self.chunks(rows)]
+        parts = [_margins(model.decision_function(self.X[chunk])) for chunk in _chunks(rows, self.chunk_size)]
         return np.vstack(parts).astype(np.float64)
 
 
@@ -562,10 +571,7 @@ def _fit_split(feats: Features, subsets: np.ndarray, make) -> tuple[CodesClassif
         raise CnnCodesError(str(e)) from None
     seconds = time.perf_counter() - started
     test = np.flatnonzero(subsets == "test")  # scored a chunk at a time: the codes may not fit in memory
-    parts = [
-        class_probabilities(model, feats.X[test[i : i + SGD_CHUNK]], len(feats.classes))
-        for i in range(0, len(test), SGD_CHUNK)
-    ]
+    parts = [class_probabilities(model, feats.X[chunk], len(feats.classes)) for chunk in _chunks(test, SGD_CHUNK)]
     return model, np.vstack(parts), seconds
 
 

@@ -44,6 +44,7 @@ from .split import (
     check_dup_threshold,
     duplicate_warnings,
     group_duplicates,
+    label_indices,
     parse_fractions,
 )
 from .storage import CheckCache, FeatureWriter, npy_layout
@@ -891,9 +892,7 @@ def publish(
     os.replace(cache / "rows.json.new", cache / "rows.json")
     done.writer.discard()
     classes = the_plan.usable.classes
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.fromiter((index[c] for c in final.labels), dtype=np.int64, count=len(final.labels))
-    artifacts.write_npy_atomic(out / "labels.npy", labels)
+    artifacts.write_npy_atomic(out / "labels.npy", label_indices(final.labels, classes))
     artifacts.write_npy_atomic(
         out / "groups.npy", np.unique(the_plan.groups[kept], return_inverse=True)[1].astype(np.int64)
     )

@@ -111,7 +111,8 @@ def assign_subsets(
     position = _positions(paths, group_of, first, seed)
     highs = np.cumsum([0.0, *fractions])[1:]
     subset_of = np.minimum(np.searchsorted(highs, position, side="right"), len(SUBSETS) - 1)
-    class_names, class_of_row = _label_codes(labels)
+    class_names = sorted(set(labels))
+    class_of_row = label_indices(labels, class_names)
     warnings = _ensure_each_subset(class_names, class_of_row[first], position, subset_of, fractions)
     subsets = [SUBSETS[k] for k in subset_of[group_of].tolist()]
     n_dup = int((np.bincount(group_of) > 1).sum())
@@ -135,11 +136,10 @@ def _positions(paths: Sequence[str], group_of: np.ndarray, first: np.ndarray, se
     return np.array([_hash_position(p, seed) for p in smallest], dtype=np.float64)
 
 
-def _label_codes(labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """The sorted class names and each row's index among them."""
-    names = sorted(set(labels))
+def label_indices(labels: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """Each row's index among the class `names`, as an array (no int object per row)."""
     index = {name: i for i, name in enumerate(names)}
-    return names, np.fromiter((index[label] for label in labels), dtype=np.int64, count=len(labels))
+    return np.fromiter((index[label] for label in labels), dtype=np.int64, count=len(labels))
 
 
 def check_dup_threshold(threshold: int) -> None:
