@@ -88,3 +88,6 @@ def test_features_of_format_1_with_paths_and_subsets_in_meta_still_load(tmp_path
     (out / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CnnCodesError, match=r"split\.csv"):  # format 2 without its split.csv
         load_features(out)
+    (out / "split.csv").write_text("path,label,subset\r\nb/0.png,b,somewhere\r\n")
+    with pytest.raises(CnnCodesError, match=r"incomplete or damaged .*split\.csv.*run `cnncodes extract` again"):
+        load_features(out)

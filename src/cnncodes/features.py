@@ -111,7 +111,12 @@ def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None
         return meta["paths"], None, meta["subsets"]
     if meta["n_images"] == 0:
         return [], [], []
-    the_split = read_split_csv(path / "split.csv")
+    try:
+        the_split = read_split_csv(path / "split.csv")
+    except CnnCodesError as e:
+        raise CnnCodesError(
+            f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
+        ) from None
     return the_split.paths, the_split.labels, the_split.subsets
 
 
