@@ -151,21 +151,10 @@ def test_predict_reproduces_the_recorded_test_accuracy(fitted):
         assert a["top_k"][0]["probability"] >= a["top_k"][1]["probability"]
 
 
-def test_a_bundle_of_flip_codes_predicts_its_recorded_test_probabilities(fitted, tmp_path):
-    result = cli(
-        "extract",
-        fitted["data"],
-        "--out",
-        tmp_path / "features",
-        "--flip",
-        "--backbone",
-        "vgg16",
-        "--weights",
-        "none",
-        "--image-size",
-        "32",
-        "--quiet",
-    )
+@pytest.mark.parametrize("views", [["--flip", "--image-size", "32"], ["--image-size", "32,48"]])
+def test_a_bundle_of_averaged_codes_predicts_its_recorded_test_probabilities(fitted, tmp_path, views):
+    options = ["--backbone", "vgg16", "--weights", "none", *views, "--quiet"]
+    result = cli("extract", fitted["data"], "--out", tmp_path / "features", *options)
     assert result.exit_code == 0, result.output
     result = cli(
         "fit-svm", tmp_path / "features", "--out", tmp_path / "models", "--classifier", "logreg", "--cv", "3", "--quiet"

@@ -24,7 +24,7 @@ import cnncodes
 from cnncodes.artifacts import sha256_file
 from cnncodes.cli import app
 from cnncodes.features import load_features
-from cnncodes.runtime import KerasRunner
+from cnncodes.runtime import KerasRunner, OnnxRunner
 from cnncodes.split import Split
 
 from .conftest import FLOWERS, needs_real_weights, write_image
@@ -86,6 +86,7 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
         "weights_sha256": None,
         "weights_file": None,
         "flip": False,
+        "scales": None,
         "precision": "fp32",
         "calibration": None,
         "quantization": None,
@@ -131,6 +132,20 @@ def test_flip_codes_are_the_mean_of_the_image_and_its_mirror_image(dataset: Path
     assert np.abs(codes - plain).max() > 0.05 * np.abs(plain).max()
 
 
+def test_codes_at_several_sizes_are_the_mean_of_the_codes_at_each_size(dataset: Path, tmp_path: Path):
+    both = load_features(cnncodes.extract(dataset, tmp_path / "both", **(FAST | dict(image_size=[48, 32]))).out)
+    assert (both.spec.image_size, both.spec.scales) == (48, [32, 48])
+    assert isinstance(both.spec.runner(both.spec.find_weights()), OnnxRunner)  # exported exactly, no Keras fallback
+    one = {
+        n: load_features(cnncodes.extract(dataset, tmp_path / str(n), **(FAST | dict(image_size=n))).out).X
+        for n in (32, 48)
+    }
+    scale = np.abs(one[48]).max()
+    # decoded once at 48 px and shrunk inside the network: the 32-px view is a direct 32-px decode's, nearly
+    assert np.abs(2 * both.X - one[48] - one[32]).max() <= 0.01 * scale
+    assert np.abs(one[48] - one[32]).max() > 0.1 * scale
+
+
 def test_flip_codes_stay_the_same_when_every_image_is_mirrored(dataset: Path, tmp_path: Path):
     for source in sorted(dataset.glob("*/*")):
         pixels = np.asarray(Image.open(source).convert("RGB"))
@@ -163,7 +178,8 @@ def test_rerun_with_same_data_and_settings_recomputes_nothing(dataset: Path, tmp
 
 
 @pytest.mark.parametrize(
-    "change", [dict(pooling="max"), dict(layer="block3_pool"), dict(image_size=40), dict(flip=True)]
+    "change",
+    [dict(pooling="max"), dict(layer="block3_pool"), dict(image_size=40), dict(flip=True), dict(image_size=[32, 40])],
 )
 def test_changed_settings_never_reuse_stale_rows(dataset: Path, tmp_path: Path, change):
     out = tmp_path / "f"
@@ -500,7 +516,10 @@ def test_weights_file_that_does_not_fit_is_a_clear_error(dataset, tmp_path, vgg1
         (["--split", "0.5,0.6,0.1"], "sum to 1"),
         (["--weights", "/no/such/file.h5"], "no such file"),
         (["--layer", "fc1"], "224 px"),
-        (["--flip", "--pooling", "flatten"], "--flip averages the codes"),
+        (["--flip", "--pooling", "flatten"], "--flip average an image's codes"),
+        (["--image-size", "32,48", "--pooling", "flatten"], "several --image-size average an image's codes"),
+        (["--image-size", "32,big"], "--image-size takes sizes in pixels, e.g. 224 or 224,288,384"),
+        (["--image-size", "48,16"], "at least 32 px"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(dataset, tmp_path, args, message):
@@ -546,6 +565,18 @@ def test_backbones_and_layers_commands():
         assert name in listing.stdout
     layers = cli("layers", "vgg16", "--image-size", "32")
     assert layers.exit_code == 0 and "block5_pool" in layers.stdout and "block3_conv2" in layers.stdout
+
+
+def test_mobilenetv2_averages_three_sizes_by_default_where_codes_can_be_averaged():
+    def sizes(**choices) -> tuple[int, list[int] | None]:
+        spec = cnncodes.ExtractorSpec.create(weights="none", **choices)[0]
+        return spec.image_size, spec.scales
+
+    assert sizes() == (384, [224, 288, 384])  # decoded at the largest, shrunk in the network for the others
+    assert sizes(pooling="flatten") == (224, None)  # flattened maps of several sizes have several lengths
+    assert sizes(image_size=160) == (160, None)
+    assert sizes(backbone="vgg16") == (224, None)  # heavy networks keep one size
+    assert "224,288,384" in cli("backbones").stdout
 
 
 @needs_real_weights

@@ -109,7 +109,18 @@ def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):  # n
 
 
 def test_an_int8_extract_runs_the_same_quantized_model_on_the_actors(local_ray, data: Path, tmp_path: Path):
-    options = [*FAST_ARGS, "--layer", "block3_pool", "--precision", "int8", "--calibration", "6"]
+    # at two sizes: the resize inside the network is quantized and shipped with it
+    options = [
+        *FAST_ARGS,
+        "--image-size",
+        "32,48",
+        "--layer",
+        "block3_pool",
+        "--precision",
+        "int8",
+        "--calibration",
+        "6",
+    ]
     local = runner.invoke(app, ["extract", str(data), "--out", str(tmp_path / "local"), *options])
     assert local.exit_code == 0, local.output
     on_ray = runner.invoke(
@@ -119,5 +130,5 @@ def test_an_int8_extract_runs_the_same_quantized_model_on_the_actors(local_ray, 
     local_codes, ray_codes = np.load(tmp_path / "local" / "features.npy"), np.load(tmp_path / "ray" / "features.npy")
     assert np.abs(ray_codes - local_codes).max() <= 1e-5 * np.abs(local_codes).max()
     assert json.loads((tmp_path / "ray" / "meta.json").read_text())["extractor"]["precision"] == "int8"
-    fp32 = cnncodes.extract(data, tmp_path / "fp32", **FAST, layer="block3_pool")
+    fp32 = cnncodes.extract(data, tmp_path / "fp32", **(FAST | {"image_size": [32, 48]}), layer="block3_pool")
     assert not np.allclose(np.load(fp32.out / "features.npy"), ray_codes)  # the quantized model ran there

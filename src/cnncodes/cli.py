@@ -110,7 +110,11 @@ def extract(
     pooling: Annotated[Pooling, typer.Option(help="How a feature map becomes a vector.")] = "avg",
     weights: WeightsOpt = "imagenet",
     image_size: Annotated[
-        int | None, typer.Option(min=1, help="Square input size in pixels (default: the backbone's).")
+        str | None,
+        typer.Option(
+            help="Square input size in pixels; several, e.g. 224,288,384, average the codes of each (one "
+            "forward pass per size). Default: the backbone's (`cnncodes backbones`)."
+        ),
     ] = None,
     resize: ResizeOpt = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
@@ -214,15 +218,15 @@ def extract(
 
 @app.command()
 def backbones() -> None:
-    """List the networks, their input sizes, default layers and ImageNet weight files."""
-    table = Table("backbone", "size", "default layer", "other layers", "preprocessing", "ImageNet weights file")
+    """List the networks, the input sizes `extract` averages codes over, default layers and ImageNet weight files."""
+    table = Table("backbone", "sizes", "default layer", "other layers", "preprocessing", "ImageNet weights file")
     for column in table.columns:
         column.overflow = "fold"  # narrow terminals wrap names instead of cutting them
     table.columns[0].no_wrap = True
     for entry in REGISTRY.values():
         table.add_row(
             entry.name,
-            str(entry.default_size),
+            ",".join(map(str, entry.default_sizes("avg"))),
             entry.default_layer,
             ", ".join(entry.taps[:-1] + entry.top_taps),
             entry.preprocessing,

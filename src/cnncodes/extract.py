@@ -76,6 +76,8 @@ class ExtractorSpec:
     weights_sha256: str | None = None
     weights_file: str | None = None
     flip: bool = False
+    # Several input sizes whose codes are averaged (the image is decoded at `image_size`, the largest); None: one.
+    scales: list[int] | None = None
     # fp32, or int8: a quantized copy of the ONNX model, calibrated on train images only.
     precision: str = "fp32"
     # int8 only: {"n"} as asked, then the images chosen ("images", "holdout") and their "fingerprint".
@@ -93,7 +95,7 @@ class ExtractorSpec:
         backbone: str = "mobilenetv2",
         layer: str | None = None,
         pooling: str = "avg",
-        image_size: int | None = None,
+        image_size: int | str | Sequence[int] | None = None,
         resize: str = "crop",
         weights: str = "imagenet",
         flip: bool = False,
@@ -107,26 +109,29 @@ class ExtractorSpec:
         layer = layer or entry.default_layer
         if pooling not in POOLINGS:
             raise CnnCodesError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
-        if flip and pooling == "flatten" and not entry.needs_top(layer):
-            raise CnnCodesError(
-                "--flip averages the codes of an image and of its mirror image, which only makes sense "
-                "for pooled codes: use --pooling avg or max"
-            )
         check_resize(resize)
-        size = image_size or entry.default_size
-        entry.check_size(size, layer)
+        sizes = input_sizes(image_size, entry.default_sizes(pooling))
+        for size in sizes:
+            entry.check_size(size, layer)
+        averaged = [what for what, on in (("--flip", flip), ("several --image-size", len(sizes) > 1)) if on]
+        if averaged and pooling == "flatten" and not entry.needs_top(layer):
+            raise CnnCodesError(
+                f"{' and '.join(averaged)} average an image's codes, which only makes sense for pooled codes: "
+                "use --pooling avg or max"
+            )
         resolved = entry.resolve_weights(weights, layer)
         spec = cls(
             backbone=entry.name,
             layer=layer,
             pooling="none" if entry.needs_top(layer) else pooling,
-            image_size=size,
+            image_size=sizes[-1],
             resize=resize,
             preprocessing=entry.preprocessing,
             weights=resolved.kind,
             weights_sha256=resolved.sha256,
             weights_file=str(resolved.path) if resolved.path else None,
             flip=flip,
+            scales=sizes if len(sizes) > 1 else None,
             precision=precision,
             calibration={"n": calibration} if precision == "int8" else None,
         )
@@ -161,6 +166,8 @@ class ExtractorSpec:
         """Equal keys mean equal networks. Untrained weights depend on Keras's initialisers."""
         ignored = ("weights_file", "flip", "precision", "calibration", "quantization", "probe")
         identity = {k: v for k, v in self.to_dict().items() if k not in ignored} | {"format": EXTRACTOR_FORMAT}
+        if self.scales is None:  # one size: the key it had before scales existed
+            del identity["scales"]
         if self.weights == "none":
             identity["keras"] = artifacts.package_versions().get("keras")
         return artifacts.sha256_json(identity)
@@ -212,7 +219,8 @@ class ExtractorSpec:
         """The Keras extractor: uint8 pixels in, codes out."""
         from .models import build_extractor
 
-        return build_extractor(get_backbone(self.backbone), self.image_size, self.layer, self.pooling, weights)
+        entry = get_backbone(self.backbone)
+        return build_extractor(entry, self.image_size, self.layer, self.pooling, weights, self.scales or ())
 
     def runner(self, weights: Weights, runtime: str = "onnx", threads: int | None = None) -> Runner:
         """The extractor on `runtime`, at its precision; with a cached ONNX model, TensorFlow is never loaded.
@@ -234,6 +242,21 @@ class ExtractorSpec:
     def prepare(self, weights: Weights | None = None) -> None:
         """Convert (and for int8 quantize) this extractor into the cache ahead of time, e.g. in a container build."""
         self.runner(weights or self.find_weights())
+
+
+def input_sizes(image_size: int | str | Sequence[int] | None, default: list[int]) -> list[int]:
+    """The square sizes an image is seen at, smallest first: `image_size` (one, several, "224,288"), else `default`."""
+    if image_size is None:
+        return default
+    try:
+        if isinstance(image_size, str):
+            image_size = [int(part) for part in image_size.split(",")]
+        sizes = sorted({int(image_size)} if isinstance(image_size, int) else {int(s) for s in image_size})
+    except (TypeError, ValueError):
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise CnnCodesError(f"--image-size takes sizes in pixels, e.g. 224 or 224,288,384 (got {image_size!r})")
+    return sizes
 
 
 def decode(path: Path | str, size: int, resize: str = "crop") -> np.ndarray | BadImage:
@@ -488,7 +511,7 @@ def extract(
     layer: str | None = None,
     pooling: str = "avg",
     weights: str = "imagenet",
-    image_size: int | None = None,
+    image_size: int | str | Sequence[int] | None = None,
     resize: str = "crop",
     batch_size: int = 32,
     split: str | Sequence[float] = DEFAULT_FRACTIONS,
@@ -516,7 +539,7 @@ def extract(
         layer: the layer whose output is the code (default: the registry's deepest tap).
         pooling: `avg`, `max` or `flatten`.
         weights: `imagenet`, `none` (untrained, seeded) or the path of a Keras weights file.
-        image_size: square input size (default: the backbone's).
+        image_size: square input size, or several whose codes are averaged (default: the backbone's).
         resize: `crop`, `squash` or `pad`.
         batch_size: images per forward pass.
         split: train,val,test fractions.

@@ -7,6 +7,7 @@ registry (`backbones`) and on the preprocessing layer, never the other way round
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .backbones import Backbone
@@ -17,14 +18,25 @@ if TYPE_CHECKING:
     import keras
 
 
-def build_extractor(entry: Backbone, size: int, layer: str, pooling: str, weights: Weights) -> keras.Model:
-    """uint8 RGB pixels in, one CNN code per image out: preprocessing, network cut at `layer`, pooling."""
+def build_extractor(
+    entry: Backbone, size: int, layer: str, pooling: str, weights: Weights, scales: Sequence[int] = ()
+) -> keras.Model:
+    """uint8 RGB pixels in, one CNN code per image out: preprocessing, network cut at `layer`, pooling.
+
+    With `scales`, the code is the mean of the codes of the `size`-px image resized to each
+    scale: one network whose weights every scale shares, so the whole thing is still one
+    model to convert, quantize, cache and ship.
+    """
     import keras
 
-    network = entry.build_network(size, layer, weights)
+    network = entry.build_network(None if scales else size, layer, weights)
     trunk = keras.Model(network.inputs, tap(entry, network, layer).output, name=f"{entry.name}_to_{layer}")
     pixels, preprocessed = _pixel_input(entry, size)
-    return keras.Model(pixels, _pool(trunk(preprocessed), pooling), name=f"{entry.name}_codes")
+    pool = _pooling(trunk.output, pooling)
+    if not scales:
+        return keras.Model(pixels, pool(trunk(preprocessed)), name=f"{entry.name}_codes")
+    codes = [pool(trunk(_resized(preprocessed, scale, size))) for scale in scales]
+    return keras.Model(pixels, keras.layers.Average(name="mean_over_scales")(codes), name=f"{entry.name}_codes")
 
 
 def build_classifier(
@@ -80,13 +92,21 @@ def _pixel_input(entry: Backbone, size: int) -> tuple[Any, Any]:
     return pixels, Preprocess(entry.name)(pixels)
 
 
-def _pool(x: Any, pooling: str) -> Any:
+def _pooling(x: Any, pooling: str) -> Callable[[Any], Any]:
+    """The layer that turns the tapped output `x` into a vector (one layer, so scales share it)."""
     import keras
 
     if len(x.shape) == 2:  # already a vector (fc1, fc2): nothing to pool
-        return x
+        return lambda vector: vector
     if pooling == "avg":
-        return keras.layers.GlobalAveragePooling2D(name="avg_pool_codes")(x)
+        return keras.layers.GlobalAveragePooling2D(name="avg_pool_codes")
     if pooling == "max":
-        return keras.layers.GlobalMaxPooling2D(name="max_pool_codes")(x)
-    return keras.layers.Flatten(name="flatten_codes")(x)
+        return keras.layers.GlobalMaxPooling2D(name="max_pool_codes")
+    return keras.layers.Flatten(name="flatten_codes")
+
+
+def _resized(x: Any, scale: int, size: int) -> Any:
+    """`x`, a `size`-px square, at `scale` px."""
+    from .preprocessing import SquareResize
+
+    return x if scale == size else SquareResize(size, scale, name=f"resize_{scale}")(x)
