@@ -12,9 +12,11 @@ Every measurement runs in a fresh subprocess, timed the same way (first batch in
 extract and forward are measured in --repeats interleaved rounds and the median is shown.
 Then: memory bounded by the batch, not the dataset; the whole-process time of a one-image
 `cnncodes predict` with a warm ONNX cache; and `extract --precision int8` against fp32 on
-ONNX Runtime (interleaved rounds, after a first int8 run that quantizes).
+ONNX Runtime (interleaved rounds, after a first int8 run that quantizes). Every table runs at
+`--size` (224 by default, one size); `--tables sizes` measures MobileNetV2's default codes,
+averaged over three sizes, against it.
 
-    .venv/bin/python scripts/bench_extract.py [--images 256] [--backbones mobilenetv2,resnet50,vgg16]
+    .venv/bin/python scripts/bench_extract.py [--images 256] [--backbones mobilenetv2,resnet50,vgg16] [--tables sizes]
 """
 
 from __future__ import annotations
@@ -104,9 +106,10 @@ def work_tutorial(args) -> dict:
     import keras
 
     from cnncodes.backbones import get_backbone
+    from cnncodes.extract import input_sizes
 
     entry = get_backbone(args.backbone)
-    size = args.size or entry.default_size
+    size = max(input_sizes(args.size, [entry.default_size]))  # the tutorial sees one size
     base = getattr(keras.applications, entry.constructor)(include_top=False, weights=None, input_shape=(size, size, 3))
     model = keras.Sequential([base, keras.layers.GlobalAveragePooling2D()])
     paths = [p for p, _ in image_list(args.tutorial_images)]
@@ -208,6 +211,22 @@ def int8_table(args) -> None:
         )
 
 
+def sizes_table(args) -> None:
+    """MobileNetV2's default codes (averaged over its three sizes) against one size, on ONNX Runtime."""
+    print(
+        f"\n# mobilenetv2 extract at --size {args.size} against its default sizes: {args.images} images, onnx "
+        f"(images/s, median of {args.repeats} interleaved rounds)\n"
+    )
+    measure("extract", "mobilenetv2", args, size=None)  # converts both models before timing
+    measure("extract", "mobilenetv2", args)
+    rounds = [
+        {s: measure("extract", "mobilenetv2", args, size=s) for s in (args.size, None)} for _ in range(args.repeats)
+    ]
+    one, default = (statistics.median(r[s]["images_per_second"] for r in rounds) for s in (args.size, None))
+    print("| --size | images/s | time / one size's |\n|---|---|---|")
+    print(f"| {args.size} | {one:.1f} | 1.00 |\n| default (224,288,384) | {default:.1f} | {one / default:.2f} |")
+
+
 def predict_table(args) -> None:
     """Whole-process seconds of `cnncodes predict BUNDLE one.jpg`, the ONNX model already cached."""
     cli = Path(sys.executable).parent / "cnncodes"
@@ -251,7 +270,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--tutorial-images", type=int, default=64, help="the per-image loop is slow: fewer images")
     parser.add_argument("--backbones", default="mobilenetv2,resnet50,vgg16")
-    parser.add_argument("--size", type=int, default=None, help="input size (default: each backbone's own)")
+    parser.add_argument("--size", default="224", help="input size, or sizes whose codes are averaged (224,288)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the extract and forward runs (median)")
     parser.add_argument("--memory-size", type=int, default=96, help="input size of the memory table's runs")
@@ -273,7 +292,13 @@ def main() -> None:
             TABLES[table](args)
 
 
-TABLES = {"throughput": throughput_table, "memory": memory_table, "predict": predict_table, "int8": int8_table}
+TABLES = {
+    "throughput": throughput_table,
+    "memory": memory_table,
+    "predict": predict_table,
+    "int8": int8_table,
+    "sizes": sizes_table,
+}
 
 if __name__ == "__main__":
     main()

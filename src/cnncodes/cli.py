@@ -222,7 +222,7 @@ def backbones() -> None:
     table = Table("backbone", "sizes", "default layer", "other layers", "preprocessing", "ImageNet weights file")
     for column in table.columns:
         column.overflow = "fold"  # narrow terminals wrap names instead of cutting them
-    table.columns[0].no_wrap = True
+    table.columns[0].no_wrap = table.columns[1].no_wrap = True
     for entry in REGISTRY.values():
         table.add_row(
             entry.name,
