@@ -508,7 +508,7 @@ def int8_split(work: Path, seed: int, precision: str) -> tuple[dict[str, float],
 
     folder = work / "int8" / f"seed{seed}-{precision}"
     flowers = SHARED / "datasets" / "oxford17flowers"
-    cnncodes.extract(flowers, folder / "features", seed=seed, precision=precision, progress=False)
+    cnncodes.extract(flowers, folder / "features", image_size=224, seed=seed, precision=precision, progress=False)
     records = fit_svm(folder / "features", folder / "models", progress=False)
     quantization = json.loads((folder / "features" / "meta.json").read_text())["extractor"].get("quantization")
     return {r["classifier"]: r["accuracy"] for r in records}, quantization

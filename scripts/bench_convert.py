@@ -29,7 +29,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BARE = """
 import sys, numpy as np, cnncodes
-spec, weights = cnncodes.ExtractorSpec.create(sys.argv[1], weights="none")
+from cnncodes.backbones import get_backbone
+size = get_backbone(sys.argv[1]).default_size  # one size
+spec, weights = cnncodes.ExtractorSpec.create(sys.argv[1], weights="none", image_size=size)
 model = spec.build(weights)
 model.predict_on_batch(np.zeros((1, *model.input_shape[1:]), np.uint8))  # Keras exports only called models
 model.export(sys.argv[2] + "/model.onnx", format="onnx", verbose=False)
@@ -37,7 +39,9 @@ model.export(sys.argv[2] + "/model.onnx", format="onnx", verbose=False)
 CNNCODES = """
 import sys, cnncodes
 from cnncodes.runtime import OnnxRunner
-spec, weights = cnncodes.ExtractorSpec.create(sys.argv[1], weights="none")
+from cnncodes.backbones import get_backbone
+size = get_backbone(sys.argv[1]).default_size  # one size
+spec, weights = cnncodes.ExtractorSpec.create(sys.argv[1], weights="none", image_size=size)
 assert isinstance(spec.runner(weights), OnnxRunner)
 """
 

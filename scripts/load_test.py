@@ -47,7 +47,7 @@ def fit_model(work: Path, n_images: int) -> Path:
     with open(work / "train.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "label"), *((str(p), p.parent.name) for p in images)])
     for command in (
-        ["extract", str(work / "train.csv"), "--out", str(work / "features"), "--quiet"],
+        ["extract", str(work / "train.csv"), "--out", str(work / "features"), "--image-size", "224", "--quiet"],
         ["fit-svm", str(work / "features"), "--out", str(work / "models"), "--classifier", "logreg", "--quiet"],
     ):
         subprocess.run([str(CNNCODES), *command], check=True)
