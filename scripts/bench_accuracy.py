@@ -496,7 +496,12 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n\n".join(sections) + "\n")
     print(
-        "\n" + defaults_vs_tutorial(repeated) + "\n\n" + repeats_table(repeated) + "\n\n" + calibration_table(repeated)
+        "\n"
+        + defaults_vs_tutorial(repeated, tutorial)
+        + "\n\n"
+        + repeats_table(repeated)
+        + "\n\n"
+        + calibration_table(repeated)
     )
     print(f"\nwrote {out}")
 
