@@ -19,7 +19,8 @@ from .errors import CnnCodesError
 from .records import RECORD_FORMAT, publish, sidecar
 
 # 2: probabilities by temperature over informative scores (`CodesClassifier.temperature_`).
-BUNDLE_FORMAT = "cnncodes.bundle/2"
+# 3: an SVM's probabilities couple its tempered one-vs-one margins (a format-2 temperature means else).
+BUNDLE_FORMAT = "cnncodes.bundle/3"
 
 
 def publish_bundle(path: Path, contents: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
