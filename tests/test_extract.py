@@ -516,8 +516,8 @@ def test_weights_file_that_does_not_fit_is_a_clear_error(dataset, tmp_path, vgg1
         (["--split", "0.5,0.6,0.1"], "sum to 1"),
         (["--weights", "/no/such/file.h5"], "no such file"),
         (["--layer", "fc1"], "224 px"),
-        (["--flip", "--pooling", "flatten"], "--flip average an image's codes"),
-        (["--image-size", "32,48", "--pooling", "flatten"], "several --image-size average an image's codes"),
+        (["--flip", "--pooling", "flatten"], "averaging an image's codes (--flip) only makes sense"),
+        (["--image-size", "32,48", "--pooling", "flatten"], "codes (several --image-size) only makes sense"),
         (["--image-size", "32,big"], "--image-size takes sizes in pixels, e.g. 224 or 224,288,384"),
         (["--image-size", "48,16"], "at least 32 px"),
     ],
@@ -576,6 +576,8 @@ def test_mobilenetv2_averages_three_sizes_by_default_where_codes_can_be_averaged
     assert sizes(pooling="flatten") == (224, None)  # flattened maps of several sizes have several lengths
     assert sizes(image_size=160) == (160, None)
     assert sizes(backbone="vgg16") == (224, None)  # heavy networks keep one size
+    with pytest.raises(cnncodes.CnnCodesError, match="multiples of 32 px only"):  # its padding follows the size
+        sizes(image_size=[200, 240])
     assert "224,288,384" in cli("backbones").stdout
 
 

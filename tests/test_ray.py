@@ -109,7 +109,7 @@ def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):  # n
 
 
 def test_an_int8_extract_runs_the_same_quantized_model_on_the_actors(local_ray, data: Path, tmp_path: Path):
-    # at two sizes: the resize inside the network is quantized and shipped with it
+    # at two sizes: the resize inside the network ships with the quantized model
     options = [
         *FAST_ARGS,
         "--image-size",

@@ -51,6 +51,29 @@ def test_points_on_the_class_boundary_get_lower_top1_probabilities_than_far_ones
     np.testing.assert_array_equal(model.predict(X), model.predict_proba(X).argmax(axis=1))
 
 
+def test_svm_probabilities_couple_pairwise_ones_and_survive_a_fold_without_a_class():
+    from scipy.special import logit
+
+    from cnncodes.classifiers import _coupled
+
+    p = np.array([0.6, 0.3, 0.0999, 0.0001])
+    first, second = np.triu_indices(4, 1)
+    margins = 2.0 * logit(p[first] / (p[first] + p[second]))  # i beats j with p_i / (p_i + p_j), at temperature 2
+    np.testing.assert_allclose(_coupled(margins[None], 2.0)[0], p, atol=1e-9)
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], [30, 30, 4])
+    X = rng.normal(size=(64, 5)) + 3 * np.eye(5)[y]
+    groups = np.where(y == 2, -1, np.arange(64))  # one duplicate group: a calibration fold never sees class 2
+    for kind in ("linear-svm", "rbf-svm"):
+        model = CodesClassifier(kind, cv=2, n_jobs=1).fit(X, y, groups=groups)
+        proba = model.predict_proba(X)
+        assert np.isfinite(proba).all() and np.allclose(proba.sum(axis=1), 1) and model.temperature_ > 0
+        np.testing.assert_array_equal(model.predict(X), proba.argmax(axis=1))
+        binary = CodesClassifier(kind, cv=3, n_jobs=1).fit(X[y < 2], y[y < 2])
+        np.testing.assert_array_equal(binary.predict(X[y < 2]), binary.predict_proba(X[y < 2]).argmax(axis=1))
+        assert (binary.predict(X[y < 2]) == y[y < 2]).mean() > 0.9
+
+
 def test_calibration_scores_match_a_hand_computation():
     y = np.array([0, 1, 1, 0])
     proba = np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2], [0.3, 0.7]])

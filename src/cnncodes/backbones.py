@@ -39,6 +39,9 @@ class Backbone:
     finetune_after: str = ""
     # The sizes `extract` sees an image at by default, averaging their codes (empty: `default_size` alone).
     code_sizes: tuple[int, ...] = ()
+    # Several sizes must be multiples of this: the network pads its stride-2 layers by its input size
+    # (Keras's `correct_pad`), which the one network built for every size cannot do.
+    size_step: int = 1
     top_taps: tuple[str, ...] = ()
     top_weights_file: str | None = None
     top_weights_url: str | None = None
@@ -50,9 +53,20 @@ class Backbone:
     def default_layer(self) -> str:
         return self.taps[-1]
 
-    def default_sizes(self, pooling: str) -> list[int]:
-        """`code_sizes`, where codes can be averaged (not flattened maps, whose length depends on the size)."""
-        return list(self.code_sizes) if self.code_sizes and pooling != "flatten" else [self.default_size]
+    def default_sizes(self, pooling: str, layer: str) -> list[int]:
+        """`code_sizes` where codes can be averaged: not flattened maps, whose length depends on the size,
+        nor the classifier top, which takes one size."""
+        averaged = self.code_sizes and pooling != "flatten" and not self.needs_top(layer)
+        return list(self.code_sizes) if averaged else [self.default_size]
+
+    def check_sizes(self, sizes: list[int], layer: str) -> None:
+        for size in sizes:
+            self.check_size(size, layer)
+        if len(sizes) > 1 and any(size % self.size_step for size in sizes):
+            raise CnnCodesError(
+                f"{self.name} takes several sizes in multiples of {self.size_step} px only (got "
+                f"{','.join(map(str, sizes))}): e.g. 224,288,384"
+            )
 
     def needs_top(self, layer: str) -> bool:
         """Layers of the classifier top (VGG's fc1/fc2) need the network built with its top."""
@@ -156,6 +170,7 @@ REGISTRY: dict[str, Backbone] = {
             # Three sizes cost ~3.5x one (still faster than one VGG16 pass) and add about a point on
             # both shared datasets (README, "Codes at several sizes"); the heavy networks keep one.
             code_sizes=(224, 288, 384),
+            size_step=32,
         ),
         Backbone(
             name="efficientnetb0",
@@ -169,6 +184,7 @@ REGISTRY: dict[str, Backbone] = {
             weights_url="https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
             finetune_after="block6d_add",
             weights_md5="50bc09e76180e00e4465e1a485ddc09d",
+            size_step=32,
         ),
         Backbone(
             name="inceptionv3",

@@ -19,7 +19,7 @@ from .errors import CnnCodesError
 from .records import RECORD_FORMAT, publish, sidecar
 
 # 2: probabilities by temperature over informative scores (`CodesClassifier.temperature_`).
-# 3: an SVM's probabilities couple its tempered one-vs-one margins (a format-2 temperature means else).
+# 3: an SVM's probabilities couple its tempered one-vs-one margins (a format-2 temperature meant something else).
 BUNDLE_FORMAT = "cnncodes.bundle/3"
 
 

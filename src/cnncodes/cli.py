@@ -226,7 +226,7 @@ def backbones() -> None:
     for entry in REGISTRY.values():
         table.add_row(
             entry.name,
-            ",".join(map(str, entry.default_sizes("avg"))),
+            ",".join(map(str, entry.default_sizes("avg", entry.default_layer))),
             entry.default_layer,
             ", ".join(entry.taps[:-1] + entry.top_taps),
             entry.preprocessing,

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from functools import cached_property, partial
+from operator import index
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol, cast
 
@@ -110,13 +111,12 @@ class ExtractorSpec:
         if pooling not in POOLINGS:
             raise CnnCodesError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
         check_resize(resize)
-        sizes = input_sizes(image_size, entry.default_sizes(pooling))
-        for size in sizes:
-            entry.check_size(size, layer)
+        sizes = input_sizes(image_size, entry.default_sizes(pooling, layer))
+        entry.check_sizes(sizes, layer)
         averaged = [what for what, on in (("--flip", flip), ("several --image-size", len(sizes) > 1)) if on]
         if averaged and pooling == "flatten" and not entry.needs_top(layer):
             raise CnnCodesError(
-                f"{' and '.join(averaged)} average an image's codes, which only makes sense for pooled codes: "
+                f"averaging an image's codes ({' and '.join(averaged)}) only makes sense for pooled codes: "
                 "use --pooling avg or max"
             )
         resolved = entry.resolve_weights(weights, layer)
@@ -249,9 +249,8 @@ def input_sizes(image_size: int | str | Sequence[int] | None, default: list[int]
     if image_size is None:
         return default
     try:
-        if isinstance(image_size, str):
-            image_size = [int(part) for part in image_size.split(",")]
-        sizes = sorted({int(image_size)} if isinstance(image_size, int) else {int(s) for s in image_size})
+        parts = image_size.split(",") if isinstance(image_size, str) else image_size
+        sizes = sorted({int(p) if isinstance(p, str) else index(p) for p in np.atleast_1d(parts).tolist()})
     except (TypeError, ValueError):
         sizes = []
     if not sizes or sizes[0] < 1:
