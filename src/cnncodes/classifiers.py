@@ -8,10 +8,10 @@ Probabilities, measured on real MobileNetV2 codes of ../shared/datasets (docs/re
 a softmax of SVC's one-vs-rest decision scores encodes little more than one-vs-one vote
 ranks, so its top-1 probability barely told right from wrong predictions. Every kind now
 turns informative scores into probabilities with one temperature fitted on out-of-fold
-scores (group-aware folds): SVMs their one-vs-one margins, as pairwise probabilities that
-are coupled into class probabilities (libsvm's method), logistic regression and k-NN the
-log of their own probabilities, through a softmax. The predicted label stays the fitted model's decision: where the
-probabilities' top class differs from it (a near tie), the two swap places.
+scores (group-aware folds): SVMs their one-vs-one margins, as pairwise probabilities
+coupled into class probabilities (libsvm's method); logistic regression and k-NN the log of
+their own probabilities, through a softmax. The predicted label stays the fitted model's
+decision: where the probabilities' top class differs from it (a near tie), the two swap places.
 """
 
 from __future__ import annotations
@@ -466,8 +466,8 @@ def _out_of_fold_scores(model: Pipeline, X: np.ndarray, codes: np.ndarray, folds
     kept[np.random.default_rng(0).permutation(len(X))[:_CALIBRATION_ROWS]] = True
     parts = []
     for train, test in folds:
-        test = test[kept[test]]
-        parts.append((test, _scores(clone(model).fit(X[train], codes[train]), X[test], n_classes)))
+        if len(test := test[kept[test]]):
+            parts.append((test, _scores(clone(model).fit(X[train], codes[train]), X[test], n_classes)))
     rows = np.concatenate([test for test, _ in parts])
     return np.vstack([found for _, found in parts]), rows
 
