@@ -349,6 +349,8 @@ def _scores(model: Pipeline, X: np.ndarray, n_classes: int) -> np.ndarray:
         margins = model.decision_function(X).reshape(len(X), -1).astype(np.float64)
         if len(seen) == 2:  # scikit-learn's binary margin favours the second class, its pairs the first
             margins = -margins
+        if len(seen) == n_classes:  # every fitted model, and so every prediction: its pairs are all the pairs
+            return margins
         first, second = np.triu_indices(n_classes, 1)
         known = np.isin(np.arange(n_classes), seen)
         certain = np.where(known[first], np.inf, -np.inf)
