@@ -61,3 +61,13 @@ def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_help_shows_the_extras_install_command_whole():
+    from typer.testing import CliRunner
+
+    from cnncodes.cli import app
+
+    shown = CliRunner().invoke(app, ["extract", "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "'cnncodes[ray]'" in shown.output

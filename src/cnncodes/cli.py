@@ -139,8 +139,9 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
     engine: Annotated[
         Literal["local", "ray"],
-        typer.Option(
-            help="Where checking and forward passes run: this machine, or a Ray cluster (pip install 'cnncodes[ray]')."
+        typer.Option(  # help is rich markup: "\[" keeps the extra's brackets
+            help="Where checking and forward passes run: this machine, "
+            "or a Ray cluster (pip install 'cnncodes\\[ray]')."
         ),
     ] = "local",
     address: Annotated[
