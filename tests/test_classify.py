@@ -207,6 +207,14 @@ def test_predict_takes_files_folders_and_globs_and_reports_bad_files(fitted, tmp
     nothing = cli("predict", model, tmp_path / "missing.png", "--quiet")
     assert nothing.exit_code == 1
 
+    # batches holding only unreadable files: each gets its error, the readable ones their label
+    one_by_one = cli("predict", model, folder / "broken.jpg", single, "--batch-size", "1", "--format", "json", "-q")
+    assert one_by_one.exit_code == 0, one_by_one.output
+    broken, good = json.loads(one_by_one.stdout)
+    assert broken["label"] is None and broken["error"] and good["label"] and good["error"] is None
+    only_broken = cli("predict", model, folder / "broken.jpg", "--format", "json", "--quiet")
+    assert only_broken.exit_code == 1 and json.loads(only_broken.stdout)[0]["error"], only_broken.output
+
 
 def test_predict_refuses_tampered_or_unverifiable_bundles(fitted, tmp_path):
     source = fitted["models"] / "vgg16-block5_pool-logreg.joblib"
@@ -224,6 +232,13 @@ def test_predict_refuses_tampered_or_unverifiable_bundles(fitted, tmp_path):
     shutil.copy(source, lonely)
     result = cli("predict", lonely, image)
     assert result.exit_code == 2 and "no readable run record" in result.stderr
+    lonely.with_suffix(".json").write_text("[]")  # valid JSON, not a record
+    result = cli("predict", lonely, image)
+    assert result.exit_code == 2 and "no readable run record" in result.stderr and "Traceback" not in result.output
+
+    for not_a_model in (source.with_suffix(".json"), fitted["models"]):
+        result = cli("predict", not_a_model, image)
+        assert result.exit_code == 2 and "give a .joblib bundle from fit-svm" in result.stderr, result.output
 
     old = tmp_path / "old.joblib"
     shutil.copy(source, old)

@@ -56,6 +56,7 @@ def test_features_whose_meta_lacks_a_key_or_has_a_newer_spec_are_one_line_errors
     for broken, words in (
         (meta | {"extractor": meta["extractor"] | {"format": 9}}, "another version"),
         ({k: v for k, v in meta.items() if k != "classes"}, "lacks classes"),
+        ([meta], "incomplete or damaged"),  # valid JSON, but not an object
     ):
         (out / "meta.json").write_text(json.dumps(broken))
         result = runner.invoke(app, ["fit-svm", str(out), "--out", str(tmp_path / "m"), "--quiet"])

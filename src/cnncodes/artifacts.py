@@ -125,6 +125,14 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+def read_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a record, meta.json): anything else is a ValueError, like bad JSON."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

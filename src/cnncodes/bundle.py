@@ -14,7 +14,7 @@ from typing import Any
 
 import joblib
 
-from .artifacts import package_versions, read_json
+from .artifacts import package_versions, read_object
 from .errors import CnnCodesError
 from .records import RECORD_FORMAT, publish, sidecar
 
@@ -43,7 +43,7 @@ def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
         raise CnnCodesError(f"model {model_path} not found")
     data = model_path.read_bytes()
     try:
-        record = read_json(record_path)
+        record = read_object(record_path)
     except (OSError, ValueError):
         raise CnnCodesError(
             f"{model_path} has no readable run record {record_path.name} beside it, so it cannot be "

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from rich.markup import escape
 
-from .artifacts import read_json, write_bytes_atomic, write_json_atomic
+from .artifacts import read_object, write_bytes_atomic, write_json_atomic
 from .backbones import get_backbone
 from .classifiers import fit_svm
 from .errors import CnnCodesError
@@ -47,8 +47,8 @@ def claim_output(out: Path, data: Path) -> Path:
     """Make `out` the demo's folder for `data`, or refuse if it holds anything else."""
     marker, owner = out / DEMO_MARKER, str(data.resolve())
     try:
-        claimed = read_json(marker).get("data")
-    except (OSError, ValueError, AttributeError):
+        claimed = read_object(marker).get("data")
+    except (OSError, ValueError):
         claimed = None
     if claimed != owner and out.is_dir() and any(out.iterdir()):
         made_for = f"a demo of {claimed}" if claimed else "files that are not a demo"

@@ -832,7 +832,7 @@ def _previous_rows(out: Path, spec_key: str, file_ids: Sequence[str]) -> _Previo
     after, so whenever it exists it describes the rows of `features.npy`.
     """
     try:
-        index = artifacts.read_json(out / CACHE_DIR / "rows.json")
+        index = artifacts.read_object(out / CACHE_DIR / "rows.json")
         if index["spec_key"] != spec_key:
             return None
         (rows, dim), _ = npy_layout(out / "features.npy")
@@ -846,7 +846,7 @@ def _previous_rows(out: Path, spec_key: str, file_ids: Sequence[str]) -> _Previo
 
 def _up_to_date(out: Path, run_key: str) -> bool:
     try:
-        meta = artifacts.read_json(out / "meta.json")
+        meta = artifacts.read_object(out / "meta.json")
         return meta.get("run_key") == run_key and (out / "features.npy").is_file() and (out / "labels.npy").is_file()
     except (OSError, ValueError):
         return False

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import read_json
+from .artifacts import read_object
 from .errors import CnnCodesError
 from .extract import FEATURES_FORMAT, ExtractorSpec
 from .split import SUBSETS, Split, read_split_csv
@@ -67,14 +67,14 @@ def load_features(path: Path | str) -> Features:
             f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out {path}`"
         )
     try:
-        meta = read_json(path / "meta.json")
+        meta = read_object(path / "meta.json")
         X = np.load(path / "features.npy", mmap_mode="r")
         y = np.load(path / "labels.npy")
     except (OSError, ValueError) as e:
         raise CnnCodesError(
             f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
         ) from None
-    if not isinstance(meta, dict) or meta.get("format") not in _FORMATS:
+    if meta.get("format") not in _FORMATS:
         raise CnnCodesError(f"{path}/meta.json is not a cnncodes features record (format {meta.get('format')!r})")
     missing = [key for key in _META_KEYS + _FORMATS[meta["format"]] if key not in meta]
     if missing:

@@ -60,6 +60,8 @@ class Predictor:
         return load_square(source, self.image_size, self.resize)
 
     def answers(self, filenames: Sequence[str], pixels: np.ndarray, top_k: int) -> list[Prediction]:
+        if not len(pixels):  # a batch whose every file was unreadable
+            return []
         return [self.answer(name, proba, top_k) for name, proba in zip(filenames, self.probabilities(pixels))]
 
     def answer(self, filename: str, proba: np.ndarray, top_k: int) -> Prediction:
@@ -90,6 +92,9 @@ def load_predictor(
     model: Path | str, weights: str | None = None, runtime: str = "onnx", threads: int | None = None
 ) -> Predictor:
     """Verify and load a `.joblib` bundle or a fine-tuned `.keras` model; `threads` caps ONNX Runtime's threads."""
+    if Path(model).suffix not in (".joblib", ".keras"):
+        what = "a folder" if Path(model).is_dir() else "not a model file"
+        raise CnnCodesError(f"{model} is {what}: give a .joblib bundle from fit-svm or a .keras model from finetune")
     if Path(model).suffix == ".keras":
         return _finetuned_predictor(Path(model), runtime, threads)
     bundle = load_bundle(Path(model))
