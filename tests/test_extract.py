@@ -359,9 +359,16 @@ def test_untrained_weights_are_reproducible(dataset: Path, tmp_path: Path):
 def test_csv_input(dataset: Path, tmp_path: Path):
     listing = tmp_path / "list.csv"
     paths = sorted(dataset.rglob("*.png"))
-    listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in paths))
+    listing.write_text(
+        "path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in paths) + "gone.png,circles\nno_label.png,\n"
+    )
     result = cnncodes.extract(listing, tmp_path / "f", **FAST)
     assert result.n_images == len(paths) and result.classes == ["circles", "squares", "stripes"]
+    rejected = {r["path"]: (r["reason"], r["category"]) for r in read_csv(result.out / "rejected.csv")}
+    assert rejected == {
+        "gone.png": ("file not found", "missing"),
+        "no_label.png": (f"line {len(paths) + 3}: no label", "bad row"),
+    }
 
 
 def test_layer_pooling_choices_shape_the_codes(dataset: Path, tmp_path: Path):

@@ -147,6 +147,36 @@ def test_discover_csv_paths_relative_to_csv_folder(tmp_path):
     ]
     for p in ds.paths:
         assert load_rgb(ds.root / p).size == (48, 48)
+    assert ds.skipped == [("line 5", "line 5: no path", "bad row")]
+
+
+def test_discover_csv_lists_every_unusable_row_and_reads_one_path_one_way(tmp_path):
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text(
+        "path,label\n"
+        "a.png,x\n"
+        "./b.png,y\n"  # the same file as b.png
+        "b.png,y\n"
+        "only_a_path\n"
+        "c.png, \n"
+        "d.png,x,stray\n"
+        '"e\0.png",x\n'
+    )
+    ds = discover(csv_path)
+    assert list(zip(ds.paths, ds.labels)) == [("a.png", "x"), ("b.png", "y")]
+    assert [(path, reason) for path, reason, category in ds.skipped if category == "bad row"] == [
+        ("only_a_path", "line 5: no label"),
+        ("c.png", "line 6: no label"),
+        ("d.png", "line 7: more fields than the header (an unquoted comma?)"),
+        ("e\0.png", "line 8: a NUL byte in the path"),
+    ]
+
+    csv_path.write_text("path,label\nb.png,y\n./b.png,x\n")
+    with pytest.raises(CnnCodesError, match=r"1 image\(s\) more than one label \(e\.g\. b\.png: x, y\)"):
+        discover(csv_path)
+    csv_path.write_text('path,label\na.png,x\n"b.png,y\n')
+    with pytest.raises(CnnCodesError, match="not a readable UTF-8 CSV file"):
+        discover(csv_path)
 
 
 @pytest.mark.parametrize("text", ["file,class\na.png,x\n", "path\na.png\n", "label,name\nx,a.png\n", ""])

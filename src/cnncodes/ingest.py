@@ -11,12 +11,13 @@ from __future__ import annotations
 import csv
 import io
 import os
+import posixpath
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TextIO, get_args
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,8 +38,8 @@ _WHITE = (255, 255, 255)
 class BadImage(Exception):
     """A file that cannot be used as an image; the message is the reason users see.
 
-    `category` ("empty", "truncated", "corrupt", "not an image", "unsupported" or "too large")
-    is what summaries count, so no caller reads it back out of the reason's wording.
+    `category` ("missing", "empty", "truncated", "corrupt", "not an image", "unsupported" or
+    "too large") is what summaries count, so no caller reads it back out of the reason's wording.
     """
 
     def __init__(self, reason: str, category: str):
@@ -127,24 +128,54 @@ def _outside_reason(entry: Path) -> tuple[str, str]:
 def _discover_csv(csv_path: Path) -> Dataset:
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                raise CnnCodesError(
-                    f"{csv_path} must have a header with 'path' and 'label' columns (found {reader.fieldnames})"
-                )
-            rows = sorted(
-                {(r["path"].strip(), r["label"].strip()) for r in reader if r["path"] and r["label"]},
-                key=lambda row: (row[1], row[0]),
-            )
-    except (UnicodeDecodeError, csv.Error) as e:
+            rows, skipped = read_listing(f, str(csv_path))
+    except UnicodeDecodeError as e:
         raise CnnCodesError(f"{csv_path} is not a readable UTF-8 CSV file ({e})") from None
+    return Dataset(csv_path.parent.resolve(), [p for p, _ in rows], [label for _, label in rows], skipped)
+
+
+def read_listing(f: TextIO, name: str) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """The (path, label) rows of a `path,label` CSV by label, and its unusable rows as skipped entries.
+
+    A row without a usable path or label is listed, not dropped, so no image a user listed
+    disappears without a word; `b.png` and `./b.png` are one image, so it cannot get two labels.
+    """
+    rows: set[tuple[str, str]] = set()
+    skipped: list[tuple[str, str, str]] = []
+    try:
+        reader = csv.DictReader(f, strict=True)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise CnnCodesError(
+                f"{name} must have a header with 'path' and 'label' columns (found {reader.fieldnames})"
+            )
+        for row in reader:
+            path, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+            problem = _bad_row(path, label, None in row)
+            if problem:
+                skipped.append((path or f"line {reader.line_num}", f"line {reader.line_num}: {problem}", "bad row"))
+            else:
+                rows.add((path if "://" in path else posixpath.normpath(path), label))
+    except csv.Error as e:
+        raise CnnCodesError(f"{name} is not a readable UTF-8 CSV file ({e})") from None
     if not rows:
-        raise CnnCodesError(f"{csv_path} lists no images")
-    _refuse_conflicting_labels(csv_path, rows)
-    return Dataset(csv_path.parent.resolve(), [p for p, _ in rows], [label for _, label in rows])
+        raise CnnCodesError(f"{name} lists no images")
+    ordered = sorted(rows, key=lambda row: (row[1], row[0]))
+    _refuse_conflicting_labels(name, ordered)
+    return ordered, skipped
 
 
-def _refuse_conflicting_labels(csv_path: Path, rows: Sequence[tuple[str, str]]) -> None:
+def _bad_row(path: str, label: str, extra_fields: bool) -> str | None:
+    """Why a CSV row cannot be used, if it cannot: a missing field, a stray comma, a NUL byte."""
+    if not path or not label:
+        return f"no {'path' if not path else 'label'}"
+    if extra_fields:
+        return "more fields than the header (an unquoted comma?)"
+    if "\0" in path:
+        return "a NUL byte in the path"
+    return None
+
+
+def _refuse_conflicting_labels(name: str, rows: Sequence[tuple[str, str]]) -> None:
     """One image, one label: a path listed with two labels would train on a contradiction."""
     labels: dict[str, list[str]] = defaultdict(list)
     for path, label in rows:
@@ -153,7 +184,7 @@ def _refuse_conflicting_labels(csv_path: Path, rows: Sequence[tuple[str, str]]) 
     if conflicts:
         path, names = conflicts[0]
         raise CnnCodesError(
-            f"{csv_path} gives {len(conflicts)} image(s) more than one label (e.g. {path}: "
+            f"{name} gives {len(conflicts)} image(s) more than one label (e.g. {path}: "
             f"{', '.join(names)}): keep one row per image"
         )
 
@@ -256,6 +287,10 @@ def load_rgb(source: Path | str | bytes, draft_size: int | None = None, max_pixe
             return _to_rgb(ImageOps.exif_transpose(im))
     except BadImage:
         raise
+    except FileNotFoundError:
+        raise BadImage("file not found", "missing") from None
+    except IsADirectoryError:
+        raise BadImage("a folder, not an image file", "not an image") from None
     except Image.DecompressionBombError as e:
         raise BadImage(f"too large (decompression bomb?): {e}", "too large") from None
     except Image.UnidentifiedImageError:

@@ -12,7 +12,6 @@ which pyarrow itself does not read.
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 from .errors import CnnCodesError
-from .ingest import IMAGE_SUFFIXES, Dataset
+from .ingest import IMAGE_SUFFIXES, Dataset, read_listing
 
 
 class UriRoot(str):
@@ -69,14 +68,9 @@ def discover_uri(uri: str) -> Dataset:
 
 def _discover_csv(uri: str) -> Dataset:
     text = read_bytes(uri).decode("utf-8-sig", errors="replace")
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-        raise CnnCodesError(f"{uri} must have a header with 'path' and 'label' columns (found {reader.fieldnames})")
-    rows = sorted((r["label"].strip(), r["path"].strip()) for r in reader if r["path"] and r["label"])
-    if not rows:
-        raise CnnCodesError(f"{uri} lists no images")
+    rows, skipped = read_listing(io.StringIO(text, newline=""), uri)
     base = uri.rsplit("/", 1)[0]
-    return Dataset(UriRoot(base), [p for _, p in rows], [label for label, _ in rows])  # type: ignore[arg-type]
+    return Dataset(UriRoot(base), [p for p, _ in rows], [label for _, label in rows], skipped)  # type: ignore[arg-type]
 
 
 def file_ids(dataset: Dataset) -> list[str]:
