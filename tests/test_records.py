@@ -52,6 +52,13 @@ def test_a_run_made_with_other_settings_or_codes_is_refused_not_replaced(codes, 
         refused = fit(codes["features"], out, *options)
         assert refused.exit_code == 2 and named in refused.stderr and "--name" in refused.stderr, refused.output
     assert fit(codes["features"], out, "--normalize", "l2", "--name", "l2").exit_code == 0
+    for outside in ("../escaped", "a/b", ".hidden"):  # run files stay in --out, where compare finds them
+        refused = fit(codes["features"], out, "--name", outside)
+        assert refused.exit_code == 2 and "cannot be part of a file name" in refused.stderr, refused.output
+    assert not (tmp_path / "escaped-vgg16-block5_pool-knn.json").exists() and not (out / "a").exists()
+    fast = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32"]
+    finetuned = cli("finetune", codes["data"], "--out", tmp_path / "ft", "--name", "x/y", *fast)
+    assert finetuned.exit_code == 2 and "cannot be part of a file name" in finetuned.stderr, finetuned.output
 
     moved = tmp_path / "features"
     shutil.copytree(codes["features"], moved)

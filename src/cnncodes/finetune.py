@@ -279,6 +279,7 @@ def finetune(
         progress: rich progress bars.
     """
     spec = spec or make_spec()
+    run = run_name(name, spec.run_stem)
     data, out = Path(data), Path(out)
     fractions = parse_fractions(split)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +287,6 @@ def finetune(
         data, out, Path(split_from) if split_from else None, fractions, split_seed, dup_threshold, repeats, progress
     )
     (first_seed, the_split), others = splits[0], splits[1:]
-    run = run_name(name, spec.run_stem)
     origin = {
         "split": the_split.fingerprint,
         "setting": sha256_json([type(spec).__name__, spec_params(spec), spec.weights.sha256, repeats]),

@@ -25,7 +25,14 @@ RECORD_FORMAT = "cnncodes.run/1"
 
 
 def run_name(prefix: str | None, *parts: str) -> str:
-    """`[prefix-]part-part…`: the name of a run's files, prefixed by the user's `--name`."""
+    """`[prefix-]part-part…`: the name of a run's files, prefixed by the user's `--name`.
+
+    The prefix must name files inside the output folder, where `compare` looks for runs.
+    """
+    if prefix and (prefix.startswith(".") or any(c in prefix for c in "/\\\0")):
+        raise CnnCodesError(
+            f"--name {prefix!r} cannot be part of a file name in the output folder: use no '/', '\\' or leading '.'"
+        )
     return "-".join([prefix, *parts] if prefix else parts)
 
 
