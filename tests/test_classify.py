@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import joblib
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -86,8 +87,6 @@ def test_cv_zero_chooses_on_val_and_pca_shrinks_the_codes(fitted):
     record = records(out)["small-vgg16-block5_pool-logreg"]
     assert record["params"]["cv"] == "val" and record["params"]["pca"] == 8
     assert record["params"]["normalize"] == "l2" and record["params"]["class_weight"] == "balanced"
-    import joblib
-
     bundle = joblib.load(out / "small-vgg16-block5_pool-logreg.joblib")
     assert bundle["model"].model_.named_steps["pca"].n_components_ == 8
 
@@ -332,6 +331,19 @@ def test_fit_svm_refuses_to_overwrite_runs_made_from_other_codes(fitted):
         "--quiet",
     )
     assert named.exit_code == 0 and len(records(root / "shared_out")) == 2
+
+
+def test_a_record_holds_the_folds_and_components_used_and_says_when_the_data_allowed_fewer(fitted, tmp_path):
+    out = tmp_path / "m"
+    args = ["fit-svm", fitted["root"] / "features", "--out", out, "--classifier", "logreg", "--pca", "5000"]
+    result = cli(*args, "--cv", "100", "--quiet")
+    assert result.exit_code == 0, result.output
+    params = records(out)["vgg16-block5_pool-logreg"]["params"]
+    bundle = joblib.load(out / "vgg16-block5_pool-logreg.joblib")
+    assert params["pca"] == bundle["model"].model_.named_steps["pca"].n_components_ < 5000
+    assert 2 <= params["cv"] < 100
+    warned = " ".join(result.stderr.split())
+    assert f"--cv 100: {params['cv']} folds used" in warned and f"--pca 5000: {params['pca']} components" in warned
 
 
 def test_classifier_needs_two_images_per_class_and_clips_pca_to_the_folds():

@@ -132,8 +132,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
     `PredefinedSplit` that scores on a validation subset). `fit(X, y, groups=...)` keeps
     images of one duplicate group in one fold. After `fit`, `best_params_` holds the chosen
     values (with `normalize`), `cv_score_` their cross-validated score, `temperature_`
-    the calibration of the probabilities and `grid_edges_` the parameters chosen at an end of
-    their grid (a hint that the grid is too narrow for these codes).
+    the calibration of the probabilities, `grid_edges_` the parameters chosen at an end of
+    their grid (a hint that the grid is too narrow for these codes), and `n_folds_` and
+    `n_components_` the folds and PCA components used: small data allows fewer than asked for.
     """
 
     def __init__(
@@ -196,6 +197,8 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             **{k.removeprefix("model__"): v for k, v in chosen.items() if k.startswith("model__")},
         }
         self.cv_score_ = float(search.best_score_)
+        self.n_folds_ = len(folds)
+        self.n_components_ = self.model_.named_steps["pca"].n_components_ if self.pca else None
         self.grid_edges_ = [
             k.removeprefix("model__")
             for k, values in searched.items()
@@ -225,7 +228,8 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         one held-out fold is often predicted without a mistake, which drives the temperature to zero.
         """
         smallest = int(np.bincount(codes).min())
-        train, held = self._folds(rows, codes, groups, smallest, self.cv)[0]
+        folds = self._folds(rows, codes, groups, smallest, self.cv)
+        train, held = folds[0]
         fit = _StreamingFit(X, len(self.classes_), self._code_weights(), self.chunk_size, self.random_state)
         metric = balanced_accuracy_score if self.class_weight else accuracy_score
         best = -1.0
@@ -243,6 +247,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         self.temperature_ = _fit_temperature(partial(_probabilities, self.model_, out_of_fold), codes)
         self.best_params_ = {"normalize": chosen[0], "loss": chosen[1], "alpha": chosen[2]}
         self.cv_score_ = best
+        self.n_folds_, self.n_components_ = len(folds), None
         self.grid_edges_ = ["alpha"] if chosen[2] in (min(_SGD_ALPHAS), max(_SGD_ALPHAS)) else []
         return self
 
@@ -592,7 +597,16 @@ def fit_svm(
                 )
 
             records.append(_fit_one(feats, out, run, kind, splits, make, origin, advance))
+    _warn_if_reduced(records[0]["params"], cv, pca)
     return records
+
+
+def _warn_if_reduced(used: dict[str, Any], cv: int, pca: int | None) -> None:
+    """Say so when the data allowed fewer folds or components than asked for (the records hold what was used)."""
+    if cv and used["cv"] < cv:
+        warn(f"--cv {cv}: {used['cv']} folds used, as many as the smallest class's train+val images allow")
+    if pca and used["pca"] is not None and used["pca"] < pca:
+        warn(f"--pca {pca}: {used['pca']} components used, as many as the codes' length and CV folds allow")
 
 
 def repeated_splits(feats: Features, repeats: int) -> list[tuple[int, np.ndarray]]:
@@ -652,9 +666,9 @@ def _fit_one(
         classifier=kind,
         params={
             **model.best_params_,
-            "pca": model.pca,
+            "pca": model.n_components_,
             "class_weight": model.class_weight,
-            "cv": model.cv if isinstance(model.cv, int) else "val",
+            "cv": model.n_folds_ if isinstance(model.cv, int) else "val",
             "temperature": round(model.temperature_, 4),
         },
         cv_score=model.cv_score_,
