@@ -652,3 +652,13 @@ def test_file_ids_read_as_the_id_strings_and_hash_and_dump_as_their_json(tmp_pat
         plain = json.loads(json.dumps(obj, default=list))
         assert artifacts.sha256_json(obj) == hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
         assert "".join(artifacts.json_pieces(obj, (",", ":"))) == json.dumps(plain, separators=(",", ":"))
+
+
+def test_out_inside_the_image_folder_or_on_a_file_is_refused_before_anything_is_written(dataset: Path, tmp_path: Path):
+    for out, words in ((dataset / "features", "is inside DATA"), (dataset / "stripes" / "f", "is inside DATA")):
+        result = cli("extract", dataset, "--out", out, *FAST_ARGS)
+        assert result.exit_code == 2 and words in result.stderr and not out.exists(), result.output
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    result = cli("extract", dataset, "--out", a_file, *FAST_ARGS)
+    assert result.exit_code == 2 and "is a file: give a folder" in result.stderr, result.output

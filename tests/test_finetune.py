@@ -387,6 +387,8 @@ def test_demo_runs_the_whole_pipeline_on_given_images(tmp_path):
     tuned = next(r for r in listed if r["method"] == "finetune")
     assert tuned["params"]["cache_trunk"] and tuned["epochs_run"] >= 2
     assert (out / "report.html").is_file() and "top 3" in result.output
+    shown = result.output.count(", top 3: ")
+    assert 1 <= shown <= 8 and f"on {shown} test images it never saw" in " ".join(result.output.split())
     other = make_dataset(tmp_path / "other", per_class=4)
     before = (out / "features" / "meta.json").read_bytes()
     refused = runner.invoke(app, ["demo", str(other), "--out", str(out), "--image-size", "32"])
@@ -407,3 +409,6 @@ def test_the_demo_folder_is_claimed_for_one_dataset(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(cnncodes.CnnCodesError, match="files that are not a demo"):
         claim_output(tmp_path / "mine", data)
+    mistyped = runner.invoke(app, ["demo", str(tmp_path / "flowerz"), "--out", str(tmp_path / "run")])
+    assert mistyped.exit_code == 2 and "does not exist" in mistyped.output
+    assert not (tmp_path / "run").exists()  # not claimed for a dataset that is not there

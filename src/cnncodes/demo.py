@@ -16,7 +16,7 @@ from .artifacts import read_object, write_bytes_atomic, write_json_atomic
 from .backbones import get_backbone
 from .classifiers import fit_svm
 from .errors import CnnCodesError
-from .extract import extract
+from .extract import discover_data, extract
 from .finetune import finetune, make_spec
 from .predict import predict
 from .progress import console, say
@@ -70,6 +70,8 @@ def run_demo(
     `out` defaults to `models/<name of the data folder>`; it must be empty or hold an earlier
     demo of the same data, which is checked before anything is written.
     """
+    if data is not None:
+        discover_data(data)  # a mistyped DATA fails before the output folder is claimed for it
     out = claim_output(out or Path("models") / (data or DIGITS_DIR).resolve().name, data or DIGITS_DIR)
     if data is None:
         say("[bold]1/6[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
@@ -108,8 +110,8 @@ def run_demo(
     write_bytes_atomic(report, html_report(records).encode())
     say(f"      report with confusion matrices and mistakes: {escape(str(report))}")
     best = records[0]
-    say(f"[bold]6/6[/] predict: the best run ({escape(best['run'])}) on {examples} test images it never saw")
     sample = best["test_predictions"][:: max(1, len(best["test_predictions"]) // examples)][:examples]
+    say(f"[bold]6/6[/] predict: the best run ({escape(best['run'])}) on {len(sample)} test images it never saw")
     answers = predict(
         out / best["model_file"], [str(Path(best["dataset"]["data"]) / p["path"]) for p in sample], progress=False
     )

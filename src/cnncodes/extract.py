@@ -561,6 +561,7 @@ def extract(
     check_runtime(runtime)
     check_dup_threshold(dup_threshold)
     fractions = parse_fractions(split)
+    _check_out(data, Path(out))
     dataset = discover_data(data)  # a missing or empty DATA fails before anything is written or downloaded
     discovered = time.perf_counter() - started
     spec, resolved = ExtractorSpec.create(
@@ -599,6 +600,17 @@ def extract(
         meta["images_per_second"],
         warnings=the_plan.split.warnings,
     )
+
+
+def _check_out(data: Path | str, out: Path) -> None:
+    """A features folder must be a folder, and not inside a class-per-folder DATA, where it would be read as images."""
+    if out.exists() and not out.is_dir():
+        raise CnnCodesError(f"--out {out} is a file: give a folder for the features")
+    if not is_uri(str(data)) and Path(data).is_dir() and out.resolve().is_relative_to(Path(data).resolve()):
+        raise CnnCodesError(
+            f"--out {out} is inside DATA {data}: the next run would read its files as images; write the features "
+            "outside the image folder"
+        )
 
 
 @contextmanager
