@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 Pooling = Literal["avg", "max", "flatten"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+# The largest input size: a batch of 32 RGB images at 2048 px is 1.6 GB as floats before the first layer.
+MAX_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ class Backbone:
     def check_size(self, size: int, layer: str) -> None:
         if size < self.min_size:
             raise CnnCodesError(f"{self.name} needs images of at least {self.min_size} px (got --image-size {size})")
+        if size > MAX_SIZE:
+            raise CnnCodesError(
+                f"--image-size {size} is over {MAX_SIZE} px: ImageNet networks see 224-600 px, and one batch of "
+                f"such images would not fit in memory"
+            )
         if self.needs_top(layer) and size != self.default_size:
             raise CnnCodesError(
                 f"layer {layer} of {self.name} belongs to the classifier top, which takes "
