@@ -123,6 +123,16 @@ def test_compare_ranks_best_first_in_every_format(fitted, tmp_path):
     assert (f"Most confident mistakes of {best['run']}</h2><p>None" in page) == (not wrong)
 
 
+def test_compare_reads_a_folder_given_twice_once_and_tells_copies_apart(fitted, tmp_path):
+    twice = json.loads(cli("compare", fitted["models"], f"{fitted['models']}/", "--format", "json").stdout)
+    assert len(twice) == 4 and len({r["run"] for r in twice}) == 4
+    copy = tmp_path / "copy"
+    shutil.copytree(fitted["models"], copy)
+    both = json.loads(cli("compare", fitted["models"], copy, "--format", "json").stdout)
+    assert len(both) == 8 and len({r["run"] for r in both}) == 8
+    assert {r["run"].split("/")[0] for r in both} == {fitted["models"].name, "copy"}
+
+
 def test_compare_refuses_runs_on_different_splits(fitted):
     root = fitted["root"]
     cnncodes.extract(fitted["data"], root / "features_seed1", **FAST, seed=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -105,12 +106,17 @@ def _temporary(path: Path) -> Iterator[Path]:
 
 
 def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
-    """Every run record in the folders (files that are not run records are passed over)."""
+    """Every run record in the folders (files that are not run records are passed over).
+
+    A folder given twice is read once; runs of the same name in two folders are told apart
+    by their folder (`models-b/vgg16-block5_pool-knn`), as every table keys runs by name.
+    """
+    for given in folders:
+        if not Path(given).is_dir():
+            raise CnnCodesError(f"{given} is not a folder of models: give the --out folder of fit-svm or finetune")
     records = []
-    for folder in folders:
-        if not Path(folder).is_dir():
-            raise CnnCodesError(f"{folder} is not a folder of models: give the --out folder of fit-svm or finetune")
-        for path in sorted(Path(folder).glob("*.json")):
+    for folder in dict.fromkeys(Path(f).resolve() for f in folders):
+        for path in sorted(folder.glob("*.json")):
             try:
                 record = read_json(path)
             except (OSError, ValueError):
@@ -121,7 +127,10 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
         raise CnnCodesError(
             f"no run records in {', '.join(map(str, folders))}: fit models first with `cnncodes fit-svm`"
         )
-    return records
+    names = Counter(r["run"] for r in records)
+    return [
+        r | {"run": f"{Path(r['record_path']).parent.name}/{r['run']}"} if names[r["run"]] > 1 else r for r in records
+    ]
 
 
 def repeat_score(seed: int, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
