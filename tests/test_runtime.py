@@ -146,7 +146,18 @@ def test_failed_conversion_falls_back_to_keras_with_a_notice_and_a_killed_one_is
     assert len(notices) == 2 and "converting vgg16" not in notices[1]
     assert "unsupported op Foo" in notices[1] and "Keras" in notices[1]
     assert not onnx_cache_path(spec.key).exists()
-    assert onnx_cache_path(spec.key).with_suffix(".failed").is_file()  # a failure that repeats is not tried again
+    failed = onnx_cache_path(spec.key).with_suffix(".failed")
+    assert failed.is_file()  # a failure that repeats is not tried again...
+    again = make_runner(partial(unexportable, spec, weights), spec.key, "onnx", notice=notices.append)
+    assert isinstance(again, KerasRunner) and len(notices) == 3 and not notices[2].startswith("converting")
+    assert "unsupported op Foo" in notices[2] and f"to try converting again, delete {failed}" in notices[2]  # ...unless
+
+    def unbuildable():
+        raise cnncodes.CnnCodesError("vgg16 has no layer 'nope'")
+
+    with pytest.raises(cnncodes.CnnCodesError, match="no layer 'nope'"):  # a user's error, not the converter's
+        make_runner(unbuildable, "unbuildable", "onnx")
+    assert not onnx_cache_path("unbuildable").with_suffix(".failed").exists()
 
     # A process without TensorFlow converts in a child; one killed there is tried again next time.
     (tmp_path / "killed.py").write_text(KILLED_IN_CHILD)

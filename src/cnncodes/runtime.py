@@ -225,10 +225,12 @@ def onnx_model(
         _say(notice, f"the cached ONNX model {path} was refused ({found}): converting {label} again")
     failed = path.with_suffix(".failed")
     if failed.is_file():  # converting again would fail again
-        return failed.read_text().strip()
+        return f"{failed.read_text().strip()}; to try converting again, delete {failed}"
     _say(notice, f"converting {label} for ONNX Runtime, once: {CONVERSION_ESTIMATE}")
     try:
         runner = _convert(build, path, model_key, threads)
+    except CnnCodesError:  # the model cannot be built at all (a bad layer, weights that do not fit): no fallback
+        raise
     except Exception as e:
         reason = _reason(e)
         if not _transient(e):
@@ -284,7 +286,7 @@ def _convert(build: Callable[[], Any], path: Path, model_key: str, threads: int 
         runner = OnnxRunner(exported, threads)
         worst = float(np.abs(runner(probe_batch(runner.input_shape)) - expected).max())
         if worst > TOLERANCE * max(float(np.abs(expected).max()), 1e-6):
-            raise CnnCodesError(f"ONNX output differs from Keras by {worst:.3g}")
+            raise RuntimeError(f"ONNX output differs from Keras by {worst:.3g}")
         publish(exported, path, {"key": model_key, "model": name, "probe": fingerprint(expected)})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
