@@ -47,6 +47,7 @@ def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path):
     a_folder = tmp_path / "m"
     for args in (
         ["compare", str(a_folder), "--format", "csv", "--output", str(a_folder)],
+        ["compare", str(a_folder), "--html", str(a_folder)],
         [
             "predict",
             str(a_folder / "vgg16-block5_pool-logreg.joblib"),
@@ -61,6 +62,7 @@ def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "is a folder: give the name of a file to write" in " ".join(result.stderr.split()), result.stderr
 
 
 def test_help_shows_the_extras_install_command_whole():

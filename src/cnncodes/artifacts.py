@@ -20,6 +20,8 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
+from .errors import CnnCodesError
+
 _PACKAGES = (
     "cnncodes",
     "tensorflow-cpu",
@@ -54,6 +56,8 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     leaves the old or the new content, not an empty file under the new name. Writers stream
     into it, so a large output never exists as one string in memory as well.
     """
+    if path.is_dir():
+        raise CnnCodesError(f"{path} is a folder: give the name of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
