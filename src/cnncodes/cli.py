@@ -74,6 +74,7 @@ WeightsOpt = Annotated[str, typer.Option(help="imagenet, none (untrained), or a 
 ResizeOpt = Annotated[
     Resize, typer.Option(help="crop: centre square; squash: ignore aspect ratio; pad: white borders.")
 ]
+OUTPUT_HELP = "Write to this file instead of stdout (as CSV unless --format says otherwise)."
 RuntimeOpt = Annotated[Runtime, typer.Option(help="Forward pass on ONNX Runtime (fast) or Keras.")]
 
 
@@ -332,7 +333,7 @@ def fit_svm(
 def compare(
     models: Annotated[list[Path], typer.Argument(help="Folders of run records (the --out of fit-svm and finetune).")],
     format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = "table",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help=OUTPUT_HELP)] = None,
     html_path: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
 ) -> None:
     """Rank every run on the same test set: accuracy, p-value against the best run, calibration, cost.
@@ -344,13 +345,7 @@ def compare(
 
     with user_errors():
         records = run_compare(models)
-        fmt = format
-        if fmt == "table":
-            text = None
-            if output:
-                raise CnnCodesError("--output needs --format markdown, csv or json")
-        else:
-            text = render(records, fmt)
+        text = None if format == "table" and not output else render(records, "csv" if format == "table" else format)
         if html_path:
             write_bytes_atomic(html_path, html_report(records).encode())
         if text is not None and output:
@@ -378,7 +373,7 @@ def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
     format: Annotated[PredictFormat, typer.Option("--format", "-f", help="Output format.")] = "table",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help=OUTPUT_HELP)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     weights: Annotated[str | None, typer.Option(help="Where the model's weights file is now, if it moved.")] = None,
     runtime: RuntimeOpt = "onnx",

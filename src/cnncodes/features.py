@@ -64,7 +64,8 @@ def load_features(path: Path | str) -> Features:
     path = Path(path)
     if not (path / "meta.json").is_file():
         raise CnnCodesError(
-            f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out {path}`"
+            f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out FEATURES` "
+            "and give FEATURES here"
         )
     try:
         meta = read_object(path / "meta.json")
