@@ -271,9 +271,15 @@ def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_
     _vgg, vgg_network = build_classifier(cnncodes.backbones.get_backbone("vgg16"), 32, 3, Weights("none"), 0.2)
     assert cut_layer(vgg_network, first_unfrozen(vgg_network, 2)) == "block5_conv2"
     with pytest.raises(cnncodes.CnnCodesError, match="no frozen layer"):
-        cut_layer(vgg_network, first_unfrozen(vgg_network, 99))
+        cut_layer(vgg_network, first_unfrozen(vgg_network, len(vgg_network.layers)))
+    with pytest.raises(cnncodes.CnnCodesError, match=f"has {len(vgg_network.layers)} layers, give at most that"):
+        first_unfrozen(vgg_network, 99)
     with pytest.raises(cnncodes.CnnCodesError, match="--fine-epochs 0"):
         tiny(unfreeze="0")
+    with pytest.raises(cnncodes.CnnCodesError, match="train nothing: give at least one epoch"):
+        tiny(head_epochs=0, fine_epochs=0)
+    with pytest.raises(cnncodes.CnnCodesError, match="give one of them"):
+        cnncodes.finetune("data", "out", tiny(), resume=True, restart=True)
     model, network = build_classifier(cnncodes.backbones.get_backbone("resnet50"), 32, 3, Weights("none"), 0.2)
     with pytest.raises(cnncodes.CnnCodesError, match="residual connection"):
         cached_top(model, network, cut_layer(network, first_unfrozen(network, "conv5_block1_1_conv")))

@@ -173,6 +173,10 @@ def make_spec(
         patience: epochs without a better val accuracy before a phase stops.
         seed: shuffling and initialisation.
     """
+    if min(head_epochs, fine_epochs) < 0 or head_epochs + fine_epochs == 0:
+        raise CnnCodesError(
+            f"--head-epochs {head_epochs} and --fine-epochs {fine_epochs} train nothing: give at least one epoch"
+        )
     if batch_size < 1 or min(head_lr, lr) <= 0:
         raise CnnCodesError(
             f"--batch-size must be at least 1 and learning rates positive "
@@ -278,6 +282,8 @@ def finetune(
         callbacks: extra Keras callbacks for every phase's `fit`.
         progress: rich progress bars.
     """
+    if resume and restart:
+        raise CnnCodesError("--resume goes on from an interrupted run and --restart discards it: give one of them")
     spec = spec or make_spec()
     run = run_name(name, spec.run_stem)
     data, out = Path(data), Path(out)
@@ -521,7 +527,9 @@ def first_unfrozen(network, unfreeze: str | int) -> int:
     """The index of the first layer phase 2 trains: after the named layer, or the last `unfreeze` layers."""
     names = [layer.name for layer in network.layers]
     if isinstance(unfreeze, int):
-        return max(0, len(names) - unfreeze)
+        if unfreeze > len(names):
+            raise CnnCodesError(f"--unfreeze {unfreeze}: {network.name} has {len(names)} layers, give at most that")
+        return len(names) - unfreeze
     if unfreeze in names:
         return names.index(unfreeze) + 1
     raise CnnCodesError(f"--unfreeze {unfreeze!r}: give a layer name of {network.name} or a number of last layers")
