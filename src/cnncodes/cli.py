@@ -205,7 +205,7 @@ def extract(
         if result.up_to_date
         else (
             f"{result.computed} computed, {result.reused} reused in {result.seconds:.1f} s"
-            + (f" ({result.images_per_second:.1f} images/s)" if result.images_per_second else "")
+            + (f" ({result.images_per_second:.1f} images/s while computing codes)" if result.images_per_second else "")
         )
     )
     counts = ", ".join(f"{n} {s}" for s, n in result.counts.items())

@@ -19,6 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -310,6 +311,8 @@ def finetune(
         record |= repeats_summary(scores)
     record = publish(model_path, lambda tmp: training.model.save(tmp), record)
     shutil.rmtree(checkpoints, ignore_errors=True)  # last: a crash before here can still --resume
+    with suppress(OSError):  # and the checkpoints folder of all runs, once none is left unfinished
+        checkpoints.parent.rmdir()
     return record
 
 
