@@ -98,7 +98,7 @@ def load_features(path: Path | str) -> Features:
     if not consistent:
         raise CnnCodesError(
             f"the files in {path} do not belong together (features {X.shape}, labels {y.shape}, "
-            f"meta says {n} rows): run `cnncodes extract` again"
+            f"{len(paths)} images listed (split.csv), meta.json says {n}): run `cnncodes extract` again"
         )
     return Features(path, np.asarray(X, dtype=np.float32), y, np.array(subsets), paths, meta, _groups(path, n))
 
