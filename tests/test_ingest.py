@@ -175,7 +175,7 @@ def test_discover_csv_lists_every_unusable_row_and_reads_one_path_one_way(tmp_pa
     with pytest.raises(CnnCodesError, match=r"1 image\(s\) more than one label \(e\.g\. b\.png: x, y\)"):
         discover(csv_path)
     csv_path.write_text('path,label\na.png,x\n"b.png,y\n')
-    with pytest.raises(CnnCodesError, match="not a readable UTF-8 CSV file"):
+    with pytest.raises(CnnCodesError, match="not a readable UTF-8 CSV file \\(line 3: unexpected end of data"):
         discover(csv_path)
 
 

@@ -156,7 +156,7 @@ def read_listing(f: TextIO, name: str) -> tuple[list[tuple[str, str]], list[tupl
             else:
                 rows.add((path if "://" in path else posixpath.normpath(path), label))
     except csv.Error as e:
-        raise CnnCodesError(f"{name} is not a readable UTF-8 CSV file ({e})") from None
+        raise CnnCodesError(f"{name} is not a readable UTF-8 CSV file (line {reader.line_num + 1}: {e})") from None
     if not rows:
         raise CnnCodesError(f"{name} lists no images")
     ordered = sorted(rows, key=lambda row: (row[1], row[0]))
