@@ -130,7 +130,7 @@ def test_compare_reads_a_folder_given_twice_once_and_tells_copies_apart(fitted, 
     shutil.copytree(fitted["models"], copy)
     both = json.loads(cli("compare", fitted["models"], copy, "--format", "json").stdout)
     assert len(both) == 8 and len({r["run"] for r in both}) == 8
-    assert {r["run"].split("/")[0] for r in both} == {fitted["models"].name, "copy"}
+    assert {r["run"].rsplit("/", 1)[0] for r in both} == {str(fitted["models"]), str(copy)}
     assert cli("compare", copy, "--output", tmp_path / "runs.csv").exit_code == 0  # a file without --format: CSV
     assert len(list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))) == 4
 

@@ -371,6 +371,13 @@ def test_csv_input(dataset: Path, tmp_path: Path):
     }
 
 
+def test_a_csv_mixing_uris_and_local_paths_is_refused(tmp_path: Path):
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label\ns3://bucket/a.png,a\nb.png,b\n")
+    with pytest.raises(cnncodes.CnnCodesError, match="lists URIs and local paths together"):
+        cnncodes.extract(listing, tmp_path / "f", **FAST)
+
+
 def test_layer_pooling_choices_shape_the_codes(dataset: Path, tmp_path: Path):
     flat = cnncodes.extract(dataset, tmp_path / "flat", **FAST, layer="block3_pool", pooling="flatten")
     assert flat.dim == 4 * 4 * 256

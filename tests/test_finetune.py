@@ -276,8 +276,9 @@ def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_
         first_unfrozen(vgg_network, 99)
     with pytest.raises(cnncodes.CnnCodesError, match="--fine-epochs 0"):
         tiny(unfreeze="0")
-    with pytest.raises(cnncodes.CnnCodesError, match="train nothing: give at least one epoch"):
-        tiny(head_epochs=0, fine_epochs=0)
+    for epochs in ((0, 0), (-1, 5)):
+        with pytest.raises(cnncodes.CnnCodesError, match="take 0 or more epochs, at least one in all"):
+            tiny(head_epochs=epochs[0], fine_epochs=epochs[1])
     with pytest.raises(cnncodes.CnnCodesError, match="give one of them"):
         cnncodes.finetune("data", "out", tiny(), resume=True, restart=True)
     model, network = build_classifier(cnncodes.backbones.get_backbone("resnet50"), 32, 3, Weights("none"), 0.2)
@@ -418,3 +419,6 @@ def test_the_demo_folder_is_claimed_for_one_dataset(tmp_path):
     mistyped = runner.invoke(app, ["demo", str(tmp_path / "flowerz"), "--out", str(tmp_path / "run")])
     assert mistyped.exit_code == 2 and "does not exist" in mistyped.output
     assert not (tmp_path / "run").exists()  # not claimed for a dataset that is not there
+    data = make_dataset(tmp_path / "data", per_class=2)
+    inside = runner.invoke(app, ["demo", str(data), "--out", str(data / "run")])
+    assert inside.exit_code == 2 and "is inside DATA" in inside.output and not (data / "run").exists()

@@ -111,6 +111,9 @@ def test_extract_from_a_csv_of_uris_in_the_bucket(s3_data, tmp_path):
     result = cnncodes.extract(f"s3://{bucket_path}/list.csv", tmp_path / "f", **FAST)
     assert result.n_images == len(files) - 1
     assert sorted(p for p, *_ in result.rejected) == sorted([f"{uri}/squares/broken.png", "x.png"])  # and a bad row
+    (tmp_path / "list.csv").write_text(listing)  # the same list of URIs, on this machine
+    local = cnncodes.extract(tmp_path / "list.csv", tmp_path / "g", **FAST)
+    assert local.n_images == result.n_images and sorted(local.rejected) == sorted(result.rejected)
 
 
 def test_a_missing_bucket_is_one_clear_error(s3_data, tmp_path):

@@ -14,7 +14,7 @@ from typing import Any
 
 import joblib
 
-from .artifacts import package_versions, read_object
+from .artifacts import package_versions, read_json
 from .errors import CnnCodesError
 from .records import RECORD_FORMAT, publish, sidecar
 
@@ -43,13 +43,13 @@ def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
         raise CnnCodesError(f"model {model_path} not found")
     data = model_path.read_bytes()
     try:
-        record = read_object(record_path)
+        record = read_json(record_path)
     except (OSError, ValueError):
         raise CnnCodesError(
             f"{model_path} has no readable run record {record_path.name} beside it, so it cannot be "
             "verified; load only bundles you made or trust, with their .json"
         ) from None
-    if record.get("format") != RECORD_FORMAT or "model_sha256" not in record:
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or "model_sha256" not in record:
         raise CnnCodesError(f"{record_path} is not a cnncodes run record")
     if hashlib.sha256(data).hexdigest() != record["model_sha256"]:
         raise CnnCodesError(

@@ -16,7 +16,7 @@ from .artifacts import read_object, write_bytes_atomic, write_json_atomic
 from .backbones import get_backbone
 from .classifiers import fit_svm
 from .errors import CnnCodesError
-from .extract import discover_data, extract
+from .extract import check_out, discover_data, extract
 from .finetune import finetune, make_spec
 from .predict import predict
 from .progress import console, say
@@ -70,9 +70,11 @@ def run_demo(
     `out` defaults to `models/<name of the data folder>`; it must be empty or hold an earlier
     demo of the same data, which is checked before anything is written.
     """
-    if data is not None:
-        discover_data(data)  # a mistyped DATA fails before the output folder is claimed for it
-    out = claim_output(out or Path("models") / (data or DIGITS_DIR).resolve().name, data or DIGITS_DIR)
+    out = out or Path("models") / (data or DIGITS_DIR).resolve().name
+    if data is not None:  # a mistyped DATA, or a folder inside it, fails before the folder is claimed
+        discover_data(data)
+        check_out(data, out)
+    out = claim_output(out, data or DIGITS_DIR)
     if data is None:
         say("[bold]1/6[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
         data, image_size = write_digits(), image_size or 96

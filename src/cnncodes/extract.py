@@ -287,8 +287,11 @@ def discover_data(data: Path | str) -> Dataset:
     if is_uri(str(data)):
         return discover_uri(str(data))
     dataset = discover(data)
-    if any(is_uri(p) for p in dataset.paths):
-        return Dataset(UriRoot(""), dataset.paths, dataset.labels)  # type: ignore[arg-type]
+    uris = sum(map(is_uri, dataset.paths))
+    if uris and uris < len(dataset):
+        raise CnnCodesError(f"{data} lists URIs and local paths together: list one kind of path per CSV")
+    if uris:
+        return Dataset(UriRoot(""), dataset.paths, dataset.labels, dataset.skipped)  # type: ignore[arg-type]
     return dataset
 
 
@@ -561,7 +564,7 @@ def extract(
     check_runtime(runtime)
     check_dup_threshold(dup_threshold)
     fractions = parse_fractions(split)
-    _check_out(data, Path(out))
+    check_out(data, Path(out))
     dataset = discover_data(data)  # a missing or empty DATA fails before anything is written or downloaded
     discovered = time.perf_counter() - started
     spec, resolved = ExtractorSpec.create(
@@ -602,7 +605,7 @@ def extract(
     )
 
 
-def _check_out(data: Path | str, out: Path) -> None:
+def check_out(data: Path | str, out: Path) -> None:
     """A features folder must be a folder, and not inside a class-per-folder DATA, where it would be read as images."""
     if out.exists() and not out.is_dir():
         raise CnnCodesError(f"--out {out} is a file: give a folder for the features")

@@ -176,7 +176,8 @@ def make_spec(
     """
     if min(head_epochs, fine_epochs) < 0 or head_epochs + fine_epochs == 0:
         raise CnnCodesError(
-            f"--head-epochs {head_epochs} and --fine-epochs {fine_epochs} train nothing: give at least one epoch"
+            f"--head-epochs and --fine-epochs take 0 or more epochs, at least one in all (got {head_epochs} and "
+            f"{fine_epochs})"
         )
     if batch_size < 1 or min(head_lr, lr) <= 0:
         raise CnnCodesError(

@@ -138,9 +138,11 @@ def read_listing(f: TextIO, name: str) -> tuple[list[tuple[str, str]], list[tupl
     """The (path, label) rows of a `path,label` CSV by label, and its unusable rows as skipped entries.
 
     A row without a usable path or label is listed, not dropped, so no image a user listed
-    disappears without a word; `b.png` and `./b.png` are one image, so it cannot get two labels.
+    disappears without a word. `b.png` and `./b.png` are one image, so it cannot get two
+    labels; it keeps its first spelling, which the split's hash and the caches are keyed by.
     """
-    rows: set[tuple[str, str]] = set()
+    labels: dict[str, set[str]] = defaultdict(set)
+    spelled: dict[str, str] = {}
     skipped: list[tuple[str, str, str]] = []
     try:
         reader = csv.DictReader(f, strict=True)
@@ -153,15 +155,17 @@ def read_listing(f: TextIO, name: str) -> tuple[list[tuple[str, str]], list[tupl
             problem = _bad_row(path, label, None in row)
             if problem:
                 skipped.append((path or f"line {reader.line_num}", f"line {reader.line_num}: {problem}", "bad row"))
-            else:
-                rows.add((path if "://" in path else posixpath.normpath(path), label))
+                continue
+            image = path if "://" in path else posixpath.normpath(path)
+            spelled.setdefault(image, path)
+            labels[image].add(label)
     except csv.Error as e:
-        raise CnnCodesError(f"{name} is not a readable UTF-8 CSV file (line {reader.line_num + 1}: {e})") from None
-    if not rows:
+        raise CnnCodesError(f"{name} is not a well-formed CSV file (line {reader.line_num + 1}: {e})") from None
+    if not labels:
         raise CnnCodesError(f"{name} lists no images")
-    ordered = sorted(rows, key=lambda row: (row[1], row[0]))
-    _refuse_conflicting_labels(name, ordered)
-    return ordered, skipped
+    _refuse_conflicting_labels(name, {spelled[image]: names for image, names in labels.items()})
+    rows = [(spelled[image], names.pop()) for image, names in labels.items()]  # one label each, checked above
+    return sorted(rows, key=lambda row: (row[1], row[0])), skipped
 
 
 def _bad_row(path: str, label: str, extra_fields: bool) -> str | None:
@@ -175,12 +179,9 @@ def _bad_row(path: str, label: str, extra_fields: bool) -> str | None:
     return None
 
 
-def _refuse_conflicting_labels(name: str, rows: Sequence[tuple[str, str]]) -> None:
+def _refuse_conflicting_labels(name: str, labels: dict[str, set[str]]) -> None:
     """One image, one label: a path listed with two labels would train on a contradiction."""
-    labels: dict[str, list[str]] = defaultdict(list)
-    for path, label in rows:
-        labels[path].append(label)
-    conflicts = sorted((p, ls) for p, ls in labels.items() if len(ls) > 1)
+    conflicts = sorted((path, sorted(names)) for path, names in labels.items() if len(names) > 1)
     if conflicts:
         path, names = conflicts[0]
         raise CnnCodesError(

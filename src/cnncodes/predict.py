@@ -92,10 +92,11 @@ def load_predictor(
     model: Path | str, weights: str | None = None, runtime: str = "onnx", threads: int | None = None
 ) -> Predictor:
     """Verify and load a `.joblib` bundle or a fine-tuned `.keras` model; `threads` caps ONNX Runtime's threads."""
-    if Path(model).suffix not in (".joblib", ".keras"):
+    kind = Path(model).suffix.lower()
+    if kind not in (".joblib", ".keras"):
         what = "a folder" if Path(model).is_dir() else "not a model file"
         raise CnnCodesError(f"{model} is {what}: give a .joblib bundle from fit-svm or a .keras model from finetune")
-    if Path(model).suffix == ".keras":
+    if kind == ".keras":
         return _finetuned_predictor(Path(model), runtime, threads)
     bundle = load_bundle(Path(model))
     spec = ExtractorSpec.from_dict(bundle["extractor"])

@@ -109,13 +109,15 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
     """Every run record in the folders (files that are not run records are passed over).
 
     A folder given twice is read once; runs of the same name in two folders are told apart
-    by their folder (`models-b/vgg16-block5_pool-knn`), as every table keys runs by name.
+    by their folder as given (`exp2/models/vgg16-block5_pool-knn`), as every table keys runs by name.
     """
-    for given in folders:
-        if not Path(given).is_dir():
-            raise CnnCodesError(f"{given} is not a folder of models: give the --out folder of fit-svm or finetune")
+    as_given: dict[Path, Path] = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise CnnCodesError(f"{folder} is not a folder of models: give the --out folder of fit-svm or finetune")
+        as_given.setdefault(folder.resolve(), folder)
     records = []
-    for folder in dict.fromkeys(Path(f).resolve() for f in folders):
+    for folder in as_given.values():
         for path in sorted(folder.glob("*.json")):
             try:
                 record = read_json(path)
@@ -128,9 +130,7 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
             f"no run records in {', '.join(map(str, folders))}: fit models first with `cnncodes fit-svm`"
         )
     names = Counter(r["run"] for r in records)
-    return [
-        r | {"run": f"{Path(r['record_path']).parent.name}/{r['run']}"} if names[r["run"]] > 1 else r for r in records
-    ]
+    return [r | {"run": f"{Path(r['record_path']).parent}/{r['run']}"} if names[r["run"]] > 1 else r for r in records]
 
 
 def repeat_score(seed: int, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:

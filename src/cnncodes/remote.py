@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from .errors import CnnCodesError
@@ -75,12 +76,8 @@ def _discover_csv(uri: str) -> Dataset:
 
 def file_ids(dataset: Dataset) -> list[str]:
     """URI, size and modification time of every file: one listing of the root, one request per file outside it."""
-    FileSelector, FileType = _pyarrow_fs().FileSelector, _pyarrow_fs().FileType
-    fs, root = _filesystem(str(dataset.root))
-    try:
-        listed = {info.path: info for info in fs.get_file_info(FileSelector(root.rstrip("/"), recursive=True))}
-    except (OSError, ValueError):
-        listed = {}
+    FileType = _pyarrow_fs().FileType
+    listed = _listing(str(dataset.root)) if is_uri(str(dataset.root)) else {}  # a local CSV of URIs has no root
     ids = []
     for rel in dataset.paths:
         fs, path = _filesystem(str(dataset.root / rel))
@@ -93,6 +90,17 @@ def file_ids(dataset: Dataset) -> list[str]:
         else:
             ids.append(f"{rel}|{info.size}|{info.mtime_ns}")
     return ids
+
+
+def _listing(root: str) -> dict[str, Any]:
+    """Every file under `root` by its path in the bucket, in one request (empty if it cannot be listed)."""
+    fs, prefix = _filesystem(root)
+    try:
+        return {
+            info.path: info for info in fs.get_file_info(_pyarrow_fs().FileSelector(prefix.rstrip("/"), recursive=True))
+        }
+    except (OSError, ValueError):
+        return {}
 
 
 def read_bytes(uri: str) -> bytes:
