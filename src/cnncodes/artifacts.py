@@ -48,6 +48,12 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def check_file_target(path: Path) -> None:
+    """Refuse an output file name that is a folder, before the work whose result it would hold."""
+    if path.is_dir():
+        raise CnnCodesError(f"{path} is a folder: give the name of a file to write")
+
+
 @contextmanager
 def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A temporary file beside `path` to write, moved into place once the block ends without an error.
@@ -56,8 +62,7 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     leaves the old or the new content, not an empty file under the new name. Writers stream
     into it, so a large output never exists as one string in memory as well.
     """
-    if path.is_dir():
-        raise CnnCodesError(f"{path} is a folder: give the name of a file to write")
+    check_file_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -604,7 +604,7 @@ def fit_svm(
 def _warn_if_reduced(used: dict[str, Any], cv: int, pca: int | None) -> None:
     """Say so when the data allowed fewer folds or components than asked for (the records hold what was used)."""
     if cv and used["cv"] < cv:
-        warn(f"--cv {cv}: {used['cv']} folds used, as many as the smallest class's train+val images allow")
+        warn(f"--cv {cv}: {used['cv']} folds used, as many as the smallest class and the duplicate groups allow")
     if pca and used["pca"] is not None and used["pca"] < pca:
         warn(f"--pca {pca}: {used['pca']} components used, as many as the codes' length and CV folds allow")
 

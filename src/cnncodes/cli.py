@@ -341,9 +341,12 @@ def compare(
     Accuracy has its 95% interval, or mean ± sd over repeated splits; calibration is the ECE and
     the AUROC of the confidence; wider terminals add balanced accuracy and macro-F1.
     """
-    from .artifacts import write_bytes_atomic
+    from .artifacts import check_file_target, write_bytes_atomic
 
     with user_errors():
+        for target in (output, html_path):
+            if target:
+                check_file_target(target)
         records = run_compare(models)
         text = None if format == "table" and not output else render(records, "csv" if format == "table" else format)
         if html_path:
@@ -380,10 +383,12 @@ def predict(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Classify new images with a saved model; unreadable files are reported, not fatal."""
-    from .artifacts import write_bytes_atomic
+    from .artifacts import check_file_target, write_bytes_atomic
     from .predict import predict as run_predict
 
     with user_errors():
+        if output:
+            check_file_target(output)
         results = run_predict(
             model, images, top_k=top_k, batch_size=batch_size, weights=weights, runtime=runtime, progress=not quiet
         )
