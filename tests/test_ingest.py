@@ -581,6 +581,7 @@ def test_symlinked_folders_are_followed_once_and_every_other_file_is_accounted_f
     (root / "stripes" / "again").symlink_to(elsewhere, target_is_directory=True)  # a second path to it
     (root / "stripes" / "loop").symlink_to(root / "stripes", target_is_directory=True)
     (root / "stripes" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "circles" / "squares").symlink_to(root / "squares", target_is_directory=True)  # another class's folder
     (root / "circles" / "notes.txt").write_text("notes\n")
     (root / "circles" / ".DS_Store").write_bytes(b"\0\0")
     (root / "labels.txt").write_text("not in a class\n")
@@ -590,7 +591,8 @@ def test_symlinked_folders_are_followed_once_and_every_other_file_is_accounted_f
     skipped = {path: reason for path, reason, _ in ds.skipped}
     assert "stripes/again/linked.png" in ds.paths or "stripes/linked/linked.png" in ds.paths
     assert sum(p.endswith("/linked.png") for p in ds.paths) == 1  # one real folder, read once
-    assert "already read" in skipped["stripes/loop"]
+    assert "already read" in skipped["stripes/loop"] and "already read" in skipped["circles/squares"]
+    assert ds.labels.count("squares") == 2 and not any(p.startswith("circles/squares/") for p in ds.paths)
     assert "already read" in (skipped.get("stripes/again") or skipped.get("stripes/linked"))
     assert skipped["stripes/gone.png"] == "broken symbolic link"
     assert skipped["circles/notes.txt"].startswith("not an image")

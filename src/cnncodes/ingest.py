@@ -109,8 +109,9 @@ def _discover_folders(root: Path) -> Dataset:
     skipped = [(e.name, *_outside_reason(e)) for e in entries if e not in class_dirs]
     paths: list[str] = []
     labels: list[str] = []
+    seen = {_identity(d) for d in class_dirs}  # a link to another class's folder is not read as this class
     for class_dir in class_dirs:
-        found, passed_over = scan(class_dir, root)
+        found, passed_over = scan(class_dir, root, seen)
         if not found:
             raise CnnCodesError(f"class folder {class_dir} has no image files: add images or remove the folder")
         paths += found
@@ -195,18 +196,21 @@ def image_files(folder: Path) -> list[Path]:
     return [folder / p for p in scan(folder)[0]]
 
 
-def scan(folder: Path, base: Path | None = None) -> tuple[list[str], list[tuple[str, str, str]]]:
+def scan(
+    folder: Path, base: Path | None = None, seen: set[tuple[int, int]] | None = None
+) -> tuple[list[str], list[tuple[str, str, str]]]:
     """The image files under `folder` and every other file with the reason and category it is passed over for.
 
     Paths are POSIX strings relative to `base` (default: `folder`), sorted part by part as
     `Path`s sort: a folder of a million images makes no million `Path` objects. Symbolic links
     are followed (a linked folder of images belongs to its class), each real folder once, so
-    a link loop ends; unreadable folders and broken links are reported.
+    a link loop ends; unreadable folders and broken links are reported. `seen` holds the
+    folders read already (by device and inode), shared across the classes of one dataset.
     """
     start = base or folder
     images: list[str] = []
     skipped: list[tuple[str, str, str]] = []
-    seen: set[tuple[int, int]] = set()
+    seen = set() if seen is None else seen
 
     def unreadable(error: OSError) -> None:
         skipped.append((_relative(error.filename, start), f"folder not readable ({error.strerror})", "unreadable"))
@@ -214,8 +218,8 @@ def scan(folder: Path, base: Path | None = None) -> tuple[list[str], list[tuple[
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         here = _relative(dirpath, start)
         prefix = "" if here == "." else f"{here}/"
-        identity = (os.stat(dirpath).st_dev, os.stat(dirpath).st_ino)
-        if identity in seen:
+        identity = _identity(Path(dirpath))
+        if identity in seen and dirpath != str(folder):
             skipped.append(
                 (here, "symbolic link to a folder already read (a loop, or a second path to it)", "already read")
             )
@@ -233,6 +237,11 @@ def scan(folder: Path, base: Path | None = None) -> tuple[list[str], list[tuple[
     images.sort(key=_by_parts)
     skipped.sort(key=lambda entry: (_by_parts(entry[0]), *entry[1:]))
     return images, skipped
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    st = folder.stat()
+    return st.st_dev, st.st_ino
 
 
 def _relative(path: str, start: Path) -> str:
