@@ -22,9 +22,8 @@ from . import artifacts
 from .errors import CnnCodesError
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-# Seconds between two syncs of finished rows (a kill loses at most this much work) and two saves of the clock.
+# Seconds between two syncs of finished rows and of the clock (a kill loses at most this much work and time).
 SYNC_EVERY = 2.0
-_CLOCK_EVERY = 10.0
 _CHUNK_ROWS = 1024
 
 
@@ -58,7 +57,7 @@ class FeatureWriter:
         self._offset = npy_layout(self._data)[1]
         self._fd = os.open(self._data, os.O_RDWR)
         self._unsynced: list[np.ndarray] = []
-        self._started = self._synced = self._clocked = time.perf_counter()
+        self._started = self._synced = time.perf_counter()
 
     def _resume(self, expected: dict) -> bool:
         try:
@@ -106,14 +105,12 @@ class FeatureWriter:
             with open(self._log, "ab") as log:
                 log.write(np.concatenate(self._unsynced).astype("<i8").tobytes())
             self._unsynced = []
-        self._synced = time.perf_counter()
-        if self._synced - self._clocked > _CLOCK_EVERY:
             self.save_clock()
+        self._synced = time.perf_counter()
 
     def save_clock(self) -> None:
         """Record the time worked so far, for the run that resumes these rows."""
         artifacts.write_bytes_atomic(self._clock, f"{self.seconds:.3f}".encode())
-        self._clocked = time.perf_counter()
 
     def copy_from(self, source: Path, pairs: Sequence[tuple[int, int]]) -> None:
         """Take rows (new, old) from an earlier run's features file instead of recomputing them."""
