@@ -245,7 +245,7 @@ def test_predict_refuses_tampered_or_unverifiable_bundles(fitted, tmp_path):
     assert result.exit_code == 2 and "no readable run record" in result.stderr
     lonely.with_suffix(".json").write_text("[]")  # valid JSON, not a record
     result = cli("predict", lonely, image)
-    assert result.exit_code == 2 and "no readable run record" in result.stderr and "Traceback" not in result.output
+    assert result.exit_code == 2 and "is not a cnncodes run record" in result.stderr, result.output
 
     for not_a_model in (source.with_suffix(".json"), fitted["models"]):
         result = cli("predict", not_a_model, image)
