@@ -162,6 +162,16 @@ def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, opti
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".vgg16")) == []  # no temporary files left
 
 
+def test_a_run_interrupted_in_its_first_phase_resumes_with_every_epoch_of_the_second(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=6)
+    spec = tiny(head_epochs=2, fine_epochs=2, patience=5)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data, tmp_path / "models", spec, callbacks=[InterruptAtEpoch(1)], progress=False)
+    record = finetune(data, tmp_path / "models", spec, resume=True, progress=False)
+    phases = [(h["phase"], h["epoch"]) for h in record["history"]]
+    assert phases == [("head", 1), ("head", 2), ("fine", 1), ("fine", 2)]  # the restored epoch is the head's only
+
+
 def test_restart_discards_an_interrupted_run_and_another_setting_needs_a_name(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=6)
     out = tmp_path / "models"

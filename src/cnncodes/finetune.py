@@ -713,6 +713,9 @@ def _phase(
             callbacks=every,
             verbose=0,
         )  # the datasets shuffle themselves
+        # BackupAndRestore sets the epoch it restored on the model, and Keras's `fit` starts every later fit
+        # there too: the next phase of a resumed run would skip that many of its epochs.
+        model._initial_epoch = None
     model.save_weights(weights)
     write_json_atomic(done, log.epochs)
     return log.epochs
