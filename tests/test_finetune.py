@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import keras
@@ -170,6 +172,25 @@ def test_a_run_interrupted_in_its_first_phase_resumes_with_every_epoch_of_the_se
     record = finetune(data, tmp_path / "models", spec, resume=True, progress=False)
     phases = [(h["phase"], h["epoch"]) for h in record["history"]]
     assert phases == [("head", 1), ("head", 2), ("fine", 1), ("fine", 2)]  # the restored epoch is the head's only
+
+
+def test_ctrl_c_while_an_epoch_is_backed_up_waits_for_the_backup(tmp_path, monkeypatch):
+    original = keras.callbacks.BackupAndRestore.on_epoch_end
+
+    def interrupted_while_writing(self, epoch, logs=None):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C just as the backup starts
+        original(self, epoch, logs)
+
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", interrupted_while_writing)
+    data, out = make_dataset(tmp_path / "data", per_class=6), tmp_path / "models"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data, out, tiny(head_epochs=2), progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C has its handler back
+    backup = out / ".finetune" / "vgg16-finetune" / "head-backup"
+    assert any(backup.rglob("*.weights.h5")), "the interrupted epoch's backup was not finished"
+    monkeypatch.undo()
+    record = finetune(data, out, tiny(head_epochs=2), resume=True, progress=False)
+    assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("head", 1), ("head", 2), ("fine", 1)]
 
 
 def test_restart_discards_an_interrupted_run_and_another_setting_needs_a_name(tmp_path):

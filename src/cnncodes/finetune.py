@@ -17,6 +17,8 @@ from __future__ import annotations
 import io
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -697,28 +699,78 @@ def _phase(
     )
     log = HistoryLog(checkpoints / f"{phase.name}-history.json", phase.name)
     if phase.epochs > 0:
+        guard = InterruptGuard()
         every = [
+            guard.hold,
             log,
             keras.callbacks.BackupAndRestore(str(checkpoints / f"{phase.name}-backup")),
             ResumableEarlyStopping(checkpoints / f"{phase.name}-stopping", patience),
+            guard.release,
             RichProgress(f"Fine-tuning ({phase.name})", phase.epochs, progress),
             *callbacks,
         ]
-        model.fit(
-            datasets["train"],
-            validation_data=datasets["val"],
-            epochs=phase.epochs,
-            shuffle=False,
-            class_weight=training.class_weight,
-            callbacks=every,
-            verbose=0,
-        )  # the datasets shuffle themselves
+        with guard:
+            model.fit(
+                datasets["train"],
+                validation_data=datasets["val"],
+                epochs=phase.epochs,
+                shuffle=False,
+                class_weight=training.class_weight,
+                callbacks=every,
+                verbose=0,
+            )  # the datasets shuffle themselves
         # BackupAndRestore sets the epoch it restored on the model, and Keras's `fit` starts every later fit
         # there too: the next phase of a resumed run would skip that many of its epochs.
         model._initial_epoch = None
     model.save_weights(weights)
     write_json_atomic(done, log.epochs)
     return log.epochs
+
+
+class InterruptGuard:
+    """Holds Ctrl-C while an epoch's checkpoint files are written, then raises it.
+
+    Keras's BackupAndRestore writes its weights in place: an interrupt in the middle left a
+    backup that `--resume` could not load. `hold` and `release` are the callbacks around the
+    writers; leaving the `with` block always gives Ctrl-C its handler back.
+    """
+
+    def __init__(self):
+        self.pending, self.previous = False, None
+        self.hold, self.release = _AtEpochEnd(self._hold), _AtEpochEnd(self._release)
+
+    def _hold(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # only the main thread receives signals
+            self.previous = signal.signal(signal.SIGINT, self._defer)
+
+    def _defer(self, *_) -> None:
+        self.pending = True
+
+    def _release(self) -> None:
+        self._restore()
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def _restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def __enter__(self) -> InterruptGuard:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._restore()
+
+
+class _AtEpochEnd(keras.callbacks.Callback):
+    def __init__(self, action):
+        super().__init__()
+        self.action = action
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.action()
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
