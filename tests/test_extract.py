@@ -535,6 +535,7 @@ def test_weights_file_that_does_not_fit_is_a_clear_error(dataset, tmp_path, vgg1
         (["--image-size", "32,big"], "--image-size takes sizes in pixels, e.g. 224 or 224,288,384"),
         (["--image-size", "48,16"], "at least 32 px"),
         (["--image-size", "100000"], "--image-size 100000 is over 2048 px"),
+        (["--engine", "ray", "--runtime", "keras"], "--engine ray runs the network on ONNX Runtime"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(dataset, tmp_path, args, message):

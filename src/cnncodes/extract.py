@@ -562,6 +562,8 @@ def extract(
     if batch_size < 1:
         raise CnnCodesError(f"--batch-size must be at least 1 (got {batch_size})")
     check_runtime(runtime)
+    if engine == "ray" and runtime == "keras":
+        raise CnnCodesError("--engine ray runs the network on ONNX Runtime on its workers: drop --runtime keras")
     check_dup_threshold(dup_threshold)
     fractions = parse_fractions(split)
     check_out(data, Path(out))
