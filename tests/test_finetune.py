@@ -193,6 +193,18 @@ def test_ctrl_c_while_an_epoch_is_backed_up_waits_for_the_backup(tmp_path, monke
     assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("head", 1), ("head", 2), ("fine", 1)]
 
 
+@pytest.mark.parametrize("damaged", ["latest.weights.h5", "training_metadata.json"])
+def test_a_backup_damaged_by_a_kill_is_one_error_line_and_restart_recovers(tmp_path, damaged):
+    data, out, spec = make_dataset(tmp_path / "data", per_class=6), tmp_path / "models", tiny(head_epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data, out, spec, callbacks=[InterruptAtEpoch(1)], progress=False)
+    backup = out / ".finetune" / "vgg16-finetune" / "head-backup" / damaged
+    backup.write_bytes(backup.read_bytes()[: backup.stat().st_size // 2])  # cut short, as by a kill mid-write
+    with pytest.raises(cnncodes.CnnCodesError, match=r"head-backup is damaged \(.+\).*run again with --restart"):
+        finetune(data, out, spec, resume=True, progress=False)
+    assert finetune(data, out, spec, restart=True, progress=False)["epochs_run"] == 3
+
+
 def test_restart_discards_an_interrupted_run_and_another_setting_needs_a_name(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=6)
     out = tmp_path / "models"

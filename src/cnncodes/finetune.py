@@ -703,7 +703,7 @@ def _phase(
         every = [
             guard.hold,
             log,
-            keras.callbacks.BackupAndRestore(str(checkpoints / f"{phase.name}-backup")),
+            CheckedBackup(str(checkpoints / f"{phase.name}-backup")),
             ResumableEarlyStopping(checkpoints / f"{phase.name}-stopping", patience),
             guard.release,
             RichProgress(f"Fine-tuning ({phase.name})", phase.epochs, progress),
@@ -725,6 +725,24 @@ def _phase(
     model.save_weights(weights)
     write_json_atomic(done, log.epochs)
     return log.epochs
+
+
+class CheckedBackup(keras.callbacks.BackupAndRestore):
+    """Keras's per-epoch backup, whose damaged files (a kill while they were written) are one error line.
+
+    Keras falls back to its previous backup when the weights file cannot be opened, but not
+    when it opens and holds too little, nor when the epoch file is cut short.
+    """
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CnnCodesError(
+                f"the backup in {self.backup_dir} is damaged ({reason}), perhaps by a kill while it was written: "
+                "run again with --restart"
+            ) from None
 
 
 class InterruptGuard:
