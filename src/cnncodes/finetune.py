@@ -754,12 +754,12 @@ class InterruptGuard:
     """
 
     def __init__(self):
-        self.pending, self.previous = False, None
+        self.pending, self.held, self.previous = False, False, None
         self.hold, self.release = _AtEpochEnd(self._hold), _AtEpochEnd(self._release)
 
     def _hold(self) -> None:
         if threading.current_thread() is threading.main_thread():  # only the main thread receives signals
-            self.previous = signal.signal(signal.SIGINT, self._defer)
+            self.previous, self.held = signal.signal(signal.SIGINT, self._defer), True
 
     def _defer(self, *_) -> None:
         self.pending = True
@@ -771,9 +771,9 @@ class InterruptGuard:
             raise KeyboardInterrupt
 
     def _restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        if self.held:  # a handler installed outside Python reads as None: Python's own takes its place
+            signal.signal(signal.SIGINT, signal.default_int_handler if self.previous is None else self.previous)
+            self.held = False
 
     def __enter__(self) -> InterruptGuard:
         return self
