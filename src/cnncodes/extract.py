@@ -33,9 +33,9 @@ from filelock import FileLock, Timeout
 from . import artifacts, quantize
 from .backbones import POOLINGS, get_backbone
 from .errors import CnnCodesError
-from .ingest import BadImage, Check, Dataset, check_image, check_resize, discover, load_square
+from .ingest import BadImage, Check, Dataset, check_image, check_resize, discover, is_uri, load_square
 from .progress import progress_bar, warn
-from .remote import UriRoot, discover_uri, fetched, file_ids, is_uri
+from .remote import UriRoot, discover_uri, fetched, file_ids
 from .runtime import MirrorAveraged, Runner, cache_record, check_runtime, make_runner
 from .split import (
     DEFAULT_DUP_THRESHOLD,

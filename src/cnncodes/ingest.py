@@ -157,7 +157,7 @@ def read_listing(f: TextIO, name: str) -> tuple[list[tuple[str, str]], list[tupl
             if problem:
                 skipped.append((path or f"line {reader.line_num}", f"line {reader.line_num}: {problem}", "bad row"))
                 continue
-            image = path if "://" in path else posixpath.normpath(path)
+            image = path if is_uri(path) else posixpath.normpath(path)
             spelled.setdefault(image, path)
             labels[image].add(label)
     except csv.Error as e:
@@ -167,6 +167,11 @@ def read_listing(f: TextIO, name: str) -> tuple[list[tuple[str, str]], list[tupl
     _refuse_conflicting_labels(name, {spelled[image]: names for image, names in labels.items()})
     rows = [(spelled[image], names.pop()) for image, names in labels.items()]  # one label each, checked above
     return sorted(rows, key=lambda row: (row[1], row[0])), skipped
+
+
+def is_uri(source: object) -> bool:
+    """An object-store address (s3://bucket/key), not a local path."""
+    return isinstance(source, str) and "://" in source
 
 
 def _bad_row(path: str, label: str, extra_fields: bool) -> str | None:

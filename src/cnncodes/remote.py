@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from .errors import CnnCodesError
-from .ingest import IMAGE_SUFFIXES, Dataset, read_listing
+from .ingest import IMAGE_SUFFIXES, Dataset, is_uri, read_listing
 
 
 class UriRoot(str):
@@ -31,10 +31,6 @@ class UriRoot(str):
 
     def __truediv__(self, rel: str) -> str:
         return rel if is_uri(rel) else f"{self.rstrip('/')}/{rel}"
-
-
-def is_uri(source: object) -> bool:
-    return isinstance(source, str) and "://" in source
 
 
 def discover_uri(uri: str) -> Dataset:
