@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from .errors import CnnCodesError
+from .errors import CnnCodesError, first_line
 from .weights import UNTRAINED_SEED, Weights, resolve_weights
 
 if TYPE_CHECKING:
@@ -116,9 +116,7 @@ class Backbone:
             try:
                 network.load_weights(weights.path)
             except Exception as e:
-                raise CnnCodesError(
-                    f"weights file {weights.path} does not fit {self.name} ({str(e).splitlines()[0]})"
-                ) from None
+                raise CnnCodesError(f"weights file {weights.path} does not fit {self.name} ({first_line(e)})") from None
         return network
 
 

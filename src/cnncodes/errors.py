@@ -7,3 +7,9 @@ class CnnCodesError(Exception):
     The message is complete on its own (what is wrong and what to do), so the CLI prints
     it as one line instead of a traceback.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """What a library's exception says, in the one line a CnnCodesError message can quote."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -33,7 +33,7 @@ from .artifacts import read_json, sha256_json, write_bytes_atomic, write_json_at
 from .backbones import Backbone, get_backbone
 from .choices import SMALL_CNN
 from .classifiers import repeated_splits
-from .errors import CnnCodesError
+from .errors import CnnCodesError, first_line
 from .evaluate import per_image_predictions, score
 from .extract import extract, plan
 from .features import load_features
@@ -738,10 +738,9 @@ class CheckedBackup(keras.callbacks.BackupAndRestore):
         try:
             super().on_train_begin(logs)
         except (OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CnnCodesError(
-                f"the backup in {self.backup_dir} is damaged ({reason}), perhaps by a kill while it was written: "
-                "run again with --restart"
+                f"the backup in {self.backup_dir} is damaged ({first_line(e)}), perhaps by a kill while it was "
+                "written: run again with --restart"
             ) from None
 
 

@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol, get_args
 import numpy as np
 
 from .artifacts import package_versions, read_json, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
-from .errors import CnnCodesError
+from .errors import CnnCodesError, first_line
 
 Runtime = Literal["onnx", "keras"]
 RUNTIMES: tuple[str, ...] = get_args(Runtime)
@@ -335,8 +335,7 @@ def _transient(error: BaseException) -> bool:
 def _reason(error: BaseException) -> str:
     if isinstance(error, BrokenProcessPool):
         return "the conversion process was killed, perhaps for lack of memory"
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(error)
 
 
 def _say(notice: Callable[[str], None] | None, message: str) -> None:
