@@ -64,8 +64,8 @@ def test_sgd_reads_one_chunk_of_codes_at_a_time():
     X, y = blobs()
     codes = CountingCodes(X)
     rows = np.arange(0, 900, 2)
-    model = CodesClassifier("sgd", cv=3, chunk_size=50).fit_rows(codes, y, rows)
-    assert codes.most_rows == 50
+    model = CodesClassifier("sgd", cv=3, chunk_size=150).fit_rows(codes, y, rows)
+    assert codes.most_rows == 150
     assert model.score(X[1::2], y[1::2]) >= 0.9
     proba = model.predict_proba(X[1::2])
     assert np.allclose(proba.sum(axis=1), 1)

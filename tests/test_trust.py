@@ -51,6 +51,21 @@ def test_points_on_the_class_boundary_get_lower_top1_probabilities_than_far_ones
     np.testing.assert_array_equal(model.predict(X), model.predict_proba(X).argmax(axis=1))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_images_probabilities_do_not_depend_on_the_batch_it_comes_in(kind):
+    # l2-normalised codes of close classes give logistic regression small logits, and so a small
+    # temperature that magnified float32 rounding (which differs between one row and many) into
+    # the 5th decimal of the probabilities
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 30)
+    X = (np.eye(3)[y] @ rng.uniform(0, 0.1, size=(3, 64)) + rng.uniform(0, 3, size=(90, 64))).astype(np.float32)
+    model = CodesClassifier(kind, normalize="l2", cv=3, n_jobs=1).fit(X, y)
+    batch = model.predict_proba(X)
+    alone = np.vstack([model.predict_proba(X[i : i + 1]) for i in range(len(X))])
+    # k-NN's brute-force distances (a matrix product) differ by ~1e-8: far below the 6 decimals shown
+    np.testing.assert_allclose(alone, batch, rtol=0, atol=1e-7 if kind == "knn" else 1e-12)
+
+
 def test_svm_probabilities_couple_pairwise_ones_and_survive_a_fold_without_a_class():
     from scipy.special import logit
 

@@ -325,7 +325,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
     def _decide(self, X) -> tuple[np.ndarray, np.ndarray]:
         """The model's decision (class indices) and calibrated probabilities whose top class it is."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float32, reset=False)
+        X = validate_data(self, X, dtype=np.float64, reset=False)  # see `_scores`
         decision = self.model_.predict(X)
         proba = _probabilities(self.model_, _scores(self.model_, X, len(self.classes_)), self.temperature_)
         rows = np.nonzero(proba.argmax(axis=1) != decision)[0]
@@ -348,7 +348,11 @@ def _scores(model: Pipeline, X: np.ndarray, n_classes: int) -> np.ndarray:
     order, + favouring the first); a pair with a class it never saw (a calibration fold without
     it) has that class lose for certain. Other models give a column per class: the log of
     their probabilities or their margins, a class never seen getting the row's lowest score.
+
+    In float64: a small temperature magnifies float32 rounding, which differs between one row
+    and many (BLAS), so an image's probabilities moved in the 5th decimal with its batch.
     """
+    X = np.asarray(X, dtype=np.float64)
     seen = model.classes_
     if isinstance(model[-1], SVC):
         margins = model.decision_function(X).reshape(len(X), -1).astype(np.float64)
@@ -459,7 +463,10 @@ class _StreamingFit:
         return self.model(rows, codes, self.scaler(rows, normalize), loss, alpha)
 
     def scores(self, model: Pipeline, rows: np.ndarray) -> np.ndarray:
-        parts = [_margins(model.decision_function(self.X[chunk])) for chunk in _chunks(rows, self.chunk_size)]
+        parts = [
+            _margins(model.decision_function(np.asarray(self.X[chunk], np.float64)))
+            for chunk in _chunks(rows, self.chunk_size)
+        ]
         return np.vstack(parts).astype(np.float64)
 
 
