@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -290,11 +291,39 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(served):
     assert answer[0].status_code == 200 and answer[0].json()["predictions"][0]["label"]
 
 
-def test_workers_run_as_separate_processes_sharing_the_cores(served):
-    with running_server(served, "--workers", "2", log="workers.log") as (url, proc):
+def test_workers_run_as_separate_processes_sharing_the_cores(served, tmp_path):
+    import psutil
+
+    model = tmp_path / served["model"].name  # a copy, deleted while the server runs
+    for path in (served["model"], served["model"].with_suffix(".json")):
+        shutil.copy(path, tmp_path)
+    with running_server({**served, "model": model}, "--workers", "2", log="workers.log") as (url, proc):
         response = httpx.post(f"{url}/predict", files=upload(served["images"][:3]))
         assert response.status_code == 200 and all(p["label"] for p in response.json()["predictions"])
         assert httpx.get(f"{url}/metadata").json()["threads"] == max(1, (os.cpu_count() or 1) // 2)
+
+        def workers() -> list[psutil.Process]:
+            found = []
+            for child in psutil.Process(proc.pid).children():
+                try:
+                    if "spawn_main" in " ".join(child.cmdline()):
+                        found.append(child)
+                except psutil.Error:  # gone, or a zombie not yet reaped
+                    pass
+            return found
+
+        # A worker that dies is restarted by uvicorn and loads the model again: from the server's own copy.
+        model.unlink()
+        model.with_suffix(".json").unlink()
+        killed = workers()[0]
+        killed.kill()
+        log = served["root"] / "workers.log"
+        deadline = time.monotonic() + 60
+        while killed in workers() or log.read_text().count("Application startup complete") < 3:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        answers = [httpx.post(f"{url}/predict", files=upload(served["images"][:1])) for _ in range(8)]
+        assert [a.status_code for a in answers] == [200] * 8
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
 
@@ -369,3 +398,119 @@ def test_a_photo_decodes_from_its_bytes_as_from_its_file(served, tmp_path):
     predictor = load_predictor(served["model"])
     np.testing.assert_array_equal(predictor.pixels(photo.read_bytes()), predictor.pixels(photo))
     assert predictor.pixels(photo).shape == (128, 128, 3)
+
+
+def test_uploads_that_would_decode_to_too_many_pixels_get_400_and_large_jpegs_decode_reduced(server, served):
+    from PIL import Image
+
+    from cnncodes.predict import load_predictor
+
+    side = 4_100  # 16.8 million pixels, over the default --max-pixels, in a 50-kB PNG
+    png = io_bytes(Image.new("RGB", (side, side), (200, 30, 30)), "PNG")
+    response = httpx.post(f"{server}/predict", content=png, headers={"content-type": "image/png"})
+    assert response.status_code == 400
+    assert "4100x4100 pixels to decode, over the limit of 16,000,000" in response.json()["predictions"][0]["error"]
+    assert httpx.get(f"{server}/metadata").json()["limits"]["max_pixels"] == 16_000_000
+    # A JPEG decodes at a reduced scale that still covers the model's 128 px: its decoded pixels are what count.
+    predictor = load_predictor(served["model"])
+    jpeg = io_bytes(Image.new("RGB", (1024, 1024), (30, 200, 30)), "JPEG")
+    assert predictor.pixels(jpeg, max_pixels=128 * 128).shape == (128, 128, 3)
+    with pytest.raises(cnncodes.ingest.BadImage, match="1024x1024 pixels to decode"):
+        predictor.pixels(io_bytes(Image.new("RGB", (1024, 1024)), "PNG"), max_pixels=128 * 128)
+
+
+def io_bytes(image, image_format: str) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    image.save(out, image_format)
+    return out.getvalue()
+
+
+def test_a_client_that_leaves_mid_upload_is_counted_not_logged_as_a_server_error(server, served):
+    before = metric(server, "cnncodes_requests_total", route="/predict", status="499")
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n"
+            b"Content-Type: multipart/form-data; boundary=xx\r\n\r\n--xx\r\n"
+            b'Content-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n\x89PNG'
+        )
+    deadline = time.monotonic() + 10
+    while metric(server, "cnncodes_requests_total", route="/predict", status="499") == before:
+        assert time.monotonic() < deadline, "the abandoned request was not counted"
+        time.sleep(0.1)
+    assert "Traceback" not in (served["root"] / "server.log").read_text()
+
+
+def test_health_routes_answer_head_and_the_schema_describes_uploads(server):
+    assert httpx.head(f"{server}/healthz").status_code == 200
+    assert httpx.head(f"{server}/readyz").status_code == 200
+    body = httpx.get(f"{server}/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"]["properties"]["files"]["items"]["format"] == "binary"
+    assert "image/*" in body
+
+
+def fake_app(probabilities):
+    """The app around a predictor whose forward pass is `probabilities` (32-px images, two classes)."""
+    from cnncodes.predict import Predictor
+    from cnncodes.serve import ServeSettings, create_app
+
+    predictor = Predictor(probabilities, 32, "crop", ["a", "b"], {"run": "fake"})
+    return create_app(predictor, ServeSettings("fake.joblib", batch_wait_ms=1))
+
+
+def in_process(app, calls):
+    """Run `calls(client)` against `app` in process, with its lifespan (the batcher and its warm-up) running."""
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await calls(client)
+
+    return asyncio.run(run())
+
+
+def png_of(value: int) -> bytes:
+    from PIL import Image
+
+    return io_bytes(Image.new("RGB", (40, 40), (value,) * 3), "PNG")
+
+
+def test_a_failed_warm_up_makes_health_and_predictions_503_instead_of_hanging():
+    def broken(pixels):
+        raise MemoryError("onnxruntime could not allocate 2 GB")
+
+    async def calls(client):
+        for _ in range(100):
+            health = await client.get("/healthz")
+            if health.status_code != 200:
+                break
+            await asyncio.sleep(0.05)
+        return (
+            health,
+            await client.get("/readyz"),
+            await client.post("/predict", files=[("files", ("a.png", png_of(9)))]),
+        )
+
+    health, ready, predicted = in_process(fake_app(broken), calls)
+    assert health.status_code == ready.status_code == predicted.status_code == 503
+    assert "failed its warm-up" in health.json()["detail"] and "could not allocate" in predicted.json()["detail"]
+
+
+def test_a_failed_forward_pass_fails_its_requests_and_the_server_goes_on():
+    def white_fails(pixels):
+        if pixels.max() == 255:
+            raise RuntimeError("a kernel failed")
+        return np.tile([0.25, 0.75], (len(pixels), 1))
+
+    async def calls(client):
+        while (await client.get("/readyz")).status_code != 200:
+            await asyncio.sleep(0.05)
+        failed = await client.post("/predict", files=[("files", ("white.png", png_of(255)))])
+        return failed, await client.post("/predict", files=[("files", ("grey.png", png_of(9)))])
+
+    failed, served_after = in_process(fake_app(white_fails), calls)
+    assert failed.status_code == 500 and "the forward pass failed: a kernel failed" in failed.json()["detail"]
+    assert served_after.status_code == 200 and served_after.json()["predictions"][0]["label"] == "b"

@@ -17,3 +17,9 @@ Normalize = Literal["auto", "standard", "l2", "none"]
 NORMALIZERS: tuple[str, ...] = get_args(Normalize)
 # `finetune --backbone smallcnn`: the small ConvNet trained from scratch, the baseline for transfer learning.
 SMALL_CNN = "smallcnn"
+# `serve`: the largest request body, and the most pixels one upload may decode to (after JPEG's
+# reduced-scale decoding). Pillow's decompression-bomb limit is 89 million pixels; a 3.4-kB lossless
+# WebP of 88 million took 0.8 GB and 1.5 s to decode (measured; 16 million: 0.17 GB, 0.23 s), and a
+# request may carry 256 of them.
+SERVE_MAX_BYTES = 20_000_000
+SERVE_MAX_PIXELS = 16_000_000

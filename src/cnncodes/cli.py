@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .backbones import REGISTRY, Pooling, get_backbone
-from .choices import KINDS, MAX_EXACT, SMALL_CNN, Normalize
+from .choices import KINDS, MAX_EXACT, SERVE_MAX_BYTES, SERVE_MAX_PIXELS, SMALL_CNN, Normalize
 from .errors import CnnCodesError
 from .ingest import Resize
 from .progress import console as err_console
@@ -554,7 +554,12 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 in a container).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Server processes; each gets cores / N threads.")] = 1,
-    max_bytes: Annotated[int, typer.Option(min=1, help="Largest request body (413 before it is read).")] = 20_000_000,
+    max_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body (413 before it is read).")
+    ] = SERVE_MAX_BYTES,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Most pixels an upload may decode to (a JPEG at reduced scale); more is a 400.")
+    ] = SERVE_MAX_PIXELS,
     batch_wait_ms: Annotated[
         float, typer.Option(min=0, help="How long an image waits for others to share its forward pass.")
     ] = 5.0,
@@ -575,7 +580,7 @@ def serve(
         from .serve import ServeSettings
         from .serve import serve as run_serve
 
-        settings = ServeSettings(str(model), weights, runtime, max_bytes, batch_wait_ms, max_batch, threads)
+        settings = ServeSettings(str(model), weights, runtime, max_bytes, max_pixels, batch_wait_ms, max_batch, threads)
         run_serve(settings, host=host, port=port, workers=workers, access_log=access_log, grace_seconds=grace_seconds)
 
 

@@ -21,7 +21,7 @@ from .bundle import load_bundle, load_record_for, sidecar
 from .classifiers import class_probabilities
 from .errors import CnnCodesError
 from .extract import ExtractorSpec, ImageReader
-from .ingest import image_files, load_square
+from .ingest import MAX_PIXELS, image_files, load_square
 from .progress import progress_bar, warn
 from .runtime import make_runner
 
@@ -55,9 +55,12 @@ class Predictor:
     classes: list[str]
     record: dict[str, Any]
 
-    def pixels(self, source: Path | str | bytes) -> np.ndarray:
-        """The `image_size`² pixels the model sees for a file or its bytes; raises `BadImage`."""
-        return load_square(source, self.image_size, self.resize)
+    def pixels(self, source: Path | str | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        """The `image_size`² pixels the model sees for a file or its bytes; raises `BadImage`.
+
+        `max_pixels`: a service's cap on the pixels decoded (see `ingest.load_rgb`).
+        """
+        return load_square(source, self.image_size, self.resize, max_pixels)
 
     def answers(self, filenames: Sequence[str], pixels: np.ndarray, top_k: int) -> list[Prediction]:
         if not len(pixels):  # a batch whose every file was unreadable

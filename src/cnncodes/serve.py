@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import CnnCodesError
+from .choices import SERVE_MAX_BYTES, SERVE_MAX_PIXELS
+from .errors import CnnCodesError, first_line
 from .ingest import BadImage
 from .predict import Prediction, Predictor, load_predictor
+from .records import sidecar
 
 try:
     import uvicorn
@@ -34,6 +40,7 @@ try:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
     from starlette.datastructures import UploadFile
     from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+    from starlette.requests import ClientDisconnect
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as e:
     raise CnnCodesError(
@@ -45,6 +52,31 @@ SETTINGS_ENV = "CNNCODES_SERVE_SETTINGS"
 # Files one multipart request may carry; more is refused by Starlette's form parser with a 400.
 MAX_FILES = 256
 UPLOAD_HELP = "send images as multipart/form-data files named 'files', or one image body with an image/* content type"
+# The status metrics count a request under when its client left before it was answered (nginx's).
+CLIENT_GONE = 499
+log = logging.getLogger("uvicorn.error")
+# /predict reads its body itself (multipart or raw), so its OpenAPI schema is written out here.
+UPLOAD_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["files"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "400": {"description": "No file could be read as an image, or a malformed form"},
+        "413": {"description": "The body is larger than the server's --max-bytes"},
+        "415": {"description": "Neither multipart/form-data nor image/*"},
+        "503": {"description": "The model failed its warm-up"},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +86,8 @@ class ServeSettings:
     model: str
     weights: str | None = None
     runtime: str = "onnx"
-    max_bytes: int = 20_000_000
+    max_bytes: int = SERVE_MAX_BYTES
+    max_pixels: int = SERVE_MAX_PIXELS
     batch_wait_ms: float = 5.0
     max_batch: int = 32
     threads: int | None = None
@@ -63,17 +96,18 @@ class ServeSettings:
 class MicroBatcher:
     """Gathers the images of concurrent requests into one forward pass.
 
-    The first image to arrive waits up to `wait` seconds for others (unless `max_batch` are
-    already queued); images that arrive while a batch runs form the next one, so under load
-    batches fill without waiting. The forward pass runs on one thread of its own, with
-    ONNX Runtime's operator threads under it.
+    The first image to arrive after a quiet spell waits up to `wait` seconds for others
+    (unless `max_batch` are already queued); images that arrive while a batch runs form the
+    next one at once, so under load batches fill without waiting. The forward pass runs on
+    one thread of its own, with ONNX Runtime's operator threads under it.
 
     ONNX Runtime keeps memory per input shape, so a batch runs as pieces whose sizes are
     powers of two (17 = 16 + 1: no padding, six shapes up to 32), and the warm-up runs each
     of them, largest first and then smallest first, which brings memory to its steady state
     before the first request (measured with MobileNetV2 at 224 px: flat afterwards, where
     batches of every size from 1 to 32 grew RSS by about 150 MB under load). `ready` says
-    the warm-up is done.
+    the warm-up is done; `failure` why it failed, after which every image gets a 503 (and
+    `/healthz` too, so an orchestrator restarts the process) instead of waiting for ever.
     """
 
     def __init__(
@@ -92,6 +126,7 @@ class MicroBatcher:
         self.forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-forward")
         self.task: asyncio.Task | None = None
         self.ready = False
+        self.failure: str | None = None
 
     def start(self, image_size: int) -> None:
         self.task = asyncio.create_task(self._run(image_size))
@@ -103,41 +138,61 @@ class MicroBatcher:
 
     async def submit(self, pixels: np.ndarray) -> np.ndarray:
         """The class probabilities of one image's pixels, computed in some batch."""
+        if self.failure:
+            raise HTTPException(503, self.failure)
         future = asyncio.get_running_loop().create_future()
         self.pending.append((pixels, future))
         self.arrived.set()
         return await future
 
-    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+    def _forward(self, images: list[np.ndarray]) -> np.ndarray:
+        pixels = np.stack(images)
         sizes = _powers_of_two(len(pixels))
         starts = np.cumsum([0, *sizes[:-1]])
         return np.concatenate([self.probabilities(pixels[start : start + size]) for start, size in zip(starts, sizes)])
 
     async def _run(self, image_size: int) -> None:
-        loop = asyncio.get_running_loop()
+        try:
+            await self._warm_up(image_size)
+        except Exception as e:
+            self.failure = f"the model failed its warm-up, so this server cannot predict: {first_line(e)}"
+            log.exception(self.failure)
+            self._answer(list(self.pending), HTTPException(503, self.failure))
+            return
+        self.ready = True
+        while True:
+            if not self.pending:
+                self.arrived.clear()
+                await self.arrived.wait()
+                if len(self.pending) < self.max_batch:
+                    await asyncio.sleep(self.wait)
+            items = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
+            self.on_batch(len(items))
+            try:
+                rows = await asyncio.get_running_loop().run_in_executor(
+                    self.forward, self._forward, [p for p, _ in items]
+                )
+            except Exception as e:  # this batch's requests fail; the server goes on
+                log.exception("a forward pass failed")
+                self._answer(items, HTTPException(500, f"the forward pass failed: {first_line(e)}"))
+                continue
+            self._answer(items, rows)
+
+    async def _warm_up(self, image_size: int) -> None:
         sizes = [1 << b for b in range(self.max_batch.bit_length())]
         for size in sizes[::-1] + sizes:
             warm = np.zeros((size, image_size, image_size, 3), np.uint8)
-            await loop.run_in_executor(self.forward, self.probabilities, warm)
-        self.ready = True
-        while True:
-            await self.arrived.wait()
-            if len(self.pending) < self.max_batch:
-                await asyncio.sleep(self.wait)
-            items = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
-            if not self.pending:
-                self.arrived.clear()
-            self.on_batch(len(items))
-            try:
-                rows = await loop.run_in_executor(self.forward, self._forward, np.stack([p for p, _ in items]))
-            except Exception as e:
-                for _, future in items:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            for (_, future), row in zip(items, rows):
-                if not future.done():  # its client may have gone
-                    future.set_result(row)
+            await asyncio.get_running_loop().run_in_executor(self.forward, self.probabilities, warm)
+
+    @staticmethod
+    def _answer(items: list[tuple[np.ndarray, asyncio.Future]], outcome: np.ndarray | Exception) -> None:
+        """Each item's row of `outcome`, or the exception for all; a future whose client has gone is done."""
+        for i, (_, future) in enumerate(items):
+            if not future.done():
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome[i])
 
 
 def _powers_of_two(n: int) -> list[int]:
@@ -226,7 +281,9 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
     async def answer(filename: str, data: bytes, top_k: int) -> Prediction:
         try:
-            pixels = await asyncio.get_running_loop().run_in_executor(decoders, predictor.pixels, data)
+            pixels = await asyncio.get_running_loop().run_in_executor(
+                decoders, predictor.pixels, data, settings.max_pixels
+            )
         except BadImage as bad:
             metrics.rejected.labels(bad.category).inc()
             return Prediction(filename, error=str(bad))
@@ -234,24 +291,29 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         metrics.images.inc()
         return result
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
     async def predict(request: Request, top_k: int = Query(3, ge=1, description="Classes listed per image.")):
-        uploads = await _uploads(request)
+        try:
+            uploads = await _uploads(request)
+        except ClientDisconnect:  # nobody to answer: counted, not logged as a server error
+            return Response(status_code=CLIENT_GONE)
         results = await asyncio.gather(*(answer(name, data, top_k) for name, data in uploads))
         body = {"predictions": [r.to_dict() for r in results]}
         if all(r.error for r in results):
             return JSONResponse({"detail": "no image in the request could be read", **body}, status_code=400)
         return body
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
+        if batcher.failure:
+            return JSONResponse({"status": "failed", "detail": batcher.failure}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz():
-        if batcher.ready:
+        if batcher.ready and not batcher.failure:
             return {"status": "ready"}
-        return JSONResponse({"status": "not ready"}, status_code=503)
+        return JSONResponse({"status": "failed" if batcher.failure else "not ready"}, status_code=503)
 
     @app.get("/metadata")
     async def metadata():
@@ -303,7 +365,7 @@ def _metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
         "resize": predictor.resize,
         "threads": settings.threads,
         "run": {key: record.get(key) for key in summary},
-        "limits": {"max_bytes": settings.max_bytes, "max_files": MAX_FILES},
+        "limits": {"max_bytes": settings.max_bytes, "max_files": MAX_FILES, "max_pixels": settings.max_pixels},
         "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms},
     }
 
@@ -337,21 +399,38 @@ def serve(
         raise CnnCodesError(f"--workers must be at least 1 (got {workers})")
     threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
     settings = replace(settings, threads=threads)
-    predictor = _load(settings)  # verifies the model and fills the ONNX cache the workers load from
     options: dict[str, Any] = {
         "host": host,
         "port": port,
         "access_log": access_log,
         "timeout_graceful_shutdown": grace_seconds,
     }
-    # After draining, uvicorn raises the SIGTERM it caught again; ending then is the success of a graceful stop.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
     if workers == 1:
-        uvicorn.run(create_app(predictor, settings), **options)
+        app = create_app(_load(settings), settings)
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        uvicorn.run(app, **options)
         return
-    del predictor  # each worker loads its own, from the warm cache
-    os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
-    uvicorn.run("cnncodes.serve:app_from_environment", factory=True, workers=workers, **options)
+    with tempfile.TemporaryDirectory(prefix="cnncodes-serve-") as snapshot:
+        # Uvicorn restarts a worker that dies, and the new one loads the model again: from this
+        # private copy, verified here, so it serves what the others do even if the user's file changed.
+        settings = replace(settings, model=str(_snapshot(Path(settings.model), Path(snapshot))))
+        _load(settings)  # verifies the model and fills the ONNX cache the workers load from
+        os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        uvicorn.run("cnncodes.serve:app_from_environment", factory=True, workers=workers, **options)
+
+
+def _snapshot(model: Path, folder: Path) -> Path:
+    """A copy of a model file and its run record in `folder`, under their own names.
+
+    Not a file: the path itself, for `load_predictor` to say what is wrong with it.
+    """
+    if not model.is_file():
+        return model
+    for path in (model, sidecar(model)):
+        if path.is_file():
+            shutil.copyfile(path, folder / path.name)
+    return folder / model.name
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
