@@ -161,6 +161,7 @@ def test_discover_csv_lists_every_unusable_row_and_reads_one_path_one_way(tmp_pa
         "c.png, \n"
         "d.png,x,stray\n"
         '"e\0.png",x\n'
+        "f.png,x\0\n"
     )
     ds = discover(csv_path)
     assert list(zip(ds.paths, ds.labels)) == [("a.png", "x"), ("./b.png", "y")]
@@ -169,6 +170,7 @@ def test_discover_csv_lists_every_unusable_row_and_reads_one_path_one_way(tmp_pa
         ("c.png", "line 6: no label"),
         ("d.png", "line 7: more fields than the header (an unquoted comma?)"),
         ("e\0.png", "line 8: a NUL byte in the path"),
+        ("f.png", "line 9: a NUL byte in the label"),
     ]
 
     csv_path.write_text("path,label\nb.png,y\n./b.png,x\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,11 +42,13 @@ def local_ray():
 def data(tmp_path_factory) -> Path:
     root = make_dataset(tmp_path_factory.mktemp("ray") / "data", per_class=8)
     (root / "stripes" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    # a file name that is not UTF-8 (Latin-1, as archives made on Windows have): no Arrow string
+    (root / "circles" / "circles_03.png").rename(root / "circles" / os.fsdecode(b"circles_caf\xe9.png"))
     return root
 
 
 def read(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return list(csv.DictReader(f))
 
 

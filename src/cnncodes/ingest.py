@@ -180,8 +180,9 @@ def _bad_row(path: str, label: str, extra_fields: bool) -> str | None:
         return f"no {'path' if not path else 'label'}"
     if extra_fields:
         return "more fields than the header (an unquoted comma?)"
-    if "\0" in path:
-        return "a NUL byte in the path"
+    for field_name, value in (("path", path), ("label", label)):
+        if "\0" in value:
+            return f"a NUL byte in the {field_name}"
     return None
 
 

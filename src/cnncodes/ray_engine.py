@@ -103,14 +103,26 @@ class RayEngine:
 
 
 def _items(rows: np.ndarray, files: Sequence[Path | str], workers: int) -> ray.data.Dataset:
-    """A dataset of (row, file of that row) as Arrow tables, in enough blocks to keep every worker busy."""
+    """A dataset of (row, file of that row) as Arrow tables, in enough blocks to keep every worker busy.
+
+    Paths travel as bytes (`_paths` turns them back): a file name that is not UTF-8 is no Arrow string.
+    """
     rows = np.asarray(rows, dtype=np.int64)
     size = max(1, min(BLOCK_ROWS, -(-len(rows) // (4 * workers))))
     tables = [
-        pa.table({"row": rows[i : i + size], "path": pa.array([str(files[r]) for r in rows[i : i + size]])})
+        pa.table(
+            {
+                "row": rows[i : i + size],
+                "path": pa.array([os.fsencode(files[r]) for r in rows[i : i + size]], pa.binary()),
+            }
+        )
         for i in range(0, len(rows), size)
     ]
     return ray.data.from_arrow(tables)
+
+
+def _paths(batch: dict[str, np.ndarray]) -> list[str]:
+    return [os.fsdecode(p) for p in batch["path"].tolist()]
 
 
 def _object_store_settings() -> dict[str, Any] | None:
@@ -120,7 +132,7 @@ def _object_store_settings() -> dict[str, Any] | None:
 
 
 def _check_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    checks = [check_file(p) for p in batch["path"].tolist()]
+    checks = [check_file(p) for p in _paths(batch)]
     return {
         "row": batch["row"],
         "reason": np.array([c.reason or "" for c in checks]),
@@ -153,9 +165,7 @@ class _Coder:
         self.size, self.resize = size, resize
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        decoded = Batch.of(
-            batch["row"].tolist(), [decode(p, self.size, self.resize) for p in batch["path"].tolist()], self.size
-        )
+        decoded = Batch.of(batch["row"].tolist(), [decode(p, self.size, self.resize) for p in _paths(batch)], self.size)
         failed_rows = [row for row, _ in decoded.failed]
         codes = self.runner(decoded.pixels)
         return {
