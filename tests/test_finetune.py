@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -455,6 +456,11 @@ def test_the_demo_folder_is_claimed_for_one_dataset(tmp_path):
     assert claim_output(out, data) == out  # an earlier demo of the same data is fine
     with pytest.raises(cnncodes.CnnCodesError, match=f"already holds a demo of {data}"):
         claim_output(out, other)
+    assert claim_output(out, data, {"backbone": "vgg16", "image_size": (224, 288)}) == out
+    assert claim_output(out, data, {"backbone": "vgg16", "image_size": [224, 288]}) == out
+    made = re.escape("made with backbone vgg16, image_size [224, 288], not backbone vgg16, image_size 64")
+    with pytest.raises(cnncodes.CnnCodesError, match=made):
+        claim_output(out, data, {"backbone": "vgg16", "image_size": 64})
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(cnncodes.CnnCodesError, match="files that are not a demo"):

@@ -6,7 +6,9 @@ as PNG files, so the only download is the ImageNet weights.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -24,6 +26,8 @@ from .records import load_records
 from .report import html_report, rank, rich_table
 
 DIGITS_DIR = Path("data/digits")
+# The digits are 8x8 scans: 96 px is plenty, and the demo's extract takes seconds.
+DIGITS_SIZE = 96
 # Written first into the demo's folder: which data the folder belongs to.
 DEMO_MARKER = "demo.json"
 
@@ -43,18 +47,33 @@ def write_digits(folder: Path = DIGITS_DIR) -> Path:
     return folder
 
 
-def claim_output(out: Path, data: Path) -> Path:
-    """Make `out` the demo's folder for `data`, or refuse if it holds anything else."""
+def claim_output(out: Path, data: Path, settings: dict[str, Any] | None = None) -> Path:
+    """Make `out` the demo's folder for `data` with `settings`, or refuse if it holds anything else.
+
+    An earlier demo of the same data with other settings is refused too: its runs would be
+    refused as made from other codes only after the new codes had replaced the old.
+    """
     marker, owner = out / DEMO_MARKER, str(data.resolve())
+    settings = json.loads(json.dumps(settings))  # as the marker holds them: lists, not tuples
     try:
-        claimed = read_object(marker).get("data")
+        claimed = read_object(marker)
     except (OSError, ValueError):
-        claimed = None
-    if claimed != owner and out.is_dir() and any(out.iterdir()):
-        made_for = f"a demo of {claimed}" if claimed else "files that are not a demo"
-        raise CnnCodesError(f"{out} already holds {made_for}: give the demo of {data} another --out folder")
-    write_json_atomic(marker, {"data": owner})
+        claimed = {}
+    if out.is_dir() and any(out.iterdir()):
+        if claimed.get("data") != owner:
+            made_for = f"a demo of {claimed['data']}" if claimed.get("data") else "files that are not a demo"
+            raise CnnCodesError(f"{out} already holds {made_for}: give the demo of {data} another --out folder")
+        if claimed.get("settings") not in (None, settings):  # an older marker does not say
+            raise CnnCodesError(
+                f"{out} holds a demo of {data} made with {_described(claimed['settings'])}, not "
+                f"{_described(settings)}: give another --out folder, or delete {out}"
+            )
+    write_json_atomic(marker, {"data": owner, "settings": settings})
     return out
+
+
+def _described(settings: dict[str, Any] | None) -> str:
+    return ", ".join(f"{key} {value}" for key, value in (settings or {}).items()) or "other settings"
 
 
 def run_demo(
@@ -68,20 +87,20 @@ def run_demo(
     """extract -> fit-svm -> finetune -> compare -> predict, saying what each step does; returns the ranked records.
 
     `out` defaults to `models/<name of the data folder>`; it must be empty or hold an earlier
-    demo of the same data, which is checked before anything is written.
+    demo of the same data, backbone and image size, which is checked before anything is written.
     """
     out = out or Path("models") / (data or DIGITS_DIR).resolve().name
     if data is not None:  # a mistyped DATA, or a folder inside it, fails before the folder is claimed
         discover_data(data)
         check_out(data, out)
-    out = claim_output(out, data or DIGITS_DIR)
+    size = image_size or (DIGITS_SIZE if data is None else get_backbone(backbone).default_size)
+    out = claim_output(out, data or DIGITS_DIR, {"backbone": backbone, "image_size": size})
     if data is None:
         say("[bold]1/6[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
-        data, image_size = write_digits(), image_size or 96
+        data = write_digits()
     else:
         say(f"[bold]1/6[/] Using your images in {escape(str(data))}")
     features = out / "features"
-    size = image_size or get_backbone(backbone).default_size
     say(f"[bold]2/6[/] extract: {backbone} turns every image into a CNN code -> {escape(str(features))}")
     result = extract(data, features, backbone=backbone, image_size=size)
     say(f"      {result.n_images} codes of {result.dim} numbers; split {result.counts}")
