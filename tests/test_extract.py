@@ -57,7 +57,7 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
     result = cli("extract", dataset, "--out", out, *FAST_ARGS)
     assert result.exit_code == 0, result.output
     summary = " ".join(result.stderr.split())
-    assert "Skipped 3 file(s) (" in summary
+    assert "Warning: skipped 3 file(s) (" in summary
     assert all(f"1 {why}" in summary for why in ("empty", "truncated", "not an image"))
 
     features = np.load(out / "features.npy")
@@ -201,8 +201,11 @@ def test_added_images_are_the_only_ones_computed_and_keep_old_subsets(dataset: P
     old_rows = dict(zip(old.paths, np.array(old.X)))  # a copy: the next extract replaces the file
     for i in range(3):
         write_image(dataset / "stripes" / f"new_{i}.png", "stripes", seed=900 + i)
-    result = cnncodes.extract(dataset, out, **FAST)
-    assert (result.computed, result.reused, result.n_images) == (3, 24, 27)
+    said = cli("extract", dataset, "--out", out, *FAST_ARGS[:-1])
+    assert said.exit_code == 0, said.output
+    # the time is the features' whole extraction (meta.json's elapsed_seconds), which the line says
+    assert "27 codes" in said.stdout and "3 computed, 24 reused (" in said.stdout
+    assert " s of extraction, earlier runs included)" in said.stdout
     new = load_features(out)
     subsets = dict(zip(new.paths, new.subsets))
     assert all(subsets[p] == s for p, s in zip(old.paths, old.subsets))
@@ -581,6 +584,9 @@ def test_backbones_and_layers_commands():
         assert name in listing.stdout
     layers = cli("layers", "vgg16", "--image-size", "32")
     assert layers.exit_code == 0 and "block5_pool" in layers.stdout and "block3_conv2" in layers.stdout
+    assert "fc1" not in layers.stdout  # the classifier top takes 224 px only
+    at_224 = cli("layers", "vgg16")
+    assert at_224.exit_code == 0 and "fc1" in at_224.stdout and "fc2" in at_224.stdout
 
 
 def test_mobilenetv2_averages_three_sizes_by_default_where_codes_can_be_averaged():

@@ -274,12 +274,18 @@ def test_finetune_refuses_a_learning_rate_that_is_not_positive(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
-def test_finetune_reads_a_csv_dataset(tmp_path):
+def test_finetune_reads_a_csv_dataset_and_says_which_files_it_skipped(tmp_path, capsys):
     data = make_dataset(tmp_path / "images", per_class=6)
     listing = tmp_path / "list.csv"
     rows = sorted(data.rglob("*.*"))
-    listing.write_text("path,label\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in rows))
+    (tmp_path / "images" / "cut.jpg").write_bytes(b"\xff\xd8\xff not a whole jpeg")
+    listing.write_text(
+        "path,label\nimages/cut.jpg,circles\n"
+        + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in rows)
+    )
     record = finetune(listing, tmp_path / "models", tiny(fine_epochs=0), progress=False)
+    assert "Warning: skipped 1 file(s) (1 not an image): see" in " ".join(capsys.readouterr().err.split())
+    assert (tmp_path / "models" / "rejected.csv").read_text().splitlines()[1].startswith("images/cut.jpg,")
     split = (tmp_path / "models" / "split.csv").read_text().splitlines()[1:]
     assert len(split) == len(rows) and record["n_test"] == sum(line.endswith(",test") for line in split)
     assert record["n_train"] == sum(line.endswith(",train") for line in split)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,7 +146,10 @@ def extract(
     ] = "local",
     address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster to join with --engine ray (default: $RAY_ADDRESS, else a new local one)."),
+        typer.Option(
+            help="Ray cluster to join with --engine ray (default: $RAY_ADDRESS, else one started on this "
+            "machine by `ray start`, else a new local one)."
+        ),
     ] = None,
     precision: Annotated[
         Literal["fp32", "int8"],
@@ -163,6 +165,7 @@ def extract(
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, groups.npy, split.csv, rejected.csv, meta.json."""
     from .extract import extract as run_extract
+    from .extract import skipped_summary
 
     with user_errors("finished batches are saved; run the same command again to resume."):
         result = run_extract(
@@ -187,24 +190,21 @@ def extract(
             precision=precision,
             calibration=calibration,
         )
-    for warning in result.warnings:
+    skipped = [skipped_summary(result.rejected, result.out / "rejected.csv")] if result.rejected else []
+    for warning in result.warnings + skipped:
         err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    if result.rejected:
-        reasons = Counter(category for _, _, category in result.rejected)
-        summary = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
-        err_console.print(
-            f"[yellow]Skipped {len(result.rejected)} file(s)[/] ({escape(summary)}): "
-            f"see {escape(str(result.out / 'rejected.csv'))}",
-            highlight=False,
-            soft_wrap=True,
-        )
     if quiet:
         return
     state = (
         "up to date, nothing recomputed"
         if result.up_to_date
         else (
-            f"{result.computed} computed, {result.reused} reused in {result.seconds:.1f} s"
+            f"{result.computed} computed, {result.reused} reused "
+            + (
+                f"({result.seconds:.1f} s of extraction, earlier runs included)"
+                if result.reused
+                else f"in {result.seconds:.1f} s"
+            )
             + (f" ({result.images_per_second:.1f} images/s while computing codes)" if result.images_per_second else "")
         )
     )
@@ -242,15 +242,21 @@ def layers(
     backbone: Annotated[BackboneName, typer.Argument(help="Network to list.")],
     image_size: Annotated[int | None, typer.Option(min=1, help="Input size the shapes are shown for.")] = None,
 ) -> None:
-    """List every layer name of a backbone with its output shape, for --layer."""
+    """List every layer name of a backbone with its output shape, for --layer.
+
+    At its default size the classifier top's layers (VGG's fc1 and fc2) are listed too.
+    """
     from .weights import Weights
 
     with user_errors():
         entry = get_backbone(backbone)
-        network = entry.build_network(image_size or entry.default_size, entry.default_layer, Weights("none"))
+        size = image_size or entry.default_size
+        top = entry.top_taps and size == entry.default_size
+        network = entry.build_network(size, entry.top_taps[-1] if top else entry.default_layer, Weights("none"))
     table = Table("layer", "output shape", "named tap")
+    named = entry.taps + entry.top_taps
     for layer in network.layers:
-        table.add_row(layer.name, str(tuple(layer.output.shape[1:])), "yes" if layer.name in entry.taps else "")
+        table.add_row(layer.name, str(tuple(layer.output.shape[1:])), "yes" if layer.name in named else "")
     out_console.print(table)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -605,6 +605,13 @@ def extract(
         meta["images_per_second"],
         warnings=the_plan.split.warnings,
     )
+
+
+def skipped_summary(rejected: Sequence[tuple[str, str, str]], listing: Path) -> str:
+    """The one line that says how many files were skipped, by category, and where they are listed."""
+    reasons = Counter(category for _, _, category in rejected)
+    by_category = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
+    return f"skipped {len(rejected)} file(s) ({by_category}): see {listing}"
 
 
 def check_out(data: Path | str, out: Path) -> None:

@@ -29,17 +29,17 @@ from typing import Any, ClassVar, NamedTuple
 import keras
 import numpy as np
 
-from .artifacts import read_json, sha256_json, write_bytes_atomic, write_json_atomic
+from .artifacts import read_json, sha256_json, write_bytes_atomic, write_csv_atomic, write_json_atomic
 from .backbones import Backbone, get_backbone
 from .choices import SMALL_CNN
 from .classifiers import repeated_splits
 from .errors import CnnCodesError, first_line
 from .evaluate import per_image_predictions, score
-from .extract import extract, plan
+from .extract import REJECTED_COLUMNS, extract, plan, skipped_summary
 from .features import load_features
 from .ingest import check_resize, discover, load_square
 from .models import build_classifier, small_cnn
-from .progress import progress_bar
+from .progress import progress_bar, warn
 from .records import build_record, publish, refuse_to_replace, repeat_score, repeats_summary, run_name
 from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, SUBSETS, Split, parse_fractions, read_split_csv
 from .weights import Weights
@@ -378,9 +378,12 @@ def load_split(
 ) -> Split:
     """The split of a features folder (or a split.csv) when given, else one made as `extract` makes it."""
     if split_from is None:
-        the_split = plan(discover(data), out, fractions, seed, dup_threshold, progress=progress).split
-        the_split.write_csv(out / "split.csv")
-        return the_split
+        planned = plan(discover(data), out, fractions, seed, dup_threshold, progress=progress)
+        planned.split.write_csv(out / "split.csv")
+        write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, planned.rejected)
+        if planned.rejected:
+            warn(skipped_summary(planned.rejected, out / "rejected.csv"))
+        return planned.split
     csv_path = split_from / "split.csv" if split_from.is_dir() else split_from
     the_split = read_split_csv(csv_path)
     missing = [p for p in the_split.paths if not (image_root(data) / p).is_file()]

@@ -35,7 +35,8 @@ BLOCK_ROWS = 512
 
 
 class RayEngine:
-    """Connects to the cluster at `address` (else `RAY_ADDRESS`, else starts a local one) on creation."""
+    """Connects to the cluster at `address` on creation (else Ray's own choice: `RAY_ADDRESS`, else the
+    cluster `ray start` last started on this machine, else a new local one)."""
 
     name: ClassVar[str] = "ray"
 
