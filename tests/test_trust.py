@@ -250,6 +250,15 @@ def test_the_compare_table_reads_well_at_80_columns(codes, tmp_path):
     for record in records:  # every run name whole, on one line, with its accuracy, p-value, ECE and AUROC
         line = next(line for line in lines if record["run"] in line)
         assert f"{100 * record['accuracy']:.1f}%" in line and f"{record['ece']:.2f}" in line
+    # At 120 columns every column fits short run names; long ones (a folder prefixed) make the narrow layout.
+    for names, header in ((["a", "b"], "size"), ([f"models-of-today/{r['run']}" for r in records], "AUROC")):
+        named = [{**r, "run": name} for r, name in zip(records, names)]
+        console = Console(width=120, record=True, file=io.StringIO())
+        console.print(rich_table(named, width=120))
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= 120
+        head = next(line.split() for line in text.splitlines() if line.split()[:2] == ["#", "run"])
+        assert head[-1] == header and all(r["run"] in text for r in named)
 
 
 def test_a_record_without_a_split_fingerprint_is_a_one_line_error(codes, tmp_path):

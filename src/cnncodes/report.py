@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 from rich import box
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -197,8 +199,14 @@ def _size(n: int) -> str:
 
 
 def rich_table(records: Sequence[dict[str, Any]], title: str | None = None, width: int = WIDE) -> Table:
-    """The ranked runs for a terminal `width` columns wide: below `WIDE`, only the columns that rank and trust."""
-    names = [n for n in TERMINAL_COLUMNS if width >= WIDE or n in NARROW_COLUMNS]
+    """The ranked runs for a terminal `width` columns wide: only the columns that rank and trust unless all fit."""
+    wide = _table(records, title, list(TERMINAL_COLUMNS))
+    if width >= WIDE and _measured(wide) <= width:
+        return wide
+    return _table(records, title, [n for n in TERMINAL_COLUMNS if n in NARROW_COLUMNS])
+
+
+def _table(records: Sequence[dict[str, Any]], title: str | None, names: list[str]) -> Table:
     marked = any(r.get("p_vs_best", 1.0) < ALPHA for r in records)
     table = Table(
         title=title,
@@ -218,6 +226,12 @@ def rich_table(records: Sequence[dict[str, Any]], title: str | None = None, widt
     for row in rows(records):
         table.add_row(*(row[name] for name in names))
     return table
+
+
+def _measured(table: Table) -> int:
+    """The width `table` takes with nothing wrapped (run names with folders can make the wide layout too wide)."""
+    console = Console(width=10_000)
+    return Measurement.get(console, console.options, table).maximum
 
 
 def render(records: Sequence[dict[str, Any]], fmt: str) -> str:
