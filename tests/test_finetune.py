@@ -280,8 +280,7 @@ def test_finetune_reads_a_csv_dataset_and_says_which_files_it_skipped(tmp_path, 
     rows = sorted(data.rglob("*.*"))
     (tmp_path / "images" / "cut.jpg").write_bytes(b"\xff\xd8\xff not a whole jpeg")
     listing.write_text(
-        "path,label\nimages/cut.jpg,circles\n"
-        + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in rows)
+        "path,label\nimages/cut.jpg,circles\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in rows)
     )
     record = finetune(listing, tmp_path / "models", tiny(fine_epochs=0), progress=False)
     assert "Warning: skipped 1 file(s) (1 not an image): see" in " ".join(capsys.readouterr().err.split())

@@ -291,6 +291,21 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(served):
     assert answer[0].status_code == 200 and answer[0].json()["predictions"][0]["label"]
 
 
+def test_a_request_still_running_when_the_grace_period_ends_gets_503_and_the_log_no_traceback(served):
+    with running_server(served, "--batch-wait-ms", "5000", "--grace-seconds", "0.5", log="grace.log") as (url, proc):
+        answer: list[httpx.Response] = []
+        request = threading.Thread(
+            target=lambda: answer.append(httpx.post(f"{url}/predict", files=upload(served["images"][:1]), timeout=30))
+        )
+        request.start()
+        time.sleep(0.4)  # the request now waits in the batcher's 5-s window, longer than the grace period
+        proc.send_signal(signal.SIGTERM)
+        request.join(timeout=30)
+        assert proc.wait(timeout=30) == 0
+    assert answer[0].status_code == 503 and "shutting down" in answer[0].json()["detail"]
+    assert "Traceback" not in (served["root"] / "grace.log").read_text()
+
+
 def test_workers_run_as_separate_processes_sharing_the_cores(served, tmp_path):
     import psutil
 
