@@ -205,7 +205,9 @@ def test_added_images_are_the_only_ones_computed_and_keep_old_subsets(dataset: P
     assert said.exit_code == 0, said.output
     # the time is the features' whole extraction (meta.json's elapsed_seconds), which the line says
     assert "27 codes" in said.stdout and "3 computed, 24 reused (" in said.stdout
-    assert " s of extraction, earlier runs included)" in said.stdout
+    assert (
+        " s of extraction, earlier runs included; " in said.stdout and "images/s while computing codes)" in said.stdout
+    )
     new = load_features(out)
     subsets = dict(zip(new.paths, new.subsets))
     assert all(subsets[p] == s for p, s in zip(old.paths, old.subsets))

@@ -461,18 +461,21 @@ def test_a_client_that_leaves_mid_upload_is_counted_not_logged_as_a_server_error
 def test_health_routes_answer_head_and_the_schema_describes_uploads(server):
     assert httpx.head(f"{server}/healthz").status_code == 200
     assert httpx.head(f"{server}/readyz").status_code == 200
-    body = httpx.get(f"{server}/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]
+    schema = httpx.get(f"{server}/openapi.json").json()
+    operations = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(operations) == len(set(operations))  # HEAD routes add no second operation under the same id
+    body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert body["multipart/form-data"]["schema"]["properties"]["files"]["items"]["format"] == "binary"
     assert "image/*" in body
 
 
-def fake_app(probabilities):
+def fake_app(probabilities, wait_ms: float = 1):
     """The app around a predictor whose forward pass is `probabilities` (32-px images, two classes)."""
     from cnncodes.predict import Predictor
     from cnncodes.serve import ServeSettings, create_app
 
     predictor = Predictor(probabilities, 32, "crop", ["a", "b"], {"run": "fake"})
-    return create_app(predictor, ServeSettings("fake.joblib", batch_wait_ms=1))
+    return create_app(predictor, ServeSettings("fake.joblib", batch_wait_ms=wait_ms))
 
 
 def in_process(app, calls):
@@ -529,3 +532,51 @@ def test_a_failed_forward_pass_fails_its_requests_and_the_server_goes_on():
     failed, served_after = in_process(fake_app(white_fails), calls)
     assert failed.status_code == 500 and "the forward pass failed: a kernel failed" in failed.json()["detail"]
     assert served_after.status_code == 200 and served_after.json()["predictions"][0]["label"] == "b"
+
+
+def test_images_queued_during_a_forward_pass_do_not_wait_the_window_again():
+    slow = threading.Event()
+
+    def probabilities(pixels):
+        if slow.is_set():
+            time.sleep(0.5)
+        return np.tile([0.25, 0.75], (len(pixels), 1))
+
+    async def calls(client):
+        while (await client.get("/readyz")).status_code != 200:
+            await asyncio.sleep(0.05)
+        slow.set()
+
+        async def post(delay: float) -> float:
+            await asyncio.sleep(delay)
+            await client.post("/predict", files=[("files", ("a.png", png_of(9)))])
+            return time.perf_counter()
+
+        # A waits the 3-s window, then its pass takes 0.5 s; B arrives during that pass.
+        return await asyncio.gather(post(0), post(3.2))
+
+    done_a, done_b = in_process(fake_app(probabilities, wait_ms=3000), calls)
+    assert done_b - done_a < 2.0  # B's own pass (0.5 s), not another 3-s window
+
+
+def test_a_cancellation_other_than_uvicorns_shutdown_stays_a_cancellation():
+    def blocking(pixels):
+        if pixels.max() == 255:
+            time.sleep(2)
+        return np.tile([0.25, 0.75], (len(pixels), 1))
+
+    async def calls(client):
+        while (await client.get("/readyz")).status_code != 200:
+            await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.post("/predict", files=[("files", ("w.png", png_of(255)))]), 0.5)
+        return (await client.get("/healthz")).status_code
+
+    assert in_process(fake_app(blocking), calls) == 200
+
+
+def test_workers_name_the_users_model_file_when_it_cannot_be_verified(served, tmp_path):
+    shutil.copy(served["model"], tmp_path)
+    model = tmp_path / served["model"].name  # without its run record
+    result = runner.invoke(app, ["serve", str(model), "--workers", "2"])
+    assert result.exit_code == 2 and f"{model} has no readable run record" in " ".join(result.output.split())

@@ -108,6 +108,8 @@ class _WeightedNeighbors(KNeighborsClassifier):
         return self
 
     def predict_proba(self, X):
+        # in the training codes' dtype: float64 queries on float32 codes would copy them all on every call
+        X = np.asarray(X, dtype=self._fit_X.dtype)
         votes = super().predict_proba(X) * self.vote_weights_
         return votes / np.maximum(votes.sum(axis=1, keepdims=True), np.finfo(float).tiny)
 
@@ -467,7 +469,7 @@ class _StreamingFit:
             _margins(model.decision_function(np.asarray(self.X[chunk], np.float64)))
             for chunk in _chunks(rows, self.chunk_size)
         ]
-        return np.vstack(parts).astype(np.float64)
+        return np.vstack(parts)
 
 
 def _out_of_fold_scores(model: Pipeline, X: np.ndarray, codes: np.ndarray, folds) -> tuple[np.ndarray, np.ndarray]:

@@ -57,6 +57,8 @@ def main(
 
 # Backbone choices come from the registry, its one source; type checkers see plain strings.
 if TYPE_CHECKING:
+    from .extract import ExtractResult
+
     BackboneName: TypeAlias = str
     TrainableName: TypeAlias = str
 else:
@@ -195,19 +197,7 @@ def extract(
         err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if quiet:
         return
-    state = (
-        "up to date, nothing recomputed"
-        if result.up_to_date
-        else (
-            f"{result.computed} computed, {result.reused} reused "
-            + (
-                f"({result.seconds:.1f} s of extraction, earlier runs included)"
-                if result.reused
-                else f"in {result.seconds:.1f} s"
-            )
-            + (f" ({result.images_per_second:.1f} images/s while computing codes)" if result.images_per_second else "")
-        )
-    )
+    state = _extract_state(result)
     counts = ", ".join(f"{n} {s}" for s, n in result.counts.items())
     out_console.print(
         Text(
@@ -237,6 +227,17 @@ def backbones() -> None:
     out_console.print(table)
 
 
+def _extract_state(result: ExtractResult) -> str:
+    """What the run did; its time is the features' whole extraction, earlier runs included when rows were reused."""
+    if result.up_to_date:
+        return "up to date, nothing recomputed"
+    notes = [f"{result.seconds:.1f} s of extraction, earlier runs included"] if result.reused else []
+    if result.images_per_second:
+        notes.append(f"{result.images_per_second:.1f} images/s while computing codes")
+    timing = "" if result.reused else f" in {result.seconds:.1f} s"
+    return f"{result.computed} computed, {result.reused} reused{timing}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 @app.command()
 def layers(
     backbone: Annotated[BackboneName, typer.Argument(help="Network to list.")],
@@ -251,7 +252,7 @@ def layers(
     with user_errors():
         entry = get_backbone(backbone)
         size = image_size or entry.default_size
-        top = entry.top_taps and size == entry.default_size
+        top = bool(entry.top_taps) and size == entry.default_size
         network = entry.build_network(size, entry.top_taps[-1] if top else entry.default_layer, Weights("none"))
     table = Table("layer", "output shape", "named tap")
     named = entry.taps + entry.top_taps
@@ -564,7 +565,12 @@ def serve(
         int, typer.Option(min=1, help="Largest request body (413 before it is read).")
     ] = SERVE_MAX_BYTES,
     max_pixels: Annotated[
-        int, typer.Option(min=1, help="Most pixels an upload may decode to (a JPEG at reduced scale); more is a 400.")
+        int,
+        typer.Option(
+            min=1,
+            help="Most pixels an upload may decode to (a JPEG at reduced scale); more is a 400. Above Pillow's "
+            "decompression-bomb limit (89 million) that limit holds.",
+        ),
     ] = SERVE_MAX_PIXELS,
     batch_wait_ms: Annotated[
         float, typer.Option(min=0, help="How long an image waits for others to share its forward pass.")

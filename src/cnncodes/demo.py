@@ -94,7 +94,8 @@ def run_demo(
         discover_data(data)
         check_out(data, out)
     size = image_size or (DIGITS_SIZE if data is None else get_backbone(backbone).default_size)
-    out = claim_output(out, data or DIGITS_DIR, {"backbone": backbone, "image_size": size})
+    settings = {"backbone": backbone, "image_size": size, "finetune_epochs": list(finetune_epochs)}
+    out = claim_output(out, data or DIGITS_DIR, settings)
     if data is None:
         say("[bold]1/6[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
         data = write_digits()

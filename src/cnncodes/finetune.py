@@ -29,13 +29,13 @@ from typing import Any, ClassVar, NamedTuple
 import keras
 import numpy as np
 
-from .artifacts import read_json, sha256_json, write_bytes_atomic, write_csv_atomic, write_json_atomic
+from .artifacts import read_json, sha256_json, write_bytes_atomic, write_json_atomic
 from .backbones import Backbone, get_backbone
 from .choices import SMALL_CNN
 from .classifiers import repeated_splits
 from .errors import CnnCodesError, first_line
 from .evaluate import per_image_predictions, score
-from .extract import REJECTED_COLUMNS, extract, plan, skipped_summary
+from .extract import extract, plan, skipped_summary
 from .features import load_features
 from .ingest import check_resize, discover, load_square
 from .models import build_classifier, small_cnn
@@ -380,8 +380,7 @@ def load_split(
     if split_from is None:
         planned = plan(discover(data), out, fractions, seed, dup_threshold, progress=progress)
         planned.split.write_csv(out / "split.csv")
-        write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, planned.rejected)
-        if planned.rejected:
+        if planned.rejected:  # `plan` listed them in OUT/rejected.csv
             warn(skipped_summary(planned.rejected, out / "rejected.csv"))
         return planned.split
     csv_path = split_from / "split.csv" if split_from.is_dir() else split_from

@@ -13,25 +13,26 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .bundle import load_record_for
 from .choices import SERVE_MAX_BYTES, SERVE_MAX_PIXELS
 from .errors import CnnCodesError, first_line
 from .ingest import BadImage
 from .predict import Prediction, Predictor, load_predictor
 from .records import sidecar
+from .runtime import CACHE_ENV, cache_dir
 
 try:
     import uvicorn
@@ -54,6 +55,9 @@ MAX_FILES = 256
 UPLOAD_HELP = "send images as multipart/form-data files named 'files', or one image body with an image/* content type"
 # The status metrics count a request under when its client left before it was answered (nginx's).
 CLIENT_GONE = 499
+# What uvicorn cancels a request with when --grace-seconds end (uvicorn/server.py).
+UVICORN_SHUTDOWN = "timeout graceful shutdown exceeded"
+# uvicorn's own logger: the messages land in the log uvicorn configures, beside its own.
 log = logging.getLogger("uvicorn.error")
 # /predict reads its body itself (multipart or raw), so its OpenAPI schema is written out here.
 UPLOAD_SCHEMA: dict[str, Any] = {
@@ -74,7 +78,8 @@ UPLOAD_SCHEMA: dict[str, Any] = {
         "400": {"description": "No file could be read as an image, or a malformed form"},
         "413": {"description": "The body is larger than the server's --max-bytes"},
         "415": {"description": "Neither multipart/form-data nor image/*"},
-        "503": {"description": "The model failed its warm-up"},
+        "500": {"description": "The forward pass of this request's batch failed"},
+        "503": {"description": "The model failed its warm-up, or the server is shutting down"},
     },
 }
 
@@ -130,6 +135,7 @@ class MicroBatcher:
 
     def start(self, image_size: int) -> None:
         self.task = asyncio.create_task(self._run(image_size))
+        self.task.add_done_callback(self._ended)
 
     async def stop(self) -> None:
         if self.task:
@@ -149,15 +155,17 @@ class MicroBatcher:
         pixels = np.stack(images)
         sizes = _powers_of_two(len(pixels))
         starts = np.cumsum([0, *sizes[:-1]])
-        return np.concatenate([self.probabilities(pixels[start : start + size]) for start, size in zip(starts, sizes)])
+        rows = np.concatenate([self.probabilities(pixels[start : start + size]) for start, size in zip(starts, sizes)])
+        if len(rows) != len(pixels):
+            raise RuntimeError(f"the model gave {len(rows)} rows of probabilities for {len(pixels)} images")
+        return rows
 
     async def _run(self, image_size: int) -> None:
         try:
             await self._warm_up(image_size)
         except Exception as e:
-            self.failure = f"the model failed its warm-up, so this server cannot predict: {first_line(e)}"
-            log.exception(self.failure)
-            self._answer(list(self.pending), HTTPException(503, self.failure))
+            log.exception("the warm-up failed")
+            self._fail_for_good(f"the model failed its warm-up, so this server cannot predict: {first_line(e)}")
             return
         self.ready = True
         while True:
@@ -167,16 +175,18 @@ class MicroBatcher:
                 if len(self.pending) < self.max_batch:
                     await asyncio.sleep(self.wait)
             items = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
-            self.on_batch(len(items))
             try:
+                self.on_batch(len(items))
                 rows = await asyncio.get_running_loop().run_in_executor(
                     self.forward, self._forward, [p for p, _ in items]
                 )
             except Exception as e:  # this batch's requests fail; the server goes on
                 log.exception("a forward pass failed")
-                self._answer(items, HTTPException(500, f"the forward pass failed: {first_line(e)}"))
+                _fail(items, 500, f"the forward pass failed: {first_line(e)}")
                 continue
-            self._answer(items, rows)
+            for (_, future), row in zip(items, rows):
+                if not future.done():  # its client may have gone
+                    future.set_result(row)
 
     async def _warm_up(self, image_size: int) -> None:
         sizes = [1 << b for b in range(self.max_batch.bit_length())]
@@ -184,15 +194,24 @@ class MicroBatcher:
             warm = np.zeros((size, image_size, image_size, 3), np.uint8)
             await asyncio.get_running_loop().run_in_executor(self.forward, self.probabilities, warm)
 
-    @staticmethod
-    def _answer(items: list[tuple[np.ndarray, asyncio.Future]], outcome: np.ndarray | Exception) -> None:
-        """Each item's row of `outcome`, or the exception for all; a future whose client has gone is done."""
-        for i, (_, future) in enumerate(items):
-            if not future.done():
-                if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome[i])
+    def _ended(self, task: asyncio.Task) -> None:
+        """The loop ends by `stop` or after a failed warm-up; anything else is a bug, and ends like the warm-up."""
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        log.error("the micro-batcher stopped", exc_info=error)
+        self._fail_for_good(f"the micro-batcher stopped, so this server cannot predict: {first_line(error)}")
+
+    def _fail_for_good(self, reason: str) -> None:
+        self.failure = reason
+        _fail(list(self.pending), 503, reason)
+        self.pending.clear()
+
+
+def _fail(items: list[tuple[np.ndarray, asyncio.Future]], status: int, detail: str) -> None:
+    """Fail each item's request with its own HTTPException; a future whose client has gone is done."""
+    for _, future in items:
+        if not future.done():
+            future.set_exception(HTTPException(status, detail))
 
 
 def _powers_of_two(n: int) -> list[int]:
@@ -250,9 +269,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_and_note)
-        except asyncio.CancelledError:
-            if answering:
+        except asyncio.CancelledError as cancelled:
+            if answering or UVICORN_SHUTDOWN not in str(cancelled):  # any other cancellation stays one
                 raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]  # the task goes on, to answer
             stopping = JSONResponse({"detail": "the server is shutting down: send the request again"}, 503)
             await stopping(scope, receive, send_and_note)
         finally:
@@ -302,6 +322,8 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
     @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
     async def predict(request: Request, top_k: int = Query(3, ge=1, description="Classes listed per image.")):
+        if batcher.failure:  # before reading and decoding a body no forward pass would take
+            raise HTTPException(503, batcher.failure)
         try:
             uploads = await _uploads(request)
         except ClientDisconnect:  # nobody to answer: counted, not logged as a server error
@@ -312,17 +334,20 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
             return JSONResponse({"detail": "no image in the request could be read", **body}, status_code=400)
         return body
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    @app.get("/healthz")
     async def healthz():
         if batcher.failure:
             return JSONResponse({"status": "failed", "detail": batcher.failure}, status_code=503)
         return {"status": "ok"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"])
+    @app.get("/readyz")
     async def readyz():
         if batcher.ready and not batcher.failure:
             return {"status": "ready"}
         return JSONResponse({"status": "failed" if batcher.failure else "not ready"}, status_code=503)
+
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD too, outside the schema (one id each)
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metadata")
     async def metadata():
@@ -419,27 +444,50 @@ def serve(
         signal.signal(signal.SIGTERM, _exit_cleanly)
         uvicorn.run(app, **options)
         return
-    with tempfile.TemporaryDirectory(prefix="cnncodes-serve-") as snapshot:
+    with _private_folder() as snapshot:
         # Uvicorn restarts a worker that dies, and the new one loads the model again: from this
-        # private copy, verified here, so it serves what the others do even if the user's file changed.
-        settings = replace(settings, model=str(_snapshot(Path(settings.model), Path(snapshot))))
-        _load(settings)  # verifies the model and fills the ONNX cache the workers load from
+        # private copy of the verified bytes, so it serves what the others do even if the user's file changed.
+        settings = replace(settings, model=str(_snapshot(Path(settings.model), snapshot)))
+        _load(settings)  # loads the copy as the workers will, and fills the ONNX cache they load from
         os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
         signal.signal(signal.SIGTERM, _exit_cleanly)
         uvicorn.run("cnncodes.serve:app_from_environment", factory=True, workers=workers, **options)
 
 
 def _snapshot(model: Path, folder: Path) -> Path:
-    """A copy of a model file and its run record in `folder`, under their own names.
+    """The model file's verified bytes and its run record, written to `folder` under their own names.
 
     Not a file: the path itself, for `load_predictor` to say what is wrong with it.
     """
     if not model.is_file():
         return model
-    for path in (model, sidecar(model)):
-        if path.is_file():
-            shutil.copyfile(path, folder / path.name)
-    return folder / model.name
+    record, data = load_record_for(model)  # an error names the user's file, not the copy
+    copy = folder / model.name
+    try:
+        copy.write_bytes(data)
+        sidecar(copy).write_text(json.dumps(record))
+    except OSError as e:
+        raise _unwritable(folder, e) from None
+    return copy
+
+
+@contextmanager
+def _private_folder() -> Iterator[Path]:
+    """A folder of this server's own in the cache folder (writable wherever the ONNX cache is), removed at exit."""
+    parent = cache_dir()
+    try:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder = tempfile.TemporaryDirectory(prefix=".serve-", dir=parent)
+    except OSError as e:
+        raise _unwritable(parent, e) from None
+    with folder as path:
+        yield Path(path)
+
+
+def _unwritable(folder: Path, error: OSError) -> CnnCodesError:
+    return CnnCodesError(
+        f"--workers needs a copy of the model in {folder} ({first_line(error)}): set {CACHE_ENV} to a writable folder"
+    )
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
