@@ -87,7 +87,8 @@ def run_demo(
     """extract -> fit-svm -> finetune -> compare -> predict, saying what each step does; returns the ranked records.
 
     `out` defaults to `models/<name of the data folder>`; it must be empty or hold an earlier
-    demo of the same data, backbone and image size, which is checked before anything is written.
+    demo of the same data and settings (backbone, image size, fine-tune epochs), which is checked
+    before anything is written.
     """
     out = out or Path("models") / (data or DIGITS_DIR).resolve().name
     if data is not None:  # a mistyped DATA, or a folder inside it, fails before the folder is claimed

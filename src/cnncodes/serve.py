@@ -272,7 +272,9 @@ class MetricsMiddleware:
         except asyncio.CancelledError as cancelled:
             if answering or UVICORN_SHUTDOWN not in str(cancelled):  # any other cancellation stays one
                 raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]  # the task goes on, to answer
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):  # Python 3.11+: the task goes on, to answer
+                task.uncancel()
             stopping = JSONResponse({"detail": "the server is shutting down: send the request again"}, 503)
             await stopping(scope, receive, send_and_note)
         finally:
