@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .artifacts import write_bytes_atomic, write_json_atomic
 from .bundle import load_record_for
 from .choices import SERVE_MAX_BYTES, SERVE_MAX_PIXELS
 from .errors import CnnCodesError, first_line
@@ -466,8 +467,8 @@ def _snapshot(model: Path, folder: Path) -> Path:
     record, data = load_record_for(model)  # an error names the user's file, not the copy
     copy = folder / model.name
     try:
-        copy.write_bytes(data)
-        sidecar(copy).write_text(json.dumps(record))
+        write_bytes_atomic(copy, data)
+        write_json_atomic(sidecar(copy), record)
     except OSError as e:
         raise _unwritable(folder, e) from None
     return copy
