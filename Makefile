@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,ray,serve,bench]'
 	touch $(STAMP)
 
+# Two processes, each taking whole test files: a file's shared fixtures (its models, the one local Ray,
+# the one server) are made once; the suite is sized for two cores.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/ruff format --check src tests scripts
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(VENV)/bin/cnncodes demo

@@ -13,6 +13,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 FLOWERS = SHARED / "datasets" / "oxford17flowers"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 
+# pytest-xdist's workers inherit COLUMNS=80, and rich fixes a console's width from it when the console
+# is made (the CLI's is made on import): tests that give CliRunner a wider COLUMNS would see 80.
+for _size in ("COLUMNS", "LINES"):
+    os.environ.pop(_size, None)
+
 CLASSES = ("circles", "stripes", "squares")
 
 
