@@ -175,24 +175,59 @@ def test_a_run_interrupted_in_its_first_phase_resumes_with_every_epoch_of_the_se
     assert phases == [("head", 1), ("head", 2), ("fine", 1), ("fine", 2)]  # the restored epoch is the head's only
 
 
-def test_ctrl_c_while_an_epoch_is_backed_up_waits_for_the_backup(tmp_path, monkeypatch):
+class Terminated(Exception):
+    """What the test's own SIGTERM handler raises, so that a deferred `kill` shows where it was delivered."""
+
+
+def _terminated(*_):
+    raise Terminated
+
+
+@pytest.mark.parametrize(("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_signal_while_an_epoch_is_backed_up_waits_for_the_backup(tmp_path, monkeypatch, signum, raised):
     original = keras.callbacks.BackupAndRestore.on_epoch_end
 
     def interrupted_while_writing(self, epoch, logs=None):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C just as the backup starts
+        os.kill(os.getpid(), signum)  # Ctrl-C or `kill` just as the backup starts
         original(self, epoch, logs)
 
     monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", interrupted_while_writing)
     data, out = make_dataset(tmp_path / "data", per_class=6), tmp_path / "models"
-    handler = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN where the shell started us in the background
-    with pytest.raises(KeyboardInterrupt):
-        finetune(data, out, tiny(head_epochs=2), progress=False)
-    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C has its handler back
+    before = signal.signal(signal.SIGTERM, _terminated) if signum == signal.SIGTERM else None
+    handler = signal.getsignal(signum)  # Python's own, or SIG_IGN where the shell started us in the background
+    try:
+        with pytest.raises(raised):
+            finetune(data, out, tiny(head_epochs=2), progress=False)
+        assert signal.getsignal(signum) is handler  # the signal has its handler back
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
     backup = out / ".finetune" / "vgg16-finetune" / "head-backup"
     assert any(backup.rglob("*.weights.h5")), "the interrupted epoch's backup was not finished"
     monkeypatch.undo()
     record = finetune(data, out, tiny(head_epochs=2), resume=True, progress=False)
     assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("head", 1), ("head", 2), ("fine", 1)]
+
+
+def test_a_kill_while_a_backup_is_written_leaves_the_previous_epochs_whole(tmp_path, monkeypatch):
+    """SIGKILL cannot be held: a backup half written when it struck must not replace the last whole one."""
+    original, written = keras.Model.save_weights, []
+
+    def killed_mid_write(self, filepath, *args, **kwargs):
+        written.append(filepath)
+        if len(written) == 2:  # the second epoch's backup
+            Path(filepath).write_bytes(b"\x89HDF\r\n\x1a\n half a file")
+            raise SystemExit("killed")
+        return original(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save_weights", killed_mid_write)
+    data, out = make_dataset(tmp_path / "data", per_class=6), tmp_path / "models"
+    with pytest.raises(SystemExit):
+        finetune(data, out, tiny(head_epochs=3), progress=False)
+    monkeypatch.undo()
+    record = finetune(data, out, tiny(head_epochs=3), resume=True, progress=False)
+    assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("head", 1), ("head", 2), ("head", 3), ("fine", 1)]
+    assert not list(out.glob(".finetune")), "the checkpoints outlived the finished run"
 
 
 @pytest.mark.parametrize("damaged", ["latest.weights.h5", "training_metadata.json"])

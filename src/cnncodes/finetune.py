@@ -40,7 +40,15 @@ from .features import load_features
 from .ingest import check_resize, discover, load_square
 from .models import build_classifier, small_cnn
 from .progress import progress_bar, warn
-from .records import build_record, publish, refuse_to_replace, repeat_score, repeats_summary, run_name
+from .records import (
+    build_record,
+    publish,
+    refuse_to_replace,
+    repeat_score,
+    repeats_summary,
+    run_name,
+    write_through_temporary,
+)
 from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, SUBSETS, Split, parse_fractions, read_split_csv
 from .weights import Weights
 
@@ -705,7 +713,7 @@ def _phase(
         every = [
             guard.hold,
             log,
-            CheckedBackup(str(checkpoints / f"{phase.name}-backup")),
+            CheckedBackup(str(checkpoints / f"{phase.name}-backup"), delete_checkpoint=False),
             ResumableEarlyStopping(checkpoints / f"{phase.name}-stopping", patience),
             guard.release,
             RichProgress(f"Fine-tuning ({phase.name})", phase.epochs, progress),
@@ -724,17 +732,24 @@ def _phase(
         # BackupAndRestore sets the epoch it restored on the model, and Keras's `fit` starts every later fit
         # there too: the next phase of a resumed run would skip that many of its epochs.
         model._initial_epoch = None
-    model.save_weights(weights)
+    write_through_temporary(weights, model.save_weights)
     write_json_atomic(done, log.epochs)
+    shutil.rmtree(checkpoints / f"{phase.name}-backup", ignore_errors=True)  # last: until here, --resume needs it
     return log.epochs
 
 
 class CheckedBackup(keras.callbacks.BackupAndRestore):
-    """Keras's per-epoch backup, whose damaged files (a kill while they were written) are one error line.
+    """Keras's per-epoch backup, written so that a kill (even SIGKILL) leaves the previous epoch's whole.
 
-    Keras falls back to its previous backup when the weights file cannot be opened, but not
-    when it opens and holds too little, nor when the epoch file is cut short.
+    Keras overwrites its files in place: a kill in the middle left a backup `--resume` could
+    not load. Files damaged some other way are one error line.
     """
+
+    def _save_model(self):
+        weights, metadata = Path(self._weights_path), Path(self._training_metadata_path)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        write_through_temporary(weights, self.model.save_weights)
+        write_json_atomic(metadata, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
 
     def on_train_begin(self, logs=None):
         try:
@@ -747,40 +762,46 @@ class CheckedBackup(keras.callbacks.BackupAndRestore):
 
 
 class InterruptGuard:
-    """Holds Ctrl-C while an epoch's checkpoint files are written, then raises it.
+    """Holds Ctrl-C and `kill` (SIGTERM) while an epoch's checkpoint files are written, then delivers them.
 
-    Keras's BackupAndRestore writes its weights in place: an interrupt in the middle left a
-    backup that `--resume` could not load. `hold` and `release` are the callbacks around the
-    writers; leaving the `with` block always gives Ctrl-C its handler back.
+    Each file is written whole (`CheckedBackup`), but the backup, the early-stopping state and
+    the history must also agree on the epoch. `hold` and `release` are the callbacks around the
+    writers; leaving the `with` block always gives the signals their handlers back.
     """
 
+    signals = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
-        self.pending, self.held, self.previous = False, False, None
+        self.pending: list[int] = []
+        self.previous: dict[int, Any] = {}
         self.hold, self.release = _AtEpochEnd(self._hold), _AtEpochEnd(self._release)
 
     def _hold(self) -> None:
         if threading.current_thread() is threading.main_thread():  # only the main thread receives signals
-            self.previous, self.held = signal.signal(signal.SIGINT, self._defer), True
+            self.previous = {s: signal.signal(s, self._defer) for s in self.signals}
 
-    def _defer(self, *_) -> None:
-        self.pending = True
+    def _defer(self, signum: int, _frame) -> None:
+        self.pending.append(signum)
 
     def _release(self) -> None:
         self._restore()
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
+        pending, self.pending = self.pending, []
+        for signum in dict.fromkeys(pending):  # to the handler it would have met: Ctrl-C raises KeyboardInterrupt
+            signal.raise_signal(signum)
 
     def _restore(self) -> None:
-        if self.held:  # a handler installed outside Python reads as None: Python's own takes its place
-            signal.signal(signal.SIGINT, signal.default_int_handler if self.previous is None else self.previous)
-            self.held = False
+        for signum, handler in self.previous.items():  # one installed outside Python reads as None
+            signal.signal(signum, handler if handler is not None else _DEFAULT_HANDLERS[signum])
+        self.previous = {}
 
     def __enter__(self) -> InterruptGuard:
         return self
 
     def __exit__(self, *_) -> None:
         self._restore()
+
+
+_DEFAULT_HANDLERS: dict[int, Any] = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
 class _AtEpochEnd(keras.callbacks.Callback):

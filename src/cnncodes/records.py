@@ -95,10 +95,17 @@ def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[
     return record
 
 
+def write_through_temporary(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` writes a file beside `path` that then replaces it: a kill leaves the old file or the new one."""
+    with _temporary(path) as tmp:
+        write(tmp)
+        os.replace(tmp, path)
+
+
 @contextmanager
 def _temporary(path: Path) -> Iterator[Path]:
-    """A free name beside `path` with the same suffix (Keras checks it), removed unless it was moved."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    """A free name beside `path` ending as it does (Keras checks `.weights.h5`), removed unless it was moved."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{''.join(path.suffixes)}")
     try:
         yield tmp
     finally:
