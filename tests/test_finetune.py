@@ -512,3 +512,24 @@ def test_the_demo_folder_is_claimed_for_one_dataset(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=2)
     inside = runner.invoke(app, ["demo", str(data), "--out", str(data / "run")])
     assert inside.exit_code == 2 and "is inside DATA" in inside.output and not (data / "run").exists()
+
+
+@pytest.mark.parametrize("subset", ["train", "test"])
+def test_an_image_of_the_split_that_no_longer_decodes_is_one_line_and_resume_goes_on(tmp_path, subset):
+    data, features, models = make_dataset(tmp_path / "data", per_class=6), tmp_path / "features", tmp_path / "models"
+    cnncodes.extract(data, features, backbone="vgg16", weights="none", image_size=32, progress=False)
+    rows = (features / "split.csv").read_text().splitlines()[1:]
+    damaged = data / next(r.split(",")[0] for r in rows if r.endswith(f",{subset}") and ".jpg" in r)
+    whole = damaged.read_bytes()
+    damaged.write_bytes(whole[:300])  # cut short after extract made the split
+    args = ["finetune", str(data), "--out", str(models), "--split-from", str(features), *TINY_ARGS, "-q"]
+    args += ["--head-epochs", "2", "--fine-epochs", "1"]
+    failed = runner.invoke(app, args)
+    assert failed.exit_code == 2 and "Traceback" not in failed.output
+    assert f"cannot read {damaged}" in " ".join(failed.output.split()) and "--resume" in failed.output
+    damaged.write_bytes(whole)
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    record = json.loads((models / "vgg16-finetune.json").read_text())
+    assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("head", 1), ("head", 2), ("fine", 1)]
+    assert record["n_test"] == sum(r.endswith(",test") for r in rows)

@@ -20,8 +20,8 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -37,7 +37,7 @@ from .errors import CnnCodesError, first_line
 from .evaluate import per_image_predictions, score
 from .extract import extract, plan, skipped_summary
 from .features import load_features
-from .ingest import check_resize, discover, load_square
+from .ingest import BadImage, check_resize, discover, load_square
 from .models import build_classifier, small_cnn
 from .progress import progress_bar, warn
 from .records import (
@@ -313,8 +313,9 @@ def finetune(
     refuse_to_replace(model_path, origin)
     checkpoints = _checkpoints(out / CHECKPOINTS / run, sha256_json(origin), resume, restart)
     training = _prepare(spec, data, out, the_split, progress)
-    history, trainable = _train(spec, training, checkpoints, callbacks, progress)
-    proba = training.trained.predict(training.datasets["test"], verbose=0)
+    with _images_read(training):
+        history, trainable = _train(spec, training, checkpoints, callbacks, progress)
+        proba = training.trained.predict(training.datasets["test"], verbose=0)
     record = _record(spec, run, origin, data, the_split, training, history, trainable, proba)
     if others:
         scores = [repeat_score(first_seed, training.labels[training.subsets == "test"], proba)]
@@ -363,8 +364,9 @@ def _score_repeat(
     folder = checkpoints / f"repeat-{seed}"
     folder.mkdir(exist_ok=True)
     training = _prepare(spec, data, out, the_split, progress)
-    _train(spec, training, folder, (), progress)
-    proba = training.trained.predict(training.datasets["test"], verbose=0)
+    with _images_read(training):
+        _train(spec, training, folder, (), progress)
+        proba = training.trained.predict(training.datasets["test"], verbose=0)
     score = repeat_score(seed, training.labels[training.subsets == "test"], proba)
     write_json_atomic(done, score)
     return score
@@ -417,6 +419,7 @@ class _Training:
     labels: np.ndarray
     subsets: np.ndarray
     extract_seconds: float | None
+    unreadable: list[str]
 
 
 def _prepare(spec: TrainingSpec, data: Path, out: Path, the_split: Split, progress: bool) -> _Training:
@@ -424,7 +427,8 @@ def _prepare(spec: TrainingSpec, data: Path, out: Path, the_split: Split, progre
     keras.utils.set_random_seed(spec.seed)
     model, network = spec.build(len(classes))
     start = first_unfrozen(network, spec.unfreeze) if isinstance(spec, FinetuneSpec) and network else None
-    extract_seconds = None
+    extract_seconds: float | None = None
+    unreadable: list[str] = []
     if isinstance(spec, FinetuneSpec) and spec.cache_trunk and network is not None and start is not None:
         cut = cut_layer(network, start)
         trained = cached_top(model, network, cut)
@@ -434,9 +438,11 @@ def _prepare(spec: TrainingSpec, data: Path, out: Path, the_split: Split, progre
     else:
         trained = model
         paths = [str(image_root(data) / p) for p in the_split.paths]
-        datasets = {s: _dataset(paths, labels, subsets == s, spec, train=s == "train") for s in SUBSETS}
+        datasets = {s: _dataset(paths, labels, subsets == s, spec, s == "train", unreadable) for s in SUBSETS}
     weights = _class_weights(labels[subsets == "train"], len(classes)) if spec.class_weight else None
-    return _Training(model, trained, network, start, datasets, weights, classes, labels, subsets, extract_seconds)
+    return _Training(
+        model, trained, network, start, datasets, weights, classes, labels, subsets, extract_seconds, unreadable
+    )
 
 
 def _train(
@@ -452,6 +458,26 @@ def _train(
         trainable[phase.name] = len(training.trained.trainable_weights)
         history += _phase(training, phase, spec.patience, checkpoints, callbacks, progress)
     return history, trainable
+
+
+@contextmanager
+def _images_read(training: _Training) -> Iterator[None]:
+    """An image of the split that no longer decodes is one error line, not TensorFlow's traceback.
+
+    Its subset cannot go without it (the test images are those of every run on the split), so
+    the run stops; its finished epochs are kept for --resume once the file is restored.
+    """
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.OpError:
+        if not training.unreadable:
+            raise
+        raise CnnCodesError(
+            f"cannot read {training.unreadable[0]}, an image of the split: restore or replace it, then run "
+            "again with --resume (the finished epochs are kept)"
+        ) from None
 
 
 def _record(
@@ -567,10 +593,13 @@ def augmentation(seed: int):
     )
 
 
-def _dataset(paths: list[str], labels: np.ndarray, rows: np.ndarray, spec: TrainingSpec, train: bool):
+def _dataset(
+    paths: list[str], labels: np.ndarray, rows: np.ndarray, spec: TrainingSpec, train: bool, unreadable: list[str]
+):
     """A streaming tf.data pipeline: decode and resize in parallel with the same code as `extract`.
 
-    The training subset is reshuffled every epoch and, when the spec says so, augmented.
+    The training subset is reshuffled every epoch and, when the spec says so, augmented. An
+    image that fails to decode is noted in `unreadable` (TensorFlow's own error does not say which).
     """
     import tensorflow as tf
 
@@ -581,7 +610,11 @@ def _dataset(paths: list[str], labels: np.ndarray, rows: np.ndarray, spec: Train
         ds = ds.shuffle(len(index), seed=spec.seed, reshuffle_each_iteration=True)
 
     def load(i):
-        return load_square(paths[int(i)], size, spec.resize)
+        try:
+            return load_square(paths[int(i)], size, spec.resize)
+        except BadImage as e:
+            unreadable.append(f"{paths[int(i)]} ({e})")
+            raise
 
     def decode(i, y):
         pixels = tf.numpy_function(load, [i], tf.uint8)
