@@ -259,6 +259,13 @@ def test_predict_refuses_tampered_or_unverifiable_bundles(fitted, tmp_path):
     result = cli("predict", old, image)
     assert result.exit_code == 2 and "scikit-learn 0.24.2" in result.stderr
 
+    renamed = tmp_path / "renamed.keras"  # a bundle under a fine-tuned model's name, with its own record
+    shutil.copy(source, renamed)
+    shutil.copy(source.with_suffix(".json"), renamed.with_suffix(".json"))
+    result = cli("predict", renamed, image)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the .joblib model vgg16-block5_pool-logreg.joblib (method cnn-codes)" in " ".join(result.stderr.split())
+
 
 def test_predict_refuses_a_bundle_whose_weights_file_changed(fitted, tmp_path):
     import keras

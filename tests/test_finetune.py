@@ -533,3 +533,20 @@ def test_an_image_of_the_split_that_no_longer_decodes_is_one_line_and_resume_goe
     record = json.loads((models / "vgg16-finetune.json").read_text())
     assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("head", 1), ("head", 2), ("fine", 1)]
     assert record["n_test"] == sum(r.endswith(",test") for r in rows)
+
+
+def test_arguments_refused_after_the_split_leave_no_interrupted_run_and_a_features_folder_is_no_out(tuned, tmp_path):
+    out = tmp_path / "models"
+    args = ["finetune", str(tuned["data"]), "--out", str(out), "--split-from", str(tuned["features"]), *TINY_ARGS]
+    refused = runner.invoke(app, [*args, "--unfreeze", "no_such_layer", "-q"])
+    assert refused.exit_code == 2 and "no_such_layer" in refused.output
+    assert not (out / ".finetune").exists()
+    done = runner.invoke(
+        app, [*args, "--head-epochs", "1", "--fine-epochs", "0", "-q"]
+    )  # neither --resume nor --restart
+    assert done.exit_code == 0, done.output
+
+    split = (tuned["features"] / "split.csv").read_bytes()
+    into = runner.invoke(app, ["finetune", str(tuned["data"]), "--out", str(tuned["features"]), *TINY_ARGS, "-q"])
+    assert into.exit_code == 2 and "is a features folder" in into.output
+    assert (tuned["features"] / "split.csv").read_bytes() == split

@@ -51,6 +51,12 @@ def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
         ) from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or "model_sha256" not in record:
         raise CnnCodesError(f"{record_path} is not a cnncodes run record")
+    made = str(record.get("model_file", ""))
+    if Path(made).suffix != model_path.suffix:  # the loader follows the name: a renamed model would crash it
+        raise CnnCodesError(
+            f"{model_path} is, by its record {record_path.name}, the {Path(made).suffix or '?'} model {made} "
+            f"(method {record.get('method', '?')}): give it its own name"
+        )
     if hashlib.sha256(data).hexdigest() != record["model_sha256"]:
         raise CnnCodesError(
             f"{model_path} does not match the SHA-256 in {record_path.name}: the file was changed "

@@ -311,8 +311,13 @@ def finetune(
     }
     model_path = out / f"{run}.keras"
     refuse_to_replace(model_path, origin)
-    checkpoints = _checkpoints(out / CHECKPOINTS / run, sha256_json(origin), resume, restart)
-    training = _prepare(spec, data, out, the_split, progress)
+    checkpoints, key = out / CHECKPOINTS / run, sha256_json(origin)
+    fresh = _fresh_checkpoints(checkpoints, key, resume, restart)
+    training = _prepare(spec, data, out, the_split, progress)  # checks the arguments a model needs
+    if fresh:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        checkpoints.mkdir(parents=True)
+        write_json_atomic(checkpoints / "arguments.json", {"key": key})
     with _images_read(training):
         history, trainable = _train(spec, training, checkpoints, callbacks, progress)
         proba = training.trained.predict(training.datasets["test"], verbose=0)
@@ -388,6 +393,10 @@ def load_split(
 ) -> Split:
     """The split of a features folder (or a split.csv) when given, else one made as `extract` makes it."""
     if split_from is None:
+        if (out / "meta.json").is_file():  # its split.csv belongs to its codes
+            raise CnnCodesError(
+                f"{out} is a features folder: give finetune another --out, and --split-from {out} to use its split"
+            )
         planned = plan(discover(data), out, fractions, seed, dup_threshold, progress=progress)
         planned.split.write_csv(out / "split.csv")
         if planned.rejected:  # `plan` listed them in OUT/rejected.csv
@@ -698,10 +707,12 @@ def _class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(present, weights)} | {c: 1.0 for c in range(n_classes) if c not in present}
 
 
-def _checkpoints(folder: Path, key: str, resume: bool, restart: bool) -> Path:
-    """The run's checkpoint folder: kept for `resume` when its key matches, emptied only on `restart`.
+def _fresh_checkpoints(folder: Path, key: str, resume: bool, restart: bool) -> bool:
+    """Whether the run starts afresh: checkpoints are kept for `resume` when their key matches, discarded on `restart`.
 
-    Checkpoints are the work of an interrupted run, so they are never deleted silently.
+    Checkpoints are the work of an interrupted run, so they are never deleted silently; a
+    fresh run makes its folder only once its arguments have built a model, so a bad one
+    leaves no interrupted run behind.
     """
     if folder.is_dir() and not restart:
         if not resume:
@@ -711,17 +722,14 @@ def _checkpoints(folder: Path, key: str, resume: bool, restart: bool) -> Path:
             )
         try:
             if read_json(folder / "arguments.json")["key"] == key:
-                return folder
+                return False
         except (OSError, ValueError, KeyError, TypeError):
             pass
         raise CnnCodesError(
             f"--resume: the checkpoints in {folder} were made with other arguments or another split; "
             "run again with the same ones, or with --restart to discard them"
         )
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    write_json_atomic(folder / "arguments.json", {"key": key})
-    return folder
+    return True
 
 
 def _phase(
