@@ -6,6 +6,7 @@ public API. No TensorFlow here.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import zlib
@@ -585,6 +586,7 @@ def test_symlinked_folders_are_followed_once_and_every_other_file_is_accounted_f
     (root / "stripes" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     (root / "circles" / "squares").symlink_to(root / "squares", target_is_directory=True)  # another class's folder
     (root / "circles" / "notes.txt").write_text("notes\n")
+    os.mkfifo(root / "circles" / "pipe")  # no writer: reading it would wait for ever
     (root / "circles" / ".DS_Store").write_bytes(b"\0\0")
     (root / "labels.txt").write_text("not in a class\n")
     write_image(root / ".git" / "x.png", "stripes", seed=951)
@@ -598,6 +600,7 @@ def test_symlinked_folders_are_followed_once_and_every_other_file_is_accounted_f
     assert "already read" in (skipped.get("stripes/again") or skipped.get("stripes/linked"))
     assert skipped["stripes/gone.png"] == "broken symbolic link"
     assert skipped["circles/notes.txt"].startswith("not an image")
+    assert skipped["circles/pipe"].startswith("not a regular file")
     assert skipped["circles/.DS_Store"] == "hidden file"
     assert skipped["labels.txt"] == "not in a class folder"
     assert skipped[".git"] == "hidden folder, not read"

@@ -268,6 +268,8 @@ def _not_a_candidate(path: str) -> tuple[str, str] | None:
         return "hidden file", "hidden"
     if not os.path.exists(path):
         return "broken symbolic link", "broken link"
+    if not os.path.isfile(path):  # reading a named pipe's first bytes would wait for a writer for ever
+        return "not a regular file (a pipe, socket or device)", "not an image"
     if not looks_like_image(path):
         return "not an image (neither its name nor its first bytes say so)", "not an image"
     return None
