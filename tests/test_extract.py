@@ -27,7 +27,7 @@ from cnncodes.features import load_features
 from cnncodes.runtime import KerasRunner, OnnxRunner
 from cnncodes.split import Split
 
-from .conftest import FLOWERS, needs_real_weights, write_image
+from .conftest import FLOWERS, needs_real_weights, pattern, write_image
 
 runner = CliRunner()
 FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
@@ -192,6 +192,20 @@ def test_changed_settings_never_reuse_stale_rows(dataset: Path, tmp_path: Path, 
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
     after = np.load(out / "features.npy")
     assert after.shape != before.shape or not np.allclose(after, before)
+
+
+def test_another_duplicate_threshold_regroups_without_recomputing_codes(dataset: Path, tmp_path: Path):
+    near = pattern("stripes", 100).astype(np.int16)  # stripes_00.jpg's pixels
+    near[:4, :4] += 40  # a corner brighter: a few hash bits apart, not zero
+    Image.fromarray(np.clip(near, 0, 255).astype(np.uint8)).save(dataset / "stripes" / "near.png")
+    out, same_subsets = tmp_path / "f", 5  # a seed at which both groupings give every image the same subset
+    first = cnncodes.extract(dataset, out, seed=same_subsets, **FAST)
+    assert len(np.unique(np.load(out / "groups.npy"))) == 24  # 25 images, one pair grouped
+    again = cnncodes.extract(dataset, out, seed=same_subsets, dup_threshold=0, **FAST)
+    assert again.counts == first.counts
+    assert not again.up_to_date and again.computed == 0
+    assert len(np.unique(np.load(out / "groups.npy"))) == 25
+    assert json.loads((out / "meta.json").read_text())["split"]["dup_threshold"] == 0
 
 
 def test_added_images_are_the_only_ones_computed_and_keep_old_subsets(dataset: Path, tmp_path: Path):

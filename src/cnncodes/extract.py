@@ -579,12 +579,13 @@ def extract(
     with _exclusive(out):
         the_plan = plan(dataset, out, fractions, seed, dup_threshold, workers, progress, where)
         spec = spec.calibrated(the_plan.train_files())  # names, not a Path per train image, none kept
-        run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, the_plan.split.labels, the_plan.split.subsets])
+        settings = {"fractions": fractions, "seed": seed, "dup_threshold": dup_threshold}  # they decide groups.npy
+        subsets = the_plan.split
+        run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, subsets.labels, subsets.subsets, settings])
         if _up_to_date(out, run_key):
-            return _result_from_meta(out, the_plan.rejected, the_plan.split.warnings, time.perf_counter() - started)
+            return _result_from_meta(out, the_plan.rejected, subsets.warnings, time.perf_counter() - started)
         job = CodeJob(spec, resolved, runtime, Files(the_plan.usable.root, the_plan.usable.paths), batch_size)
         done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
-        settings = {"fractions": fractions, "seed": seed, "dup_threshold": dup_threshold}
         stages = {
             "discover": round(discovered, 3),
             "engine": round(engine_start, 3),
