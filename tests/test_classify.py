@@ -307,6 +307,17 @@ def test_fit_svm_on_damaged_features_is_a_clear_error(fitted, tmp_path):
     np.save(damaged / "labels.npy", np.zeros(3, dtype=np.int64))
     result = cli("fit-svm", damaged, "--out", tmp_path / "m")
     assert result.exit_code == 2 and "do not belong together" in result.stderr
+    np.save(damaged / "labels.npy", np.load(fitted["features"] / "labels.npy").astype(np.float64))
+    result = cli("fit-svm", damaged, "--out", tmp_path / "m")
+    assert result.exit_code == 2 and "do not belong together" in result.stderr and "Traceback" not in result.output
+
+    shutil.copy(fitted["features"] / "labels.npy", damaged / "labels.npy")
+    header, *rows = (damaged / "split.csv").read_text().splitlines()
+    test, train = (rows.index(next(r for r in rows if r.endswith(f",{s}"))) for s in ("test", "train"))
+    rows[test], rows[train] = rows[test].replace(",test", ",train"), rows[train].replace(",train", ",test")
+    (damaged / "split.csv").write_text("\n".join([header, *rows]) + "\n")  # another run's split of the same images
+    result = cli("fit-svm", damaged, "--out", tmp_path / "m")
+    assert result.exit_code == 2 and "is not the split these codes were made with" in result.stderr
 
 
 @needs_real_weights

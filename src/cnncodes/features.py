@@ -89,6 +89,7 @@ def load_features(path: Path | str) -> Features:
         X.ndim == 2
         and X.shape == (n, meta["dim"])
         and y.shape == (n,)
+        and np.issubdtype(y.dtype, np.integer)
         and len(paths) == n
         and len(subsets) == n
         and (n == 0 or 0 <= y.min() <= y.max() < len(classes))
@@ -118,6 +119,11 @@ def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None
         raise CnnCodesError(
             f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
         ) from None
+    if the_split.fingerprint != meta.get("split", {}).get("fingerprint", the_split.fingerprint):
+        raise CnnCodesError(
+            f"{path}/split.csv is not the split these codes were made with (its fingerprint is not meta.json's): "
+            "run `cnncodes extract` again"
+        )
     return the_split.paths, the_split.labels, the_split.subsets
 
 
