@@ -241,6 +241,26 @@ def stop_after(rows: int, pause: float = 0.0):
     return hook
 
 
+def test_a_file_that_failed_while_its_code_was_computed_is_tried_again(dataset: Path, tmp_path: Path, monkeypatch):
+    """A read error after the check (an object store's timeout, NFS) must not make the next run 'up to date'."""
+    extract_module = importlib.import_module("cnncodes.extract")  # `cnncodes.extract` is the function
+    decode, flaky = extract_module.decode, "squares/squares_03.png"
+
+    def fails_once(path, *args, **kwargs):
+        if str(path).endswith(flaky):
+            return extract_module.BadImage("read timed out", "unreadable")
+        return decode(path, *args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "decode", fails_once)
+    out = tmp_path / "f"
+    first = cnncodes.extract(dataset, out, **FAST)
+    assert first.n_images == 23 and flaky in (out / "rejected.csv").read_text()
+    monkeypatch.undo()
+    again = cnncodes.extract(dataset, out, **FAST)
+    assert not again.up_to_date and again.computed == 1 and again.reused == 23 and again.n_images == 24
+    assert flaky in load_features(out).paths and flaky not in (out / "rejected.csv").read_text()
+
+
 def test_interrupted_run_leaves_no_outputs_and_resumes_where_it_stopped(dataset: Path, tmp_path: Path):
     out = tmp_path / "f"
     with pytest.raises(KeyboardInterrupt):

@@ -582,7 +582,7 @@ def extract(
         settings = {"fractions": fractions, "seed": seed, "dup_threshold": dup_threshold}  # they decide groups.npy
         subsets = the_plan.split
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, subsets.labels, subsets.subsets, settings])
-        if _up_to_date(out, run_key):
+        if _up_to_date(out, run_key, len(the_plan.usable)):
             return _result_from_meta(out, the_plan.rejected, subsets.warnings, time.perf_counter() - started)
         job = CodeJob(spec, resolved, runtime, Files(the_plan.usable.root, the_plan.usable.paths), batch_size)
         done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
@@ -869,10 +869,16 @@ def _previous_rows(out: Path, spec_key: str, file_ids: Sequence[str]) -> _Previo
     return _Previous(out / "features.npy", rows, dim, pairs, seconds) if pairs else None
 
 
-def _up_to_date(out: Path, run_key: str) -> bool:
+def _up_to_date(out: Path, run_key: str, n_usable: int) -> bool:
+    """Published for this key, with a code for every usable image: one that failed (a read error) is tried again."""
     try:
         meta = artifacts.read_object(out / "meta.json")
-        return meta.get("run_key") == run_key and (out / "features.npy").is_file() and (out / "labels.npy").is_file()
+        return (
+            meta.get("run_key") == run_key
+            and meta.get("n_images") == n_usable
+            and (out / "features.npy").is_file()
+            and (out / "labels.npy").is_file()
+        )
     except (OSError, ValueError):
         return False
 
