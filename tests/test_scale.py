@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import cnncodes
 from cnncodes import remote
 from cnncodes.cli import app
+from cnncodes.errors import CnnCodesError
 
 from .conftest import make_dataset
 
@@ -95,6 +96,24 @@ def test_extract_from_an_s3_prefix_equals_extract_from_the_same_files_on_disk(s3
     assert [r["path"] for r in read(tmp_path / "s3" / "rejected.csv")] == ["squares/broken.png"]
     again = cnncodes.extract(uri, tmp_path / "s3", **FAST)
     assert again.up_to_date
+
+
+def test_an_object_the_store_failed_to_serve_is_checked_again_on_the_next_run(s3_data, tmp_path, monkeypatch):
+    uri, _ = s3_data
+    read_bytes, flaky = remote.read_bytes, f"{uri}/stripes/stripes_01.png"
+
+    def slow_down_once(path):
+        if path == flaky:
+            raise CnnCodesError(f"cannot read {path}: AWS Error SLOW_DOWN")
+        return read_bytes(path)
+
+    monkeypatch.setattr(remote, "read_bytes", slow_down_once)
+    first = cnncodes.extract(uri, tmp_path / "f", **FAST)
+    assert any(p.endswith("stripes_01.png") for p, *_ in first.rejected)
+    monkeypatch.setattr(remote, "read_bytes", read_bytes)
+    again = cnncodes.extract(uri, tmp_path / "f", **FAST)
+    assert again.n_images == first.n_images + 1 and again.computed == 1
+    assert not any(p.endswith("stripes_01.png") for p, *_ in again.rejected)
 
 
 def test_extract_from_a_csv_of_uris_in_the_bucket(s3_data, tmp_path):

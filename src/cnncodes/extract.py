@@ -719,7 +719,7 @@ def _check(
 
     Returns each file's reason to be rejected (None if usable), its category and perceptual hash. The
     cache saves every few thousand files, and what an interrupted check found, so it
-    resumes too.
+    resumes too. A read that failed (an object store's timeout, EIO) is not kept: it may pass next time.
     """
     (cache_dir / "checks.json").unlink(missing_ok=True)  # the cache of earlier versions, rewritten whole per chunk
     cache = CheckCache(cache_dir / "checks.sqlite")
@@ -746,7 +746,7 @@ def _check(
                 rows = todo[positions].tolist()
                 for row, check in zip(rows, found):
                     reasons[row], categories[row], phashes[row] = check.reason, check.category, check.phash
-                unsaved += rows
+                unsaved += [row for row, check in zip(rows, found) if check.category != "unreadable"]
                 if len(unsaved) >= CHECK_CHUNK:
                     save()
     finally:
