@@ -275,6 +275,19 @@ def test_interrupted_run_leaves_no_outputs_and_resumes_where_it_stopped(dataset:
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(clean.out / "features.npy"), rtol=1e-6)
 
 
+def test_files_added_and_deleted_before_a_resume_keep_the_interrupted_runs_rows(dataset: Path, tmp_path: Path):
+    out = tmp_path / "f"
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(12))
+    write_image(dataset / "circles" / "added.png", "circles", seed=950)
+    (dataset / "squares" / "squares_07.png").unlink()  # a file the user removed before running again
+    resumed = cnncodes.extract(dataset, out, **FAST, batch_size=4)
+    assert resumed.n_images == 24 and resumed.reused >= 11 and resumed.computed == 24 - resumed.reused
+    assert not list((out / ".cache").glob("salvaged*"))
+    clean = cnncodes.extract(dataset, tmp_path / "clean", **FAST, batch_size=4)
+    np.testing.assert_allclose(np.load(out / "features.npy"), np.load(clean.out / "features.npy"), rtol=1e-6)
+
+
 HOLDER = """
 import pathlib, sys, time
 import cnncodes

@@ -14,6 +14,7 @@ machine; `cnncodes.ray_engine.RayEngine` on the actors of a Ray cluster.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections import Counter, deque
@@ -48,7 +49,7 @@ from .split import (
     label_indices,
     parse_fractions,
 )
-from .storage import CheckCache, FeatureWriter, npy_layout
+from .storage import CheckCache, FeatureWriter, npy_layout, salvage
 from .weights import Weights
 
 # Format 2 keeps the rows' paths and subsets in split.csv only; format 1 listed them in meta.json too.
@@ -815,11 +816,18 @@ def compute_codes(
     previous = _previous_rows(out, job.spec.key, file_ids)
     covered = previous is not None and len(previous.pairs) == len(file_ids)
     dim = previous.dim if previous is not None and covered else job.runner.dim
-    writer = FeatureWriter(out / CACHE_DIR, artifacts.sha256_json([job.spec.key, file_ids]), len(file_ids), dim)
+    key, ids = artifacts.sha256_json([job.spec.key, file_ids]), id_digests(file_ids)
+    salvaged = salvage(out / CACHE_DIR, key, ids, job.spec.key)
+    writer = FeatureWriter(out / CACHE_DIR, key, len(file_ids), dim, ids, job.spec.key)
     reused, earlier = writer.resumed, writer.seconds_before
     if previous is not None and writer.resumed == 0:
         writer.copy_from(previous.path, previous.pairs)
-        reused, earlier = len(previous.pairs), previous.seconds * len(previous.pairs) / max(previous.rows, 1)
+        earlier = previous.seconds * len(previous.pairs) / max(previous.rows, 1)
+    if salvaged is not None and writer.resumed == 0:  # after the published rows: these are newer
+        writer.copy_from(salvaged.path, salvaged.pairs)
+        salvaged.path.unlink()
+        earlier += salvaged.seconds
+    reused = int(writer.done.sum())
     failed: list[tuple[int, BadImage]] = []
     todo = writer.todo
     started = time.perf_counter()
@@ -840,6 +848,14 @@ def compute_codes(
                 writer.sync()
                 writer.save_clock()
     return Computed(writer, len(todo) - len(failed), reused, failed, time.perf_counter() - started, earlier)
+
+
+def id_digests(file_ids: Sequence[str]) -> np.ndarray:
+    """A 16-byte digest of each file's identity: a million of them are 16 MB, sortable and comparable at once."""
+    return np.array(
+        [hashlib.blake2b(fid.encode("utf-8", "surrogateescape"), digest_size=16).digest() for fid in file_ids],
+        dtype="S16",
+    )
 
 
 class _Previous(NamedTuple):

@@ -7,6 +7,7 @@ more per batch than a thousand, and both survive a kill at any moment.
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import os
 import sqlite3
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.format import open_memmap, read_array_header_1_0, read_array_header_2_0, read_magic
@@ -25,6 +27,14 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Seconds between two syncs of finished rows and of the clock (a kill loses at most this much work and time).
 SYNC_EVERY = 2.0
 _CHUNK_ROWS = 1024
+# FeatureWriter's files.
+_DATA, _IDS, _LOG, _STATE, _CLOCK = (
+    "partial.npy",
+    "partial-ids.npy",
+    "partial-done.i64",
+    "partial.json",
+    "partial-seconds.txt",
+)
 
 
 class FeatureWriter:
@@ -34,17 +44,18 @@ class FeatureWriter:
     into a file whose disk space is reserved up front. Every couple of seconds the file
     is synced and then the numbers of the rows it holds are appended to a log, so a killed
     run resumes where it stopped and a save costs the new rows only. The state is tied to
-    `key`, so different settings never reuse its rows. `publish` moves the result into place.
+    `key`, so different settings never reuse its rows; `ids` (a digest per row) and `family`
+    (the extractor) let `salvage` find its finished rows again when the files change before
+    the resume. `publish` moves the result into place.
     """
 
-    def __init__(self, work_dir: Path, key: str, n_rows: int, dim: int):
+    def __init__(self, work_dir: Path, key: str, n_rows: int, dim: int, ids: np.ndarray, family: str):
         work_dir.mkdir(parents=True, exist_ok=True)
-        self._data = work_dir / "partial.npy"
-        self._log = work_dir / "partial-done.i64"
-        self._state = work_dir / "partial.json"
-        self._clock = work_dir / "partial-seconds.txt"
+        self._data, self._ids = work_dir / _DATA, work_dir / _IDS
+        self._log, self._state = work_dir / _LOG, work_dir / _STATE
+        self._clock = work_dir / _CLOCK
         self.dim = dim
-        expected = {"key": key, "rows": n_rows, "dim": dim}
+        expected = {"key": key, "rows": n_rows, "dim": dim, "family": family}
         if not self._resume(expected):
             self._state.unlink(missing_ok=True)  # first, so a crash below cannot pair old state with new rows
             reserve_npy(self._data, (n_rows, dim))
@@ -52,6 +63,9 @@ class FeatureWriter:
             self.seconds_before = 0.0
             self._log.write_bytes(b"")
             self._clock.unlink(missing_ok=True)
+            buf = io.BytesIO()
+            np.save(buf, ids)
+            artifacts.write_bytes_atomic(self._ids, buf.getvalue())
             artifacts.write_json_atomic(self._state, expected)
         self.resumed = int(self.done.sum())
         self._offset = npy_layout(self._data)[1]
@@ -112,7 +126,7 @@ class FeatureWriter:
         """Record the time worked so far, for the run that resumes these rows."""
         artifacts.write_bytes_atomic(self._clock, f"{self.seconds:.3f}".encode())
 
-    def copy_from(self, source: Path, pairs: Sequence[tuple[int, int]]) -> None:
+    def copy_from(self, source: Path, pairs: Sequence[tuple[int, int]] | np.ndarray) -> None:
         """Take rows (new, old) from an earlier run's features file instead of recomputing them."""
         with npy_rows(source) as old:
             for start in range(0, len(pairs), _CHUNK_ROWS):
@@ -139,8 +153,45 @@ class FeatureWriter:
 
     def discard(self) -> None:
         """Forget the unfinished state, once the published rows are recorded elsewhere."""
-        for path in (self._state, self._log, self._clock, self._data):
+        for path in (self._state, self._log, self._clock, self._data, self._ids):
             path.unlink(missing_ok=True)
+
+
+class Salvaged(NamedTuple):
+    """Finished rows of an interrupted run over other files: where they are, (new row, old row) pairs, their time."""
+
+    path: Path
+    pairs: np.ndarray
+    seconds: float
+
+
+def salvage(work_dir: Path, key: str, ids: np.ndarray, family: str) -> Salvaged | None:
+    """The finished rows of an interrupted run of the same extractor whose files were different, set aside.
+
+    A file added or deleted before the resume changes the writer's key; without this, every
+    row the interrupted run finished would be computed again. The rows move to a file of
+    their own (the new writer reuses the name of the old one); the caller copies and deletes it.
+    """
+    try:
+        state = artifacts.read_object(work_dir / _STATE)
+        if state.get("key") == key or state.get("family") != family:
+            return None
+        old_ids = np.load(work_dir / _IDS)
+        logged = np.fromfile(work_dir / _LOG, dtype="<i8")
+        seconds = float((work_dir / _CLOCK).read_text()) if (work_dir / _CLOCK).is_file() else 0.0
+    except (OSError, ValueError, KeyError):
+        return None
+    finished = np.unique(logged[(logged >= 0) & (logged < len(old_ids))])
+    order = np.argsort(old_ids[finished])
+    known = old_ids[finished][order]
+    if not len(known):
+        return None
+    at = np.searchsorted(known, ids).clip(max=len(known) - 1)
+    hit = known[at] == ids
+    pairs = np.stack([np.flatnonzero(hit), finished[order[at[hit]]]], axis=1)
+    aside = work_dir / "salvaged.npy"
+    os.replace(work_dir / _DATA, aside)
+    return Salvaged(aside, pairs, seconds * len(pairs) / len(finished))
 
 
 class NpyRows:
