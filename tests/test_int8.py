@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cnncodes.cli import app
+from cnncodes.quantize import calibration_set
 
 from .conftest import FLOWERS, MOBILENET_WEIGHTS, make_dataset, needs_real_weights, write_image
 
@@ -127,3 +128,24 @@ def test_predict_with_an_int8_bundle_gives_the_recorded_test_predictions(small_i
 
     keras = cli("predict", small_int8["model"], *images, "--runtime", "keras", "--quiet")
     assert keras.exit_code == 2 and "int8" in keras.output and "Traceback" not in keras.output
+
+
+def test_the_calibration_draw_keeps_its_images_when_other_train_images_come_and_go(tmp_path):
+    """Another draw means another int8 model and every code computed again: adding one image must not reshuffle it."""
+    for root in (tmp_path / "here", tmp_path / "moved"):
+        for i in range(300):
+            (root / f"class{i % 3}").mkdir(parents=True, exist_ok=True)
+            (root / f"class{i % 3}" / f"{i:03d}.png").write_bytes(bytes([i % 256]))
+    files = sorted(map(str, (tmp_path / "here").rglob("*.png")))
+    before = calibration_set(files, 16)
+    assert len(before["images"]) == 16 and len(before["holdout"]) == 32
+    drawn = set(before["images"] + before["holdout"])
+    undrawn, added = next(f for f in files if f not in drawn), tmp_path / "here" / "class0" / "new.png"
+    added.write_bytes(b"new")
+    for changed in ([f for f in files if f != undrawn], [*files, str(added)]):
+        after = calibration_set(changed, 16)
+        assert len(set(after["images"] + after["holdout"]) & drawn) >= 47  # at most the new file is drawn instead
+    moved = calibration_set([f.replace("/here/", "/moved/") for f in files], 16)
+    assert [Path(p).relative_to(tmp_path / "moved") for p in moved["images"]] == [
+        Path(p).relative_to(tmp_path / "here") for p in before["images"]
+    ]

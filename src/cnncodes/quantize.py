@@ -13,6 +13,7 @@ fingerprint, and its agreement is recorded in `meta.json` with a one-line warnin
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -68,18 +69,25 @@ def check_precision(precision: str, runtime: str, calibration: int = DEFAULT_CAL
 
 
 def calibration_set(train: Sequence[Path | str], n: int) -> dict[str, Any]:
-    """A seeded sample of the train images: `n` to calibrate on, up to HOLDOUT others to judge by.
+    """A sample of the train images: `n` to calibrate on, up to HOLDOUT others to judge by.
 
-    The fingerprint hashes their contents, so a changed image gives another int8 model.
+    The fingerprint hashes their contents, so a changed image gives another int8 model. The
+    sample is drawn by `_draw_rank`, so adding or deleting train images keeps the int8 model
+    (and every code made with it) unless one of them is drawn.
     """
     if len(train) < 2:
         raise CnnCodesError("--precision int8 needs at least 2 train images (to calibrate and to check on)")
-    ordered = sorted(os.path.abspath(p) for p in train)  # predict may run from another folder
-    order = np.random.default_rng(0).permutation(len(ordered))
+    ordered = sorted((os.path.abspath(p) for p in train), key=_draw_rank)  # predict may run from another folder
     held = min(HOLDOUT, max(1, len(ordered) // 4))
-    holdout = [str(ordered[i]) for i in order[:held]]
-    images = [str(ordered[i]) for i in order[held : held + n]]
+    holdout, images = ordered[:held], ordered[held : held + n]
     return {"n": n, "images": images, "holdout": holdout, "fingerprint": _fingerprint(images, holdout)}
+
+
+def _draw_rank(path: str) -> tuple[bytes, str]:
+    """A file's place in the draw: a hash of its class folder and name, the same whatever other files there are
+    and wherever the dataset folder is."""
+    tail = "/".join(Path(path).parts[-2:])
+    return hashlib.blake2b(tail.encode("utf-8", "surrogateescape"), digest_size=8).digest(), path
 
 
 def _fingerprint(images: Sequence[str], holdout: Sequence[str]) -> str:
