@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -53,3 +54,18 @@ def test_odd_file_names_round_trip_and_every_file_is_a_row_or_a_rejection(tmp_pa
     on_disk = {p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file()}
     assert on_disk == set(split.paths) | set(rejected)
     assert np.load(out / "features.npy").shape[0] == len(split.paths)
+
+
+def test_a_class_folder_whose_name_is_not_utf8_reaches_the_report_and_compares_output(tmp_path: Path):
+    data = make_dataset(tmp_path / "data", per_class=6)
+    os.rename(data / "circles", data / os.fsdecode(b"caf\xe9 <b>"))
+    features, models = tmp_path / "features", tmp_path / "models"
+    small = ["--backbone", "mobilenetv2", "--weights", "none", "--image-size", "32", "--quiet"]
+    assert runner.invoke(app, ["extract", str(data), "--out", str(features), *small]).exit_code == 0
+    fit = runner.invoke(app, ["fit-svm", str(features), "--out", str(models), "--classifier", "logreg", "--quiet"])
+    assert fit.exit_code == 0, fit.output
+    page, listing = tmp_path / "report.html", tmp_path / "runs.json"
+    result = runner.invoke(app, ["compare", str(models), "--html", str(page), "--format", "json", "-o", str(listing)])
+    assert result.exit_code == 0, result.output
+    assert "caf\ufffd &lt;b&gt;" in page.read_text(encoding="utf-8")  # shown, escaped, and the page is UTF-8
+    assert os.fsdecode(b"caf\xe9 <b>") in json.loads(listing.read_text())[0]["classes"]  # as the disk has it

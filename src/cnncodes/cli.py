@@ -359,7 +359,7 @@ def compare(
         if html_path:
             write_bytes_atomic(html_path, html_report(records).encode())
         if text is not None and output:
-            write_bytes_atomic(output, text.encode())
+            write_bytes_atomic(output, text.encode("utf-8", "surrogateescape"))
     if text is None:
         out_console.print(
             rich_table(

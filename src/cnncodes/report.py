@@ -261,10 +261,15 @@ def html_report(records: Sequence[dict[str, Any]], mistakes: int = 12) -> str:
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
         ".thumbs{display:flex;flex-wrap:wrap;gap:12px}.thumbs figure{margin:0;width:150px;font-size:12px}"
     )
-    return (
+    return readable(
         f"<!doctype html><html><head><meta charset='utf-8'><title>cnncodes comparison</title>"
         f"<style>{style}</style></head><body><h1>cnncodes comparison</h1>{''.join(sections)}</body></html>\n"
     )
+
+
+def readable(text: str) -> str:
+    """Text for a page or a plot: bytes of a file name that are not UTF-8 (kept as surrogates) shown as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _html_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
@@ -344,7 +349,7 @@ def _confusion_png(record: dict[str, Any]) -> str:
     size = 2.5 + 0.45 * len(classes)
     fig = Figure(figsize=(size, size))
     ax = fig.subplots()
-    ConfusionMatrixDisplay(np.array(record["confusion_matrix"]), display_labels=classes).plot(
+    ConfusionMatrixDisplay(np.array(record["confusion_matrix"]), display_labels=[readable(c) for c in classes]).plot(
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation="vertical"
     )
     ax.set_title(f"{record['run']}: {100 * record['accuracy']:.1f}%")
