@@ -135,6 +135,23 @@ def test_compare_reads_a_folder_given_twice_once_and_tells_copies_apart(fitted, 
     assert len(list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))) == 4
 
 
+def test_compare_passes_over_damaged_records_with_a_warning_naming_each(fitted, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(fitted["models"], copy)
+    cut, thin = copy / "vgg16-block5_pool-knn.json", copy / "vgg16-block5_pool-logreg.json"
+    cut.write_text(cut.read_text()[:200])  # a record cut short beside its model
+    record = json.loads(thin.read_text())
+    del record["balanced_accuracy"]
+    thin.write_text(json.dumps(record))
+    (copy / "notes.json").write_text("not a run record, and no model beside it")
+    result = cli("compare", copy, "--format", "json")
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert len(json.loads(result.stdout)) == 2
+    warned = " ".join(result.stderr.split())
+    assert f"skipped {cut}: the run record of the model beside it cannot be read" in warned
+    assert f"skipped {thin}: the run record lacks balanced_accuracy" in warned and "notes.json" not in warned
+
+
 def test_compare_refuses_runs_on_different_splits(fitted):
     root = fitted["root"]
     cnncodes.extract(fitted["data"], root / "features_seed1", **FAST, seed=1)

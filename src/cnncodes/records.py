@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from .artifacts import package_versions, read_json, sha256_file, write_json_atomic
-from .errors import CnnCodesError
+from .errors import CnnCodesError, first_line
+from .progress import warn
 
 RECORD_FORMAT = "cnncodes.run/1"
 
@@ -126,11 +127,8 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
     records = []
     for folder in as_given.values():
         for path in sorted(folder.glob("*.json")):
-            try:
-                record = read_json(path)
-            except (OSError, ValueError):
-                continue
-            if isinstance(record, dict) and record.get("format") == RECORD_FORMAT:
+            record = _run_record(path)
+            if record is not None:
                 records.append(record | {"record_path": str(path)})
     if not records:
         raise CnnCodesError(
@@ -138,6 +136,45 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
         )
     names = Counter(r["run"] for r in records)
     return [r | {"run": f"{Path(r['record_path']).parent}/{r['run']}"} if names[r["run"]] > 1 else r for r in records]
+
+
+# What `compare` reads of every record.
+_COMPARED = (
+    "run",
+    "method",
+    "backbone",
+    "accuracy",
+    "accuracy_ci95",
+    "balanced_accuracy",
+    "classes",
+    "confusion_matrix",
+    "per_class",
+    "test_predictions",
+    "n_test",
+    "dataset",
+    "fit_seconds",
+    "model_bytes",
+)
+
+
+def _run_record(path: Path) -> dict[str, Any] | None:
+    """The run record at `path`; None for other JSON files. A damaged one is passed over with a warning.
+
+    A record is damaged when it lacks what `compare` reads, or, beside its model, cannot be read.
+    """
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as e:
+        if any(path.with_suffix(suffix).is_file() for suffix in (".joblib", ".keras")):
+            warn(f"skipped {path}: the run record of the model beside it cannot be read ({first_line(e)})")
+        return None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return None
+    missing = [key for key in _COMPARED if key not in record]
+    if missing:
+        warn(f"skipped {path}: the run record lacks {', '.join(missing)} (damaged, or made by another version)")
+        return None
+    return record
 
 
 def repeat_score(seed: int, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
