@@ -550,3 +550,16 @@ def test_arguments_refused_after_the_split_leave_no_interrupted_run_and_a_featur
     into = runner.invoke(app, ["finetune", str(tuned["data"]), "--out", str(tuned["features"]), *TINY_ARGS, "-q"])
     assert into.exit_code == 2 and "is a features folder" in into.output
     assert (tuned["features"] / "split.csv").read_bytes() == split
+
+
+def test_a_second_finetune_of_the_same_run_is_refused_while_one_trains(tuned, tmp_path):
+    from filelock import FileLock
+
+    out = tmp_path / "models"
+    args = ["finetune", str(tuned["data"]), "--out", str(out), "--split-from", str(tuned["features"]), *TINY_ARGS]
+    with FileLock(out / ".finetune" / "vgg16-finetune.lock"):  # as the first run's process holds it
+        busy = runner.invoke(app, [*args, "--resume", "-q"])
+    assert busy.exit_code == 2 and "another cnncodes finetune is training vgg16-finetune" in busy.output
+    done = runner.invoke(app, [*args, "--head-epochs", "1", "--fine-epochs", "0", "-q"])
+    assert done.exit_code == 0, done.output
+    assert not (out / ".finetune").exists()  # nothing to resume: no lock file, no folder left

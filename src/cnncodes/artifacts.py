@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from .errors import CnnCodesError
 
@@ -46,6 +47,25 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` so that `path` holds either the old or the new content, never a mix."""
     with _atomic_file(path) as f:
         f.write(data)
+
+
+@contextmanager
+def exclusive(lock_path: Path, busy: str) -> Iterator[None]:
+    """One process at a time in what `lock_path` guards (two would interleave their writes); `busy` says so.
+
+    The lock is the operating system's (it dies with its process), so a killed run never
+    leaves a stale lock behind.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise CnnCodesError(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_file_target(path: Path) -> None:

@@ -20,7 +20,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from functools import cached_property, partial
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol, cast
 
 import numpy as np
-from filelock import FileLock, Timeout
 
 from . import artifacts, quantize
 from .backbones import POOLINGS, get_backbone
@@ -577,7 +575,10 @@ def extract(
     engine_started = time.perf_counter()
     where = make_engine(engine, workers, address)
     engine_start = time.perf_counter() - engine_started
-    with _exclusive(out):
+    with artifacts.exclusive(
+        out / CACHE_DIR / "extract.lock",
+        f"another cnncodes extract is writing to {out}: wait for it to finish, or give this one another --out",
+    ):
         the_plan = plan(dataset, out, fractions, seed, dup_threshold, workers, progress, where)
         spec = spec.calibrated(the_plan.train_files())  # names, not a Path per train image, none kept
         settings = {"fractions": fractions, "seed": seed, "dup_threshold": dup_threshold}  # they decide groups.npy
@@ -625,27 +626,6 @@ def check_out(data: Path | str, out: Path) -> None:
             f"--out {out} is inside DATA {data}: the next run would read its files as images; write the features "
             "outside the image folder"
         )
-
-
-@contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """One extract at a time per features folder: two would interleave their rows.
-
-    The lock is the operating system's (it dies with its process), so a killed run never
-    leaves a stale lock behind.
-    """
-    (out / CACHE_DIR).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out / CACHE_DIR / "extract.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise CnnCodesError(
-            f"another cnncodes extract is writing to {out}: wait for it to finish, or give this one another --out"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 class Plan(NamedTuple):

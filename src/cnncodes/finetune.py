@@ -29,7 +29,7 @@ from typing import Any, ClassVar, NamedTuple
 import keras
 import numpy as np
 
-from .artifacts import read_json, sha256_json, write_bytes_atomic, write_json_atomic
+from .artifacts import exclusive, read_json, sha256_json, write_bytes_atomic, write_json_atomic
 from .backbones import Backbone, get_backbone
 from .choices import SMALL_CNN
 from .classifiers import repeated_splits
@@ -311,26 +311,44 @@ def finetune(
     }
     model_path = out / f"{run}.keras"
     refuse_to_replace(model_path, origin)
-    checkpoints, key = out / CHECKPOINTS / run, sha256_json(origin)
-    fresh = _fresh_checkpoints(checkpoints, key, resume, restart)
-    training = _prepare(spec, data, out, the_split, progress)  # checks the arguments a model needs
-    if fresh:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        checkpoints.mkdir(parents=True)
-        write_json_atomic(checkpoints / "arguments.json", {"key": key})
-    with _images_read(training):
-        history, trainable = _train(spec, training, checkpoints, callbacks, progress)
-        proba = training.trained.predict(training.datasets["test"], verbose=0)
-    record = _record(spec, run, origin, data, the_split, training, history, trainable, proba)
-    if others:
-        scores = [repeat_score(first_seed, training.labels[training.subsets == "test"], proba)]
-        scores += [_score_repeat(spec, data, out, seed, split, checkpoints, progress) for seed, split in others]
-        record |= repeats_summary(scores)
-    record = publish(model_path, lambda tmp: training.model.save(tmp), record)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # last: a crash before here can still --resume
-    with suppress(OSError):  # and the checkpoints folder of all runs, once none is left unfinished
-        checkpoints.parent.rmdir()
+    key = sha256_json(origin)
+    with _running(out, run) as checkpoints:
+        fresh = _fresh_checkpoints(checkpoints, key, resume, restart)
+        training = _prepare(spec, data, out, the_split, progress)  # checks the arguments a model needs
+        if fresh:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            checkpoints.mkdir(parents=True)
+            write_json_atomic(checkpoints / "arguments.json", {"key": key})
+        with _images_read(training):
+            history, trainable = _train(spec, training, checkpoints, callbacks, progress)
+            proba = training.trained.predict(training.datasets["test"], verbose=0)
+        record = _record(spec, run, origin, data, the_split, training, history, trainable, proba)
+        if others:
+            scores = [repeat_score(first_seed, training.labels[training.subsets == "test"], proba)]
+            scores += [_score_repeat(spec, data, out, seed, split, checkpoints, progress) for seed, split in others]
+            record |= repeats_summary(scores)
+        record = publish(model_path, lambda tmp: training.model.save(tmp), record)
+        shutil.rmtree(checkpoints, ignore_errors=True)  # last: a crash before here can still --resume
     return record
+
+
+@contextmanager
+def _running(out: Path, run: str) -> Iterator[Path]:
+    """The run's checkpoint folder, used by no other process meanwhile (two would write the same files).
+
+    The lock, and the folder of all runs' checkpoints, go once nothing is left to resume.
+    """
+    checkpoints = out / CHECKPOINTS / run
+    lock = checkpoints.with_name(f"{run}.lock")
+    busy = f"another cnncodes finetune is training {run} in {out}: wait for it to end, or give this one another --name"
+    with exclusive(lock, busy):
+        try:
+            yield checkpoints
+        finally:
+            if not checkpoints.is_dir():
+                lock.unlink(missing_ok=True)
+                with suppress(OSError):
+                    checkpoints.parent.rmdir()
 
 
 def _splits(
