@@ -152,6 +152,21 @@ def test_compare_passes_over_damaged_records_with_a_warning_naming_each(fitted, 
     assert f"skipped {thin}: the run record lacks balanced_accuracy" in warned and "notes.json" not in warned
 
 
+def test_compare_and_predict_never_write_over_a_file_they_read(fitted, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(fitted["models"], copy)
+    record = copy / "vgg16-block5_pool-knn.json"
+    kept = record.read_bytes()
+    for option in ("-o", "--html"):
+        result = cli("compare", copy, option, record)
+        assert result.exit_code == 2 and "is one of the files this command reads" in result.stderr
+    image = write_image(tmp_path / "x.png")
+    for target in (record, record.with_suffix(".joblib")):
+        result = cli("predict", record.with_suffix(".joblib"), image, "-o", target)
+        assert result.exit_code == 2 and "is one of the files this command reads" in result.stderr
+    assert record.read_bytes() == kept and cli("predict", record.with_suffix(".joblib"), image).exit_code == 0
+
+
 def test_compare_refuses_runs_on_different_splits(fitted):
     root = fitted["root"]
     cnncodes.extract(fitted["data"], root / "features_seed1", **FAST, seed=1)

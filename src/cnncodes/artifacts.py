@@ -68,10 +68,12 @@ def exclusive(lock_path: Path, busy: str) -> Iterator[None]:
         lock.release()
 
 
-def check_file_target(path: Path) -> None:
-    """Refuse an output file name that is a folder, before the work whose result it would hold."""
+def check_file_target(path: Path, read: Iterable[Path] = ()) -> None:
+    """Refuse an output file name that is a folder, or one of the files the command `read`."""
     if path.is_dir():
         raise CnnCodesError(f"{path} is a folder: give the name of a file to write")
+    if path.exists() and any(path.resolve() == Path(other).resolve() for other in read):
+        raise CnnCodesError(f"{path} is one of the files this command reads: give the output another name")
 
 
 @contextmanager

@@ -355,6 +355,11 @@ def compare(
             if target:
                 check_file_target(target)
         records = run_compare(models)
+        read = [Path(r["record_path"]) for r in records]
+        read += [path.with_name(r["model_file"]) for path, r in zip(read, records) if r.get("model_file")]
+        for target in (output, html_path):
+            if target:
+                check_file_target(target, read)
         text = None if format == "table" and not output else render(records, "csv" if format == "table" else format)
         if html_path:
             write_bytes_atomic(html_path, html_report(records).encode())
@@ -392,10 +397,11 @@ def predict(
     """Classify new images with a saved model; unreadable files are reported, not fatal."""
     from .artifacts import check_file_target, write_bytes_atomic
     from .predict import predict as run_predict
+    from .records import sidecar
 
     with user_errors():
         if output:
-            check_file_target(output)
+            check_file_target(output, [model, sidecar(model)])
         results = run_predict(
             model, images, top_k=top_k, batch_size=batch_size, weights=weights, runtime=runtime, progress=not quiet
         )
