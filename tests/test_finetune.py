@@ -183,8 +183,11 @@ def _terminated(*_):
     raise Terminated
 
 
-@pytest.mark.parametrize(("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
-def test_a_signal_while_an_epoch_is_backed_up_waits_for_the_backup(tmp_path, monkeypatch, signum, raised):
+@pytest.mark.parametrize(
+    ("signum", "handler", "raised"),
+    [(signal.SIGINT, signal.default_int_handler, KeyboardInterrupt), (signal.SIGTERM, _terminated, Terminated)],
+)
+def test_a_signal_while_an_epoch_is_backed_up_waits_for_the_backup(tmp_path, monkeypatch, signum, handler, raised):
     original = keras.callbacks.BackupAndRestore.on_epoch_end
 
     def interrupted_while_writing(self, epoch, logs=None):
@@ -193,15 +196,13 @@ def test_a_signal_while_an_epoch_is_backed_up_waits_for_the_backup(tmp_path, mon
 
     monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", interrupted_while_writing)
     data, out = make_dataset(tmp_path / "data", per_class=6), tmp_path / "models"
-    before = signal.signal(signal.SIGTERM, _terminated) if signum == signal.SIGTERM else None
-    handler = signal.getsignal(signum)  # Python's own, or SIG_IGN where the shell started us in the background
+    before = signal.signal(signum, handler)  # a shell that started the tests in the background ignores Ctrl-C
     try:
         with pytest.raises(raised):
             finetune(data, out, tiny(head_epochs=2), progress=False)
         assert signal.getsignal(signum) is handler  # the signal has its handler back
     finally:
-        if before is not None:
-            signal.signal(signal.SIGTERM, before)
+        signal.signal(signum, before)
     backup = out / ".finetune" / "vgg16-finetune" / "head-backup"
     assert any(backup.rglob("*.weights.h5")), "the interrupted epoch's backup was not finished"
     monkeypatch.undo()
