@@ -259,6 +259,22 @@ def test_predict_takes_files_folders_and_globs_and_reports_bad_files(fitted, tmp
     assert only_broken.exit_code == 1 and json.loads(only_broken.stdout)[0]["error"], only_broken.output
 
 
+def test_a_recursive_pattern_reads_each_file_once_through_links_to_parent_folders(tmp_path, monkeypatch):
+    from cnncodes.predict import expand_inputs
+
+    write_image(tmp_path / "new" / "a.png")
+    write_image(tmp_path / "new" / "sub" / "b.png")
+    for name in ("up", "again"):  # two links back up: glob's ** would follow them without end
+        (tmp_path / "new" / "sub" / name).symlink_to("..", target_is_directory=True)
+    found = expand_inputs([str(tmp_path / "new" / "**" / "*.png")])
+    assert found == [(str(tmp_path / "new" / "a.png"), None), (str(tmp_path / "new" / "sub" / "b.png"), None)]
+    monkeypatch.chdir(tmp_path)
+    assert expand_inputs(["new/**/b.png", "**/nothing.png"]) == [
+        ("new/sub/b.png", None),
+        ("**/nothing.png", "no file matches this pattern"),
+    ]
+
+
 def test_predict_refuses_tampered_or_unverifiable_bundles(fitted, tmp_path):
     source = fitted["models"] / "vgg16-block5_pool-logreg.joblib"
     image = write_image(tmp_path / "x.png")

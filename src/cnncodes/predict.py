@@ -84,11 +84,21 @@ def expand_inputs(items: Sequence[str | Path]) -> list[tuple[str, str | None]]:
         elif path.is_file():
             found.append((item, None))
         elif glob.has_magic(item):
-            matches = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            found += [(p, None) for p in matches] or [(item, "no file matches this pattern")]
+            found += [(p, None) for p in _matches(item)] or [(item, "no file matches this pattern")]
         else:
             found.append((item, "file not found"))
     return found
+
+
+def _matches(pattern: str) -> list[str]:
+    """The files a glob pattern matches. `**` goes through pathlib, which does not descend into linked folders:
+    glob's `**` follows them, and a link to a parent folder makes the search grow without end."""
+    if "**" not in pattern:
+        return sorted(p for p in glob.glob(pattern) if Path(p).is_file())
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:fixed]) if fixed else Path()
+    return sorted(str(p) for p in root.glob(str(Path(*parts[fixed:]))) if p.is_file())
 
 
 def load_predictor(
