@@ -167,6 +167,16 @@ def test_compare_and_predict_never_write_over_a_file_they_read(fitted, tmp_path)
     assert record.read_bytes() == kept and cli("predict", record.with_suffix(".joblib"), image).exit_code == 0
 
 
+def test_a_class_with_fewer_than_two_training_images_is_named(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=8)
+    write_image(data / "pair" / "p0.png", "stripes", seed=4000)
+    write_image(data / "pair" / "p1.png", "squares", seed=4001)  # one of the two goes to test
+    cnncodes.extract(data, tmp_path / "f", **FAST)
+    result = cli("fit-svm", tmp_path / "f", "--out", tmp_path / "m", "--classifier", "logreg", "--quiet")
+    assert result.exit_code == 2 and "'pair' (1) has fewer" in " ".join(result.stderr.split())
+    assert not (tmp_path / "m").exists() or not list((tmp_path / "m").glob("*.joblib"))
+
+
 def test_compare_refuses_runs_on_different_splits(fitted):
     root = fitted["root"]
     cnncodes.extract(fitted["data"], root / "features_seed1", **FAST, seed=1)

@@ -536,6 +536,22 @@ def choose_kinds(names: Sequence[str], n_fit: int, max_exact: int = MAX_EXACT, p
     return kinds
 
 
+def _check_training_classes(feats: Features, subsets: np.ndarray) -> None:
+    """Every class needs two training images: a class with none could never be predicted, yet would be scored.
+
+    It happens when a class's images are near-duplicates of another class's (their group goes where its
+    first image's class puts it) or when a class has two images, one of them in test.
+    """
+    counts = np.bincount(feats.y[subsets != "test"], minlength=len(feats.classes))
+    short = [f"{c!r} ({n})" for c, n in zip(feats.classes, counts.tolist()) if n < 2]
+    if short:
+        raise CnnCodesError(
+            f"every class needs at least 2 training images (train+val); {', '.join(short)} "
+            f"{'has' if len(short) == 1 else 'have'} fewer: add distinct images, or remove the folder, then "
+            "extract again"
+        )
+
+
 def fit_svm(
     features: Path | str,
     out: Path | str,
@@ -584,6 +600,8 @@ def fit_svm(
     splits = repeated_splits(feats, repeats)
     if any(not (subsets == "test").any() for _, subsets in splits):
         raise CnnCodesError(f"{feats.path} has no test images: extract again with a --split that keeps a test share")
+    for _, subsets in splits:
+        _check_training_classes(feats, subsets)
     out = Path(out)
     origin = {
         "features": str(feats.path.resolve()),
