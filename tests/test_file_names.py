@@ -8,9 +8,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from cnncodes.cli import app
+from cnncodes.errors import CnnCodesError
 from cnncodes.features import load_features
 from cnncodes.split import read_split_csv
 
@@ -69,3 +71,18 @@ def test_a_class_folder_whose_name_is_not_utf8_reaches_the_report_and_compares_o
     assert result.exit_code == 0, result.output
     assert "caf\ufffd &lt;b&gt;" in page.read_text(encoding="utf-8")  # shown, escaped, and the page is UTF-8
     assert os.fsdecode(b"caf\xe9 <b>") in json.loads(listing.read_text())[0]["classes"]  # as the disk has it
+
+
+def test_a_listing_csv_may_name_files_that_are_not_utf8_but_must_itself_be_utf8(tmp_path: Path):
+    from cnncodes.ingest import discover
+
+    data = make_dataset(tmp_path / "data", per_class=3)
+    odd = data / "stripes" / os.fsdecode(b"caf\xe9.png")
+    write_image(odd, "stripes", seed=800)
+    rows = [f"{p.relative_to(data).as_posix()},{p.parent.name}" for p in sorted(data.rglob("*.*"))]
+    listing = data / "list.csv"
+    listing.write_bytes("\n".join(["path,label", *rows, ""]).encode("utf-8", "surrogateescape"))
+    assert os.fsdecode(b"stripes/caf\xe9.png") in discover(listing).paths
+    listing.write_text("\n".join(["path,label", *rows[:3], ""]), encoding="utf-16")
+    with pytest.raises(CnnCodesError, match="not a readable UTF-8 CSV"):
+        discover(listing)

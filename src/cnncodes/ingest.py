@@ -127,12 +127,21 @@ def _outside_reason(entry: Path) -> tuple[str, str]:
 
 
 def _discover_csv(csv_path: Path) -> Dataset:
+    """A listing CSV is UTF-8, but a file name in it may not be (the disk's own bytes, as cnncodes writes them)."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows, skipped = read_listing(f, str(csv_path))
     except UnicodeDecodeError as e:
-        raise CnnCodesError(f"{csv_path} is not a readable UTF-8 CSV file ({e})") from None
+        if _holds_nul(csv_path):  # a photo, UTF-16 text: not a CSV of file names
+            raise CnnCodesError(f"{csv_path} is not a readable UTF-8 CSV file ({e})") from None
+        with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            rows, skipped = read_listing(f, str(csv_path))
     return Dataset(csv_path.parent.resolve(), [p for p, _ in rows], [label for _, label in rows], skipped)
+
+
+def _holds_nul(path: Path, chunk: int = 1 << 20) -> bool:
+    with open(path, "rb") as f:
+        return any(b"\0" in block for block in iter(lambda: f.read(chunk), b""))
 
 
 def read_listing(f: TextIO, name: str) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
