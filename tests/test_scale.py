@@ -19,6 +19,7 @@ import cnncodes
 from cnncodes import remote
 from cnncodes.cli import app
 from cnncodes.errors import CnnCodesError
+from cnncodes.features import load_features
 
 from .conftest import make_dataset
 
@@ -114,6 +115,25 @@ def test_an_object_the_store_failed_to_serve_is_checked_again_on_the_next_run(s3
     again = cnncodes.extract(uri, tmp_path / "f", **FAST)
     assert again.n_images == first.n_images + 1 and again.computed == 1
     assert not any(p.endswith("stripes_01.png") for p, *_ in again.rejected)
+
+
+def test_every_object_under_the_prefix_is_a_row_or_a_rejection_whatever_its_name(s3_data, tmp_path):
+    uri, local = s3_data
+    bucket_path = uri.removeprefix("s3://")
+    fs = remote._bucket_filesystem("s3", bucket_path.split("/")[0], remote.os.environ["AWS_ENDPOINT_URL"])
+    extra = {
+        "stripes/noext": (local / "stripes" / "stripes_01.png").read_bytes(),  # an image, by its bytes
+        "stripes/notes.txt": b"notes",
+        "squares/.hidden.png": (local / "squares" / "squares_01.png").read_bytes(),
+        "stray.png": (local / "squares" / "squares_01.png").read_bytes(),
+    }
+    for key, data in extra.items():
+        with fs.open_output_stream(f"{bucket_path}/{key}") as f:
+            f.write(data)
+    result = cnncodes.extract(uri, tmp_path / "f", **FAST)
+    rows, rejected = set(load_features(tmp_path / "f").paths), {p for p, *_ in result.rejected}
+    assert "stripes/noext" in rows and {"stripes/notes.txt", "squares/.hidden.png", "stray.png"} <= rejected
+    assert len(rows) + len(rejected) == 3 * 6 + 1 + len(extra)  # the dataset, its broken file, the objects above
 
 
 def test_extract_from_a_csv_of_uris_in_the_bucket(s3_data, tmp_path):

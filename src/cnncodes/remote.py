@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from .errors import CnnCodesError
-from .ingest import IMAGE_SUFFIXES, Dataset, is_uri, read_listing
+from .ingest import Dataset, is_uri, read_listing
 
 
 class UriRoot(str):
@@ -43,16 +43,17 @@ def discover_uri(uri: str) -> Dataset:
         listing = fs.get_file_info(FileSelector(prefix.rstrip("/"), recursive=True))
     except (OSError, ValueError) as e:
         raise CnnCodesError(f"cannot list {uri}: {e}") from None
-    found = []
+    found, skipped = [], []
     for info in listing:
         rel = info.path[len(prefix.rstrip("/")) + 1 :]
         parts = rel.split("/")
-        if (
-            info.type == FileType.File
-            and len(parts) > 1
-            and not any(p.startswith(".") for p in parts)
-            and Path(rel).suffix.lower() in IMAGE_SUFFIXES
-        ):
+        if info.type != FileType.File:
+            continue
+        if any(p.startswith(".") for p in parts):
+            skipped.append((rel, "hidden file", "hidden"))
+        elif len(parts) == 1:
+            skipped.append((rel, "not in a class folder", "outside classes"))
+        else:  # whatever its name: the check reads every candidate and tells images by their bytes, as on disk
             found.append((parts[0], rel))
     if not found:
         raise CnnCodesError(
@@ -60,7 +61,8 @@ def discover_uri(uri: str) -> Dataset:
             f"of its own, e.g. {uri.rstrip('/')}/cat/1.jpg"
         )
     found.sort()
-    return Dataset(UriRoot(uri.rstrip("/")), [rel for _, rel in found], [label for label, _ in found])  # type: ignore[arg-type]
+    root = UriRoot(uri.rstrip("/"))
+    return Dataset(root, [rel for _, rel in found], [label for label, _ in found], skipped)  # type: ignore[arg-type]
 
 
 def _discover_csv(uri: str) -> Dataset:
