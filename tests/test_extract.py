@@ -588,6 +588,7 @@ def test_weights_file_that_does_not_fit_is_a_clear_error(dataset, tmp_path, vgg1
         (["--image-size", "48,16"], "at least 32 px"),
         (["--image-size", "100000"], "--image-size 100000 is over 2048 px"),
         (["--engine", "ray", "--runtime", "keras"], "--engine ray runs the network on ONNX Runtime"),
+        (["--engine", "ray", "--address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(dataset, tmp_path, args, message):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,6 +35,20 @@ from .runtime import MirrorAveraged, OnnxRunner, onnx_cache_path
 BLOCK_ROWS = 512
 
 
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Ray retries an address that does not answer for minutes, printing native warnings: one line instead."""
+    host, sep, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        return  # None or "auto": Ray's own choice
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise CnnCodesError(
+            f"cannot reach the Ray cluster at {address} ({e}): give the head node's address "
+            "(host:6379 by default, as `ray start --head` prints it) and check that the cluster is up"
+        ) from None
+
+
 class RayEngine:
     """Connects to the cluster at `address` on creation (else Ray's own choice: `RAY_ADDRESS`, else the
     cluster `ray start` last started on this machine, else a new local one)."""
@@ -41,9 +56,11 @@ class RayEngine:
     name: ClassVar[str] = "ray"
 
     def __init__(self, workers: int | None = None, address: str | None = None):
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        _check_reachable(address)
         if not ray.is_initialized():
             ray.init(
-                address=address or os.environ.get("RAY_ADDRESS") or None,
+                address=address,
                 include_dashboard=False,
                 logging_level=logging.ERROR,
                 log_to_driver=False,
