@@ -194,6 +194,18 @@ def test_changed_settings_never_reuse_stale_rows(dataset: Path, tmp_path: Path, 
     assert after.shape != before.shape or not np.allclose(after, before)
 
 
+def test_the_check_cache_holds_the_files_there_are_not_every_version_of_them(dataset: Path, tmp_path: Path):
+    import sqlite3
+
+    out = tmp_path / "f"
+    for _ in range(3):
+        for path in dataset.rglob("*.*"):
+            os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))  # a new identity
+        cnncodes.extract(dataset, out, **FAST)
+    with sqlite3.connect(out / ".cache" / "checks.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM checks2").fetchone()[0] == 24
+
+
 def test_another_duplicate_threshold_regroups_without_recomputing_codes(dataset: Path, tmp_path: Path):
     near = pattern("stripes", 100).astype(np.int16)  # stripes_00.jpg's pixels
     near[:4, :4] += 40  # a corner brighter: a few hash bits apart, not zero

@@ -720,6 +720,7 @@ def _check(
 
     try:
         reasons, categories, phashes = cache.get(ids)
+        cache.keep_only(ids)
         # An array, not a list: no int object per file.
         todo = np.flatnonzero([r is None and h is None for r, h in zip(reasons, phashes)])
         with progress_bar("Checking images", len(todo), enabled=progress and bool(len(todo))) as advance:

@@ -339,6 +339,18 @@ class CheckCache:
                 phashes.append(phash)
         return reasons, categories, phashes
 
+    def keep_only(self, ids: Sequence[str]) -> None:
+        """Forget files gone or changed (an old identity): the cache grows with the data, not with each edit."""
+        with self._failures():
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS listed (id BLOB PRIMARY KEY)")
+            self.db.execute("DELETE FROM listed")
+            for start in range(0, len(ids), 10_000):
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO listed VALUES (?)", [(_bytes(i),) for i in ids[start : start + 10_000]]
+                )
+            self.db.execute("DELETE FROM checks2 WHERE id NOT IN (SELECT id FROM listed)")
+            self.db.commit()
+
     def put(
         self,
         ids: Sequence[str],
