@@ -797,7 +797,8 @@ def compute_codes(
     previous = _previous_rows(out, job.spec.key, file_ids)
     covered = previous is not None and len(previous.pairs) == len(file_ids)
     dim = previous.dim if previous is not None and covered else job.runner.dim
-    key, ids = artifacts.sha256_json([job.spec.key, file_ids]), id_digests(file_ids)
+    ids = id_digests(file_ids)  # one pass over the ids: the writer's key is made from their digests
+    key = artifacts.sha256_json([job.spec.key, hashlib.sha256(ids.tobytes()).hexdigest()])
     salvaged = salvage(out / CACHE_DIR, key, ids, job.spec.key)
     writer = FeatureWriter(out / CACHE_DIR, key, len(file_ids), dim, ids, job.spec.key)
     reused, earlier = writer.resumed, writer.seconds_before

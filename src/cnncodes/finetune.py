@@ -319,9 +319,7 @@ def finetune(
             shutil.rmtree(checkpoints, ignore_errors=True)
             checkpoints.mkdir(parents=True)
             write_json_atomic(checkpoints / "arguments.json", {"key": key})
-        with _images_read(training):
-            history, trainable = _train(spec, training, checkpoints, callbacks, progress)
-            proba = training.trained.predict(training.datasets["test"], verbose=0)
+        history, trainable, proba = _train_and_predict(spec, training, checkpoints, callbacks, progress)
         record = _record(spec, run, origin, data, the_split, training, history, trainable, proba)
         if others:
             scores = [repeat_score(first_seed, training.labels[training.subsets == "test"], proba)]
@@ -387,9 +385,7 @@ def _score_repeat(
     folder = checkpoints / f"repeat-{seed}"
     folder.mkdir(exist_ok=True)
     training = _prepare(spec, data, out, the_split, progress)
-    with _images_read(training):
-        _train(spec, training, folder, (), progress)
-        proba = training.trained.predict(training.datasets["test"], verbose=0)
+    proba = _train_and_predict(spec, training, folder, (), progress)[2]
     score = repeat_score(seed, training.labels[training.subsets == "test"], proba)
     write_json_atomic(done, score)
     return score
@@ -487,9 +483,10 @@ def _train(
     return history, trainable
 
 
-@contextmanager
-def _images_read(training: _Training) -> Iterator[None]:
-    """An image of the split that no longer decodes is one error line, not TensorFlow's traceback.
+def _train_and_predict(
+    spec: TrainingSpec, training: _Training, checkpoints: Path, callbacks: Sequence[Any], progress: bool
+) -> tuple[list[dict[str, Any]], dict[str, int], np.ndarray]:
+    """`_train`, then the test images' probabilities; an image that no longer decodes is one error line.
 
     Its subset cannot go without it (the test images are those of every run on the split), so
     the run stops; its finished epochs are kept for --resume once the file is restored.
@@ -497,7 +494,8 @@ def _images_read(training: _Training) -> Iterator[None]:
     import tensorflow as tf
 
     try:
-        yield
+        history, trainable = _train(spec, training, checkpoints, callbacks, progress)
+        return history, trainable, training.trained.predict(training.datasets["test"], verbose=0)
     except tf.errors.OpError:
         if not training.unreadable:
             raise
