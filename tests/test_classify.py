@@ -469,3 +469,18 @@ def test_predict_shows_bracketed_file_names_as_they_are(fitted, tmp_path):
     odd = write_image(tmp_path / "[draft] cat.png", "circles", seed=77)
     table = runner.invoke(app, ["predict", str(model), str(odd)], env={"COLUMNS": "300"})
     assert table.exit_code == 0 and "[draft] cat.png" in table.stdout
+
+
+def test_compare_names_every_group_of_runs_scored_on_other_test_images(fitted, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(fitted["models"], copy)
+    changed = copy / "vgg16-block5_pool-linear-svm.json"
+    record = json.loads(changed.read_text())
+    record["test_predictions"] = record["test_predictions"][1:]  # edited by hand: one image fewer
+    changed.write_text(json.dumps(record))
+    result = cli("compare", copy)
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    n = len(record["test_predictions"])
+    assert f"vgg16-block5_pool-linear-svm: {n} test images" in message
+    assert f"vgg16-block5_pool-knn, vgg16-block5_pool-logreg, vgg16-block5_pool-rbf-svm: {n + 1} test images" in message

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -82,7 +84,7 @@ def test_publish_moves_model_and_record_together_or_not_at_all(tmp_path):
         tmp.write_bytes(b"half a mod")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=f"No space left on device: '{model}'"):  # the file the user knows
         publish(model, full_disk, build_record(run="run"))
     assert model.read_bytes() == b"old model"
     assert json.loads(sidecar(model).read_text())["model_sha256"] == first["model_sha256"]
@@ -103,3 +105,15 @@ def test_a_bundle_of_an_older_format_is_refused_in_one_line(tmp_path):
     )
     with pytest.raises(cnncodes.CnnCodesError, match="another version of cnncodes"):
         load_bundle(model)
+
+
+def test_a_full_disk_while_saving_a_run_is_one_line_naming_the_file(codes, tmp_path, monkeypatch):
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    result = fit(codes["features"], tmp_path / "m")
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"No space left on device: '{tmp_path / 'm' / 'vgg16-block5_pool-knn.json'}'" in message
+    assert not list((tmp_path / "m").iterdir())  # no temporary file left behind

@@ -77,6 +77,20 @@ def check_file_target(path: Path, read: Iterable[Path] = ()) -> None:
 
 
 @contextmanager
+def says_where(path: Path, temporary: Path | str) -> Iterator[None]:
+    """An OSError that names no file (a full disk, a quota) or only `temporary` names `path` instead.
+
+    The command's one error line then says where the write failed, by the name the user knows.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None or (e.filename is not None and str(e.filename) != str(temporary)):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+@contextmanager
 def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A temporary file beside `path` to write, moved into place once the block ends without an error.
 
@@ -88,12 +102,13 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be like any other
-        os.replace(tmp, path)
+        with says_where(path, tmp):
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be like any other
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import package_versions, read_json, sha256_file, write_json_atomic
+from .artifacts import package_versions, read_json, says_where, sha256_file, write_json_atomic
 from .errors import CnnCodesError, first_line
 from .progress import warn
 
@@ -83,14 +83,16 @@ def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[
     """
     model_path.parent.mkdir(parents=True, exist_ok=True)
     with _temporary(model_path) as model_tmp, _temporary(sidecar(model_path)) as record_tmp:
-        write_model(model_tmp)
+        with says_where(model_path, model_tmp):
+            write_model(model_tmp)
         record = {
             **record,
             "model_file": model_path.name,
             "model_bytes": model_tmp.stat().st_size,
             "model_sha256": sha256_file(model_tmp),
         }
-        write_json_atomic(record_tmp, record)
+        with says_where(sidecar(model_path), record_tmp):
+            write_json_atomic(record_tmp, record)
         os.replace(model_tmp, model_path)
         os.replace(record_tmp, sidecar(model_path))
     return record
@@ -98,7 +100,7 @@ def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[
 
 def write_through_temporary(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` writes a file beside `path` that then replaces it: a kill leaves the old file or the new one."""
-    with _temporary(path) as tmp:
+    with _temporary(path) as tmp, says_where(path, tmp):
         write(tmp)
         os.replace(tmp, path)
 

@@ -116,13 +116,18 @@ def _same_test_set(records: Sequence[dict[str, Any]]) -> None:
             f"these runs were scored on different test sets and cannot be ranked together ({groups}): "
             "compare the folders of one split separately"
         )
-    tests = {run["run"]: sorted((p["path"], p["label"]) for p in run["test_predictions"]) for run in records}
-    first = next(iter(tests.values()))
-    differing = [name for name, test in tests.items() if test != first]
-    if differing:
+    tests: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for record in records:
+        test = tuple(sorted((p["path"], p["label"]) for p in record["test_predictions"]))
+        tests.setdefault(test, []).append(record["run"])
+    if len(tests) > 1:  # no run is blamed: any of the groups may be the changed one
+        groups = "; ".join(
+            f"{', '.join(runs)}: {len(test)} test images"
+            for test, runs in sorted(tests.items(), key=lambda item: -len(item[1]))
+        )
         raise CnnCodesError(
-            f"runs {', '.join(differing)} claim the same split but were scored on other test images: "
-            "their records were changed or made by another version; fit them again"
+            f"these runs claim the same split but were scored on different test images ({groups}): "
+            "records were changed or made by another version; fit those runs again"
         )
 
 
