@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cnncodes import ExtractorSpec
 from cnncodes.cli import app
 from cnncodes.quantize import calibration_set
 
@@ -116,6 +117,14 @@ def test_a_changed_calibration_set_or_precision_never_reuses_a_cached_model(smal
     assert meta(tmp_path / "a")["extractor"]["precision"] == "fp32"
     assert not np.allclose(np.load(tmp_path / "a" / "features.npy"), int8_codes)
 
+
+def test_an_int8_model_quantized_now_runs_on_the_threads_asked_for(small_int8, tmp_path, monkeypatch):
+    """A one-thread server that finds no cached int8 model must not take every core once it made one."""
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cold"))
+    spec = ExtractorSpec.from_dict(meta(small_int8["features"])["extractor"])
+    runner = spec.runner(spec.find_weights(), threads=1)
+    assert runner.session.get_session_options().intra_op_num_threads == 1
+    assert spec.runner(spec.find_weights(), threads=1).session.get_session_options().intra_op_num_threads == 1
 
 def test_predict_with_an_int8_bundle_gives_the_recorded_test_predictions(small_int8):
     recorded = json.loads(small_int8["model"].with_suffix(".json").read_text())["test_predictions"]

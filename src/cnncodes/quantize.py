@@ -97,21 +97,21 @@ def _fingerprint(images: Sequence[str], holdout: Sequence[str]) -> str:
 def int8_runner(
     spec: ExtractorSpec, build: Callable[[], Any], notice: Callable[[str], None], threads: int | None = None
 ) -> OnnxRunner:
-    """The int8 model of `spec`, from the cache (on `threads` threads) or quantized now from the fp32 ONNX model."""
+    """The int8 model of `spec` on `threads` threads, from the cache or quantized now from the fp32 ONNX model."""
     path = onnx_cache_path(spec.model_key)
     found = cached_runner(path, spec.model_key, spec.probe, threads)
     if isinstance(found, OnnxRunner):
         return found
     if found is not None:
         notice(f"the cached int8 model {path} was refused ({found}): quantizing {spec.backbone} again")
-    fp32 = onnx_model(build, spec.network_key, notice, label=spec.backbone)
+    fp32 = onnx_model(build, spec.network_key, notice, label=spec.backbone, threads=threads)
     if isinstance(fp32, str):
         raise CnnCodesError(
             f"int8 needs {spec.backbone} on ONNX Runtime, and it cannot be converted ({fp32}): use --precision fp32"
         )
     calibration, holdout = _calibration_pixels(spec)
     notice(f"quantizing {spec.backbone} to int8 on {len(calibration)} train images, once")
-    runner = _search(spec, fp32, calibration, holdout, notice)
+    runner = _search(spec, fp32, calibration, holdout, notice, threads)
     refuse_unpinned(runner, spec.probe, f"the int8 {spec.backbone}")
     return runner
 
@@ -137,13 +137,18 @@ def _calibration_pixels(spec: ExtractorSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _search(
-    spec: ExtractorSpec, fp32: OnnxRunner, calibration: np.ndarray, holdout: np.ndarray, notice: Callable[[str], None]
+    spec: ExtractorSpec,
+    fp32: OnnxRunner,
+    calibration: np.ndarray,
+    holdout: np.ndarray,
+    notice: Callable[[str], None],
+    threads: int | None,
 ) -> OnnxRunner:
     """Quantize in a scratch folder, publish the chosen model with what was tried, warn when it agrees poorly."""
     scratch = Path(tempfile.mkdtemp(dir=private_cache_dir(spec.model_key), prefix=".quantize-"))
     try:
-        made, chosen = _best_configuration(_prepared(spec, scratch), fp32, calibration, holdout, scratch)
-        runner = OnnxRunner(made)
+        made, chosen = _best_configuration(_prepared(spec, scratch), fp32, calibration, holdout, scratch, threads)
+        runner = OnnxRunner(made, threads)
         probe = fingerprint(runner(probe_batch(runner.input_shape)))
         record = {"key": spec.model_key, "model": f"{spec.backbone} int8", "probe": probe, "quantization": chosen}
         publish(made, onnx_cache_path(spec.model_key), record)
@@ -170,7 +175,7 @@ def _prepared(spec: ExtractorSpec, scratch: Path) -> Path:
 
 
 def _best_configuration(
-    model: Path, fp32: OnnxRunner, calibration: np.ndarray, holdout: np.ndarray, scratch: Path
+    model: Path, fp32: OnnxRunner, calibration: np.ndarray, holdout: np.ndarray, scratch: Path, threads: int | None
 ) -> tuple[Path, dict[str, Any]]:
     """Try configurations fastest first: the first that agrees well enough with fp32 wins, else the best."""
     import onnx
@@ -182,7 +187,7 @@ def _best_configuration(
     for i, config in enumerate(_configurations(groups)):
         made = scratch / f"{i}.onnx"
         _quantize(model, made, _Batches(calibration, fp32.input), config, groups, scratch)
-        agreement = _agreement(OnnxRunner(made)(holdout), reference)
+        agreement = _agreement(OnnxRunner(made, threads)(holdout), reference)
         tried.append({**config, "agreement": agreement})
         good = _good(agreement, GOOD)
         if best is None or agreement["mean"] > best[0] or good:
