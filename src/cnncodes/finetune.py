@@ -49,7 +49,15 @@ from .records import (
     run_name,
     write_through_temporary,
 )
-from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, SUBSETS, Split, parse_fractions, read_split_csv
+from .split import (
+    DEFAULT_DUP_THRESHOLD,
+    DEFAULT_FRACTIONS,
+    SUBSETS,
+    Split,
+    label_indices,
+    parse_fractions,
+    read_split_csv,
+)
 from .weights import Weights
 
 CHECKPOINTS = ".finetune"
@@ -418,7 +426,8 @@ def load_split(
         return planned.split
     csv_path = split_from / "split.csv" if split_from.is_dir() else split_from
     the_split = read_split_csv(csv_path)
-    missing = [p for p in the_split.paths if not (image_root(data) / p).is_file()]
+    root = image_root(data)
+    missing = [p for p in the_split.paths if not (root / p).is_file()]
     if missing:
         raise CnnCodesError(
             f"{len(missing)} image(s) of {csv_path} are not under {data} (e.g. {missing[0]}): "
@@ -552,10 +561,10 @@ def _labelled(the_split: Split) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Class names, label indices and subsets as arrays; every subset must hold images."""
     classes = sorted(set(the_split.labels))
     subsets = np.array(the_split.subsets)
-    for subset in ("train", "val", "test"):
+    for subset in SUBSETS:
         if not (subsets == subset).any():
             raise CnnCodesError(f"the split has no {subset} images: finetune needs train, val and test")
-    return classes, np.array([classes.index(c) for c in the_split.labels]), subsets
+    return classes, label_indices(the_split.labels, classes), subsets
 
 
 def cached_top(model, network, cut: str):

@@ -268,7 +268,7 @@ def duplicate_warnings(groups: np.ndarray, paths: Sequence[str], labels: Sequenc
         )
     mixed = [idx for idx in groups_of_many if len({labels[i] for i in idx}) > 1]
     if mixed:
-        i, j = next((i, j) for i in mixed[0] for j in mixed[0] if labels[i] < labels[j])
+        i, j = min(mixed[0], key=labels.__getitem__), max(mixed[0], key=labels.__getitem__)
         warnings.append(
             f"{len(mixed)} duplicate group(s) hold images of different classes, e.g. {paths[i]} "
             f"({labels[i]}) and {paths[j]} ({labels[j]}): the same picture under two labels?"
