@@ -126,6 +126,7 @@ def test_an_int8_model_quantized_now_runs_on_the_threads_asked_for(small_int8, t
     assert runner.session.get_session_options().intra_op_num_threads == 1
     assert spec.runner(spec.find_weights(), threads=1).session.get_session_options().intra_op_num_threads == 1
 
+
 def test_predict_with_an_int8_bundle_gives_the_recorded_test_predictions(small_int8):
     recorded = json.loads(small_int8["model"].with_suffix(".json").read_text())["test_predictions"]
     images = [small_int8["data"] / p["path"] for p in recorded]

@@ -105,6 +105,10 @@ def test_a_bundle_of_an_older_format_is_refused_in_one_line(tmp_path):
     )
     with pytest.raises(cnncodes.CnnCodesError, match="another version of cnncodes"):
         load_bundle(model)
+    unversioned = {k: v for k, v in build_record(run="old").items() if k != "versions"}
+    publish(model, lambda tmp: joblib.dump({"format": "cnncodes.bundle/1"}, tmp), unversioned)
+    with pytest.raises(cnncodes.CnnCodesError, match="does not say which scikit-learn made it"):
+        load_bundle(model)  # a record without versions: one line, not a KeyError
 
 
 def test_a_full_disk_while_saving_a_run_is_one_line_naming_the_file(codes, tmp_path, monkeypatch):

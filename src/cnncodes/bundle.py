@@ -65,10 +65,12 @@ def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
     return record, data
 
 
-def load_bundle(path: Path) -> dict[str, Any]:
-    """Verify, then unpickle a bundle written by `fit-svm`."""
+def load_bundle(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify, then unpickle a bundle written by `fit-svm`; returns its run record and the bundle."""
     record, data = load_record_for(path)
-    wanted, installed = record["versions"].get("scikit-learn"), package_versions().get("scikit-learn")
+    wanted, installed = record.get("versions", {}).get("scikit-learn"), package_versions().get("scikit-learn")
+    if wanted is None:
+        raise CnnCodesError(f"{path}'s run record does not say which scikit-learn made it: fit the model again")
     if _minor(wanted) != _minor(installed):
         raise CnnCodesError(
             f"{path} was made with scikit-learn {wanted} but {installed} is installed: "
@@ -82,7 +84,7 @@ def load_bundle(path: Path) -> dict[str, Any]:
             f"{path} was made by another version of cnncodes ({bundle['format']}, this one reads "
             f"{BUNDLE_FORMAT}): fit the model again with `cnncodes fit-svm`"
         )
-    return bundle
+    return record, bundle
 
 
 def _minor(version: str | None) -> tuple[str, ...]:

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import package_versions, read_json
-from .bundle import load_bundle, load_record_for, sidecar
+from .artifacts import package_versions
+from .bundle import load_bundle, load_record_for
 from .classifiers import class_probabilities
 from .errors import CnnCodesError
 from .extract import ExtractorSpec, ImageReader
@@ -111,7 +111,7 @@ def load_predictor(
         raise CnnCodesError(f"{model} is {what}: give a .joblib bundle from fit-svm or a .keras model from finetune")
     if kind == ".keras":
         return _finetuned_predictor(Path(model), runtime, threads)
-    bundle = load_bundle(Path(model))
+    record, bundle = load_bundle(Path(model))
     spec = ExtractorSpec.from_dict(bundle["extractor"])
     if spec.weights == "none":
         made, installed = bundle["versions"].get("keras"), package_versions().get("keras")
@@ -126,7 +126,6 @@ def load_predictor(
     def probabilities(pixels: np.ndarray) -> np.ndarray:
         return class_probabilities(classifier, runner(pixels), len(classes))
 
-    record = read_json(sidecar(Path(model)))  # verified by load_bundle, which checked the bundle against it
     return Predictor(probabilities, spec.image_size, spec.resize, classes, record)
 
 
