@@ -2,7 +2,8 @@
 
 `CodesClassifier(kind=...)` is normalisation, optional PCA and a linear SVM, logistic
 regression, RBF SVM or k-NN, with the normalisation and hyper-parameters chosen by
-cross-validation on folds that keep duplicate groups together.
+cross-validation on folds that keep duplicate groups together; or `sgd`, a linear SVM or
+logistic regression fitted by SGD on codes read a chunk at a time (data larger than memory).
 
 Probabilities, measured on real MobileNetV2 codes of ../shared/datasets (docs/results.md):
 a softmax of SVC's one-vs-rest decision scores encodes little more than one-vs-one vote
@@ -53,8 +54,8 @@ from .records import build_record, refuse_to_replace, repeat_score, repeats_summ
 from .split import assign_subsets
 
 _LINEAR = {"linear-svm", "logreg"}
-# `--normalize auto` searches each of these with its own grid.
-_AUTO = ("standard", "l2", "none")
+# `--normalize auto` searches each of the others with its own grid.
+_AUTO = tuple(n for n in NORMALIZERS if n != "auto")
 # Probabilities are floored here before their log: k-NN gives exact zeros.
 _FLOOR = 1e-4
 # Above `MAX_EXACT` training codes (see choices.py) `--classifier all` leaves these out, and `sgd`,

@@ -84,10 +84,7 @@ def user_errors(resume_hint: str = "nothing was written.") -> Iterator[None]:
     """CnnCodesError and OSError become one red line and exit 2; Ctrl-C exits 130."""
     try:
         yield
-    except CnnCodesError as e:
-        err_console.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except OSError as e:  # unwritable --out, a file where a folder should be, a full disk…
+    except (CnnCodesError, OSError) as e:  # OSError: an unwritable --out, a file where a folder should be, a full disk…
         err_console.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:

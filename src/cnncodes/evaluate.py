@@ -10,6 +10,11 @@ import numpy as np
 ECE_BINS = 15
 
 
+def confidence_bins(confidence: np.ndarray) -> np.ndarray:
+    """Each top-1 probability's bin among `ECE_BINS` equal-width ones (1.0 goes in the last)."""
+    return np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+
+
 def wilson_ci(correct: int, n: int) -> list[float]:
     """95% Wilson score interval of an accuracy: never zero-width at 0% or 100%, honest on small test sets."""
     from scipy.stats import binomtest
@@ -33,7 +38,7 @@ def calibration(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | None
 
     confidence, right = proba.max(axis=1), proba.argmax(axis=1) == y_true
     onehot = np.eye(proba.shape[1])[y_true]
-    bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+    bins = confidence_bins(confidence)
     ece = sum(abs(confidence[bins == b].mean() - right[bins == b].mean()) * (bins == b).mean() for b in np.unique(bins))
     mixed = 0 < right.sum() < len(right)
     return {

@@ -435,7 +435,7 @@ class Engine(Protocol):
     def check(
         self, files: Sequence[Path | str], advance: Callable[[int], None]
     ) -> Iterator[tuple[list[int], list[Check]]]:
-        """`check_image` of every file, as (positions in `files`, checks) in any order."""
+        """`check_file` of every file, as (positions in `files`, checks) in any order."""
         ...
 
     def codes(self, job: CodeJob, rows: np.ndarray) -> Iterator[CodeBatch]:
@@ -502,6 +502,12 @@ class ExtractResult:
     images_per_second: float | None
     up_to_date: bool = False
     warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_meta(cls, out: Path, meta: dict[str, Any], rejected, warnings, **run: Any) -> ExtractResult:
+        """The result of a run whose `meta.json` holds `meta`; `run` says what this run itself did."""
+        counts = meta["split"]["counts"]
+        return cls(out, meta["n_images"], meta["dim"], meta["classes"], counts, rejected, warnings=warnings, **run)
 
 
 def extract(
@@ -585,7 +591,7 @@ def extract(
         subsets = the_plan.split
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, subsets.labels, subsets.subsets, settings])
         if _up_to_date(out, run_key, len(the_plan.usable)):
-            return _result_from_meta(out, the_plan.rejected, subsets.warnings, time.perf_counter() - started)
+            return _unchanged(out, the_plan.rejected, subsets.warnings, time.perf_counter() - started)
         job = CodeJob(spec, resolved, runtime, Files(the_plan.usable.root, the_plan.usable.paths), batch_size)
         done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
         stages = {
@@ -595,18 +601,15 @@ def extract(
             "codes": round(done.seconds, 3),
         }
         meta = publish(out, the_plan, done, spec, runtime, where.describe(), run_key, settings, started, stages)
-    return ExtractResult(
+    return ExtractResult.from_meta(
         out,
-        meta["n_images"],
-        meta["dim"],
-        meta["classes"],
-        meta["split"]["counts"],
+        meta,
         the_plan.rejected + done.failed_paths(the_plan),
-        done.computed,
-        done.reused,
-        meta["elapsed_seconds"],
-        meta["images_per_second"],
-        warnings=the_plan.split.warnings,
+        the_plan.split.warnings,
+        computed=done.computed,
+        reused=done.reused,
+        seconds=meta["elapsed_seconds"],
+        images_per_second=meta["images_per_second"],
     )
 
 
@@ -801,7 +804,7 @@ def compute_codes(
     key = artifacts.sha256_json([job.spec.key, hashlib.sha256(ids.tobytes()).hexdigest()])
     salvaged = salvage(out / CACHE_DIR, key, ids, job.spec.key)
     writer = FeatureWriter(out / CACHE_DIR, key, len(file_ids), dim, ids, job.spec.key)
-    reused, earlier = writer.resumed, writer.seconds_before
+    earlier = writer.seconds_before
     if previous is not None and writer.resumed == 0:
         writer.copy_from(previous.path, previous.pairs)
         earlier = previous.seconds * len(previous.pairs) / max(previous.rows, 1)
@@ -881,21 +884,19 @@ def _up_to_date(out: Path, run_key: str, n_usable: int) -> bool:
         return False
 
 
-def _result_from_meta(out: Path, rejected, warnings, seconds: float) -> ExtractResult:
+def _unchanged(out: Path, rejected, warnings, seconds: float) -> ExtractResult:
+    """The result of a run that found its codes up to date: every row reused, none computed."""
     meta = artifacts.read_json(out / "meta.json")
-    return ExtractResult(
+    return ExtractResult.from_meta(
         out,
-        meta["n_images"],
-        meta["dim"],
-        meta["classes"],
-        meta["split"]["counts"],
+        meta,
         rejected,
-        0,
-        meta["n_images"],
-        seconds,
-        None,
+        warnings,
+        computed=0,
+        reused=meta["n_images"],
+        seconds=seconds,
+        images_per_second=None,
         up_to_date=True,
-        warnings=warnings,
     )
 
 

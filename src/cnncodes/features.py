@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,13 @@ class Features:
     def split(self) -> Split:
         return Split(self.paths, [self.classes[i] for i in self.y], self.subsets.tolist())
 
-    @property
+    @cached_property
     def split_fingerprint(self) -> str:
-        """Computed from the rows themselves, not read from `meta.json`, so a record says what was really used."""
-        return self.split.fingerprint
+        """Computed from the rows themselves, not read from `meta.json`, so a record says what was really used.
 
-    def rows(self, *subsets: str) -> np.ndarray:
-        return np.isin(self.subsets, subsets)
+        Once: it sorts every row, and each run record of the folder's classifiers holds it.
+        """
+        return self.split.fingerprint
 
 
 # What every reader of a features folder relies on; format 1 also listed the rows' paths and subsets.

@@ -38,8 +38,9 @@ _WHITE = (255, 255, 255)
 class BadImage(Exception):
     """A file that cannot be used as an image; the message is the reason users see.
 
-    `category` ("missing", "empty", "truncated", "corrupt", "not an image", "unsupported" or
-    "too large") is what summaries count, so no caller reads it back out of the reason's wording.
+    `category` ("missing", "empty", "truncated", "corrupt", "not an image", "unsupported",
+    "too large" or, for an object store that does not answer, "unreadable") is what summaries
+    count, so no caller reads it back out of the reason's wording.
     """
 
     def __init__(self, reason: str, category: str):

@@ -23,6 +23,7 @@ from .errors import CnnCodesError
 from .extract import ExtractorSpec, ImageReader
 from .ingest import MAX_PIXELS, image_files, load_square
 from .progress import progress_bar, warn
+from .records import MODEL_SUFFIXES
 from .runtime import make_runner
 
 
@@ -106,7 +107,7 @@ def load_predictor(
 ) -> Predictor:
     """Verify and load a `.joblib` bundle or a fine-tuned `.keras` model; `threads` caps ONNX Runtime's threads."""
     kind = Path(model).suffix.lower()
-    if kind not in (".joblib", ".keras"):
+    if kind not in MODEL_SUFFIXES:
         what = "a folder" if Path(model).is_dir() else "not a model file"
         raise CnnCodesError(f"{model} is {what}: give a .joblib bundle from fit-svm or a .keras model from finetune")
     if kind == ".keras":

@@ -24,6 +24,8 @@ from .errors import CnnCodesError, first_line
 from .progress import warn
 
 RECORD_FORMAT = "cnncodes.run/1"
+# What a run leaves beside its record: a fit-svm bundle or a fine-tuned Keras model.
+MODEL_SUFFIXES = (".joblib", ".keras")
 
 
 def run_name(prefix: str | None, *parts: str) -> str:
@@ -167,7 +169,7 @@ def _run_record(path: Path) -> dict[str, Any] | None:
     try:
         record = read_json(path)
     except (OSError, ValueError) as e:
-        if any(path.with_suffix(suffix).is_file() for suffix in (".joblib", ".keras")):
+        if any(path.with_suffix(suffix).is_file() for suffix in MODEL_SUFFIXES):
             warn(f"skipped {path}: the run record of the model beside it cannot be read ({first_line(e)})")
         return None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:

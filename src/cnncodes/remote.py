@@ -2,7 +2,7 @@
 
 The same rules as for a local folder: one sub-folder (key prefix) per class under the
 prefix, or a CSV of `path,label` rows whose paths are URIs. A file's identity for the
-caches is its URI, size and modification time. Each file is fetched into a temporary
+caches is its path under the prefix, size and modification time. Each file is fetched into a temporary
 file and decoded by the same code as a local file, so both give the same pixels.
 
 S3 credentials and region come from the usual AWS variables and files; an S3-compatible
@@ -73,7 +73,7 @@ def _discover_csv(uri: str) -> Dataset:
 
 
 def file_ids(dataset: Dataset) -> list[str]:
-    """URI, size and modification time of every file: one listing of the root, one request per file outside it."""
+    """Path, size and modification time of every file: one listing of the root, one request per file outside it."""
     FileType = _pyarrow_fs().FileType
     listed = _listing(str(dataset.root)) if is_uri(str(dataset.root)) else {}  # a local CSV of URIs has no root
     ids = []

@@ -9,7 +9,7 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from rich import box
@@ -20,7 +20,7 @@ from rich.text import Text
 
 from .artifacts import csv_text
 from .errors import CnnCodesError
-from .evaluate import mcnemar_p, paired_p
+from .evaluate import ECE_BINS, confidence_bins, mcnemar_p, paired_p
 
 if TYPE_CHECKING:
     from .predict import Prediction
@@ -63,7 +63,6 @@ WIDE = 120
 # Below this p-value a run is marked significantly worse than the best one.
 ALPHA = 0.05
 Format = Literal["table", "markdown", "csv", "json"]
-FORMATS: tuple[str, ...] = get_args(Format)
 
 
 def compare(models: Sequence[Path | str]) -> list[dict[str, Any]]:
@@ -318,15 +317,15 @@ def _run_html(record: dict[str, Any]) -> str:
     )
 
 
-def _reliability_png(record: dict[str, Any], bins: int = 15) -> str:
-    """Accuracy against mean top-1 probability in 15 equal-width bins of the test predictions: on the diagonal
-    when the probabilities can be taken at their word; bar widths show how many images fall in each bin."""
+def _reliability_png(record: dict[str, Any]) -> str:
+    """Accuracy against mean top-1 probability in the ECE's bins of the test predictions: on the diagonal
+    when the probabilities can be taken at their word; bar shades show how many images fall in each bin."""
     from matplotlib.figure import Figure
 
     predictions = record["test_predictions"]
     confidence = np.array([p["probability"] for p in predictions])
     right = np.array([p["predicted"] == p["label"] for p in predictions])
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    which = confidence_bins(confidence)
     fig = Figure(figsize=(4, 4))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="#999", linestyle="--", linewidth=1)
@@ -335,7 +334,7 @@ def _reliability_png(record: dict[str, Any], bins: int = 15) -> str:
         ax.bar(
             confidence[inside].mean(),
             right[inside].mean(),
-            width=0.9 / bins,
+            width=0.9 / ECE_BINS,
             alpha=0.3 + 0.7 * inside.sum() / len(inside),
             color="#1f77b4",
         )
