@@ -739,3 +739,27 @@ def test_out_inside_the_image_folder_or_on_a_file_is_refused_before_anything_is_
     a_file.write_text("x")
     result = cli("extract", dataset, "--out", a_file, *FAST_ARGS)
     assert result.exit_code == 2 and "is a file: give a folder" in result.stderr, result.output
+
+
+def test_a_folder_whose_row_index_lists_file_ids_keeps_its_rows_when_files_are_added(dataset: Path, tmp_path: Path):
+    """Folders published before rows-ids.npy (a JSON list of every file id) still give their rows to the next run."""
+    from cnncodes.extract import _file_ids
+    from cnncodes.ingest import Dataset
+
+    data = tmp_path / "copy"
+    shutil.copytree(dataset, data)
+    out = tmp_path / "f"
+    cnncodes.extract(data, out, **FAST)
+    before = load_features(out)
+    cache = out / ".cache"
+    index = json.loads((cache / "rows.json").read_text())
+    ids = _file_ids(Dataset(data, before.paths, [before.classes[i] for i in before.y]))
+    (cache / "rows.json").write_text(json.dumps({**index, "file_ids": list(ids)}))
+    (cache / "rows-ids.npy").unlink()
+    write_image(data / "squares" / "new.png", "squares", seed=77)
+    again = cnncodes.extract(data, out, **FAST)
+    assert (again.computed, again.reused) == (1, 24)
+    after = load_features(out)
+    rows = {p: i for i, p in enumerate(after.paths)}
+    np.testing.assert_array_equal(after.X[[rows[p] for p in before.paths]], before.X)
+    assert not (json.loads((cache / "rows.json").read_text())).get("file_ids")  # the index is small again

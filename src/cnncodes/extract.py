@@ -47,7 +47,7 @@ from .split import (
     label_indices,
     parse_fractions,
 )
-from .storage import CheckCache, FeatureWriter, npy_layout, salvage
+from .storage import CheckCache, FeatureWriter, matching_rows, npy_layout, salvage
 from .weights import Weights
 
 # Format 2 keeps the rows' paths and subsets in split.csv only; format 1 listed them in meta.json too.
@@ -55,6 +55,8 @@ FEATURES_FORMAT = "cnncodes.features/2"
 # Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
 EXTRACTOR_FORMAT = 1
 CACHE_DIR = ".cache"
+# In CACHE_DIR: the digest (`id_digests`) of each row's file id in features.npy, so the next run reuses its rows.
+_ROW_IDS = "rows-ids.npy"
 # rejected.csv: why each file was skipped, and the category (`BadImage.category`) summaries count.
 REJECTED_COLUMNS = ("path", "reason", "category")
 ENGINES = ("local", "ray")
@@ -783,6 +785,7 @@ class Computed(NamedTuple):
     failed: list[tuple[int, BadImage]]
     seconds: float  # this run's forward passes
     earlier_seconds: float  # the share of earlier runs' time in the rows reused or resumed
+    ids: np.ndarray  # the digest of each row's file id (`id_digests`)
 
     def failed_paths(self, the_plan: Plan) -> list[tuple[str, str, str]]:
         return [(the_plan.usable.paths[row], str(bad), bad.category) for row, bad in self.failed]
@@ -797,10 +800,10 @@ def compute_codes(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Computed:
     """Fill a FeatureWriter: resume, reuse rows of an earlier run, then let `engine` compute the rest."""
-    previous = _previous_rows(out, job.spec.key, file_ids)
+    ids = id_digests(file_ids)  # one pass over the ids: the writer's key and every match use their digests
+    previous = _previous_rows(out, job.spec.key, ids)
     covered = previous is not None and len(previous.pairs) == len(file_ids)
     dim = previous.dim if previous is not None and covered else job.runner.dim
-    ids = id_digests(file_ids)  # one pass over the ids: the writer's key is made from their digests
     key = artifacts.sha256_json([job.spec.key, hashlib.sha256(ids.tobytes()).hexdigest()])
     salvaged = salvage(out / CACHE_DIR, key, ids, job.spec.key)
     writer = FeatureWriter(out / CACHE_DIR, key, len(file_ids), dim, ids, job.spec.key)
@@ -832,7 +835,7 @@ def compute_codes(
             finally:
                 writer.sync()
                 writer.save_clock()
-    return Computed(writer, len(todo) - len(failed), reused, failed, time.perf_counter() - started, earlier)
+    return Computed(writer, len(todo) - len(failed), reused, failed, time.perf_counter() - started, earlier, ids)
 
 
 def id_digests(file_ids: Sequence[str]) -> np.ndarray:
@@ -847,27 +850,29 @@ class _Previous(NamedTuple):
     path: Path
     rows: int
     dim: int
-    pairs: list[tuple[int, int]]  # (new row, old row)
+    pairs: np.ndarray  # (new row, old row)
     seconds: float
 
 
-def _previous_rows(out: Path, spec_key: str, file_ids: Sequence[str]) -> _Previous | None:
-    """Rows of the last published features with the same extractor.
+def _previous_rows(out: Path, spec_key: str, ids: np.ndarray) -> _Previous | None:
+    """Rows of the last published features with the same extractor, found by the digests of their file ids.
 
-    `rows.json` is removed before `features.npy` is replaced and written again right
-    after, so whenever it exists it describes the rows of `features.npy`.
+    `rows.json` is removed before `features.npy` is replaced and written again right after
+    `rows-ids.npy`, so whenever it exists both describe the rows of `features.npy`.
     """
+    cache = out / CACHE_DIR
     try:
-        index = artifacts.read_object(out / CACHE_DIR / "rows.json")
+        index = artifacts.read_object(cache / "rows.json")
         if index["spec_key"] != spec_key:
             return None
         (rows, dim), _ = npy_layout(out / "features.npy")
         seconds = float(index.get("seconds", 0.0))
+        # folders published before rows-ids.npy listed the ids themselves
+        old = id_digests(index["file_ids"]) if "file_ids" in index else np.load(cache / _ROW_IDS)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    old = {fid: i for i, fid in enumerate(index["file_ids"]) if i < rows}
-    pairs = [(new, old[fid]) for new, fid in enumerate(file_ids) if fid in old]
-    return _Previous(out / "features.npy", rows, dim, pairs, seconds) if pairs else None
+    pairs = matching_rows(old[:rows], ids)
+    return _Previous(out / "features.npy", rows, dim, pairs, seconds) if len(pairs) else None
 
 
 def _up_to_date(out: Path, run_key: str, n_usable: int) -> bool:
@@ -927,20 +932,22 @@ def publish(
     """Replace the outputs; returns the meta record.
 
     The order keeps every kill recoverable: `meta.json` and `rows.json` go first, the
-    finished rows are moved into `features.npy` and `rows.json` is back right after (two
-    renames), and only then is the unfinished state forgotten; `meta.json` goes last, so a
-    reader that finds it finds a complete set. A run killed in between reuses every row.
+    finished rows are moved into `features.npy`, their file ids' digests into `rows-ids.npy`,
+    and `rows.json` is back right after (three renames), and only then is the unfinished
+    state forgotten; `meta.json` goes last, so a reader that finds it finds a complete set.
+    A run killed in between reuses every row.
     """
     published = time.perf_counter()
     kept = np.flatnonzero(done.writer.done)
     elapsed = done.earlier_seconds + published - started
     final = _keep_rows(the_plan.split, kept)
-    rows_index = {"spec_key": spec.key, "file_ids": _take(the_plan.file_ids, kept, final.paths), "seconds": elapsed}
     cache = out / CACHE_DIR
-    _dump_json(cache / "rows.json.new", rows_index)
+    artifacts.write_npy_atomic(cache / f"{_ROW_IDS}.new", done.ids[kept])
+    artifacts.write_json_atomic(cache / "rows.json.new", {"spec_key": spec.key, "seconds": elapsed})
     (out / "meta.json").unlink(missing_ok=True)
     (cache / "rows.json").unlink(missing_ok=True)  # rows.json must never describe other features
     done.writer.publish(out / "features.npy")
+    os.replace(cache / f"{_ROW_IDS}.new", cache / _ROW_IDS)
     os.replace(cache / "rows.json.new", cache / "rows.json")
     done.writer.discard()
     classes = the_plan.usable.classes
@@ -966,14 +973,6 @@ def publish(
     meta["stage_seconds"] = {**(stages or {}), "publish": round(time.perf_counter() - published, 3)}
     artifacts.write_json_atomic(out / "meta.json", meta)
     return meta
-
-
-def _dump_json(path: Path, obj: Any) -> None:
-    """Compact JSON streamed to a file and synced: a million file ids never become one string in memory."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(artifacts.json_pieces(obj, separators=(",", ":")))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _meta(

@@ -182,16 +182,23 @@ def salvage(work_dir: Path, key: str, ids: np.ndarray, family: str) -> Salvaged 
     except (OSError, ValueError, KeyError):
         return None
     finished = np.unique(logged[(logged >= 0) & (logged < len(old_ids))])
-    order = np.argsort(old_ids[finished])
-    known = old_ids[finished][order]
-    if not len(known):
+    pairs = matching_rows(old_ids[finished], ids)
+    if not len(pairs):
         return None
-    at = np.searchsorted(known, ids).clip(max=len(known) - 1)
-    hit = known[at] == ids
-    pairs = np.stack([np.flatnonzero(hit), finished[order[at[hit]]]], axis=1)
+    pairs[:, 1] = finished[pairs[:, 1]]
     aside = work_dir / "salvaged.npy"
     os.replace(work_dir / _DATA, aside)
     return Salvaged(aside, pairs, seconds * len(pairs) / len(finished))
+
+
+def matching_rows(known: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(row in `ids`, row in `known`) of every file id digest both hold, found by sorting: no dict of a million ids."""
+    if not len(known):
+        return np.empty((0, 2), dtype=np.int64)
+    order = np.argsort(known)
+    at = np.searchsorted(known[order], ids).clip(max=len(known) - 1)
+    hit = known[order[at]] == ids
+    return np.stack([np.flatnonzero(hit), order[at[hit]]], axis=1).astype(np.int64)
 
 
 class NpyRows:
