@@ -222,6 +222,10 @@ REGISTRY: dict[str, Backbone] = {
 }
 
 
+# The backbone commands use unless told otherwise: the one whose ImageNet weights most users can get.
+DEFAULT_BACKBONE = "mobilenetv2"
+
+
 def get_backbone(name: str) -> Backbone:
     try:
         return REGISTRY[name.lower()]

@@ -15,6 +15,8 @@ MAX_EXACT = 20_000
 # auto: each of the others with its own grid, chosen by cross-validation.
 Normalize = Literal["auto", "standard", "l2", "none"]
 NORMALIZERS: tuple[str, ...] = get_args(Normalize)
+# `extract --engine`: this machine, or a Ray cluster.
+EngineName = Literal["local", "ray"]
 # `finetune --backbone smallcnn`: the small ConvNet trained from scratch, the baseline for transfer learning.
 SMALL_CNN = "smallcnn"
 # `serve`: the largest request body, and the most pixels one upload may decode to (after JPEG's
@@ -23,3 +25,6 @@ SMALL_CNN = "smallcnn"
 # request may carry 256 of them.
 SERVE_MAX_BYTES = 20_000_000
 SERVE_MAX_PIXELS = 16_000_000
+# `serve`: how long an image waits for others to share its forward pass, and the most images in one.
+SERVE_BATCH_WAIT_MS = 5.0
+SERVE_MAX_BATCH = 32

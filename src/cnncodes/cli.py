@@ -20,16 +20,26 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .backbones import REGISTRY, Pooling, get_backbone
-from .choices import KINDS, MAX_EXACT, SERVE_MAX_BYTES, SERVE_MAX_PIXELS, SMALL_CNN, Normalize
+from .backbones import DEFAULT_BACKBONE, REGISTRY, Pooling, get_backbone
+from .choices import (
+    KINDS,
+    MAX_EXACT,
+    SERVE_BATCH_WAIT_MS,
+    SERVE_MAX_BATCH,
+    SERVE_MAX_BYTES,
+    SERVE_MAX_PIXELS,
+    SMALL_CNN,
+    EngineName,
+    Normalize,
+)
 from .errors import CnnCodesError
 from .ingest import Resize
 from .progress import console as err_console
-from .quantize import DEFAULT_CALIBRATION
+from .quantize import DEFAULT_CALIBRATION, Precision
 from .report import Format, html_report, predictions_table, rank, render, render_predictions, rich_table
 from .report import compare as run_compare
 from .runtime import Runtime
-from .split import DEFAULT_DUP_THRESHOLD
+from .split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS
 from .tflogs import VERBOSE_ENV
 
 app = typer.Typer(
@@ -65,6 +75,7 @@ else:
     BackboneName = Literal[tuple(REGISTRY)]
     TrainableName = Literal[(*REGISTRY, SMALL_CNN)]
 PredictFormat = Literal["table", "csv", "json"]
+SPLIT_FRACTIONS = ",".join(map(str, DEFAULT_FRACTIONS))  # --split as the user types it
 
 
 # Parameters several commands share, declared once (Typer reads the Annotated metadata).
@@ -102,7 +113,7 @@ def extract(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Features folder to write (created if missing).")],
-    backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
+    backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = DEFAULT_BACKBONE,
     layer: Annotated[
         str | None, typer.Option(help="Layer whose output is the code (default: the last convolutional block).")
     ] = None,
@@ -117,7 +128,7 @@ def extract(
     ] = None,
     resize: ResizeOpt = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
-    split: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.15,0.15",
+    split: Annotated[str, typer.Option(help="train,val,test fractions.")] = SPLIT_FRACTIONS,
     seed: Annotated[int, typer.Option(help="Seed of the split's hash.")] = 0,
     dup_threshold: Annotated[
         int, typer.Option(help="Max pHash bit distance (0-16) for two images to count as duplicates (-1: off).")
@@ -137,7 +148,7 @@ def extract(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
     engine: Annotated[
-        Literal["local", "ray"],
+        EngineName,
         typer.Option(  # help is rich markup: "\[" keeps the extra's brackets
             help="Where checking and forward passes run: this machine, "
             "or a Ray cluster (pip install 'cnncodes\\[ray]')."
@@ -151,7 +162,7 @@ def extract(
         ),
     ] = None,
     precision: Annotated[
-        Literal["fp32", "int8"],
+        Precision,
         typer.Option(
             help="int8: a quantized ONNX model, faster on a CPU; "
             "its agreement with fp32 codes is measured and "
@@ -431,7 +442,7 @@ def demo(
             "--out", "-o", help="Folder for features, models and the report (default: models/<name of DATA>)."
         ),
     ] = None,
-    backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = "mobilenetv2",
+    backbone: Annotated[BackboneName, typer.Option(help="Frozen ImageNet network.")] = DEFAULT_BACKBONE,
     image_size: Annotated[
         int | None, typer.Option(min=1, help="Input size (default: 96 for the digits, else the backbone's).")
     ] = None,
@@ -453,7 +464,7 @@ def finetune(
         typer.Option(
             help=f"ImageNet network to fine-tune, or {SMALL_CNN}: a small ConvNet from scratch (with --weights none)."
         ),
-    ] = "mobilenetv2",
+    ] = DEFAULT_BACKBONE,
     weights: WeightsOpt = "imagenet",
     image_size: Annotated[
         int | None, typer.Option(min=1, help="Square input size (160 is a fast choice on a CPU).")
@@ -503,7 +514,7 @@ def finetune(
     ] = 1,
     split: Annotated[
         str, typer.Option(help="train,val,test fractions of the split made without --split-from.")
-    ] = "0.7,0.15,0.15",
+    ] = SPLIT_FRACTIONS,
     split_seed: Annotated[
         int, typer.Option(help="Seed of the split made without --split-from (as extract's --seed).")
     ] = 0,
@@ -577,8 +588,8 @@ def serve(
     ] = SERVE_MAX_PIXELS,
     batch_wait_ms: Annotated[
         float, typer.Option(min=0, help="How long an image waits for others to share its forward pass.")
-    ] = 5.0,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most images per forward pass.")] = 32,
+    ] = SERVE_BATCH_WAIT_MS,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images per forward pass.")] = SERVE_MAX_BATCH,
     weights: MovedWeightsOpt = None,
     runtime: RuntimeOpt = "onnx",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,

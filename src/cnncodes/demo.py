@@ -15,7 +15,7 @@ from PIL import Image
 from rich.markup import escape
 
 from .artifacts import read_object, write_bytes_atomic, write_json_atomic
-from .backbones import get_backbone
+from .backbones import DEFAULT_BACKBONE, get_backbone
 from .classifiers import fit_svm
 from .errors import CnnCodesError
 from .extract import check_out, discover_data, extract
@@ -79,7 +79,7 @@ def _described(settings: dict[str, Any] | None) -> str:
 def run_demo(
     data: Path | None = None,
     out: Path | None = None,
-    backbone: str = "mobilenetv2",
+    backbone: str = DEFAULT_BACKBONE,
     image_size: int | None = None,
     examples: int = 8,
     finetune_epochs: tuple[int, int] = (20, 10),

@@ -25,12 +25,13 @@ from datetime import datetime, timezone
 from functools import cached_property, partial
 from operator import index
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, Protocol, cast
+from typing import Any, ClassVar, NamedTuple, Protocol, cast, get_args
 
 import numpy as np
 
 from . import artifacts, quantize
-from .backbones import POOLINGS, get_backbone
+from .backbones import DEFAULT_BACKBONE, POOLINGS, get_backbone
+from .choices import EngineName
 from .errors import CnnCodesError
 from .ingest import BadImage, Check, Dataset, check_image, check_resize, discover, is_uri, load_square
 from .progress import progress_bar, warn
@@ -59,7 +60,7 @@ CACHE_DIR = ".cache"
 _ROW_IDS = "rows-ids.npy"
 # rejected.csv: why each file was skipped, and the category (`BadImage.category`) summaries count.
 REJECTED_COLUMNS = ("path", "reason", "category")
-ENGINES = ("local", "ray")
+ENGINES: tuple[str, ...] = get_args(EngineName)
 # Files checked between two saves of the check cache.
 CHECK_CHUNK = 4096
 
@@ -94,7 +95,7 @@ class ExtractorSpec:
     @classmethod
     def create(
         cls,
-        backbone: str = "mobilenetv2",
+        backbone: str = DEFAULT_BACKBONE,
         layer: str | None = None,
         pooling: str = "avg",
         image_size: int | str | Sequence[int] | None = None,
@@ -516,7 +517,7 @@ def extract(
     data: Path | str,
     out: Path | str,
     *,
-    backbone: str = "mobilenetv2",
+    backbone: str = DEFAULT_BACKBONE,
     layer: str | None = None,
     pooling: str = "avg",
     weights: str = "imagenet",

@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from .artifacts import exclusive, read_json, sha256_json, write_bytes_atomic, write_json_atomic
-from .backbones import Backbone, get_backbone
+from .backbones import DEFAULT_BACKBONE, Backbone, get_backbone
 from .choices import SMALL_CNN
 from .classifiers import repeated_splits
 from .errors import CnnCodesError, first_line
@@ -154,7 +154,7 @@ TrainingSpec = FinetuneSpec | ScratchSpec
 
 
 def make_spec(
-    backbone: str = "mobilenetv2",
+    backbone: str = DEFAULT_BACKBONE,
     *,
     weights: str = "imagenet",
     image_size: int | None = None,

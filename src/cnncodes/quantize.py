@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -45,7 +45,8 @@ from .runtime import (
 if TYPE_CHECKING:
     from .extract import ExtractorSpec
 
-PRECISIONS = ("fp32", "int8")
+Precision = Literal["fp32", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 DEFAULT_CALIBRATION = 128
 # Bump when the search or the quantization settings change: no cache keeps a model of the old ones.
 FORMAT = 3

@@ -28,7 +28,7 @@ import numpy as np
 
 from .artifacts import write_bytes_atomic, write_json_atomic
 from .bundle import load_record_for
-from .choices import SERVE_MAX_BYTES, SERVE_MAX_PIXELS
+from .choices import SERVE_BATCH_WAIT_MS, SERVE_MAX_BATCH, SERVE_MAX_BYTES, SERVE_MAX_PIXELS
 from .errors import CnnCodesError, first_line
 from .ingest import BadImage
 from .predict import Prediction, Predictor, load_predictor
@@ -94,8 +94,8 @@ class ServeSettings:
     runtime: str = "onnx"
     max_bytes: int = SERVE_MAX_BYTES
     max_pixels: int = SERVE_MAX_PIXELS
-    batch_wait_ms: float = 5.0
-    max_batch: int = 32
+    batch_wait_ms: float = SERVE_BATCH_WAIT_MS
+    max_batch: int = SERVE_MAX_BATCH
     threads: int | None = None
 
 
