@@ -117,13 +117,13 @@ def unexportable(spec, weights):
 
 
 KILLED_IN_CHILD = """
-import multiprocessing, os, signal
+import os, signal, sys
 import cnncodes
 
 
 def build():
     \"\"\"Builds in the parent; in the converting child, dies as the kernel's OOM killer would make it.\"\"\"
-    if multiprocessing.parent_process() is not None:
+    if getattr(sys.modules["__main__"].__spec__, "name", None) == "cnncodes.child":
         os.kill(os.getpid(), signal.SIGKILL)
     spec, weights = cnncodes.ExtractorSpec.create("vgg16", image_size=32, weights="none")
     return spec.build(weights)
@@ -170,19 +170,26 @@ def test_failed_conversion_falls_back_to_keras_with_a_notice_and_a_killed_one_is
     assert kind == "KerasRunner" and failed_recorded == "False" and "killed" in notice
 
 
-def test_cold_conversion_leaves_no_tensorflow_in_the_process(tmp_path):
-    script = """
+def test_cold_conversion_leaves_no_tensorflow_in_the_process_and_never_runs_the_script_again(tmp_path):
+    """A notebook user's script without an `if __name__ == "__main__":` guard runs once, and converts."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        f"""
 import sys, cnncodes
 from cnncodes.runtime import OnnxRunner
+with open({str(tmp_path / "runs.txt")!r}, "a") as runs:
+    runs.write("ran\\n")
 spec, weights = cnncodes.ExtractorSpec.create("mobilenetv2", image_size=32, weights="none")
 assert isinstance(spec.runner(weights), OnnxRunner)
 print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))
 """
+    )
     env = os.environ | {"CNNCODES_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
-    assert "converting mobilenetv2 for ONNX Runtime, once" in done.stderr
+    assert "converting mobilenetv2 for ONNX Runtime, once" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "runs.txt").read_text() == "ran\n"
 
 
 def test_bundle_fitted_on_keras_codes_predicts_the_same_with_onnx(tmp_path):

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import errno
 import logging
-import multiprocessing
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
@@ -232,7 +230,7 @@ def onnx_model(
     except CnnCodesError:  # the model cannot be built at all (a bad layer, weights that do not fit): no fallback
         raise
     except Exception as e:
-        reason = _reason(e)
+        reason = first_line(e)
         if not _transient(e):
             write_bytes_atomic(failed, reason.encode())
         return reason
@@ -302,11 +300,34 @@ def in_child(function: Callable[..., Any], *args: Any) -> Any:
     if "tensorflow" in sys.modules:
         return function(*args)
     try:
-        pickle.dumps((function, args))
+        call = pickle.dumps((function, args))
     except (pickle.PicklingError, AttributeError, TypeError):
         return function(*args)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
+    with tempfile.TemporaryDirectory(prefix="cnncodes-child-") as scratch:
+        call_file, result_file = Path(scratch) / "call.pickle", Path(scratch) / "result.pickle"
+        call_file.write_bytes(call)
+        # the child finds modules where this process does (a notebook's sys.path changes included)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        done = subprocess.run([sys.executable, "-m", "cnncodes.child", call_file, result_file], env=env, check=False)
+        if not result_file.is_file():
+            raise ChildDied(done.returncode)
+        ok, value = pickle.loads(result_file.read_bytes())
+    if ok:
+        return value
+    raise value
+
+
+class ChildDied(RuntimeError):
+    """The child process ended without an answer: killed (the kernel's OOM killer) or crashed."""
+
+    def __init__(self, returncode: int):
+        killed = returncode < 0
+        super().__init__(
+            "the conversion process was killed, perhaps for lack of memory"
+            if killed
+            else f"the conversion process ended with exit code {returncode} and no answer"
+        )
+        self.killed = killed
 
 
 def _export(build: Callable[[], Any], exported: Path) -> tuple[np.ndarray, str]:
@@ -327,15 +348,9 @@ def _export(build: Callable[[], Any], exported: Path) -> tuple[np.ndarray, str]:
 
 def _transient(error: BaseException) -> bool:
     """Out of memory (also a child killed by the kernel) or out of disk: worth trying again next time."""
-    if isinstance(error, (MemoryError, BrokenProcessPool)):
+    if isinstance(error, MemoryError) or (isinstance(error, ChildDied) and error.killed):
         return True
     return isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, BrokenProcessPool):
-        return "the conversion process was killed, perhaps for lack of memory"
-    return first_line(error)
 
 
 def _say(notice: Callable[[str], None] | None, message: str) -> None:
