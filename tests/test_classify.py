@@ -484,3 +484,15 @@ def test_compare_names_every_group_of_runs_scored_on_other_test_images(fitted, t
     n = len(record["test_predictions"])
     assert f"vgg16-block5_pool-linear-svm: {n} test images" in message
     assert f"vgg16-block5_pool-knn, vgg16-block5_pool-logreg, vgg16-block5_pool-rbf-svm: {n + 1} test images" in message
+
+
+def test_the_library_takes_one_image_or_one_folder_as_well_as_a_list(fitted):
+    model = fitted["models"] / "vgg16-block5_pool-logreg.joblib"
+    image = next(fitted["data"].rglob("*.png"))
+    for one in (str(image), image):  # a string is one path, not a sequence of one-letter paths
+        (answer,) = cnncodes.predict(model, one, progress=False)
+        assert answer.filename == str(image) and answer.label and answer.error is None
+    assert len(cnncodes.compare(str(fitted["models"]))) == len(cnncodes.compare([fitted["models"]])) == 4
+    for options, words in (({"batch_size": 0}, "--batch-size must be at least 1"), ({"runtime": "foo"}, "runtime")):
+        with pytest.raises(cnncodes.CnnCodesError, match=words):
+            cnncodes.predict(model, image, progress=False, **options)

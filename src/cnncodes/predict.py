@@ -7,6 +7,7 @@ mode and weights (checked by SHA-256) are rebuilt from it: the user passes only 
 from __future__ import annotations
 
 import glob
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from .extract import ExtractorSpec, ImageReader
 from .ingest import MAX_PIXELS, image_files, load_square
 from .progress import progress_bar, warn
 from .records import MODEL_SUFFIXES
-from .runtime import make_runner
+from .runtime import check_runtime, make_runner
 
 
 @dataclass
@@ -155,7 +156,7 @@ def _load_verified(name: str, data: bytes):
 
 def predict(
     model: Path | str,
-    images: Sequence[str | Path],
+    images: str | Path | Sequence[str | Path],
     *,
     top_k: int = 3,
     batch_size: int = 32,
@@ -171,7 +172,7 @@ def predict(
     Args:
         model: a `.joblib` bundle from `fit_svm` or a `.keras` model from `finetune`, with
             its `.json` run record beside it (the file is verified against it before loading).
-        images: image files, folders (searched recursively) or glob patterns.
+        images: image files, folders (searched recursively) or glob patterns; or one of them.
         top_k: how many classes each `Prediction.top_k` lists.
         batch_size: images per forward pass.
         weights: where the model's weights file is now, if it moved since extraction.
@@ -183,7 +184,10 @@ def predict(
     """
     if top_k < 1:
         raise CnnCodesError(f"--top-k must be at least 1 (got {top_k})")
-    inputs = expand_inputs(images)
+    if batch_size < 1:
+        raise CnnCodesError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_runtime(runtime)
+    inputs = expand_inputs([images] if isinstance(images, (str, os.PathLike)) else images)
     if not inputs:
         raise CnnCodesError("no images given")
     predictor = load_predictor(model, weights, runtime)

@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -65,15 +66,16 @@ ALPHA = 0.05
 Format = Literal["table", "markdown", "csv", "json"]
 
 
-def compare(models: Sequence[Path | str]) -> list[dict[str, Any]]:
+def compare(models: Path | str | Sequence[Path | str]) -> list[dict[str, Any]]:
     """Every run record in the `models` folders, best first, each with `p_vs_best` (see `rank`).
 
     Args:
-        models: folders written by `fit_svm` and `finetune` (their `out`).
+        models: folders written by `fit_svm` and `finetune` (their `out`), or one of them.
     """
     from .records import load_records
 
-    return rank(load_records([Path(m) for m in models]))
+    folders = [models] if isinstance(models, (str, os.PathLike)) else models
+    return rank(load_records([Path(m) for m in folders]))
 
 
 def rank(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
