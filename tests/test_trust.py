@@ -20,7 +20,7 @@ from cnncodes.cli import app
 from cnncodes.evaluate import calibration, mcnemar_p, paired_p, wilson_ci
 from cnncodes.features import load_features
 from cnncodes.records import load_records
-from cnncodes.report import rank, rich_table
+from cnncodes.report import indistinguishable, rank, rich_table
 from cnncodes.split import assign_subsets
 
 from .conftest import make_dataset
@@ -115,6 +115,9 @@ def test_mcnemar_matches_a_hand_computation_and_identical_runs_get_p_1():
     # 8 images only a gets right, 2 only b: p = 2 · P(Binomial(10, 1/2) ≤ 2) = 2 · 56 / 1024
     assert mcnemar_p(a, b) == pytest.approx(112 / 1024)
     assert mcnemar_p(a, a) == 1.0
+    # one-sided: that b is worse than a is P(Binomial(10, 1/2) >= 8) = 56 / 1024; that a is worse, near 1
+    assert mcnemar_p(b, a, "less") == pytest.approx(56 / 1024)
+    assert mcnemar_p(a, b, "less") == pytest.approx(1 - 11 / 1024)
     assert paired_p([0.9, 0.8, 0.85], [0.9, 0.8, 0.85]) == 1.0
     assert paired_p([0.9, 0.8, 0.85, 0.9], [0.8, 0.75, 0.8, 0.82]) < 0.05
 
@@ -149,7 +152,7 @@ def test_compare_gives_every_run_its_p_value_against_the_best():
     ranked = rank([worse, twin, best])
     assert [r["run"] for r in ranked] == ["best", "twin", "worse"]
     assert [r["p_vs_best"] for r in ranked[:2]] == [1.0, 1.0]
-    assert ranked[2]["p_vs_best"] == pytest.approx(2 * 0.5**12) and ranked[2]["p_vs_best_test"] == "McNemar"
+    assert ranked[2]["p_vs_best"] == pytest.approx(0.5**12) and ranked[2]["p_vs_best_test"] == "McNemar"
 
     # with repeats: ranked by the mean, tested over the per-split scores
     steady = fake_record("steady", [True] * 20 + [False] * 10, repeats=[0.9, 0.92, 0.91, 0.93])
@@ -157,6 +160,15 @@ def test_compare_gives_every_run_its_p_value_against_the_best():
     ranked = rank([lucky, steady])
     assert [r["run"] for r in ranked] == ["steady", "lucky"]
     assert ranked[1]["p_vs_best_test"] == "paired t" and ranked[1]["p_vs_best"] < 0.05
+
+    # ranked below a single-split run by its mean, but better on the images they share: never "worse"
+    single = fake_record("single", [True] * 12 + [False] * 8)
+    repeated = fake_record("repeated", [True] * 20, repeats=[1.0, 0.4, 0.4, 0.4])
+    ranked = rank([repeated, single])
+    assert [r["run"] for r in ranked] == ["single", "repeated"] and ranked[1]["p_vs_best"] == 1.0
+    assert indistinguishable(ranked).startswith("Statistically indistinguishable") and "repeated." in indistinguishable(
+        ranked
+    )
 
 
 @pytest.fixture(scope="module")

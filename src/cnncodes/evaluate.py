@@ -94,27 +94,31 @@ def per_image_predictions(
     ]
 
 
-def mcnemar_p(right_a: np.ndarray, right_b: np.ndarray) -> float:
-    """McNemar's exact test: the two-sided p-value that two models, right or wrong on the same images, differ.
+def mcnemar_p(right_a: np.ndarray, right_b: np.ndarray, alternative: str = "two-sided") -> float:
+    """McNemar's exact test on two models right or wrong on the same images: the p-value that they differ,
+    or with `alternative="less"` that model a is worse than model b.
 
     Only the images on which they disagree count: under the null hypothesis each of those is
-    equally likely to favour either model, so the smaller count is binomial(n, 1/2).
+    equally likely to favour either model, so each count is binomial(n, 1/2).
     """
     from scipy.stats import binomtest
 
     only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
     if only_a + only_b == 0:
         return 1.0
+    if alternative == "less":
+        return float(binomtest(only_b, only_a + only_b, 0.5, alternative="greater").pvalue)
     return float(binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue)
 
 
-def paired_p(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
-    """Paired t-test over per-split scores of two runs on the same splits (p = 1 when they never differ)."""
+def paired_p(scores_a: Sequence[float], scores_b: Sequence[float], alternative: str = "two-sided") -> float:
+    """Paired t-test over per-split scores of two runs on the same splits: the p-value that they differ, or with
+    `alternative="less"` that run a scores lower (p = 1 when they never differ)."""
     from scipy.stats import ttest_rel
 
     differences = np.subtract(scores_a, scores_b)
     if not differences.any():
         return 1.0
     if np.ptp(differences) == 0:  # the same non-zero gap on every split: no spread to test against
-        return 0.0
-    return float(ttest_rel(scores_a, scores_b).pvalue)
+        return 1.0 if alternative == "less" and differences[0] > 0 else 0.0
+    return float(ttest_rel(scores_a, scores_b, alternative=alternative).pvalue)
