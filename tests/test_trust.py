@@ -17,7 +17,7 @@ import cnncodes
 from cnncodes.choices import KINDS
 from cnncodes.classifiers import CodesClassifier, repeated_splits
 from cnncodes.cli import app
-from cnncodes.evaluate import calibration, mcnemar_p, paired_p, wilson_ci
+from cnncodes.evaluate import calibration, mcnemar_p, paired_p, score, wilson_ci
 from cnncodes.features import load_features
 from cnncodes.records import load_records
 from cnncodes.report import indistinguishable, rank, rich_table
@@ -100,6 +100,16 @@ def test_calibration_scores_match_a_hand_computation():
     assert scores["confidence_auroc"] == pytest.approx(0.5)  # 0.9 beats both wrong ones, 0.6 neither
     assert scores["confidence_right"] == pytest.approx(0.75) and scores["confidence_wrong"] == pytest.approx(0.75)
     assert calibration(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))["confidence_auroc"] is None
+
+
+def test_a_class_without_test_images_is_left_out_of_macro_f1_as_of_balanced_accuracy():
+    """All of a class's images can be duplicates kept in train: it then has nothing to score."""
+    y_true = np.array([0, 0, 1, 1])
+    proba = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1]])
+    scores = score(y_true, proba, ["a", "b", "absent"])
+    # a: precision 1, recall 1/2, F1 2/3; b: precision 2/3, recall 1, F1 4/5; "absent": none
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert scores["balanced_accuracy"] == pytest.approx(0.75) and scores["per_class"]["absent"]["support"] == 0
 
 
 def test_the_interval_is_wilsons_and_never_zero_width():
