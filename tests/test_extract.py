@@ -763,3 +763,11 @@ def test_a_folder_whose_row_index_lists_file_ids_keeps_its_rows_when_files_are_a
     rows = {p: i for i, p in enumerate(after.paths)}
     np.testing.assert_array_equal(after.X[[rows[p] for p in before.paths]], before.X)
     assert not (json.loads((cache / "rows.json").read_text())).get("file_ids")  # the index is small again
+
+
+def test_a_library_argument_of_the_wrong_type_is_refused_not_taken_as_true(dataset: Path, tmp_path: Path):
+    out = tmp_path / "f"
+    for wrong, words in (({"flip": "no"}, "flip must be True or False"), ({"seed": "1"}, "seed must be an integer")):
+        with pytest.raises(cnncodes.CnnCodesError, match=words):
+            cnncodes.extract(dataset, out, **FAST, **wrong)
+    assert not out.exists()

@@ -13,3 +13,13 @@ def first_line(error: BaseException) -> str:
     """What a library's exception says, in the one line a CnnCodesError message can quote."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_types(**arguments: tuple[object, type]) -> None:
+    """Refuse a library caller's argument of the wrong type, e.g. `flip="no"`, which Python would take as true.
+
+    Each keyword is an argument's name and (its value, the type it must have); a bool is not an int here.
+    """
+    for name, (value, kind) in arguments.items():
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CnnCodesError(f"{name} must be {'True or False' if kind is bool else 'an integer'} (got {value!r})")

@@ -32,7 +32,7 @@ import numpy as np
 from . import artifacts, quantize
 from .backbones import DEFAULT_BACKBONE, POOLINGS, get_backbone
 from .choices import EngineName
-from .errors import CnnCodesError
+from .errors import CnnCodesError, check_types
 from .ingest import BadImage, Check, Dataset, check_image, check_resize, discover, is_uri, load_square
 from .progress import progress_bar, warn
 from .remote import UriRoot, discover_uri, fetched, file_ids
@@ -107,6 +107,7 @@ class ExtractorSpec:
         runtime: str = "onnx",
     ) -> tuple[ExtractorSpec, Weights]:
         """Validate the user's choices and resolve the weights file (no TensorFlow needed)."""
+        check_types(flip=(flip, bool), calibration=(calibration, int))
         quantize.check_precision(precision, runtime, calibration)
         entry = get_backbone(backbone)
         layer = layer or entry.default_layer
@@ -567,6 +568,7 @@ def extract(
         calibration: how many train images calibrate the int8 model.
     """
     started = time.perf_counter()
+    check_types(batch_size=(batch_size, int), seed=(seed, int), dup_threshold=(dup_threshold, int))
     if batch_size < 1:
         raise CnnCodesError(f"--batch-size must be at least 1 (got {batch_size})")
     check_runtime(runtime)
