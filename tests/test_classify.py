@@ -446,6 +446,10 @@ def test_classifier_needs_two_images_per_class_and_clips_pca_to_the_folds():
     assert model.predict_proba(X).shape == (60, 3)
     with pytest.raises(ValueError, match="at least 2 training images"):
         CodesClassifier("logreg", n_jobs=1).fit(X[:41], y[:41])
+    with pytest.raises(ValueError, match="cv takes 2 or more folds"):  # not a quiet 2-fold search
+        CodesClassifier("logreg", cv=0, n_jobs=1).fit(X, y)
+    with pytest.raises(ValueError, match=r"not among the training labels: \['7'\]"):  # a misspelt class is no-op
+        CodesClassifier("logreg", class_weight={7: 5.0}, n_jobs=1).fit(X, y)
 
 
 @pytest.mark.parametrize("kind", ["linear-svm", "logreg", "rbf-svm"])

@@ -271,6 +271,10 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             )
         if not (self.class_weight in (None, "balanced") or isinstance(self.class_weight, dict)):
             raise ValueError(f"class_weight takes 'balanced', a dict or None (got {self.class_weight!r})")
+        if isinstance(self.class_weight, dict) and (unknown := set(self.class_weight) - set(self.classes_.tolist())):
+            raise ValueError(f"class_weight names classes not among the training labels: {sorted(map(str, unknown))}")
+        if isinstance(self.cv, int) and self.cv < 2:
+            raise ValueError(f"cv takes 2 or more folds, or a splitter such as PredefinedSplit (got {self.cv})")
         if self.n_jobs == 0:
             raise ValueError("n_jobs must not be 0: use -1 for all cores or a positive number")
         if self.normalize != "auto":
