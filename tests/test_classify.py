@@ -500,3 +500,16 @@ def test_the_library_takes_one_image_or_one_folder_as_well_as_a_list(fitted):
     for options, words in (({"batch_size": 0}, "--batch-size must be at least 1"), ({"runtime": "foo"}, "runtime")):
         with pytest.raises(cnncodes.CnnCodesError, match=words):
             cnncodes.predict(model, image, progress=False, **options)
+
+
+def test_library_choices_of_classifier_and_out_folder_are_checked_before_fitting(fitted, tmp_path):
+    with pytest.raises(cnncodes.CnnCodesError, match="no classifier given"):
+        cnncodes.fit_svm(fitted["features"], tmp_path / "m", classifiers=[], progress=False)
+    (record,) = cnncodes.fit_svm(fitted["features"], tmp_path / "m", classifiers="knn", cv=3, progress=False)
+    assert record["classifier"] == "knn"  # one kind by name, not a kind per letter
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    result = cli("fit-svm", fitted["features"], "--out", a_file, "--classifier", "knn", "--quiet")
+    assert result.exit_code == 2 and f"{a_file} cannot be made a folder: a file is in the way" in result.stderr
+    result = cli("compare", fitted["models"], "--html", a_file / "report.html")
+    assert result.exit_code == 2 and f"{a_file} cannot be made a folder" in result.stderr

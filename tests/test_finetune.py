@@ -311,6 +311,18 @@ def test_finetune_refuses_a_learning_rate_that_is_not_positive(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+def test_make_spec_checks_what_the_command_line_checks():
+    """A notebook's make_spec() gets the command line's one-line errors, before any image is read."""
+    for bad, words in (
+        ({"dropout": 1.5}, "--dropout takes 0 to 0.99"),
+        ({"patience": -2}, "--patience 1 or more"),
+        ({"unfreeze": 1.5}, "unfreeze must be a string or an integer or None"),
+    ):
+        with pytest.raises(cnncodes.CnnCodesError, match=words):
+            tiny(**bad)
+    assert tiny(unfreeze=3).unfreeze == tiny(unfreeze="3").unfreeze == 3  # the last 3 layers, as a number too
+
+
 def test_finetune_reads_a_csv_dataset_and_says_which_files_it_skipped(tmp_path, capsys):
     data = make_dataset(tmp_path / "images", per_class=6)
     listing = tmp_path / "list.csv"

@@ -56,7 +56,7 @@ def exclusive(lock_path: Path, busy: str) -> Iterator[None]:
     The lock is the operating system's (it dies with its process), so a killed run never
     leaves a stale lock behind.
     """
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(lock_path.parent)
     lock = FileLock(lock_path)
     try:
         lock.acquire(timeout=0)
@@ -66,6 +66,14 @@ def exclusive(lock_path: Path, busy: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def make_folder(folder: Path) -> None:
+    """Create `folder` and its parents; a file in the way is one clear error, not "[Errno 17] File exists"."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CnnCodesError(f"{folder} cannot be made a folder: a file is in the way; give another path") from None
 
 
 def check_file_target(path: Path, read: Iterable[Path] = ()) -> None:
@@ -99,7 +107,7 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     into it, so a large output never exists as one string in memory as well.
     """
     check_file_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with says_where(path, tmp):

@@ -44,6 +44,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
+from .artifacts import make_folder
 from .bundle import publish_bundle
 from .choices import KINDS, MAX_EXACT, NORMALIZERS
 from .errors import CnnCodesError
@@ -511,7 +512,9 @@ def _fit_temperature(probabilities: Callable[[float], np.ndarray], codes: np.nda
     return float(np.exp(minimize_scalar(log_loss, bounds=(-8.0, 8.0), method="bounded").x))
 
 
-def choose_kinds(names: Sequence[str], n_fit: int, max_exact: int = MAX_EXACT, pca: int | None = None) -> list[str]:
+def choose_kinds(
+    names: str | Sequence[str], n_fit: int, max_exact: int = MAX_EXACT, pca: int | None = None
+) -> list[str]:
     """The kinds to fit for `names` (kinds or `all`, in the order given, without repeats) on `n_fit` codes.
 
     `all` is every kind that suits the size: up to `max_exact` training codes the four exact kinds
@@ -520,6 +523,9 @@ def choose_kinds(names: Sequence[str], n_fit: int, max_exact: int = MAX_EXACT, p
     what it left out. A kind asked for by name runs at any size, with a warning: never an hours-long
     silent fit. Checked before anything is fitted, so a refused kind leaves no half-done run.
     """
+    names = [names] if isinstance(names, str) else list(names)  # "logreg" is one kind, not six letters
+    if not names:
+        raise CnnCodesError(f"no classifier given: use one or more of {', '.join(KINDS)}, or all")
     large = n_fit > max_exact
     scalable = tuple(k for k in _SCALABLE if not (pca and k == "sgd"))
     kinds: list[str] = []
@@ -561,7 +567,7 @@ def fit_svm(
     features: Path | str,
     out: Path | str,
     *,
-    classifiers: Sequence[str] = ("all",),
+    classifiers: str | Sequence[str] = ("all",),
     normalize: str = "auto",
     pca: int | None = None,
     cv: int = 5,
@@ -617,6 +623,7 @@ def fit_svm(
         "class_weight": class_weight,
     }
     runs = {run_name(name, feats.spec.backbone, feats.spec.layer, kind): kind for kind in kinds}
+    make_folder(out)
     for run in runs:  # all refused before any is fitted
         refuse_to_replace(out / f"{run}.joblib", origin)
     records = []

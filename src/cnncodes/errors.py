@@ -15,11 +15,16 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def check_types(**arguments: tuple[object, type]) -> None:
+_WHAT = {bool: "True or False", int: "an integer", str: "a string"}
+
+
+def check_types(**arguments: tuple[object, type | tuple[type, ...]]) -> None:
     """Refuse a library caller's argument of the wrong type, e.g. `flip="no"`, which Python would take as true.
 
-    Each keyword is an argument's name and (its value, the type it must have); a bool is not an int here.
+    Each keyword is an argument's name and (its value, the type or types it may have); a bool is not an int here.
     """
     for name, (value, kind) in arguments.items():
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CnnCodesError(f"{name} must be {'True or False' if kind is bool else 'an integer'} (got {value!r})")
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            what = " or ".join(_WHAT.get(k, "None" if k is type(None) else k.__name__) for k in kinds)
+            raise CnnCodesError(f"{name} must be {what} (got {value!r})")

@@ -29,11 +29,11 @@ from typing import Any, ClassVar, NamedTuple
 import keras
 import numpy as np
 
-from .artifacts import exclusive, read_json, sha256_json, write_bytes_atomic, write_json_atomic
+from .artifacts import exclusive, make_folder, read_json, sha256_json, write_bytes_atomic, write_json_atomic
 from .backbones import DEFAULT_BACKBONE, Backbone, get_backbone
 from .choices import SMALL_CNN
 from .classifiers import repeated_splits
-from .errors import CnnCodesError, first_line
+from .errors import CnnCodesError, check_types, first_line
 from .evaluate import per_image_predictions, score
 from .extract import extract, plan, skipped_summary
 from .features import load_features
@@ -162,7 +162,7 @@ def make_spec(
     batch_size: int = 32,
     head_epochs: int = 5,
     fine_epochs: int = 5,
-    unfreeze: str | None = None,
+    unfreeze: str | int | None = None,
     head_lr: float = 1e-3,
     lr: float = 1e-5,
     dropout: float = 0.2,
@@ -205,6 +205,9 @@ def make_spec(
     check_resize(resize)
     if class_weight not in (None, "balanced"):
         raise CnnCodesError(f"class_weight takes 'balanced' or None (got {class_weight!r})")
+    if not 0 <= dropout < 1 or patience < 1:
+        raise CnnCodesError(f"--dropout takes 0 to 0.99 and --patience 1 or more (got {dropout} and {patience})")
+    check_types(unfreeze=(unfreeze, (str, int, type(None))))
     augment = not cache_trunk if augment is None else augment
     if cache_trunk and augment:
         raise CnnCodesError(
@@ -235,7 +238,7 @@ def make_spec(
         entry.resolve_weights(weights, entry.default_layer),
         size,
         resize,
-        parse_unfreeze(unfreeze or entry.finetune_after),
+        parse_unfreeze(entry.finetune_after if unfreeze is None else str(unfreeze)),
         batch_size,
         head_epochs,
         fine_epochs,
@@ -308,7 +311,7 @@ def finetune(
     run = run_name(name, spec.run_stem)
     data, out = Path(data), Path(out)
     fractions = parse_fractions(split)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     splits = _splits(
         data, out, Path(split_from) if split_from else None, fractions, split_seed, dup_threshold, repeats, progress
     )

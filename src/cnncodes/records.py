@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import package_versions, read_json, says_where, sha256_file, write_json_atomic
+from .artifacts import make_folder, package_versions, read_json, says_where, sha256_file, write_json_atomic
 from .errors import CnnCodesError, first_line
 from .progress import warn
 
@@ -83,7 +83,7 @@ def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[
     `write_model(tmp)` writes the model file; its size and SHA-256 go into the record. A kill
     or a full disk before the two back-to-back renames leaves the old pair untouched.
     """
-    model_path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(model_path.parent)
     with _temporary(model_path) as model_tmp, _temporary(sidecar(model_path)) as record_tmp:
         with says_where(model_path, model_tmp):
             write_model(model_tmp)
