@@ -576,3 +576,26 @@ def test_a_second_finetune_of_the_same_run_is_refused_while_one_trains(tuned, tm
     done = runner.invoke(app, [*args, "--head-epochs", "1", "--fine-epochs", "0", "-q"])
     assert done.exit_code == 0, done.output
     assert not (out / ".finetune").exists()  # nothing to resume: no lock file, no folder left
+
+
+@needs_real_weights
+def test_a_demo_interrupted_while_fine_tuning_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    from cnncodes import demo
+
+    data, out, real = make_dataset(tmp_path / "data", per_class=6), tmp_path / "demo", demo.finetune
+    trained: list[int] = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if trained == [0] and os.environ.get("STOP_DEMO"):  # Ctrl-C once the first epoch is saved
+                raise KeyboardInterrupt
+            trained.append(epoch)
+
+    monkeypatch.setattr(demo, "finetune", lambda *a, **k: real(*a, callbacks=[Count()], **k))
+    monkeypatch.setenv("STOP_DEMO", "1")
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(data, out, image_size=32, finetune_epochs=(3, 1))
+    monkeypatch.delenv("STOP_DEMO")
+    records = demo.run_demo(data, out, image_size=32, finetune_epochs=(3, 1))
+    tuned = next(r for r in records if r["method"] == "finetune")
+    assert tuned["epochs_run"] == len(trained)  # the first epoch was not trained again

@@ -125,7 +125,7 @@ def run_demo(
         lr=1e-4,
         patience=5,
     )
-    finetune(data, out, spec, split_from=features, restart=True, progress=True)
+    finetune(data, out, spec, split_from=features, resume=True, progress=True)  # an interrupted one goes on
     say(f"[bold]5/6[/] compare: every run scored on the same {result.counts['test']} test images")
     records = rank(load_records([out]))
     console.print(rich_table(records, width=console.width))
