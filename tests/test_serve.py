@@ -133,7 +133,7 @@ def test_health_readiness_and_metadata(server, served):
     assert httpx.get(f"{server}/readyz").json() == {"status": "ready"}
     meta = httpx.get(f"{server}/metadata").json()
     record = json.loads(served["model"].with_suffix(".json").read_text())
-    assert meta["classes"] == record["classes"] == ["circles", "squares", "stripes"]
+    assert meta["classes"] == record["classes"] == ["circles", "squares", "stripes"] and meta["precision"] == "fp32"
     assert (meta["backbone"], meta["layer"], meta["input_size"], meta["resize"]) == (
         "mobilenetv2",
         "out_relu",

@@ -398,6 +398,7 @@ def _metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
         "classes": predictor.classes,
         "backbone": record.get("backbone"),
         "layer": record.get("layer"),
+        "precision": record.get("extractor", {}).get("precision", "fp32"),  # int8: a quantized network
         "input_size": predictor.image_size,
         "resize": predictor.resize,
         "threads": settings.threads,
