@@ -174,8 +174,8 @@ def extract(
     ] = DEFAULT_CALIBRATION,
 ) -> None:
     """Turn every image into a CNN code: features.npy, labels.npy, groups.npy, split.csv, rejected.csv, meta.json."""
+    from .extract import REJECTED_FILE, skipped_summary
     from .extract import extract as run_extract
-    from .extract import skipped_summary
 
     with user_errors("finished batches are saved; run the same command again to resume."):
         result = run_extract(
@@ -200,7 +200,7 @@ def extract(
             precision=precision,
             calibration=calibration,
         )
-    skipped = [skipped_summary(result.rejected, result.out / "rejected.csv")] if result.rejected else []
+    skipped = [skipped_summary(result.rejected, result.out / REJECTED_FILE)] if result.rejected else []
     for warning in result.warnings + skipped:
         err_console.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if quiet:

@@ -53,6 +53,9 @@ from .weights import Weights
 
 # Format 2 keeps the rows' paths and subsets in split.csv only; format 1 listed them in meta.json too.
 FEATURES_FORMAT = "cnncodes.features/2"
+# The files of a features folder: written by `publish` here, read by `features.load_features`.
+META_FILE, CODES_FILE, LABELS_FILE = "meta.json", "features.npy", "labels.npy"
+GROUPS_FILE, SPLIT_FILE, REJECTED_FILE = "groups.npy", "split.csv", "rejected.csv"
 # Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
 EXTRACTOR_FORMAT = 1
 CACHE_DIR = ".cache"
@@ -674,7 +677,7 @@ def plan(
     rejected = dataset.skipped + [
         (p, r, c or "") for p, r, c in zip(dataset.paths, reasons, categories) if r is not None
     ]
-    artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, rejected)
+    artifacts.write_csv_atomic(out / REJECTED_FILE, REJECTED_COLUMNS, rejected)
     keep = np.flatnonzero([r is None for r in reasons])
     usable = _require_usable(dataset, keep)
     phashes = cast(list[str], [all_hashes[i] for i in keep.tolist()])  # usable files have one
@@ -868,25 +871,25 @@ def _previous_rows(out: Path, spec_key: str, ids: np.ndarray) -> _Previous | Non
         index = artifacts.read_object(cache / "rows.json")
         if index["spec_key"] != spec_key:
             return None
-        (rows, dim), _ = npy_layout(out / "features.npy")
+        (rows, dim), _ = npy_layout(out / CODES_FILE)
         seconds = float(index.get("seconds", 0.0))
         # folders published before rows-ids.npy listed the ids themselves
         old = id_digests(index["file_ids"]) if "file_ids" in index else np.load(cache / _ROW_IDS)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     pairs = matching_rows(old[:rows], ids)
-    return _Previous(out / "features.npy", rows, dim, pairs, seconds) if len(pairs) else None
+    return _Previous(out / CODES_FILE, rows, dim, pairs, seconds) if len(pairs) else None
 
 
 def _up_to_date(out: Path, run_key: str, n_usable: int) -> bool:
     """Published for this key, with a code for every usable image: one that failed (a read error) is tried again."""
     try:
-        meta = artifacts.read_object(out / "meta.json")
+        meta = artifacts.read_object(out / META_FILE)
         return (
             meta.get("run_key") == run_key
             and meta.get("n_images") == n_usable
-            and (out / "features.npy").is_file()
-            and (out / "labels.npy").is_file()
+            and (out / CODES_FILE).is_file()
+            and (out / LABELS_FILE).is_file()
         )
     except (OSError, ValueError):
         return False
@@ -894,7 +897,7 @@ def _up_to_date(out: Path, run_key: str, n_usable: int) -> bool:
 
 def _unchanged(out: Path, rejected, warnings, seconds: float) -> ExtractResult:
     """The result of a run that found its codes up to date: every row reused, none computed."""
-    meta = artifacts.read_json(out / "meta.json")
+    meta = artifacts.read_json(out / META_FILE)
     return ExtractResult.from_meta(
         out,
         meta,
@@ -947,19 +950,19 @@ def publish(
     cache = out / CACHE_DIR
     artifacts.write_npy_atomic(cache / f"{_ROW_IDS}.new", done.ids[kept])
     artifacts.write_json_atomic(cache / "rows.json.new", {"spec_key": spec.key, "seconds": elapsed})
-    (out / "meta.json").unlink(missing_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)
     (cache / "rows.json").unlink(missing_ok=True)  # rows.json must never describe other features
-    done.writer.publish(out / "features.npy")
+    done.writer.publish(out / CODES_FILE)
     os.replace(cache / f"{_ROW_IDS}.new", cache / _ROW_IDS)
     os.replace(cache / "rows.json.new", cache / "rows.json")
     done.writer.discard()
     classes = the_plan.usable.classes
-    artifacts.write_npy_atomic(out / "labels.npy", label_indices(final.labels, classes))
+    artifacts.write_npy_atomic(out / LABELS_FILE, label_indices(final.labels, classes))
     artifacts.write_npy_atomic(
-        out / "groups.npy", np.unique(the_plan.groups[kept], return_inverse=True)[1].astype(np.int64)
+        out / GROUPS_FILE, np.unique(the_plan.groups[kept], return_inverse=True)[1].astype(np.int64)
     )
-    final.write_csv(out / "split.csv")
-    artifacts.write_csv_atomic(out / "rejected.csv", REJECTED_COLUMNS, the_plan.rejected + done.failed_paths(the_plan))
+    final.write_csv(out / SPLIT_FILE)
+    artifacts.write_csv_atomic(out / REJECTED_FILE, REJECTED_COLUMNS, the_plan.rejected + done.failed_paths(the_plan))
     rate = done.computed / done.seconds if done.computed and done.seconds else None
     meta = _meta(
         the_plan.usable,
@@ -974,7 +977,7 @@ def publish(
         rate,
     )
     meta["stage_seconds"] = {**(stages or {}), "publish": round(time.perf_counter() - published, 3)}
-    artifacts.write_json_atomic(out / "meta.json", meta)
+    artifacts.write_json_atomic(out / META_FILE, meta)
     return meta
 
 

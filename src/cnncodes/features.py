@@ -11,7 +11,15 @@ import numpy as np
 
 from .artifacts import read_object
 from .errors import CnnCodesError
-from .extract import FEATURES_FORMAT, ExtractorSpec
+from .extract import (
+    CODES_FILE,
+    FEATURES_FORMAT,
+    GROUPS_FILE,
+    LABELS_FILE,
+    META_FILE,
+    SPLIT_FILE,
+    ExtractorSpec,
+)
 from .split import SUBSETS, Split, read_split_csv
 
 # Features folders written before split.csv became the only list of the rows' paths and subsets.
@@ -63,15 +71,15 @@ def load_features(path: Path | str) -> Features:
     1) list them in `meta.json`, and still load.
     """
     path = Path(path)
-    if not (path / "meta.json").is_file():
+    if not (path / META_FILE).is_file():
         raise CnnCodesError(
             f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out FEATURES` "
             "and give FEATURES here"
         )
     try:
-        meta = read_object(path / "meta.json")
-        X = np.load(path / "features.npy", mmap_mode="r")
-        y = np.load(path / "labels.npy")
+        meta = read_object(path / META_FILE)
+        X = np.load(path / CODES_FILE, mmap_mode="r")
+        y = np.load(path / LABELS_FILE)
     except (OSError, ValueError) as e:
         raise CnnCodesError(
             f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
@@ -115,7 +123,7 @@ def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None
     if meta["n_images"] == 0:
         return [], [], []
     try:
-        the_split = read_split_csv(path / "split.csv")
+        the_split = read_split_csv(path / SPLIT_FILE)
     except CnnCodesError as e:
         raise CnnCodesError(
             f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
@@ -131,7 +139,7 @@ def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None
 def _groups(path: Path, n: int) -> np.ndarray:
     """The duplicate groups `extract` saved, or one group per row for features made before it saved them."""
     try:
-        groups = np.load(path / "groups.npy")
+        groups = np.load(path / GROUPS_FILE)
     except (OSError, ValueError):
         return np.arange(n)
     if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):

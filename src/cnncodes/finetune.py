@@ -35,7 +35,7 @@ from .choices import SMALL_CNN
 from .classifiers import repeated_splits
 from .errors import CnnCodesError, check_types, first_line
 from .evaluate import per_image_predictions, score
-from .extract import extract, plan, skipped_summary
+from .extract import META_FILE, REJECTED_FILE, SPLIT_FILE, extract, plan, skipped_summary
 from .features import load_features
 from .ingest import BadImage, check_resize, discover, load_square
 from .models import build_classifier, small_cnn
@@ -418,16 +418,16 @@ def load_split(
 ) -> Split:
     """The split of a features folder (or a split.csv) when given, else one made as `extract` makes it."""
     if split_from is None:
-        if (out / "meta.json").is_file():  # its split.csv belongs to its codes
+        if (out / META_FILE).is_file():  # its split.csv belongs to its codes
             raise CnnCodesError(
                 f"{out} is a features folder: give finetune another --out, and --split-from {out} to use its split"
             )
         planned = plan(discover(data), out, fractions, seed, dup_threshold, progress=progress)
-        planned.split.write_csv(out / "split.csv")
+        planned.split.write_csv(out / SPLIT_FILE)
         if planned.rejected:  # `plan` listed them in OUT/rejected.csv
-            warn(skipped_summary(planned.rejected, out / "rejected.csv"))
+            warn(skipped_summary(planned.rejected, out / REJECTED_FILE))
         return planned.split
-    csv_path = split_from / "split.csv" if split_from.is_dir() else split_from
+    csv_path = split_from / SPLIT_FILE if split_from.is_dir() else split_from
     the_split = read_split_csv(csv_path)
     root = image_root(data)
     missing = [p for p in the_split.paths if not (root / p).is_file()]
