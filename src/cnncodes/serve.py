@@ -337,6 +337,13 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
             return JSONResponse({"detail": "no image in the request could be read", **body}, status_code=400)
         return body
 
+    _add_status_routes(app, batcher, metrics, _metadata(predictor, settings))
+    return app
+
+
+def _add_status_routes(app: FastAPI, batcher: MicroBatcher, metrics: Metrics, info: dict[str, Any]) -> None:
+    """What probes and operators ask: /healthz (alive), /readyz (warmed up), /metadata and /metrics."""
+
     @app.get("/healthz")
     async def healthz():
         if batcher.failure:
@@ -354,13 +361,11 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
     @app.get("/metadata")
     async def metadata():
-        return _metadata(predictor, settings)
+        return info
 
     @app.get("/metrics")
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 async def _uploads(request: Request) -> list[tuple[str, bytes]]:
