@@ -193,6 +193,14 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             self.model_ = clone(pipeline).set_params(**chosen).fit(X, codes)
             scores, rows = _out_of_fold_scores(self.model_, X, codes, calibration)
             self.temperature_ = _fit_temperature(partial(_probabilities, self.model_, scores), codes[rows])
+        self._record_choice(search, grids)
+        self.n_folds_ = len(folds)
+        self.n_components_ = self.model_.named_steps["pca"].n_components_ if self.pca else None
+        return self
+
+    def _record_choice(self, search: GridSearchCV, grids: list[dict[str, list]]) -> None:
+        """`best_params_` by name (the normalisation's, not its object), the CV score, and choices on a grid's edge."""
+        chosen = search.best_params_
         name, searched = next(
             (n, g) for n, g in zip(self._normalizations(), grids) if g["normalize"][0] is chosen["normalize"]
         )
@@ -201,14 +209,11 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             **{k.removeprefix("model__"): v for k, v in chosen.items() if k.startswith("model__")},
         }
         self.cv_score_ = float(search.best_score_)
-        self.n_folds_ = len(folds)
-        self.n_components_ = self.model_.named_steps["pca"].n_components_ if self.pca else None
         self.grid_edges_ = [
             k.removeprefix("model__")
             for k, values in searched.items()
             if len(values) > 2 and chosen[k] in (min(values), max(values))
         ]
-        return self
 
     def fit_rows(self, X, y, rows: np.ndarray, groups=None) -> CodesClassifier:
         """Fit on `X[rows]`; `sgd` reads them a chunk at a time, so X may be memory-mapped codes larger than memory.
