@@ -807,20 +807,7 @@ def compute_codes(
 ) -> Computed:
     """Fill a FeatureWriter: resume, reuse rows of an earlier run, then let `engine` compute the rest."""
     ids = id_digests(file_ids)  # one pass over the ids: the writer's key and every match use their digests
-    previous = _previous_rows(out, job.spec.key, ids)
-    covered = previous is not None and len(previous.pairs) == len(file_ids)
-    dim = previous.dim if previous is not None and covered else job.runner.dim
-    key = artifacts.sha256_json([job.spec.key, hashlib.sha256(ids.tobytes()).hexdigest()])
-    salvaged = salvage(out / CACHE_DIR, key, ids, job.spec.key)
-    writer = FeatureWriter(out / CACHE_DIR, key, len(file_ids), dim, ids, job.spec.key)
-    earlier = writer.seconds_before
-    if previous is not None and writer.resumed == 0:
-        writer.copy_from(previous.path, previous.pairs)
-        earlier = previous.seconds * len(previous.pairs) / max(previous.rows, 1)
-    if salvaged is not None and writer.resumed == 0:  # after the published rows: these are newer
-        writer.copy_from(salvaged.path, salvaged.pairs)
-        salvaged.path.unlink()
-        earlier += salvaged.seconds
+    writer, earlier = _seeded_writer(out, job, ids)
     reused = int(writer.done.sum())
     failed: list[tuple[int, BadImage]] = []
     todo = writer.todo
@@ -842,6 +829,29 @@ def compute_codes(
                 writer.sync()
                 writer.save_clock()
     return Computed(writer, len(todo) - len(failed), reused, failed, time.perf_counter() - started, earlier, ids)
+
+
+def _seeded_writer(out: Path, job: CodeJob, ids: np.ndarray) -> tuple[FeatureWriter, float]:
+    """The writer of these files' codes holding every row already made, and the seconds those rows took.
+
+    Rows come from an interrupted run of the same files (resumed), else from the last published
+    features and an interrupted run over other files (salvaged, newer, so copied last).
+    """
+    previous = _previous_rows(out, job.spec.key, ids)
+    covered = previous is not None and len(previous.pairs) == len(ids)
+    dim = previous.dim if previous is not None and covered else job.runner.dim
+    key = artifacts.sha256_json([job.spec.key, hashlib.sha256(ids.tobytes()).hexdigest()])
+    salvaged = salvage(out / CACHE_DIR, key, ids, job.spec.key)
+    writer = FeatureWriter(out / CACHE_DIR, key, len(ids), dim, ids, job.spec.key)
+    earlier = writer.seconds_before
+    if previous is not None and writer.resumed == 0:
+        writer.copy_from(previous.path, previous.pairs)
+        earlier = previous.seconds * len(previous.pairs) / max(previous.rows, 1)
+    if salvaged is not None and writer.resumed == 0:
+        writer.copy_from(salvaged.path, salvaged.pairs)
+        salvaged.path.unlink()
+        earlier += salvaged.seconds
+    return writer, earlier
 
 
 def id_digests(file_ids: Sequence[str]) -> np.ndarray:
