@@ -235,3 +235,26 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+ODD_FAILURE = """
+class OddError(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+def fail():
+    print("converter chatter")
+    raise OddError("one", "two")
+"""
+
+
+def test_the_child_keeps_stdout_clean_and_returns_an_error_it_cannot_send_as_its_type_and_text(tmp_path):
+    """stdout may carry the command's JSON; an exception that pickles but cannot be rebuilt still says what it was."""
+    (tmp_path / "odd.py").write_text(ODD_FAILURE)
+    script = "from cnncodes.runtime import in_child\nfrom odd import fail\ntry:\n    in_child(fail)\n"
+    script += "except Exception as e:\n    print(type(e).__name__, e)\n"
+    env = os.environ | {"PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.strip() == "RuntimeError OddError: one and two", done.stderr
+    assert "converter chatter" in done.stderr

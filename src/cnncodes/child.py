@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .artifacts import write_bytes_atomic
+from .errors import first_line
 
 
 def main(call: Path, result: Path) -> None:
@@ -22,8 +23,10 @@ def main(call: Path, result: Path) -> None:
         outcome = (False, error)
     try:
         data = pickle.dumps(outcome)
-    except Exception as error:  # e.g. an exception holding an unpicklable object: its type and text
-        data = pickle.dumps((False, RuntimeError(f"{type(error).__name__}: {outcome[1]}")))
+        pickle.loads(data)  # many exceptions pickle but cannot be rebuilt: the caller would get that error
+    except Exception as unsendable:
+        what = outcome[1] if isinstance(outcome[1], BaseException) else unsendable
+        data = pickle.dumps((False, RuntimeError(f"{type(what).__name__}: {first_line(what)}")))
     write_bytes_atomic(result, data)
 
 

@@ -308,7 +308,8 @@ def in_child(function: Callable[..., Any], *args: Any) -> Any:
         call_file.write_bytes(call)
         # the child finds modules where this process does (a notebook's sys.path changes included)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        done = subprocess.run([sys.executable, "-m", "cnncodes.child", call_file, result_file], env=env, check=False)
+        command = [sys.executable, "-m", "cnncodes.child", str(call_file), str(result_file)]
+        done = subprocess.run(command, env=env, stdout=2, check=False)  # stdout may carry the command's JSON
         if not result_file.is_file():
             raise ChildDied(done.returncode)
         ok, value = pickle.loads(result_file.read_bytes())
