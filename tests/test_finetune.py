@@ -30,7 +30,7 @@ from cnncodes.models import build_classifier
 from cnncodes.preprocessing import Preprocess
 from cnncodes.weights import Weights
 
-from .conftest import make_dataset, needs_real_weights
+from .conftest import make_dataset, needs_real_weights, write_image
 
 runner = CliRunner()
 TINY = dict(backbone="vgg16", weights="none", image_size=32, batch_size=8, head_epochs=1, fine_epochs=1)
@@ -599,3 +599,17 @@ def test_a_demo_interrupted_while_fine_tuning_goes_on_where_it_stopped(tmp_path,
     records = demo.run_demo(data, out, image_size=32, finetune_epochs=(3, 1))
     tuned = next(r for r in records if r["method"] == "finetune")
     assert tuned["epochs_run"] == len(trained)  # the first epoch was not trained again
+
+
+def test_a_finetune_makes_its_split_as_extract_does_and_a_refused_one_leaves_it_alone(tmp_path):
+    data, models = make_dataset(tmp_path / "data", per_class=8), tmp_path / "models"
+    write_image(data / "tiny" / "only.png", "circles", seed=4242)
+    args = ["finetune", str(data), "--out", str(models), *TINY_ARGS, "--head-epochs", "1", "--fine-epochs", "0", "-q"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "class 'tiny' has only 1 distinct image" in " ".join(first.stderr.split())  # as extract warns
+    kept = (models / "split.csv").read_bytes()
+    for other in (["--split-seed", "5"], ["--split-seed", "5", "--name", "other"]):
+        refused = runner.invoke(app, [*args, *other])
+        assert refused.exit_code == 2 and "holds the split of this folder's other runs" in refused.stderr
+        assert (models / "split.csv").read_bytes() == kept  # --split-from models still gives the runs' split

@@ -322,6 +322,8 @@ def finetune(
     }
     model_path = out / f"{run}.keras"
     refuse_to_replace(model_path, origin)
+    if split_from is None:  # the split made here, for `--split-from OUT` and the record's readers
+        the_split.write_csv(out / SPLIT_FILE)
     key = sha256_json(origin)
     with _running(out, run) as checkpoints:
         fresh = _fresh_checkpoints(checkpoints, key, resume, restart)
@@ -423,9 +425,16 @@ def load_split(
                 f"{out} is a features folder: give finetune another --out, and --split-from {out} to use its split"
             )
         planned = plan(discover(data), out, fractions, seed, dup_threshold, progress=progress)
-        planned.split.write_csv(out / SPLIT_FILE)
+        for warning in planned.split.warnings:  # as extract warns: a class missing from a subset, mixed duplicates
+            warn(warning)
         if planned.rejected:  # `plan` listed them in OUT/rejected.csv
             warn(skipped_summary(planned.rejected, out / REJECTED_FILE))
+        kept = out / SPLIT_FILE  # written with the run, once it is not refused
+        if kept.is_file() and read_split_csv(kept).fingerprint != planned.split.fingerprint:
+            raise CnnCodesError(
+                f"{kept} holds the split of this folder's other runs, and this one would be another (other images, "
+                f"--split, --split-seed or --dup-threshold): give another --out, or --split-from {kept} to use it"
+            )
         return planned.split
     csv_path = split_from / SPLIT_FILE if split_from.is_dir() else split_from
     the_split = read_split_csv(csv_path)
