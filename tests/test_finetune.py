@@ -305,10 +305,15 @@ def test_the_split_has_its_own_seed_and_follows_extract(tuned, tmp_path):
     assert other["dataset"]["split_fingerprint"] != meta["split"]["fingerprint"]
 
 
-def test_finetune_refuses_a_learning_rate_that_is_not_positive(tmp_path):
-    result = runner.invoke(app, ["finetune", str(tmp_path), "--out", str(tmp_path / "models"), "--lr", "-1"])
-    assert result.exit_code == 2 and "learning rates positive" in result.output
+def test_finetune_refuses_a_learning_rate_that_is_not_positive_or_a_training_that_diverges(tmp_path):
+    for rate in ("-1", "nan", "inf"):
+        result = runner.invoke(app, ["finetune", str(tmp_path), "--out", str(tmp_path / "models"), "--lr", rate])
+        assert result.exit_code == 2 and "learning rates positive numbers" in result.output
     assert not (tmp_path / "models").exists()
+    data = make_dataset(tmp_path / "data", per_class=6)
+    args = ["finetune", str(data), "--out", str(tmp_path / "m"), *TINY_ARGS, "--fine-epochs", "0", "-q"]
+    diverged = runner.invoke(app, [*args, "--head-epochs", "1", "--head-lr", "1e38"])
+    assert diverged.exit_code == 2 and "training diverged" in diverged.stderr and "Traceback" not in diverged.output
 
 
 def test_make_spec_checks_what_the_command_line_checks():

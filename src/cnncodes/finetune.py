@@ -197,9 +197,9 @@ def make_spec(
             f"--head-epochs and --fine-epochs take 0 or more epochs, at least one in all (got {head_epochs} and "
             f"{fine_epochs})"
         )
-    if batch_size < 1 or min(head_lr, lr) <= 0:
+    if batch_size < 1 or not all(0 < rate < math.inf for rate in (head_lr, lr)):  # NaN compares false
         raise CnnCodesError(
-            f"--batch-size must be at least 1 and learning rates positive "
+            f"--batch-size must be at least 1 and learning rates positive numbers "
             f"(got {batch_size}, --head-lr {head_lr}, --lr {lr})"
         )
     check_resize(resize)
@@ -516,7 +516,7 @@ def _train_and_predict(
 
     try:
         history, trainable = _train(spec, training, checkpoints, callbacks, progress)
-        return history, trainable, training.trained.predict(training.datasets["test"], verbose=0)
+        proba = training.trained.predict(training.datasets["test"], verbose=0)
     except tf.errors.OpError:
         if not training.unreadable:
             raise
@@ -524,6 +524,12 @@ def _train_and_predict(
             f"cannot read {training.unreadable[0]}, an image of the split: restore or replace it, then run "
             "again with --resume (the finished epochs are kept)"
         ) from None
+    if not np.isfinite(proba).all():  # resuming would load the same weights: only a fresh start helps
+        raise CnnCodesError(
+            "training diverged: the model's outputs are not finite numbers (its loss is NaN): lower --head-lr "
+            "and --lr, then run again with --restart"
+        )
+    return history, trainable, proba
 
 
 def _record(
