@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import signal
+import zipfile
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -67,6 +70,9 @@ def test_finetune_writes_a_model_and_a_run_record_on_the_features_split(tuned):
     assert record["params"]["trainable_weights"] == {"head": 2, "fine": 8}  # head, then + block5's 3 convs
     assert (tuned["models"] / "vgg16-finetune.keras").stat().st_size == record["model_bytes"]
     assert not (tuned["models"] / ".finetune").exists()  # checkpoints go once the record is published
+    with zipfile.ZipFile(tuned["models"] / "vgg16-finetune.keras") as saved:  # no optimizer state to ship
+        weights = h5py.File(io.BytesIO(saved.read("model.weights.h5")), "r")
+        assert "optimizer" not in weights and not json.loads(saved.read("config.json")).get("compile_config")
 
 
 def test_predict_with_the_keras_model_reproduces_the_recorded_test_predictions(tuned):

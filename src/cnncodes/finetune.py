@@ -338,9 +338,15 @@ def finetune(
             scores = [repeat_score(first_seed, training.labels[training.subsets == "test"], proba)]
             scores += [_score_repeat(spec, data, out, seed, split, checkpoints, progress) for seed, split in others]
             record |= repeats_summary(scores)
-        record = publish(model_path, lambda tmp: training.model.save(tmp), record)
+        record = publish(model_path, lambda tmp: _for_inference(training.model).save(tmp), record)
         shutil.rmtree(checkpoints, ignore_errors=True)  # last: a crash before here can still --resume
     return record
+
+
+def _for_inference(model):
+    """The trained model without its optimizer, whose state (Adam's two slots per trained weight) would
+    double or triple the file and make sizes depend on how it was trained, and which predict never uses."""
+    return keras.Model(model.inputs, model.outputs, name=model.name)
 
 
 @contextmanager
