@@ -165,6 +165,11 @@ def test_compare_and_predict_never_write_over_a_file_they_read(fitted, tmp_path)
         result = cli("predict", record.with_suffix(".joblib"), image, "-o", target)
         assert result.exit_code == 2 and "is one of the files this command reads" in result.stderr
     assert record.read_bytes() == kept and cli("predict", record.with_suffix(".joblib"), image).exit_code == 0
+    photo = image.read_bytes()
+    for given in (image, image.parent, image.parent / "*.png"):  # `-o photos/*.jpg` expanded by the shell, too
+        result = cli("predict", record.with_suffix(".joblib"), given, "-f", "csv", "-o", image)
+        assert result.exit_code == 2 and "is one of the files this command reads" in result.stderr
+    assert image.read_bytes() == photo
 
 
 def test_a_class_with_fewer_than_two_training_images_is_named(tmp_path):

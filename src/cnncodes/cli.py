@@ -408,11 +408,13 @@ def predict(
     from .records import sidecar
 
     with user_errors():
-        if output:
-            check_file_target(output, [model, sidecar(model)])
+        if output:  # never over the model, its record or an image given
+            check_file_target(output, [model, sidecar(model), *map(Path, images)])
         results = run_predict(
             model, images, top_k=top_k, batch_size=batch_size, weights=weights, runtime=runtime, progress=not quiet
         )
+        if output:  # nor over one a folder or a pattern reached
+            check_file_target(output, [Path(r.filename) for r in results])
         text = (
             None
             if format == "table" and not output
