@@ -624,3 +624,19 @@ def test_a_finetune_makes_its_split_as_extract_does_and_a_refused_one_leaves_it_
         refused = runner.invoke(app, [*args, *other])
         assert refused.exit_code == 2 and "holds the split of this folder's other runs" in refused.stderr
         assert (models / "split.csv").read_bytes() == kept  # --split-from models still gives the runs' split
+
+
+def test_cache_trunk_finds_the_images_of_a_split_made_from_a_csv_beside_the_folder(tmp_path):
+    """The split names "../images/a.png" from the CSV's folder; the trunk's codes, "a.png" from DATA's."""
+    data = make_dataset(tmp_path / "images", per_class=6)
+    (tmp_path / "lists").mkdir()
+    listing = tmp_path / "lists" / "all.csv"
+    listing.write_text(
+        "path,label\n"
+        + "".join(f"../images/{p.relative_to(data)},{p.parent.name}\n" for p in sorted(data.rglob("*.*")))
+    )
+    cnncodes.extract(listing, tmp_path / "features", backbone="vgg16", weights="none", image_size=32, progress=False)
+    spec = tiny(cache_trunk=True, fine_epochs=0)
+    record = finetune(data, tmp_path / "models", spec, split_from=tmp_path / "features", progress=False)
+    split = (tmp_path / "features" / "split.csv").read_text().splitlines()
+    assert record["n_test"] == sum(line.endswith(",test") for line in split) > 0

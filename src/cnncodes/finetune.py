@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import shutil
 import signal
 import threading
@@ -726,14 +727,20 @@ def _trunk_datasets(
         progress=progress,
     )
     codes = load_features(folder)
-    row_of = {p: i for i, p in enumerate(codes.paths)}
-    missing = [p for p in the_split.paths if p not in row_of]
+    root = image_root(data)  # a split made from a CSV names its files from the CSV's folder: "../images/a.png"
+
+    def where(path: str) -> str:
+        return os.path.normpath(os.path.join(root, path))
+
+    row_of = {where(p): i for i, p in enumerate(codes.paths)}
+    places = [where(p) for p in the_split.paths]
+    missing = [p for p, place in zip(the_split.paths, places) if place not in row_of]
     if missing:
         raise CnnCodesError(
             f"{len(missing)} image(s) of the split could not be read for --cache-trunk "
-            f"(e.g. {missing[0]}: see {folder / 'rejected.csv'})"
+            f"(e.g. {missing[0]}: see {folder / REJECTED_FILE})"
         )
-    rows = np.array([row_of[p] for p in the_split.paths])
+    rows = np.array([row_of[place] for place in places])
     datasets = {
         s: CachedRows(
             codes.X,
