@@ -381,6 +381,9 @@ def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_
     assert cut_layer(vgg_network, first_unfrozen(vgg_network, 2)) == "block5_conv2"
     with pytest.raises(cnncodes.CnnCodesError, match="no frozen layer"):
         cut_layer(vgg_network, first_unfrozen(vgg_network, len(vgg_network.layers)))
+    with pytest.raises(cnncodes.CnnCodesError, match="last layer: nothing after it would train"):
+        first_unfrozen(vgg_network, vgg_network.layers[-1].name)  # as --unfreeze 0
+    assert tiny(unfreeze=5).described["layer"] == "last 5 layers" and tiny().described["layer"] == "after block4_pool"
     with pytest.raises(cnncodes.CnnCodesError, match=f"has {len(vgg_network.layers)} layers, give at most that"):
         first_unfrozen(vgg_network, 99)
     with pytest.raises(cnncodes.CnnCodesError, match="--fine-epochs 0"):

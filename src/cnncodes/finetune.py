@@ -114,7 +114,8 @@ class FinetuneSpec:
 
     @property
     def described(self) -> dict[str, str]:
-        return {"layer": f"after {self.unfreeze}", "classifier": "dense head"}
+        unfrozen = f"last {self.unfreeze} layers" if isinstance(self.unfreeze, int) else f"after {self.unfreeze}"
+        return {"layer": unfrozen, "classifier": "dense head"}
 
     def build(self, n_classes: int) -> tuple[keras.Model, keras.Model | None]:
         return build_classifier(self.entry, self.image_size, n_classes, self.weights, self.dropout)
@@ -631,8 +632,13 @@ def first_unfrozen(network, unfreeze: str | int) -> int:
         if unfreeze > len(names):
             raise CnnCodesError(f"--unfreeze {unfreeze}: {network.name} has {len(names)} layers, give at most that")
         return len(names) - unfreeze
-    if unfreeze in names:
+    if unfreeze in names[:-1]:
         return names.index(unfreeze) + 1
+    if unfreeze == names[-1]:  # as --unfreeze 0 is refused
+        raise CnnCodesError(
+            f"--unfreeze {unfreeze} is {network.name}'s last layer: nothing after it would train; "
+            "to train the head only, use --fine-epochs 0"
+        )
     raise CnnCodesError(f"--unfreeze {unfreeze!r}: give a layer name of {network.name} or a number of last layers")
 
 
