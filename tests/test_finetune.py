@@ -75,6 +75,18 @@ def test_finetune_writes_a_model_and_a_run_record_on_the_features_split(tuned):
         assert "optimizer" not in weights and not json.loads(saved.read("config.json")).get("compile_config")
 
 
+def test_a_keras_model_whose_record_was_edited_to_another_size_or_classes_is_refused(tuned, tmp_path):
+    record = json.loads((tuned["models"] / "vgg16-finetune.json").read_text())
+    image = str(tuned["data"] / record["test_predictions"][0]["path"])
+    for edit in ({"extractor": {**record["extractor"], "image_size": 64}}, {"classes": [*record["classes"], "x"]}):
+        model = tmp_path / "vgg16-finetune.keras"
+        model.write_bytes((tuned["models"] / "vgg16-finetune.keras").read_bytes())
+        model.with_suffix(".json").write_text(json.dumps(record | edit))
+        for runtime in ("onnx", "keras"):
+            result = runner.invoke(app, ["predict", str(model), image, "--runtime", runtime, "--quiet"])
+            assert result.exit_code == 2 and "the record was changed" in result.stderr, result.output
+
+
 def test_predict_with_the_keras_model_reproduces_the_recorded_test_predictions(tuned):
     model = tuned["models"] / "vgg16-finetune.keras"
     record = json.loads(model.with_suffix(".json").read_text())

@@ -139,7 +139,13 @@ def _finetuned_predictor(path: Path, runtime: str, threads: int | None) -> Predi
         build, f"finetuned:{record['model_sha256']}", runtime, notice=warn, label=path.name, threads=threads
     )
     spec = record["extractor"]
-    return Predictor(runner, spec["image_size"], spec["resize"], record["classes"], record)
+    size, classes = spec["image_size"], record["classes"]
+    if tuple(runner.input_shape[:2]) != (size, size) or runner.dim != len(classes):  # the record was edited
+        raise CnnCodesError(
+            f"{path} takes {runner.input_shape[0]}-px images and gives {runner.dim} classes, but its run record says "
+            f"{size} px and {len(classes)} classes: the record was changed; fit the model again"
+        )
+    return Predictor(runner, size, spec["resize"], classes, record)
 
 
 def _load_verified(name: str, data: bytes):
