@@ -394,6 +394,17 @@ def test_serve_without_its_extra_says_how_to_install_it(served, monkeypatch):
     assert "pip install 'cnncodes[serve]'" in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_a_port_in_use_or_a_host_that_does_not_resolve_is_one_line_before_the_model_loads(served, monkeypatch):
+    import cnncodes.serve
+
+    monkeypatch.setattr(cnncodes.serve, "_load", lambda settings: pytest.fail("the model loaded first"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        for host, words in (("127.0.0.1", f"cannot listen on 127.0.0.1:{port}"), ("no-such-host.invalid", "cannot")):
+            result = runner.invoke(app, ["serve", str(served["model"]), "--host", host, "--port", port])
+            assert result.exit_code == 2 and words in result.stderr and "Traceback" not in result.output
+
+
 def test_readyz_says_not_ready_until_the_warm_up_pass_ran(served):
     """In process, without the lifespan that starts the warm-up: alive, not ready."""
     from cnncodes.predict import load_predictor

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import tempfile
 import time
 from collections import deque
@@ -440,6 +441,7 @@ def serve(
     """
     if workers < 1:
         raise CnnCodesError(f"--workers must be at least 1 (got {workers})")
+    _check_address(host, port)
     threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
     settings = replace(settings, threads=threads)
     options: dict[str, Any] = {
@@ -461,6 +463,20 @@ def serve(
         os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
         signal.signal(signal.SIGTERM, _exit_cleanly)
         uvicorn.run("cnncodes.serve:app_from_environment", factory=True, workers=workers, **options)
+
+
+def _check_address(host: str, port: int) -> None:
+    """A port in use or a host that does not resolve is one line now, not uvicorn's exit 3 after the model loaded.
+
+    Bound and released at once, as uvicorn binds it (address reuse on), so a port just freed passes.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # "::1" is IPv6
+        socket.create_server((host, port), family=family).close()
+    except OSError as e:
+        raise CnnCodesError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): give a free --port and a --host of this machine"
+        ) from None
 
 
 def _snapshot(model: Path, folder: Path) -> Path:
