@@ -73,3 +73,14 @@ def test_help_shows_the_extras_install_command_whole():
     shown = CliRunner().invoke(app, ["extract", "--help"], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
     assert "'cnncodes[ray]'" in shown.output
+
+
+def test_version_is_the_installed_packages():
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from cnncodes.cli import app
+
+    shown = CliRunner().invoke(app, ["--version"])
+    assert shown.exit_code == 0 and shown.stdout == f"cnncodes {version('cnncodes')}\n"

@@ -10,6 +10,7 @@ Importing the package is cheap: scikit-learn loads with `fit_svm`, `CodesClassif
 """
 
 import importlib
+import importlib.metadata
 import sys
 import types
 
@@ -41,7 +42,7 @@ __all__ = [
     "make_spec",
     "predict",
 ]
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("cnncodes")  # pyproject.toml says it
 
 
 class _Package(types.ModuleType):

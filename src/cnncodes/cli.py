@@ -52,9 +52,20 @@ app = typer.Typer(
 out_console = Console()
 
 
+def _show_version(asked: bool) -> None:
+    if asked:
+        from . import __version__
+
+        typer.echo(f"cnncodes {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", help="Also show TensorFlow's native log lines.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
 ) -> None:
     """Options of every command; file names print as the bytes they are, UTF-8 or not."""
     if verbose:
