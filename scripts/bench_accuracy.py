@@ -436,8 +436,8 @@ def main() -> None:
         "chosen on CV (seed-0 split) against the tutorial, and beside `LogisticRegression()` on the default "
         "codes:\n\n"
         + defaults_vs_tutorial(repeated, tutorial)
-        + "\n\nEvery run (p vs best: one-sided paired t-test over the 5 splits "
-        "that the run is worse than the best run by mean; the tutorial row: `LogisticRegression()` on the default codes):\n\n"
+        + "\n\nEvery run (p vs best: one-sided paired t-test over the 5 splits that the run is worse than "
+        "the best run by mean; the tutorial row: `LogisticRegression()` on the default codes):\n\n"
         + repeats_table(repeated),
         "## Probabilities\n\nOn the test images of the seed-0 split, every kind's probabilities: log-loss, "
         "Brier score (summed over classes), expected calibration error (15 bins), the AUROC of the top-1 "
