@@ -84,3 +84,18 @@ def test_version_is_the_installed_packages():
 
     shown = CliRunner().invoke(app, ["--version"])
     assert shown.exit_code == 0 and shown.stdout == f"cnncodes {version('cnncodes')}\n"
+
+
+def test_tensorflows_retracing_notes_are_dropped_unless_verbose(caplog, monkeypatch):
+    import logging
+
+    import cnncodes  # noqa: F401 - importing the package installs the filter
+
+    note = "5 out of the last 5 calls to <function f> triggered tf.function retracing. Tracing is expensive"
+    tf_logger = logging.getLogger("tensorflow")
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        tf_logger.warning(note)
+        tf_logger.warning("another warning")
+        monkeypatch.setenv("CNNCODES_VERBOSE", "1")
+        tf_logger.warning(note)
+    assert [r.getMessage() for r in caplog.records] == ["another warning", note]

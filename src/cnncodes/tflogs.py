@@ -7,13 +7,15 @@ imported, descriptor 2 is pointed at /dev/null and Python's `sys.stderr` moves t
 the original, so everything Python prints (progress, warnings, errors) still shows. Set
 `CNNCODES_VERBOSE=1` (the CLI's `--verbose`) to keep the native lines, e.g. to see why
 TensorFlow's own code crashed. Nothing happens where `sys.stderr` is not descriptor 2
-(notebooks, captured output), whose native output the user does not see anyway.
+(notebooks, captured output), whose native output the user does not see anyway. TensorFlow's
+Python-side warning that a function was traced again is dropped too, unless verbose.
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import io
+import logging
 import os
 import sys
 
@@ -31,8 +33,19 @@ class _BeforeTensorFlow(importlib.abc.MetaPathFinder):
         return None
 
 
+class _NoRetracingNotes(logging.Filter):
+    """TensorFlow's warning that a function was traced again, a paragraph per phase or repeat that builds a new
+    model, as `finetune` does on purpose: it buried the progress bars (kept with `CNNCODES_VERBOSE=1`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(os.environ.get(VERBOSE_ENV)) or "triggered tf.function retracing" not in record.getMessage()
+
+
 def silence_tensorflow_start_up() -> None:
     """Arrange for TensorFlow's native start-up lines to be dropped (idempotent; no-op once it is imported)."""
+    tf_logger = logging.getLogger("tensorflow")  # TensorFlow's Python-side logger, the same before its import
+    if not any(isinstance(f, _NoRetracingNotes) for f in tf_logger.filters):
+        tf_logger.addFilter(_NoRetracingNotes())
     if "tensorflow" in sys.modules or any(isinstance(f, _BeforeTensorFlow) for f in sys.meta_path):
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the Python-side levels
