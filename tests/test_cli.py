@@ -99,3 +99,15 @@ def test_tensorflows_retracing_notes_are_dropped_unless_verbose(caplog, monkeypa
         monkeypatch.setenv("CNNCODES_VERBOSE", "1")
         tf_logger.warning(note)
     assert [r.getMessage() for r in caplog.records] == ["another warning", note]
+
+
+def test_a_mistyped_class_weight_is_named_by_its_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from cnncodes.cli import app
+
+    for command in ("fit-svm", "finetune"):
+        args = [command, str(tmp_path), "--out", str(tmp_path / "m"), "--class-weight", "balancd"]
+        shown = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert shown.exit_code == 2 and "'--class-weight'" in shown.output and "'balanced'" in shown.output
+    assert not (tmp_path / "m").exists()

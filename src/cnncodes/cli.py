@@ -94,6 +94,7 @@ DataArg = Annotated[
     Path, typer.Argument(help="Folder with one sub-folder per class, or a CSV with path,label columns.")
 ]
 WeightsOpt = Annotated[str, typer.Option(help="imagenet, none (untrained), or a .h5 weights file.")]
+ClassWeightOpt = Annotated[Literal["balanced"] | None, typer.Option(help="balanced: for imbalanced classes.")]
 ResizeOpt = Annotated[
     Resize, typer.Option(help="crop: centre square; squash: ignore aspect ratio; pad: white borders.")
 ]
@@ -299,7 +300,7 @@ def fit_svm(
     ] = "auto",
     pca: Annotated[int | None, typer.Option(min=1, help="Reduce codes to N principal components first.")] = None,
     cv: Annotated[int, typer.Option(help="Cross-validation folds on train+val; 0 chooses on the val subset.")] = 5,
-    class_weight: Annotated[str | None, typer.Option(help="'balanced' for imbalanced classes.")] = None,
+    class_weight: ClassWeightOpt = None,
     n_jobs: Annotated[int, typer.Option(help="Parallel jobs for the search (-1: all cores).")] = -1,
     seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
     name: Annotated[str | None, typer.Option(help="Prefix of the run names.")] = None,
@@ -511,7 +512,7 @@ def finetune(
             "and head on them: several times faster per epoch, no augmentation.",
         ),
     ] = False,
-    class_weight: Annotated[str | None, typer.Option(help="'balanced' for imbalanced classes.")] = None,
+    class_weight: ClassWeightOpt = None,
     patience: Annotated[int, typer.Option(min=1, help="Epochs without val-accuracy gain before stopping.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of shuffling and initialisation.")] = 0,
     name: Annotated[str | None, typer.Option(help="Prefix of the run name.")] = None,
