@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,8 @@ class Features:
     paths: list[str]
     meta: dict[str, Any]
     groups: np.ndarray  # duplicate-group id per row: copies share one, so folds and re-splits keep them together
+    # Computed from the rows themselves when loaded, not read from meta.json, so a record says what was really used.
+    split_fingerprint: str
 
     @property
     def classes(self) -> list[str]:
@@ -45,18 +46,6 @@ class Features:
     @property
     def spec(self) -> ExtractorSpec:
         return ExtractorSpec.from_dict(self.meta["extractor"])
-
-    @property
-    def split(self) -> Split:
-        return Split(self.paths, [self.classes[i] for i in self.y], self.subsets.tolist())
-
-    @cached_property
-    def split_fingerprint(self) -> str:
-        """Computed from the rows themselves, not read from `meta.json`, so a record says what was really used.
-
-        Once: it sorts every row, and each run record of the folder's classifiers holds it.
-        """
-        return self.split.fingerprint
 
 
 # What every reader of a features folder relies on; format 1 also listed the rows' paths and subsets.
@@ -92,7 +81,7 @@ def load_features(path: Path | str) -> Features:
             f"{path}/meta.json lacks {', '.join(missing)}: it was made by another version or damaged; "
             "run `cnncodes extract` again"
         )
-    paths, labels, subsets = _rows(path, meta)
+    paths, labels, subsets, fingerprint = _rows(path, meta)
     n, classes = meta["n_images"], meta["classes"]
     consistent = (
         X.ndim == 2
@@ -110,30 +99,35 @@ def load_features(path: Path | str) -> Features:
             f"the files in {path} do not belong together (features {X.shape}, labels {y.shape}, "
             f"{len(paths)} images listed (split.csv), meta.json says {n}): run `cnncodes extract` again"
         )
-    return Features(path, np.asarray(X, dtype=np.float32), y, np.array(subsets), paths, meta, _groups(path, n))
+    if fingerprint is None:  # the split's fingerprint sorts every row: made once, where the rows are read
+        fingerprint = Split(paths, [classes[i] for i in y.tolist()], list(subsets)).fingerprint
+    X = np.asarray(X, dtype=np.float32)
+    return Features(path, X, y, np.array(subsets), paths, meta, _groups(path, n), fingerprint)
 
 
-def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None, list[str]]:
-    """Each row's path, label and subset, from split.csv; format 1's from meta.json, whose labels are labels.npy's only.
+def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None, list[str], str | None]:
+    """Each row's path, label and subset, and the split's fingerprint when it was checked against meta.json's.
 
-    A folder without rows (every usable image failed to decode) has a split.csv of its header alone.
+    They come from split.csv; format 1's from meta.json, whose labels are labels.npy's only. A folder
+    without rows (every usable image failed to decode) has a split.csv of its header alone.
     """
     if meta["format"] == _FORMAT_1:
-        return meta["paths"], None, meta["subsets"]
+        return meta["paths"], None, meta["subsets"], None
     if meta["n_images"] == 0:
-        return [], [], []
+        return [], [], [], None
     try:
         the_split = read_split_csv(path / SPLIT_FILE)
     except CnnCodesError as e:
         raise CnnCodesError(
             f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
         ) from None
-    if the_split.fingerprint != meta.get("split", {}).get("fingerprint", the_split.fingerprint):
+    fingerprint = the_split.fingerprint
+    if fingerprint != meta.get("split", {}).get("fingerprint", fingerprint):
         raise CnnCodesError(
             f"{path}/split.csv is not the split these codes were made with (its fingerprint is not meta.json's): "
             "run `cnncodes extract` again"
         )
-    return the_split.paths, the_split.labels, the_split.subsets
+    return the_split.paths, the_split.labels, the_split.subsets, fingerprint
 
 
 def _groups(path: Path, n: int) -> np.ndarray:
