@@ -7,7 +7,6 @@ more per batch than a thousand, and both survive a kill at any moment.
 from __future__ import annotations
 
 import errno
-import io
 import itertools
 import os
 import sqlite3
@@ -63,9 +62,7 @@ class FeatureWriter:
             self.seconds_before = 0.0
             self._log.write_bytes(b"")
             self._clock.unlink(missing_ok=True)
-            buf = io.BytesIO()
-            np.save(buf, ids)
-            artifacts.write_bytes_atomic(self._ids, buf.getvalue())
+            artifacts.write_npy_atomic(self._ids, ids)
             artifacts.write_json_atomic(self._state, expected)
         self.resumed = int(self.done.sum())
         self._offset = npy_layout(self._data)[1]
@@ -126,11 +123,11 @@ class FeatureWriter:
         """Record the time worked so far, for the run that resumes these rows."""
         artifacts.write_bytes_atomic(self._clock, f"{self.seconds:.3f}".encode())
 
-    def copy_from(self, source: Path, pairs: Sequence[tuple[int, int]] | np.ndarray) -> None:
+    def copy_from(self, source: Path, pairs: np.ndarray) -> None:
         """Take rows (new, old) from an earlier run's features file instead of recomputing them."""
         with npy_rows(source) as old:
             for start in range(0, len(pairs), _CHUNK_ROWS):
-                chunk = np.array(pairs[start : start + _CHUNK_ROWS], dtype=np.int64).reshape(-1, 2)
+                chunk = pairs[start : start + _CHUNK_ROWS]
                 self.write(chunk[:, 0], old.read(chunk[:, 1]))
         self.sync()
 
