@@ -2,8 +2,8 @@
 
 The same rules as for a local folder: one sub-folder (key prefix) per class under the
 prefix, or a CSV of `path,label` rows whose paths are URIs. A file's identity for the
-caches is its path under the prefix, size and modification time. Each file is fetched into a temporary
-file and decoded by the same code as a local file, so both give the same pixels.
+caches is its path under the prefix, size and modification time. Each file is fetched into
+a temporary file and decoded by the same code as a local file, so both give the same pixels.
 
 S3 credentials and region come from the usual AWS variables and files; an S3-compatible
 server (MinIO, Ceph, moto) is reached through `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`,
