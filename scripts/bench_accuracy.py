@@ -88,12 +88,17 @@ TARGETS = {
 
 
 def run(args: list[str], log: list[str]) -> str:
-    """Run one cnncodes command, remember its command line, return its stdout."""
-    log.append(shlex.join(["cnncodes", *args]))
-    print("$", log[-1], flush=True)
+    """Run one cnncodes command, remember its command line, return its stdout.
+
+    A command run again (the tutorial's codes are also a variant) finds its work done and is listed once.
+    """
+    line = shlex.join(["cnncodes", *args])
+    if line not in log:
+        log.append(line)
+    print("$", line, flush=True)
     done = subprocess.run([CLI, *args], capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"failed ({done.returncode}): {log[-1]}\n{done.stderr[-3000:]}")
+        raise SystemExit(f"failed ({done.returncode}): {line}\n{done.stderr[-3000:]}")
     return done.stdout
 
 
