@@ -119,21 +119,71 @@ def test_an_object_the_store_failed_to_serve_is_checked_again_on_the_next_run(s3
 
 def test_every_object_under_the_prefix_is_a_row_or_a_rejection_whatever_its_name(s3_data, tmp_path):
     uri, local = s3_data
-    bucket_path = uri.removeprefix("s3://")
-    fs = remote._bucket_filesystem("s3", bucket_path.split("/")[0], remote.os.environ["AWS_ENDPOINT_URL"])
     extra = {
         "stripes/noext": (local / "stripes" / "stripes_01.png").read_bytes(),  # an image, by its bytes
         "stripes/notes.txt": b"notes",
         "squares/.hidden.png": (local / "squares" / "squares_01.png").read_bytes(),
         "stray.png": (local / "squares" / "squares_01.png").read_bytes(),
     }
-    for key, data in extra.items():
-        with fs.open_output_stream(f"{bucket_path}/{key}") as f:
-            f.write(data)
+    upload(uri, extra)
     result = cnncodes.extract(uri, tmp_path / "f", **FAST)
     rows, rejected = set(load_features(tmp_path / "f").paths), {p for p, *_ in result.rejected}
     assert "stripes/noext" in rows and {"stripes/notes.txt", "squares/.hidden.png", "stray.png"} <= rejected
     assert len(rows) + len(rejected) == 3 * 6 + 1 + len(extra)  # the dataset, its broken file, the objects above
+
+
+def upload(uri: str, objects: dict[str, bytes]) -> None:
+    """Objects written under the prefix `uri`, by key."""
+    bucket_path = uri.removeprefix("s3://")
+    fs = remote._bucket_filesystem("s3", bucket_path.split("/")[0], remote.os.environ["AWS_ENDPOINT_URL"])
+    for key, data in objects.items():
+        with fs.open_output_stream(f"{bucket_path}/{key}") as f:
+            f.write(data)
+
+
+def test_keys_with_hash_or_question_marks_are_read_as_listed(s3_data, tmp_path):
+    uri, local = s3_data
+    stripe, square = (local / c / f"{c}_01.png" for c in ("stripes", "squares"))
+    # `squares/shot` would be read for `squares/shot#2.png` if the key were parsed as a URL with a fragment
+    upload(uri, {"squares/shot#2.png": stripe.read_bytes(), "squares/shot": square.read_bytes()})
+    upload(uri, {"squares/a?x=1.png": stripe.read_bytes()})
+    result = cnncodes.extract(uri, tmp_path / "f", **FAST)
+    feats = load_features(tmp_path / "f")
+    assert [p for p, *_ in result.rejected] == ["squares/broken.png"]
+    code = dict(zip(feats.paths, feats.X))
+    np.testing.assert_allclose(code["squares/shot#2.png"], code["stripes/stripes_01.png"], rtol=1e-6)
+    np.testing.assert_allclose(code["squares/a?x=1.png"], code["stripes/stripes_01.png"], rtol=1e-6)
+    np.testing.assert_allclose(code["squares/shot"], code["squares/squares_01.png"], rtol=1e-6)
+
+
+def test_malformed_uris_in_a_csv_are_rejected_rows(s3_data, tmp_path):
+    uri, local = s3_data
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.png") if p.name != "broken.png")
+    bucket = uri.removeprefix("s3://").split("/")[0]
+    bad = [f"s3://{bucket}//data/{files[0]}", f"s3:///{files[0]}"]
+    listing = tmp_path / "list.csv"
+    listing.write_text(
+        "path,label\n" + "".join(f"{p},{p.split('/')[-2]}\n" for p in [*bad, *(f"{uri}/{r}" for r in files)])
+    )
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(listing),
+            "--out",
+            str(tmp_path / "f"),
+            "--backbone",
+            "vgg16",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert {r["path"]: r["category"] for r in read(tmp_path / "f" / "rejected.csv")} == dict.fromkeys(bad, "unreadable")
+    assert len(load_features(tmp_path / "f").paths) == len(files)
 
 
 def test_extract_from_a_csv_of_uris_in_the_bucket(s3_data, tmp_path):

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from .errors import CnnCodesError
 from .ingest import Dataset, is_uri, read_listing
@@ -35,7 +35,7 @@ class UriRoot(str):
 
 def discover_uri(uri: str) -> Dataset:
     """List the candidate images under an object-store prefix, or those of a CSV of URIs stored there."""
-    if urlsplit(uri).path.lower().endswith(".csv"):
+    if uri.lower().endswith(".csv"):
         return _discover_csv(uri)
     fs, prefix = _filesystem(uri)
     FileSelector, FileType = _pyarrow_fs().FileSelector, _pyarrow_fs().FileType
@@ -78,11 +78,11 @@ def file_ids(dataset: Dataset) -> list[str]:
     listed = _listing(str(dataset.root)) if is_uri(str(dataset.root)) else {}  # a local CSV of URIs has no root
     ids = []
     for rel in dataset.paths:
-        fs, path = _filesystem(str(dataset.root / rel))
         try:
+            fs, path = _filesystem(str(dataset.root / rel))
             info = listed.get(path) or fs.get_file_info(path)
-        except OSError:
-            info = None
+        except (OSError, ValueError, CnnCodesError):  # ValueError: pyarrow's ArrowInvalid, e.g. `s3://bucket//key`
+            info = None  # the check reads it, and rejects it with the store's reason
         if info is None or info.type != FileType.File:
             ids.append(f"{rel}|missing")
         else:
@@ -113,19 +113,20 @@ def read_bytes(uri: str) -> bytes:
 @contextmanager
 def fetched(uri: str) -> Iterator[Path]:
     """The object at `uri` as a local temporary file, removed afterwards."""
-    with tempfile.NamedTemporaryFile(suffix=Path(urlsplit(uri).path).suffix) as f:
+    with tempfile.NamedTemporaryFile(suffix=Path(uri).suffix) as f:
         f.write(read_bytes(uri))
         f.flush()
         yield Path(f.name)
 
 
 def _filesystem(uri: str):
-    """pyarrow's file system for `uri` and the path within it; one file system per bucket and endpoint, reused."""
-    parts = urlsplit(uri)
-    endpoint = (
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") if parts.scheme == "s3" else None
-    )
-    return _bucket_filesystem(parts.scheme, parts.netloc, endpoint), f"{parts.netloc}{parts.path}"
+    """pyarrow's file system for `uri` and the path within it; one file system per bucket and endpoint, reused.
+
+    Not parsed as a URL: `#` and `?` are characters of object keys, not a fragment and a query.
+    """
+    scheme, _, path = uri.partition("://")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") if scheme == "s3" else None
+    return _bucket_filesystem(scheme, path.split("/", 1)[0], endpoint), path
 
 
 @lru_cache(maxsize=64)
