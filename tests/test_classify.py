@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import shutil
@@ -518,3 +519,27 @@ def test_library_choices_of_classifier_and_out_folder_are_checked_before_fitting
     assert result.exit_code == 2 and f"{a_file} cannot be made a folder: a file is in the way" in result.stderr
     result = cli("compare", fitted["models"], "--html", a_file / "report.html")
     assert result.exit_code == 2 and f"{a_file} cannot be made a folder" in result.stderr
+
+
+def test_ctrl_c_names_the_runs_already_saved(fitted, tmp_path, monkeypatch):
+    classifiers = importlib.import_module("cnncodes.classifiers")
+    fit = classifiers.CodesClassifier.fit
+
+    def interrupted_at_knn(self, *args, **kwargs):
+        if self.kind == "knn":
+            raise KeyboardInterrupt
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(classifiers.CodesClassifier, "fit", interrupted_at_knn)
+    out = tmp_path / "models"
+    result = cli(
+        "fit-svm", fitted["features"], "--out", out, "--classifier", "logreg", "--classifier", "knn", "--cv", "3"
+    )
+    assert result.exit_code == 130
+    assert sorted(p.name for p in out.iterdir()) == [
+        "vgg16-block5_pool-logreg.joblib",
+        "vgg16-block5_pool-logreg.json",
+    ]
+    assert f"Interrupted: vgg16-block5_pool-logreg saved in {out}; the others were not fitted." in " ".join(
+        result.output.split()
+    )

@@ -631,16 +631,21 @@ def fit_svm(
     make_folder(out)
     for run in runs:  # all refused before any is fitted
         refuse_to_replace(out / f"{run}.joblib", origin)
-    records = []
+    records: list[dict[str, Any]] = []
     with progress_bar("Fitting classifiers", len(kinds) * repeats, unit="model", enabled=progress) as advance:
-        for run, kind in runs.items():
+        try:
+            for run, kind in runs.items():
 
-            def make(fit_subsets: np.ndarray, kind: str = kind) -> CodesClassifier:
-                return CodesClassifier(
-                    kind, normalize, pca, class_weight, _selection_splitter(fit_subsets, cv), n_jobs, seed
-                )
+                def make(fit_subsets: np.ndarray, kind: str = kind) -> CodesClassifier:
+                    return CodesClassifier(
+                        kind, normalize, pca, class_weight, _selection_splitter(fit_subsets, cv), n_jobs, seed
+                    )
 
-            records.append(_fit_one(feats, out, run, kind, splits, make, origin, advance))
+                records.append(_fit_one(feats, out, run, kind, splits, make, origin, advance))
+        except KeyboardInterrupt as e:  # each run is saved when fitted: say which are, for the CLI's last line
+            if records:
+                e.add_note(f"{', '.join(r['run'] for r in records)} saved in {out}; the others were not fitted.")
+            raise
     _warn_if_reduced(records[0]["params"], cv, pca)
     return records
 

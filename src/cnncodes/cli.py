@@ -104,14 +104,17 @@ RuntimeOpt = Annotated[Runtime, typer.Option(help="Forward pass on ONNX Runtime 
 
 @contextmanager
 def user_errors(resume_hint: str = "nothing was written.") -> Iterator[None]:
-    """CnnCodesError and OSError become one red line and exit 2; Ctrl-C exits 130."""
+    """CnnCodesError and OSError become one red line and exit 2; Ctrl-C exits 130.
+
+    After Ctrl-C, what the library noted on the interrupt (what it had saved) replaces `resume_hint`.
+    """
     try:
         yield
     except (CnnCodesError, OSError) as e:  # OSError: an unwritable --out, a file where a folder should be, a full disk…
         err_console.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err_console.print(f"Interrupted: {resume_hint}")
+    except KeyboardInterrupt as e:
+        err_console.print(f"Interrupted: {escape(' '.join(getattr(e, '__notes__', [])) or resume_hint)}")
         raise typer.Exit(130) from None
 
 
