@@ -6,6 +6,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes.cli import app
-from cnncodes.records import build_record, publish, sidecar
+from cnncodes.records import build_record, load_records, publish, sidecar
 
 from .conftest import make_dataset
 
@@ -121,3 +123,23 @@ def test_a_full_disk_while_saving_a_run_is_one_line_naming_the_file(codes, tmp_p
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"No space left on device: '{tmp_path / 'm' / 'vgg16-block5_pool-knn.json'}'" in message
     assert not list((tmp_path / "m").iterdir())  # no temporary file left behind
+
+
+def test_a_writer_killed_while_publishing_leaves_no_second_run_and_its_temporaries_go(codes, tmp_path):
+    out = tmp_path / "models"
+    assert fit(codes["features"], out).exit_code == 0
+    (model,) = out.glob("*.joblib")
+    killed_while_renaming = f"""
+import json, os, pathlib
+from cnncodes.records import publish
+model = pathlib.Path({str(model)!r})
+record = json.loads(model.with_suffix(".json").read_text())
+os.replace = lambda *args: os._exit(9)
+publish(model, lambda tmp: tmp.write_bytes(model.read_bytes()), record)
+"""
+    assert subprocess.run([sys.executable, "-c", killed_while_renaming]).returncode == 9
+    orphans = [p for p in out.iterdir() if p.name.startswith(".")]
+    assert len(orphans) == 2  # the model's and the record's temporaries
+    assert [r["run"] for r in load_records([out])] == [model.stem]
+    assert fit(codes["features"], out).exit_code == 0  # the same run again: its file names are written
+    assert sorted(p.name for p in out.iterdir()) == sorted([model.name, f"{model.stem}.json"])

@@ -11,7 +11,10 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
@@ -39,8 +42,10 @@ _PACKAGES = (
 # Items of a long list encoded at a time by `json_pieces`.
 _JSON_CHUNK = 4096
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+# Temporaries are `.<target>.<host>-<pid>.<random>.tmp<target's suffixes>`: hidden, ending as their target
+# does (Keras checks `.weights.h5`), and saying which process on which machine writes them.
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_TEMPORARY = re.compile(r"^\..+\.([0-9a-f]{8})-(\d+)\.[0-9a-f]{8}\.tmp")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -108,19 +113,46 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     """
     check_file_target(path)
     make_folder(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with says_where(path, tmp):
-            with os.fdopen(fd, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be like any other
-            os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with temporary_beside(path) as tmp, says_where(path, tmp):
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     _sync_folder(path.parent)
+
+
+@contextmanager
+def temporary_beside(path: Path) -> Iterator[Path]:
+    """A free name beside `path` to write and then move there; removed if it was not moved.
+
+    A writer killed before it could remove its temporary (a model can be gigabytes) leaves an
+    orphan: the orphans in the folder are removed first.
+    """
+    _remove_orphans(path.parent)
+    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp{''.join(path.suffixes)}")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Remove the temporaries whose writer, a process on this machine, is no longer running."""
+    for tmp in folder.glob(".*.tmp*"):
+        made = _TEMPORARY.match(tmp.name)
+        if made and made[1] == _HOST and not _running(int(made[2])):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _sync_folder(folder: Path) -> None:

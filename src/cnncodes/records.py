@@ -9,17 +9,23 @@ builds, names, publishes and reads its records here, so the format lives in one 
 from __future__ import annotations
 
 import os
-import secrets
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .artifacts import make_folder, package_versions, read_json, says_where, sha256_file, write_json_atomic
+from .artifacts import (
+    make_folder,
+    package_versions,
+    read_json,
+    says_where,
+    sha256_file,
+    temporary_beside,
+    write_json_atomic,
+)
 from .errors import CnnCodesError, first_line
 from .progress import warn
 
@@ -84,7 +90,7 @@ def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[
     or a full disk before the two back-to-back renames leaves the old pair untouched.
     """
     make_folder(model_path.parent)
-    with _temporary(model_path) as model_tmp, _temporary(sidecar(model_path)) as record_tmp:
+    with temporary_beside(model_path) as model_tmp, temporary_beside(sidecar(model_path)) as record_tmp:
         with says_where(model_path, model_tmp):
             write_model(model_tmp)
         record = {
@@ -102,19 +108,9 @@ def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[
 
 def write_through_temporary(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` writes a file beside `path` that then replaces it: a kill leaves the old file or the new one."""
-    with _temporary(path) as tmp, says_where(path, tmp):
+    with temporary_beside(path) as tmp, says_where(path, tmp):
         write(tmp)
         os.replace(tmp, path)
-
-
-@contextmanager
-def _temporary(path: Path) -> Iterator[Path]:
-    """A free name beside `path` ending as it does (Keras checks `.weights.h5`), removed unless it was moved."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{''.join(path.suffixes)}")
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
@@ -130,7 +126,7 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
         as_given.setdefault(folder.resolve(), folder)
     records = []
     for folder in as_given.values():
-        for path in sorted(folder.glob("*.json")):
+        for path in sorted(p for p in folder.glob("*.json") if not p.name.startswith(".")):  # not temporaries
             record = _run_record(path)
             if record is not None:
                 records.append(record | {"record_path": str(path)})
