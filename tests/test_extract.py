@@ -349,6 +349,84 @@ def test_a_run_killed_while_publishing_reuses_every_row(dataset: Path, tmp_path:
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
 
 
+@pytest.mark.parametrize("renames", [3, 4, 5])
+def test_a_run_killed_at_any_rename_of_its_publish_reuses_every_row(dataset, tmp_path, monkeypatch, renames):
+    """The publish renames the new rows' ids, their index, the codes and their ids and index again; kill at each."""
+    extract_module = importlib.import_module("cnncodes.extract")
+    out = tmp_path / "f"
+    cnncodes.extract(dataset, out, **FAST)
+    write_image(dataset / "circles" / "added.png", "circles", seed=951)
+    publish, replace, calls = extract_module.publish, os.replace, []
+
+    def publishing(*args, **kwargs):
+        calls.append("publish")
+        return publish(*args, **kwargs)
+
+    def replace_or_die(*args):
+        if calls:
+            calls.append(args)
+            if len(calls) > renames:
+                raise KeyboardInterrupt
+        replace(*args)
+
+    monkeypatch.setattr(extract_module, "publish", publishing)
+    monkeypatch.setattr(os, "replace", replace_or_die)
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **FAST)
+    monkeypatch.undo()
+    again = cnncodes.extract(dataset, out, **FAST)
+    assert (again.computed, again.reused) == (0, 25)
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST)
+    np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
+
+
+def copy_killed_after(monkeypatch, chunks: int) -> None:
+    """Copies of earlier rows go 4 rows a chunk, each synced, and die like Ctrl-C after `chunks` of them."""
+    storage = importlib.import_module("cnncodes.storage")
+    read, done = storage.NpyRows.read, []
+
+    def read_or_die(self, rows):
+        done.append(rows)
+        if len(done) > chunks:
+            raise KeyboardInterrupt
+        return read(self, rows)
+
+    monkeypatch.setattr(storage, "_CHUNK_ROWS", 4)
+    monkeypatch.setattr(storage, "SYNC_EVERY", 0.0)
+    monkeypatch.setattr(storage.NpyRows, "read", read_or_die)
+
+
+def test_a_copy_of_earlier_rows_cut_short_goes_on_at_the_next_run(dataset: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "f"
+    cnncodes.extract(dataset, out, **FAST)
+    write_image(dataset / "circles" / "added.png", "circles", seed=952)
+    copy_killed_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **FAST)
+    monkeypatch.undo()
+    again = cnncodes.extract(dataset, out, **FAST)
+    assert (again.computed, again.reused) == (1, 24)
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST)
+    np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
+
+
+def test_a_copy_of_salvaged_rows_cut_short_goes_on_and_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "f"
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(12))
+    write_image(dataset / "circles" / "added.png", "circles", seed=953)
+    copy_killed_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **FAST, batch_size=4)
+    monkeypatch.undo()
+    assert list((out / ".cache").glob("salvaged*"))  # what the cut copy had not taken yet
+    again = cnncodes.extract(dataset, out, **FAST, batch_size=4)
+    assert again.reused >= 12 and again.computed == 25 - again.reused
+    assert not list((out / ".cache").glob("salvaged*"))
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST, batch_size=4)
+    np.testing.assert_allclose(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"), rtol=1e-6)
+
+
 FULL_DISK = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk

@@ -834,8 +834,8 @@ def compute_codes(
 def _seeded_writer(out: Path, job: CodeJob, ids: np.ndarray) -> tuple[FeatureWriter, float]:
     """The writer of these files' codes holding every row already made, and the seconds those rows took.
 
-    Rows come from an interrupted run of the same files (resumed), else from the last published
-    features and an interrupted run over other files (salvaged, newer, so copied last).
+    Rows come from an interrupted run of the same files (resumed), the last published features,
+    and an interrupted run over other files (salvaged); each copy skips the rows already there.
     """
     previous = _previous_rows(out, job.spec.key, ids)
     covered = previous is not None and len(previous.pairs) == len(ids)
@@ -844,12 +844,12 @@ def _seeded_writer(out: Path, job: CodeJob, ids: np.ndarray) -> tuple[FeatureWri
     salvaged = salvage(out / CACHE_DIR, key, ids, job.spec.key)
     writer = FeatureWriter(out / CACHE_DIR, key, len(ids), dim, ids, job.spec.key)
     earlier = writer.seconds_before
-    if previous is not None and writer.resumed == 0:
+    if previous is not None:
         writer.copy_from(previous.path, previous.pairs)
-        earlier = previous.seconds * len(previous.pairs) / max(previous.rows, 1)
-    if salvaged is not None and writer.resumed == 0:
+        earlier += previous.seconds * len(previous.pairs) / max(previous.rows, 1)
+    if salvaged is not None:
         writer.copy_from(salvaged.path, salvaged.pairs)
-        salvaged.path.unlink()
+        salvaged.discard()
         earlier += salvaged.seconds
     return writer, earlier
 
@@ -874,9 +874,11 @@ def _previous_rows(out: Path, spec_key: str, ids: np.ndarray) -> _Previous | Non
     """Rows of the last published features with the same extractor, found by the digests of their file ids.
 
     `rows.json` is removed before `features.npy` is replaced and written again right after
-    `rows-ids.npy`, so whenever it exists both describe the rows of `features.npy`.
+    `rows-ids.npy`, so whenever it exists both describe the rows of `features.npy`. A publish
+    cut short after it replaced `features.npy` is finished first.
     """
     cache = out / CACHE_DIR
+    _finish_publishing(out)
     try:
         index = artifacts.read_object(cache / "rows.json")
         if index["spec_key"] != spec_key:
@@ -889,6 +891,26 @@ def _previous_rows(out: Path, spec_key: str, ids: np.ndarray) -> _Previous | Non
         return None
     pairs = matching_rows(old[:rows], ids)
     return _Previous(out / CODES_FILE, rows, dim, pairs, seconds) if len(pairs) else None
+
+
+def _identity(path: Path) -> list[int]:
+    """What tells a file from its replacement (a rename keeps all of it): device, inode, size, modification time."""
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _finish_publishing(out: Path) -> None:
+    """Finish the renames of a publish killed after it replaced `features.npy` (the new `rows.json` names it)."""
+    cache = out / CACHE_DIR
+    try:
+        pending = artifacts.read_object(cache / "rows.json.new")
+        done = pending["features"] == _identity(out / CODES_FILE)
+    except (OSError, ValueError, KeyError):
+        return
+    if done:
+        if (cache / f"{_ROW_IDS}.new").is_file():
+            os.replace(cache / f"{_ROW_IDS}.new", cache / _ROW_IDS)
+        os.replace(cache / "rows.json.new", cache / "rows.json")
 
 
 def _up_to_date(out: Path, run_key: str, n_usable: int) -> bool:
@@ -947,22 +969,25 @@ def publish(
 ) -> dict[str, Any]:
     """Replace the outputs; returns the meta record.
 
-    The order keeps every kill recoverable: `meta.json` and `rows.json` go first, the
-    finished rows are moved into `features.npy`, their file ids' digests into `rows-ids.npy`,
-    and `rows.json` is back right after (three renames), and only then is the unfinished
+    The order keeps every kill recoverable: the new `rows-ids.npy` and `rows.json` are
+    written beside the old ones (naming the file of finished rows), `meta.json` and `rows.json`
+    go, the finished rows become `features.npy`, the new row files take the old ones' names
+    (three renames, finished by the next run if cut short), and only then is the unfinished
     state forgotten; `meta.json` goes last, so a reader that finds it finds a complete set.
     A run killed in between reuses every row.
     """
     published = time.perf_counter()
-    kept = np.flatnonzero(done.writer.done)
+    finished, kept = done.writer.finished_file()
     elapsed = done.earlier_seconds + published - started
     final = _keep_rows(the_plan.split, kept)
     cache = out / CACHE_DIR
     artifacts.write_npy_atomic(cache / f"{_ROW_IDS}.new", done.ids[kept])
-    artifacts.write_json_atomic(cache / "rows.json.new", {"spec_key": spec.key, "seconds": elapsed})
+    artifacts.write_json_atomic(
+        cache / "rows.json.new", {"spec_key": spec.key, "seconds": elapsed, "features": _identity(finished)}
+    )
     (out / META_FILE).unlink(missing_ok=True)
     (cache / "rows.json").unlink(missing_ok=True)  # rows.json must never describe other features
-    done.writer.publish(out / CODES_FILE)
+    os.replace(finished, out / CODES_FILE)
     os.replace(cache / f"{_ROW_IDS}.new", cache / _ROW_IDS)
     os.replace(cache / "rows.json.new", cache / "rows.json")
     done.writer.discard()

@@ -26,14 +26,18 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Seconds between two syncs of finished rows and of the clock (a kill loses at most this much work and time).
 SYNC_EVERY = 2.0
 _CHUNK_ROWS = 1024
-# FeatureWriter's files.
-_DATA, _IDS, _LOG, _STATE, _CLOCK = (
+# FeatureWriter's files, and the finished rows of a run with missing rows, ready to be published.
+_DATA, _IDS, _LOG, _STATE, _CLOCK, _FINISHED = (
     "partial.npy",
     "partial-ids.npy",
     "partial-done.i64",
     "partial.json",
     "partial-seconds.txt",
+    "finished.npy",
 )
+# `salvage`'s rows set aside: the codes, a file id digest per row (blank where unfinished), and their seconds.
+_ASIDE, _ASIDE_IDS, _ASIDE_INFO = "salvaged.npy", "salvaged-ids.npy", "salvaged.json"
+_BLANK = b"\0" * 16
 
 
 class FeatureWriter:
@@ -45,7 +49,7 @@ class FeatureWriter:
     run resumes where it stopped and a save costs the new rows only. The state is tied to
     `key`, so different settings never reuse its rows; `ids` (a digest per row) and `family`
     (the extractor) let `salvage` find its finished rows again when the files change before
-    the resume. `publish` moves the result into place.
+    the resume. `finished_file` gives the result to move into place.
     """
 
     def __init__(self, work_dir: Path, key: str, n_rows: int, dim: int, ids: np.ndarray, family: str):
@@ -124,33 +128,39 @@ class FeatureWriter:
         artifacts.write_bytes_atomic(self._clock, f"{self.seconds:.3f}".encode())
 
     def copy_from(self, source: Path, pairs: np.ndarray) -> None:
-        """Take rows (new, old) from an earlier run's features file instead of recomputing them."""
+        """Take rows (new, old) from an earlier run's features file instead of recomputing them.
+
+        Rows already done are left as they are: a copy interrupted by a kill goes on where it stopped.
+        """
+        pairs = pairs[~self.done[pairs[:, 0]]]
         with npy_rows(source) as old:
             for start in range(0, len(pairs), _CHUNK_ROWS):
                 chunk = pairs[start : start + _CHUNK_ROWS]
                 self.write(chunk[:, 0], old.read(chunk[:, 1]))
         self.sync()
 
-    def publish(self, dest: Path) -> np.ndarray:
-        """Move the finished rows to `dest` atomically; returns which rows it holds. Call `discard` after."""
+    def finished_file(self) -> tuple[Path, np.ndarray]:
+        """The file of the finished rows, on disk, to be moved into place; and which rows it holds.
+
+        Every row finished: the writer's own file. Otherwise a copy of the finished ones. Call
+        `discard` once the file is moved and recorded.
+        """
         self.sync()
         os.close(self._fd)
         kept = np.flatnonzero(self.done)
         if len(kept) == len(self.done):
-            os.replace(self._data, dest)
-            return kept
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        reserve_npy(tmp, (len(kept), self.dim))
-        with npy_rows(self._data) as source, npy_rows(tmp, write=True) as out:
+            return self._data, kept
+        finished = self._data.with_name(_FINISHED)
+        reserve_npy(finished, (len(kept), self.dim))
+        with npy_rows(self._data) as source, npy_rows(finished, write=True) as out:
             for start in range(0, len(kept), _CHUNK_ROWS):
                 rows = kept[start : start + _CHUNK_ROWS]
                 out.write(np.arange(start, start + len(rows)), source.read(rows))
-        os.replace(tmp, dest)
-        return kept
+        return finished, kept
 
     def discard(self) -> None:
         """Forget the unfinished state, once the published rows are recorded elsewhere."""
-        for path in (self._state, self._log, self._clock, self._data, self._ids):
+        for path in (self._state, self._log, self._clock, self._data, self._ids, self._data.with_name(_FINISHED)):
             path.unlink(missing_ok=True)
 
 
@@ -161,31 +171,62 @@ class Salvaged(NamedTuple):
     pairs: np.ndarray
     seconds: float
 
+    def discard(self) -> None:
+        """Remove the rows set aside, once copied."""
+        _discard_aside(self.path.parent)
+
 
 def salvage(work_dir: Path, key: str, ids: np.ndarray, family: str) -> Salvaged | None:
     """The finished rows of an interrupted run of the same extractor whose files were different, set aside.
 
     A file added or deleted before the resume changes the writer's key; without this, every
-    row the interrupted run finished would be computed again. The rows move to a file of
-    their own (the new writer reuses the name of the old one); the caller copies and deletes it.
+    row the interrupted run finished would be computed again. The rows move to files of their
+    own (the new writer reuses the names of the old one), which stay until the caller has
+    copied them and calls `discard`: a copy cut short by a kill goes on at the next run.
     """
+    _set_aside(work_dir, key, family)
+    try:
+        old_ids = np.load(work_dir / _ASIDE_IDS)
+        info = artifacts.read_object(work_dir / _ASIDE_INFO)
+        npy_layout(work_dir / _ASIDE)
+    except (OSError, ValueError):
+        return None
+    pairs = matching_rows(old_ids, ids)
+    aside = Salvaged(
+        work_dir / _ASIDE, pairs, float(info.get("seconds", 0.0)) * len(pairs) / max(info.get("rows", 1), 1)
+    )
+    if not len(pairs):
+        aside.discard()
+        return None
+    return aside
+
+
+def _set_aside(work_dir: Path, key: str, family: str) -> None:
+    """Move the writer's files of another key but the same extractor aside, with the ids of their finished rows."""
     try:
         state = artifacts.read_object(work_dir / _STATE)
         if state.get("key") == key or state.get("family") != family:
-            return None
+            return
         old_ids = np.load(work_dir / _IDS)
         logged = np.fromfile(work_dir / _LOG, dtype="<i8")
         seconds = float((work_dir / _CLOCK).read_text()) if (work_dir / _CLOCK).is_file() else 0.0
     except (OSError, ValueError, KeyError):
-        return None
-    finished = np.unique(logged[(logged >= 0) & (logged < len(old_ids))])
-    pairs = matching_rows(old_ids[finished], ids)
-    if not len(pairs):
-        return None
-    pairs[:, 1] = finished[pairs[:, 1]]
-    aside = work_dir / "salvaged.npy"
-    os.replace(work_dir / _DATA, aside)
-    return Salvaged(aside, pairs, seconds * len(pairs) / len(finished))
+        return
+    finished = np.zeros(len(old_ids), dtype=bool)
+    finished[logged[(logged >= 0) & (logged < len(old_ids))]] = True
+    if not finished.any() or not (work_dir / _DATA).is_file():
+        return
+    _discard_aside(work_dir)  # rows of an earlier set-aside not copied yet are lost: never paired with other ids
+    artifacts.write_npy_atomic(work_dir / _ASIDE_IDS, np.where(finished, old_ids, _BLANK))
+    artifacts.write_json_atomic(work_dir / _ASIDE_INFO, {"seconds": seconds, "rows": int(finished.sum())})
+    os.replace(work_dir / _DATA, work_dir / _ASIDE)
+    (work_dir / _STATE).unlink()
+
+
+def _discard_aside(work_dir: Path) -> None:
+    """Remove rows set aside: the codes first, so codes are never left without their ids."""
+    for name in (_ASIDE, _ASIDE_IDS, _ASIDE_INFO):
+        (work_dir / name).unlink(missing_ok=True)
 
 
 def matching_rows(known: np.ndarray, ids: np.ndarray) -> np.ndarray:
