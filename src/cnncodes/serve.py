@@ -393,8 +393,12 @@ def _metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
         "classifier",
         "accuracy",
         "accuracy_ci95",
+        "accuracy_mean",  # these two with --repeats: over the splits; `accuracy` is the served model's split
+        "accuracy_sd",
         "balanced_accuracy",
         "macro_f1",
+        "ece",  # how far the served probabilities are from the accuracy they claim, on the test images
+        "confidence_auroc",
         "n_train",
         "n_test",
         "created",
