@@ -427,6 +427,32 @@ def test_a_copy_of_salvaged_rows_cut_short_goes_on_and_leaves_nothing_behind(dat
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"), rtol=1e-6)
 
 
+def test_rows_set_aside_never_go_to_a_run_with_other_settings(dataset: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "f"
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(12))
+    write_image(dataset / "circles" / "added.png", "circles", seed=954)
+    copy_killed_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **FAST, batch_size=4)
+    monkeypatch.undo()
+    flipped = cnncodes.extract(dataset, out, **FAST, flip=True)  # the file ids match, the extractor does not
+    assert flipped.computed == 25
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST, flip=True)
+    np.testing.assert_allclose(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"), rtol=1e-6)
+
+
+def test_the_time_of_rows_copied_survives_a_later_kill(dataset: Path, tmp_path: Path):
+    out = tmp_path / "f"
+    with pytest.raises(KeyboardInterrupt):
+        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(12, pause=1.5))
+    write_image(dataset / "circles" / "added.png", "circles", seed=955)
+    with pytest.raises(KeyboardInterrupt):  # copies the rows set aside above, then stops
+        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(16))
+    done = cnncodes.extract(dataset, out, **FAST, batch_size=4)
+    assert done.reused >= 16 and done.seconds > 1.5  # the first run's time is in the codes it made
+
+
 FULL_DISK = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk

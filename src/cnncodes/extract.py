@@ -59,8 +59,9 @@ GROUPS_FILE, SPLIT_FILE, REJECTED_FILE = "groups.npy", "split.csv", "rejected.cs
 # Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
 EXTRACTOR_FORMAT = 1
 CACHE_DIR = ".cache"
-# In CACHE_DIR: the digest (`id_digests`) of each row's file id in features.npy, so the next run reuses its rows.
-_ROW_IDS = "rows-ids.npy"
+# In CACHE_DIR: the digest (`id_digests`) of each row's file id in features.npy, so the next run reuses its rows,
+# and the index saying which extractor made them and what they took (present only while both describe features.npy).
+_ROW_IDS, _ROWS = "rows-ids.npy", "rows.json"
 # rejected.csv: why each file was skipped, and the category (`BadImage.category`) summaries count.
 REJECTED_COLUMNS = ("path", "reason", "category")
 ENGINES: tuple[str, ...] = get_args(EngineName)
@@ -843,15 +844,12 @@ def _seeded_writer(out: Path, job: CodeJob, ids: np.ndarray) -> tuple[FeatureWri
     key = artifacts.sha256_json([job.spec.key, hashlib.sha256(ids.tobytes()).hexdigest()])
     salvaged = salvage(out / CACHE_DIR, key, ids, job.spec.key)
     writer = FeatureWriter(out / CACHE_DIR, key, len(ids), dim, ids, job.spec.key)
-    earlier = writer.seconds_before
     if previous is not None:
-        writer.copy_from(previous.path, previous.pairs)
-        earlier += previous.seconds * len(previous.pairs) / max(previous.rows, 1)
+        writer.copy_from(previous.path, previous.pairs, previous.seconds * len(previous.pairs) / max(previous.rows, 1))
     if salvaged is not None:
-        writer.copy_from(salvaged.path, salvaged.pairs)
+        writer.copy_from(salvaged.path, salvaged.pairs, salvaged.seconds)
         salvaged.discard()
-        earlier += salvaged.seconds
-    return writer, earlier
+    return writer, writer.seconds_before
 
 
 def id_digests(file_ids: Sequence[str]) -> np.ndarray:
@@ -880,7 +878,7 @@ def _previous_rows(out: Path, spec_key: str, ids: np.ndarray) -> _Previous | Non
     cache = out / CACHE_DIR
     _finish_publishing(out)
     try:
-        index = artifacts.read_object(cache / "rows.json")
+        index = artifacts.read_object(cache / _ROWS)
         if index["spec_key"] != spec_key:
             return None
         (rows, dim), _ = npy_layout(out / CODES_FILE)
@@ -894,23 +892,26 @@ def _previous_rows(out: Path, spec_key: str, ids: np.ndarray) -> _Previous | Non
 
 
 def _identity(path: Path) -> list[int]:
-    """What tells a file from its replacement (a rename keeps all of it): device, inode, size, modification time."""
+    """What tells a file from its replacement (a rename keeps all of it): inode, size, modification time.
+
+    Not the device number, which a network or overlay file system may change when it is mounted again.
+    """
     st = path.stat()
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _finish_publishing(out: Path) -> None:
     """Finish the renames of a publish killed after it replaced `features.npy` (the new `rows.json` names it)."""
     cache = out / CACHE_DIR
     try:
-        pending = artifacts.read_object(cache / "rows.json.new")
+        pending = artifacts.read_object(cache / f"{_ROWS}.new")
         done = pending["features"] == _identity(out / CODES_FILE)
     except (OSError, ValueError, KeyError):
         return
     if done:
         if (cache / f"{_ROW_IDS}.new").is_file():
             os.replace(cache / f"{_ROW_IDS}.new", cache / _ROW_IDS)
-        os.replace(cache / "rows.json.new", cache / "rows.json")
+        os.replace(cache / f"{_ROWS}.new", cache / _ROWS)
 
 
 def _up_to_date(out: Path, run_key: str, n_usable: int) -> bool:
@@ -983,13 +984,13 @@ def publish(
     cache = out / CACHE_DIR
     artifacts.write_npy_atomic(cache / f"{_ROW_IDS}.new", done.ids[kept])
     artifacts.write_json_atomic(
-        cache / "rows.json.new", {"spec_key": spec.key, "seconds": elapsed, "features": _identity(finished)}
+        cache / f"{_ROWS}.new", {"spec_key": spec.key, "seconds": elapsed, "features": _identity(finished)}
     )
     (out / META_FILE).unlink(missing_ok=True)
-    (cache / "rows.json").unlink(missing_ok=True)  # rows.json must never describe other features
+    (cache / _ROWS).unlink(missing_ok=True)  # rows.json must never describe other features
     os.replace(finished, out / CODES_FILE)
     os.replace(cache / f"{_ROW_IDS}.new", cache / _ROW_IDS)
-    os.replace(cache / "rows.json.new", cache / "rows.json")
+    os.replace(cache / f"{_ROWS}.new", cache / _ROWS)
     done.writer.discard()
     classes = the_plan.usable.classes
     artifacts.write_npy_atomic(out / LABELS_FILE, label_indices(final.labels, classes))

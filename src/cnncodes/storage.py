@@ -56,7 +56,7 @@ class FeatureWriter:
         work_dir.mkdir(parents=True, exist_ok=True)
         self._data, self._ids = work_dir / _DATA, work_dir / _IDS
         self._log, self._state = work_dir / _LOG, work_dir / _STATE
-        self._clock = work_dir / _CLOCK
+        self._clock, self._finished = work_dir / _CLOCK, work_dir / _FINISHED
         self.dim = dim
         expected = {"key": key, "rows": n_rows, "dim": dim, "family": family}
         if not self._resume(expected):
@@ -127,17 +127,22 @@ class FeatureWriter:
         """Record the time worked so far, for the run that resumes these rows."""
         artifacts.write_bytes_atomic(self._clock, f"{self.seconds:.3f}".encode())
 
-    def copy_from(self, source: Path, pairs: np.ndarray) -> None:
+    def copy_from(self, source: Path, pairs: np.ndarray, seconds: float) -> None:
         """Take rows (new, old) from an earlier run's features file instead of recomputing them.
 
-        Rows already done are left as they are: a copy interrupted by a kill goes on where it stopped.
+        Rows already done are left as they are: a copy interrupted by a kill goes on where it
+        stopped. `seconds`, what computing all of `pairs` took, goes into the clock by the rows
+        copied: the clock is the one record of the rows' time, which later kills keep.
         """
+        per_row = seconds / max(len(pairs), 1)
         pairs = pairs[~self.done[pairs[:, 0]]]
         with npy_rows(source) as old:
             for start in range(0, len(pairs), _CHUNK_ROWS):
                 chunk = pairs[start : start + _CHUNK_ROWS]
+                self.seconds_before += per_row * len(chunk)
                 self.write(chunk[:, 0], old.read(chunk[:, 1]))
         self.sync()
+        self.save_clock()
 
     def finished_file(self) -> tuple[Path, np.ndarray]:
         """The file of the finished rows, on disk, to be moved into place; and which rows it holds.
@@ -150,17 +155,16 @@ class FeatureWriter:
         kept = np.flatnonzero(self.done)
         if len(kept) == len(self.done):
             return self._data, kept
-        finished = self._data.with_name(_FINISHED)
-        reserve_npy(finished, (len(kept), self.dim))
-        with npy_rows(self._data) as source, npy_rows(finished, write=True) as out:
+        reserve_npy(self._finished, (len(kept), self.dim))
+        with npy_rows(self._data) as source, npy_rows(self._finished, write=True) as out:
             for start in range(0, len(kept), _CHUNK_ROWS):
                 rows = kept[start : start + _CHUNK_ROWS]
                 out.write(np.arange(start, start + len(rows)), source.read(rows))
-        return finished, kept
+        return self._finished, kept
 
     def discard(self) -> None:
         """Forget the unfinished state, once the published rows are recorded elsewhere."""
-        for path in (self._state, self._log, self._clock, self._data, self._ids, self._data.with_name(_FINISHED)):
+        for path in (self._state, self._log, self._clock, self._data, self._ids, self._finished):
             path.unlink(missing_ok=True)
 
 
@@ -186,8 +190,10 @@ def salvage(work_dir: Path, key: str, ids: np.ndarray, family: str) -> Salvaged 
     """
     _set_aside(work_dir, key, family)
     try:
-        old_ids = np.load(work_dir / _ASIDE_IDS)
         info = artifacts.read_object(work_dir / _ASIDE_INFO)
+        if info.get("family") != family:  # rows of other settings: the file ids alone would match them
+            return None
+        old_ids = np.load(work_dir / _ASIDE_IDS)
         npy_layout(work_dir / _ASIDE)
     except (OSError, ValueError):
         return None
@@ -210,7 +216,7 @@ def _set_aside(work_dir: Path, key: str, family: str) -> None:
         old_ids = np.load(work_dir / _IDS)
         logged = np.fromfile(work_dir / _LOG, dtype="<i8")
         seconds = float((work_dir / _CLOCK).read_text()) if (work_dir / _CLOCK).is_file() else 0.0
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return
     finished = np.zeros(len(old_ids), dtype=bool)
     finished[logged[(logged >= 0) & (logged < len(old_ids))]] = True
@@ -218,7 +224,9 @@ def _set_aside(work_dir: Path, key: str, family: str) -> None:
         return
     _discard_aside(work_dir)  # rows of an earlier set-aside not copied yet are lost: never paired with other ids
     artifacts.write_npy_atomic(work_dir / _ASIDE_IDS, np.where(finished, old_ids, _BLANK))
-    artifacts.write_json_atomic(work_dir / _ASIDE_INFO, {"seconds": seconds, "rows": int(finished.sum())})
+    artifacts.write_json_atomic(
+        work_dir / _ASIDE_INFO, {"family": family, "seconds": seconds, "rows": int(finished.sum())}
+    )
     os.replace(work_dir / _DATA, work_dir / _ASIDE)
     (work_dir / _STATE).unlink()
 
