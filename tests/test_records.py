@@ -137,9 +137,12 @@ record = json.loads(model.with_suffix(".json").read_text())
 os.replace = lambda *args: os._exit(9)
 publish(model, lambda tmp: tmp.write_bytes(model.read_bytes()), record)
 """
-    assert subprocess.run([sys.executable, "-c", killed_while_renaming]).returncode == 9
+    writer = subprocess.Popen([sys.executable, "-c", killed_while_renaming])
+    assert writer.wait() == 9
     orphans = [p for p in out.iterdir() if p.name.startswith(".")]
     assert len(orphans) == 2  # the model's and the record's temporaries
     assert [r["run"] for r in load_records([out])] == [model.stem]
+    elsewhere = out / f".{model.name}.00000000-{writer.pid}.0123abcd.tmp.joblib"  # that pid in another container
+    elsewhere.write_bytes(b"being written")
     assert fit(codes["features"], out).exit_code == 0  # the same run again: its file names are written
-    assert sorted(p.name for p in out.iterdir()) == sorted([model.name, f"{model.stem}.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([elsewhere.name, model.name, f"{model.stem}.json"])

@@ -16,7 +16,7 @@ import secrets
 import socket
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -42,10 +42,20 @@ _PACKAGES = (
 # Items of a long list encoded at a time by `json_pieces`.
 _JSON_CHUNK = 4096
 
-# Temporaries are `.<target>.<host>-<pid>.<random>.tmp<target's suffixes>`: hidden, ending as their target
-# does (Keras checks `.weights.h5`), and saying which process on which machine writes them.
-_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
-_TEMPORARY = re.compile(r"^\..+\.([0-9a-f]{8})-(\d+)\.[0-9a-f]{8}\.tmp")
+
+def _process_space() -> str:
+    """Where a process id means one process: this machine's name, PID namespace (containers) and boot."""
+    parts = [socket.gethostname()]
+    with suppress(OSError):  # Linux's; elsewhere the host name alone
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    return f"{zlib.crc32('|'.join(parts).encode()):08x}"
+
+
+# Temporaries are `.<target>.<space>-<pid>.<random>.tmp<target's suffixes>` (`temporary_beside`): hidden,
+# ending as their target does (Keras checks `.weights.h5`), and saying which process writes them.
+_SPACE = _process_space()
+_TEMPORARY = re.compile(r"^\..+\.([0-9a-f]{8})-(\d{1,10})\.[0-9a-f]{8}\.tmp")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -130,7 +140,7 @@ def temporary_beside(path: Path) -> Iterator[Path]:
     orphan: the orphans in the folder are removed first.
     """
     _remove_orphans(path.parent)
-    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp{''.join(path.suffixes)}")
+    tmp = path.with_name(f".{path.name}.{_SPACE}-{os.getpid()}.{secrets.token_hex(4)}.tmp{''.join(path.suffixes)}")
     try:
         yield tmp
     finally:
@@ -138,20 +148,25 @@ def temporary_beside(path: Path) -> Iterator[Path]:
 
 
 def _remove_orphans(folder: Path) -> None:
-    """Remove the temporaries whose writer, a process on this machine, is no longer running."""
+    """Remove the temporaries whose writer, a process of this PID space, is no longer running.
+
+    Best effort: a temporary that cannot be removed (another user's, in a shared folder) is left.
+    """
     for tmp in folder.glob(".*.tmp*"):
         made = _TEMPORARY.match(tmp.name)
-        if made and made[1] == _HOST and not _running(int(made[2])):
-            tmp.unlink(missing_ok=True)
+        if made and made[1] == _SPACE and not _running(int(made[2])):
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:
+    """Whether process `pid` exists (another user's too: signal 0 checks without sending anything)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
-    except PermissionError:  # another user's
-        return True
+    except PermissionError:
+        pass
     return True
 
 
