@@ -154,6 +154,8 @@ def test_keys_with_hash_or_question_marks_are_read_as_listed(s3_data, tmp_path):
     np.testing.assert_allclose(code["squares/shot#2.png"], code["stripes/stripes_01.png"], rtol=1e-6)
     np.testing.assert_allclose(code["squares/a?x=1.png"], code["stripes/stripes_01.png"], rtol=1e-6)
     np.testing.assert_allclose(code["squares/shot"], code["squares/squares_01.png"], rtol=1e-6)
+    shouted = cnncodes.extract(uri.replace("s3://", "S3://"), tmp_path / "g", **FAST)  # schemes know no case
+    assert shouted.n_images == result.n_images
 
 
 def test_malformed_uris_in_a_csv_are_rejected_rows(s3_data, tmp_path):

@@ -125,6 +125,7 @@ def _filesystem(uri: str):
     Not parsed as a URL: `#` and `?` are characters of object keys, not a fragment and a query.
     """
     scheme, _, path = uri.partition("://")
+    scheme = scheme.lower()  # pyarrow knows `s3`, not `S3`
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") if scheme == "s3" else None
     return _bucket_filesystem(scheme, path.split("/", 1)[0], endpoint), path
 
