@@ -374,10 +374,15 @@ def test_a_run_killed_at_any_rename_of_its_publish_reuses_every_row(dataset, tmp
     with pytest.raises(KeyboardInterrupt):
         cnncodes.extract(dataset, out, **FAST)
     monkeypatch.undo()
+    assert_the_next_run_ends_as_a_fresh_one(dataset, out, tmp_path / "fresh", computed=0, reused=25)
+
+
+def assert_the_next_run_ends_as_a_fresh_one(dataset: Path, out: Path, fresh: Path, computed: int, reused: int):
+    """The next run into `out` computes and reuses that many rows, and its codes are a fresh run's."""
     again = cnncodes.extract(dataset, out, **FAST)
-    assert (again.computed, again.reused) == (0, 25)
-    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST)
-    np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
+    assert (again.computed, again.reused) == (computed, reused)
+    cnncodes.extract(dataset, fresh, **FAST)
+    np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh / "features.npy"))
 
 
 def copy_killed_after(monkeypatch, chunks: int) -> None:
@@ -404,14 +409,11 @@ def test_a_copy_of_earlier_rows_cut_short_goes_on_at_the_next_run(dataset: Path,
     with pytest.raises(KeyboardInterrupt):
         cnncodes.extract(dataset, out, **FAST)
     monkeypatch.undo()
-    again = cnncodes.extract(dataset, out, **FAST)
-    assert (again.computed, again.reused) == (1, 24)
-    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST)
-    np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
+    assert_the_next_run_ends_as_a_fresh_one(dataset, out, tmp_path / "fresh", computed=1, reused=24)
 
 
-def test_a_copy_of_salvaged_rows_cut_short_goes_on_and_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
-    out = tmp_path / "f"
+def cut_short_copy_of_salvaged_rows(dataset: Path, out: Path, monkeypatch) -> None:
+    """A run stopped after 12 rows, an image added, then the copy of those rows into the new run cut short."""
     with pytest.raises(KeyboardInterrupt):
         cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(12))
     write_image(dataset / "circles" / "added.png", "circles", seed=953)
@@ -419,6 +421,11 @@ def test_a_copy_of_salvaged_rows_cut_short_goes_on_and_leaves_nothing_behind(dat
     with pytest.raises(KeyboardInterrupt):
         cnncodes.extract(dataset, out, **FAST, batch_size=4)
     monkeypatch.undo()
+
+
+def test_a_copy_of_salvaged_rows_cut_short_goes_on_and_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "f"
+    cut_short_copy_of_salvaged_rows(dataset, out, monkeypatch)
     assert list((out / ".cache").glob("salvaged*"))  # what the cut copy had not taken yet
     again = cnncodes.extract(dataset, out, **FAST, batch_size=4)
     assert again.reused >= 12 and again.computed == 25 - again.reused
@@ -429,13 +436,7 @@ def test_a_copy_of_salvaged_rows_cut_short_goes_on_and_leaves_nothing_behind(dat
 
 def test_rows_set_aside_never_go_to_a_run_with_other_settings(dataset: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "f"
-    with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(12))
-    write_image(dataset / "circles" / "added.png", "circles", seed=954)
-    copy_killed_after(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **FAST, batch_size=4)
-    monkeypatch.undo()
+    cut_short_copy_of_salvaged_rows(dataset, out, monkeypatch)
     flipped = cnncodes.extract(dataset, out, **FAST, flip=True)  # the file ids match, the extractor does not
     assert flipped.computed == 25
     fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST, flip=True)

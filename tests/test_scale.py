@@ -25,6 +25,7 @@ from .conftest import make_dataset
 
 runner = CliRunner()
 FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
+FAST_ARGS = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -71,22 +72,7 @@ def read(path: Path) -> list[dict]:
 
 def test_extract_from_an_s3_prefix_equals_extract_from_the_same_files_on_disk(s3_data, tmp_path):
     uri, local = s3_data
-    result = runner.invoke(
-        app,
-        [
-            "extract",
-            uri,
-            "--out",
-            str(tmp_path / "s3"),
-            "--backbone",
-            "vgg16",
-            "--weights",
-            "none",
-            "--image-size",
-            "32",
-            "--quiet",
-        ],
-    )
+    result = runner.invoke(app, ["extract", uri, "--out", str(tmp_path / "s3"), *FAST_ARGS])
     assert result.exit_code == 0, result.output
     on_disk = cnncodes.extract(local, tmp_path / "disk", **FAST)
     np.testing.assert_allclose(
@@ -167,22 +153,7 @@ def test_malformed_uris_in_a_csv_are_rejected_rows(s3_data, tmp_path):
     listing.write_text(
         "path,label\n" + "".join(f"{p},{p.split('/')[-2]}\n" for p in [*bad, *(f"{uri}/{r}" for r in files)])
     )
-    result = runner.invoke(
-        app,
-        [
-            "extract",
-            str(listing),
-            "--out",
-            str(tmp_path / "f"),
-            "--backbone",
-            "vgg16",
-            "--weights",
-            "none",
-            "--image-size",
-            "32",
-            "--quiet",
-        ],
-    )
+    result = runner.invoke(app, ["extract", str(listing), "--out", str(tmp_path / "f"), *FAST_ARGS])
     assert result.exit_code == 0, result.output
     assert {r["path"]: r["category"] for r in read(tmp_path / "f" / "rejected.csv")} == dict.fromkeys(bad, "unreadable")
     assert len(load_features(tmp_path / "f").paths) == len(files)
