@@ -484,7 +484,12 @@ def finetune(
     ] = DEFAULT_BACKBONE,
     weights: WeightsOpt = "imagenet",
     image_size: Annotated[
-        int | None, typer.Option(min=1, help="Square input size (160 is a fast choice on a CPU).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Square input size (default: the backbone's, 64 for smallcnn; 160 is a fast choice on a CPU).",
+            show_default=False,
+        ),
     ] = None,
     resize: ResizeOpt = "crop",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per training step.")] = 32,
@@ -511,8 +516,7 @@ def finetune(
         typer.Option(
             "--cache-trunk",
             help="Compute the frozen layers' activations once (kept in OUT/.trunk) and train only the top "
-            "block "
-            "and head on them: several times faster per epoch, no augmentation.",
+            "block and head on them: several times faster per epoch, no augmentation.",
         ),
     ] = False,
     class_weight: ClassWeightOpt = None,
