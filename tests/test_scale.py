@@ -144,18 +144,19 @@ def test_keys_with_hash_or_question_marks_are_read_as_listed(s3_data, tmp_path):
     assert shouted.n_images == result.n_images
 
 
-def test_malformed_uris_in_a_csv_are_rejected_rows(s3_data, tmp_path):
+def test_malformed_or_missing_uris_in_a_csv_are_rejected_rows(s3_data, tmp_path):
     uri, local = s3_data
     files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.png") if p.name != "broken.png")
     bucket = uri.removeprefix("s3://").split("/")[0]
-    bad = [f"s3://{bucket}//data/{files[0]}", f"s3:///{files[0]}"]
+    bad = [f"s3://{bucket}//data/{files[0]}", f"s3:///{files[0]}", f"{uri}/squares/gone.png"]
     listing = tmp_path / "list.csv"
     listing.write_text(
         "path,label\n" + "".join(f"{p},{p.split('/')[-2]}\n" for p in [*bad, *(f"{uri}/{r}" for r in files)])
     )
     result = runner.invoke(app, ["extract", str(listing), "--out", str(tmp_path / "f"), *FAST_ARGS])
     assert result.exit_code == 0, result.output
-    assert {r["path"]: r["category"] for r in read(tmp_path / "f" / "rejected.csv")} == dict.fromkeys(bad, "unreadable")
+    rejected = {r["path"]: r["category"] for r in read(tmp_path / "f" / "rejected.csv")}
+    assert rejected == dict.fromkeys(bad[:2], "unreadable") | {bad[2]: "missing"}  # as a missing file on disk
     assert len(load_features(tmp_path / "f").paths) == len(files)
 
 

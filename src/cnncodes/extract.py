@@ -285,6 +285,8 @@ def check_file(path: Path | str) -> Check:
     try:
         with fetched(str(path)) as local:
             return check_image(local)
+    except BadImage as e:
+        return Check(str(e), None, e.category)
     except CnnCodesError as e:
         return Check(str(e), None, "unreadable")
 

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from .errors import CnnCodesError
-from .ingest import Dataset, is_uri, read_listing
+from .ingest import BadImage, Dataset, is_uri, read_listing
 
 
 class UriRoot(str):
@@ -101,20 +101,30 @@ def _listing(root: str) -> dict[str, Any]:
         return {}
 
 
+class MissingObject(CnnCodesError):
+    """No object at that address (a bucket that does not answer is another error)."""
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = _filesystem(uri)
     try:
         with fs.open_input_file(path) as f:
             return f.read()
+    except FileNotFoundError:
+        raise MissingObject(f"cannot read {uri}: no such object") from None
     except (OSError, ValueError) as e:
         raise CnnCodesError(f"cannot read {uri}: {e}") from None
 
 
 @contextmanager
 def fetched(uri: str) -> Iterator[Path]:
-    """The object at `uri` as a local temporary file, removed afterwards."""
+    """The object at `uri` as a local temporary file, removed afterwards; a missing one is a missing file."""
+    try:
+        data = read_bytes(uri)
+    except MissingObject:
+        raise BadImage("object not found", "missing") from None
     with tempfile.NamedTemporaryFile(suffix=Path(uri).suffix) as f:
-        f.write(read_bytes(uri))
+        f.write(data)
         f.flush()
         yield Path(f.name)
 
