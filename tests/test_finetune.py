@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -655,3 +656,19 @@ def test_cache_trunk_finds_the_images_of_a_split_made_from_a_csv_beside_the_fold
     record = finetune(data, tmp_path / "models", spec, split_from=tmp_path / "features", progress=False)
     split = (tmp_path / "features" / "split.csv").read_text().splitlines()
     assert record["n_test"] == sum(line.endswith(",test") for line in split) > 0
+
+
+def test_ctrl_c_before_the_first_epoch_says_to_run_the_command_again(tmp_path, monkeypatch):
+    finetune_module = importlib.import_module("cnncodes.finetune")
+    prepare = finetune_module._prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # while the trunk's activations are computed
+
+    data = make_dataset(tmp_path / "data", per_class=6)
+    args = ["finetune", str(data), "--out", str(tmp_path / "models"), *TINY_ARGS, "--cache-trunk", "--quiet"]
+    monkeypatch.setattr(finetune_module, "_prepare", interrupted)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130 and "no epoch had started; run the same command again" in result.output
+    monkeypatch.setattr(finetune_module, "_prepare", prepare)
+    assert runner.invoke(app, args).exit_code == 0  # as it says: no --resume needed

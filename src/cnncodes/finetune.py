@@ -329,7 +329,12 @@ def finetune(
     key = sha256_json(origin)
     with _running(out, run) as checkpoints:
         fresh = _fresh_checkpoints(checkpoints, key, resume, restart)
-        training = _prepare(spec, data, out, the_split, progress)  # checks the arguments a model needs
+        try:
+            training = _prepare(spec, data, out, the_split, progress)  # checks the arguments a model needs
+        except KeyboardInterrupt as e:  # before any epoch: say so, for the CLI's last line
+            if fresh:
+                e.add_note("no epoch had started; run the same command again (cached trunk activations are kept).")
+            raise
         if fresh:
             shutil.rmtree(checkpoints, ignore_errors=True)
             checkpoints.mkdir(parents=True)
