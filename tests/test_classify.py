@@ -134,6 +134,11 @@ def test_compare_reads_a_folder_given_twice_once_and_tells_copies_apart(fitted, 
     assert {r["run"].rsplit("/", 1)[0] for r in both} == {str(fitted["models"]), str(copy)}
     assert cli("compare", copy, "--output", tmp_path / "runs.csv").exit_code == 0  # a file without --format: CSV
     assert len(list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))) == 4
+    knn = "vgg16-block5_pool-knn"
+    for suffix in (".joblib", ".json"):  # a run copied beside itself under another name
+        shutil.copy(copy / f"{knn}{suffix}", copy / f"other{suffix}")
+    beside = {r["run"] for r in json.loads(cli("compare", copy, "--format", "json").stdout)}
+    assert len(beside) == 5 and {f"{copy}/{knn}", f"{copy}/other"} <= beside
 
 
 def test_compare_passes_over_damaged_records_with_a_warning_naming_each(fitted, tmp_path):

@@ -68,6 +68,7 @@ def test_a_run_made_with_other_settings_or_codes_is_refused_not_replaced(codes, 
     shutil.copytree(codes["features"], moved)
     shared = tmp_path / "shared"
     assert fit(moved, shared).exit_code == 0
+    assert fit(codes["features"], shared).exit_code == 0  # the same codes in another folder: the same run
     meta = json.loads((moved / "meta.json").read_text())  # the same folder, as if re-extracted with --resize pad
     meta["extractor"]["resize"] = "pad"
     (moved / "meta.json").write_text(json.dumps(meta))

@@ -619,8 +619,7 @@ def fit_svm(
     for _, subsets in splits:
         _check_training_classes(feats, subsets)
     out = Path(out)
-    origin = {
-        "features": str(feats.path.resolve()),
+    origin = {  # what the run is made of; not where the features folder is (moved, it holds the same codes)
         "extractor": feats.meta["extractor"],
         "split_fingerprint": feats.split_fingerprint,
         "normalize": normalize,

@@ -117,7 +117,8 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
     """Every run record in the folders (files that are not run records are passed over).
 
     A folder given twice is read once; runs of the same name in two folders are told apart
-    by their folder as given (`exp2/models/vgg16-block5_pool-knn`), as every table keys runs by name.
+    by their folder as given (`exp2/models/vgg16-block5_pool-knn`), as every table keys runs by name,
+    and copies of a run in one folder by their record's file name (`exp2/models/copy`).
     """
     as_given: dict[Path, Path] = {}
     for folder in map(Path, folders):
@@ -135,7 +136,10 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
             f"no run records in {', '.join(map(str, folders))}: fit models first with `cnncodes fit-svm`"
         )
     names = Counter(r["run"] for r in records)
-    return [r | {"run": f"{Path(r['record_path']).parent}/{r['run']}"} if names[r["run"]] > 1 else r for r in records]
+    labels = [f"{Path(r['record_path']).parent}/{r['run']}" if names[r["run"]] > 1 else r["run"] for r in records]
+    twice = Counter(labels)
+    labels = [str(Path(r["record_path"]).with_suffix("")) if twice[x] > 1 else x for r, x in zip(records, labels)]
+    return [r | {"run": label} for r, label in zip(records, labels)]
 
 
 # What `compare` reads of every record.
