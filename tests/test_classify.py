@@ -548,3 +548,40 @@ def test_ctrl_c_names_the_runs_already_saved(fitted, tmp_path, monkeypatch):
     assert f"Interrupted: vgg16-block5_pool-logreg saved in {out}; the others were not fitted." in " ".join(
         result.output.split()
     )
+
+
+def test_models_fitted_after_images_and_weights_moved_know_their_new_places(tmp_path):
+    import keras
+
+    from .test_extract import save_legacy_h5_weights
+
+    keras.utils.set_random_seed(9)
+    weights = save_legacy_h5_weights(
+        keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)), tmp_path / "w" / "my.h5"
+    )
+    data = make_dataset(tmp_path / "data", per_class=6)
+    cnncodes.extract(data, tmp_path / "f", **(FAST | dict(weights=str(weights))))
+    data, weights = data.rename(tmp_path / "images"), weights.rename(tmp_path / "my.h5")  # moved, not changed
+    again = cnncodes.extract(data, tmp_path / "f", **(FAST | dict(weights=str(weights))))
+    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
+    assert again.up_to_date and (meta["data"], meta["extractor"]["weights_file"]) == (str(data), str(weights))
+    assert cli("fit-svm", tmp_path / "f", "--out", tmp_path / "m", "--classifier", "knn", "--quiet").exit_code == 0
+    model, image = tmp_path / "m" / "vgg16-block5_pool-knn.joblib", next(data.glob("*/*.png"))
+    assert cli("predict", model, image, "--quiet").exit_code == 0  # finds the weights where they are now
+    weights = weights.rename(tmp_path / "elsewhere.h5")
+    lost = cli("predict", model, image, "--quiet")
+    assert lost.exit_code == 2 and "which is not there any more: give its new place with --weights PATH" in " ".join(
+        lost.stderr.split()
+    )
+    assert cli("predict", model, image, "--weights", weights, "--quiet").exit_code == 0
+
+
+def test_an_unwritable_onnx_cache_falls_back_to_keras_and_says_what_to_set(fitted, tmp_path, monkeypatch):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(not_a_folder))
+    model = fitted["models"] / "vgg16-block5_pool-logreg.joblib"
+    result = cli("predict", model, next(fitted["data"].glob("*/*.png")), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert f"the ONNX cache {not_a_folder} cannot be written" in " ".join(result.stderr.split())
+    assert "set CNNCODES_CACHE_DIR to a writable folder" in " ".join(result.stderr.split())

@@ -213,6 +213,11 @@ class ExtractorSpec:
         """The weights these codes were made with, found again (or at `override`) and checked by SHA-256."""
         if self.weights == "none":
             return Weights("none")
+        if not override and self.weights == "file" and not Path(self.weights_file or "").is_file():
+            raise CnnCodesError(
+                f"this model was made with the weights file {self.weights_file}, which is not there any more: "
+                f"give its new place with --weights PATH (its SHA-256: {self.weights_sha256})"
+            )
         choice = override or ("imagenet" if self.weights == "imagenet" else self.weights_file) or ""
         found = get_backbone(self.backbone).resolve_weights(choice, self.layer)
         if found.sha256 != self.weights_sha256:
@@ -602,6 +607,7 @@ def extract(
         subsets = the_plan.split
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, subsets.labels, subsets.subsets, settings])
         if _up_to_date(out, run_key, len(the_plan.usable)):
+            _moved(out, str(the_plan.usable.root), spec.weights_file)
             return _unchanged(out, the_plan.rejected, subsets.warnings, time.perf_counter() - started)
         job = CodeJob(spec, resolved, runtime, Files(the_plan.usable.root, the_plan.usable.paths), batch_size)
         done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
@@ -928,6 +934,18 @@ def _up_to_date(out: Path, run_key: str, n_usable: int) -> bool:
         )
     except (OSError, ValueError):
         return False
+
+
+def _moved(out: Path, data: str, weights_file: str | None) -> None:
+    """Keep `meta.json` saying where the images and weights file are when they moved and the codes did not change.
+
+    The codes' identity leaves both out (a moved folder keeps its files), but the models fitted on
+    them record both: `predict` finds the weights there, the HTML report the images.
+    """
+    meta = artifacts.read_json(out / META_FILE)
+    if meta["data"] != data or meta["extractor"].get("weights_file") != weights_file:
+        meta["data"], meta["extractor"]["weights_file"] = data, weights_file
+        artifacts.write_json_atomic(out / META_FILE, meta)
 
 
 def _unchanged(out: Path, rejected, warnings, seconds: float) -> ExtractResult:
