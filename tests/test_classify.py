@@ -585,3 +585,11 @@ def test_an_unwritable_onnx_cache_falls_back_to_keras_and_says_what_to_set(fitte
     assert result.exit_code == 0, result.output
     assert f"the ONNX cache {not_a_folder} cannot be written" in " ".join(result.stderr.split())
     assert "set CNNCODES_CACHE_DIR to a writable folder" in " ".join(result.stderr.split())
+
+
+def test_a_link_to_a_bundle_finds_the_record_beside_the_bundle(fitted, tmp_path):
+    link = tmp_path / "links" / "model.joblib"
+    link.parent.mkdir()
+    link.symlink_to(fitted["models"] / "vgg16-block5_pool-logreg.joblib")
+    result = cli("predict", link, next(fitted["data"].glob("*/*.png")), "--quiet")
+    assert result.exit_code == 0, result.output

@@ -38,7 +38,10 @@ def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
     The bytes are returned so the caller loads exactly what was hashed, not a file that
     could be swapped between the check and the load.
     """
-    record_path = sidecar(model_path)
+    # beside the name given, else beside the file it links to
+    record_path = next(
+        (p for p in (sidecar(model_path), sidecar(model_path.resolve())) if p.is_file()), sidecar(model_path)
+    )
     if not model_path.is_file():
         raise CnnCodesError(f"model {model_path} not found")
     data = model_path.read_bytes()
