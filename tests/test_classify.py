@@ -593,3 +593,19 @@ def test_a_link_to_a_bundle_finds_the_record_beside_the_bundle(fitted, tmp_path)
     link.symlink_to(fitted["models"] / "vgg16-block5_pool-logreg.joblib")
     result = cli("predict", link, next(fitted["data"].glob("*/*.png")), "--quiet")
     assert result.exit_code == 0, result.output
+
+
+def test_the_report_says_when_the_mistakes_images_are_gone(fitted, tmp_path):
+    moved = tmp_path / "models"
+    shutil.copytree(fitted["models"], moved)
+    for record_path in moved.glob("*.json"):  # as if the images had moved since the runs were fitted
+        record = json.loads(record_path.read_text())
+        record["dataset"]["data"] = str(tmp_path / "gone")
+        first = record["test_predictions"][0]  # and one mistake to show, in every run
+        first["predicted"] = next(c for c in record["classes"] if c != first["label"])
+        record_path.write_text(json.dumps(record))
+    report = cli("compare", moved, "--html", tmp_path / "r.html")
+    assert report.exit_code == 0 and f"cannot be read in {tmp_path / 'gone'} (moved?)" in " ".join(
+        report.stderr.split()
+    )
+    assert "data:image/jpeg;base64," not in (tmp_path / "r.html").read_text()

@@ -22,6 +22,7 @@ from rich.text import Text
 from .artifacts import csv_text
 from .errors import CnnCodesError
 from .evaluate import ECE_BINS, confidence_bins, mcnemar_p, paired_p
+from .progress import warn
 
 if TYPE_CHECKING:
     from .predict import Prediction
@@ -378,23 +379,31 @@ def _mistakes_html(best: dict[str, Any], limit: int) -> str:
     wrong.sort(key=lambda p: -p["probability"])
     if not wrong:
         return f"<h2>Most confident mistakes of {html.escape(best['run'])}</h2><p>None: every test image is right.</p>"
-    figures = []
+    figures, missing = [], 0
     for p in wrong[:limit]:
         caption = f"{p['path']}<br>true {p['label']}, predicted {p['predicted']} ({100 * p['probability']:.0f}%)"
+        thumbnail = _thumbnail(Path(best["dataset"]["data"]) / p["path"])
+        missing += thumbnail is None
         figures.append(
-            f"<figure>{_thumbnail(Path(best['dataset']['data']) / p['path'])}"
+            f"<figure>{thumbnail or '<div>(image not found)</div>'}"
             f"<figcaption>{html.escape(caption).replace('&lt;br&gt;', '<br>')}</figcaption></figure>"
+        )
+    if missing:
+        warn(
+            f"{missing} of the mistakes' images cannot be read in {best['dataset']['data']} (moved?): "
+            "the report names them without pictures"
         )
     return f"<h2>Most confident mistakes of {html.escape(best['run'])}</h2><div class='thumbs'>{''.join(figures)}</div>"
 
 
-def _thumbnail(path: Path) -> str:
+def _thumbnail(path: Path) -> str | None:
+    """The image as an inline JPEG of at most 150 px; None if it cannot be read."""
     from .ingest import BadImage, load_rgb
 
     try:
         im = load_rgb(path, draft_size=150)
     except (BadImage, OSError):
-        return "<div>(image not found)</div>"
+        return None
     im.thumbnail((150, 150))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=85)
