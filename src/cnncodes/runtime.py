@@ -230,10 +230,9 @@ def onnx_model(
     except CnnCodesError:  # the model cannot be built at all (a bad layer, weights that do not fit): no fallback
         raise
     except Exception as e:
-        if isinstance(e, OSError) and str(e.filename or "").startswith(str(cache_dir())):  # nothing can be recorded
-            return (
-                f"the ONNX cache {cache_dir()} cannot be written ({e.strerror}): set {CACHE_ENV} to a writable folder"
-            )
+        cache = cache_dir()
+        if isinstance(e, OSError) and Path(str(e.filename or "")).is_relative_to(cache):  # nothing can be recorded
+            return f"the ONNX cache {cache} cannot be written ({e.strerror}): set {CACHE_ENV} to a writable folder"
         reason = first_line(e)
         if not _transient(e):
             write_bytes_atomic(failed, reason.encode())
