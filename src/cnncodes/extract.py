@@ -607,8 +607,8 @@ def extract(
         subsets = the_plan.split
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, subsets.labels, subsets.subsets, settings])
         if _up_to_date(out, run_key, len(the_plan.usable)):
-            _moved(out, str(the_plan.usable.root), spec.weights_file)
-            return _unchanged(out, the_plan.rejected, subsets.warnings, time.perf_counter() - started)
+            meta = _moved(out, str(the_plan.usable.root), spec.weights_file)
+            return _unchanged(out, meta, the_plan.rejected, subsets.warnings, time.perf_counter() - started)
         job = CodeJob(spec, resolved, runtime, Files(the_plan.usable.root, the_plan.usable.paths), batch_size)
         done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
         stages = {
@@ -936,21 +936,22 @@ def _up_to_date(out: Path, run_key: str, n_usable: int) -> bool:
         return False
 
 
-def _moved(out: Path, data: str, weights_file: str | None) -> None:
+def _moved(out: Path, data: str, weights_file: str | None) -> dict[str, Any]:
     """Keep `meta.json` saying where the images and weights file are when they moved and the codes did not change.
 
     The codes' identity leaves both out (a moved folder keeps its files), but the models fitted on
-    them record both: `predict` finds the weights there, the HTML report the images.
+    them record both: `predict` finds the weights there, the HTML report the images. Returns
+    meta.json as it now is.
     """
     meta = artifacts.read_json(out / META_FILE)
     if meta["data"] != data or meta["extractor"].get("weights_file") != weights_file:
         meta["data"], meta["extractor"]["weights_file"] = data, weights_file
         artifacts.write_json_atomic(out / META_FILE, meta)
+    return meta
 
 
-def _unchanged(out: Path, rejected, warnings, seconds: float) -> ExtractResult:
-    """The result of a run that found its codes up to date: every row reused, none computed."""
-    meta = artifacts.read_json(out / META_FILE)
+def _unchanged(out: Path, meta: dict[str, Any], rejected, warnings, seconds: float) -> ExtractResult:
+    """The result of a run that found its codes up to date (`meta`, its meta.json): every row reused, none computed."""
     return ExtractResult.from_meta(
         out,
         meta,
