@@ -17,7 +17,7 @@ import cnncodes
 from cnncodes.cli import app
 from cnncodes.records import build_record, load_records, publish, sidecar
 
-from .conftest import make_dataset
+from .conftest import make_dataset, write_image
 
 runner = CliRunner()
 FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
@@ -74,6 +74,13 @@ def test_a_run_made_with_other_settings_or_codes_is_refused_not_replaced(codes, 
     (moved / "meta.json").write_text(json.dumps(meta))
     refused = fit(moved, shared)
     assert refused.exit_code == 2 and "extractor" in refused.stderr, refused.output
+    other = tmp_path / "other-data"  # the same file names, labels and split; one image's pixels differ
+    shutil.copytree(codes["data"], other)
+    image = sorted(other.rglob("*.png"))[0]
+    write_image(image, image.parent.name, seed=999, size=48)
+    cnncodes.extract(other, tmp_path / "other-features", **FAST)
+    refused = fit(tmp_path / "other-features", shared)
+    assert refused.exit_code == 2 and "codes_fingerprint" in refused.stderr, refused.output
     assert json.loads((out / "vgg16-block5_pool-knn.json").read_text())["model_sha256"] == record["model_sha256"]
 
 

@@ -620,6 +620,7 @@ def fit_svm(
         _check_training_classes(feats, subsets)
     out = Path(out)
     origin = {  # what the run is made of; not where the features folder is (moved, it holds the same codes)
+        "codes_fingerprint": feats.meta.get("run_key"),  # the images' identities, the extractor and the split
         "extractor": feats.meta["extractor"],
         "split_fingerprint": feats.split_fingerprint,
         "normalize": normalize,
