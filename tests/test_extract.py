@@ -439,6 +439,7 @@ def test_rows_set_aside_never_go_to_a_run_with_other_settings(dataset: Path, tmp
     cut_short_copy_of_salvaged_rows(dataset, out, monkeypatch)
     flipped = cnncodes.extract(dataset, out, **FAST, flip=True)  # the file ids match, the extractor does not
     assert flipped.computed == 25
+    assert not list((out / ".cache").glob("salvaged*"))  # dropped with the other settings' unfinished rows
     fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST, flip=True)
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"), rtol=1e-6)
 

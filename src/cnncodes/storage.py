@@ -192,6 +192,7 @@ def salvage(work_dir: Path, key: str, ids: np.ndarray, family: str) -> Salvaged 
     try:
         info = artifacts.read_object(work_dir / _ASIDE_INFO)
         if info.get("family") != family:  # rows of other settings: the file ids alone would match them
+            _discard_aside(work_dir)  # and this run's writer replaces the rest of those settings' rows
             return None
         old_ids = np.load(work_dir / _ASIDE_IDS)
         npy_layout(work_dir / _ASIDE)
