@@ -7,6 +7,7 @@ files on a local disk; a CSV of URIs works too.
 from __future__ import annotations
 
 import csv
+import json
 import socket
 import uuid
 from pathlib import Path
@@ -185,3 +186,21 @@ def test_a_missing_bucket_is_one_clear_error(s3_data, tmp_path):
     )
     assert result.exit_code == 2 and "s3://no-such-bucket-here/data" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_reports_mistakes_show_images_read_from_the_store(s3_data, tmp_path):
+    uri, local = s3_data
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.png") if p.name != "broken.png")
+    (tmp_path / "list.csv").write_text("path,label\n" + "".join(f"{uri}/{f},{f.split('/')[0]}\n" for f in files))
+    for data, name in ((uri, "prefix"), (tmp_path / "list.csv", "listed")):
+        cnncodes.extract(data, tmp_path / name, **FAST)
+        models = tmp_path / f"{name}-models"
+        cnncodes.fit_svm(tmp_path / name, models, classifiers="knn", cv=2, n_jobs=1, progress=False)
+        (record_path,) = models.glob("*.json")
+        record = json.loads(record_path.read_text())
+        first = record["test_predictions"][0]  # one mistake to show
+        first["predicted"] = next(c for c in record["classes"] if c != first["label"])
+        record_path.write_text(json.dumps(record))
+        report = runner.invoke(app, ["compare", str(models), "--html", str(tmp_path / f"{name}.html")])
+        assert report.exit_code == 0 and "cannot be read" not in report.stderr, report.output
+        assert "data:image/jpeg;base64," in (tmp_path / f"{name}.html").read_text()

@@ -35,7 +35,7 @@ from .choices import EngineName
 from .errors import CnnCodesError, check_types
 from .ingest import BadImage, Check, Dataset, check_image, check_resize, discover, is_uri, load_square
 from .progress import progress_bar, warn
-from .remote import UriRoot, discover_uri, fetched, file_ids
+from .remote import UriRoot, discover_uri, file_ids, local_file
 from .runtime import MirrorAveraged, Runner, cache_record, check_runtime, make_runner
 from .split import (
     DEFAULT_DUP_THRESHOLD,
@@ -273,27 +273,19 @@ def input_sizes(image_size: int | str | Sequence[int] | None, default: list[int]
 def decode(path: Path | str, size: int, resize: str = "crop") -> np.ndarray | BadImage:
     """The pixels a network sees for one file (a path or a URI), or why it cannot be used: never raises."""
     try:
-        if is_uri(path):
-            with fetched(str(path)) as local:
-                return load_square(local, size, resize)
-        return load_square(path, size, resize)
+        with local_file(path) as local:
+            return load_square(local, size, resize)
     except BadImage as e:
         return e
-    except CnnCodesError as e:  # an object store that does not answer
-        return BadImage(str(e), "unreadable")
 
 
 def check_file(path: Path | str) -> Check:
     """`check_image` of a path or a URI: usable or not, and the perceptual hash."""
-    if not is_uri(path):
-        return check_image(path)
     try:
-        with fetched(str(path)) as local:
+        with local_file(path) as local:
             return check_image(local)
     except BadImage as e:
         return Check(str(e), None, e.category)
-    except CnnCodesError as e:
-        return Check(str(e), None, "unreadable")
 
 
 def discover_data(data: Path | str) -> Dataset:

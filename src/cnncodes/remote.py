@@ -117,16 +117,30 @@ def read_bytes(uri: str) -> bytes:
 
 
 @contextmanager
-def fetched(uri: str) -> Iterator[Path]:
-    """The object at `uri` as a local temporary file, removed afterwards; a missing one is a missing file."""
+def local_file(path: Path | str) -> Iterator[Path]:
+    """A local path for a file or an object: an object is fetched into a temporary file, removed afterwards.
+
+    The store's failures are the file's: `BadImage`, "missing" for no such object and
+    "unreadable" for a store that does not answer, as for a file on disk.
+    """
+    if not is_uri(str(path)):
+        yield Path(path)
+        return
     try:
-        data = read_bytes(uri)
+        data = read_bytes(str(path))
     except MissingObject:
         raise BadImage("object not found", "missing") from None
-    with tempfile.NamedTemporaryFile(suffix=Path(uri).suffix) as f:
+    except CnnCodesError as e:
+        raise BadImage(str(e), "unreadable") from None
+    with tempfile.NamedTemporaryFile(suffix=Path(str(path)).suffix) as f:
         f.write(data)
         f.flush()
         yield Path(f.name)
+
+
+def joined(root: str, rel: str) -> Path | str:
+    """Where a file of a dataset is, from the root and relative path its records keep: a path or a URI."""
+    return UriRoot(root) / rel if is_uri(root) or is_uri(rel) else Path(root) / rel
 
 
 def _filesystem(uri: str):

@@ -375,6 +375,8 @@ def _data_uri(fig) -> str:
 
 
 def _mistakes_html(best: dict[str, Any], limit: int) -> str:
+    from .remote import joined
+
     wrong = [p for p in best.get("test_predictions", []) if p["predicted"] != p["label"]]
     wrong.sort(key=lambda p: -p["probability"])
     if not wrong:
@@ -382,7 +384,7 @@ def _mistakes_html(best: dict[str, Any], limit: int) -> str:
     figures, missing = [], 0
     for p in wrong[:limit]:
         caption = f"{p['path']}<br>true {p['label']}, predicted {p['predicted']} ({100 * p['probability']:.0f}%)"
-        thumbnail = _thumbnail(Path(best["dataset"]["data"]) / p["path"])
+        thumbnail = _thumbnail(joined(best["dataset"]["data"], p["path"]))
         missing += thumbnail is None
         figures.append(
             f"<figure>{thumbnail or '<div>(image not found)</div>'}"
@@ -396,12 +398,14 @@ def _mistakes_html(best: dict[str, Any], limit: int) -> str:
     return f"<h2>Most confident mistakes of {html.escape(best['run'])}</h2><div class='thumbs'>{''.join(figures)}</div>"
 
 
-def _thumbnail(path: Path) -> str | None:
-    """The image as an inline JPEG of at most 150 px; None if it cannot be read."""
+def _thumbnail(path: Path | str) -> str | None:
+    """The image (a file or an object) as an inline JPEG of at most 150 px; None if it cannot be read."""
     from .ingest import BadImage, load_rgb
+    from .remote import local_file
 
     try:
-        im = load_rgb(path, draft_size=150)
+        with local_file(path) as local:
+            im = load_rgb(local, draft_size=150)
     except (BadImage, OSError):
         return None
     im.thumbnail((150, 150))
