@@ -670,5 +670,8 @@ def test_ctrl_c_before_the_first_epoch_says_to_run_the_command_again(tmp_path, m
     monkeypatch.setattr(finetune_module, "_prepare", interrupted)
     result = runner.invoke(app, args)
     assert result.exit_code == 130 and "no epoch had started; run the same command again" in result.output
+    assert "cached trunk activations are kept" in " ".join(result.output.split())
+    plain = runner.invoke(app, [a for a in args if a != "--cache-trunk"])
+    assert plain.exit_code == 130 and "no epoch had started" in plain.output and "cached trunk" not in plain.output
     monkeypatch.setattr(finetune_module, "_prepare", prepare)
     assert runner.invoke(app, args).exit_code == 0  # as it says: no --resume needed

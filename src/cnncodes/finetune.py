@@ -333,7 +333,8 @@ def finetune(
             training = _prepare(spec, data, out, the_split, progress)  # checks the arguments a model needs
         except KeyboardInterrupt as e:  # before any epoch: say so, for the CLI's last line
             if fresh:
-                e.add_note("no epoch had started; run the same command again (cached trunk activations are kept).")
+                kept = " (cached trunk activations are kept)" if spec.cache_trunk else ""
+                e.add_note(f"no epoch had started; run the same command again{kept}.")
             raise
         if fresh:
             shutil.rmtree(checkpoints, ignore_errors=True)
