@@ -19,6 +19,9 @@ for _size in ("COLUMNS", "LINES"):
     os.environ.pop(_size, None)
 
 CLASSES = ("circles", "stripes", "squares")
+# The cheapest extractor that runs the whole pipeline: an untrained VGG16 on 32-px images.
+FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
+FAST_ARGS = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet"]
 
 
 def pattern(kind: str, seed: int, size: int = 48) -> np.ndarray:

@@ -17,10 +17,9 @@ from typer.testing import CliRunner
 import cnncodes
 from cnncodes.cli import app
 
-from .conftest import FLOWERS, make_dataset, needs_real_weights, write_image
+from .conftest import FAST, FLOWERS, make_dataset, needs_real_weights, write_image
 
 runner = CliRunner()
-FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
 
 
 def cli(*args):

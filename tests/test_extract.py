@@ -27,11 +27,9 @@ from cnncodes.features import load_features
 from cnncodes.runtime import KerasRunner, OnnxRunner
 from cnncodes.split import Split
 
-from .conftest import FLOWERS, needs_real_weights, pattern, write_image
+from .conftest import FAST, FAST_ARGS, FLOWERS, needs_real_weights, pattern, write_image
 
 runner = CliRunner()
-FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
-FAST_ARGS = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet"]
 
 
 def cli(*args: str):

@@ -23,12 +23,10 @@ from cnncodes.cli import app
 from cnncodes.extract import CodeJob, ExtractorSpec
 from cnncodes.ray_engine import RayEngine
 
-from .conftest import make_dataset
+from .conftest import FAST, FAST_ARGS, make_dataset
 from .test_scale import s3_data, s3_server  # noqa: F401 - fixtures
 
 runner = CliRunner()
-FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
-FAST_ARGS = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet"]
 
 
 @pytest.fixture(scope="session")

@@ -17,10 +17,9 @@ import cnncodes
 from cnncodes.cli import app
 from cnncodes.records import build_record, load_records, publish, sidecar
 
-from .conftest import make_dataset, write_image
+from .conftest import FAST, make_dataset, write_image
 
 runner = CliRunner()
-FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
 
 
 def cli(*args):

@@ -22,11 +22,9 @@ from cnncodes.cli import app
 from cnncodes.errors import CnnCodesError
 from cnncodes.features import load_features
 
-from .conftest import make_dataset
+from .conftest import FAST, FAST_ARGS, make_dataset
 
 runner = CliRunner()
-FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
-FAST_ARGS = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ from cnncodes.cli import app
 from cnncodes.errors import CnnCodesError
 from cnncodes.features import load_features
 
-from .conftest import make_dataset
+from .conftest import FAST, make_dataset
 
 runner = CliRunner()
-FAST = dict(backbone="vgg16", weights="none", image_size=32, progress=False)
 
 
 def cli(*args):

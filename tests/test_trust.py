@@ -23,10 +23,9 @@ from cnncodes.records import load_records
 from cnncodes.report import indistinguishable, rank, rich_table
 from cnncodes.split import assign_subsets
 
-from .conftest import make_dataset
+from .conftest import FAST, make_dataset
 
 runner = CliRunner()
-FAST = {"backbone": "vgg16", "weights": "none", "image_size": 32, "progress": False}
 
 
 def cli(*args):

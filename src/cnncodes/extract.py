@@ -808,7 +808,7 @@ def compute_codes(
 ) -> Computed:
     """Fill a FeatureWriter: resume, reuse rows of an earlier run, then let `engine` compute the rest."""
     ids = id_digests(file_ids)  # one pass over the ids: the writer's key and every match use their digests
-    writer, earlier = _seeded_writer(out, job, ids)
+    writer = _seeded_writer(out, job, ids)
     reused = int(writer.done.sum())
     failed: list[tuple[int, BadImage]] = []
     todo = writer.todo
@@ -829,11 +829,12 @@ def compute_codes(
             finally:
                 writer.sync()
                 writer.save_clock()
-    return Computed(writer, len(todo) - len(failed), reused, failed, time.perf_counter() - started, earlier, ids)
+    elapsed = time.perf_counter() - started
+    return Computed(writer, len(todo) - len(failed), reused, failed, elapsed, writer.seconds_before, ids)
 
 
-def _seeded_writer(out: Path, job: CodeJob, ids: np.ndarray) -> tuple[FeatureWriter, float]:
-    """The writer of these files' codes holding every row already made, and the seconds those rows took.
+def _seeded_writer(out: Path, job: CodeJob, ids: np.ndarray) -> FeatureWriter:
+    """The writer of these files' codes holding every row already made (`seconds_before`: the time they took).
 
     Rows come from an interrupted run of the same files (resumed), the last published features,
     and an interrupted run over other files (salvaged); each copy skips the rows already there.
@@ -849,7 +850,7 @@ def _seeded_writer(out: Path, job: CodeJob, ids: np.ndarray) -> tuple[FeatureWri
     if salvaged is not None:
         writer.copy_from(salvaged.path, salvaged.pairs, salvaged.seconds)
         salvaged.discard()
-    return writer, writer.seconds_before
+    return writer
 
 
 def id_digests(file_ids: Sequence[str]) -> np.ndarray:

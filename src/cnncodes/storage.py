@@ -68,7 +68,6 @@ class FeatureWriter:
             self._clock.unlink(missing_ok=True)
             artifacts.write_npy_atomic(self._ids, ids)
             artifacts.write_json_atomic(self._state, expected)
-        self.resumed = int(self.done.sum())
         self._offset = npy_layout(self._data)[1]
         self._fd = os.open(self._data, os.O_RDWR)
         self._unsynced: list[np.ndarray] = []
