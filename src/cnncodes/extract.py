@@ -598,8 +598,8 @@ def extract(
         settings = {"fractions": fractions, "seed": seed, "dup_threshold": dup_threshold}  # they decide groups.npy
         subsets = the_plan.split
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, subsets.labels, subsets.subsets, settings])
-        if _up_to_date(out, run_key, len(the_plan.usable)):
-            meta = _moved(out, str(the_plan.usable.root), spec.weights_file)
+        if (published := _up_to_date(out, run_key, len(the_plan.usable))) is not None:
+            meta = _moved(out, published, str(the_plan.usable.root), spec.weights_file)
             return _unchanged(out, meta, the_plan.rejected, subsets.warnings, time.perf_counter() - started)
         job = CodeJob(spec, resolved, runtime, Files(the_plan.usable.root, the_plan.usable.paths), batch_size)
         done = compute_codes(out, job, the_plan.file_ids, where, progress, on_batch)
@@ -915,28 +915,23 @@ def _finish_publishing(out: Path) -> None:
         os.replace(cache / f"{_ROWS}.new", cache / _ROWS)
 
 
-def _up_to_date(out: Path, run_key: str, n_usable: int) -> bool:
-    """Published for this key, with a code for every usable image: one that failed (a read error) is tried again."""
+def _up_to_date(out: Path, run_key: str, n_usable: int) -> dict[str, Any] | None:
+    """meta.json if published for this key with a code for every usable image (one that failed is tried again)."""
     try:
         meta = artifacts.read_object(out / META_FILE)
-        return (
-            meta.get("run_key") == run_key
-            and meta.get("n_images") == n_usable
-            and (out / CODES_FILE).is_file()
-            and (out / LABELS_FILE).is_file()
-        )
     except (OSError, ValueError):
-        return False
+        return None
+    complete = meta.get("n_images") == n_usable and (out / CODES_FILE).is_file() and (out / LABELS_FILE).is_file()
+    return meta if meta.get("run_key") == run_key and complete else None
 
 
-def _moved(out: Path, data: str, weights_file: str | None) -> dict[str, Any]:
+def _moved(out: Path, meta: dict[str, Any], data: str, weights_file: str | None) -> dict[str, Any]:
     """Keep `meta.json` saying where the images and weights file are when they moved and the codes did not change.
 
     The codes' identity leaves both out (a moved folder keeps its files), but the models fitted on
     them record both: `predict` finds the weights there, the HTML report the images. Returns
-    meta.json as it now is.
+    meta.json (`meta`, as read) as it now is.
     """
-    meta = artifacts.read_json(out / META_FILE)
     if meta["data"] != data or meta["extractor"].get("weights_file") != weights_file:
         meta["data"], meta["extractor"]["weights_file"] = data, weights_file
         artifacts.write_json_atomic(out / META_FILE, meta)
