@@ -224,12 +224,19 @@ def test_a_bundle_of_averaged_codes_predicts_its_recorded_test_probabilities(fit
     )
     assert result.exit_code == 0, result.output
     model = tmp_path / "models" / "vgg16-block5_pool-logreg.joblib"
-    recorded = json.loads(model.with_suffix(".json").read_text())["test_predictions"]
+    record = json.loads(model.with_suffix(".json").read_text())
+    assert record["params"]["views"] == (2 if "32,48" in views else 1)  # trained on the code at each size
+    recorded = record["test_predictions"]
     result = cli("predict", model, *[fitted["data"] / p["path"] for p in recorded], "--format", "json", "--quiet")
     assert result.exit_code == 0, result.output
     answers = json.loads(result.stdout)
     assert [a["label"] for a in answers] == [p["predicted"] for p in recorded]
     np.testing.assert_allclose([a["probability"] for a in answers], [p["probability"] for p in recorded], atol=1e-4)
+    if "32,48" in views:  # more training codes than fit in memory with every view: the codes alone
+        many = cnncodes.fit_svm(
+            tmp_path / "features", tmp_path / "many", classifiers="logreg", cv=3, max_exact=10, progress=False
+        )
+        assert many[0]["params"]["views"] == 1
 
 
 def test_predict_takes_files_folders_and_globs_and_reports_bad_files(fitted, tmp_path):
@@ -608,3 +615,39 @@ def test_the_report_says_when_the_mistakes_images_are_gone(fitted, tmp_path):
         report.stderr.split()
     )
     assert "data:image/jpeg;base64," not in (tmp_path / "r.html").read_text()
+
+
+@pytest.mark.parametrize("kind", ["linear-svm", "logreg"])
+def test_training_on_views_teaches_what_the_class_does_not_depend_on(kind):
+    from cnncodes.classifiers import CodesClassifier
+
+    # x tells the classes apart; y happens to as well in the training codes, but each image's views
+    # (its code at other scales, say) spread far along y: a model of the views learns to ignore y
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 15)
+    sign = np.where(y == 1, 1.0, -1.0)
+    X = np.stack([0.3 * sign, sign], axis=1) + rng.normal(scale=0.03, size=(30, 2))
+    views = X[:, None, :] + np.array([[0.0, -10.0], [0.0, 10.0]])
+    later = np.array([[-0.3, 1.5], [0.3, -1.5]])  # y the other way round
+    codes_only = CodesClassifier(kind, normalize="standard", cv=3, n_jobs=1).fit(X, y)
+    on_views = CodesClassifier(kind, normalize="standard", cv=3, n_jobs=1).fit(X, y, views=views)
+    assert (codes_only.n_views_, on_views.n_views_) == (1, 2)
+    assert list(codes_only.predict(later)) == [1, 0]
+    assert list(on_views.predict(later)) == [0, 1]
+    assert on_views.cv_score_ == 1.0  # scored on the held-out images' codes, not on their views
+
+
+@pytest.mark.parametrize("kind", ["linear-svm", "rbf-svm", "knn"])
+def test_views_equal_to_the_codes_fit_the_model_the_codes_alone_fit(kind):
+    from cnncodes.classifiers import CodesClassifier
+
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1, 2], 12)
+    X = (rng.normal(size=(36, 8)) + 1.2 * rng.normal(size=(3, 8))[y]).astype(np.float32)
+    alone = CodesClassifier(kind, cv=3, n_jobs=1).fit(X, y)
+    repeated = CodesClassifier(kind, cv=3, n_jobs=1).fit(X, y, views=np.repeat(X[:, None], 3, axis=1))
+    per_image = {k: v * 3 if k == "C" else v for k, v in repeated.best_params_.items()}  # C is per view
+    assert per_image == pytest.approx(alone.best_params_) and repeated.cv_score_ == pytest.approx(alone.cv_score_)
+    np.testing.assert_array_equal(repeated.predict(X), alone.predict(X))
+    with pytest.raises(ValueError, match=r"views must be \(rows, views, 8\)"):
+        CodesClassifier(kind, cv=3, n_jobs=1).fit(X, y, views=X[:, None, :4])

@@ -85,6 +85,7 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
         "weights_file": None,
         "flip": False,
         "scales": None,
+        "views": None,
         "precision": "fp32",
         "calibration": None,
         "quantization": None,
@@ -130,18 +131,25 @@ def test_flip_codes_are_the_mean_of_the_image_and_its_mirror_image(dataset: Path
     assert np.abs(codes - plain).max() > 0.05 * np.abs(plain).max()
 
 
-def test_codes_at_several_sizes_are_the_mean_of_the_codes_at_each_size(dataset: Path, tmp_path: Path):
+def test_codes_at_several_sizes_are_the_mean_of_the_codes_at_each_size_which_are_kept(dataset: Path, tmp_path: Path):
     both = load_features(cnncodes.extract(dataset, tmp_path / "both", **(FAST | dict(image_size=[48, 32]))).out)
-    assert (both.spec.image_size, both.spec.scales) == (48, [32, 48])
-    assert isinstance(both.spec.runner(both.spec.find_weights()), OnnxRunner)  # exported exactly, no Keras fallback
+    assert (both.spec.image_size, both.spec.scales, both.spec.views) == (48, [32, 48], 2)
+    runner = both.spec.runner(both.spec.find_weights())
+    assert isinstance(runner.runner, OnnxRunner)  # exported exactly, no Keras fallback
     one = {
         n: load_features(cnncodes.extract(dataset, tmp_path / str(n), **(FAST | dict(image_size=n))).out).X
         for n in (32, 48)
     }
     scale = np.abs(one[48]).max()
     # decoded once at 48 px and shrunk inside the network: the 32-px view is a direct 32-px decode's, nearly
-    assert np.abs(2 * both.X - one[48] - one[32]).max() <= 0.01 * scale
+    assert both.views is not None and both.views.shape == (len(both.X), 2, both.X.shape[1])
+    for view, size in enumerate((32, 48)):
+        assert np.abs(both.views[:, view] - one[size]).max() <= 0.01 * scale
+    assert np.array_equal(both.X, both.views.mean(axis=1))
     assert np.abs(one[48] - one[32]).max() > 0.1 * scale
+    # what predict and serve compute for an image is the mean stored for it
+    _, pixels = direct_forward_pass(dataset, both.path)
+    assert np.abs(runner(pixels) - both.X).max() <= 1e-5 * scale
 
 
 def test_flip_codes_stay_the_same_when_every_image_is_mirrored(dataset: Path, tmp_path: Path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from itertools import product
 from math import isqrt
@@ -137,8 +138,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
     images of one duplicate group in one fold. After `fit`, `best_params_` holds the chosen
     values (with `normalize`), `cv_score_` their cross-validated score, `temperature_`
     the calibration of the probabilities, `grid_edges_` the parameters chosen at an end of
-    their grid (a hint that the grid is too narrow for these codes), and `n_folds_` and
-    `n_components_` the folds and PCA components used: small data allows fewer than asked for.
+    their grid (a hint that the grid is too narrow for these codes), `n_folds_` and
+    `n_components_` the folds and PCA components used (small data allows fewer than asked
+    for), and `n_views_` the views of each code it was trained on (see `fit`).
     """
 
     def __init__(
@@ -161,21 +163,32 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def fit(self, X, y, groups=None):
+    def fit(self, X, y, groups=None, views=None):
+        """Choose and fit on codes `X`; with `views` (rows, views, features), whose mean per row is X, on every view.
+
+        Training on each view of an image (e.g. its code at each scale) teaches the model what
+        does not change its class; the search scores each candidate on the held-out images'
+        codes X, as the model will be used, and folds keep an image's views together. `sgd`
+        streams X alone.
+        """
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         self._check_settings(codes)
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+        self.n_views_ = 1
         if self.kind == "sgd":
             return self._fit_streaming(X, np.arange(len(X)), codes, groups)
         smallest = int(np.bincount(codes).min())
         folds = self._folds(X, codes, groups, smallest, self.cv)
         calibration = self._folds(X, codes, groups, smallest, 3)
+        every = np.arange(len(X))
+        if views is not None:
+            X, codes, every, (folds, calibration) = self._on_views(X, codes, views, (folds, calibration))
         fold = min(len(train) for train, _ in folds + calibration)
         estimator, grid = _estimator(self.kind, self._code_weights())
         pipeline = Pipeline([("normalize", StandardScaler()), ("pca", "passthrough"), ("model", estimator)])
-        grids = self._grids(grid, X, fold)
+        grids = self._grids(grid, X[every], fold)
         search = GridSearchCV(
             pipeline,
             grids,
@@ -190,13 +203,30 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             warnings.simplefilter("ignore", ConvergenceWarning)
             search.fit(X, codes)
             chosen = search.best_params_
-            self.model_ = clone(pipeline).set_params(**chosen).fit(X, codes)
+            self.model_ = clone(pipeline).set_params(**chosen).fit(X[every], codes[every])
             scores, rows = _out_of_fold_scores(self.model_, X, codes, calibration)
             self.temperature_ = _fit_temperature(partial(_probabilities, self.model_, scores), codes[rows])
         self._record_choice(search, grids)
         self.n_folds_ = len(folds)
         self.n_components_ = self.model_.named_steps["pca"].n_components_ if self.pca else None
         return self
+
+    def _on_views(self, X, codes, views, folds_lists):
+        """The codes followed by every view, their classes, the views' rows, and folds that train on views.
+
+        Each fold trains on the views of its training images and scores their codes X.
+        """
+        views = np.asarray(views, dtype=np.float32)
+        if views.ndim != 3 or views.shape[0] != len(X) or views.shape[2] != X.shape[1]:
+            raise ValueError(f"views must be (rows, views, {X.shape[1]}) for {len(X)} rows, got {views.shape}")
+        n, self.n_views_ = views.shape[:2]
+
+        def seen(rows: np.ndarray) -> np.ndarray:
+            return n + (rows[:, None] * self.n_views_ + np.arange(self.n_views_)).ravel()
+
+        stacked = np.vstack([X, views.reshape(n * self.n_views_, -1)])
+        moved = [[(seen(train), held) for train, held in folds] for folds in folds_lists]
+        return stacked, np.concatenate([codes, np.repeat(codes, self.n_views_)]), seen(np.arange(n)), moved
 
     def _record_choice(self, search: GridSearchCV, grids: list[dict[str, list]]) -> None:
         """`best_params_` by name (the normalisation's, not its object), the CV score, and choices on a grid's edge."""
@@ -215,15 +245,16 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             if len(values) > 2 and chosen[k] in (min(values), max(values))
         ]
 
-    def fit_rows(self, X, y, rows: np.ndarray, groups=None) -> CodesClassifier:
+    def fit_rows(self, X, y, rows: np.ndarray, groups=None, views=None) -> CodesClassifier:
         """Fit on `X[rows]`; `sgd` reads them a chunk at a time, so X may be memory-mapped codes larger than memory.
 
-        The other kinds need their codes in memory and fit on the copy `X[rows]`.
+        The other kinds need their codes in memory and fit on the copy `X[rows]` (and `views[rows]`).
         """
         rows = np.sort(np.asarray(rows))
         groups = np.arange(len(rows)) if groups is None else np.asarray(groups)[rows]
         if self.kind != "sgd":
-            return self.fit(X[rows], np.asarray(y)[rows], groups=groups)
+            return self.fit(X[rows], np.asarray(y)[rows], groups=groups, views=None if views is None else views[rows])
+        self.n_views_ = 1
         self.n_features_in_ = X.shape[1]
         self.classes_, codes = np.unique(np.asarray(y)[rows], return_inverse=True)
         self._check_settings(codes)
@@ -310,7 +341,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         The grids suit standardised codes, whose total variance is their length. Scaling codes
         by s is the same problem as scaling a linear model's C by 1/s² (the intercept takes the
         mean), and `gamma` is relative to 1/(total variance), scikit-learn's "scale": so
-        `--normalize l2` or `none`, and PCA, search the same effective range.
+        `--normalize l2` or `none`, and PCA, search the same effective range. Trained on several
+        views of each image, a model's C is divided by their number: the loss is the same sum
+        over images.
         """
         grids = []
         for name in self._normalizations():
@@ -327,6 +360,8 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
                     moved["gamma"] = [g / spread for g in grid["gamma"]]
                 if self.kind in _LINEAR:
                     moved["C"] = [c * seen.shape[1] / spread for c in grid["C"]]
+            if "C" in moved:  # an image's views share its one vote: the loss of each counts 1/views
+                moved["C"] = [c / self.n_views_ for c in moved["C"]]
             if "n_neighbors" in grid:  # k-NN needs at least k training codes in every fold
                 moved["n_neighbors"] = [k for k in grid["n_neighbors"] if k <= fold] or [1]
             grids.append({**{step: [obj] for step, obj in steps}, **{f"model__{k}": v for k, v in moved.items()}})
@@ -490,7 +525,8 @@ def _out_of_fold_scores(model: Pipeline, X: np.ndarray, codes: np.ndarray, folds
     """
     n_classes = len(np.unique(codes))
     kept = np.zeros(len(X), dtype=bool)
-    kept[np.random.default_rng(0).permutation(len(X))[:_CALIBRATION_ROWS]] = True
+    held = np.unique(np.concatenate([test for _, test in folds]))
+    kept[np.random.default_rng(0).permutation(held)[:_CALIBRATION_ROWS]] = True
     parts = []
     for train, test in folds:
         if len(test := test[kept[test]]):
@@ -608,7 +644,10 @@ def fit_svm(
         max_exact: training codes above which `all` fits logreg and sgd only (a kind named anyway warns).
     """
     feats = load_features(features)
-    kinds = choose_kinds(classifiers, int((feats.subsets != "test").sum()), max_exact, pca)
+    n_fit = int((feats.subsets != "test").sum())
+    kinds = choose_kinds(classifiers, n_fit, max_exact, pca)
+    if n_fit > max_exact:  # each view of every code in memory, times the views: fit on the codes alone
+        feats = replace(feats, views=None)
     if normalize not in NORMALIZERS:
         raise CnnCodesError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
     if repeats < 1:
@@ -686,7 +725,7 @@ def _fit_split(feats: Features, subsets: np.ndarray, make) -> tuple[CodesClassif
     model = make(subsets[fit_rows])
     started = time.perf_counter()
     try:
-        model.fit_rows(feats.X, feats.y, np.flatnonzero(fit_rows), groups=feats.groups)
+        model.fit_rows(feats.X, feats.y, np.flatnonzero(fit_rows), groups=feats.groups, views=feats.views)
     except ValueError as e:
         raise CnnCodesError(str(e)) from None
     seconds = time.perf_counter() - started
@@ -716,6 +755,7 @@ def _fit_one(
         params={
             **model.best_params_,
             "pca": model.n_components_,
+            "views": model.n_views_,
             "class_weight": model.class_weight,
             "cv": model.n_folds_ if isinstance(model.cv, int) else "val",
             "temperature": round(model.temperature_, 4),

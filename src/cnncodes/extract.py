@@ -36,7 +36,7 @@ from .errors import CnnCodesError, check_types
 from .ingest import BadImage, Check, Dataset, check_image, check_resize, discover, is_uri, load_square
 from .progress import progress_bar, warn
 from .remote import UriRoot, discover_uri, file_ids, local_file
-from .runtime import MirrorAveraged, Runner, cache_record, check_runtime, make_runner
+from .runtime import MeanOfViews, MirrorAveraged, Runner, cache_record, check_runtime, make_runner
 from .split import (
     DEFAULT_DUP_THRESHOLD,
     DEFAULT_FRACTIONS,
@@ -85,6 +85,8 @@ class ExtractorSpec:
     flip: bool = False
     # Several input sizes whose codes are averaged (the image is decoded at `image_size`, the largest); None: one.
     scales: list[int] | None = None
+    # The codes stored per image, one per scale (their mean is the image's code); None: the mean alone.
+    views: int | None = None
     # fp32, or int8: a quantized copy of the ONNX model, calibrated on train images only.
     precision: str = "fp32"
     # int8 only: {"n"} as asked, then the images chosen ("images", "holdout") and their "fingerprint".
@@ -139,6 +141,7 @@ class ExtractorSpec:
             weights_file=str(resolved.path) if resolved.path else None,
             flip=flip,
             scales=sizes if len(sizes) > 1 else None,
+            views=len(sizes) if len(sizes) > 1 else None,
             precision=precision,
             calibration={"n": calibration} if precision == "int8" else None,
         )
@@ -175,6 +178,8 @@ class ExtractorSpec:
         identity = {k: v for k, v in self.to_dict().items() if k not in ignored} | {"format": EXTRACTOR_FORMAT}
         if self.scales is None:  # one size: the key it had before scales existed
             del identity["scales"]
+        if self.views is None:  # the mean alone: the key it had before views were stored
+            del identity["views"]
         if self.weights == "none":
             identity["keras"] = artifacts.package_versions().get("keras")
         return artifacts.sha256_json(identity)
@@ -232,14 +237,19 @@ class ExtractorSpec:
         from .models import build_extractor
 
         entry = get_backbone(self.backbone)
-        return build_extractor(entry, self.image_size, self.layer, self.pooling, weights, self.scales or ())
+        return build_extractor(
+            entry, self.image_size, self.layer, self.pooling, weights, self.scales or (), bool(self.views)
+        )
 
-    def runner(self, weights: Weights, runtime: str = "onnx", threads: int | None = None) -> Runner:
+    def runner(
+        self, weights: Weights, runtime: str = "onnx", threads: int | None = None, per_view: bool = False
+    ) -> Runner:
         """The extractor on `runtime`, at its precision; with a cached ONNX model, TensorFlow is never loaded.
 
         On a cache miss the network is converted in a child process (and quantized for int8), so
         calling this ahead of time, e.g. in a container build, prepares the cache. `threads`
-        caps ONNX Runtime's operator threads (a server process, a Ray actor).
+        caps ONNX Runtime's operator threads (a server process, a Ray actor). Its codes are the
+        images' codes, or with `per_view` every view's code side by side, as `extract` stores them.
         """
         quantize.check_precision(self.precision, runtime)
         build = partial(self.build, weights)  # picklable: the conversion runs in a child process
@@ -249,7 +259,8 @@ class ExtractorSpec:
             found = make_runner(
                 build, self.network_key, runtime, notice=warn, pin=self.probe, label=self.backbone, threads=threads
             )
-        return MirrorAveraged(found) if self.flip else found
+        found = MirrorAveraged(found) if self.flip else found
+        return MeanOfViews(found, self.views) if self.views and not per_view else found
 
     def prepare(self, weights: Weights | None = None) -> None:
         """Convert (and for int8 quantize) this extractor into the cache ahead of time, e.g. in a container build."""
@@ -427,7 +438,7 @@ class CodeJob:
     @cached_property
     def runner(self) -> Runner:
         """Built on first use only: a run that reuses every row never loads a network."""
-        return self.spec.runner(self.weights, self.runtime)
+        return self.spec.runner(self.weights, self.runtime, per_view=True)
 
 
 class Engine(Protocol):
@@ -1016,7 +1027,7 @@ def publish(
         runtime,
         engine,
         run_key,
-        done.writer.dim,
+        done.writer.dim // (spec.views or 1),
         split_args,
         done.earlier_seconds + time.perf_counter() - started,
         rate,

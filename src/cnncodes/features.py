@@ -38,6 +38,8 @@ class Features:
     groups: np.ndarray  # duplicate-group id per row: copies share one, so folds and re-splits keep them together
     # Computed from the rows themselves when loaded, not read from meta.json, so a record says what was really used.
     split_fingerprint: str
+    # (rows, views, dim), memory-mapped: the code of each scale the extractor saw, whose mean is X. None: X alone.
+    views: np.ndarray | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -83,9 +85,10 @@ def load_features(path: Path | str) -> Features:
         )
     paths, labels, subsets, fingerprint = _rows(path, meta)
     n, classes = meta["n_images"], meta["classes"]
+    n_views = meta["extractor"].get("views") or 1
     consistent = (
         X.ndim == 2
-        and X.shape == (n, meta["dim"])
+        and X.shape == (n, n_views * meta["dim"])
         and y.shape == (n,)
         and np.issubdtype(y.dtype, np.integer)
         and len(paths) == n
@@ -101,8 +104,17 @@ def load_features(path: Path | str) -> Features:
         )
     if fingerprint is None:  # the split's fingerprint sorts every row: made once, where the rows are read
         fingerprint = Split(paths, [classes[i] for i in y.tolist()], list(subsets)).fingerprint
-    X = np.asarray(X, dtype=np.float32)
-    return Features(path, X, y, np.array(subsets), paths, meta, _groups(path, n), fingerprint)
+    views = X.reshape(n, n_views, meta["dim"]) if n_views > 1 else None
+    X = np.asarray(X, dtype=np.float32) if views is None else _mean_of_views(views)
+    return Features(path, X, y, np.array(subsets), paths, meta, _groups(path, n), fingerprint, views)
+
+
+def _mean_of_views(views: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """The images' codes, read a chunk of rows at a time: the views of a million images need not fit in memory."""
+    codes = np.empty(views.shape[::2], dtype=np.float32)
+    for start in range(0, len(views), chunk):
+        codes[start : start + chunk] = views[start : start + chunk].mean(axis=1)
+    return codes
 
 
 def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None, list[str], str | None]:

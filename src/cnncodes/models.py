@@ -19,13 +19,21 @@ if TYPE_CHECKING:
 
 
 def build_extractor(
-    entry: Backbone, size: int, layer: str, pooling: str, weights: Weights, scales: Sequence[int] = ()
+    entry: Backbone,
+    size: int,
+    layer: str,
+    pooling: str,
+    weights: Weights,
+    scales: Sequence[int] = (),
+    views: bool = False,
 ) -> keras.Model:
     """uint8 RGB pixels in, one CNN code per image out: preprocessing, network cut at `layer`, pooling.
 
     With `scales`, the code is the mean of the codes of the `size`-px image resized to each
     scale: one network whose weights every scale shares, so the whole thing is still one
-    model to convert, quantize, cache and ship.
+    model to convert, quantize, cache and ship. With `views` too, the model gives every
+    scale's code side by side instead (`runtime.MeanOfViews` averages them): training on
+    each view teaches a classifier that scale is not a feature.
     """
     import keras
 
@@ -36,7 +44,9 @@ def build_extractor(
     if not scales:
         return keras.Model(pixels, pool(trunk(preprocessed)), name=f"{entry.name}_codes")
     codes = [pool(trunk(_resized(preprocessed, scale, size))) for scale in scales]
-    return keras.Model(pixels, keras.layers.Average(name="mean_over_scales")(codes), name=f"{entry.name}_codes")
+    layers = keras.layers
+    joined = layers.Concatenate(name="codes_per_scale") if views else layers.Average(name="mean_over_scales")
+    return keras.Model(pixels, joined(codes), name=f"{entry.name}_codes")
 
 
 def build_classifier(

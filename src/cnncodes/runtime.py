@@ -116,6 +116,21 @@ class MirrorAveraged:
         return (self.runner(pixels) + self.runner(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
 
 
+class MeanOfViews:
+    """A runner whose code is the mean of the `views` codes an extractor gives side by side (one per scale).
+
+    `extract` stores every view, for training; an image to classify needs only their mean.
+    """
+
+    def __init__(self, runner: Runner, views: int):
+        self.runner, self.views = runner, views
+        self.dim = runner.dim // views
+        self.input_shape = runner.input_shape
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self.runner(pixels).reshape(len(pixels), self.views, self.dim).mean(axis=1)
+
+
 def probe_batch(input_shape: Sequence[int]) -> np.ndarray:
     """The fixed batch every model is checked on: two images of seeded noise."""
     return np.random.default_rng(0).integers(0, 256, size=(2, *input_shape), dtype=np.uint8)
