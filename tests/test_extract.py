@@ -131,7 +131,9 @@ def test_flip_codes_are_the_mean_of_the_image_and_its_mirror_image(dataset: Path
     assert np.abs(codes - plain).max() > 0.05 * np.abs(plain).max()
 
 
-def test_codes_at_several_sizes_are_the_mean_of_the_codes_at_each_size_which_are_kept(dataset: Path, tmp_path: Path):
+def test_codes_at_several_sizes_are_the_mean_of_the_codes_at_each_size_which_are_kept(
+    dataset: Path, tmp_path: Path, monkeypatch
+):
     both = load_features(cnncodes.extract(dataset, tmp_path / "both", **(FAST | dict(image_size=[48, 32]))).out)
     assert (both.spec.image_size, both.spec.scales, both.spec.views) == (48, [32, 48], 2)
     runner = both.spec.runner(both.spec.find_weights())
@@ -146,6 +148,9 @@ def test_codes_at_several_sizes_are_the_mean_of_the_codes_at_each_size_which_are
     for view, size in enumerate((32, 48)):
         assert np.abs(both.views[:, view] - one[size]).max() <= 0.01 * scale
     assert np.array_equal(both.X, both.views.mean(axis=1))
+    monkeypatch.setattr("cnncodes.features._IN_MEMORY_BYTES", 64)  # as for a million images: mapped, not in memory
+    mapped = load_features(both.path).X
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, both.X)
     assert np.abs(one[48] - one[32]).max() > 0.1 * scale
     # what predict and serve compute for an image is the mean stored for it
     _, pixels = direct_forward_pass(dataset, both.path)

@@ -182,7 +182,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         smallest = int(np.bincount(codes).min())
         folds = self._folds(X, codes, groups, smallest, self.cv)
         calibration = self._folds(X, codes, groups, smallest, 3)
-        every = np.arange(len(X))
+        every = slice(None)  # the rows the model is fitted on: a slice, so X[every] copies nothing
         if views is not None:
             X, codes, every, (folds, calibration) = self._on_views(X, codes, views, (folds, calibration))
         fold = min(len(train) for train, _ in folds + calibration)
@@ -226,7 +226,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
 
         stacked = np.vstack([X, views.reshape(n * self.n_views_, -1)])
         moved = [[(seen(train), held) for train, held in folds] for folds in folds_lists]
-        return stacked, np.concatenate([codes, np.repeat(codes, self.n_views_)]), seen(np.arange(n)), moved
+        return stacked, np.concatenate([codes, np.repeat(codes, self.n_views_)]), slice(n, None), moved
 
     def _record_choice(self, search: GridSearchCV, grids: list[dict[str, list]]) -> None:
         """`best_params_` by name (the normalisation's, not its object), the CV score, and choices on a grid's edge."""
@@ -641,13 +641,14 @@ def fit_svm(
         name: prefix of the run names.
         progress: a rich progress bar.
         repeats: splits to score on (see above).
-        max_exact: training codes above which `all` fits logreg and sgd only (a kind named anyway warns).
+        max_exact: training codes above which `all` fits logreg and sgd only (a kind named anyway warns),
+            and training rows (images times views) above which models train on the codes, not every view.
     """
     feats = load_features(features)
     n_fit = int((feats.subsets != "test").sum())
     kinds = choose_kinds(classifiers, n_fit, max_exact, pca)
-    if n_fit > max_exact:  # each view of every code in memory, times the views: fit on the codes alone
-        feats = replace(feats, views=None)
+    if feats.views is not None and n_fit * feats.views.shape[1] > max_exact:
+        feats = replace(feats, views=None)  # as many rows as `all` leaves the quadratic kinds out for: the codes
     if normalize not in NORMALIZERS:
         raise CnnCodesError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
     if repeats < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,22 @@ def load_features(path: Path | str) -> Features:
     return Features(path, X, y, np.array(subsets), paths, meta, _groups(path, n), fingerprint, views)
 
 
+# Codes larger than this are averaged into a memory-mapped temporary file, not memory.
+_IN_MEMORY_BYTES = 1 << 30
+
+
 def _mean_of_views(views: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """The images' codes, read a chunk of rows at a time: the views of a million images need not fit in memory."""
-    codes = np.empty(views.shape[::2], dtype=np.float32)
+    """The images' codes, a chunk of rows at a time, memory-mapped when large (as `features.npy` itself is).
+
+    The file is deleted as soon as it is mapped: its pages stay until the array goes, and the
+    kernel can drop them, so `sgd` still streams the codes of a million images.
+    """
+    shape = views.shape[::2]
+    if views.shape[0] * views.shape[2] * 4 <= _IN_MEMORY_BYTES:
+        codes = np.empty(shape, dtype=np.float32)
+    else:
+        with tempfile.NamedTemporaryFile(prefix="cnncodes-codes-", suffix=".f32") as scratch:
+            codes = np.memmap(scratch, dtype=np.float32, mode="w+", shape=shape)
     for start in range(0, len(views), chunk):
         codes[start : start + chunk] = views[start : start + chunk].mean(axis=1)
     return codes

@@ -31,6 +31,7 @@ from .artifacts import sha256_file, sha256_json
 from .errors import CnnCodesError
 from .ingest import load_square
 from .runtime import (
+    MeanOfViews,
     OnnxRunner,
     cached_runner,
     fingerprint,
@@ -148,7 +149,9 @@ def _search(
     """Quantize in a scratch folder, publish the chosen model with what was tried, warn when it agrees poorly."""
     scratch = Path(tempfile.mkdtemp(dir=private_cache_dir(spec.model_key), prefix=".quantize-"))
     try:
-        made, chosen = _best_configuration(_prepared(spec, scratch), fp32, calibration, holdout, scratch, threads)
+        made, chosen = _best_configuration(
+            _prepared(spec, scratch), fp32, calibration, holdout, scratch, threads, spec.views or 1
+        )
         runner = OnnxRunner(made, threads)
         probe = fingerprint(runner(probe_batch(runner.input_shape)))
         record = {"key": spec.model_key, "model": f"{spec.backbone} int8", "probe": probe, "quantization": chosen}
@@ -176,19 +179,28 @@ def _prepared(spec: ExtractorSpec, scratch: Path) -> Path:
 
 
 def _best_configuration(
-    model: Path, fp32: OnnxRunner, calibration: np.ndarray, holdout: np.ndarray, scratch: Path, threads: int | None
+    model: Path,
+    fp32: OnnxRunner,
+    calibration: np.ndarray,
+    holdout: np.ndarray,
+    scratch: Path,
+    threads: int | None,
+    views: int,
 ) -> tuple[Path, dict[str, Any]]:
-    """Try configurations fastest first: the first that agrees well enough with fp32 wins, else the best."""
+    """Try configurations fastest first: the first that agrees well enough with fp32 wins, else the best.
+
+    Agreement is measured on the codes images are classified by: with `views`, their mean.
+    """
     import onnx
 
-    reference = fp32(holdout)
+    reference = MeanOfViews(fp32, views)(holdout)
     groups = sensitive_layers(onnx.load(str(model)))
     tried: list[dict[str, Any]] = []
     best: tuple[float, Path, dict[str, Any]] | None = None
     for i, config in enumerate(_configurations(groups)):
         made = scratch / f"{i}.onnx"
         _quantize(model, made, _Batches(calibration, fp32.input), config, groups, scratch)
-        agreement = _agreement(OnnxRunner(made, threads)(holdout), reference)
+        agreement = _agreement(MeanOfViews(OnnxRunner(made, threads), views)(holdout), reference)
         tried.append({**config, "agreement": agreement})
         good = _good(agreement, GOOD)
         if best is None or agreement["mean"] > best[0] or good:
