@@ -176,13 +176,13 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         self.classes_, codes = np.unique(y, return_inverse=True)
         self._check_settings(codes)
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-        self.n_views_ = 1
         if self.kind == "sgd":
             return self._fit_streaming(X, np.arange(len(X)), codes, groups)
         smallest = int(np.bincount(codes).min())
         folds = self._folds(X, codes, groups, smallest, self.cv)
         calibration = self._folds(X, codes, groups, smallest, 3)
         every = slice(None)  # the rows the model is fitted on: a slice, so X[every] copies nothing
+        self.n_views_ = 1
         if views is not None:
             X, codes, every, (folds, calibration) = self._on_views(X, codes, views, (folds, calibration))
         fold = min(len(train) for train, _ in folds + calibration)
@@ -254,7 +254,6 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         groups = np.arange(len(rows)) if groups is None else np.asarray(groups)[rows]
         if self.kind != "sgd":
             return self.fit(X[rows], np.asarray(y)[rows], groups=groups, views=None if views is None else views[rows])
-        self.n_views_ = 1
         self.n_features_in_ = X.shape[1]
         self.classes_, codes = np.unique(np.asarray(y)[rows], return_inverse=True)
         self._check_settings(codes)
@@ -287,7 +286,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         self.temperature_ = _fit_temperature(partial(_probabilities, self.model_, out_of_fold), codes)
         self.best_params_ = {"normalize": chosen[0], "loss": chosen[1], "alpha": chosen[2]}
         self.cv_score_ = best
-        self.n_folds_, self.n_components_ = len(folds), None
+        self.n_folds_, self.n_components_, self.n_views_ = len(folds), None, 1
         self.grid_edges_ = ["alpha"] if chosen[2] in (min(_SGD_ALPHAS), max(_SGD_ALPHAS)) else []
         return self
 
