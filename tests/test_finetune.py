@@ -453,6 +453,8 @@ def test_repeats_train_on_other_splits_of_the_features_and_record_mean_and_sd(tu
     accuracies = [r["accuracy"] for r in record["repeats"]]
     assert record["accuracy_mean"] == pytest.approx(np.mean(accuracies))
     assert record["accuracy_sd"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert record["repeats"][0]["ece"] == record["ece"]
+    assert record["ece_mean"] == pytest.approx(np.mean([r["ece"] for r in record["repeats"]]))
     assert not (tmp_path / "models" / ".finetune" / "vgg16-finetune").exists()
 
 

@@ -19,8 +19,8 @@ from cnncodes.classifiers import CodesClassifier, repeated_splits
 from cnncodes.cli import app
 from cnncodes.evaluate import calibration, mcnemar_p, paired_p, score, wilson_ci
 from cnncodes.features import load_features
-from cnncodes.records import load_records
-from cnncodes.report import indistinguishable, rank, rich_table
+from cnncodes.records import load_records, repeat_score, repeats_summary
+from cnncodes.report import indistinguishable, rank, rich_table, rows
 from cnncodes.split import assign_subsets
 
 from .conftest import FAST, make_dataset
@@ -242,10 +242,37 @@ def test_fit_svm_repeats_scores_each_split_on_its_own_test_images(codes, tmp_pat
         accuracies = [r["accuracy"] for r in record["repeats"]]
         assert record["accuracy_mean"] == pytest.approx(np.mean(accuracies))
         assert record["accuracy_sd"] == pytest.approx(np.std(accuracies, ddof=1))
+        first = record["repeats"][0]
+        assert (first["ece"], first["confidence_auroc"]) == (record["ece"], record["confidence_auroc"])
+        assert record["ece_mean"] == pytest.approx(np.mean([r["ece"] for r in record["repeats"]]))
         for key in ("log_loss", "brier", "ece"):
             assert record[key] >= 0
     as_json = json.loads(cli("compare", tmp_path, "--format", "json").stdout)
     assert as_json[0]["accuracy_mean"] >= as_json[1]["accuracy_mean"] and as_json[0]["p_vs_best"] == 1.0
+
+
+def test_repeated_calibration_is_averaged_over_the_splits_that_have_it():
+    y = np.array([0, 1, 0, 1])
+    all_right = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    one_wrong = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7]])
+    summary = repeats_summary([repeat_score(0, y, all_right), repeat_score(1, y, one_wrong)])
+    assert summary["repeats"][0]["confidence_auroc"] is None  # no wrong prediction to rank
+    assert summary["confidence_auroc_mean"] == 1.0  # the wrong one (0.6) is below every right one
+    # one image per bin: ECE is the mean |confidence - right|, 0.25 and 0.3
+    assert summary["ece_mean"] == pytest.approx(0.275)
+    assert summary["confidence_wrong_mean"] == pytest.approx(0.6)
+    assert summary["confidence_right_mean"] == pytest.approx((0.75 + 0.8) / 2)
+
+
+def test_compare_shows_the_calibration_means_of_repeated_splits():
+    shown = {"backbone": "b", "layer": "l", "macro_f1": 0.8, "model_bytes": 1000, "accuracy_ci95": [0.5, 0.9]}
+    shown |= {"ece": 0.31, "confidence_auroc": 0.62}  # the first split's
+    once = fake_record("once", [True] * 8 + [False] * 2) | shown
+    repeated = fake_record("repeated", [True] * 8 + [False] * 2, repeats=[0.8, 0.9, 0.7]) | shown
+    repeated |= {"ece_mean": 0.04, "confidence_auroc_mean": 0.91}
+    by_run = {row["run"]: row for row in rows([once, repeated])}
+    assert (by_run["once"]["ECE"], by_run["once"]["AUROC"]) == ("0.31", "0.62")
+    assert (by_run["repeated"]["ECE"], by_run["repeated"]["AUROC"]) == ("0.04", "0.91")
 
 
 def test_the_compare_table_reads_well_at_80_columns(codes, tmp_path):

@@ -369,7 +369,8 @@ def compare(
     """Rank every run on the same test set: accuracy, p-value against the best run, calibration, cost.
 
     Accuracy has its 95% interval, or mean ± sd over repeated splits; calibration is the ECE and
-    the AUROC of the confidence; wider terminals add balanced accuracy and macro-F1.
+    the AUROC of the confidence (their means over repeated splits); wider terminals add balanced
+    accuracy and macro-F1.
     """
     from .artifacts import check_file_target, write_bytes_atomic
 

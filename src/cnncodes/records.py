@@ -27,6 +27,7 @@ from .artifacts import (
     write_json_atomic,
 )
 from .errors import CnnCodesError, first_line
+from .evaluate import calibration
 from .progress import warn
 
 RECORD_FORMAT = "cnncodes.run/1"
@@ -181,16 +182,35 @@ def _run_record(path: Path) -> dict[str, Any] | None:
     return record
 
 
+# The calibration scores kept per split; `compare` shows the means of the first two.
+_REPEATED_TRUST = ("ece", "confidence_auroc", "confidence_right", "confidence_wrong")
+
+
 def repeat_score(seed: int, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
-    """One split of `--repeats`: its seed, test accuracy and test size."""
-    return {"seed": seed, "accuracy": float((proba.argmax(axis=1) == y_true).mean()), "n_test": len(y_true)}
+    """One split of `--repeats`: its seed, test accuracy and size, and how far its probabilities can be trusted."""
+    trust = calibration(y_true, proba)
+    return {
+        "seed": seed,
+        "accuracy": float((proba.argmax(axis=1) == y_true).mean()),
+        "n_test": len(y_true),
+        **{key: trust[key] for key in _REPEATED_TRUST},
+    }
 
 
 def repeats_summary(repeats: list[dict[str, Any]]) -> dict[str, Any]:
-    """The record fields of a run scored on several splits: each split's score, their mean and sd."""
+    """The record fields of a run scored on several splits: each split's scores, their means, accuracy's sd.
+
+    One split's ECE or AUROC rests on its few wrong predictions as much as its accuracy does.
+    A mean skips the splits without the score: an AUROC needs a right and a wrong prediction.
+    """
     accuracies = [r["accuracy"] for r in repeats]
+    means = {}
+    for key in _REPEATED_TRUST:
+        found = [r[key] for r in repeats if r.get(key) is not None]
+        means[f"{key}_mean"] = float(np.mean(found)) if found else None
     return {
         "repeats": repeats,
         "accuracy_mean": float(np.mean(accuracies)),
         "accuracy_sd": float(np.std(accuracies, ddof=1)),
+        **means,
     }

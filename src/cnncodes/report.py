@@ -155,8 +155,8 @@ def _right(record: dict[str, Any]) -> np.ndarray:
 
 
 def rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """Display rows in `COLUMNS` order: accuracy with its 95% interval (or mean ±sd over repeated splits), sizes
-    in KB/MB."""
+    """Display rows in `COLUMNS` order: accuracy with its 95% interval (or mean ±sd over repeated splits, and the
+    calibration scores' means), sizes in KB/MB."""
     return [
         dict(
             zip(
@@ -172,8 +172,8 @@ def rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
                     _p(r),
                     f"{100 * r['balanced_accuracy']:.1f}%",
                     f"{100 * r['macro_f1']:.1f}%",
-                    _number(r.get("ece")),
-                    _number(r.get("confidence_auroc")),
+                    _number(r.get("ece_mean", r.get("ece"))),
+                    _number(r.get("confidence_auroc_mean", r.get("confidence_auroc"))),
                     f"{r['fit_seconds']:.1f}",
                     _seconds(r.get("extract_seconds")),
                     _size(r["model_bytes"]),

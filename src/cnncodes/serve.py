@@ -399,6 +399,8 @@ def _metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
         "macro_f1",
         "ece",  # how far the served probabilities are from the accuracy they claim, on the test images
         "confidence_auroc",
+        "ece_mean",  # these two with --repeats: over the splits
+        "confidence_auroc_mean",
         "n_train",
         "n_test",
         "created",
