@@ -116,8 +116,8 @@ def dataset_runs(name: str, work: Path, log: list[str], skipped: dict[str, str])
     data = SHARED / "datasets" / name
     models = work / name / "models"
     for backbone in BACKBONES:
-        if weights_missing(backbone):
-            skipped[backbone] = weights_missing(backbone)
+        if missing := weights_missing(backbone):
+            skipped[backbone] = missing
             continue
         features = work / name / f"features-{backbone}"
         run(["extract", str(data), "--out", str(features), "--backbone", backbone, "--seed", str(SEED), "--quiet"], log)

@@ -75,7 +75,7 @@ def measure(script: str, backbone: str) -> tuple[float, float]:
             time.sleep(0.02)
         seconds = time.perf_counter() - started
         if child.returncode != 0:
-            raise SystemExit(f"{backbone} failed:\n{child.stderr.read()[-3000:]}")
+            raise SystemExit(f"{backbone} failed:\n{child.communicate()[1][-3000:]}")
     return seconds, peak / 2**20
 
 

@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import cnncodes
-    from cnncodes.finetune import finetune
+    from cnncodes.finetune import finetune, make_spec
 
     shutil.rmtree(args.work, ignore_errors=True)
     features = args.work / "split"
@@ -82,9 +82,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for i, (label, options) in enumerate(configurations(args)):
         started = time.perf_counter()
-        record = finetune(
-            DATA, args.work / f"models-{i}", split_from=features, batch_size=args.batch_size, progress=False, **options
-        )
+        spec = make_spec(batch_size=args.batch_size, **options)
+        record = finetune(DATA, args.work / f"models-{i}", spec, split_from=features, progress=False)
         total = time.perf_counter() - started
         phases = ("scratch", "-") if options["backbone"] == "smallcnn" else ("head", "fine")
         trunk = record["extract_seconds"]

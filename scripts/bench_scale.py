@@ -214,8 +214,8 @@ def main() -> None:
         for n in sizes:
             for engine in engines:
                 out = args.data / f"out-{n}-{engine}-{r}-{time.time_ns()}"
-                found = run(EXTRACT, str(datasets[n]), str(out), engine)
-                results.append({"images": n, "engine": engine, "round": r, **found})
+                measured = run(EXTRACT, str(datasets[n]), str(out), engine)
+                results.append({"images": n, "engine": engine, "round": r, **measured})
                 print(json.dumps(results[-1]), flush=True)
     grouping = run(GROUPING, str(args.hashes)) if args.hashes else None
     if grouping:

@@ -154,7 +154,7 @@ def predict_rate(model: Path, images: list[Path]) -> float:
     return (len(images) - 32) / (full - small)
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
