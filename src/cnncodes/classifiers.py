@@ -341,8 +341,8 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         by s is the same problem as scaling a linear model's C by 1/s² (the intercept takes the
         mean), and `gamma` is relative to 1/(total variance), scikit-learn's "scale": so
         `--normalize l2` or `none`, and PCA, search the same effective range. Trained on several
-        views of each image, a model's C is divided by their number: the loss is the same sum
-        over images.
+        views of each image, a model's C is divided by their number (the loss is the same sum
+        over images) and k-NN's k multiplied by it (an image's views are its neighbours' votes).
         """
         grids = []
         for name in self._normalizations():
@@ -361,8 +361,9 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
                     moved["C"] = [c * seen.shape[1] / spread for c in grid["C"]]
             if "C" in moved:  # an image's views share its one vote: the loss of each counts 1/views
                 moved["C"] = [c / self.n_views_ for c in moved["C"]]
-            if "n_neighbors" in grid:  # k-NN needs at least k training codes in every fold
-                moved["n_neighbors"] = [k for k in grid["n_neighbors"] if k <= fold] or [1]
+            if "n_neighbors" in grid:  # k counts images, each `n_views_` codes; every fold needs k training codes
+                neighbours = [k * self.n_views_ for k in grid["n_neighbors"]]
+                moved["n_neighbors"] = [k for k in neighbours if k <= fold] or [1]
             grids.append({**{step: [obj] for step, obj in steps}, **{f"model__{k}": v for k, v in moved.items()}})
         return grids
 
