@@ -345,7 +345,8 @@ def _reliability_png(record: dict[str, Any]) -> str:
             alpha=0.3 + 0.7 * inside.sum() / len(inside),
             color="#1f77b4",
         )
-    ece = "" if record.get("ece") is None else f", ECE {record['ece']:.3f}"
+    first = " (first split)" if "repeats" in record else ""  # whose test predictions the diagram shows
+    ece = "" if record.get("ece") is None else f", ECE {record['ece']:.3f}{first}"
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 probability", ylabel="accuracy", title=f"{record['run']}{ece}")
     ax.title.set_fontsize(8)
     fig.tight_layout()
