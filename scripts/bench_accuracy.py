@@ -277,10 +277,11 @@ def variants_table(name: str, runs: dict[str, tuple[list[dict], list[float]]]) -
     return lines
 
 
-def meets_targets(auroc: float | None, ece: float, right: float, wrong: float | None) -> bool:
+def meets_targets(auroc: float | None, ece: float, right: float | None, wrong: float | None) -> bool:
     """Issue #15's three targets for probabilities (a test set without wrong predictions meets none)."""
     return (
         auroc is not None
+        and right is not None
         and wrong is not None
         and auroc >= CALIBRATION_TARGETS["confidence_auroc"]
         and ece <= CALIBRATION_TARGETS["ece"]
@@ -319,7 +320,7 @@ def repeated_calibration_table(results: dict[str, tuple[list[dict], list[float]]
         for r in records:
             right, wrong = r["confidence_right_mean"], r["confidence_wrong_mean"]
             met = meets_targets(r["confidence_auroc_mean"], r["ece_mean"], right, wrong)
-            gap = "-" if wrong is None else f"{right - wrong:.3f}"
+            gap = "-" if right is None or wrong is None else f"{right - wrong:.3f}"
             lines.append(
                 f"| {name} | {r['run']} | {r['ece_mean']:.3f} | {number(r['confidence_auroc_mean'])} | "
                 f"{' '.join(number(x['confidence_auroc']) for x in r['repeats'])} | "

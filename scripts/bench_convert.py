@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import psutil
 
@@ -59,23 +60,22 @@ def measure(script: str, backbone: str) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         env = os.environ | {"CNNCODES_CACHE_DIR": tmp}
         started = time.perf_counter()
-        child = subprocess.Popen(
-            [sys.executable, "-c", script, backbone, tmp],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        watched, peak = psutil.Process(child.pid), 0
-        while child.poll() is None:
-            try:
-                peak = max(peak, tree_rss(watched))
-            except psutil.NoSuchProcess:
-                break
-            time.sleep(0.02)
+        log = Path(tmp) / "stderr.log"  # a file, not a pipe: a pipe nobody reads while polling can fill and block
+        with log.open("w") as stderr:
+            child = subprocess.Popen(
+                [sys.executable, "-c", script, backbone, tmp], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+            watched, peak = psutil.Process(child.pid), 0
+            while child.poll() is None:
+                try:
+                    peak = max(peak, tree_rss(watched))
+                except psutil.NoSuchProcess:  # it ended between poll() and the measurement
+                    break
+                time.sleep(0.02)
+            child.wait()
         seconds = time.perf_counter() - started
         if child.returncode != 0:
-            raise SystemExit(f"{backbone} failed:\n{child.communicate()[1][-3000:]}")
+            raise SystemExit(f"{backbone} failed:\n{log.read_text()[-3000:]}")
     return seconds, peak / 2**20
 
 

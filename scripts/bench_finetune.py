@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def configurations(args) -> list[tuple[str, dict]]:
-    """(label, finetune arguments) of every row."""
+    """(label, `make_spec` arguments) of every row."""
     e, size = args.epochs, args.size
     mobilenet = dict(backbone="mobilenetv2", weights="imagenet", image_size=size)
     vgg = dict(backbone="vgg16", weights="none", image_size=size, head_epochs=1, fine_epochs=1)

@@ -262,6 +262,9 @@ def test_repeated_calibration_is_averaged_over_the_splits_that_have_it():
     assert summary["ece_mean"] == pytest.approx(0.275)
     assert summary["confidence_wrong_mean"] == pytest.approx(0.6)
     assert summary["confidence_right_mean"] == pytest.approx((0.75 + 0.8) / 2)
+    older = {"seed": 2, "accuracy": 0.5, "n_test": 4}  # a split scored before splits kept their calibration
+    summary = repeats_summary([repeat_score(0, y, all_right), older])
+    assert summary["ece_mean"] is None and summary["accuracy_mean"] == pytest.approx(0.75)
 
 
 def test_compare_shows_the_calibration_means_of_repeated_splits():

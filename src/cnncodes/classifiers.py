@@ -362,8 +362,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             if "C" in moved:  # an image's views share its one vote: the loss of each counts 1/views
                 moved["C"] = [c / self.n_views_ for c in moved["C"]]
             if "n_neighbors" in grid:  # k counts images, each `n_views_` codes; every fold needs k training codes
-                neighbours = [k * self.n_views_ for k in grid["n_neighbors"]]
-                moved["n_neighbors"] = [k for k in neighbours if k <= fold] or [1]
+                moved["n_neighbors"] = [k * self.n_views_ for k in grid["n_neighbors"] if k * self.n_views_ <= fold]
             grids.append({**{step: [obj] for step, obj in steps}, **{f"model__{k}": v for k, v in moved.items()}})
         return grids
 

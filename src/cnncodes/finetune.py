@@ -300,8 +300,8 @@ def finetune(
         name: prefix of the run name.
         repeats: also train on `repeats - 1` more splits of the same images (the duplicate-aware
             rule of `extract`, seeds counting up from the features' own; needs `split_from` a
-            features folder) and record each split's test accuracy, their mean and sd. The saved
-            model is the first split's. Practical with `cache_trunk`.
+            features folder) and record each split's test accuracy and calibration scores, their
+            means and accuracy's sd. The saved model is the first split's. Practical with `cache_trunk`.
         resume: go on from the last finished epoch of an interrupted run (same settings).
         restart: discard an interrupted run's checkpoints and start afresh.
         callbacks: extra Keras callbacks for every phase's `fit`.

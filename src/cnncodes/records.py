@@ -201,13 +201,16 @@ def repeats_summary(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     """The record fields of a run scored on several splits: each split's scores, their means, accuracy's sd.
 
     One split's ECE or AUROC rests on its few wrong predictions as much as its accuracy does.
-    A mean skips the splits without the score: an AUROC needs a right and a wrong prediction.
+    A mean skips the splits whose score is None (an AUROC needs a right and a wrong prediction),
+    and is None when a split lacks the score: a fine-tune resumed with splits scored by an older
+    version would otherwise pass off the newer splits' mean as all of theirs.
     """
     accuracies = [r["accuracy"] for r in repeats]
     means = {}
     for key in _REPEATED_TRUST:
         found = [r[key] for r in repeats if r.get(key) is not None]
-        means[f"{key}_mean"] = float(np.mean(found)) if found else None
+        complete = found and all(key in r for r in repeats)
+        means[f"{key}_mean"] = float(np.mean(found)) if complete else None
     return {
         "repeats": repeats,
         "accuracy_mean": float(np.mean(accuracies)),
