@@ -149,12 +149,16 @@ def test_compare_passes_over_damaged_records_with_a_warning_naming_each(fitted, 
     del record["balanced_accuracy"]
     thin.write_text(json.dumps(record))
     (copy / "notes.json").write_text("not a run record, and no model beside it")
+    edited = copy / "vgg16-block5_pool-rbf-svm.json"
+    record = json.loads(edited.read_text())
+    edited.write_text(json.dumps(record | {"repeats": "garbage", "fit_seconds": "slow"}))
     result = cli("compare", copy, "--format", "json")
     assert result.exit_code == 0 and "Traceback" not in result.output
-    assert len(json.loads(result.stdout)) == 2
+    assert len(json.loads(result.stdout)) == 1
     warned = " ".join(result.stderr.split())
     assert f"skipped {cut}: the run record of the model beside it cannot be read" in warned
     assert f"skipped {thin}: the run record lacks balanced_accuracy" in warned and "notes.json" not in warned
+    assert f"skipped {edited}: the run record's fit_seconds, repeats cannot be read" in warned
 
 
 def test_compare_and_predict_never_write_over_a_file_they_read(fitted, tmp_path):

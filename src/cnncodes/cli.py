@@ -392,7 +392,9 @@ def compare(
     if text is None:
         out_console.print(
             rich_table(
-                records, title=f"{len(records)} runs, {records[0]['n_test']} test images", width=out_console.width
+                records,
+                title=f"{len(records)} run{'s' * (len(records) != 1)}, {records[0]['n_test']} test images",
+                width=out_console.width,
             )
         )
     elif not output:

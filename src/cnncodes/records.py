@@ -179,7 +179,30 @@ def _run_record(path: Path) -> dict[str, Any] | None:
     if missing:
         warn(f"skipped {path}: the run record lacks {', '.join(missing)} (damaged, or made by another version)")
         return None
+    malformed = _malformed(record)
+    if malformed:
+        warn(f"skipped {path}: the run record's {', '.join(malformed)} cannot be read (damaged, or edited by hand)")
+        return None
     return record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _malformed(record: dict[str, Any]) -> list[str]:
+    """The fields `compare` computes with whose values are not of their kind (a record edited or damaged)."""
+    found = [k for k in ("accuracy", "balanced_accuracy", "fit_seconds", "model_bytes") if not _is_number(record[k])]
+    predictions, repeats = record["test_predictions"], record.get("repeats", [])
+    if not isinstance(predictions, list) or not all(
+        isinstance(p, dict) and {"path", "label", "predicted"} <= p.keys() for p in predictions
+    ):
+        found.append("test_predictions")
+    if not isinstance(repeats, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("seed"), int) and _is_number(r.get("accuracy")) for r in repeats
+    ):
+        found.append("repeats")
+    return found
 
 
 # The calibration scores kept per split; `compare` shows the means of the first two.
