@@ -103,8 +103,8 @@ def run(args: list[str], log: list[str]) -> str:
 
 
 def weights_missing(backbone: str) -> str | None:
-    from cnncodes.backbones import get_backbone
-    from cnncodes.weights import search_dirs
+    from cnncodes.nets.backbones import get_backbone
+    from cnncodes.nets.weights import search_dirs
 
     entry = get_backbone(backbone)
     if any((d / entry.weights_file).is_file() for d in search_dirs()):
@@ -197,8 +197,8 @@ def tutorial_scores(features: Path) -> list[float]:
     """`LogisticRegression()` with its defaults on the raw codes in `features`: test accuracy on each split."""
     from sklearn.linear_model import LogisticRegression
 
-    from cnncodes.classifiers import repeated_splits
-    from cnncodes.features import load_features
+    from cnncodes.classify.estimator import repeated_splits
+    from cnncodes.codes.features import load_features
 
     feats = load_features(features)
     scores = []
@@ -335,7 +335,7 @@ def number(value: float | None) -> str:
 
 
 def layer_sweep(name: str, work: Path, log: list[str]) -> list[dict]:
-    from cnncodes.backbones import get_backbone
+    from cnncodes.nets.backbones import get_backbone
 
     data = SHARED / "datasets" / name
     rows = []
@@ -434,7 +434,7 @@ def machine() -> str:
         ),
         platform.processor(),
     )
-    from cnncodes.artifacts import package_versions
+    from cnncodes.core.files import package_versions
 
     versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; {versions}"
@@ -550,7 +550,7 @@ def main() -> None:
 def int8_split(work: Path, seed: int, precision: str) -> tuple[dict[str, float], dict | None]:
     """Test accuracy of each default classifier on one Flowers-17 split's codes, and int8's recorded agreement."""
     import cnncodes
-    from cnncodes.classifiers import fit_svm
+    from cnncodes.classify.estimator import fit_svm
 
     folder = work / "int8" / f"seed{seed}-{precision}"
     flowers = SHARED / "datasets" / "oxford17flowers"

@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BARE = """
 import sys, numpy as np, cnncodes
-from cnncodes.backbones import get_backbone
+from cnncodes.nets.backbones import get_backbone
 size = get_backbone(sys.argv[1]).default_size  # one size
 spec, weights = cnncodes.ExtractorSpec.create(sys.argv[1], weights="none", image_size=size)
 model = spec.build(weights)
@@ -39,8 +39,8 @@ model.export(sys.argv[2] + "/model.onnx", format="onnx", verbose=False)
 """
 CNNCODES = """
 import sys, cnncodes
-from cnncodes.runtime import OnnxRunner
-from cnncodes.backbones import get_backbone
+from cnncodes.runtime.runners import OnnxRunner
+from cnncodes.nets.backbones import get_backbone
 size = get_backbone(sys.argv[1]).default_size  # one size
 spec, weights = cnncodes.ExtractorSpec.create(sys.argv[1], weights="none", image_size=size)
 assert isinstance(spec.runner(weights), OnnxRunner)

@@ -1,7 +1,7 @@
 """Throughput of `cnncodes extract` on both runtimes, against its ceiling and the tutorial loop.
 
 For each backbone, on the same N images from ../shared/datasets/oxford17flowers, in one run:
-  extract     `cnncodes.extract` end to end (decode + resize + forward + write), images/s of
+  extract     `cnncodes.codes.extract` end to end (decode + resize + forward + write), images/s of
               its extraction loop, with `--runtime onnx` and `--runtime keras`, and the peak
               RSS of the whole process;
   forward     the same extractor's forward pass alone on preloaded pixel batches of the same
@@ -53,8 +53,8 @@ def image_list(n: int, datasets: tuple[str, ...] = ("oxford17flowers",)) -> list
 
 def weights_for(backbone: str) -> str:
     """Real ImageNet weights where they are on disk; speed does not depend on the values."""
-    from cnncodes.backbones import get_backbone
-    from cnncodes.weights import search_dirs
+    from cnncodes.nets.backbones import get_backbone
+    from cnncodes.nets.weights import search_dirs
 
     entry = get_backbone(backbone)
     return "imagenet" if any((d / entry.weights_file).is_file() for d in search_dirs()) else "none"
@@ -91,7 +91,7 @@ def work_extract(args) -> dict:
 
 def work_forward(args) -> dict:
     from cnncodes import ExtractorSpec
-    from cnncodes.ingest import load_square
+    from cnncodes.data.ingest import load_square
 
     spec, weights = ExtractorSpec.create(args.backbone, image_size=args.size, weights=weights_for(args.backbone))
     pixels = np.stack([load_square(p, spec.image_size) for p, _ in image_list(args.images)])
@@ -105,8 +105,8 @@ def work_forward(args) -> dict:
 def work_tutorial(args) -> dict:
     import keras
 
-    from cnncodes.backbones import get_backbone
-    from cnncodes.extract import input_sizes
+    from cnncodes.codes.extract import input_sizes
+    from cnncodes.nets.backbones import get_backbone
 
     entry = get_backbone(args.backbone)
     size = max(input_sizes(args.size, [entry.default_size]))  # the tutorial sees one size

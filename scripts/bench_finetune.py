@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import cnncodes
-    from cnncodes.finetune import finetune, make_spec
+    from cnncodes.finetuning.train import finetune, make_spec
 
     shutil.rmtree(args.work, ignore_errors=True)
     features = args.work / "split"

@@ -52,7 +52,7 @@ print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_SEL
 GROUPING = """
 import json, resource, sys, time
 import numpy as np
-from cnncodes.split import group_duplicates
+from cnncodes.data.split import group_duplicates
 n = int(sys.argv[1])
 rng = np.random.default_rng(0)
 bits = rng.integers(0, 2**64, size=n, dtype=np.uint64)
@@ -72,7 +72,7 @@ print(json.dumps({"seconds": time.perf_counter() - started, "groups": len(np.uni
 FIT = """
 import json, resource, sys, threading, time
 import numpy as np
-from cnncodes.classifiers import CodesClassifier
+from cnncodes.classify.estimator import CodesClassifier
 X, y = np.load(sys.argv[1], mmap_mode="r"), np.load(sys.argv[2])
 peak = [0]
 def watch():

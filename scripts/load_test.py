@@ -143,7 +143,7 @@ async def hammer(url: str, work: list[tuple[str, bytes, bool]], clients: int, ma
 
 def predict_rate(model: Path, images: list[Path]) -> float:
     """`predict`'s batched images/s: the time of all images less that of one batch (model loading, warm-up)."""
-    from cnncodes.predict import predict
+    from cnncodes.serving.predict import predict
 
     def timed(paths: list[Path]) -> float:
         started = time.perf_counter()

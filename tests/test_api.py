@@ -11,7 +11,7 @@ def test_the_public_api_is_importable_from_the_top_and_stays_cheap():
 import sys
 import cnncodes
 heavy = sorted(m for m in ("sklearn", "tensorflow", "keras") if m in sys.modules)
-import cnncodes.predict, cnncodes.finetune  # the submodules must not shadow the functions
+import cnncodes.serving.predict, cnncodes.finetuning.train  # the submodules must not shadow the functions
 from cnncodes import (CnnCodesError, CodesClassifier, ExtractorSpec, compare, extract, finetune, fit_svm,
                       make_spec, predict)
 print(heavy, [f.__module__ for f in (compare, extract, finetune, fit_svm, make_spec, predict)],
@@ -21,12 +21,12 @@ print(heavy, [f.__module__ for f in (compare, extract, finetune, fit_svm, make_s
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [
         "[]",
-        "['cnncodes.report',",
-        "'cnncodes.extract',",
-        "'cnncodes.finetune',",
-        "'cnncodes.classifiers',",
-        "'cnncodes.finetune',",
-        "'cnncodes.predict']",
+        "['cnncodes.runs.report',",
+        "'cnncodes.codes.extract',",
+        "'cnncodes.finetuning.train',",
+        "'cnncodes.classify.estimator',",
+        "'cnncodes.finetuning.train',",
+        "'cnncodes.serving.predict']",
         "True",
         "CodesClassifier",
         "True",

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.cli import app
+from cnncodes.cli.main import app
 
 from .conftest import FAST, FLOWERS, make_dataset, needs_real_weights, write_image
 
@@ -291,7 +291,7 @@ def test_predict_takes_files_folders_and_globs_and_reports_bad_files(fitted, tmp
 
 
 def test_a_recursive_pattern_reads_each_file_once_through_links_to_parent_folders(tmp_path, monkeypatch):
-    from cnncodes.predict import expand_inputs
+    from cnncodes.serving.predict import expand_inputs
 
     write_image(tmp_path / "new" / "a.png")
     write_image(tmp_path / "new" / "sub" / "b.png")
@@ -456,7 +456,7 @@ def test_a_record_holds_the_folds_and_components_used_and_says_when_the_data_all
 
 
 def test_classifier_needs_two_images_per_class_and_clips_pca_to_the_folds():
-    from cnncodes.classifiers import CodesClassifier
+    from cnncodes.classify.estimator import CodesClassifier
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 100)).astype(np.float32)
@@ -475,7 +475,7 @@ def test_classifier_needs_two_images_per_class_and_clips_pca_to_the_folds():
 
 @pytest.mark.parametrize("kind", ["linear-svm", "logreg", "rbf-svm"])
 def test_hyper_parameter_grids_follow_the_scale_of_the_codes(kind):
-    from cnncodes.classifiers import CodesClassifier
+    from cnncodes.classify.estimator import CodesClassifier
 
     rng = np.random.default_rng(1)
     y = np.repeat([0, 1, 2], 30)
@@ -537,7 +537,7 @@ def test_library_choices_of_classifier_and_out_folder_are_checked_before_fitting
 
 
 def test_ctrl_c_names_the_runs_already_saved(fitted, tmp_path, monkeypatch):
-    classifiers = importlib.import_module("cnncodes.classifiers")
+    classifiers = importlib.import_module("cnncodes.classify.estimator")
     fit = classifiers.CodesClassifier.fit
 
     def interrupted_at_knn(self, *args, **kwargs):
@@ -623,7 +623,7 @@ def test_the_report_says_when_the_mistakes_images_are_gone(fitted, tmp_path):
 
 @pytest.mark.parametrize("kind", ["linear-svm", "logreg"])
 def test_training_on_views_teaches_what_the_class_does_not_depend_on(kind):
-    from cnncodes.classifiers import CodesClassifier
+    from cnncodes.classify.estimator import CodesClassifier
 
     # x tells the classes apart; y happens to as well in the training codes, but each image's views
     # (its code at other scales, say) spread far along y: a model of the views learns to ignore y
@@ -643,7 +643,7 @@ def test_training_on_views_teaches_what_the_class_does_not_depend_on(kind):
 
 @pytest.mark.parametrize("kind", ["linear-svm", "rbf-svm", "knn"])
 def test_views_equal_to_the_codes_fit_the_model_the_codes_alone_fit(kind):
-    from cnncodes.classifiers import CodesClassifier
+    from cnncodes.classify.estimator import CodesClassifier
 
     rng = np.random.default_rng(2)
     y = np.repeat([0, 1, 2], 12)

@@ -10,7 +10,7 @@ NATIVE_LINES = ("absl::InitializeLog", "oneDNN custom operations")
 
 
 def cnncodes(*args: str) -> subprocess.CompletedProcess:
-    code = "import sys; from cnncodes.cli import app; sys.argv = ['cnncodes', *sys.argv[1:]]; app()"
+    code = "import sys; from cnncodes.cli.main import app; sys.argv = ['cnncodes', *sys.argv[1:]]; app()"
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,
@@ -32,7 +32,7 @@ def test_tensorflow_start_up_lines_never_reach_the_terminal_unless_verbose():
 def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path):
     from typer.testing import CliRunner
 
-    from cnncodes.cli import app
+    from cnncodes.cli.main import app
 
     from .conftest import make_dataset
 
@@ -68,7 +68,7 @@ def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path):
 def test_help_shows_the_extras_install_command_whole():
     from typer.testing import CliRunner
 
-    from cnncodes.cli import app
+    from cnncodes.cli.main import app
 
     shown = CliRunner().invoke(app, ["extract", "--help"], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
@@ -80,7 +80,7 @@ def test_version_is_the_installed_packages():
 
     from typer.testing import CliRunner
 
-    from cnncodes.cli import app
+    from cnncodes.cli.main import app
 
     shown = CliRunner().invoke(app, ["--version"])
     assert shown.exit_code == 0 and shown.stdout == f"cnncodes {version('cnncodes')}\n"
@@ -104,7 +104,7 @@ def test_tensorflows_retracing_notes_are_dropped_unless_verbose(caplog, monkeypa
 def test_a_mistyped_class_weight_is_named_by_its_option(tmp_path):
     from typer.testing import CliRunner
 
-    from cnncodes.cli import app
+    from cnncodes.cli.main import app
 
     for command in ("fit-svm", "finetune"):
         args = [command, str(tmp_path), "--out", str(tmp_path / "m"), "--class-weight", "balancd"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sklearn.utils.estimator_checks import check_estimator
 
-from cnncodes.choices import KINDS
-from cnncodes.classifiers import CodesClassifier
+from cnncodes.classify.estimator import CodesClassifier
+from cnncodes.core.choices import KINDS
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -21,11 +21,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.artifacts import sha256_file
-from cnncodes.cli import app
-from cnncodes.features import load_features
-from cnncodes.runtime import KerasRunner, OnnxRunner
-from cnncodes.split import Split
+from cnncodes.cli.main import app
+from cnncodes.codes.features import load_features
+from cnncodes.core.files import sha256_file
+from cnncodes.data.split import Split
+from cnncodes.runtime.runners import KerasRunner, OnnxRunner
 
 from .conftest import FAST, FAST_ARGS, FLOWERS, needs_real_weights, pattern, write_image
 
@@ -102,7 +102,7 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
 
 def direct_forward_pass(dataset: Path, features: Path) -> tuple[KerasRunner, np.ndarray]:
     """The Keras network of a features folder, and the pixels of its images in row order."""
-    from cnncodes.ingest import load_square
+    from cnncodes.data.ingest import load_square
 
     feats = load_features(features)
     pixels = np.stack([load_square(dataset / p, feats.spec.image_size) for p in feats.paths])
@@ -148,7 +148,9 @@ def test_codes_at_several_sizes_are_the_mean_of_the_codes_at_each_size_which_are
     for view, size in enumerate((32, 48)):
         assert np.abs(both.views[:, view] - one[size]).max() <= 0.01 * scale
     assert np.array_equal(both.X, both.views.mean(axis=1))
-    monkeypatch.setattr("cnncodes.features._IN_MEMORY_BYTES", 64)  # as for a million images: mapped, not in memory
+    monkeypatch.setattr(
+        "cnncodes.codes.features._IN_MEMORY_BYTES", 64
+    )  # as for a million images: mapped, not in memory
     mapped = load_features(both.path).X
     assert isinstance(mapped, np.memmap) and np.array_equal(mapped, both.X)
     assert np.abs(one[48] - one[32]).max() > 0.1 * scale
@@ -266,7 +268,7 @@ def stop_after(rows: int, pause: float = 0.0):
 
 def test_a_file_that_failed_while_its_code_was_computed_is_tried_again(dataset: Path, tmp_path: Path, monkeypatch):
     """A read error after the check (an object store's timeout, NFS) must not make the next run 'up to date'."""
-    extract_module = importlib.import_module("cnncodes.extract")  # `cnncodes.extract` is the function
+    extract_module = importlib.import_module("cnncodes.codes.extract")  # `cnncodes.extract` is the function
     decode, flaky = extract_module.decode, "squares/squares_03.png"
 
     def fails_once(path, *args, **kwargs):
@@ -363,7 +365,7 @@ def test_a_run_killed_while_publishing_reuses_every_row(dataset: Path, tmp_path:
 @pytest.mark.parametrize("renames", [3, 4, 5])
 def test_a_run_killed_at_any_rename_of_its_publish_reuses_every_row(dataset, tmp_path, monkeypatch, renames):
     """The publish renames the new rows' ids, their index, the codes and their ids and index again; kill at each."""
-    extract_module = importlib.import_module("cnncodes.extract")
+    extract_module = importlib.import_module("cnncodes.codes.extract")
     out = tmp_path / "f"
     cnncodes.extract(dataset, out, **FAST)
     write_image(dataset / "circles" / "added.png", "circles", seed=951)
@@ -398,7 +400,7 @@ def assert_the_next_run_ends_as_a_fresh_one(dataset: Path, out: Path, fresh: Pat
 
 def copy_killed_after(monkeypatch, chunks: int) -> None:
     """Copies of earlier rows go 4 rows a chunk, each synced, and die like Ctrl-C after `chunks` of them."""
-    storage = importlib.import_module("cnncodes.storage")
+    storage = importlib.import_module("cnncodes.codes.store")
     read, done = storage.NpyRows.read, []
 
     def read_or_die(self, rows):
@@ -470,8 +472,8 @@ FULL_DISK = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))  # the SQLite cache fits, the codes do not
-from cnncodes.cli import app
-from cnncodes.features import load_features
+from cnncodes.cli.main import app
+from cnncodes.codes.features import load_features
 app(sys.argv[1:])
 """
 
@@ -491,7 +493,7 @@ def test_a_full_disk_is_one_error_line_and_the_same_command_completes_with_space
     def no_checking(*_a, **_k):
         raise AssertionError("the files were checked by the run that stopped: that work is kept")
 
-    monkeypatch.setattr(importlib.import_module("cnncodes.extract"), "check_file", no_checking)
+    monkeypatch.setattr(importlib.import_module("cnncodes.codes.extract"), "check_file", no_checking)
     completed = cnncodes.extract(dataset, out, **FAST)
     assert completed.computed == 24
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(tmp_path / "warm" / "features.npy"))
@@ -831,9 +833,9 @@ def test_paths_with_brackets_and_unwritable_outputs_are_one_line_errors(dataset,
 
 def test_file_ids_read_as_the_id_strings_and_hash_and_dump_as_their_json(tmp_path: Path):
     """FileIds keeps numbers, not strings; every reader sees the same ids, keys and rows.json text as with a list."""
-    from cnncodes import artifacts
-    from cnncodes.extract import _file_ids
-    from cnncodes.ingest import Dataset
+    from cnncodes.codes.extract import _file_ids
+    from cnncodes.core import files as artifacts
+    from cnncodes.data.ingest import Dataset
 
     write_image(tmp_path / "a" / "x.png")
     write_image(tmp_path / "a" / "ü y.png")
@@ -860,8 +862,8 @@ def test_out_inside_the_image_folder_or_on_a_file_is_refused_before_anything_is_
 
 def test_a_folder_whose_row_index_lists_file_ids_keeps_its_rows_when_files_are_added(dataset: Path, tmp_path: Path):
     """Folders published before rows-ids.npy (a JSON list of every file id) still give their rows to the next run."""
-    from cnncodes.extract import _file_ids
-    from cnncodes.ingest import Dataset
+    from cnncodes.codes.extract import _file_ids
+    from cnncodes.data.ingest import Dataset
 
     data = tmp_path / "copy"
     shutil.copytree(dataset, data)

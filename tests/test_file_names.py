@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cnncodes.cli import app
-from cnncodes.errors import CnnCodesError
-from cnncodes.features import load_features
-from cnncodes.split import read_split_csv
+from cnncodes.cli.main import app
+from cnncodes.codes.features import load_features
+from cnncodes.core.errors import CnnCodesError
+from cnncodes.data.split import read_split_csv
 
 from .conftest import make_dataset, write_image
 
@@ -74,7 +74,7 @@ def test_a_class_folder_whose_name_is_not_utf8_reaches_the_report_and_compares_o
 
 
 def test_a_listing_csv_may_name_files_that_are_not_utf8_but_must_itself_be_utf8(tmp_path: Path):
-    from cnncodes.ingest import discover
+    from cnncodes.data.ingest import discover
 
     data = make_dataset(tmp_path / "data", per_class=3)
     odd = data / "stripes" / os.fsdecode(b"caf\xe9.png")

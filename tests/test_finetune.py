@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.cli import app
-from cnncodes.finetune import (
+from cnncodes.cli.main import app
+from cnncodes.finetuning.train import (
     TRUNK_DIR,
     ResumableEarlyStopping,
     cached_top,
@@ -30,9 +30,9 @@ from cnncodes.finetune import (
     parse_unfreeze,
     set_trainable,
 )
-from cnncodes.models import build_classifier
-from cnncodes.preprocessing import Preprocess
-from cnncodes.weights import Weights
+from cnncodes.nets.models import build_classifier
+from cnncodes.nets.preprocessing import Preprocess
+from cnncodes.nets.weights import Weights
 
 from .conftest import make_dataset, needs_real_weights, write_image
 
@@ -138,7 +138,7 @@ def test_compare_ranks_finetune_beside_cnn_codes_runs(tuned):
     ],
 )
 def test_phase_two_unfreezes_the_top_block_and_keeps_batchnorm_frozen(backbone, after, trainable, frozen):
-    entry = cnncodes.backbones.get_backbone(backbone)
+    entry = cnncodes.nets.backbones.get_backbone(backbone)
     _, network = build_classifier(entry, 32, 3, Weights("none"), 0.2)
     set_trainable(network, None)
     assert not network.trainable_weights
@@ -364,9 +364,9 @@ def test_finetune_reads_a_csv_dataset_and_says_which_files_it_skipped(tmp_path, 
     assert record["dataset"]["data"] == str(tmp_path.resolve())
 
 
-@pytest.mark.parametrize("backbone", list(cnncodes.backbones.REGISTRY))
+@pytest.mark.parametrize("backbone", list(cnncodes.nets.backbones.REGISTRY))
 def test_the_model_on_cached_trunk_activations_equals_the_whole_model(backbone):
-    entry = cnncodes.backbones.get_backbone(backbone)
+    entry = cnncodes.nets.backbones.get_backbone(backbone)
     size = max(32, entry.min_size)
     model, network = build_classifier(entry, size, 3, Weights("none"), 0.2)
     start = first_unfrozen(network, entry.finetune_after)
@@ -390,7 +390,7 @@ def test_the_model_on_cached_trunk_activations_equals_the_whole_model(backbone):
 
 
 def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_residual_block():
-    _vgg, vgg_network = build_classifier(cnncodes.backbones.get_backbone("vgg16"), 32, 3, Weights("none"), 0.2)
+    _vgg, vgg_network = build_classifier(cnncodes.nets.backbones.get_backbone("vgg16"), 32, 3, Weights("none"), 0.2)
     assert cut_layer(vgg_network, first_unfrozen(vgg_network, 2)) == "block5_conv2"
     with pytest.raises(cnncodes.CnnCodesError, match="no frozen layer"):
         cut_layer(vgg_network, first_unfrozen(vgg_network, len(vgg_network.layers)))
@@ -406,7 +406,7 @@ def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_
             tiny(head_epochs=epochs[0], fine_epochs=epochs[1])
     with pytest.raises(cnncodes.CnnCodesError, match="give one of them"):
         cnncodes.finetune("data", "out", tiny(), resume=True, restart=True)
-    model, network = build_classifier(cnncodes.backbones.get_backbone("resnet50"), 32, 3, Weights("none"), 0.2)
+    model, network = build_classifier(cnncodes.nets.backbones.get_backbone("resnet50"), 32, 3, Weights("none"), 0.2)
     with pytest.raises(cnncodes.CnnCodesError, match="residual connection"):
         cached_top(model, network, cut_layer(network, first_unfrozen(network, "conv5_block1_1_conv")))
 
@@ -661,7 +661,7 @@ def test_cache_trunk_finds_the_images_of_a_split_made_from_a_csv_beside_the_fold
 
 
 def test_ctrl_c_before_the_first_epoch_says_to_run_the_command_again(tmp_path, monkeypatch):
-    finetune_module = importlib.import_module("cnncodes.finetune")
+    finetune_module = importlib.import_module("cnncodes.finetuning.train")
     prepare = finetune_module._prepare
 
     def interrupted(*args, **kwargs):

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes import CnnCodesError, ExtractorSpec
-from cnncodes.cli import app
-from cnncodes.features import load_features
+from cnncodes.cli.main import app
+from cnncodes.codes.features import load_features
 
 from .conftest import make_dataset
 

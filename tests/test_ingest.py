@@ -1,4 +1,4 @@
-"""`cnncodes.ingest`: finding a dataset's images and decoding any of them into RGB pixels.
+"""`cnncodes.data.ingest`: finding a dataset's images and decoding any of them into RGB pixels.
 
 Every test writes small real image files with Pillow and reads them back through the
 public API. No TensorFlow here.
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnncodes.errors import CnnCodesError
-from cnncodes.ingest import (
+from cnncodes.core.errors import CnnCodesError
+from cnncodes.data.ingest import (
     BadImage,
     Dataset,
     check_image,

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cnncodes import ExtractorSpec
-from cnncodes.cli import app
-from cnncodes.quantize import calibration_set
+from cnncodes.cli.main import app
+from cnncodes.runtime.quantize import calibration_set
 
 from .conftest import FLOWERS, MOBILENET_WEIGHTS, make_dataset, needs_real_weights, write_image
 

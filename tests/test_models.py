@@ -7,16 +7,16 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from cnncodes.backbones import get_backbone
-from cnncodes.models import build_classifier, build_extractor
-from cnncodes.weights import Weights
+from cnncodes.nets.backbones import get_backbone
+from cnncodes.nets.models import build_classifier, build_extractor
+from cnncodes.nets.weights import Weights
 
 DATA = Path(__file__).parent / "data"
 
 
 def test_a_model_saved_before_the_models_module_existed_still_loads_and_predicts_the_same():
     """tests/data/saved_before_models_module.keras: a Preprocess layer and a head, saved by cnncodes 0.1.0."""
-    import cnncodes.preprocessing  # noqa: F401 - registers the layer, as `predict` does
+    import cnncodes.nets.preprocessing  # noqa: F401 - registers the layer, as `predict` does
 
     model = keras.saving.load_model(DATA / "saved_before_models_module.keras")
     probe = np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3)

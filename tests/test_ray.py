@@ -19,9 +19,9 @@ import ray
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.cli import app
-from cnncodes.extract import CodeJob, ExtractorSpec
-from cnncodes.ray_engine import RayEngine
+from cnncodes.cli.main import app
+from cnncodes.codes.extract import CodeJob, ExtractorSpec
+from cnncodes.codes.ray_engine import RayEngine
 
 from .conftest import FAST, FAST_ARGS, make_dataset
 from .test_scale import s3_data, s3_server  # noqa: F401 - fixtures
@@ -95,7 +95,7 @@ def test_a_file_that_fails_to_decode_on_an_actor_comes_back_with_its_reason(loca
 
 def test_engine_ray_without_ray_installed_is_one_line_saying_how_to_install(data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.delitem(sys.modules, "cnncodes.ray_engine")
+    monkeypatch.delitem(sys.modules, "cnncodes.codes.ray_engine")
     result = runner.invoke(app, ["extract", str(data), "--out", str(tmp_path / "f"), *FAST_ARGS, "--engine", "ray"])
     assert result.exit_code == 2
     assert "pip install 'cnncodes[ray]'" in result.stderr and len(result.stderr.strip().splitlines()) == 1

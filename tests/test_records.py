@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.cli import app
-from cnncodes.records import build_record, load_records, publish, sidecar
+from cnncodes.cli.main import app
+from cnncodes.runs.records import build_record, load_records, publish, sidecar
 
 from .conftest import FAST, make_dataset, write_image
 
@@ -103,8 +103,8 @@ def test_publish_moves_model_and_record_together_or_not_at_all(tmp_path):
 def test_a_bundle_of_an_older_format_is_refused_in_one_line(tmp_path):
     import joblib
 
-    from cnncodes.artifacts import package_versions
-    from cnncodes.bundle import load_bundle
+    from cnncodes.core.files import package_versions
+    from cnncodes.runs.bundle import load_bundle
 
     model = tmp_path / "old.joblib"
     publish(
@@ -138,7 +138,7 @@ def test_a_writer_killed_while_publishing_leaves_no_second_run_and_its_temporari
     (model,) = out.glob("*.joblib")
     killed_while_renaming = f"""
 import json, os, pathlib
-from cnncodes.records import publish
+from cnncodes.runs.records import publish
 model = pathlib.Path({str(model)!r})
 record = json.loads(model.with_suffix(".json").read_text())
 os.replace = lambda *args: os._exit(9)

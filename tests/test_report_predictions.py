@@ -9,9 +9,9 @@ import json
 import pytest
 from rich.console import Console
 
-from cnncodes.errors import CnnCodesError
-from cnncodes.predict import Prediction
-from cnncodes.report import predictions_table, render_predictions
+from cnncodes.core.errors import CnnCodesError
+from cnncodes.runs.report import predictions_table, render_predictions
+from cnncodes.serving.predict import Prediction
 
 ANSWERS = [
     Prediction("a/cat.jpg", "cat", 0.9, [{"label": "cat", "probability": 0.9}, {"label": "dog", "probability": 0.1}]),

@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.cli import app
-from cnncodes.ingest import load_square
-from cnncodes.runtime import KerasRunner, OnnxRunner, cached_runner, make_runner, onnx_cache_path
+from cnncodes.cli.main import app
+from cnncodes.data.ingest import load_square
+from cnncodes.runtime.runners import KerasRunner, OnnxRunner, cached_runner, make_runner, onnx_cache_path
 
 from .conftest import FLOWERS, make_dataset, needs_real_weights, pattern
 
@@ -123,13 +123,13 @@ import cnncodes
 
 def build():
     \"\"\"Builds in the parent; in the converting child, dies as the kernel's OOM killer would make it.\"\"\"
-    if getattr(sys.modules["__main__"].__spec__, "name", None) == "cnncodes.child":
+    if getattr(sys.modules["__main__"].__spec__, "name", None) == "cnncodes.runtime.child":
         os.kill(os.getpid(), signal.SIGKILL)
     spec, weights = cnncodes.ExtractorSpec.create("vgg16", image_size=32, weights="none")
     return spec.build(weights)
 """
 CONVERT_KILLED = """
-from cnncodes.runtime import make_runner, onnx_cache_path
+from cnncodes.runtime.runners import make_runner, onnx_cache_path
 from killed import build
 notices = []
 runner = make_runner(build, "killed", "onnx", notice=notices.append)
@@ -176,7 +176,7 @@ def test_cold_conversion_leaves_no_tensorflow_in_the_process_and_never_runs_the_
     script.write_text(
         f"""
 import sys, cnncodes
-from cnncodes.runtime import OnnxRunner
+from cnncodes.runtime.runners import OnnxRunner
 with open({str(tmp_path / "runs.txt")!r}, "a") as runs:
     runs.write("ran\\n")
 spec, weights = cnncodes.ExtractorSpec.create("mobilenetv2", image_size=32, weights="none")
@@ -225,7 +225,7 @@ def test_warm_cache_extract_and_predict_never_import_tensorflow(tmp_path):
     (tmp_path / "d" / "squares" / "extra.png").write_bytes((tmp_path / "d" / "squares" / "squares_01.png").read_bytes())
     script = f"""
 import sys, cnncodes
-from cnncodes.predict import predict
+from cnncodes.serving.predict import predict
 r = cnncodes.extract({str(data)!r}, {str(tmp_path / "f2")!r}, backbone="vgg16", weights="none", image_size=32,
                      progress=False)
 p = predict({str(tmp_path / "m" / "vgg16-block5_pool-knn.joblib")!r}, [{str(data / "stripes")!r}], progress=False)
@@ -252,7 +252,7 @@ def fail():
 def test_the_child_keeps_stdout_clean_and_returns_an_error_it_cannot_send_as_its_type_and_text(tmp_path):
     """stdout may carry the command's JSON; an exception that pickles but cannot be rebuilt still says what it was."""
     (tmp_path / "odd.py").write_text(ODD_FAILURE)
-    script = "from cnncodes.runtime import in_child\nfrom odd import fail\ntry:\n    in_child(fail)\n"
+    script = "from cnncodes.runtime.runners import in_child\nfrom odd import fail\ntry:\n    in_child(fail)\n"
     script += "except Exception as e:\n    print(type(e).__name__, e)\n"
     env = os.environ | {"PYTHONPATH": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)

@@ -17,10 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes import remote
-from cnncodes.cli import app
-from cnncodes.errors import CnnCodesError
-from cnncodes.features import load_features
+from cnncodes.cli.main import app
+from cnncodes.codes.features import load_features
+from cnncodes.core.errors import CnnCodesError
+from cnncodes.data import remote
 
 from .conftest import FAST, FAST_ARGS, make_dataset
 

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.cli import app
+from cnncodes.cli.main import app
 
 from .conftest import make_dataset, write_image
 from .test_ingest import png_header_only
@@ -388,7 +388,7 @@ def test_prepare_loads_the_model_and_says_what_it_prepared(served):
 
 
 def test_serve_without_its_extra_says_how_to_install_it(served, monkeypatch):
-    monkeypatch.delitem(sys.modules, "cnncodes.serve", raising=False)
+    monkeypatch.delitem(sys.modules, "cnncodes.serving.serve", raising=False)
     monkeypatch.setitem(sys.modules, "fastapi", None)  # what `import fastapi` meets when it is not installed
     result = runner.invoke(app, ["serve", str(served["model"])])
     assert result.exit_code == 2
@@ -396,9 +396,9 @@ def test_serve_without_its_extra_says_how_to_install_it(served, monkeypatch):
 
 
 def test_a_port_in_use_or_a_host_that_does_not_resolve_is_one_line_before_the_model_loads(served, monkeypatch):
-    import cnncodes.serve
+    import cnncodes.serving.serve
 
-    monkeypatch.setattr(cnncodes.serve, "_load", lambda settings: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(cnncodes.serving.serve, "_load", lambda settings: pytest.fail("the model loaded first"))
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = str(taken.getsockname()[1])
         for host, words in (("127.0.0.1", f"cannot listen on 127.0.0.1:{port}"), ("no-such-host.invalid", "cannot")):
@@ -408,8 +408,8 @@ def test_a_port_in_use_or_a_host_that_does_not_resolve_is_one_line_before_the_mo
 
 def test_readyz_says_not_ready_until_the_warm_up_pass_ran(served):
     """In process, without the lifespan that starts the warm-up: alive, not ready."""
-    from cnncodes.predict import load_predictor
-    from cnncodes.serve import ServeSettings, create_app
+    from cnncodes.serving.predict import load_predictor
+    from cnncodes.serving.serve import ServeSettings, create_app
 
     asgi = httpx.ASGITransport(app=create_app(load_predictor(served["model"]), ServeSettings(str(served["model"]))))
 
@@ -422,7 +422,7 @@ def test_readyz_says_not_ready_until_the_warm_up_pass_ran(served):
 
 def test_a_photo_decodes_from_its_bytes_as_from_its_file(served, tmp_path):
     """Uploaded bytes and the same file on disk give the same pixels: one decoding path, draft mode included."""
-    from cnncodes.predict import load_predictor
+    from cnncodes.serving.predict import load_predictor
 
     photo = write_image(tmp_path / "photo.jpg", "circles", seed=9, size=300)
     predictor = load_predictor(served["model"])
@@ -433,7 +433,7 @@ def test_a_photo_decodes_from_its_bytes_as_from_its_file(served, tmp_path):
 def test_uploads_that_would_decode_to_too_many_pixels_get_400_and_large_jpegs_decode_reduced(server, served):
     from PIL import Image
 
-    from cnncodes.predict import load_predictor
+    from cnncodes.serving.predict import load_predictor
 
     side = 4_100  # 16.8 million pixels, over the default --max-pixels, in a 50-kB PNG
     png = io_bytes(Image.new("RGB", (side, side), (200, 30, 30)), "PNG")
@@ -445,7 +445,7 @@ def test_uploads_that_would_decode_to_too_many_pixels_get_400_and_large_jpegs_de
     predictor = load_predictor(served["model"])
     jpeg = io_bytes(Image.new("RGB", (1024, 1024), (30, 200, 30)), "JPEG")
     assert predictor.pixels(jpeg, max_pixels=128 * 128).shape == (128, 128, 3)
-    with pytest.raises(cnncodes.ingest.BadImage, match="1024x1024 pixels to decode"):
+    with pytest.raises(cnncodes.data.ingest.BadImage, match="1024x1024 pixels to decode"):
         predictor.pixels(io_bytes(Image.new("RGB", (1024, 1024)), "PNG"), max_pixels=128 * 128)
 
 
@@ -486,8 +486,8 @@ def test_health_routes_answer_head_and_the_schema_describes_uploads(server):
 
 def fake_app(probabilities, wait_ms: float = 1):
     """The app around a predictor whose forward pass is `probabilities` (32-px images, two classes)."""
-    from cnncodes.predict import Predictor
-    from cnncodes.serve import ServeSettings, create_app
+    from cnncodes.serving.predict import Predictor
+    from cnncodes.serving.serve import ServeSettings, create_app
 
     predictor = Predictor(probabilities, 32, "crop", ["a", "b"], {"run": "fake"})
     return create_app(predictor, ServeSettings("fake.joblib", batch_wait_ms=wait_ms))

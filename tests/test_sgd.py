@@ -11,10 +11,10 @@ from sklearn.datasets import make_blobs
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.classifiers import CodesClassifier, fit_svm
-from cnncodes.cli import app
-from cnncodes.errors import CnnCodesError
-from cnncodes.features import load_features
+from cnncodes.classify.estimator import CodesClassifier, fit_svm
+from cnncodes.cli.main import app
+from cnncodes.codes.features import load_features
+from cnncodes.core.errors import CnnCodesError
 
 from .conftest import FAST, make_dataset
 

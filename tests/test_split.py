@@ -1,4 +1,4 @@
-"""`cnncodes.split`: the seeded, stable, duplicate-aware train / val / test split.
+"""`cnncodes.data.split`: the seeded, stable, duplicate-aware train / val / test split.
 
 Most tests use fake paths with made-up perceptual hashes; the last one runs on the real
 Oxford 17 flowers images and their known duplicate pairs. No TensorFlow here.
@@ -12,10 +12,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cnncodes import split as split_module
-from cnncodes.errors import CnnCodesError
-from cnncodes.ingest import check_images, discover
-from cnncodes.split import (
+from cnncodes.core.errors import CnnCodesError
+from cnncodes.data import split as split_module
+from cnncodes.data.ingest import check_images, discover
+from cnncodes.data.split import (
     DEFAULT_DUP_THRESHOLD,
     Split,
     duplicate_warnings,

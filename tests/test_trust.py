@@ -14,14 +14,14 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.choices import KINDS
-from cnncodes.classifiers import CodesClassifier, repeated_splits
-from cnncodes.cli import app
-from cnncodes.evaluate import calibration, mcnemar_p, paired_p, score, wilson_ci
-from cnncodes.features import load_features
-from cnncodes.records import load_records, repeat_score, repeats_summary
-from cnncodes.report import indistinguishable, rank, rich_table, rows
-from cnncodes.split import assign_subsets
+from cnncodes.classify.estimator import CodesClassifier, repeated_splits
+from cnncodes.cli.main import app
+from cnncodes.codes.features import load_features
+from cnncodes.core.choices import KINDS
+from cnncodes.data.split import assign_subsets
+from cnncodes.runs.evaluate import calibration, mcnemar_p, paired_p, score, wilson_ci
+from cnncodes.runs.records import load_records, repeat_score, repeats_summary
+from cnncodes.runs.report import indistinguishable, rank, rich_table, rows
 
 from .conftest import FAST, make_dataset
 
@@ -68,7 +68,7 @@ def test_an_images_probabilities_do_not_depend_on_the_batch_it_comes_in(kind):
 def test_svm_probabilities_couple_pairwise_ones_and_survive_a_fold_without_a_class():
     from scipy.special import logit
 
-    from cnncodes.classifiers import _coupled
+    from cnncodes.classify.estimator import _coupled
 
     p = np.array([0.6, 0.3, 0.0999, 0.0001])
     first, second = np.triu_indices(4, 1)

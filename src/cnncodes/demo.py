@@ -14,16 +14,16 @@ import numpy as np
 from PIL import Image
 from rich.markup import escape
 
-from .artifacts import read_object, write_bytes_atomic, write_json_atomic
-from .backbones import DEFAULT_BACKBONE, get_backbone
-from .classifiers import fit_svm
-from .errors import CnnCodesError
-from .extract import check_out, discover_data, extract
-from .finetune import finetune, make_spec
-from .predict import predict
-from .progress import console, say
-from .records import load_records
-from .report import html_report, rank, rich_table
+from cnncodes.classify.estimator import fit_svm
+from cnncodes.codes.extract import check_out, discover_data, extract
+from cnncodes.core.errors import CnnCodesError
+from cnncodes.core.files import read_object, write_bytes_atomic, write_json_atomic
+from cnncodes.core.progress import console, say
+from cnncodes.finetuning.train import finetune, make_spec
+from cnncodes.nets.backbones import DEFAULT_BACKBONE, get_backbone
+from cnncodes.runs.records import load_records
+from cnncodes.runs.report import html_report, rank, rich_table
+from cnncodes.serving.predict import predict
 
 DIGITS_DIR = Path("data/digits")
 # The digits are 8x8 scans: 96 px is plenty, and the demo's extract takes seconds.

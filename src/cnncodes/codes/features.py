@@ -1,0 +1,170 @@
+"""Reading a features folder written by `extract`, checked before anything trusts it."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnncodes.codes.extract import (
+    CODES_FILE,
+    FEATURES_FORMAT,
+    GROUPS_FILE,
+    LABELS_FILE,
+    META_FILE,
+    SPLIT_FILE,
+    ExtractorSpec,
+)
+from cnncodes.core.errors import CnnCodesError
+from cnncodes.core.files import read_object
+from cnncodes.data.split import SUBSETS, Split, read_split_csv
+
+# Features folders written before split.csv became the only list of the rows' paths and subsets.
+_FORMAT_1 = "cnncodes.features/1"
+
+
+@dataclass
+class Features:
+    """CNN codes with their labels, subsets and the record of how they were made."""
+
+    path: Path
+    X: np.ndarray
+    y: np.ndarray
+    subsets: np.ndarray
+    paths: list[str]
+    meta: dict[str, Any]
+    groups: np.ndarray  # duplicate-group id per row: copies share one, so folds and re-splits keep them together
+    # Computed from the rows themselves when loaded, not read from meta.json, so a record says what was really used.
+    split_fingerprint: str
+    # (rows, views, dim), memory-mapped: the code of each scale the extractor saw, whose mean is X. None: X alone.
+    views: np.ndarray | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def spec(self) -> ExtractorSpec:
+        return ExtractorSpec.from_dict(self.meta["extractor"])
+
+
+# What every reader of a features folder relies on; format 1 also listed the rows' paths and subsets.
+_META_KEYS = ("n_images", "classes", "dim", "extractor", "split", "data")
+_FORMATS = {FEATURES_FORMAT: (), _FORMAT_1: ("paths", "subsets")}
+
+
+def load_features(path: Path | str) -> Features:
+    """Load and cross-check `meta.json`, `features.npy`, `labels.npy` and the rows' paths and subsets.
+
+    Those are read from `split.csv`; folders written before it was their only record (format
+    1) list them in `meta.json`, and still load.
+    """
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        raise CnnCodesError(
+            f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out FEATURES` "
+            "and give FEATURES here"
+        )
+    try:
+        meta = read_object(path / META_FILE)
+        X = np.load(path / CODES_FILE, mmap_mode="r")
+        y = np.load(path / LABELS_FILE)
+    except (OSError, ValueError) as e:
+        raise CnnCodesError(
+            f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
+        ) from None
+    if meta.get("format") not in _FORMATS:
+        raise CnnCodesError(f"{path}/meta.json is not a cnncodes features record (format {meta.get('format')!r})")
+    missing = [key for key in _META_KEYS + _FORMATS[meta["format"]] if key not in meta]
+    if missing:
+        raise CnnCodesError(
+            f"{path}/meta.json lacks {', '.join(missing)}: it was made by another version or damaged; "
+            "run `cnncodes extract` again"
+        )
+    paths, labels, subsets, fingerprint = _rows(path, meta)
+    n, classes = meta["n_images"], meta["classes"]
+    n_views = meta["extractor"].get("views") or 1
+    consistent = (
+        X.ndim == 2
+        and X.shape == (n, n_views * meta["dim"])
+        and y.shape == (n,)
+        and np.issubdtype(y.dtype, np.integer)
+        and len(paths) == n
+        and len(subsets) == n
+        and (n == 0 or 0 <= y.min() <= y.max() < len(classes))
+        and set(subsets) <= set(SUBSETS)
+        and (labels is None or labels == [classes[i] for i in y])
+    )
+    if not consistent:
+        raise CnnCodesError(
+            f"the files in {path} do not belong together (features {X.shape}, labels {y.shape}, "
+            f"{len(paths)} images listed (split.csv), meta.json says {n}): run `cnncodes extract` again"
+        )
+    if fingerprint is None:  # the split's fingerprint sorts every row: made once, where the rows are read
+        fingerprint = Split(paths, [classes[i] for i in y.tolist()], list(subsets)).fingerprint
+    views = X.reshape(n, n_views, meta["dim"]) if n_views > 1 else None
+    X = np.asarray(X, dtype=np.float32) if views is None else _mean_of_views(views)
+    return Features(path, X, y, np.array(subsets), paths, meta, _groups(path, n), fingerprint, views)
+
+
+# Codes larger than this are averaged into a memory-mapped temporary file, not memory.
+_IN_MEMORY_BYTES = 1 << 30
+
+
+def _mean_of_views(views: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """The images' codes, a chunk of rows at a time, memory-mapped when large (as `features.npy` itself is).
+
+    The file is deleted as soon as it is mapped: its pages stay until the array goes, and the
+    kernel can drop them, so `sgd` still streams the codes of a million images.
+    """
+    shape = views.shape[::2]
+    if views.shape[0] * views.shape[2] * 4 <= _IN_MEMORY_BYTES:
+        codes = np.empty(shape, dtype=np.float32)
+    else:
+        with tempfile.NamedTemporaryFile(prefix="cnncodes-codes-", suffix=".f32") as scratch:
+            codes = np.memmap(scratch, dtype=np.float32, mode="w+", shape=shape)
+    for start in range(0, len(views), chunk):
+        codes[start : start + chunk] = views[start : start + chunk].mean(axis=1)
+    return codes
+
+
+def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None, list[str], str | None]:
+    """Each row's path, label and subset, and the split's fingerprint when it was checked against meta.json's.
+
+    They come from split.csv; format 1's from meta.json, whose labels are labels.npy's only. A folder
+    without rows (every usable image failed to decode) has a split.csv of its header alone.
+    """
+    if meta["format"] == _FORMAT_1:
+        return meta["paths"], None, meta["subsets"], None
+    if meta["n_images"] == 0:
+        return [], [], [], None
+    try:
+        the_split = read_split_csv(path / SPLIT_FILE)
+    except CnnCodesError as e:
+        raise CnnCodesError(
+            f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
+        ) from None
+    fingerprint = the_split.fingerprint
+    if fingerprint != meta.get("split", {}).get("fingerprint", fingerprint):
+        raise CnnCodesError(
+            f"{path}/split.csv is not the split these codes were made with (its fingerprint is not meta.json's): "
+            "run `cnncodes extract` again"
+        )
+    return the_split.paths, the_split.labels, the_split.subsets, fingerprint
+
+
+def _groups(path: Path, n: int) -> np.ndarray:
+    """The duplicate groups `extract` saved, or one group per row for features made before it saved them."""
+    try:
+        groups = np.load(path / GROUPS_FILE)
+    except (OSError, ValueError):
+        return np.arange(n)
+    if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
+        raise CnnCodesError(
+            f"{path}/groups.npy does not belong to these features ({groups.shape} for {n} rows): "
+            "run `cnncodes extract` again"
+        )
+    return groups

@@ -1,0 +1,110 @@
+"""Model bundles: one self-describing `.joblib` file beside its run record.
+
+Loading a joblib file runs code, so a bundle is only unpickled after its SHA-256 matches
+the one in its sidecar run record (`<run>.json`), and only when the scikit-learn that
+pickled it is the one installed (another version may unpickle into wrong answers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+import joblib
+
+from cnncodes.core.errors import CnnCodesError
+from cnncodes.core.files import package_versions, read_json
+from cnncodes.runs.records import RECORD_FORMAT, publish, sidecar
+
+# 2: probabilities by temperature over informative scores (`CodesClassifier.temperature_`).
+# 3: an SVM's probabilities couple its tempered one-vs-one margins (a format-2 temperature meant something else).
+BUNDLE_FORMAT = "cnncodes.bundle/3"
+# Bundles pickled before the sub-packages name their classes by the flat module each lived in.
+_FORMER_MODULES = {"cnncodes.classifiers": "cnncodes.classify.estimator"}
+
+
+def publish_bundle(path: Path, contents: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Save a bundle and its run record together (see `records.publish`); returns the completed record."""
+
+    def write(tmp: Path) -> None:
+        joblib.dump({"format": BUNDLE_FORMAT, **contents, "versions": package_versions()}, tmp, compress=3)
+
+    return publish(path, write, record)
+
+
+def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
+    """The run record beside a model file and the file's bytes, checked to be the ones it describes.
+
+    The bytes are returned so the caller loads exactly what was hashed, not a file that
+    could be swapped between the check and the load.
+    """
+    # beside the name given, else beside the file it links to
+    record_path = next(
+        (p for p in (sidecar(model_path), sidecar(model_path.resolve())) if p.is_file()), sidecar(model_path)
+    )
+    if not model_path.is_file():
+        raise CnnCodesError(f"model {model_path} not found")
+    data = model_path.read_bytes()
+    try:
+        record = read_json(record_path)
+    except (OSError, ValueError):
+        raise CnnCodesError(
+            f"{model_path} has no readable run record {record_path.name} beside it, so it cannot be "
+            "verified; load only bundles you made or trust, with their .json"
+        ) from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or "model_sha256" not in record:
+        raise CnnCodesError(f"{record_path} is not a cnncodes run record")
+    made = str(record.get("model_file", ""))
+    if Path(made).suffix != model_path.suffix:  # the loader follows the name: a renamed model would crash it
+        raise CnnCodesError(
+            f"{model_path} is, by its record {record_path.name}, the {Path(made).suffix or '?'} model {made} "
+            f"(method {record.get('method', '?')}): give it its own name"
+        )
+    if hashlib.sha256(data).hexdigest() != record["model_sha256"]:
+        raise CnnCodesError(
+            f"{model_path} does not match the SHA-256 in {record_path.name}: the file was changed "
+            "after it was made; refusing to load it"
+        )
+    return record, data
+
+
+def load_bundle(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify, then unpickle a bundle written by `fit-svm`; returns its run record and the bundle."""
+    record, data = load_record_for(path)
+    wanted, installed = record.get("versions", {}).get("scikit-learn"), package_versions().get("scikit-learn")
+    if wanted is None:
+        raise CnnCodesError(f"{path}'s run record does not say which scikit-learn made it: fit the model again")
+    if _minor(wanted) != _minor(installed):
+        raise CnnCodesError(
+            f"{path} was made with scikit-learn {wanted} but {installed} is installed: "
+            f"install scikit-learn=={wanted} or fit the model again"
+        )
+    bundle = _unpickle(data)
+    if not isinstance(bundle, dict) or not str(bundle.get("format", "")).startswith("cnncodes.bundle/"):
+        raise CnnCodesError(f"{path} is not a cnncodes model bundle")
+    if bundle["format"] != BUNDLE_FORMAT:
+        raise CnnCodesError(
+            f"{path} was made by another version of cnncodes ({bundle['format']}, this one reads "
+            f"{BUNDLE_FORMAT}): fit the model again with `cnncodes fit-svm`"
+        )
+    return record, bundle
+
+
+def _unpickle(data: bytes) -> Any:
+    """The bundle's objects, whichever module path (today's or a former one) their classes were pickled under."""
+    aliased = [old for old in _FORMER_MODULES if old not in sys.modules]
+    for old in aliased:
+        sys.modules[old] = importlib.import_module(_FORMER_MODULES[old])
+    try:
+        return joblib.load(io.BytesIO(data))
+    finally:
+        for old in aliased:
+            del sys.modules[old]
+
+
+def _minor(version: str | None) -> tuple[str, ...]:
+    return tuple((version or "").split(".")[:2])
