@@ -197,12 +197,11 @@ def tutorial_scores(features: Path) -> list[float]:
     """`LogisticRegression()` with its defaults on the raw codes in `features`: test accuracy on each split."""
     from sklearn.linear_model import LogisticRegression
 
-    from cnncodes.classify.estimator import repeated_splits
     from cnncodes.codes.features import load_features
 
     feats = load_features(features)
     scores = []
-    for _, subsets in repeated_splits(feats, REPEATS):
+    for _, subsets in feats.repeated_splits(REPEATS):
         fit, test = subsets != "test", subsets == "test"
         model = LogisticRegression().fit(feats.X[fit], feats.y[fit])
         scores.append(float((model.predict(feats.X[test]) == feats.y[test]).mean()))

@@ -14,7 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.classify.estimator import CodesClassifier, repeated_splits
+from cnncodes.classify.estimator import CodesClassifier
 from cnncodes.cli.main import app
 from cnncodes.codes.features import load_features
 from cnncodes.core.choices import KINDS
@@ -199,11 +199,11 @@ def codes(tmp_path_factory) -> dict[str, Path]:
 
 def test_repeated_splits_are_distinct_deterministic_and_keep_duplicates_together(codes):
     feats = load_features(codes["features"])
-    splits = repeated_splits(feats, 4)
+    splits = feats.repeated_splits(4)
     assert [seed for seed, _ in splits] == [0, 1, 2, 3]
     np.testing.assert_array_equal(splits[0][1], feats.subsets)  # the first is the features' own split
     assert len({tuple(subsets) for _, subsets in splits}) == 4
-    again = repeated_splits(load_features(codes["features"]), 4)
+    again = load_features(codes["features"]).repeated_splits(4)
     assert all((a == b).all() for (_, a), (_, b) in zip(splits, again))
     for _, subsets in splits:
         for group in np.unique(feats.groups):
@@ -233,7 +233,7 @@ def test_fit_svm_repeats_scores_each_split_on_its_own_test_images(codes, tmp_pat
     )
     assert result.exit_code == 0, result.output
     feats = load_features(codes["features"])
-    splits = repeated_splits(feats, 3)
+    splits = feats.repeated_splits(3)
     for path in tmp_path.glob("*.json"):
         record = json.loads(path.read_text())
         assert [r["seed"] for r in record["repeats"]] == [0, 1, 2]

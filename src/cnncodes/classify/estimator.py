@@ -50,7 +50,6 @@ from cnncodes.core.choices import KINDS, MAX_EXACT, NORMALIZERS
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import make_folder
 from cnncodes.core.progress import progress_bar, warn
-from cnncodes.data.split import assign_subsets
 from cnncodes.runs.bundle import publish_bundle
 from cnncodes.runs.evaluate import per_image_predictions, score
 from cnncodes.runs.records import build_record, refuse_to_replace, repeat_score, repeats_summary, run_name
@@ -652,7 +651,7 @@ def fit_svm(
         raise CnnCodesError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
     if repeats < 1:
         raise CnnCodesError(f"--repeats must be at least 1 (got {repeats})")
-    splits = repeated_splits(feats, repeats)
+    splits = feats.repeated_splits(repeats)
     if any(not (subsets == "test").any() for _, subsets in splits):
         raise CnnCodesError(f"{feats.path} has no test images: extract again with a --split that keeps a test share")
     for _, subsets in splits:
@@ -695,17 +694,6 @@ def _warn_if_reduced(used: dict[str, Any], cv: int, pca: int | None) -> None:
         warn(f"--cv {cv}: {used['cv']} folds used, as many as the smallest class and the duplicate groups allow")
     if pca and used["pca"] is not None and used["pca"] < pca:
         warn(f"--pca {pca}: {used['pca']} components used, as many as the codes' length and CV folds allow")
-
-
-def repeated_splits(feats: Features, repeats: int) -> list[tuple[int, np.ndarray]]:
-    """The features' own split, then `repeats - 1` more of the same images by `extract`'s rule, seeds counting up."""
-    made = feats.meta["split"]
-    first = int(made.get("seed", 0))
-    labels = [feats.classes[i] for i in feats.y]
-    return [(first, feats.subsets)] + [
-        (first + k, np.array(assign_subsets(feats.paths, labels, feats.groups, made["fractions"], first + k).subsets))
-        for k in range(1, repeats)
-    ]
 
 
 def _selection_splitter(subsets: np.ndarray, cv: int):

@@ -20,7 +20,7 @@ from cnncodes.codes.extract import (
 )
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import read_object
-from cnncodes.data.split import SUBSETS, Split, read_split_csv
+from cnncodes.data.split import SUBSETS, Split, assign_subsets, read_split_csv
 
 # Features folders written before split.csv became the only list of the rows' paths and subsets.
 _FORMAT_1 = "cnncodes.features/1"
@@ -49,6 +49,23 @@ class Features:
     @property
     def spec(self) -> ExtractorSpec:
         return ExtractorSpec.from_dict(self.meta["extractor"])
+
+    def repeated_splits(self, repeats: int) -> list[tuple[int, np.ndarray]]:
+        """The folder's own split, then `repeats - 1` more of the same images by `extract`'s rule, seeds counting up.
+
+        Args:
+            repeats: how many splits in all.
+
+        Returns:
+            `(seed, subsets)` per split, the folder's own first.
+        """
+        made = self.meta["split"]
+        first = int(made.get("seed", 0))
+        labels = [self.classes[i] for i in self.y]
+        return [(first, self.subsets)] + [
+            (first + k, np.array(assign_subsets(self.paths, labels, self.groups, made["fractions"], first + k).subsets))
+            for k in range(1, repeats)
+        ]
 
 
 # What every reader of a features folder relies on; format 1 also listed the rows' paths and subsets.

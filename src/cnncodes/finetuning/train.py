@@ -30,7 +30,6 @@ from typing import Any, ClassVar, NamedTuple
 import keras
 import numpy as np
 
-from cnncodes.classify.estimator import repeated_splits
 from cnncodes.codes.extract import META_FILE, REJECTED_FILE, SPLIT_FILE, extract, plan, skipped_summary
 from cnncodes.codes.features import load_features
 from cnncodes.core.choices import SMALL_CNN
@@ -399,7 +398,7 @@ def _splits(
     load_split(data, out, split_from, fractions, seed, dup_threshold, progress)  # the images must all be there
     feats = load_features(split_from)
     labels = [feats.classes[i] for i in feats.y]
-    return [(s, Split(feats.paths, labels, list(subsets))) for s, subsets in repeated_splits(feats, repeats)]
+    return [(s, Split(feats.paths, labels, list(subsets))) for s, subsets in feats.repeated_splits(repeats)]
 
 
 def _score_repeat(
