@@ -121,7 +121,7 @@ def dataset_runs(name: str, work: Path, log: list[str], skipped: dict[str, str])
             continue
         features = work / name / f"features-{backbone}"
         run(["extract", str(data), "--out", str(features), "--backbone", backbone, "--seed", str(SEED), "--quiet"], log)
-        run(["fit-svm", str(features), "--out", str(models), "--seed", str(SEED), "--quiet"], log)
+        run(["fit-svm", str(features), "--out", str(models), "--cv-seed", str(SEED), "--quiet"], log)
     split = codes_folder(work, name)
     run(
         [
@@ -133,7 +133,7 @@ def dataset_runs(name: str, work: Path, log: list[str], skipped: dict[str, str])
             "l2",
             "--name",
             "l2",
-            "--seed",
+            "--cv-seed",
             str(SEED),
             "--quiet",
         ],
@@ -142,7 +142,7 @@ def dataset_runs(name: str, work: Path, log: list[str], skipped: dict[str, str])
     for variant, options in CODE_VARIANTS:
         features = codes_folder(work, name, variant)
         run(["extract", str(data), "--out", str(features), *options, "--seed", str(SEED), "--quiet"], log)
-        run(["fit-svm", str(features), "--out", str(models), "--name", variant, "--seed", str(SEED), "--quiet"], log)
+        run(["fit-svm", str(features), "--out", str(models), "--name", variant, "--cv-seed", str(SEED), "--quiet"], log)
     for variant, options in FINETUNES:
         run(
             [
@@ -154,7 +154,7 @@ def dataset_runs(name: str, work: Path, log: list[str], skipped: dict[str, str])
                 str(split),
                 *options,
                 *(["--name", variant] if variant else []),
-                "--seed",
+                "--init-seed",
                 str(SEED),
                 "--quiet",
             ],
@@ -352,7 +352,7 @@ def layer_sweep(name: str, work: Path, log: list[str]) -> list[dict]:
                 "logreg",
                 "--classifier",
                 "linear-svm",
-                "--seed",
+                "--cv-seed",
                 str(SEED),
                 "--quiet",
             ],
@@ -549,12 +549,13 @@ def main() -> None:
 def int8_split(work: Path, seed: int, precision: str) -> tuple[dict[str, float], dict | None]:
     """Test accuracy of each default classifier on one Flowers-17 split's codes, and int8's recorded agreement."""
     import cnncodes
-    from cnncodes.classify.estimator import fit_svm
+    from cnncodes.classify.fit import fit_classifiers
 
     folder = work / "int8" / f"seed{seed}-{precision}"
     flowers = SHARED / "datasets" / "oxford17flowers"
-    cnncodes.extract(flowers, folder / "features", image_size=224, seed=seed, precision=precision, progress=False)
-    records = fit_svm(folder / "features", folder / "models", progress=False)
+    spec = cnncodes.ExtractorSpec.create(image_size=224, precision=precision)
+    cnncodes.extract(flowers, folder / "features", spec, seed=seed, progress=False)
+    records = fit_classifiers(folder / "features", out=folder / "models", progress=False)
     quantization = json.loads((folder / "features" / "meta.json").read_text())["extractor"].get("quantization")
     return {r["classifier"]: r["accuracy"] for r in records}, quantization
 

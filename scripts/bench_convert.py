@@ -32,8 +32,8 @@ BARE = """
 import sys, numpy as np, cnncodes
 from cnncodes.nets.backbones import get_backbone
 size = get_backbone(sys.argv[1]).default_size  # one size
-spec, weights = cnncodes.ExtractorSpec.create(sys.argv[1], weights="none", image_size=size)
-model = spec.build(weights)
+spec = cnncodes.ExtractorSpec.create(backbone=sys.argv[1], weights="none", image_size=size)
+model = spec.build(spec.recorded_weights)
 model.predict_on_batch(np.zeros((1, *model.input_shape[1:]), np.uint8))  # Keras exports only called models
 model.export(sys.argv[2] + "/model.onnx", format="onnx", verbose=False)
 """
@@ -42,8 +42,8 @@ import sys, cnncodes
 from cnncodes.runtime.runners import OnnxRunner
 from cnncodes.nets.backbones import get_backbone
 size = get_backbone(sys.argv[1]).default_size  # one size
-spec, weights = cnncodes.ExtractorSpec.create(sys.argv[1], weights="none", image_size=size)
-assert isinstance(spec.runner(weights), OnnxRunner)
+spec = cnncodes.ExtractorSpec.create(backbone=sys.argv[1], weights="none", image_size=size)
+assert isinstance(spec.runner(spec.recorded_weights), OnnxRunner)
 """
 
 

@@ -70,15 +70,15 @@ def work_extract(args) -> dict:
     listing = Path(args.tmp) / "list.csv"
     listing.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in image_list(args.images, args.datasets)))
     started = time.perf_counter()
+    spec = cnncodes.ExtractorSpec.create(
+        backbone=args.backbone, weights=weights_for(args.backbone), image_size=args.size, precision=args.precision
+    )
     result = cnncodes.extract(
         listing,
         Path(args.out or Path(args.tmp) / "out"),
-        backbone=args.backbone,
-        weights=weights_for(args.backbone),
-        image_size=args.size,
+        spec,
         batch_size=args.batch_size,
         runtime=args.runtime,
-        precision=args.precision,
         progress=False,
     )
     return {
@@ -93,9 +93,9 @@ def work_forward(args) -> dict:
     from cnncodes import ExtractorSpec
     from cnncodes.data.ingest import load_square
 
-    spec, weights = ExtractorSpec.create(args.backbone, image_size=args.size, weights=weights_for(args.backbone))
+    spec = ExtractorSpec.create(backbone=args.backbone, image_size=args.size, weights=weights_for(args.backbone))
     pixels = np.stack([load_square(p, spec.image_size) for p, _ in image_list(args.images)])
-    run = spec.runner(weights, args.runtime)
+    run = spec.runner(spec.recorded_weights, args.runtime)
     started = time.perf_counter()
     for start in range(0, len(pixels), args.batch_size):
         run(pixels[start : start + args.batch_size])
@@ -105,7 +105,7 @@ def work_forward(args) -> dict:
 def work_tutorial(args) -> dict:
     import keras
 
-    from cnncodes.codes.extract import input_sizes
+    from cnncodes.codes.spec import input_sizes
     from cnncodes.nets.backbones import get_backbone
 
     entry = get_backbone(args.backbone)

@@ -69,11 +69,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import cnncodes
-    from cnncodes.finetuning.train import finetune, make_spec
+    from cnncodes.finetuning.spec import make_spec
+    from cnncodes.finetuning.train import finetune
 
     shutil.rmtree(args.work, ignore_errors=True)
     features = args.work / "split"
-    cnncodes.extract(DATA, features, backbone="mobilenetv2", image_size=96, progress=False)  # the shared split
+    spec = cnncodes.ExtractorSpec.create(backbone="mobilenetv2", image_size=96)
+    cnncodes.extract(DATA, features, spec, progress=False)  # the shared split
     print(
         f"# finetune on cats_dogs_horses_humans, {args.size} px, batch {args.batch_size}, "
         f"{os.cpu_count()} cores, seed 0\n"

@@ -41,8 +41,8 @@ EXTRACT = """
 import json, resource, sys, time
 import cnncodes
 started = time.perf_counter()
-result = cnncodes.extract(sys.argv[1], sys.argv[2], backbone="mobilenetv2", weights="none", image_size=32,
-                          engine=sys.argv[3], progress=False)
+spec = cnncodes.ExtractorSpec.create(backbone="mobilenetv2", weights="none", image_size=32)
+result = cnncodes.extract(sys.argv[1], sys.argv[2], spec, engine=sys.argv[3], progress=False)
 wall = time.perf_counter() - started
 meta = json.load(open(f"{sys.argv[2]}/meta.json"))
 print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -83,7 +83,7 @@ def watch():
         time.sleep(0.05)
 threading.Thread(target=watch, daemon=True).start()
 started = time.perf_counter()
-model = CodesClassifier(sys.argv[3], normalize="standard", cv=3, n_jobs=1).fit_rows(X, y, np.arange(len(y)))
+model = CodesClassifier(kind=sys.argv[3], normalize="standard", cv=3, n_jobs=1).fit_rows(X, y, np.arange(len(y)))
 print(json.dumps({"seconds": time.perf_counter() - started, "cv_score": model.cv_score_,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "anon_mb": peak[0] / 1024}))
 """

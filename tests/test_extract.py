@@ -18,22 +18,16 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.cli.main import app
 from cnncodes.codes.features import load_features
+from cnncodes.codes.plan import file_ids
 from cnncodes.core.files import sha256_file
+from cnncodes.data.ingest import BadImage, Dataset
 from cnncodes.data.split import Split
 from cnncodes.runtime.runners import KerasRunner, OnnxRunner
 
-from .conftest import FAST, FAST_ARGS, FLOWERS, needs_real_weights, pattern, write_image
-
-runner = CliRunner()
-
-
-def cli(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
+from .helpers import FAST_ARGS, FLOWERS, cli, fast_spec, needs_real_weights, pattern, write_image
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -110,7 +104,7 @@ def direct_forward_pass(dataset: Path, features: Path) -> tuple[KerasRunner, np.
 
 
 def test_codes_match_a_direct_forward_pass_in_row_order(dataset: Path, tmp_path: Path):
-    result = cnncodes.extract(dataset, tmp_path / "f", **FAST)
+    result = cnncodes.extract(dataset, tmp_path / "f", fast_spec(), progress=False)
     network, pixels = direct_forward_pass(dataset, result.out)
     expected = network(pixels)
     codes = np.load(result.out / "features.npy")
@@ -118,28 +112,31 @@ def test_codes_match_a_direct_forward_pass_in_row_order(dataset: Path, tmp_path:
 
 
 def test_flip_codes_are_the_mean_of_the_image_and_its_mirror_image(dataset: Path, tmp_path: Path):
-    result = cnncodes.extract(dataset, tmp_path / "f", flip=True, **FAST)
+    result = cnncodes.extract(dataset, tmp_path / "f", fast_spec(flip=True), progress=False)
     network, pixels = direct_forward_pass(dataset, result.out)
     expected = (network(pixels) + network(pixels[:, :, ::-1])) / 2
     codes = np.load(result.out / "features.npy")
     on_keras = np.load(
-        cnncodes.extract(dataset, tmp_path / "k", flip=True, runtime="keras", **FAST).out / "features.npy"
+        cnncodes.extract(dataset, tmp_path / "k", fast_spec(flip=True), progress=False, runtime="keras").out
+        / "features.npy"
     )
     for found in (codes, on_keras):
         assert np.abs(found - expected).max() <= 1e-4 * np.abs(expected).max()
-    plain = np.load(cnncodes.extract(dataset, tmp_path / "plain", **FAST).out / "features.npy")
+    plain = np.load(cnncodes.extract(dataset, tmp_path / "plain", fast_spec(), progress=False).out / "features.npy")
     assert np.abs(codes - plain).max() > 0.05 * np.abs(plain).max()
 
 
 def test_codes_at_several_sizes_are_the_mean_of_the_codes_at_each_size_which_are_kept(
     dataset: Path, tmp_path: Path, monkeypatch
 ):
-    both = load_features(cnncodes.extract(dataset, tmp_path / "both", **(FAST | dict(image_size=[48, 32]))).out)
+    both = load_features(
+        cnncodes.extract(dataset, tmp_path / "both", fast_spec(image_size=[48, 32]), progress=False).out
+    )
     assert (both.spec.image_size, both.spec.scales, both.spec.views) == (48, [32, 48], 2)
     runner = both.spec.runner(both.spec.find_weights())
     assert isinstance(runner.runner, OnnxRunner)  # exported exactly, no Keras fallback
     one = {
-        n: load_features(cnncodes.extract(dataset, tmp_path / str(n), **(FAST | dict(image_size=n))).out).X
+        n: load_features(cnncodes.extract(dataset, tmp_path / str(n), fast_spec(image_size=n), progress=False).out).X
         for n in (32, 48)
     }
     scale = np.abs(one[48]).max()
@@ -148,9 +145,7 @@ def test_codes_at_several_sizes_are_the_mean_of_the_codes_at_each_size_which_are
     for view, size in enumerate((32, 48)):
         assert np.abs(both.views[:, view] - one[size]).max() <= 0.01 * scale
     assert np.array_equal(both.X, both.views.mean(axis=1))
-    monkeypatch.setattr(
-        "cnncodes.codes.features._IN_MEMORY_BYTES", 64
-    )  # as for a million images: mapped, not in memory
+    monkeypatch.setattr("cnncodes.codes.features.IN_MEMORY_BYTES", 64)  # as for a million images: mapped, not in memory
     mapped = load_features(both.path).X
     assert isinstance(mapped, np.memmap) and np.array_equal(mapped, both.X)
     assert np.abs(one[48] - one[32]).max() > 0.1 * scale
@@ -168,7 +163,7 @@ def test_flip_codes_stay_the_same_when_every_image_is_mirrored(dataset: Path, tm
             Image.fromarray(np.ascontiguousarray(view)).save(target)
 
     def codes(name: str, flip: bool) -> np.ndarray:
-        out = cnncodes.extract(tmp_path / name, tmp_path / f"{name}-{flip}", flip=flip, **FAST).out
+        out = cnncodes.extract(tmp_path / name, tmp_path / f"{name}-{flip}", fast_spec(flip=flip), progress=False).out
         return np.load(out / "features.npy")[np.argsort(load_features(out).paths)]
 
     scale = np.abs(codes("original", True)).max()
@@ -178,14 +173,14 @@ def test_flip_codes_stay_the_same_when_every_image_is_mirrored(dataset: Path, tm
 
 def test_rerun_with_same_data_and_settings_recomputes_nothing(dataset: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "f"
-    first = cnncodes.extract(dataset, out, **FAST)
+    first = cnncodes.extract(dataset, out, fast_spec(), progress=False)
     stamp = (out / "features.npy").stat().st_mtime_ns
 
     def no_network(*_a, **_k):
         raise AssertionError("the network must not be built again")
 
     monkeypatch.setattr(cnncodes.ExtractorSpec, "build", no_network)
-    again = cnncodes.extract(dataset, out, **FAST)
+    again = cnncodes.extract(dataset, out, fast_spec(), progress=False)
     assert again.up_to_date and again.computed == 0 and again.n_images == first.n_images
     assert (out / "features.npy").stat().st_mtime_ns == stamp
 
@@ -196,12 +191,12 @@ def test_rerun_with_same_data_and_settings_recomputes_nothing(dataset: Path, tmp
 )
 def test_changed_settings_never_reuse_stale_rows(dataset: Path, tmp_path: Path, change):
     out = tmp_path / "f"
-    base = FAST | dict(layer="block4_pool")  # a 2x2 map at 32 px, so avg and max pooling differ
-    cnncodes.extract(dataset, out, **base)
+    base = dict(layer="block4_pool")  # a 2x2 map at 32 px, so avg and max pooling differ
+    cnncodes.extract(dataset, out, fast_spec(**base), progress=False)
     before = np.load(out / "features.npy")
-    result = cnncodes.extract(dataset, out, **(base | change))
+    result = cnncodes.extract(dataset, out, fast_spec(**(base | change)), progress=False)
     assert result.computed == result.n_images == 24 and result.reused == 0
-    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **(base | change))
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", fast_spec(**(base | change)), progress=False)
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
     after = np.load(out / "features.npy")
     assert after.shape != before.shape or not np.allclose(after, before)
@@ -214,7 +209,7 @@ def test_the_check_cache_holds_the_files_there_are_not_every_version_of_them(dat
     for _ in range(3):
         for path in dataset.rglob("*.*"):
             os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))  # a new identity
-        cnncodes.extract(dataset, out, **FAST)
+        cnncodes.extract(dataset, out, fast_spec(), progress=False)
     with sqlite3.connect(out / ".cache" / "checks.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM checks2").fetchone()[0] == 24
 
@@ -224,9 +219,9 @@ def test_another_duplicate_threshold_regroups_without_recomputing_codes(dataset:
     near[:4, :4] += 40  # a corner brighter: a few hash bits apart, not zero
     Image.fromarray(np.clip(near, 0, 255).astype(np.uint8)).save(dataset / "stripes" / "near.png")
     out, same_subsets = tmp_path / "f", 5  # a seed at which both groupings give every image the same subset
-    first = cnncodes.extract(dataset, out, seed=same_subsets, **FAST)
+    first = cnncodes.extract(dataset, out, fast_spec(), progress=False, seed=same_subsets)
     assert len(np.unique(np.load(out / "groups.npy"))) == 24  # 25 images, one pair grouped
-    again = cnncodes.extract(dataset, out, seed=same_subsets, dup_threshold=0, **FAST)
+    again = cnncodes.extract(dataset, out, fast_spec(), progress=False, seed=same_subsets, dup_threshold=0)
     assert again.counts == first.counts
     assert not again.up_to_date and again.computed == 0
     assert len(np.unique(np.load(out / "groups.npy"))) == 25
@@ -235,7 +230,7 @@ def test_another_duplicate_threshold_regroups_without_recomputing_codes(dataset:
 
 def test_added_images_are_the_only_ones_computed_and_keep_old_subsets(dataset: Path, tmp_path: Path):
     out = tmp_path / "f"
-    cnncodes.extract(dataset, out, **FAST)
+    cnncodes.extract(dataset, out, fast_spec(), progress=False)
     old = load_features(out)
     old_rows = dict(zip(old.paths, np.array(old.X)))  # a copy: the next extract replaces the file
     for i in range(3):
@@ -268,20 +263,20 @@ def stop_after(rows: int, pause: float = 0.0):
 
 def test_a_file_that_failed_while_its_code_was_computed_is_tried_again(dataset: Path, tmp_path: Path, monkeypatch):
     """A read error after the check (an object store's timeout, NFS) must not make the next run 'up to date'."""
-    extract_module = importlib.import_module("cnncodes.codes.extract")  # `cnncodes.extract` is the function
-    decode, flaky = extract_module.decode, "squares/squares_03.png"
+    reading = importlib.import_module("cnncodes.codes.reading")
+    decode, flaky = reading.decode, "squares/squares_03.png"
 
     def fails_once(path, *args, **kwargs):
         if str(path).endswith(flaky):
-            return extract_module.BadImage("read timed out", "unreadable")
+            return BadImage("read timed out", "unreadable")
         return decode(path, *args, **kwargs)
 
-    monkeypatch.setattr(extract_module, "decode", fails_once)
+    monkeypatch.setattr(reading, "decode", fails_once)
     out = tmp_path / "f"
-    first = cnncodes.extract(dataset, out, **FAST)
+    first = cnncodes.extract(dataset, out, fast_spec(), progress=False)
     assert first.n_images == 23 and flaky in (out / "rejected.csv").read_text()
     monkeypatch.undo()
-    again = cnncodes.extract(dataset, out, **FAST)
+    again = cnncodes.extract(dataset, out, fast_spec(), progress=False)
     assert not again.up_to_date and again.computed == 1 and again.reused == 23 and again.n_images == 24
     assert flaky in load_features(out).paths and flaky not in (out / "rejected.csv").read_text()
 
@@ -289,27 +284,27 @@ def test_a_file_that_failed_while_its_code_was_computed_is_tried_again(dataset: 
 def test_interrupted_run_leaves_no_outputs_and_resumes_where_it_stopped(dataset: Path, tmp_path: Path):
     out = tmp_path / "f"
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(8, pause=1.5))
+        cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4, on_batch=stop_after(8, pause=1.5))
     assert not (out / "features.npy").exists() and not (out / "meta.json").exists()
 
-    resumed = cnncodes.extract(dataset, out, **FAST, batch_size=4)
+    resumed = cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4)
     assert resumed.computed == 24 - 8 and resumed.reused == 8
     assert resumed.seconds > 1.5  # the interrupted run's time is carried into meta.json
     assert json.loads((out / "meta.json").read_text())["elapsed_seconds"] == resumed.seconds
-    clean = cnncodes.extract(dataset, tmp_path / "clean", **FAST, batch_size=4)
+    clean = cnncodes.extract(dataset, tmp_path / "clean", fast_spec(), progress=False, batch_size=4)
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(clean.out / "features.npy"), rtol=1e-6)
 
 
 def test_files_added_and_deleted_before_a_resume_keep_the_interrupted_runs_rows(dataset: Path, tmp_path: Path):
     out = tmp_path / "f"
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(12))
+        cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4, on_batch=stop_after(12))
     write_image(dataset / "circles" / "added.png", "circles", seed=950)
     (dataset / "squares" / "squares_07.png").unlink()  # a file the user removed before running again
-    resumed = cnncodes.extract(dataset, out, **FAST, batch_size=4)
+    resumed = cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4)
     assert resumed.n_images == 24 and resumed.reused >= 11 and resumed.computed == 24 - resumed.reused
     assert not list((out / ".cache").glob("salvaged*"))
-    clean = cnncodes.extract(dataset, tmp_path / "clean", **FAST, batch_size=4)
+    clean = cnncodes.extract(dataset, tmp_path / "clean", fast_spec(), progress=False, batch_size=4)
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(clean.out / "features.npy"), rtol=1e-6)
 
 
@@ -322,14 +317,15 @@ def hold(done, total):
         pathlib.Path(sys.argv[3]).touch()
         time.sleep(600)
 
-cnncodes.extract(sys.argv[1], sys.argv[2], backbone="vgg16", weights="none", image_size=32, progress=False,
-                 batch_size=4, on_batch=hold)
+spec = cnncodes.ExtractorSpec.create(backbone="vgg16", weights="none", image_size=32)
+cnncodes.extract(sys.argv[1], sys.argv[2], spec, progress=False, batch_size=4, on_batch=hold)
 """
 
 
 def test_a_second_extract_is_refused_while_another_process_writes_and_resumes_after_it_is_killed(dataset, tmp_path):
     out, holding = tmp_path / "f", tmp_path / "holding"
-    cnncodes.extract(dataset, tmp_path / "warm", **FAST)  # the ONNX conversion is cached before the holder starts
+    # the ONNX conversion is cached before the holder starts
+    cnncodes.extract(dataset, tmp_path / "warm", fast_spec(), progress=False)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(dataset), str(out), str(holding)])
     try:
         deadline = time.monotonic() + 120
@@ -341,7 +337,7 @@ def test_a_second_extract_is_refused_while_another_process_writes_and_resumes_af
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    after = cnncodes.extract(dataset, out, **FAST, batch_size=4)  # the lock died with its holder
+    after = cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4)  # the lock died with its holder
     assert (after.computed, after.reused) == (16, 8)
 
 
@@ -353,23 +349,23 @@ def test_a_run_killed_while_publishing_reuses_every_row(dataset: Path, tmp_path:
 
     monkeypatch.setattr(Split, "write_csv", killed)  # dies after features.npy was replaced, before meta.json
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **FAST)
+        cnncodes.extract(dataset, out, fast_spec(), progress=False)
     monkeypatch.undo()
     assert not (out / "meta.json").exists()
-    again = cnncodes.extract(dataset, out, **FAST)
+    again = cnncodes.extract(dataset, out, fast_spec(), progress=False)
     assert (again.computed, again.reused) == (0, 24)
-    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST)
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", fast_spec(), progress=False)
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
 
 
 @pytest.mark.parametrize("renames", [3, 4, 5])
 def test_a_run_killed_at_any_rename_of_its_publish_reuses_every_row(dataset, tmp_path, monkeypatch, renames):
     """The publish renames the new rows' ids, their index, the codes and their ids and index again; kill at each."""
-    extract_module = importlib.import_module("cnncodes.codes.extract")
+    extract_module = importlib.import_module("cnncodes.codes.extract")  # `cnncodes.extract` is the function
     out = tmp_path / "f"
-    cnncodes.extract(dataset, out, **FAST)
+    cnncodes.extract(dataset, out, fast_spec(), progress=False)
     write_image(dataset / "circles" / "added.png", "circles", seed=951)
-    publish, replace, calls = extract_module.publish, os.replace, []
+    publish, replace, calls = extract_module.publish_folder, os.replace, []
 
     def publishing(*args, **kwargs):
         calls.append("publish")
@@ -382,19 +378,19 @@ def test_a_run_killed_at_any_rename_of_its_publish_reuses_every_row(dataset, tmp
                 raise KeyboardInterrupt
         replace(*args)
 
-    monkeypatch.setattr(extract_module, "publish", publishing)
+    monkeypatch.setattr(extract_module, "publish_folder", publishing)
     monkeypatch.setattr(os, "replace", replace_or_die)
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **FAST)
+        cnncodes.extract(dataset, out, fast_spec(), progress=False)
     monkeypatch.undo()
     assert_the_next_run_ends_as_a_fresh_one(dataset, out, tmp_path / "fresh", computed=0, reused=25)
 
 
 def assert_the_next_run_ends_as_a_fresh_one(dataset: Path, out: Path, fresh: Path, computed: int, reused: int):
     """The next run into `out` computes and reuses that many rows, and its codes are a fresh run's."""
-    again = cnncodes.extract(dataset, out, **FAST)
+    again = cnncodes.extract(dataset, out, fast_spec(), progress=False)
     assert (again.computed, again.reused) == (computed, reused)
-    cnncodes.extract(dataset, fresh, **FAST)
+    cnncodes.extract(dataset, fresh, fast_spec(), progress=False)
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh / "features.npy"))
 
 
@@ -409,18 +405,18 @@ def copy_killed_after(monkeypatch, chunks: int) -> None:
             raise KeyboardInterrupt
         return read(self, rows)
 
-    monkeypatch.setattr(storage, "_CHUNK_ROWS", 4)
+    monkeypatch.setattr(storage, "CHUNK_ROWS", 4)
     monkeypatch.setattr(storage, "SYNC_EVERY", 0.0)
     monkeypatch.setattr(storage.NpyRows, "read", read_or_die)
 
 
 def test_a_copy_of_earlier_rows_cut_short_goes_on_at_the_next_run(dataset: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "f"
-    cnncodes.extract(dataset, out, **FAST)
+    cnncodes.extract(dataset, out, fast_spec(), progress=False)
     write_image(dataset / "circles" / "added.png", "circles", seed=952)
     copy_killed_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **FAST)
+        cnncodes.extract(dataset, out, fast_spec(), progress=False)
     monkeypatch.undo()
     assert_the_next_run_ends_as_a_fresh_one(dataset, out, tmp_path / "fresh", computed=1, reused=24)
 
@@ -428,11 +424,11 @@ def test_a_copy_of_earlier_rows_cut_short_goes_on_at_the_next_run(dataset: Path,
 def cut_short_copy_of_salvaged_rows(dataset: Path, out: Path, monkeypatch) -> None:
     """A run stopped after 12 rows, an image added, then the copy of those rows into the new run cut short."""
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(12))
+        cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4, on_batch=stop_after(12))
     write_image(dataset / "circles" / "added.png", "circles", seed=953)
     copy_killed_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **FAST, batch_size=4)
+        cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4)
     monkeypatch.undo()
 
 
@@ -440,31 +436,32 @@ def test_a_copy_of_salvaged_rows_cut_short_goes_on_and_leaves_nothing_behind(dat
     out = tmp_path / "f"
     cut_short_copy_of_salvaged_rows(dataset, out, monkeypatch)
     assert list((out / ".cache").glob("salvaged*"))  # what the cut copy had not taken yet
-    again = cnncodes.extract(dataset, out, **FAST, batch_size=4)
+    again = cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4)
     assert again.reused >= 12 and again.computed == 25 - again.reused
     assert not list((out / ".cache").glob("salvaged*"))
-    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST, batch_size=4)
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", fast_spec(), progress=False, batch_size=4)
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"), rtol=1e-6)
 
 
 def test_rows_set_aside_never_go_to_a_run_with_other_settings(dataset: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "f"
     cut_short_copy_of_salvaged_rows(dataset, out, monkeypatch)
-    flipped = cnncodes.extract(dataset, out, **FAST, flip=True)  # the file ids match, the extractor does not
+    # the file ids match, the extractor does not
+    flipped = cnncodes.extract(dataset, out, fast_spec(flip=True), progress=False)
     assert flipped.computed == 25
     assert not list((out / ".cache").glob("salvaged*"))  # dropped with the other settings' unfinished rows
-    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **FAST, flip=True)
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", fast_spec(flip=True), progress=False)
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"), rtol=1e-6)
 
 
 def test_the_time_of_rows_copied_survives_a_later_kill(dataset: Path, tmp_path: Path):
     out = tmp_path / "f"
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(12, pause=1.5))
+        cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4, on_batch=stop_after(12, pause=1.5))
     write_image(dataset / "circles" / "added.png", "circles", seed=955)
     with pytest.raises(KeyboardInterrupt):  # copies the rows set aside above, then stops
-        cnncodes.extract(dataset, out, **FAST, batch_size=4, on_batch=stop_after(16))
-    done = cnncodes.extract(dataset, out, **FAST, batch_size=4)
+        cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4, on_batch=stop_after(16))
+    done = cnncodes.extract(dataset, out, fast_spec(), progress=False, batch_size=4)
     assert done.reused >= 16 and done.seconds > 1.5  # the first run's time is in the codes it made
 
 
@@ -480,7 +477,8 @@ app(sys.argv[1:])
 
 def test_a_full_disk_is_one_error_line_and_the_same_command_completes_with_space(dataset, tmp_path, monkeypatch):
     out = tmp_path / "f"
-    cnncodes.extract(dataset, tmp_path / "warm", **FAST)  # the ONNX conversion is cached before space runs out
+    # the ONNX conversion is cached before space runs out
+    cnncodes.extract(dataset, tmp_path / "warm", fast_spec(), progress=False)
     args = ["extract", str(dataset), "--out", str(out), *FAST_ARGS]
     full = subprocess.run(
         [sys.executable, "-c", FULL_DISK, *args], capture_output=True, text=True, timeout=300, check=False
@@ -493,8 +491,8 @@ def test_a_full_disk_is_one_error_line_and_the_same_command_completes_with_space
     def no_checking(*_a, **_k):
         raise AssertionError("the files were checked by the run that stopped: that work is kept")
 
-    monkeypatch.setattr(importlib.import_module("cnncodes.codes.extract"), "check_file", no_checking)
-    completed = cnncodes.extract(dataset, out, **FAST)
+    monkeypatch.setattr(importlib.import_module("cnncodes.codes.engines.local"), "check_file", no_checking)
+    completed = cnncodes.extract(dataset, out, fast_spec(), progress=False)
     assert completed.computed == 24
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(tmp_path / "warm" / "features.npy"))
 
@@ -502,7 +500,7 @@ def test_a_full_disk_is_one_error_line_and_the_same_command_completes_with_space
 def test_groups_file_gives_near_duplicates_one_id(dataset: Path, tmp_path: Path):
     original = dataset / "stripes" / "stripes_03.png"
     Image.open(original).save(dataset / "stripes" / "copy.bmp")
-    result = cnncodes.extract(dataset, tmp_path / "f", **FAST)
+    result = cnncodes.extract(dataset, tmp_path / "f", fast_spec(), progress=False)
     groups = np.load(result.out / "groups.npy")
     paths = load_features(result.out).paths
     assert groups.dtype == np.int64 and groups.shape == (25,)
@@ -514,12 +512,12 @@ def test_an_image_replaced_in_place_with_size_and_mtime_kept_is_computed_again(d
     target = dataset / "squares" / "picture.bmp"
     write_image(target, "squares", seed=1)
     out = tmp_path / "f"
-    cnncodes.extract(dataset, out, **FAST)
+    cnncodes.extract(dataset, out, fast_spec(), progress=False)
     stat = target.stat()
     Image.fromarray(np.ascontiguousarray(np.asarray(Image.open(target))[::-1])).save(target)  # same size, new pixels
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
-    again = cnncodes.extract(dataset, out, **FAST)
+    again = cnncodes.extract(dataset, out, fast_spec(), progress=False)
     assert (again.computed, again.reused) == (1, 24)
 
 
@@ -534,8 +532,8 @@ def test_dup_threshold_out_of_range_is_one_line_and_cross_class_copies_are_warne
 
 
 def test_untrained_weights_are_reproducible(dataset: Path, tmp_path: Path):
-    a = cnncodes.extract(dataset, tmp_path / "a", **FAST)
-    b = cnncodes.extract(dataset, tmp_path / "b", **FAST)
+    a = cnncodes.extract(dataset, tmp_path / "a", fast_spec(), progress=False)
+    b = cnncodes.extract(dataset, tmp_path / "b", fast_spec(), progress=False)
     np.testing.assert_array_equal(np.load(a.out / "features.npy"), np.load(b.out / "features.npy"))
 
 
@@ -545,7 +543,7 @@ def test_csv_input(dataset: Path, tmp_path: Path):
     listing.write_text(
         "path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in paths) + "gone.png,circles\nno_label.png,\n"
     )
-    result = cnncodes.extract(listing, tmp_path / "f", **FAST)
+    result = cnncodes.extract(listing, tmp_path / "f", fast_spec(), progress=False)
     assert result.n_images == len(paths) and result.classes == ["circles", "squares", "stripes"]
     rejected = {r["path"]: (r["reason"], r["category"]) for r in read_csv(result.out / "rejected.csv")}
     assert rejected == {
@@ -558,13 +556,15 @@ def test_a_csv_mixing_uris_and_local_paths_is_refused(tmp_path: Path):
     listing = tmp_path / "list.csv"
     listing.write_text("path,label\ns3://bucket/a.png,a\nb.png,b\n")
     with pytest.raises(cnncodes.CnnCodesError, match="lists URIs and local paths together"):
-        cnncodes.extract(listing, tmp_path / "f", **FAST)
+        cnncodes.extract(listing, tmp_path / "f", fast_spec(), progress=False)
 
 
 def test_layer_pooling_choices_shape_the_codes(dataset: Path, tmp_path: Path):
-    flat = cnncodes.extract(dataset, tmp_path / "flat", **FAST, layer="block3_pool", pooling="flatten")
+    flat = cnncodes.extract(
+        dataset, tmp_path / "flat", fast_spec(layer="block3_pool", pooling="flatten"), progress=False
+    )
     assert flat.dim == 4 * 4 * 256
-    best = cnncodes.extract(dataset, tmp_path / "mx", **FAST, layer="block3_conv1", pooling="max")
+    best = cnncodes.extract(dataset, tmp_path / "mx", fast_spec(layer="block3_conv1", pooling="max"), progress=False)
     assert best.dim == 256
 
 
@@ -603,8 +603,8 @@ def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, mo
     keras_home = tmp_path / "keras_home"
     monkeypatch.setenv("KERAS_HOME", str(keras_home))
     monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(mobilenet_weights_file.parent))
-    args = FAST | dict(backbone="mobilenetv2", weights="imagenet", runtime="keras")  # resolution, not runtime
-    from_env = cnncodes.extract(dataset, tmp_path / "env", **args)
+    imagenet = dict(backbone="mobilenetv2", weights="imagenet")
+    from_env = cnncodes.extract(dataset, tmp_path / "env", fast_spec(**imagenet), runtime="keras", progress=False)
     meta = json.loads((from_env.out / "meta.json").read_text())
     assert meta["extractor"]["weights_sha256"] == sha256_file(mobilenet_weights_file)
     assert meta["extractor"]["weights_file"] == str(mobilenet_weights_file)
@@ -612,12 +612,12 @@ def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, mo
     cache_copy = keras_home / "models" / mobilenet_weights_file.name
     cache_copy.parent.mkdir(parents=True)
     shutil.move(mobilenet_weights_file, cache_copy)
-    from_cache = cnncodes.extract(dataset, tmp_path / "cache", **args)
+    from_cache = cnncodes.extract(dataset, tmp_path / "cache", fast_spec(**imagenet), runtime="keras", progress=False)
     assert json.loads((from_cache.out / "meta.json").read_text())["extractor"]["weights_sha256"] == sha256_file(
         cache_copy
     )
     np.testing.assert_array_equal(np.load(from_env.out / "features.npy"), np.load(from_cache.out / "features.npy"))
-    untrained = cnncodes.extract(dataset, tmp_path / "none", **(FAST | dict(backbone="mobilenetv2")))
+    untrained = cnncodes.extract(dataset, tmp_path / "none", fast_spec(backbone="mobilenetv2"), progress=False)
     # untrained MobileNetV2 codes are tiny (around 1e-12): compare them relatively
     assert not np.allclose(
         np.load(untrained.out / "features.npy"), np.load(from_cache.out / "features.npy"), rtol=1e-2, atol=0
@@ -772,7 +772,7 @@ def test_backbones_and_layers_commands():
 
 def test_mobilenetv2_averages_three_sizes_by_default_where_codes_can_be_averaged():
     def sizes(**choices) -> tuple[int, list[int] | None]:
-        spec = cnncodes.ExtractorSpec.create(weights="none", **choices)[0]
+        spec = cnncodes.ExtractorSpec.create(weights="none", **choices)
         return spec.image_size, spec.scales
 
     assert sizes() == (384, [224, 288, 384])  # decoded at the largest, shrunk in the network for the others
@@ -791,7 +791,8 @@ def test_real_mobilenet_codes_group_flowers_by_class(tmp_path, monkeypatch):
         for src in sorted((FLOWERS / name).glob("*.jpg"))[:6]:
             (data / name).mkdir(parents=True, exist_ok=True)
             shutil.copy(src, data / name / src.name)
-    result = cnncodes.extract(data, tmp_path / "f", backbone="mobilenetv2", image_size=128, progress=False)
+    spec = cnncodes.ExtractorSpec.create(backbone="mobilenetv2", image_size=128)
+    result = cnncodes.extract(data, tmp_path / "f", spec, progress=False)
     codes = np.load(result.out / "features.npy")
     labels = np.load(result.out / "labels.npy")
     unit = codes / np.linalg.norm(codes, axis=1, keepdims=True)
@@ -805,18 +806,17 @@ def test_real_mobilenet_codes_group_flowers_by_class(tmp_path, monkeypatch):
 
 def test_run_killed_while_publishing_never_lends_its_rows_to_other_settings(dataset, tmp_path, monkeypatch):
     out = tmp_path / "f"
-    base = FAST | dict(layer="block4_pool")
-    cnncodes.extract(dataset, out, **base)
+    cnncodes.extract(dataset, out, fast_spec(layer="block4_pool"), progress=False)
 
     def killed(*_a, **_k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Split, "write_csv", killed)  # dies after features.npy was replaced
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(dataset, out, **(base | dict(pooling="max")))
+        cnncodes.extract(dataset, out, fast_spec(layer="block4_pool", pooling="max"), progress=False)
     monkeypatch.undo()
-    again = cnncodes.extract(dataset, out, **base)
-    fresh = cnncodes.extract(dataset, tmp_path / "fresh", **base)
+    again = cnncodes.extract(dataset, out, fast_spec(layer="block4_pool"), progress=False)
+    fresh = cnncodes.extract(dataset, tmp_path / "fresh", fast_spec(layer="block4_pool"), progress=False)
     assert again.computed == 24
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(fresh.out / "features.npy"))
 
@@ -833,14 +833,12 @@ def test_paths_with_brackets_and_unwritable_outputs_are_one_line_errors(dataset,
 
 def test_file_ids_read_as_the_id_strings_and_hash_and_dump_as_their_json(tmp_path: Path):
     """FileIds keeps numbers, not strings; every reader sees the same ids, keys and rows.json text as with a list."""
-    from cnncodes.codes.extract import _file_ids
     from cnncodes.core import files as artifacts
-    from cnncodes.data.ingest import Dataset
 
     write_image(tmp_path / "a" / "x.png")
     write_image(tmp_path / "a" / "ü y.png")
     dataset = Dataset(tmp_path, ["a/x.png", "a/ü y.png", "a/gone.png"], ["a", "a", "a"])
-    ids = _file_ids(dataset)
+    ids = file_ids(dataset)
     st = (tmp_path / "a" / "x.png").stat()
     expected = [f"a/x.png|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}", ids[1], "a/gone.png|missing"]
     assert list(ids) == expected and ids[1].startswith("a/ü y.png|") and ids[0:2] == expected[:2]
@@ -862,21 +860,18 @@ def test_out_inside_the_image_folder_or_on_a_file_is_refused_before_anything_is_
 
 def test_a_folder_whose_row_index_lists_file_ids_keeps_its_rows_when_files_are_added(dataset: Path, tmp_path: Path):
     """Folders published before rows-ids.npy (a JSON list of every file id) still give their rows to the next run."""
-    from cnncodes.codes.extract import _file_ids
-    from cnncodes.data.ingest import Dataset
-
     data = tmp_path / "copy"
     shutil.copytree(dataset, data)
     out = tmp_path / "f"
-    cnncodes.extract(data, out, **FAST)
+    cnncodes.extract(data, out, fast_spec(), progress=False)
     before = load_features(out)
     cache = out / ".cache"
     index = json.loads((cache / "rows.json").read_text())
-    ids = _file_ids(Dataset(data, before.paths, [before.classes[i] for i in before.y]))
+    ids = file_ids(Dataset(data, before.paths, [before.classes[i] for i in before.y]))
     (cache / "rows.json").write_text(json.dumps({**index, "file_ids": list(ids)}))
     (cache / "rows-ids.npy").unlink()
     write_image(data / "squares" / "new.png", "squares", seed=77)
-    again = cnncodes.extract(data, out, **FAST)
+    again = cnncodes.extract(data, out, fast_spec(), progress=False)
     assert (again.computed, again.reused) == (1, 24)
     after = load_features(out)
     rows = {p: i for i, p in enumerate(after.paths)}
@@ -886,7 +881,23 @@ def test_a_folder_whose_row_index_lists_file_ids_keeps_its_rows_when_files_are_a
 
 def test_a_library_argument_of_the_wrong_type_is_refused_not_taken_as_true(dataset: Path, tmp_path: Path):
     out = tmp_path / "f"
-    for wrong, words in (({"flip": "no"}, "flip must be True or False"), ({"seed": "1"}, "seed must be an integer")):
+    with pytest.raises(cnncodes.CnnCodesError, match="flip must be True or False"):
+        fast_spec(flip="no")
+    for wrong, words in (
+        ({"seed": "1"}, "seed must be an integer"),
+        ({"spec": "vgg16"}, "spec must be ExtractorSpec or None"),  # the choices go to ExtractorSpec.create
+    ):
         with pytest.raises(cnncodes.CnnCodesError, match=words):
-            cnncodes.extract(dataset, out, **FAST, **wrong)
+            cnncodes.extract(dataset, out, **({"spec": fast_spec(), "progress": False} | wrong))
     assert not out.exists()
+
+
+def test_loading_codes_never_imports_the_extraction_stack():
+    """`fit-svm` and `load_features` read a features folder with its file names and its spec alone."""
+    code = "import sys, cnncodes.codes.features; print(sorted(m for m in sys.modules if m.startswith('cnncodes.')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    loaded = done.stdout.strip()
+    assert "cnncodes.codes.spec" in loaded and "cnncodes.codes.layout" in loaded
+    for module in ("cnncodes.codes.extract", "cnncodes.codes.plan", "cnncodes.codes.resume", "cnncodes.codes.engines"):
+        assert f"'{module}" not in loaded, loaded

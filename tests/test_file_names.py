@@ -9,16 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from cnncodes.cli.main import app
 from cnncodes.codes.features import load_features
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.data.split import read_split_csv
 
-from .conftest import make_dataset, write_image
+from .helpers import make_dataset, runner, write_image
 
-runner = CliRunner()
 ODD = (os.fsdecode(b"caf\xe9.png"), "carriage\rreturn.png", "new\nline.png", 'comma, "quote".png')
 
 
@@ -56,6 +54,9 @@ def test_odd_file_names_round_trip_and_every_file_is_a_row_or_a_rejection(tmp_pa
     on_disk = {p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file()}
     assert on_disk == set(split.paths) | set(rejected)
     assert np.load(out / "features.npy").shape[0] == len(split.paths)
+    lines = (out / "split.csv").read_bytes().split(b"\n")
+    assert b"\r\n" not in (out / "rejected.csv").read_bytes()  # "\n" line ends, as pandas writes them
+    assert sum(line.endswith(b",test") for line in lines) == int((np.array(split.subsets) == "test").sum())
 
 
 def test_a_class_folder_whose_name_is_not_utf8_reaches_the_report_and_compares_output(tmp_path: Path):

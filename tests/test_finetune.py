@@ -15,28 +15,21 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes.cli.main import app
-from cnncodes.finetuning.train import (
-    TRUNK_DIR,
-    ResumableEarlyStopping,
-    cached_top,
-    cut_layer,
-    finetune,
-    first_unfrozen,
-    make_spec,
-    parse_unfreeze,
-    set_trainable,
-)
+from cnncodes.core.errors import CnnCodesWarning
+from cnncodes.finetuning.callbacks import CheckedBackup, ResumableEarlyStopping
+from cnncodes.finetuning.data import TRUNK_DIR
+from cnncodes.finetuning.spec import make_spec, parse_unfreeze
+from cnncodes.finetuning.surgery import cached_top, cut_layer, first_unfrozen, set_trainable
+from cnncodes.finetuning.train import finetune
 from cnncodes.nets.models import build_classifier
 from cnncodes.nets.preprocessing import Preprocess
 from cnncodes.nets.weights import Weights
 
-from .conftest import make_dataset, needs_real_weights, write_image
+from .helpers import fast_spec, make_dataset, needs_real_weights, runner, write_image
 
-runner = CliRunner()
 TINY = dict(backbone="vgg16", weights="none", image_size=32, batch_size=8, head_epochs=1, fine_epochs=1)
 
 
@@ -52,13 +45,14 @@ def tiny(**changes):
 def tuned(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("finetune")
     data = make_dataset(root / "data", per_class=8)
-    cnncodes.extract(data, root / "features", backbone="vgg16", weights="none", image_size=32, progress=False)
+    cnncodes.extract(data, root / "features", fast_spec(), progress=False)
     args = ["finetune", str(data), "--out", str(root / "models"), "--split-from", str(root / "features"), *TINY_ARGS]
     result = runner.invoke(app, [*args, "--head-epochs", "2", "--fine-epochs", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     return {"root": root, "data": data, "features": root / "features", "models": root / "models"}
 
 
+@pytest.mark.slow
 def test_finetune_writes_a_model_and_a_run_record_on_the_features_split(tuned):
     record = json.loads((tuned["models"] / "vgg16-finetune.json").read_text())
     meta = json.loads((tuned["features"] / "meta.json").read_text())
@@ -76,10 +70,16 @@ def test_finetune_writes_a_model_and_a_run_record_on_the_features_split(tuned):
         assert "optimizer" not in weights and not json.loads(saved.read("config.json")).get("compile_config")
 
 
+@pytest.mark.slow
 def test_a_keras_model_whose_record_was_edited_to_another_size_or_classes_is_refused(tuned, tmp_path):
     record = json.loads((tuned["models"] / "vgg16-finetune.json").read_text())
     image = str(tuned["data"] / record["test_predictions"][0]["path"])
-    for edit in ({"extractor": {**record["extractor"], "image_size": 64}}, {"classes": [*record["classes"], "x"]}):
+    one_more = {  # a class added consistently, so the record itself is valid and only the model disagrees
+        "classes": [*record["classes"], "x"],
+        "per_class": record["per_class"] | {"x": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}},
+        "confusion_matrix": [[*row, 0] for row in record["confusion_matrix"]] + [[0] * (len(record["classes"]) + 1)],
+    }
+    for edit in ({"extractor": {**record["extractor"], "image_size": 64}}, one_more):
         model = tmp_path / "vgg16-finetune.keras"
         model.write_bytes((tuned["models"] / "vgg16-finetune.keras").read_bytes())
         model.with_suffix(".json").write_text(json.dumps(record | edit))
@@ -88,6 +88,7 @@ def test_a_keras_model_whose_record_was_edited_to_another_size_or_classes_is_ref
             assert result.exit_code == 2 and "the record was changed" in result.stderr, result.output
 
 
+@pytest.mark.slow
 def test_predict_with_the_keras_model_reproduces_the_recorded_test_predictions(tuned):
     model = tuned["models"] / "vgg16-finetune.keras"
     record = json.loads(model.with_suffix(".json").read_text())
@@ -104,6 +105,7 @@ def test_predict_with_the_keras_model_reproduces_the_recorded_test_predictions(t
         )
 
 
+@pytest.mark.slow
 def test_compare_ranks_finetune_beside_cnn_codes_runs(tuned):
     fit = runner.invoke(
         app,
@@ -164,6 +166,7 @@ class InterruptAtEpoch(keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize("options", [{}, {"cache_trunk": True, "class_weight": "balanced"}])
+@pytest.mark.slow
 def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, options):
     data = make_dataset(tmp_path / "data", per_class=6)
     out = tmp_path / "models"
@@ -184,6 +187,7 @@ def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, opti
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".vgg16")) == []  # no temporary files left
 
 
+@pytest.mark.slow
 def test_a_run_interrupted_in_its_first_phase_resumes_with_every_epoch_of_the_second(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=6)
     spec = tiny(head_epochs=2, fine_epochs=2, patience=5)
@@ -206,14 +210,15 @@ def _terminated(*_):
     ("signum", "handler", "raised"),
     [(signal.SIGINT, signal.default_int_handler, KeyboardInterrupt), (signal.SIGTERM, _terminated, Terminated)],
 )
+@pytest.mark.slow
 def test_a_signal_while_an_epoch_is_backed_up_waits_for_the_backup(tmp_path, monkeypatch, signum, handler, raised):
-    original = keras.callbacks.BackupAndRestore.on_epoch_end
+    original = CheckedBackup.on_epoch_end
 
     def interrupted_while_writing(self, epoch, logs=None):
         os.kill(os.getpid(), signum)  # Ctrl-C or `kill` just as the backup starts
         original(self, epoch, logs)
 
-    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", interrupted_while_writing)
+    monkeypatch.setattr(CheckedBackup, "on_epoch_end", interrupted_while_writing)
     data, out = make_dataset(tmp_path / "data", per_class=6), tmp_path / "models"
     before = signal.signal(signum, handler)  # a shell that started the tests in the background ignores Ctrl-C
     try:
@@ -229,6 +234,7 @@ def test_a_signal_while_an_epoch_is_backed_up_waits_for_the_backup(tmp_path, mon
     assert [(h["phase"], h["epoch"]) for h in record["history"]] == [("head", 1), ("head", 2), ("fine", 1)]
 
 
+@pytest.mark.slow
 def test_a_kill_while_a_backup_is_written_leaves_the_previous_epochs_whole(tmp_path, monkeypatch):
     """SIGKILL cannot be held: a backup half written when it struck must not replace the last whole one."""
     original, written = keras.Model.save_weights, []
@@ -251,6 +257,7 @@ def test_a_kill_while_a_backup_is_written_leaves_the_previous_epochs_whole(tmp_p
 
 
 @pytest.mark.parametrize("damaged", ["latest.weights.h5", "training_metadata.json"])
+@pytest.mark.slow
 def test_a_backup_damaged_by_a_kill_is_one_error_line_and_restart_recovers(tmp_path, damaged):
     data, out, spec = make_dataset(tmp_path / "data", per_class=6), tmp_path / "models", tiny(head_epochs=2)
     with pytest.raises(KeyboardInterrupt):
@@ -262,6 +269,7 @@ def test_a_backup_damaged_by_a_kill_is_one_error_line_and_restart_recovers(tmp_p
     assert finetune(data, out, spec, restart=True, progress=False)["epochs_run"] == 3
 
 
+@pytest.mark.slow
 def test_restart_discards_an_interrupted_run_and_another_setting_needs_a_name(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=6)
     out = tmp_path / "models"
@@ -316,6 +324,27 @@ def test_early_stopping_state_survives_a_resume(tmp_path):
         np.testing.assert_array_equal(got, want)  # the best model found before the kill, not the last one
 
 
+def test_a_backup_gives_back_the_weights_the_optimizer_state_and_the_epoch_to_start_at(tmp_path):
+    """Through Keras's public API only: `fit(initial_epoch=...)`, so a new Keras cannot skip epochs unnoticed."""
+
+    def compiled():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+        return model
+
+    x, y = np.random.default_rng(0).normal(size=(8, 2)), np.arange(8) % 2
+    model, backup = compiled(), CheckedBackup(tmp_path / "head-backup")
+    model.fit(x, y, epochs=2, callbacks=[backup], verbose=0)
+    resumed = compiled()
+    assert CheckedBackup(tmp_path / "head-backup").restore(resumed) == 2
+    for got, want in zip(resumed.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    assert int(resumed.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) > 0
+    assert CheckedBackup(tmp_path / "none-yet").restore(compiled()) == 0
+
+
+@pytest.mark.slow
 def test_the_split_has_its_own_seed_and_follows_extract(tuned, tmp_path):
     meta = json.loads((tuned["features"] / "meta.json").read_text())
     record = finetune(tuned["data"], tmp_path / "a", tiny(seed=7, fine_epochs=0), progress=False)
@@ -324,6 +353,7 @@ def test_the_split_has_its_own_seed_and_follows_extract(tuned, tmp_path):
     assert other["dataset"]["split_fingerprint"] != meta["split"]["fingerprint"]
 
 
+@pytest.mark.slow
 def test_finetune_refuses_a_learning_rate_that_is_not_positive_or_a_training_that_diverges(tmp_path):
     for rate in ("-1", "nan", "inf"):
         result = runner.invoke(app, ["finetune", str(tmp_path), "--out", str(tmp_path / "models"), "--lr", rate])
@@ -347,7 +377,8 @@ def test_make_spec_checks_what_the_command_line_checks():
     assert tiny(unfreeze=3).unfreeze == tiny(unfreeze="3").unfreeze == 3  # the last 3 layers, as a number too
 
 
-def test_finetune_reads_a_csv_dataset_and_says_which_files_it_skipped(tmp_path, capsys):
+@pytest.mark.slow
+def test_finetune_reads_a_csv_dataset_and_says_which_files_it_skipped(tmp_path):
     data = make_dataset(tmp_path / "images", per_class=6)
     listing = tmp_path / "list.csv"
     rows = sorted(data.rglob("*.*"))
@@ -355,8 +386,8 @@ def test_finetune_reads_a_csv_dataset_and_says_which_files_it_skipped(tmp_path, 
     listing.write_text(
         "path,label\nimages/cut.jpg,circles\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in rows)
     )
-    record = finetune(listing, tmp_path / "models", tiny(fine_epochs=0), progress=False)
-    assert "Warning: skipped 1 file(s) (1 not an image): see" in " ".join(capsys.readouterr().err.split())
+    with pytest.warns(CnnCodesWarning, match=r"skipped 1 file\(s\) \(1 not an image\): see"):
+        record = finetune(listing, tmp_path / "models", tiny(fine_epochs=0), progress=False)
     assert (tmp_path / "models" / "rejected.csv").read_text().splitlines()[1].startswith("images/cut.jpg,")
     split = (tmp_path / "models" / "split.csv").read_text().splitlines()[1:]
     assert len(split) == len(rows) and record["n_test"] == sum(line.endswith(",test") for line in split)
@@ -365,6 +396,7 @@ def test_finetune_reads_a_csv_dataset_and_says_which_files_it_skipped(tmp_path, 
 
 
 @pytest.mark.parametrize("backbone", list(cnncodes.nets.backbones.REGISTRY))
+@pytest.mark.slow
 def test_the_model_on_cached_trunk_activations_equals_the_whole_model(backbone):
     entry = cnncodes.nets.backbones.get_backbone(backbone)
     size = max(32, entry.min_size)
@@ -411,6 +443,7 @@ def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_
         cached_top(model, network, cut_layer(network, first_unfrozen(network, "conv5_block1_1_conv")))
 
 
+@pytest.mark.slow
 def test_cache_trunk_trains_on_cached_activations_and_its_model_predicts_the_same(tuned):
     models = tuned["root"] / "trunk-models"
     args = ["finetune", str(tuned["data"]), "--out", str(models), "--split-from", str(tuned["features"]), *TINY_ARGS]
@@ -436,6 +469,7 @@ def test_cache_trunk_trains_on_cached_activations_and_its_model_predicts_the_sam
     assert again.exit_code == 2 and "cannot augment" in again.output
 
 
+@pytest.mark.slow
 def test_repeats_train_on_other_splits_of_the_features_and_record_mean_and_sd(tuned, tmp_path):
     with pytest.raises(cnncodes.CnnCodesError, match="--split-from"):
         finetune(tuned["data"], tmp_path / "x", tiny(), repeats=2, progress=False)
@@ -458,6 +492,7 @@ def test_repeats_train_on_other_splits_of_the_features_and_record_mean_and_sd(tu
     assert not (tmp_path / "models" / ".finetune" / "vgg16-finetune").exists()
 
 
+@pytest.mark.slow
 def test_smallcnn_trains_from_scratch_in_one_phase_and_predicts(tuned):
     models = tuned["root"] / "scratch-models"
     args = [
@@ -511,6 +546,7 @@ def test_smallcnn_trains_from_scratch_in_one_phase_and_predicts(tuned):
 
 
 @needs_real_weights
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_on_given_images(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=10)
     out = tmp_path / "demo"
@@ -557,9 +593,10 @@ def test_the_demo_folder_is_claimed_for_one_dataset(tmp_path):
 
 
 @pytest.mark.parametrize("subset", ["train", "test"])
+@pytest.mark.slow
 def test_an_image_of_the_split_that_no_longer_decodes_is_one_line_and_resume_goes_on(tmp_path, subset):
     data, features, models = make_dataset(tmp_path / "data", per_class=6), tmp_path / "features", tmp_path / "models"
-    cnncodes.extract(data, features, backbone="vgg16", weights="none", image_size=32, progress=False)
+    cnncodes.extract(data, features, fast_spec(), progress=False)
     rows = (features / "split.csv").read_text().splitlines()[1:]
     damaged = data / next(r.split(",")[0] for r in rows if r.endswith(f",{subset}") and ".jpg" in r)
     whole = damaged.read_bytes()
@@ -577,6 +614,7 @@ def test_an_image_of_the_split_that_no_longer_decodes_is_one_line_and_resume_goe
     assert record["n_test"] == sum(r.endswith(",test") for r in rows)
 
 
+@pytest.mark.slow
 def test_arguments_refused_after_the_split_leave_no_interrupted_run_and_a_features_folder_is_no_out(tuned, tmp_path):
     out = tmp_path / "models"
     args = ["finetune", str(tuned["data"]), "--out", str(out), "--split-from", str(tuned["features"]), *TINY_ARGS]
@@ -594,6 +632,7 @@ def test_arguments_refused_after_the_split_leave_no_interrupted_run_and_a_featur
     assert (tuned["features"] / "split.csv").read_bytes() == split
 
 
+@pytest.mark.slow
 def test_a_second_finetune_of_the_same_run_is_refused_while_one_trains(tuned, tmp_path):
     from filelock import FileLock
 
@@ -608,6 +647,7 @@ def test_a_second_finetune_of_the_same_run_is_refused_while_one_trains(tuned, tm
 
 
 @needs_real_weights
+@pytest.mark.slow
 def test_a_demo_interrupted_while_fine_tuning_goes_on_where_it_stopped(tmp_path, monkeypatch):
     from cnncodes import demo
 
@@ -630,6 +670,7 @@ def test_a_demo_interrupted_while_fine_tuning_goes_on_where_it_stopped(tmp_path,
     assert tuned["epochs_run"] == len(trained)  # the first epoch was not trained again
 
 
+@pytest.mark.slow
 def test_a_finetune_makes_its_split_as_extract_does_and_a_refused_one_leaves_it_alone(tmp_path):
     data, models = make_dataset(tmp_path / "data", per_class=8), tmp_path / "models"
     write_image(data / "tiny" / "only.png", "circles", seed=4242)
@@ -638,12 +679,13 @@ def test_a_finetune_makes_its_split_as_extract_does_and_a_refused_one_leaves_it_
     assert first.exit_code == 0, first.output
     assert "class 'tiny' has only 1 distinct image" in " ".join(first.stderr.split())  # as extract warns
     kept = (models / "split.csv").read_bytes()
-    for other in (["--split-seed", "5"], ["--split-seed", "5", "--name", "other"]):
+    for other in (["--seed", "5"], ["--seed", "5", "--name", "other"]):
         refused = runner.invoke(app, [*args, *other])
         assert refused.exit_code == 2 and "holds the split of this folder's other runs" in refused.stderr
         assert (models / "split.csv").read_bytes() == kept  # --split-from models still gives the runs' split
 
 
+@pytest.mark.slow
 def test_cache_trunk_finds_the_images_of_a_split_made_from_a_csv_beside_the_folder(tmp_path):
     """The split names "../images/a.png" from the CSV's folder; the trunk's codes, "a.png" from DATA's."""
     data = make_dataset(tmp_path / "images", per_class=6)
@@ -653,27 +695,28 @@ def test_cache_trunk_finds_the_images_of_a_split_made_from_a_csv_beside_the_fold
         "path,label\n"
         + "".join(f"../images/{p.relative_to(data)},{p.parent.name}\n" for p in sorted(data.rglob("*.*")))
     )
-    cnncodes.extract(listing, tmp_path / "features", backbone="vgg16", weights="none", image_size=32, progress=False)
+    cnncodes.extract(listing, tmp_path / "features", fast_spec(), progress=False)
     spec = tiny(cache_trunk=True, fine_epochs=0)
     record = finetune(data, tmp_path / "models", spec, split_from=tmp_path / "features", progress=False)
     split = (tmp_path / "features" / "split.csv").read_text().splitlines()
     assert record["n_test"] == sum(line.endswith(",test") for line in split) > 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_epoch_says_to_run_the_command_again(tmp_path, monkeypatch):
     finetune_module = importlib.import_module("cnncodes.finetuning.train")
-    prepare = finetune_module._prepare
+    prepare = finetune_module.prepare
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # while the trunk's activations are computed
 
     data = make_dataset(tmp_path / "data", per_class=6)
     args = ["finetune", str(data), "--out", str(tmp_path / "models"), *TINY_ARGS, "--cache-trunk", "--quiet"]
-    monkeypatch.setattr(finetune_module, "_prepare", interrupted)
+    monkeypatch.setattr(finetune_module, "prepare", interrupted)
     result = runner.invoke(app, args)
     assert result.exit_code == 130 and "no epoch had started; run the same command again" in result.output
     assert "cached trunk activations are kept" in " ".join(result.output.split())
     plain = runner.invoke(app, [a for a in args if a != "--cache-trunk"])
     assert plain.exit_code == 130 and "no epoch had started" in plain.output and "cached trunk" not in plain.output
-    monkeypatch.setattr(finetune_module, "_prepare", prepare)
+    monkeypatch.setattr(finetune_module, "prepare", prepare)
     assert runner.invoke(app, args).exit_code == 0  # as it says: no --resume needed

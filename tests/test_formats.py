@@ -5,20 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes import CnnCodesError, ExtractorSpec
 from cnncodes.cli.main import app
 from cnncodes.codes.features import load_features
 
-from .conftest import make_dataset
-
-runner = CliRunner()
+from .helpers import fast_spec, make_dataset, runner
 
 
 def spec_dict() -> dict:
-    return ExtractorSpec.create("vgg16", image_size=32, weights="none")[0].to_dict()
+    return ExtractorSpec.create(backbone="vgg16", image_size=32, weights="none").to_dict()
 
 
 def test_a_spec_records_its_format_and_one_from_another_version_is_refused():
@@ -67,12 +64,7 @@ def test_features_whose_meta_lacks_a_key_or_has_a_newer_spec_are_one_line_errors
 def test_features_of_format_1_with_paths_and_subsets_in_meta_still_load(tmp_path):
     """Format 2 keeps the rows' paths and subsets in split.csv only; folders listing them in meta.json still load."""
     out = cnncodes.extract(
-        make_dataset(tmp_path / "data", per_class=6),
-        tmp_path / "f",
-        backbone="vgg16",
-        weights="none",
-        image_size=32,
-        progress=False,
+        make_dataset(tmp_path / "data", per_class=6), tmp_path / "f", fast_spec(), progress=False
     ).out
     new = load_features(out)
     meta = json.loads((out / "meta.json").read_text())

@@ -29,7 +29,7 @@ from cnncodes.data.ingest import (
     to_square,
 )
 
-from .conftest import CLASSES, make_dataset, pattern, write_image
+from .helpers import CLASSES, make_dataset, pattern, write_image
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 HEX16 = re.compile(r"[0-9a-f]{16}")

@@ -9,20 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from cnncodes import ExtractorSpec
-from cnncodes.cli.main import app
 from cnncodes.runtime.quantize import calibration_set
 
-from .conftest import FLOWERS, MOBILENET_WEIGHTS, make_dataset, needs_real_weights, write_image
+from .helpers import FLOWERS, MOBILENET_WEIGHTS, cli, make_dataset, needs_real_weights, session_root, write_image
 
-runner = CliRunner()
 SMALL = ("--backbone", "vgg16", "--layer", "block3_pool", "--weights", "none", "--image-size", "32")
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def extract(data: Path, out: Path, *options: str):
@@ -74,7 +67,7 @@ def small_int8(tmp_path_factory):
     root = tmp_path_factory.mktemp("small_int8")
     data = make_dataset(root / "data", per_class=8, size=32)
     with pytest.MonkeyPatch.context() as env:  # session fixtures run before conftest's per-test cache isolation
-        env.setenv("CNNCODES_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cnncodes_cache"))
+        env.setenv("CNNCODES_CACHE_DIR", str(session_root(tmp_path_factory) / "cnncodes_cache"))
         result = extract(data, root / "features", *SMALL, "--precision", "int8", "--calibration", "6")
     fit = cli("fit-svm", root / "features", "--out", root / "models", "--classifier", "logreg", "--cv", "3", "--quiet")
     assert fit.exit_code == 0, fit.output

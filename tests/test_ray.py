@@ -16,17 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes.cli.main import app
-from cnncodes.codes.extract import CodeJob, ExtractorSpec
-from cnncodes.codes.ray_engine import RayEngine
+from cnncodes.codes.engines.job import CodeJob
+from cnncodes.codes.engines.ray import RayEngine
 
-from .conftest import FAST, FAST_ARGS, make_dataset
+from .helpers import FAST_ARGS, fast_spec, make_dataset, runner
 from .test_scale import s3_data, s3_server  # noqa: F401 - fixtures
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +52,7 @@ def test_ray_engine_writes_what_the_local_engine_writes(local_ray, data: Path, t
         app, ["extract", str(data), "--out", str(tmp_path / "ray"), *FAST_ARGS, "--engine", "ray", "--batch-size", "4"]
     )
     assert result.exit_code == 0, result.output
-    local = cnncodes.extract(data, tmp_path / "local", **FAST)
+    local = cnncodes.extract(data, tmp_path / "local", fast_spec(), progress=False)
     ray_codes, local_codes = np.load(tmp_path / "ray" / "features.npy"), np.load(local.out / "features.npy")
     assert ray_codes.shape == local_codes.shape == (24, 512)
     assert np.abs(ray_codes - local_codes).max() <= 1e-5 * np.abs(local_codes).max()
@@ -76,17 +73,17 @@ def test_interrupted_ray_run_resumes_without_redoing_finished_rows(local_ray, da
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cnncodes.extract(data, out, engine="ray", workers=1, batch_size=4, on_batch=stop, **FAST)
-    resumed = cnncodes.extract(data, out, engine="ray", workers=1, batch_size=4, **FAST)
+        cnncodes.extract(data, out, fast_spec(), progress=False, engine="ray", workers=1, batch_size=4, on_batch=stop)
+    resumed = cnncodes.extract(data, out, fast_spec(), progress=False, engine="ray", workers=1, batch_size=4)
     assert (resumed.computed, resumed.reused) == (24 - stopped_at[0], stopped_at[0])
-    fresh = cnncodes.extract(data, tmp_path / "fresh", **FAST)
+    fresh = cnncodes.extract(data, tmp_path / "fresh", fast_spec(), progress=False)
     assert np.abs(np.load(out / "features.npy") - np.load(fresh.out / "features.npy")).max() <= 1e-5
 
 
 def test_a_file_that_fails_to_decode_on_an_actor_comes_back_with_its_reason(local_ray, data: Path):
-    spec, weights = ExtractorSpec.create("vgg16", weights="none", image_size=32)
     paths = [data / "stripes" / "stripes_00.jpg", data / "stripes" / "broken.jpg", data / "circles" / "circles_01.png"]
-    batches = list(RayEngine(workers=1).codes(CodeJob(spec, weights, "onnx", paths, batch_size=8), np.arange(3)))
+    job = CodeJob(spec=fast_spec(), runtime="onnx", paths=paths, batch_size=8)
+    batches = list(RayEngine(workers=1).codes(job, np.arange(3)))
     rows = sorted(int(r) for b in batches for r in b.rows)
     failed = [f for b in batches for f in b.failed]
     assert rows == [0, 2] and len(failed) == 1 and failed[0][0] == 1 and "not an image" in str(failed[0][1])
@@ -95,7 +92,7 @@ def test_a_file_that_fails_to_decode_on_an_actor_comes_back_with_its_reason(loca
 
 def test_engine_ray_without_ray_installed_is_one_line_saying_how_to_install(data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.delitem(sys.modules, "cnncodes.codes.ray_engine")
+    monkeypatch.delitem(sys.modules, "cnncodes.codes.engines.ray")
     result = runner.invoke(app, ["extract", str(data), "--out", str(tmp_path / "f"), *FAST_ARGS, "--engine", "ray"])
     assert result.exit_code == 2
     assert "pip install 'cnncodes[ray]'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -103,8 +100,8 @@ def test_engine_ray_without_ray_installed_is_one_line_saying_how_to_install(data
 
 def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):  # noqa: F811 - the fixture
     uri, local = s3_data
-    on_ray = cnncodes.extract(uri, tmp_path / "ray", engine="ray", workers=1, batch_size=4, **FAST)
-    on_disk = cnncodes.extract(local, tmp_path / "disk", **FAST)
+    on_ray = cnncodes.extract(uri, tmp_path / "ray", fast_spec(), progress=False, engine="ray", workers=1, batch_size=4)
+    on_disk = cnncodes.extract(local, tmp_path / "disk", fast_spec(), progress=False)
     assert on_ray.n_images == on_disk.n_images == 18 and [p for p, *_ in on_ray.rejected] == ["squares/broken.png"]
     assert np.abs(np.load(on_ray.out / "features.npy") - np.load(on_disk.out / "features.npy")).max() <= 1e-5
 
@@ -131,5 +128,7 @@ def test_an_int8_extract_runs_the_same_quantized_model_on_the_actors(local_ray, 
     local_codes, ray_codes = np.load(tmp_path / "local" / "features.npy"), np.load(tmp_path / "ray" / "features.npy")
     assert np.abs(ray_codes - local_codes).max() <= 1e-5 * np.abs(local_codes).max()
     assert json.loads((tmp_path / "ray" / "meta.json").read_text())["extractor"]["precision"] == "int8"
-    fp32 = cnncodes.extract(data, tmp_path / "fp32", **(FAST | {"image_size": [32, 48]}), layer="block3_pool")
+    fp32 = cnncodes.extract(
+        data, tmp_path / "fp32", fast_spec(image_size=[32, 48], layer="block3_pool"), progress=False
+    )
     assert not np.allclose(np.load(fp32.out / "features.npy"), ray_codes)  # the quantized model ran there

@@ -11,26 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.cli.main import app
-from cnncodes.runs.records import build_record, load_records, publish, sidecar
+from cnncodes.runs.records import build_record, load_records, publish_run, sidecar
 
-from .conftest import FAST, make_dataset, write_image
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from .helpers import cli, fast_spec, make_dataset, record_fields, write_image
 
 
 @pytest.fixture(scope="module")
 def codes(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("records")
     data = make_dataset(root / "data", per_class=8)
-    cnncodes.extract(data, root / "features", **FAST)
+    cnncodes.extract(data, root / "features", fast_spec(), progress=False)
     return {"root": root, "data": data, "features": root / "features"}
 
 
@@ -77,7 +69,7 @@ def test_a_run_made_with_other_settings_or_codes_is_refused_not_replaced(codes, 
     shutil.copytree(codes["data"], other)
     image = sorted(other.rglob("*.png"))[0]
     write_image(image, image.parent.name, seed=999, size=48)
-    cnncodes.extract(other, tmp_path / "other-features", **FAST)
+    cnncodes.extract(other, tmp_path / "other-features", fast_spec(), progress=False)
     refused = fit(tmp_path / "other-features", shared)
     assert refused.exit_code == 2 and "codes_fingerprint" in refused.stderr, refused.output
     assert json.loads((out / "vgg16-block5_pool-knn.json").read_text())["model_sha256"] == record["model_sha256"]
@@ -85,7 +77,7 @@ def test_a_run_made_with_other_settings_or_codes_is_refused_not_replaced(codes, 
 
 def test_publish_moves_model_and_record_together_or_not_at_all(tmp_path):
     model = tmp_path / "run.joblib"
-    first = publish(model, lambda tmp: tmp.write_bytes(b"old model"), build_record(run="run"))
+    first = publish_run(model, lambda tmp: tmp.write_bytes(b"old model"), build_record(**record_fields(run="run")))
     assert model.read_bytes() == b"old model"
     assert json.loads(sidecar(model).read_text())["model_sha256"] == first["model_sha256"]
 
@@ -94,7 +86,7 @@ def test_publish_moves_model_and_record_together_or_not_at_all(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match=f"No space left on device: '{model}'"):  # the file the user knows
-        publish(model, full_disk, build_record(run="run"))
+        publish_run(model, full_disk, build_record(**record_fields(run="run")))
     assert model.read_bytes() == b"old model"
     assert json.loads(sidecar(model).read_text())["model_sha256"] == first["model_sha256"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.joblib", "run.json"]
@@ -107,17 +99,20 @@ def test_a_bundle_of_an_older_format_is_refused_in_one_line(tmp_path):
     from cnncodes.runs.bundle import load_bundle
 
     model = tmp_path / "old.joblib"
-    publish(
+    publish_run(
         model,
         lambda tmp: joblib.dump({"format": "cnncodes.bundle/1", "model": None}, tmp),
-        build_record(run="old") | {"versions": package_versions()},
+        build_record(**record_fields(run="old")) | {"versions": package_versions()},
     )
     with pytest.raises(cnncodes.CnnCodesError, match="another version of cnncodes"):
         load_bundle(model)
-    unversioned = {k: v for k, v in build_record(run="old").items() if k != "versions"}
-    publish(model, lambda tmp: joblib.dump({"format": "cnncodes.bundle/1"}, tmp), unversioned)
+    record = json.loads(sidecar(model).read_text())
+    sidecar(model).write_text(json.dumps(record | {"versions": {"numpy": "2.0"}}))
     with pytest.raises(cnncodes.CnnCodesError, match="does not say which scikit-learn made it"):
-        load_bundle(model)  # a record without versions: one line, not a KeyError
+        load_bundle(model)  # a record without scikit-learn's version: one line, not a KeyError
+    sidecar(model).write_text(json.dumps({k: v for k, v in record.items() if k != "versions"}))
+    with pytest.raises(cnncodes.CnnCodesError, match="versions is not valid"):
+        load_bundle(model)
 
 
 def test_a_full_disk_while_saving_a_run_is_one_line_naming_the_file(codes, tmp_path, monkeypatch):
@@ -138,11 +133,11 @@ def test_a_writer_killed_while_publishing_leaves_no_second_run_and_its_temporari
     (model,) = out.glob("*.joblib")
     killed_while_renaming = f"""
 import json, os, pathlib
-from cnncodes.runs.records import publish
+from cnncodes.runs.records import publish_run
 model = pathlib.Path({str(model)!r})
 record = json.loads(model.with_suffix(".json").read_text())
 os.replace = lambda *args: os._exit(9)
-publish(model, lambda tmp: tmp.write_bytes(model.read_bytes()), record)
+publish_run(model, lambda tmp: tmp.write_bytes(model.read_bytes()), record)
 """
     writer = subprocess.Popen([sys.executable, "-c", killed_while_renaming])
     assert writer.wait() == 9

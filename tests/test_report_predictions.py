@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from cnncodes.core.errors import CnnCodesError
-from cnncodes.runs.report import predictions_table, render_predictions
+from cnncodes.serving.answers import predictions_table, render_predictions
 from cnncodes.serving.predict import Prediction
 
 ANSWERS = [

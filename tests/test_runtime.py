@@ -13,16 +13,13 @@ from functools import partial
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes.cli.main import app
 from cnncodes.data.ingest import load_square
 from cnncodes.runtime.runners import KerasRunner, OnnxRunner, cached_runner, make_runner, onnx_cache_path
 
-from .conftest import FLOWERS, make_dataset, needs_real_weights, pattern
-
-runner = CliRunner()
+from .helpers import FLOWERS, fast_spec, make_dataset, needs_real_weights, pattern, runner
 
 
 def assert_same_codes(spec, weights, pixels):
@@ -41,8 +38,8 @@ def assert_same_codes(spec, weights, pixels):
 def test_onnx_codes_equal_keras_codes_untrained(tmp_path, backbone, layer):
     data = make_dataset(tmp_path / "d", per_class=2)
     pixels = np.stack([load_square(p, 48) for p in sorted(data.rglob("*.*"))])
-    spec, weights = cnncodes.ExtractorSpec.create(backbone, layer, image_size=48, weights="none")
-    assert_same_codes(spec, weights, pixels)
+    spec = cnncodes.ExtractorSpec.create(backbone=backbone, layer=layer, image_size=48, weights="none")
+    assert_same_codes(spec, spec.recorded_weights, pixels)
 
 
 @needs_real_weights
@@ -50,15 +47,17 @@ def test_onnx_codes_equal_keras_codes_untrained(tmp_path, backbone, layer):
 def test_onnx_codes_equal_keras_codes_with_real_mobilenet(monkeypatch, layer):
     files = [sorted((FLOWERS / c).glob("*.jpg"))[0] for c in ("Daisy", "Iris", "Tulip", "Pansy")]
     pixels = np.stack([load_square(f, 96) for f in files])
-    spec, weights = cnncodes.ExtractorSpec.create("mobilenetv2", layer, image_size=96)
-    assert_same_codes(spec, weights, pixels)
+    spec = cnncodes.ExtractorSpec.create(backbone="mobilenetv2", layer=layer, image_size=96)
+    assert_same_codes(spec, spec.recorded_weights, pixels)
 
 
 def small_spec():
-    return cnncodes.ExtractorSpec.create("vgg16", "block4_pool", image_size=32, weights="none")
+    spec = cnncodes.ExtractorSpec.create(backbone="vgg16", layer="block4_pool", image_size=32, weights="none")
+    return spec, spec.recorded_weights
 
 
-def test_converted_model_is_cached_and_a_damaged_cache_is_rebuilt():
+def test_converted_model_is_cached_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cache"))  # it damages entries: not the shared cache
     spec, weights = small_spec()
     first = spec.runner(weights, "onnx")
     assert isinstance(first, OnnxRunner)
@@ -80,9 +79,10 @@ def test_converted_model_is_cached_and_a_damaged_cache_is_rebuilt():
     assert isinstance(make_runner(must_not_build, spec.key, "onnx"), OnnxRunner)
 
 
-def test_cache_folder_is_private_and_a_swapped_entry_is_refused_and_rebuilt():
+def test_cache_folder_is_private_and_a_swapped_entry_is_refused_and_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cache"))  # it damages entries: not the shared cache
     spec, weights = small_spec()
-    other, _ = cnncodes.ExtractorSpec.create("vgg16", "block3_pool", image_size=32, weights="none")
+    other = cnncodes.ExtractorSpec.create(backbone="vgg16", layer="block3_pool", image_size=32, weights="none")
     spec.runner(weights, "onnx")
     other.runner(weights, "onnx")
     pinned = spec.pinned()
@@ -125,8 +125,8 @@ def build():
     \"\"\"Builds in the parent; in the converting child, dies as the kernel's OOM killer would make it.\"\"\"
     if getattr(sys.modules["__main__"].__spec__, "name", None) == "cnncodes.runtime.child":
         os.kill(os.getpid(), signal.SIGKILL)
-    spec, weights = cnncodes.ExtractorSpec.create("vgg16", image_size=32, weights="none")
-    return spec.build(weights)
+    spec = cnncodes.ExtractorSpec.create(backbone="vgg16", image_size=32, weights="none")
+    return spec.build(spec.recorded_weights)
 """
 CONVERT_KILLED = """
 from cnncodes.runtime.runners import make_runner, onnx_cache_path
@@ -179,8 +179,8 @@ import sys, cnncodes
 from cnncodes.runtime.runners import OnnxRunner
 with open({str(tmp_path / "runs.txt")!r}, "a") as runs:
     runs.write("ran\\n")
-spec, weights = cnncodes.ExtractorSpec.create("mobilenetv2", image_size=32, weights="none")
-assert isinstance(spec.runner(weights), OnnxRunner)
+spec = cnncodes.ExtractorSpec.create(backbone="mobilenetv2", image_size=32, weights="none")
+assert isinstance(spec.runner(spec.recorded_weights), OnnxRunner)
 print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))
 """
     )
@@ -194,9 +194,7 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'
 
 def test_bundle_fitted_on_keras_codes_predicts_the_same_with_onnx(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=10)
-    cnncodes.extract(
-        data, tmp_path / "f", backbone="vgg16", weights="none", image_size=32, runtime="keras", progress=False
-    )
+    cnncodes.extract(data, tmp_path / "f", fast_spec(), runtime="keras", progress=False)
     fit = runner.invoke(
         app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "logreg", "--quiet"]
     )
@@ -217,7 +215,7 @@ def test_bundle_fitted_on_keras_codes_predicts_the_same_with_onnx(tmp_path):
 
 def test_warm_cache_extract_and_predict_never_import_tensorflow(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=6)
-    cnncodes.extract(data, tmp_path / "f", backbone="vgg16", weights="none", image_size=32, progress=False)
+    cnncodes.extract(data, tmp_path / "f", fast_spec(), progress=False)
     fit = runner.invoke(
         app, ["fit-svm", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--classifier", "knn", "--quiet"]
     )
@@ -226,8 +224,8 @@ def test_warm_cache_extract_and_predict_never_import_tensorflow(tmp_path):
     script = f"""
 import sys, cnncodes
 from cnncodes.serving.predict import predict
-r = cnncodes.extract({str(data)!r}, {str(tmp_path / "f2")!r}, backbone="vgg16", weights="none", image_size=32,
-                     progress=False)
+spec = cnncodes.ExtractorSpec.create(backbone="vgg16", weights="none", image_size=32)
+r = cnncodes.extract({str(data)!r}, {str(tmp_path / "f2")!r}, spec, progress=False)
 p = predict({str(tmp_path / "m" / "vgg16-block5_pool-knn.joblib")!r}, [{str(data / "stripes")!r}], progress=False)
 assert r.computed == r.n_images and all(x.label for x in p), (r, p)
 print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes.cli.main import app
@@ -22,9 +21,7 @@ from cnncodes.codes.features import load_features
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.data import remote
 
-from .conftest import FAST, FAST_ARGS, make_dataset
-
-runner = CliRunner()
+from .helpers import FAST_ARGS, fast_spec, make_dataset, runner
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +70,14 @@ def test_extract_from_an_s3_prefix_equals_extract_from_the_same_files_on_disk(s3
     uri, local = s3_data
     result = runner.invoke(app, ["extract", uri, "--out", str(tmp_path / "s3"), *FAST_ARGS])
     assert result.exit_code == 0, result.output
-    on_disk = cnncodes.extract(local, tmp_path / "disk", **FAST)
+    on_disk = cnncodes.extract(local, tmp_path / "disk", fast_spec(), progress=False)
     np.testing.assert_allclose(
         np.load(tmp_path / "s3" / "features.npy"), np.load(on_disk.out / "features.npy"), rtol=1e-6
     )
     for name in ("split.csv", "rejected.csv"):
         assert read(tmp_path / "s3" / name) == read(on_disk.out / name)
     assert [r["path"] for r in read(tmp_path / "s3" / "rejected.csv")] == ["squares/broken.png"]
-    again = cnncodes.extract(uri, tmp_path / "s3", **FAST)
+    again = cnncodes.extract(uri, tmp_path / "s3", fast_spec(), progress=False)
     assert again.up_to_date
 
 
@@ -94,10 +91,10 @@ def test_an_object_the_store_failed_to_serve_is_checked_again_on_the_next_run(s3
         return read_bytes(path)
 
     monkeypatch.setattr(remote, "read_bytes", slow_down_once)
-    first = cnncodes.extract(uri, tmp_path / "f", **FAST)
+    first = cnncodes.extract(uri, tmp_path / "f", fast_spec(), progress=False)
     assert any(p.endswith("stripes_01.png") for p, *_ in first.rejected)
     monkeypatch.setattr(remote, "read_bytes", read_bytes)
-    again = cnncodes.extract(uri, tmp_path / "f", **FAST)
+    again = cnncodes.extract(uri, tmp_path / "f", fast_spec(), progress=False)
     assert again.n_images == first.n_images + 1 and again.computed == 1
     assert not any(p.endswith("stripes_01.png") for p, *_ in again.rejected)
 
@@ -111,7 +108,7 @@ def test_every_object_under_the_prefix_is_a_row_or_a_rejection_whatever_its_name
         "stray.png": (local / "squares" / "squares_01.png").read_bytes(),
     }
     upload(uri, extra)
-    result = cnncodes.extract(uri, tmp_path / "f", **FAST)
+    result = cnncodes.extract(uri, tmp_path / "f", fast_spec(), progress=False)
     rows, rejected = set(load_features(tmp_path / "f").paths), {p for p, *_ in result.rejected}
     assert "stripes/noext" in rows and {"stripes/notes.txt", "squares/.hidden.png", "stray.png"} <= rejected
     assert len(rows) + len(rejected) == 3 * 6 + 1 + len(extra)  # the dataset, its broken file, the objects above
@@ -132,14 +129,16 @@ def test_keys_with_hash_or_question_marks_are_read_as_listed(s3_data, tmp_path):
     # `squares/shot` would be read for `squares/shot#2.png` if the key were parsed as a URL with a fragment
     upload(uri, {"squares/shot#2.png": stripe.read_bytes(), "squares/shot": square.read_bytes()})
     upload(uri, {"squares/a?x=1.png": stripe.read_bytes()})
-    result = cnncodes.extract(uri, tmp_path / "f", **FAST)
+    result = cnncodes.extract(uri, tmp_path / "f", fast_spec(), progress=False)
     feats = load_features(tmp_path / "f")
     assert [p for p, *_ in result.rejected] == ["squares/broken.png"]
     code = dict(zip(feats.paths, feats.X))
     np.testing.assert_allclose(code["squares/shot#2.png"], code["stripes/stripes_01.png"], rtol=1e-6)
     np.testing.assert_allclose(code["squares/a?x=1.png"], code["stripes/stripes_01.png"], rtol=1e-6)
     np.testing.assert_allclose(code["squares/shot"], code["squares/squares_01.png"], rtol=1e-6)
-    shouted = cnncodes.extract(uri.replace("s3://", "S3://"), tmp_path / "g", **FAST)  # schemes know no case
+    shouted = cnncodes.extract(
+        uri.replace("s3://", "S3://"), tmp_path / "g", fast_spec(), progress=False
+    )  # schemes know no case
     assert shouted.n_images == result.n_images
 
 
@@ -170,11 +169,11 @@ def test_extract_from_a_csv_of_uris_in_the_bucket(s3_data, tmp_path):
     with fs.open_output_stream(f"{bucket_path}/list.csv") as f:
         f.write(listing.encode())
     assert isinstance(fs, pyarrow.fs.S3FileSystem)
-    result = cnncodes.extract(f"s3://{bucket_path}/list.csv", tmp_path / "f", **FAST)
+    result = cnncodes.extract(f"s3://{bucket_path}/list.csv", tmp_path / "f", fast_spec(), progress=False)
     assert result.n_images == len(files) - 1
     assert sorted(p for p, *_ in result.rejected) == sorted([f"{uri}/squares/broken.png", "x.png"])  # and a bad row
     (tmp_path / "list.csv").write_text(listing)  # the same list of URIs, on this machine
-    local = cnncodes.extract(tmp_path / "list.csv", tmp_path / "g", **FAST)
+    local = cnncodes.extract(tmp_path / "list.csv", tmp_path / "g", fast_spec(), progress=False)
     assert local.n_images == result.n_images and sorted(local.rejected) == sorted(result.rejected)
 
 
@@ -191,9 +190,9 @@ def test_the_reports_mistakes_show_images_read_from_the_store(s3_data, tmp_path)
     files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.png") if p.name != "broken.png")
     (tmp_path / "list.csv").write_text("path,label\n" + "".join(f"{uri}/{f},{f.split('/')[0]}\n" for f in files))
     for data, name in ((uri, "prefix"), (tmp_path / "list.csv", "listed")):
-        cnncodes.extract(data, tmp_path / name, **FAST)
+        cnncodes.extract(data, tmp_path / name, fast_spec(), progress=False)
         models = tmp_path / f"{name}-models"
-        cnncodes.fit_svm(tmp_path / name, models, classifiers="knn", cv=2, n_jobs=1, progress=False)
+        cnncodes.fit_classifiers(tmp_path / name, out=models, classifiers="knn", cv=2, n_jobs=1, progress=False)
         (record_path,) = models.glob("*.json")
         record = json.loads(record_path.read_text())
         first = record["test_predictions"][0]  # one mistake to show

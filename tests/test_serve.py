@@ -21,18 +21,16 @@ import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes.cli.main import app
 
-from .conftest import make_dataset, write_image
+from .helpers import make_dataset, runner, session_root, write_image
 from .test_ingest import png_header_only
 
 ROOT = Path(__file__).resolve().parents[1]
 CNNCODES = Path(sys.executable).with_name("cnncodes")
 MAX_BYTES = 200_000
-runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +41,7 @@ def served(tmp_path_factory) -> dict:
     Session-scoped fixtures run before conftest's per-test cache isolation, so the same
     cache folders are set here, for this process and for the servers it starts.
     """
-    base = tmp_path_factory.getbasetemp()
+    base = session_root(tmp_path_factory)
     env = {**os.environ, "CNNCODES_CACHE_DIR": str(base / "cnncodes_cache"), "KERAS_HOME": str(base / "keras_home")}
     root = tmp_path_factory.mktemp("serve")
     data = make_dataset(root / "data", per_class=6, size=40)
@@ -51,7 +49,10 @@ def served(tmp_path_factory) -> dict:
         for name in ("CNNCODES_CACHE_DIR", "KERAS_HOME"):
             mp.setenv(name, env[name])
         cnncodes.extract(
-            data, root / "features", backbone="mobilenetv2", weights="none", image_size=128, progress=False
+            data,
+            root / "features",
+            cnncodes.ExtractorSpec.create(backbone="mobilenetv2", weights="none", image_size=128),
+            progress=False,
         )
         fitted = runner.invoke(
             app,
@@ -408,10 +409,13 @@ def test_a_port_in_use_or_a_host_that_does_not_resolve_is_one_line_before_the_mo
 
 def test_readyz_says_not_ready_until_the_warm_up_pass_ran(served):
     """In process, without the lifespan that starts the warm-up: alive, not ready."""
+    from cnncodes.serving.app import create_app
     from cnncodes.serving.predict import load_predictor
-    from cnncodes.serving.serve import ServeSettings, create_app
+    from cnncodes.serving.settings import ServeSettings
 
-    asgi = httpx.ASGITransport(app=create_app(load_predictor(served["model"]), ServeSettings(str(served["model"]))))
+    asgi = httpx.ASGITransport(
+        app=create_app(load_predictor(served["model"]), ServeSettings(model=str(served["model"])))
+    )
 
     async def probe() -> tuple[int, int]:
         async with httpx.AsyncClient(transport=asgi, base_url="http://test") as client:
@@ -486,11 +490,12 @@ def test_health_routes_answer_head_and_the_schema_describes_uploads(server):
 
 def fake_app(probabilities, wait_ms: float = 1):
     """The app around a predictor whose forward pass is `probabilities` (32-px images, two classes)."""
+    from cnncodes.serving.app import create_app
     from cnncodes.serving.predict import Predictor
-    from cnncodes.serving.serve import ServeSettings, create_app
+    from cnncodes.serving.settings import ServeSettings
 
     predictor = Predictor(probabilities, 32, "crop", ["a", "b"], {"run": "fake"})
-    return create_app(predictor, ServeSettings("fake.joblib", batch_wait_ms=wait_ms))
+    return create_app(predictor, ServeSettings(model="fake.joblib", batch_wait_ms=wait_ms))
 
 
 def in_process(app, calls):

@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
-from typer.testing import CliRunner
 
 import cnncodes
-from cnncodes.classify.estimator import CodesClassifier, fit_svm
-from cnncodes.cli.main import app
+from cnncodes.classify.estimator import CodesClassifier
+from cnncodes.classify.fit import fit_classifiers
 from cnncodes.codes.features import load_features
-from cnncodes.core.errors import CnnCodesError
+from cnncodes.core.errors import CnnCodesError, CnnCodesWarning
 
-from .conftest import FAST, make_dataset
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from .helpers import cli, fast_spec, make_dataset
 
 
 class CountingCodes:
@@ -41,7 +35,7 @@ class CountingCodes:
 def features(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sgd")
     data = make_dataset(root / "data", per_class=10)
-    cnncodes.extract(data, root / "features", **FAST)
+    cnncodes.extract(data, root / "features", fast_spec(), progress=False)
     return root / "features"
 
 
@@ -53,7 +47,8 @@ def blobs(n: int = 900) -> tuple[np.ndarray, np.ndarray]:
 def test_sgd_is_as_accurate_as_logistic_regression_on_separable_codes():
     X, y = blobs()
     scores = {
-        kind: CodesClassifier(kind, cv=3).fit(X[:600], y[:600]).score(X[600:], y[600:]) for kind in ("sgd", "logreg")
+        kind: CodesClassifier(kind=kind, cv=3).fit(X[:600], y[:600]).score(X[600:], y[600:])
+        for kind in ("sgd", "logreg")
     }
     assert scores["sgd"] >= 0.9
     assert scores["sgd"] >= scores["logreg"] - 0.03
@@ -63,7 +58,7 @@ def test_sgd_reads_one_chunk_of_codes_at_a_time():
     X, y = blobs()
     codes = CountingCodes(X)
     rows = np.arange(0, 900, 2)
-    model = CodesClassifier("sgd", cv=3, chunk_size=150).fit_rows(codes, y, rows)
+    model = CodesClassifier(kind="sgd", cv=3, chunk_size=150).fit_rows(codes, y, rows)
     assert codes.most_rows == 150
     assert model.score(X[1::2], y[1::2]) >= 0.9
     proba = model.predict_proba(X[1::2])
@@ -92,24 +87,29 @@ def test_sgd_bundle_predicts_with_the_cli(features, tmp_path):
     assert [a["label"] for a in answers] == [p["predicted"] for p in record["test_predictions"]]
 
 
-def test_all_fits_the_exact_kinds_below_the_size_limit_and_logreg_and_sgd_above(features, tmp_path, capsys):
-    small = fit_svm(features, tmp_path / "small", classifiers=["all"], cv=3, progress=False)
+def test_all_fits_the_exact_kinds_below_the_size_limit_and_logreg_and_sgd_above(features, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CnnCodesWarning)
+        small = fit_classifiers(features, out=tmp_path / "small", classifiers=["all"], cv=3, progress=False)
     assert [r["classifier"] for r in small] == ["linear-svm", "logreg", "rbf-svm", "knn"]
-    assert capsys.readouterr().err == ""
-    large = fit_svm(features, tmp_path / "large", classifiers=["all", "knn"], cv=3, max_exact=10, progress=False)
+    with pytest.warns(CnnCodesWarning) as caught:
+        large = fit_classifiers(
+            features, out=tmp_path / "large", classifiers=["all", "knn"], cv=3, max_exact=10, progress=False
+        )
     assert [r["classifier"] for r in large] == ["logreg", "sgd", "knn"]
-    warned = " ".join(capsys.readouterr().err.split())
+    warned = " ".join(" ".join(str(w.message) for w in caught).split())
     assert "all: linear-svm, rbf-svm left out on" in warned and "sgd fitted instead" in warned
     assert "knn may take hours on" in warned and "--classifier sgd scales to any size" in warned
 
 
-def test_pca_above_the_size_limit_fits_logreg_alone_and_sgd_with_pca_is_refused_before_any_fit(
-    features, tmp_path, capsys
-):
-    records = fit_svm(features, tmp_path / "pca", classifiers=["all"], cv=3, pca=4, max_exact=10, progress=False)
+def test_pca_above_the_size_limit_fits_logreg_alone_and_sgd_with_pca_is_refused_before_any_fit(features, tmp_path):
+    with pytest.warns(CnnCodesWarning) as caught:
+        records = fit_classifiers(
+            features, out=tmp_path / "pca", classifiers=["all"], cv=3, pca=4, max_exact=10, progress=False
+        )
     assert [r["classifier"] for r in records] == ["logreg"]
-    warned = " ".join(capsys.readouterr().err.split())
+    warned = " ".join(" ".join(str(w.message) for w in caught).split())
     assert "all: linear-svm, rbf-svm, knn, sgd left out on" in warned and "logreg only" in warned
     with pytest.raises(CnnCodesError, match="--pca needs the codes in memory"):
-        fit_svm(features, tmp_path / "refused", classifiers=["logreg", "sgd"], cv=3, pca=4, progress=False)
+        fit_classifiers(features, out=tmp_path / "refused", classifiers=["logreg", "sgd"], cv=3, pca=4, progress=False)
     assert not (tmp_path / "refused").exists()

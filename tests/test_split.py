@@ -25,7 +25,7 @@ from cnncodes.data.split import (
     read_split_csv,
 )
 
-from .conftest import FLOWERS
+from .helpers import FLOWERS
 
 DUPLICATES_TSV = FLOWERS.parent / "DUPLICATES.tsv"
 SUBSETS = {"train", "val", "test"}

@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
 
 import cnncodes
 from cnncodes.classify.estimator import CodesClassifier
-from cnncodes.cli.main import app
 from cnncodes.codes.features import load_features
 from cnncodes.core.choices import KINDS
 from cnncodes.data.split import assign_subsets
@@ -23,13 +21,7 @@ from cnncodes.runs.evaluate import calibration, mcnemar_p, paired_p, score, wils
 from cnncodes.runs.records import load_records, repeat_score, repeats_summary
 from cnncodes.runs.report import indistinguishable, rank, rich_table, rows
 
-from .conftest import FAST, make_dataset
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from .helpers import cli, fast_spec, make_dataset
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -38,7 +30,7 @@ def test_points_on_the_class_boundary_get_lower_top1_probabilities_than_far_ones
     centres = np.array([[0.0, 0.0], [6.0, 0.0], [3.0, 5.0]])
     y = np.repeat([0, 1, 2], 40)
     X = np.hstack([centres[y] + rng.normal(scale=1.2, size=(120, 2)), rng.normal(size=(120, 4))])
-    model = CodesClassifier(kind, cv=3, n_jobs=1).fit(X, y)
+    model = CodesClassifier(kind=kind, cv=3, n_jobs=1).fit(X, y)
     far = np.hstack([centres, np.zeros((3, 4))])
     boundary = np.hstack([(centres + np.roll(centres, 1, axis=0)) / 2, np.zeros((3, 4))])  # midpoints of two classes
     top_far, top_boundary = model.predict_proba(far).max(axis=1), model.predict_proba(boundary).max(axis=1)
@@ -58,7 +50,7 @@ def test_an_images_probabilities_do_not_depend_on_the_batch_it_comes_in(kind):
     rng = np.random.default_rng(1)
     y = np.repeat([0, 1, 2], 30)
     X = (np.eye(3)[y] @ rng.uniform(0, 0.1, size=(3, 64)) + rng.uniform(0, 3, size=(90, 64))).astype(np.float32)
-    model = CodesClassifier(kind, normalize="l2", cv=3, n_jobs=1).fit(X, y)
+    model = CodesClassifier(kind=kind, normalize="l2", cv=3, n_jobs=1).fit(X, y)
     batch = model.predict_proba(X)
     alone = np.vstack([model.predict_proba(X[i : i + 1]) for i in range(len(X))])
     # k-NN's brute-force distances (a matrix product) differ by ~1e-8: far below the 6 decimals shown
@@ -68,22 +60,22 @@ def test_an_images_probabilities_do_not_depend_on_the_batch_it_comes_in(kind):
 def test_svm_probabilities_couple_pairwise_ones_and_survive_a_fold_without_a_class():
     from scipy.special import logit
 
-    from cnncodes.classify.estimator import _coupled
+    from cnncodes.classify.calibration import coupled_probabilities
 
     p = np.array([0.6, 0.3, 0.0999, 0.0001])
     first, second = np.triu_indices(4, 1)
     margins = 2.0 * logit(p[first] / (p[first] + p[second]))  # i beats j with p_i / (p_i + p_j), at temperature 2
-    np.testing.assert_allclose(_coupled(margins[None], 2.0)[0], p, atol=1e-9)
+    np.testing.assert_allclose(coupled_probabilities(margins[None], 2.0)[0], p, atol=1e-9)
     rng = np.random.default_rng(1)
     y = np.repeat([0, 1, 2], [30, 30, 4])
     X = rng.normal(size=(64, 5)) + 3 * np.eye(5)[y]
     groups = np.where(y == 2, -1, np.arange(64))  # one duplicate group: a calibration fold never sees class 2
     for kind in ("linear-svm", "rbf-svm"):
-        model = CodesClassifier(kind, cv=2, n_jobs=1).fit(X, y, groups=groups)
+        model = CodesClassifier(kind=kind, cv=2, n_jobs=1).fit(X, y, groups=groups)
         proba = model.predict_proba(X)
         assert np.isfinite(proba).all() and np.allclose(proba.sum(axis=1), 1) and model.temperature_ > 0
         np.testing.assert_array_equal(model.predict(X), proba.argmax(axis=1))
-        binary = CodesClassifier(kind, cv=3, n_jobs=1).fit(X[y < 2], y[y < 2])
+        binary = CodesClassifier(kind=kind, cv=3, n_jobs=1).fit(X[y < 2], y[y < 2])
         np.testing.assert_array_equal(binary.predict(X[y < 2]), binary.predict_proba(X[y < 2]).argmax(axis=1))
         assert (binary.predict(X[y < 2]) == y[y < 2]).mean() > 0.9
 
@@ -185,7 +177,7 @@ def codes(tmp_path_factory) -> dict[str, Path]:
     """Codes of 3 classes x 10 images, with pairs of images marked as duplicates in groups.npy."""
     root = tmp_path_factory.mktemp("trust")
     data = make_dataset(root / "data", per_class=10)
-    cnncodes.extract(data, root / "features", **FAST)
+    cnncodes.extract(data, root / "features", fast_spec(), progress=False)
     made = load_features(root / "features")
     # pairs of images of one class in one subset of extract's split, as its duplicate groups would be
     order = np.argsort([f"{subset}/{path}" for subset, path in zip(made.subsets, made.paths)], kind="stable")

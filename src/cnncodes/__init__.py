@@ -26,13 +26,17 @@ silence_tensorflow_start_up()  # before anything can import TensorFlow
 # The public API: each name and the module that defines it, imported on first use (PEP 562).
 _HOMES = {
     "CnnCodesError": "cnncodes.core.errors",
+    "CnnCodesWarning": "cnncodes.core.errors",
     "load_features": "cnncodes.codes.features",
-    "ExtractorSpec": "cnncodes.codes.extract",
+    "ExtractorSpec": "cnncodes.codes.spec",
     "extract": "cnncodes.codes.extract",
     "CodesClassifier": "cnncodes.classify.estimator",
-    "fit_svm": "cnncodes.classify.estimator",
+    "fit_classifiers": "cnncodes.classify.fit",
+    "fit_svm": "cnncodes.classify.fit",
     "finetune": "cnncodes.finetuning.train",
-    "make_spec": "cnncodes.finetuning.train",
+    "make_spec": "cnncodes.finetuning.spec",
+    "FinetuneSpec": "cnncodes.finetuning.spec",
+    "ScratchSpec": "cnncodes.finetuning.spec",
     "compare": "cnncodes.runs.report",
     "predict": "cnncodes.serving.predict",
 }

@@ -14,15 +14,19 @@ import numpy as np
 from PIL import Image
 from rich.markup import escape
 
-from cnncodes.classify.estimator import fit_svm
-from cnncodes.codes.extract import check_out, discover_data, extract
+from cnncodes.classify.fit import fit_classifiers
+from cnncodes.codes.extract import extract
+from cnncodes.codes.plan import check_out, discover_data
+from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import read_object, write_bytes_atomic, write_json_atomic
 from cnncodes.core.progress import console, say
-from cnncodes.finetuning.train import finetune, make_spec
+from cnncodes.finetuning.spec import make_spec
+from cnncodes.finetuning.train import finetune
 from cnncodes.nets.backbones import DEFAULT_BACKBONE, get_backbone
+from cnncodes.runs.html import html_report
 from cnncodes.runs.records import load_records
-from cnncodes.runs.report import html_report, rank, rich_table
+from cnncodes.runs.report import rank, rich_table
 from cnncodes.serving.predict import predict
 
 DIGITS_DIR = Path("data/digits")
@@ -104,13 +108,13 @@ def run_demo(
         say(f"[bold]1/6[/] Using your images in {escape(str(data))}")
     features = out / "features"
     say(f"[bold]2/6[/] extract: {backbone} turns every image into a CNN code -> {escape(str(features))}")
-    result = extract(data, features, backbone=backbone, image_size=size)
+    result = extract(data, features, ExtractorSpec.create(backbone=backbone, image_size=size))
     say(f"      {result.n_images} codes of {result.dim} numbers; split {result.counts}")
     say(
         "[bold]3/6[/] fit-svm: linear SVM, logistic regression, RBF SVM and k-NN on the codes "
         "(hyper-parameters by 5-fold cross-validation)"
     )
-    fit_svm(features, out)
+    fit_classifiers(features, out=out)
     say(
         f"[bold]4/6[/] finetune: {backbone}'s top block and a new head trained on the same split, on the "
         f"frozen layers' activations computed once (--cache-trunk; up to {finetune_epochs[0]} epochs of the head, "

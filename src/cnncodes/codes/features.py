@@ -9,15 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from cnncodes.codes.extract import (
-    CODES_FILE,
-    FEATURES_FORMAT,
-    GROUPS_FILE,
-    LABELS_FILE,
-    META_FILE,
-    SPLIT_FILE,
-    ExtractorSpec,
-)
+from cnncodes.codes.layout import CODES_FILE, FEATURES_FORMAT, GROUPS_FILE, LABELS_FILE, META_FILE, SPLIT_FILE
+from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import read_object
 from cnncodes.data.split import SUBSETS, Split, assign_subsets, read_split_csv
@@ -44,10 +37,12 @@ class Features:
 
     @property
     def classes(self) -> list[str]:
+        """The class names, in the order of the labels' indices."""
         return self.meta["classes"]
 
     @property
     def spec(self) -> ExtractorSpec:
+        """The extractor that made the codes, as meta.json records it."""
         return ExtractorSpec.from_dict(self.meta["extractor"])
 
     def repeated_splits(self, repeats: int) -> list[tuple[int, np.ndarray]]:
@@ -78,6 +73,15 @@ def load_features(path: Path | str) -> Features:
 
     Those are read from `split.csv`; folders written before it was their only record (format
     1) list them in `meta.json`, and still load.
+
+    Args:
+        path: the features folder `extract` wrote.
+
+    Returns:
+        The codes, memory-mapped, with everything the folder records of them.
+
+    Raises:
+        CnnCodesError: for a folder that is not one, is incomplete, damaged, or of another version.
     """
     path = Path(path)
     if not (path / META_FILE).is_file():
@@ -128,7 +132,7 @@ def load_features(path: Path | str) -> Features:
 
 
 # Codes larger than this are averaged into a memory-mapped temporary file, not memory.
-_IN_MEMORY_BYTES = 1 << 30
+IN_MEMORY_BYTES = 1 << 30
 
 
 def _mean_of_views(views: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -138,7 +142,7 @@ def _mean_of_views(views: np.ndarray, chunk: int = 4096) -> np.ndarray:
     kernel can drop them, so `sgd` still streams the codes of a million images.
     """
     shape = views.shape[::2]
-    if views.shape[0] * views.shape[2] * 4 <= _IN_MEMORY_BYTES:
+    if views.shape[0] * views.shape[2] * 4 <= IN_MEMORY_BYTES:
         codes = np.empty(shape, dtype=np.float32)
     else:
         with tempfile.NamedTemporaryFile(prefix="cnncodes-codes-", suffix=".f32") as scratch:

@@ -1,7 +1,7 @@
-"""The state `extract` keeps on disk: code rows as they come, and what checking each file found.
+"""The code rows `extract` keeps on disk as they come, in `.npy` files read and written by rows.
 
-Both cost the new work per save, never everything so far, so a million images cost no
-more per batch than a thousand, and both survive a kill at any moment.
+A save costs the new rows, never everything so far, so a million images cost no more per
+batch than a thousand, and the rows survive a kill at any moment.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -25,7 +24,8 @@ from cnncodes.core.errors import CnnCodesError
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Seconds between two syncs of finished rows and of the clock (a kill loses at most this much work and time).
 SYNC_EVERY = 2.0
-_CHUNK_ROWS = 1024
+# Rows copied per read and write: memory stays bounded by a chunk.
+CHUNK_ROWS = 1024
 # FeatureWriter's files, and the finished rows of a run with missing rows, ready to be published.
 _DATA, _IDS, _LOG, _STATE, _CLOCK, _FINISHED = (
     "partial.npy",
@@ -93,6 +93,7 @@ class FeatureWriter:
 
     @property
     def todo(self) -> np.ndarray:
+        """The rows not written yet."""
         return np.flatnonzero(~self.done)
 
     @property
@@ -101,6 +102,12 @@ class FeatureWriter:
         return self.seconds_before + time.perf_counter() - self._started
 
     def write(self, rows: np.ndarray, codes: np.ndarray) -> None:
+        """Store `codes` at `rows`; they survive a crash from the next `sync` on (every SYNC_EVERY seconds).
+
+        Args:
+            rows: the rows, in any order.
+            codes: a code per row.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
@@ -132,12 +139,17 @@ class FeatureWriter:
         Rows already done are left as they are: a copy interrupted by a kill goes on where it
         stopped. `seconds`, what computing all of `pairs` took, goes into the clock by the rows
         copied: the clock is the one record of the rows' time, which later kills keep.
+
+        Args:
+            source: the earlier run's `.npy`.
+            pairs: (new row, old row) of each row to take.
+            seconds: what computing all of `pairs` took.
         """
         per_row = seconds / max(len(pairs), 1)
         pairs = pairs[~self.done[pairs[:, 0]]]
         with npy_rows(source) as old:
-            for start in range(0, len(pairs), _CHUNK_ROWS):
-                chunk = pairs[start : start + _CHUNK_ROWS]
+            for start in range(0, len(pairs), CHUNK_ROWS):
+                chunk = pairs[start : start + CHUNK_ROWS]
                 self.seconds_before += per_row * len(chunk)
                 self.write(chunk[:, 0], old.read(chunk[:, 1]))
         self.sync()
@@ -156,8 +168,8 @@ class FeatureWriter:
             return self._data, kept
         reserve_npy(self._finished, (len(kept), self.dim))
         with npy_rows(self._data) as source, npy_rows(self._finished, write=True) as out:
-            for start in range(0, len(kept), _CHUNK_ROWS):
-                rows = kept[start : start + _CHUNK_ROWS]
+            for start in range(0, len(kept), CHUNK_ROWS):
+                rows = kept[start : start + CHUNK_ROWS]
                 out.write(np.arange(start, start + len(rows)), source.read(rows))
         return self._finished, kept
 
@@ -186,6 +198,15 @@ def salvage(work_dir: Path, key: str, ids: np.ndarray, family: str) -> Salvaged 
     row the interrupted run finished would be computed again. The rows move to files of their
     own (the new writer reuses the names of the old one), which stay until the caller has
     copied them and calls `discard`: a copy cut short by a kill goes on at the next run.
+
+    Args:
+        work_dir: the folder of the writer's files.
+        key: the new writer's key.
+        ids: the new run's file id digests, a row each.
+        family: the extractor's key: rows of other settings are never salvaged.
+
+    Returns:
+        The rows set aside that these files still have, or None.
     """
     _set_aside(work_dir, key, family)
     try:
@@ -238,7 +259,15 @@ def _discard_aside(work_dir: Path) -> None:
 
 
 def matching_rows(known: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """(row in `ids`, row in `known`) of every file id digest both hold, found by sorting: no dict of a million ids."""
+    """(row in `ids`, row in `known`) of every file id digest both hold, found by sorting: no dict of a million ids.
+
+    Args:
+        known: the digests of the rows on disk.
+        ids: the digests of the rows wanted.
+
+    Returns:
+        An (n, 2) int64 array of row pairs.
+    """
     if not len(known):
         return np.empty((0, 2), dtype=np.int64)
     order = np.argsort(known)
@@ -258,6 +287,14 @@ class NpyRows:
         self.fd, self.shape, self.offset = fd, shape, offset
 
     def read(self, rows: np.ndarray) -> np.ndarray:
+        """The codes at `rows`, a system call per run of consecutive rows.
+
+        Args:
+            rows: the rows to read.
+
+        Returns:
+            A (len(rows), dim) float32 array.
+        """
         dim = self.shape[1]
         out = np.empty((len(rows), dim), dtype="<f4")
         for start, stop in _runs(rows):
@@ -266,6 +303,12 @@ class NpyRows:
         return out
 
     def write(self, rows: np.ndarray, codes: np.ndarray) -> None:
+        """Store `codes` at `rows`, a system call per run of consecutive rows.
+
+        Args:
+            rows: the rows to write.
+            codes: a code per row.
+        """
         dim = self.shape[1]
         codes = np.ascontiguousarray(codes, dtype="<f4")
         for start, stop in _runs(rows):
@@ -274,7 +317,15 @@ class NpyRows:
 
 @contextmanager
 def npy_rows(path: Path, write: bool = False) -> Iterator[NpyRows]:
-    """`NpyRows` of the file at `path`; written rows are synced to disk on the way out."""
+    """`NpyRows` of the file at `path`; written rows are synced to disk on the way out.
+
+    Args:
+        path: a 2-D float32 `.npy`.
+        write: open it for writing too.
+
+    Yields:
+        The rows' reader and writer.
+    """
     shape, offset = npy_layout(path)
     fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
     try:
@@ -292,7 +343,17 @@ def _runs(rows: np.ndarray) -> Iterator[tuple[int, int]]:
 
 
 def npy_layout(path: Path) -> tuple[tuple[int, ...], int]:
-    """Shape and data offset of a C-ordered float32 `.npy`; ValueError for anything else."""
+    """Shape and data offset of a C-ordered float32 `.npy`.
+
+    Args:
+        path: the file.
+
+    Returns:
+        (shape, offset of the first byte of data).
+
+    Raises:
+        ValueError: for any other array or file.
+    """
     with open(path, "rb") as f:
         version = read_magic(f)
         shape, fortran, dtype = (read_array_header_1_0 if version == (1, 0) else read_array_header_2_0)(f)
@@ -302,7 +363,15 @@ def npy_layout(path: Path) -> tuple[tuple[int, ...], int]:
 
 
 def reserve_npy(path: Path, shape: tuple[int, int]) -> None:
-    """A new float32 .npy with its disk space reserved now: a full disk is one error here, not a SIGBUS later."""
+    """A new float32 .npy with its disk space reserved now: a full disk is one error here, not a SIGBUS later.
+
+    Args:
+        path: the file to create.
+        shape: (rows, columns).
+
+    Raises:
+        CnnCodesError: when the disk has not the space.
+    """
     try:
         header = open_memmap(path, mode="w+", dtype=np.float32, shape=shape)  # writes the header, sizes the file
         del header
@@ -333,101 +402,3 @@ def _human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
-
-
-class CheckCache:
-    """What checking each file found, in SQLite (standard library): a save costs the new rows only.
-
-    Keyed by the file's identity (`_file_ids`), stored as bytes so that any file name,
-    even one that is not UTF-8, round-trips.
-    """
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        with self._failures():
-            try:
-                self.db = self._open(path)
-            except sqlite3.OperationalError:  # locked, disk full: not the cache's fault, keep it
-                raise
-            except sqlite3.DatabaseError:  # a damaged cache is rebuilt, never trusted
-                path.unlink(missing_ok=True)
-                self.db = self._open(path)
-
-    @contextmanager
-    def _failures(self) -> Iterator[None]:
-        """SQLite's I/O errors (a full disk, a read-only folder) become one error line that keeps the cache."""
-        try:
-            yield
-        except sqlite3.OperationalError as e:
-            raise CnnCodesError(
-                f"cannot write the check cache {self.path} ({e}): free some space or make "
-                f"{self.path.parent} writable, then run the same command again"
-            ) from None
-
-    @staticmethod
-    def _open(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path)
-        db.execute("PRAGMA journal_mode=WAL")  # a commit appends, and a crash loses at most the last ones
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("DROP TABLE IF EXISTS checks")  # version 1, without the category of bad files
-        db.execute("CREATE TABLE IF NOT EXISTS checks2 (id BLOB PRIMARY KEY, reason BLOB, category TEXT, phash TEXT)")
-        return db
-
-    def get(self, ids: Sequence[str]) -> tuple[list[str | None], list[str | None], list[str | None]]:
-        """Each file's reason to be rejected, its category and perceptual hash; all None for a file not checked yet."""
-        reasons: list[str | None] = []
-        categories: list[str | None] = []
-        phashes: list[str | None] = []
-        for start in range(0, len(ids), 500):
-            keys = [_bytes(i) for i in ids[start : start + 500]]
-            rows = self.db.execute(
-                f"SELECT id, reason, category, phash FROM checks2 WHERE id IN ({','.join('?' * len(keys))})", keys
-            )
-            known = {k: (None if r is None else _text(r), c, h) for k, r, c, h in rows}
-            for k in keys:
-                reason, category, phash = known.get(k, (None, None, None))
-                reasons.append(reason)
-                categories.append(category)
-                phashes.append(phash)
-        return reasons, categories, phashes
-
-    def keep_only(self, ids: Sequence[str]) -> None:
-        """Forget files gone or changed (an old identity): the cache grows with the data, not with each edit."""
-        with self._failures():
-            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS listed (id BLOB PRIMARY KEY)")
-            self.db.execute("DELETE FROM listed")
-            for start in range(0, len(ids), 10_000):
-                self.db.executemany(
-                    "INSERT OR IGNORE INTO listed VALUES (?)", [(_bytes(i),) for i in ids[start : start + 10_000]]
-                )
-            self.db.execute("DELETE FROM checks2 WHERE id NOT IN (SELECT id FROM listed)")
-            self.db.commit()
-
-    def put(
-        self,
-        ids: Sequence[str],
-        reasons: Sequence[str | None],
-        categories: Sequence[str | None],
-        phashes: Sequence[str | None],
-    ) -> None:
-        with self._failures():
-            self.db.executemany(
-                "INSERT OR REPLACE INTO checks2 VALUES (?, ?, ?, ?)",
-                [
-                    (_bytes(i), None if r is None else _bytes(r), c, h)
-                    for i, r, c, h in zip(ids, reasons, categories, phashes)
-                ],
-            )
-            self.db.commit()
-
-    def close(self) -> None:
-        self.db.close()
-
-
-def _bytes(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "surrogateescape")

@@ -1,4 +1,4 @@
-"""The one exception type users see as a one-line message (exit code 2 in the CLI)."""
+"""The exception users see as a one-line message (exit code 2 in the CLI), and the warning category beside it."""
 
 
 class CnnCodesError(Exception):
@@ -6,6 +6,14 @@ class CnnCodesError(Exception):
 
     The message is complete on its own (what is wrong and what to do), so the CLI prints
     it as one line instead of a traceback.
+    """
+
+
+class CnnCodesWarning(UserWarning):
+    """Something the user should know that does not stop the work (skipped files, reduced folds, moved data).
+
+    Raised with `warnings.warn`, so notebooks can filter it and tests can catch it with
+    `pytest.warns(CnnCodesWarning)`; the CLI prints each as one "Warning:" line.
     """
 
 

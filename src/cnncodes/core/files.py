@@ -184,22 +184,32 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """CSV that round-trips any file name (see `_csv_writer`)."""
+    """CSV that round-trips any file name (see `_LfCsvWriter`)."""
     buf = io.StringIO()
-    writer = _csv_writer(buf)
+    writer = _LfCsvWriter(buf)
     writer.writerow(header)
     writer.writerows(rows)
     return buf.getvalue()
 
 
-def _csv_writer(text: TextIO) -> Any:
-    """A CSV writer whose lines end in CRLF (RFC 4180).
+class _LfCsvWriter:
+    """A CSV writer whose lines end in "\n", as pandas and scikit-learn write them, so `grep ',test$'` finds rows.
 
-    The csv module quotes a field holding any character of the line terminator: with a bare
-    "\n" terminator, Python before 3.11.9 and 3.12.3 left a carriage return in a name unquoted
-    and the file split the row in two.
+    The csv module quotes a field holding a character of the line terminator; Python before
+    3.11.9 and 3.12.3 did not count a carriage return as one with a bare "\n" terminator, so a
+    row with "\r" in a file name is written with every field quoted, which every reader reads back.
     """
-    return csv.writer(text, lineterminator="\r\n")
+
+    def __init__(self, text: TextIO):
+        self._plain = csv.writer(text, lineterminator="\n")
+        self._quoted = csv.writer(text, lineterminator="\n", quoting=csv.QUOTE_ALL)
+
+    def writerow(self, row: Sequence[Any]) -> None:
+        (self._quoted if any("\r" in str(field) for field in row) else self._plain).writerow(row)
+
+    def writerows(self, rows: Iterable[Sequence[Any]]) -> None:
+        for row in rows:
+            self.writerow(row)
 
 
 def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -209,7 +219,7 @@ def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[
     """
     with _atomic_file(path) as f:
         text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
-        writer = _csv_writer(text)
+        writer = _LfCsvWriter(text)
         writer.writerow(header)
         writer.writerows(rows)
         text.flush()
@@ -222,8 +232,12 @@ def write_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file's value; JSON nested too deeply to parse (a damaged file) is a ValueError like any bad JSON."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except RecursionError:
+            raise ValueError(f"{path} is nested too deeply to be a cnncodes file") from None
 
 
 def read_object(path: Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -17,21 +18,35 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 from rich.text import Text
+
+from cnncodes.core.errors import CnnCodesWarning
 
 console = Console(stderr=True)
 
 
 class RateColumn(ProgressColumn):
-    """Items per second, the number users compare between backbones and runtimes."""
+    """Items per second, the number users compare between backbones and runtimes; never wrapped.
+
+    Args:
+        unit: what is counted ("img", "batch", "model").
+    """
 
     def __init__(self, unit: str):
-        super().__init__()
+        super().__init__(table_column=Column(no_wrap=True))
         self.unit = unit
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed:.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+
+
+class DescriptionColumn(ProgressColumn):
+    """The task's description on one line: on a narrow terminal it, and the bar, give way to the numbers."""
+
+    def render(self, task: Task) -> Text:
+        return Text(task.description, no_wrap=True, overflow="ellipsis")
 
 
 @contextmanager
@@ -42,14 +57,15 @@ def progress_bar(
     if not enabled:
         yield _ignore
         return
+    # The description and the bar may shrink (their columns wrap, their text does not); the numbers never do.
     columns = (
-        TextColumn("{task.description}"),
+        DescriptionColumn(),
         BarColumn(),
-        MofNCompleteColumn(),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
         RateColumn(unit),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+        TimeElapsedColumn(table_column=Column(no_wrap=True)),
+        TextColumn("ETA", table_column=Column(no_wrap=True)),
+        TimeRemainingColumn(table_column=Column(no_wrap=True)),
     )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, completed=completed)
@@ -69,5 +85,29 @@ def say(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    """Something the user should know even with --quiet."""
-    console.print(f"[yellow]Warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """Something the user should know even with --quiet, raised as a `CnnCodesWarning`.
+
+    Args:
+        message: one complete sentence: what happened and, where it helps, what to do.
+    """
+    warnings.warn(message, CnnCodesWarning, stacklevel=2)
+
+
+@contextmanager
+def warnings_on_console() -> Iterator[None]:
+    """Within it, every `CnnCodesWarning` prints as one "Warning: …" line on stderr, each time it is raised.
+
+    The CLI runs every command inside it; a notebook sees Python's usual warnings instead.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CnnCodesWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+            if issubclass(category, CnnCodesWarning):
+                console.print(f"[yellow]Warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield

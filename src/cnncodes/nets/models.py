@@ -17,6 +17,9 @@ from cnncodes.nets.weights import Weights
 if TYPE_CHECKING:
     import keras
 
+# The layers `build_classifier` puts on the backbone, in order: fine-tuning re-applies them to cached activations.
+HEAD_LAYERS = ("head_pool", "head_dropout", "head")
+
 
 def build_extractor(
     entry: Backbone,
@@ -34,6 +37,21 @@ def build_extractor(
     model to convert, quantize, cache and ship. With `views` too, the model gives every
     scale's code side by side instead (`runtime.MeanOfViews` averages them): training on
     each view teaches a classifier that scale is not a feature.
+
+    Args:
+        entry: the backbone's registry entry.
+        size: the square input size, in pixels.
+        layer: the layer whose output becomes the code.
+        pooling: `avg`, `max` or `flatten` (a vector layer is not pooled).
+        weights: the resolved weights.
+        scales: sizes to resize the input to, each giving a code of the shared network.
+        views: with `scales`, each scale's code side by side rather than their mean.
+
+    Returns:
+        The extractor.
+
+    Raises:
+        CnnCodesError: the network has no layer `layer`.
     """
     import keras
 
@@ -55,19 +73,38 @@ def build_classifier(
     """The fine-tuning model (backbone in inference mode, pooled, dropout, softmax head) and its backbone.
 
     The backbone is returned too, because fine-tuning freezes and unfreezes its layers.
+
+    Args:
+        entry: the backbone's registry entry.
+        size: the square input size, in pixels.
+        n_classes: outputs of the softmax head.
+        weights: the backbone's resolved weights.
+        dropout: the rate before the head.
+
+    Returns:
+        The whole model (its head's layers named as `HEAD_LAYERS`) and the backbone inside it.
     """
     import keras
 
     network = entry.build_network(size, entry.default_layer, weights)
     pixels, preprocessed = _pixel_input(entry, size)
-    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(network(preprocessed, training=False))
-    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    probabilities = keras.layers.Dense(n_classes, activation="softmax", name="head")(x)
+    pool, drop, head = HEAD_LAYERS
+    x = keras.layers.GlobalAveragePooling2D(name=pool)(network(preprocessed, training=False))
+    x = keras.layers.Dropout(dropout, name=drop)(x)
+    probabilities = keras.layers.Dense(n_classes, activation="softmax", name=head)(x)
     return keras.Model(pixels, probabilities, name=f"{entry.name}_finetune"), network
 
 
 def small_cnn(size: int, n_classes: int) -> keras.Model:
-    """The Keras MNIST example's ConvNet on uint8 RGB pixels: what transfer learning is measured against."""
+    """The Keras MNIST example's ConvNet on uint8 RGB pixels: what transfer learning is measured against.
+
+    Args:
+        size: the square input size, in pixels.
+        n_classes: outputs of the softmax head.
+
+    Returns:
+        The untrained model.
+    """
     import keras
 
     layers = keras.layers
@@ -83,7 +120,19 @@ def small_cnn(size: int, n_classes: int) -> keras.Model:
 
 
 def tap(entry: Backbone, network: keras.Model, layer: str) -> Any:
-    """The layer of `network` whose output becomes the code, or a message listing the good ones."""
+    """The layer of `network` whose output becomes the code, or a message listing the good ones.
+
+    Args:
+        entry: the backbone's registry entry, whose usual layers the message lists.
+        network: the backbone network.
+        layer: a layer name.
+
+    Returns:
+        The layer.
+
+    Raises:
+        CnnCodesError: the network has no such layer.
+    """
     try:
         return network.get_layer(layer)
     except ValueError:

@@ -18,7 +18,8 @@ import joblib
 
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import package_versions, read_json
-from cnncodes.runs.records import RECORD_FORMAT, publish, sidecar
+from cnncodes.runs.records import publish_run, sidecar
+from cnncodes.runs.schema import RECORD_FORMAT, validate_record
 
 # 2: probabilities by temperature over informative scores (`CodesClassifier.temperature_`).
 # 3: an SVM's probabilities couple its tempered one-vs-one margins (a format-2 temperature meant something else).
@@ -33,7 +34,7 @@ def publish_bundle(path: Path, contents: dict[str, Any], record: dict[str, Any])
     def write(tmp: Path) -> None:
         joblib.dump({"format": BUNDLE_FORMAT, **contents, "versions": package_versions()}, tmp, compress=3)
 
-    return publish(path, write, record)
+    return publish_run(path, write, record)
 
 
 def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
@@ -58,6 +59,7 @@ def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
         ) from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or "model_sha256" not in record:
         raise CnnCodesError(f"{record_path} is not a cnncodes run record")
+    record = validate_record(record, record_path)
     made = str(record.get("model_file", ""))
     if Path(made).suffix != model_path.suffix:  # the loader follows the name: a renamed model would crash it
         raise CnnCodesError(

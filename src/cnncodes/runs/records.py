@@ -29,8 +29,8 @@ from cnncodes.core.files import (
 )
 from cnncodes.core.progress import warn
 from cnncodes.runs.evaluate import calibration
+from cnncodes.runs.schema import RECORD_FORMAT, validate_record
 
-RECORD_FORMAT = "cnncodes.run/1"
 # What a run leaves beside its record: a fit-svm bundle or a fine-tuned Keras model.
 MODEL_SUFFIXES = (".joblib", ".keras")
 
@@ -84,7 +84,7 @@ def refuse_to_replace(model_path: Path, origin: dict[str, Any]) -> None:
         )
 
 
-def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[str, Any]) -> dict[str, Any]:
+def publish_run(model_path: Path, write_model: Callable[[Path], None], record: dict[str, Any]) -> dict[str, Any]:
     """Write a model and its record together: both to temporary names, then both moved into place.
 
     `write_model(tmp)` writes the model file; its size and SHA-256 go into the record. A kill
@@ -100,6 +100,7 @@ def publish(model_path: Path, write_model: Callable[[Path], None], record: dict[
             "model_bytes": model_tmp.stat().st_size,
             "model_sha256": sha256_file(model_tmp),
         }
+        record = validate_record(record, sidecar(model_path))
         with says_where(sidecar(model_path), record_tmp):
             write_json_atomic(record_tmp, record)
         os.replace(model_tmp, model_path)
@@ -143,66 +144,27 @@ def load_records(folders: Sequence[Path]) -> list[dict[str, Any]]:
     return [r | {"run": label} for r, label in zip(records, labels)]
 
 
-# What `compare` reads of every record.
-_COMPARED = (
-    "run",
-    "method",
-    "backbone",
-    "accuracy",
-    "accuracy_ci95",
-    "balanced_accuracy",
-    "classes",
-    "confusion_matrix",
-    "per_class",
-    "test_predictions",
-    "n_test",
-    "dataset",
-    "fit_seconds",
-    "model_bytes",
-)
-
-
 def _run_record(path: Path) -> dict[str, Any] | None:
     """The run record at `path`; None for other JSON files. A damaged one is passed over with a warning.
 
-    A record is damaged when it lacks what `compare` reads, or, beside its model, cannot be read.
+    A record is damaged when `RunRecord` refuses it, or, beside its model, it cannot be read.
     """
+    beside_a_model = any(path.with_suffix(suffix).is_file() for suffix in MODEL_SUFFIXES)
     try:
         record = read_json(path)
     except (OSError, ValueError) as e:
-        if any(path.with_suffix(suffix).is_file() for suffix in MODEL_SUFFIXES):
+        if beside_a_model:
             warn(f"skipped {path}: the run record of the model beside it cannot be read ({first_line(e)})")
         return None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        if beside_a_model:
+            warn(f"skipped {path}: the model beside it has no cnncodes run record ({RECORD_FORMAT}) here")
         return None
-    missing = [key for key in _COMPARED if key not in record]
-    if missing:
-        warn(f"skipped {path}: the run record lacks {', '.join(missing)} (damaged, or made by another version)")
+    try:
+        return validate_record(record, path)
+    except CnnCodesError as e:
+        warn(f"skipped {e} (damaged, edited by hand, or made by another version)")
         return None
-    malformed = _malformed(record)
-    if malformed:
-        warn(f"skipped {path}: the run record's {', '.join(malformed)} cannot be read (damaged, or edited by hand)")
-        return None
-    return record
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _malformed(record: dict[str, Any]) -> list[str]:
-    """The fields `compare` computes with whose values are not of their kind (a record edited or damaged)."""
-    found = [k for k in ("accuracy", "balanced_accuracy", "fit_seconds", "model_bytes") if not _is_number(record[k])]
-    predictions, repeats = record["test_predictions"], record.get("repeats", [])
-    if not isinstance(predictions, list) or not all(
-        isinstance(p, dict) and {"path", "label", "predicted"} <= p.keys() for p in predictions
-    ):
-        found.append("test_predictions")
-    if not isinstance(repeats, list) or not all(
-        isinstance(r, dict) and isinstance(r.get("seed"), int) and _is_number(r.get("accuracy")) for r in repeats
-    ):
-        found.append("repeats")
-    return found
 
 
 # The calibration scores kept per split; `compare` shows the means of the first two.

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
@@ -33,18 +33,15 @@ from cnncodes.data.ingest import load_square
 from cnncodes.runtime.runners import (
     MeanOfViews,
     OnnxRunner,
+    cache_model,
     cached_runner,
     fingerprint,
     onnx_cache_path,
     onnx_model,
     private_cache_dir,
     probe_batch,
-    publish,
     refuse_unpinned,
 )
-
-if TYPE_CHECKING:
-    from cnncodes.codes.extract import ExtractorSpec
 
 Precision = Literal["fp32", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -61,13 +58,70 @@ LOW = (0.95, 0.9)
 _BATCH = 8  # calibration images per forward pass: activation ranges are merged batch by batch
 
 
-def check_precision(precision: str, runtime: str, calibration: int = DEFAULT_CALIBRATION) -> None:
+class Quantizable(Protocol):
+    """What quantizing reads of an extractor (`cnncodes.codes.spec.ExtractorSpec` has all of it)."""
+
+    @property
+    def backbone(self) -> str:
+        """The network's registry name, for messages and the cache record."""
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square images the model takes."""
+
+    @property
+    def resize(self) -> str:
+        """How an image becomes a square: `crop`, `squash` or `pad`."""
+
+    @property
+    def views(self) -> int | None:
+        """The codes the model gives per image, one per scale; None: one."""
+
+    @property
+    def probe(self) -> list[float] | None:
+        """The fingerprint the model must reproduce on the probe batch; None: not pinned yet."""
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """The calibration and held-out images (`calibration_set`)."""
+
+    @property
+    def network_key(self) -> str:
+        """The cache key of the fp32 network."""
+
+    @property
+    def model_key(self) -> str:
+        """The cache key of the int8 model."""
+
+
+def check_precision(precision: str, calibration: int = DEFAULT_CALIBRATION) -> None:
+    """Refuse an unknown precision, or an int8 calibration on no image.
+
+    Args:
+        precision: `fp32` or `int8`.
+        calibration: how many train images calibrate the int8 model.
+
+    Raises:
+        CnnCodesError: saying which choice is wrong.
+    """
     if precision not in PRECISIONS:
         raise CnnCodesError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and runtime != "onnx":
-        raise CnnCodesError("int8 codes are made by ONNX Runtime: use --runtime onnx")
     if calibration < 1:
         raise CnnCodesError(f"--calibration must be at least 1 image (got {calibration})")
+
+
+def check_runs_on(precision: str, runtime: str) -> None:
+    """Refuse int8 on a runtime other than ONNX Runtime, the only one that runs the quantized model.
+
+    Args:
+        precision: `fp32` or `int8`.
+        runtime: `onnx` or `keras`.
+
+    Raises:
+        CnnCodesError: for int8 on Keras.
+    """
+    if precision == "int8" and runtime != "onnx":
+        raise CnnCodesError("int8 codes are made by ONNX Runtime: use --runtime onnx")
 
 
 def calibration_set(train: Sequence[Path | str], n: int) -> dict[str, Any]:
@@ -76,6 +130,16 @@ def calibration_set(train: Sequence[Path | str], n: int) -> dict[str, Any]:
     The fingerprint hashes their contents, so a changed image gives another int8 model. The
     sample is drawn by `_draw_rank`, so adding or deleting train images keeps the int8 model
     (and every code made with it) unless one of them is drawn.
+
+    Args:
+        train: the train images.
+        n: how many to calibrate on.
+
+    Returns:
+        `{"n", "images", "holdout", "fingerprint"}`, as `ExtractorSpec.calibration` records it.
+
+    Raises:
+        CnnCodesError: with fewer than 2 train images.
     """
     if len(train) < 2:
         raise CnnCodesError("--precision int8 needs at least 2 train images (to calibrate and to check on)")
@@ -97,9 +161,22 @@ def _fingerprint(images: Sequence[str], holdout: Sequence[str]) -> str:
 
 
 def int8_runner(
-    spec: ExtractorSpec, build: Callable[[], Any], notice: Callable[[str], None], threads: int | None = None
+    spec: Quantizable, build: Callable[[], Any], notice: Callable[[str], None], threads: int | None = None
 ) -> OnnxRunner:
-    """The int8 model of `spec` on `threads` threads, from the cache or quantized now from the fp32 ONNX model."""
+    """The int8 model of `spec` on `threads` threads, from the cache or quantized now from the fp32 ONNX model.
+
+    Args:
+        spec: the extractor, its calibration set chosen.
+        build: builds the Keras extractor, when the fp32 model must be converted first.
+        notice: says what takes time (conversion, quantization) and a poor agreement with fp32.
+        threads: ONNX Runtime's operator threads.
+
+    Returns:
+        The int8 model on ONNX Runtime, pinned to `spec.probe` when the spec has one.
+
+    Raises:
+        CnnCodesError: when the network cannot run on ONNX Runtime, or the calibration images changed.
+    """
     path = onnx_cache_path(spec.model_key)
     found = cached_runner(path, spec.model_key, spec.probe, threads)
     if isinstance(found, OnnxRunner):
@@ -118,7 +195,7 @@ def int8_runner(
     return runner
 
 
-def _calibration_pixels(spec: ExtractorSpec) -> tuple[np.ndarray, np.ndarray]:
+def _calibration_pixels(spec: Quantizable) -> tuple[np.ndarray, np.ndarray]:
     """The calibration and held-out images, as the model sees them, after checking they are the recorded ones."""
     cal = spec.calibration or {}
     try:
@@ -139,7 +216,7 @@ def _calibration_pixels(spec: ExtractorSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _search(
-    spec: ExtractorSpec,
+    spec: Quantizable,
     fp32: OnnxRunner,
     calibration: np.ndarray,
     holdout: np.ndarray,
@@ -155,7 +232,7 @@ def _search(
         runner = OnnxRunner(made, threads)
         probe = fingerprint(runner(probe_batch(runner.input_shape)))
         record = {"key": spec.model_key, "model": f"{spec.backbone} int8", "probe": probe, "quantization": chosen}
-        publish(made, onnx_cache_path(spec.model_key), record)
+        cache_model(made, onnx_cache_path(spec.model_key), record)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     agreement = chosen["agreement"]
@@ -168,7 +245,7 @@ def _search(
     return runner
 
 
-def _prepared(spec: ExtractorSpec, scratch: Path) -> Path:
+def _prepared(spec: Quantizable, scratch: Path) -> Path:
     """The fp32 model with batch norms folded into their convolutions (measured: mean cosine 0.83 -> 0.975)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -212,7 +289,14 @@ def _best_configuration(
 
 
 def sensitive_layers(model: Any) -> dict[str, list[str]]:
-    """The convolutions quantization hurts most, by name: the first, the depthwise ones and the last three."""
+    """The convolutions quantization hurts most, by name: the first, the depthwise ones and the last three.
+
+    Args:
+        model: the ONNX model (an `onnx.ModelProto`).
+
+    Returns:
+        Node names by group; groups without a node are left out.
+    """
     convs = [node for node in model.graph.node if node.op_type == "Conv"]
     depthwise = [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
     groups = {

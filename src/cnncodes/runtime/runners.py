@@ -294,7 +294,7 @@ def cached_runner(
     return runner
 
 
-def publish(made: Path, path: Path, record: dict[str, Any]) -> None:
+def cache_model(made: Path, path: Path, record: dict[str, Any]) -> None:
     """Move a checked model into the cache and write its record beside it (the record last)."""
     os.replace(made, path)
     write_json_atomic(path.with_suffix(".json"), {"sha256": sha256_file(path), **record})
@@ -310,7 +310,7 @@ def _convert(build: Callable[[], Any], path: Path, model_key: str, threads: int 
         worst = float(np.abs(runner(probe_batch(runner.input_shape)) - expected).max())
         if worst > TOLERANCE * max(float(np.abs(expected).max()), 1e-6):
             raise RuntimeError(f"ONNX output differs from Keras by {worst:.3g}")
-        publish(exported, path, {"key": model_key, "model": name, "probe": fingerprint(expected)})
+        cache_model(exported, path, {"key": model_key, "model": name, "probe": fingerprint(expected)})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return runner

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from cnncodes.classify.estimator import class_probabilities
-from cnncodes.codes.extract import ExtractorSpec, ImageReader
+from cnncodes.classify.calibration import class_probabilities
+from cnncodes.codes.reading import ImageReader
+from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import package_versions
 from cnncodes.core.progress import progress_bar, warn

@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from cnncodes.codes.extract import Batch, CodeBatch, CodeJob, check_file, decode
+from cnncodes.codes.engines.job import CodeBatch, CodeJob
+from cnncodes.codes.reading import Batch, check_file, decode
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.data.ingest import BadImage, Check
 from cnncodes.runtime.runners import MirrorAveraged, OnnxRunner, onnx_cache_path
@@ -50,8 +51,13 @@ def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
 
 
 class RayEngine:
-    """Connects to the cluster at `address` on creation (else Ray's own choice: `RAY_ADDRESS`, else the
-    cluster `ray start` last started on this machine, else a new local one)."""
+    """Checks and computes codes on the actors of a Ray cluster; connects to it on creation.
+
+    Args:
+        workers: actors (default: one per CPU of the cluster).
+        address: the cluster (else Ray's own choice: `RAY_ADDRESS`, else the cluster `ray start`
+            last started on this machine, else a new local one).
+    """
 
     name: ClassVar[str] = "ray"
 
@@ -72,12 +78,22 @@ class RayEngine:
         self.workers = workers or self.cpus
 
     def describe(self) -> dict[str, Any]:
+        """The cluster's live nodes, CPUs and the actors used, for meta.json."""
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         return {"name": self.name, "nodes": nodes, "cpus": self.cpus, "workers": self.workers}
 
     def check(
         self, files: Sequence[Path | str], advance: Callable[[int], None]
     ) -> Iterator[tuple[list[int], list[Check]]]:
+        """`check_file` of every file, in Ray Data tasks, as the batches come back.
+
+        Args:
+            files: the files to check, under the same paths on every node.
+            advance: called with how many more files were checked.
+
+        Yields:
+            (positions in `files`, their checks) per batch, in any order.
+        """
         if not files:
             return
         checked = _items(np.arange(len(files)), files, self.workers).map_batches(
@@ -96,6 +112,18 @@ class RayEngine:
             yield batch["row"].tolist(), found
 
     def codes(self, job: CodeJob, rows: np.ndarray) -> Iterator[CodeBatch]:
+        """Codes of `rows` from a pool of actors, each running the driver's ONNX model, as they come.
+
+        Args:
+            job: what to compute; its runner must be an ONNX model.
+            rows: the rows to compute.
+
+        Yields:
+            A batch of codes, and the files that failed to decode, per block, in any order.
+
+        Raises:
+            CnnCodesError: when the model runs on Keras here.
+        """
         model = [ray.put(_onnx_bytes(job))]  # in a list, so each actor fetches it from the object store itself
         coded = _items(rows, job.paths, self.workers).map_batches(
             _Coder,

@@ -1,0 +1,35 @@
+"""`cnncodes demo`: the whole pipeline on a small dataset, each step said as it runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnncodes.cli.app import command
+from cnncodes.cli.options import BackboneOpt, user_errors
+from cnncodes.nets.backbones import DEFAULT_BACKBONE
+
+
+@command("demo")
+def demo(
+    data: Annotated[
+        Path | None, typer.Argument(help="Your class-per-folder images (default: scikit-learn's digits).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Folder for features, models and the report (default: models/<name of DATA>)."
+        ),
+    ] = None,
+    backbone: BackboneOpt = DEFAULT_BACKBONE,
+    image_size: Annotated[
+        int | None, typer.Option(min=1, help="Input size (default: 96 for the digits, else the backbone's).")
+    ] = None,
+) -> None:
+    """Run the whole pipeline (extract, fit-svm, finetune, compare, predict) and say what each step does."""
+    from cnncodes.demo import run_demo
+
+    with user_errors():
+        run_demo(data, out, backbone, image_size)

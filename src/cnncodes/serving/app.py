@@ -1,0 +1,201 @@
+"""The HTTP service around one loaded model: POST /predict, GET /healthz, /readyz, /metadata, /metrics.
+
+Uploads go through the same `Predictor` as `cnncodes predict`: the same decoding, the same
+pixels, the same probabilities. Images of concurrent requests share forward passes
+(`MicroBatcher`); decoding and the forward pass run on threads, never on the event loop.
+The service reads no paths from requests and serves no files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.requests import ClientDisconnect
+
+from cnncodes.data.ingest import BadImage
+from cnncodes.serving.batcher import MicroBatcher
+from cnncodes.serving.metrics import Metrics, MetricsMiddleware
+from cnncodes.serving.predict import Prediction, Predictor
+from cnncodes.serving.settings import ServeSettings
+
+# Files one multipart request may carry; more is refused by Starlette's form parser with a 400.
+MAX_FILES = 256
+UPLOAD_HELP = "send images as multipart/form-data files named 'files', or one image body with an image/* content type"
+# The status metrics count a request under when its client left before it was answered (nginx's).
+CLIENT_GONE = 499
+# /predict reads its body itself (multipart or raw), so its OpenAPI schema is written out here.
+UPLOAD_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["files"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "400": {"description": "No file could be read as an image, or a malformed form"},
+        "413": {"description": "The body is larger than the server's --max-bytes"},
+        "415": {"description": "Neither multipart/form-data nor image/*"},
+        "500": {"description": "The forward pass of this request's batch failed"},
+        "503": {"description": "The model failed its warm-up, or the server is shutting down"},
+    },
+}
+
+
+def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
+    """The service: POST /predict, GET /healthz, /readyz, /metadata, /metrics.
+
+    Args:
+        predictor: the loaded model.
+        settings: the limits, batching and threads the app runs with (its model is named in /metadata).
+
+    Returns:
+        The ASGI app; its lifespan warms the model up and starts the micro-batcher.
+    """
+    metrics = Metrics()
+    batcher = MicroBatcher(
+        predictor.probabilities, settings.max_batch, settings.batch_wait_ms / 1000, metrics.batch_size.observe
+    )
+    decoders = ThreadPoolExecutor(
+        max_workers=settings.threads or os.cpu_count() or 1, thread_name_prefix="cnncodes-decode"
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start(predictor.image_size)
+        yield
+        await batcher.stop()
+        decoders.shutdown(wait=True)
+
+    app = FastAPI(
+        title="cnncodes",
+        summary=f"Predictions of {predictor.record.get('run', settings.model)}",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    async def answer(filename: str, data: bytes, top_k: int) -> Prediction:
+        try:
+            pixels = await asyncio.get_running_loop().run_in_executor(
+                decoders, predictor.pixels, data, settings.max_pixels
+            )
+        except BadImage as bad:
+            metrics.rejected.labels(bad.category).inc()
+            return Prediction(filename, error=str(bad))
+        result = predictor.answer(filename, await batcher.submit(pixels), top_k)
+        metrics.images.inc()
+        return result
+
+    @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
+    async def predict(request: Request, top_k: int = Query(3, ge=1, description="Classes listed per image.")):
+        if batcher.failure:  # before reading and decoding a body no forward pass would take
+            raise HTTPException(503, batcher.failure)
+        try:
+            uploads = await _uploads(request)
+        except ClientDisconnect:  # nobody to answer: counted, not logged as a server error
+            return Response(status_code=CLIENT_GONE)
+        results = await asyncio.gather(*(answer(name, data, top_k) for name, data in uploads))
+        body = {"predictions": [r.to_dict() for r in results]}
+        if all(r.error for r in results):
+            return JSONResponse({"detail": "no image in the request could be read", **body}, status_code=400)
+        return body
+
+    _add_status_routes(app, batcher, metrics, _metadata(predictor, settings))
+    return app
+
+
+def _add_status_routes(app: FastAPI, batcher: MicroBatcher, metrics: Metrics, info: dict[str, Any]) -> None:
+    """What probes and operators ask: /healthz (alive), /readyz (warmed up), /metadata and /metrics."""
+
+    @app.get("/healthz")
+    async def healthz():
+        if batcher.failure:
+            return JSONResponse({"status": "failed", "detail": batcher.failure}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if batcher.ready and not batcher.failure:
+            return {"status": "ready"}
+        return JSONResponse({"status": "failed" if batcher.failure else "not ready"}, status_code=503)
+
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD too, outside the schema (one id each)
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
+    @app.get("/metadata")
+    async def metadata():
+        return info
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _uploads(request: Request) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of each image of a multipart form (field `files`) or of a raw image body."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type.startswith("image/"):
+        return [("upload", await request.body())]
+    if media_type != "multipart/form-data":
+        raise HTTPException(415, f"unsupported content type {media_type or '(none)'}: {UPLOAD_HELP}")
+    async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES) as form:
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not files:
+            raise HTTPException(400, f"no files in the form: {UPLOAD_HELP}")
+        return [(f.filename or f"files[{i}]", await f.read()) for i, f in enumerate(files)]
+
+
+def _metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
+    record = predictor.record
+    summary = (
+        "run",
+        "method",
+        "backbone",
+        "layer",
+        "classifier",
+        "accuracy",
+        "accuracy_ci95",
+        "accuracy_mean",  # these two with --repeats: over the splits; `accuracy` is the served model's split
+        "accuracy_sd",
+        "balanced_accuracy",
+        "macro_f1",
+        "ece",  # how far the served probabilities are from the accuracy they claim, on the test images
+        "confidence_auroc",
+        "ece_mean",  # these two with --repeats: over the splits
+        "confidence_auroc_mean",
+        "n_train",
+        "n_test",
+        "created",
+        "model_sha256",
+    )
+    return {
+        "classes": predictor.classes,
+        "backbone": record.get("backbone"),
+        "layer": record.get("layer"),
+        "precision": record.get("extractor", {}).get("precision", "fp32"),  # int8: a quantized network
+        "input_size": predictor.image_size,
+        "resize": predictor.resize,
+        "threads": settings.threads,
+        "run": {key: record.get(key) for key in summary},
+        "limits": {"max_bytes": settings.max_bytes, "max_files": MAX_FILES, "max_pixels": settings.max_pixels},
+        "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms},
+    }

@@ -1,0 +1,33 @@
+"""What a server process builds its app from, apart from the model itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cnncodes.core.choices import SERVE_BATCH_WAIT_MS, SERVE_MAX_BATCH, SERVE_MAX_BYTES, SERVE_MAX_PIXELS
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSettings:
+    """Everything a server process needs to build its app: JSON-able, for uvicorn's worker processes.
+
+    Args:
+        model: the .joblib bundle or .keras model to serve (its run record beside it).
+        weights: where the model's weights file is now, if it moved.
+        runtime: "onnx" or "keras", the forward pass's runtime.
+        max_bytes: the largest request body; more is a 413 before it is read.
+        max_pixels: the most pixels one upload may decode to; more is a 400.
+        batch_wait_ms: how long an image waits for others to share its forward pass.
+        max_batch: the most images in one forward pass.
+        threads: threads of this process, for decoding and for the runtime's operators (None: one per core;
+            `serve` gives each of its processes cores / workers).
+    """
+
+    model: str
+    weights: str | None = None
+    runtime: str = "onnx"
+    max_bytes: int = SERVE_MAX_BYTES
+    max_pixels: int = SERVE_MAX_PIXELS
+    batch_wait_ms: float = SERVE_BATCH_WAIT_MS
+    max_batch: int = SERVE_MAX_BATCH
+    threads: int | None = None
