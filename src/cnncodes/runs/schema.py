@@ -147,12 +147,23 @@ def validate_record(record: Any, path: Path | str) -> dict[str, Any]:
             range (or that the JSON is nested too deeply to be a record).
     """
     try:
-        checked = RunRecord.model_validate(record)
+        RunRecord.model_validate(_readable(record))
     except ValidationError as e:
         raise CnnCodesError(f"{path}: {describe(e)}") from None
     except RecursionError:
         raise CnnCodesError(f"{path}: nested too deeply to be a run record") from None
-    return checked.model_dump(mode="json", exclude_unset=True)
+    return record
+
+
+def _readable(value: Any) -> Any:
+    """Strings with the surrogates of non-UTF-8 file names (which pydantic cannot read) made checkable."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_readable(k): _readable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_readable(v) for v in value]
+    return value
 
 
 def describe(error: ValidationError) -> str:
