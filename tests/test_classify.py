@@ -154,6 +154,7 @@ def test_compare_passes_over_damaged_records_with_a_warning_naming_each(fitted, 
     assert f"skipped {edited}: the run record's fit_seconds is not valid" in warned and "notes.json" not in warned
 
 
+@pytest.mark.slow
 def test_compare_and_predict_never_write_over_a_file_they_read(fitted, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(fitted["models"], copy)
@@ -212,6 +213,7 @@ def test_predict_reproduces_the_recorded_test_accuracy(fitted):
 
 
 @pytest.mark.parametrize("views", [["--flip", "--image-size", "32"], ["--image-size", "32,48"]])
+@pytest.mark.slow
 def test_a_bundle_of_averaged_codes_predicts_its_recorded_test_probabilities(fitted, tmp_path, views):
     options = ["--backbone", "vgg16", "--weights", "none", *views, "--quiet"]
     result = cli("extract", fitted["data"], "--out", tmp_path / "features", *options)
@@ -339,6 +341,7 @@ def test_predict_refuses_tampered_or_unverifiable_bundles(fitted, tmp_path):
     assert "the .joblib model vgg16-block5_pool-logreg.joblib (method cnn-codes)" in " ".join(result.stderr.split())
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_bundle_whose_weights_file_changed(fitted, tmp_path):
     import keras
 
@@ -393,6 +396,7 @@ def test_fit_svm_on_damaged_features_is_a_clear_error(fitted, tmp_path):
 
 
 @needs_real_weights
+@pytest.mark.slow
 def test_linear_svm_on_real_mobilenet_codes_beats_85_percent(tmp_path, monkeypatch):
     data = tmp_path / "flowers"
     for name in ("Bluebell", "Daffodil", "Pansy", "Sunflower"):
@@ -412,6 +416,7 @@ def test_linear_svm_on_real_mobilenet_codes_beats_85_percent(tmp_path, monkeypat
     assert scores["imagenet"] > scores["none"] + 0.15, scores
 
 
+@pytest.mark.slow
 def test_fit_svm_refuses_to_overwrite_runs_made_from_other_codes(fitted):
     root = fitted["root"]
     max_pooled = fast_spec(layer="block4_pool", pooling="max")
@@ -558,6 +563,7 @@ def test_ctrl_c_names_the_runs_already_saved(fitted, tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_models_fitted_after_images_and_weights_moved_know_their_new_places(tmp_path):
     import keras
 
@@ -595,6 +601,7 @@ def test_an_unwritable_onnx_cache_falls_back_to_keras_and_says_what_to_set(fitte
     assert "set CNNCODES_CACHE_DIR to a writable folder" in " ".join(result.stderr.split())
 
 
+@pytest.mark.slow
 def test_a_link_to_a_bundle_finds_the_record_beside_the_bundle(fitted, tmp_path):
     link = tmp_path / "links" / "model.joblib"
     link.parent.mkdir()

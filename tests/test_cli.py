@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 NATIVE_LINES = ("absl::InitializeLog", "oneDNN custom operations")
 
 
@@ -21,6 +23,7 @@ def cnncodes(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_tensorflow_start_up_lines_never_reach_the_terminal_unless_verbose():
     quiet = cnncodes("layers", "mobilenetv2", "--image-size", "32")
     assert quiet.returncode == 0, quiet.stderr

@@ -126,6 +126,7 @@ def test_flip_codes_are_the_mean_of_the_image_and_its_mirror_image(dataset: Path
     assert np.abs(codes - plain).max() > 0.05 * np.abs(plain).max()
 
 
+@pytest.mark.slow
 def test_codes_at_several_sizes_are_the_mean_of_the_codes_at_each_size_which_are_kept(
     dataset: Path, tmp_path: Path, monkeypatch
 ):
@@ -189,6 +190,7 @@ def test_rerun_with_same_data_and_settings_recomputes_nothing(dataset: Path, tmp
     "change",
     [dict(pooling="max"), dict(layer="block3_pool"), dict(image_size=40), dict(flip=True), dict(image_size=[32, 40])],
 )
+@pytest.mark.slow
 def test_changed_settings_never_reuse_stale_rows(dataset: Path, tmp_path: Path, change):
     out = tmp_path / "f"
     base = dict(layer="block4_pool")  # a 2x2 map at 32 px, so avg and max pooling differ
@@ -599,6 +601,7 @@ def mobilenet_weights_file(tmp_path: Path) -> Path:
     return save_legacy_h5_weights(model, tmp_path / "w" / name)
 
 
+@pytest.mark.slow
 def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, mobilenet_weights_file, monkeypatch):
     keras_home = tmp_path / "keras_home"
     monkeypatch.setenv("KERAS_HOME", str(keras_home))
@@ -758,6 +761,7 @@ def test_unusable_input_stops_before_heavy_work(tmp_path, monkeypatch, layout):
         assert not (tmp_path / "f").exists()
 
 
+@pytest.mark.slow
 def test_backbones_and_layers_commands():
     listing = cli("backbones")
     assert listing.exit_code == 0
@@ -804,6 +808,7 @@ def test_real_mobilenet_codes_group_flowers_by_class(tmp_path, monkeypatch):
     assert (labels[nearest] == labels).mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_run_killed_while_publishing_never_lends_its_rows_to_other_settings(dataset, tmp_path, monkeypatch):
     out = tmp_path / "f"
     cnncodes.extract(dataset, out, fast_spec(layer="block4_pool"), progress=False)

@@ -111,6 +111,7 @@ def test_a_changed_calibration_set_or_precision_never_reuses_a_cached_model(smal
     assert not np.allclose(np.load(tmp_path / "a" / "features.npy"), int8_codes)
 
 
+@pytest.mark.slow
 def test_an_int8_model_quantized_now_runs_on_the_threads_asked_for(small_int8, tmp_path, monkeypatch):
     """A one-thread server that finds no cached int8 model must not take every core once it made one."""
     monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cold"))

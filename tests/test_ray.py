@@ -47,6 +47,7 @@ def read(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_ray_engine_writes_what_the_local_engine_writes(local_ray, data: Path, tmp_path: Path):
     result = runner.invoke(
         app, ["extract", str(data), "--out", str(tmp_path / "ray"), *FAST_ARGS, "--engine", "ray", "--batch-size", "4"]
@@ -64,6 +65,7 @@ def test_ray_engine_writes_what_the_local_engine_writes(local_ray, data: Path, t
     assert json.loads((local.out / "meta.json").read_text())["engine"]["name"] == "local"
 
 
+@pytest.mark.slow
 def test_interrupted_ray_run_resumes_without_redoing_finished_rows(local_ray, data: Path, tmp_path: Path):
     out, stopped_at = tmp_path / "f", []
 
@@ -106,6 +108,7 @@ def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):  # n
     assert np.abs(np.load(on_ray.out / "features.npy") - np.load(on_disk.out / "features.npy")).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_an_int8_extract_runs_the_same_quantized_model_on_the_actors(local_ray, data: Path, tmp_path: Path):
     # at two sizes: the resize inside the network ships with the quantized model
     options = [

@@ -35,6 +35,7 @@ def assert_same_codes(spec, weights, pixels):
     ("backbone", "layer"),
     [("vgg16", None), ("vgg16", "block3_pool"), ("resnet50", None), ("resnet50", "conv4_block6_out")],
 )
+@pytest.mark.slow
 def test_onnx_codes_equal_keras_codes_untrained(tmp_path, backbone, layer):
     data = make_dataset(tmp_path / "d", per_class=2)
     pixels = np.stack([load_square(p, 48) for p in sorted(data.rglob("*.*"))])
@@ -44,6 +45,7 @@ def test_onnx_codes_equal_keras_codes_untrained(tmp_path, backbone, layer):
 
 @needs_real_weights
 @pytest.mark.parametrize("layer", [None, "block_13_expand_relu"])
+@pytest.mark.slow
 def test_onnx_codes_equal_keras_codes_with_real_mobilenet(monkeypatch, layer):
     files = [sorted((FLOWERS / c).glob("*.jpg"))[0] for c in ("Daisy", "Iris", "Tulip", "Pansy")]
     pixels = np.stack([load_square(f, 96) for f in files])
@@ -56,6 +58,7 @@ def small_spec():
     return spec, spec.recorded_weights
 
 
+@pytest.mark.slow
 def test_converted_model_is_cached_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cache"))  # it damages entries: not the shared cache
     spec, weights = small_spec()
@@ -79,6 +82,7 @@ def test_converted_model_is_cached_and_a_damaged_cache_is_rebuilt(tmp_path, monk
     assert isinstance(make_runner(must_not_build, spec.key, "onnx"), OnnxRunner)
 
 
+@pytest.mark.slow
 def test_cache_folder_is_private_and_a_swapped_entry_is_refused_and_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cache"))  # it damages entries: not the shared cache
     spec, weights = small_spec()
@@ -137,6 +141,7 @@ print(type(runner).__name__, onnx_cache_path("killed").with_suffix(".failed").ex
 """
 
 
+@pytest.mark.slow
 def test_failed_conversion_falls_back_to_keras_with_a_notice_and_a_killed_one_is_tried_again(monkeypatch, tmp_path):
     monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cache"))
     spec, weights = small_spec()
@@ -170,6 +175,7 @@ def test_failed_conversion_falls_back_to_keras_with_a_notice_and_a_killed_one_is
     assert kind == "KerasRunner" and failed_recorded == "False" and "killed" in notice
 
 
+@pytest.mark.slow
 def test_cold_conversion_leaves_no_tensorflow_in_the_process_and_never_runs_the_script_again(tmp_path):
     """A notebook user's script without an `if __name__ == "__main__":` guard runs once, and converts."""
     script = tmp_path / "unguarded.py"

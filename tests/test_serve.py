@@ -308,6 +308,7 @@ def test_a_request_still_running_when_the_grace_period_ends_gets_503_and_the_log
     assert "Traceback" not in (served["root"] / "grace.log").read_text()
 
 
+@pytest.mark.slow
 def test_workers_run_as_separate_processes_sharing_the_cores(served, tmp_path):
     import psutil
 
