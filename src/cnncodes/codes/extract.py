@@ -78,7 +78,7 @@ def extract(
     address: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> ExtractResult:
-    """Write CNN codes of every usable image in `data` to `out` (see the README for the files).
+    """Write CNN codes of every usable image in `data` to `out` (docs/guide/extract.md lists the files).
 
     Bad files are skipped and listed in `rejected.csv`; re-running with the same data and
     settings recomputes nothing, and an interrupted run resumes where it stopped.

@@ -52,7 +52,7 @@ FORMAT = 3
 HOLDOUT = 32
 # Agreement (mean, lowest cosine with fp32 codes) that ends the search, and below which the user is warned.
 # Measured on Flowers-17 with MobileNetV2: codes at 0.976 / 0.95 kept the classifiers' test accuracy
-# (README), codes at 0.888 / 0.81 (batch norms not folded) lost 0.6-5.6 points.
+# (docs/benchmarks.md, "int8"), codes at 0.888 / 0.81 (batch norms not folded) lost 0.6-5.6 points.
 GOOD = (0.97, 0.94)
 LOW = (0.95, 0.9)
 _BATCH = 8  # calibration images per forward pass: activation ranges are merged batch by batch

@@ -51,7 +51,8 @@ TOLERANCE = 1e-4
 # loose enough for int8 rebuilt by another ONNX Runtime, far tighter than any other network.
 PIN_TOLERANCE = 1e-2
 _CONVERTERS = ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime")
-# What the first-use notice promises: 7-20 s measured by scripts/bench_convert.py on 2 cores (README, "Runtimes").
+# What the first-use notice promises: 7-20 s measured by scripts/bench_convert.py on 2 cores
+# (docs/benchmarks.md, "Conversion").
 CONVERSION_ESTIMATE = "~10-30 s"
 # Failures that may not happen again (memory, disk space): never recorded as permanent.
 _TRANSIENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG)
@@ -111,7 +112,7 @@ class MirrorAveraged:
 
     The cheapest test-time augmentation: a flower or a dog is the same class seen from
     either side, and averaging the two views steadies the code (measured on Flowers-17
-    in the README). Twice the forward passes; the same runner serves both views.
+    in docs/benchmarks.md, "Accuracy"). Twice the forward passes; the same runner serves both views.
     """
 
     def __init__(self, runner: Runner):
