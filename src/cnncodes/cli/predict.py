@@ -52,7 +52,7 @@ def predict(
         if text is not None and output:
             write_bytes_atomic(output, text.encode("utf-8", "surrogateescape"))
     if text is None:
-        out_console.print(predictions_table(results, top_k))
+        out_console.print(predictions_table(results))
     elif not output:
         typer.echo(text, nl=False)
     failed = sum(1 for r in results if r.error)

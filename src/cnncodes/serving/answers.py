@@ -13,18 +13,32 @@ from cnncodes.core.files import csv_text
 from cnncodes.serving.predict import Prediction
 
 
-def predictions_table(results: Sequence[Prediction], top_k: int) -> Table:
-    """`predict`'s answers for a terminal: one row per image, its error in red where it had one."""
-    table = Table("image", "label", "probability", f"top {top_k}")
+def predictions_table(results: Sequence[Prediction]) -> Table:
+    """`predict`'s answers for a terminal: one row per image, and an error column only when a file failed.
+
+    The header counts the classes each row really lists ("top 2" for a two-class model asked for three).
+
+    Args:
+        results: the answers, in input order.
+
+    Returns:
+        A rich table.
+    """
+    listed = max((len(r.top_k) for r in results), default=0)
+    errors = any(r.error for r in results)
+    table = Table("image", "label", "probability", f"top {listed}" if listed > 1 else "top")
+    if errors:
+        table.add_column("error", style="red", overflow="fold")
     table.columns[0].overflow = "fold"  # paths wrap rather than lose their file name
     for r in results:
         top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in r.top_k)
-        table.add_row(
+        cells = [
             Text(r.filename),
-            Text(r.label) if r.label else Text(r.error or "", style="red"),
-            f"{r.probability:.3f}" if r.probability is not None else "",
+            Text(r.label or ""),
+            "" if r.probability is None else f"{r.probability:.3f}",
             Text(top),
-        )
+        ]
+        table.add_row(*cells, *([Text(r.error or "")] if errors else []))
     return table
 
 
