@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# `make demo` installs the package alone; `make test` adds the extras the tests, benchmarks and docs need.
+DEMO_STAMP := $(VENV)/.demo-stamp
 STAMP := $(VENV)/.installed-stamp
 
 # Real ImageNet weights that sit beside the project (see ../shared/weights/SOURCES.md).
@@ -14,11 +16,17 @@ endif
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP): pyproject.toml $(DEMO_STAMP)
 	$(PY) -m pip install --quiet -e '.[test,ray,serve,bench,docs]'
-	touch $(STAMP)
+	touch $@
 
 # Two processes, each taking whole test files: a file's shared fixtures (its models, the one local Ray,
 # the one server) are made once; the suite is sized for two cores.
@@ -34,7 +42,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/cnncodes demo
 
 bench: $(STAMP)
