@@ -32,7 +32,7 @@ def predictions_table(results: Sequence[Prediction]) -> Table:
     table.columns[0].overflow = "fold"  # paths wrap rather than lose their file name
     for r in results:
         top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in r.top_k)
-        cells = [
+        cells: list[str | Text] = [
             Text(r.filename),
             Text(r.label or ""),
             "" if r.probability is None else f"{r.probability:.3f}",
