@@ -11,11 +11,13 @@ from rich.text import Text
 from cnncodes.cli.app import command
 from cnncodes.cli.options import BACKBONES, BackboneName, one_of, out_console, user_errors
 from cnncodes.nets.backbones import REGISTRY, get_backbone
+from cnncodes.nets.weights import place_of, search_places
 
 
 @command("backbones")
 def backbones() -> None:
-    """List the networks, the input sizes `extract` averages codes over, their layers and ImageNet weight files."""
+    """List the networks, the input sizes `extract` averages codes over, their layers, and where their ImageNet
+    weights files are found here (nothing is downloaded)."""
     table = Table("backbone", "sizes", "layers (default first)", "preprocessing")
     for column in table.columns[:3]:
         column.no_wrap = True  # names stay whole: the preprocessing column wraps instead
@@ -24,10 +26,29 @@ def backbones() -> None:
         sizes = ",".join(map(str, entry.default_sizes("avg", entry.default_layer)))
         table.add_row(entry.name, sizes, "\n".join(layers), entry.preprocessing)
     out_console.print(table)
-    # A file name is too long for a table column at 80 characters: one line each, whole.
-    out_console.print("ImageNet weights files:")
+    _weights_files()
+
+
+def _weights_files() -> None:
+    """Each ImageNet weights file under the place `--weights imagenet` takes it from, in search order.
+
+    A file name is too long for a table column at 80 characters: one line each, whole.
+    """
+    places = search_places()
+    download = "to download (offline: not available)"
+    found: dict[str, list[str]] = {place: [] for place in [*places, download]}
     for entry in REGISTRY.values():
-        out_console.print(Text(f"{entry.name}: {entry.weights_file}"))
+        files = {entry.name: entry.imagenet_file(entry.default_layer)}
+        if entry.top_taps:  # its classifier top's layers load another file
+            files[f"{entry.name} {','.join(entry.top_taps)}"] = entry.imagenet_file(entry.top_taps[0])
+        for label, file in files.items():
+            found[place_of(file.name) or download].append(f"{label}: {file.name}")
+    for place, lines in found.items():
+        if lines:
+            heading = download if place == download else f"in {place} ({places[place]})"
+            out_console.print(Text(f"ImageNet weights files {heading}:", style="bold"))
+            for line in lines:
+                out_console.print(Text(line))
 
 
 @command("layers")

@@ -7,7 +7,7 @@ bundles hold: its fields and their meaning stay as they are, and a spec of anoth
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from operator import index
@@ -21,12 +21,14 @@ from cnncodes.core.errors import CnnCodesError, check_types
 from cnncodes.core.progress import warn
 from cnncodes.data.ingest import check_resize
 from cnncodes.nets.backbones import DEFAULT_BACKBONE, POOLINGS, get_backbone
-from cnncodes.nets.weights import Weights
+from cnncodes.nets.weights import WEIGHTS_DIR_ENV, Weights
 from cnncodes.runtime import quantize
 from cnncodes.runtime.runners import MeanOfViews, MirrorAveraged, Runner, cache_record, make_runner
 
 # Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
 EXTRACTOR_FORMAT = 1
+# The weights a network is built with, or a function that finds them when it is built (not for a cached model).
+WeightsSource = Weights | Callable[[], Weights]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,6 +226,10 @@ class ExtractorSpec:
     def find_weights(self, override: str | None = None) -> Weights:
         """The weights these codes were made with, found again (or at `override`) and checked by SHA-256.
 
+        ImageNet weights are looked for first where `extract` found them (the recorded file, if
+        it is still the same), then as `extract` looks for them. Errors advise what the commands
+        that rebuild a model take (`predict`, `serve`, `prepare`): other weights are refused there.
+
         Args:
             override: where the weights file is now, when it moved.
 
@@ -235,25 +241,52 @@ class ExtractorSpec:
         """
         if self.weights == "none":
             return Weights("none")
-        if not override and self.weights == "file" and not Path(self.weights_file or "").is_file():
-            raise CnnCodesError(
-                f"this model was made with the weights file {self.weights_file}, which is not there any more: "
-                f"give its new place with --weights PATH (its SHA-256: {self.weights_sha256})"
+        entry = get_backbone(self.backbone)
+        if self.weights == "imagenet":
+            advice = (
+                f"pass --weights PATH with the file this model was made with (SHA-256 {self.weights_sha256}), "
+                f"or put it in ${WEIGHTS_DIR_ENV}"
             )
-        choice = override or ("imagenet" if self.weights == "imagenet" else self.weights_file) or ""
-        found = get_backbone(self.backbone).resolve_weights(choice, self.layer)
+        else:
+            advice = f"give its new place with --weights PATH (its SHA-256: {self.weights_sha256})"
+        if override:
+            found = entry.resolve_weights(override, self.layer, advice=advice)
+        elif self.weights == "file":
+            if not Path(self.weights_file or "").is_file():
+                raise CnnCodesError(
+                    f"this model was made with the weights file {self.weights_file}, which is not there any more: "
+                    f"{advice}"
+                )
+            found = entry.resolve_weights(self.weights_file or "", self.layer, advice=advice)
+        else:
+            recorded = self._recorded_file()
+            if isinstance(recorded, Weights):
+                return recorded
+            found = entry.resolve_weights("imagenet", self.layer, tried=recorded, advice=advice)
         if found.sha256 != self.weights_sha256:
             raise CnnCodesError(
-                f"the weights {found.path or choice} are not the ones this model was made with ({self.weights_file}, "
-                f"SHA-256 {self.weights_sha256}): give the right file with --weights PATH"
+                f"the weights {found.path or override} are not the ones this model was made with "
+                f"({self.weights_file}, SHA-256 {self.weights_sha256}): give the right file with --weights PATH"
             )
         return found
 
-    def build(self, weights: Weights):
+    def _recorded_file(self) -> Weights | str:
+        """The weights at the recorded path if they are still the recorded ones (read once); else what became of it."""
+        if not self.weights_file:
+            return ""
+        path = Path(self.weights_file)
+        if not path.is_file():
+            return f"{path}, where extract found them, is gone; "
+        if artifacts.sha256_file(path) != self.weights_sha256:
+            return f"{path}, where extract found them, has changed since; "
+        return self.recorded_weights
+
+    def build(self, weights: WeightsSource):
         """The Keras extractor: uint8 pixels in, codes out.
 
         Args:
-            weights: the weights to load (`recorded_weights` or `find_weights`).
+            weights: the weights to load (`recorded_weights` or `find_weights`), or the function
+                that finds them (called here).
 
         Returns:
             The Keras model.
@@ -261,20 +294,23 @@ class ExtractorSpec:
         from cnncodes.nets.models import build_extractor
 
         entry = get_backbone(self.backbone)
+        loaded = weights if isinstance(weights, Weights) else weights()
         return build_extractor(
-            entry, self.image_size, self.layer, self.pooling, weights, self.scales or (), bool(self.views)
+            entry, self.image_size, self.layer, self.pooling, loaded, self.scales or (), bool(self.views)
         )
 
     def runner(
-        self, weights: Weights, runtime: str = "onnx", threads: int | None = None, per_view: bool = False
+        self, weights: WeightsSource, runtime: str = "onnx", threads: int | None = None, per_view: bool = False
     ) -> Runner:
         """The extractor on `runtime`, at its precision; with a cached ONNX model, TensorFlow is never loaded.
 
         On a cache miss the network is converted in a child process (and quantized for int8), so
-        calling this ahead of time, e.g. in a container build, prepares the cache.
+        calling this ahead of time, e.g. in a container build, prepares the cache. A prepared
+        model needs no weights file: the cached ONNX model, pinned by `probe`, is the network.
 
         Args:
-            weights: the weights to build the network with on a cache miss.
+            weights: the weights to build the network with on a cache miss, or a picklable function
+                that finds them (`find_weights`), called only when the network is built.
             runtime: `onnx` or `keras`.
             threads: caps ONNX Runtime's operator threads (a server process, a Ray actor).
             per_view: every view's code side by side, as `extract` stores them; else the images' codes.
@@ -283,6 +319,8 @@ class ExtractorSpec:
             The runner: uint8 pixels in, codes out.
         """
         quantize.check_runs_on(self.precision, runtime)
+        if not isinstance(weights, Weights) and not any(cache_record(k) for k in {self.model_key, self.network_key}):
+            weights = weights()  # the network will be built: missing weights are said before a conversion starts
         build = partial(self.build, weights)  # picklable: the conversion runs in a child process
         if self.precision == "int8":
             found: Runner = quantize.int8_runner(self, build, notice=warn, threads=threads)
@@ -297,9 +335,10 @@ class ExtractorSpec:
         """Convert (and for int8 quantize) this extractor into the cache ahead of time, e.g. in a container build.
 
         Args:
-            weights: the weights to build with; default: found again and checked (`find_weights`).
+            weights: the weights to build with; default: found again and checked (`find_weights`) if
+                the cache does not hold the model yet.
         """
-        self.runner(weights or self.find_weights())
+        self.runner(weights or self.find_weights)
 
 
 def input_sizes(image_size: int | str | Sequence[int] | None, default: list[int]) -> list[int]:

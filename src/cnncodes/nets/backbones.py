@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from cnncodes.core.errors import CnnCodesError, first_line
-from cnncodes.nets.weights import UNTRAINED_SEED, Weights, resolve_weights
+from cnncodes.nets.weights import UNTRAINED_SEED, ImagenetFile, Weights, resolve_weights
 
 if TYPE_CHECKING:
     import keras
@@ -74,10 +74,17 @@ class Backbone:
         """Layers of the classifier top (VGG's fc1/fc2) need the network built with its top."""
         return layer in self.top_taps
 
-    def resolve_weights(self, choice: str, layer: str) -> Weights:
+    def imagenet_file(self, layer: str) -> ImagenetFile:
+        """The ImageNet weights file the network cut at `layer` loads: with the classifier top for its layers."""
         if self.needs_top(layer) and self.top_weights_file and self.top_weights_url:
-            return resolve_weights(choice, self.top_weights_file, self.top_weights_url, self.name, self.top_weights_md5)
-        return resolve_weights(choice, self.weights_file, self.weights_url, self.name, self.weights_md5)
+            return ImagenetFile(
+                backbone=self.name, name=self.top_weights_file, url=self.top_weights_url, md5=self.top_weights_md5
+            )
+        return ImagenetFile(backbone=self.name, name=self.weights_file, url=self.weights_url, md5=self.weights_md5)
+
+    def resolve_weights(self, choice: str, layer: str, *, tried: str = "", advice: str | None = None) -> Weights:
+        """`--weights imagenet|none|PATH` for the network cut at `layer` (`weights.resolve_weights` says how)."""
+        return resolve_weights(choice, imagenet=self.imagenet_file(layer), tried=tried, advice=advice)
 
     def preprocess_input(self, x: Any) -> Any:
         """Keras's own `preprocess_input` for this network, applied to float pixels 0–255."""

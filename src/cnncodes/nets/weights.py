@@ -31,35 +31,82 @@ class Weights:
     sha256: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class ImagenetFile:
+    """A backbone's ImageNet weights as Keras publishes them.
+
+    Attributes:
+        backbone: the network's registry name, for messages.
+        name: Keras's canonical file name, the one looked for offline.
+        url: where Keras downloads it from.
+        md5: the MD5 Keras checks the download against; None where Keras publishes none.
+    """
+
+    backbone: str
+    name: str
+    url: str
+    md5: str | None = None
+
+
 def keras_cache_dir() -> Path:
     """Keras's own download cache, as `keras.utils.get_file` computes it."""
     return Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models"
 
 
+def search_places() -> dict[str, Path]:
+    """The folders searched for canonical weight files, in order, by the names users know them by."""
+    places = {"the Keras cache": keras_cache_dir()}
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        places = {f"${WEIGHTS_DIR_ENV}": Path(os.environ[WEIGHTS_DIR_ENV]).expanduser(), **places}
+    return places
+
+
 def search_dirs() -> list[Path]:
     """Folders searched for canonical weight files, in order."""
-    dirs = [keras_cache_dir()]
-    if os.environ.get(WEIGHTS_DIR_ENV):
-        dirs.insert(0, Path(os.environ[WEIGHTS_DIR_ENV]).expanduser())
-    return dirs
+    return list(search_places().values())
 
 
-def resolve_weights(choice: str, file_name: str, url: str, backbone: str, md5: str | None = None) -> Weights:
+def place_of(file_name: str) -> str | None:
+    """Which of `search_places` `--weights imagenet` finds `file_name` in, without downloading it.
+
+    Args:
+        file_name: a canonical Keras file name (`ImagenetFile.name`).
+
+    Returns:
+        The place's name, or None when the file would be downloaded.
+    """
+    return next((place for place, folder in search_places().items() if (folder / file_name).is_file()), None)
+
+
+def resolve_weights(choice: str, *, imagenet: ImagenetFile, tried: str = "", advice: str | None = None) -> Weights:
     """Turn `--weights imagenet|none|PATH` into a file on disk (or none), with its SHA-256.
 
     A file found or downloaded under Keras's canonical name must have the MD5 that Keras
     publishes for it (`md5`, when Keras has one): the name promises those exact weights.
+
+    Args:
+        choice: `imagenet`, `none` or the path of a Keras weights file.
+        imagenet: the backbone's ImageNet file, for `imagenet`.
+        tried: where the caller looked already, said first when the file is not found ("X is gone; ").
+        advice: what to do when no file is found, for a command that rebuilds a recorded extractor
+            (there other weights are refused); None: the advice for a command that chooses them.
+
+    Returns:
+        The weights, with the file's resolved path and SHA-256.
+
+    Raises:
+        CnnCodesError: when the file is not there (and for imagenet, cannot be downloaded), or
+            a canonical file is not the one Keras publishes.
     """
     if choice == "none":
         return Weights("none")
     if choice == "imagenet":
-        path = _find(file_name) or _download(file_name, url, backbone, md5)
-        return Weights("imagenet", path, _published(path, md5))
+        path = _find(imagenet.name) or _download(imagenet, tried, advice)
+        return Weights("imagenet", path, _published(path, imagenet.md5))
     path = Path(choice).expanduser()
     if not path.is_file():
-        raise CnnCodesError(
-            f"--weights {choice}: no such file; use imagenet, none, or the path of a Keras .h5 weights file"
-        )
+        advice = advice or "use imagenet, none, or the path of a Keras .h5 weights file"
+        raise CnnCodesError(f"--weights {choice}: no such file; {advice}")
     return Weights("file", path.resolve(), sha256_file(path))
 
 
@@ -87,18 +134,21 @@ def _find(file_name: str) -> Path | None:
     return None
 
 
-def _download(file_name: str, url: str, backbone: str, md5: str | None) -> Path:
+def _download(imagenet: ImagenetFile, tried: str, advice: str | None) -> Path:
     from keras.utils import get_file
 
     try:
-        return Path(get_file(file_name, url, cache_subdir="models", file_hash=md5))
+        return Path(get_file(imagenet.name, imagenet.url, cache_subdir="models", file_hash=imagenet.md5))
     except Exception as e:
-        searched = " nor ".join(str(d) for d in search_dirs())
+        searched = [f"{place} ({folder})" for place, folder in search_places().items()]
         if not os.environ.get(WEIGHTS_DIR_ENV):
-            searched = f"${WEIGHTS_DIR_ENV} (not set) nor {searched}"
+            searched.insert(0, f"${WEIGHTS_DIR_ENV} (not set)")
+        choosing = (
+            f"put the file in ${WEIGHTS_DIR_ENV} or {keras_cache_dir()}, pass --weights PATH, "
+            "or use --weights none for untrained weights"
+        )
         raise CnnCodesError(
-            f"ImageNet weights for {backbone} not found: {file_name} is in neither {searched}, "
-            f"and downloading it failed ({str(e).strip() or type(e).__name__}). "
-            f"Put the file in ${WEIGHTS_DIR_ENV} or {keras_cache_dir()}, pass --weights PATH, "
-            "or use --weights none for untrained weights."
+            f"ImageNet weights for {imagenet.backbone} not found: {tried}{imagenet.name} is in neither "
+            f"{' nor '.join(searched)}, and downloading it failed ({str(e).strip() or type(e).__name__}): "
+            f"{advice or choosing}"
         ) from None

@@ -107,7 +107,11 @@ def _matches(pattern: str) -> list[str]:
 def load_predictor(
     model: Path | str, weights: str | None = None, runtime: str = "onnx", threads: int | None = None
 ) -> Predictor:
-    """Verify and load a `.joblib` bundle or a fine-tuned `.keras` model; `threads` caps ONNX Runtime's threads."""
+    """Verify and load a `.joblib` bundle or a fine-tuned `.keras` model; `threads` caps ONNX Runtime's threads.
+
+    `weights` is where the model's weights file is now, if it moved; a model whose network is in
+    the ONNX cache (`cnncodes prepare`) needs none.
+    """
     kind = Path(model).suffix.lower()
     if kind not in MODEL_SUFFIXES:
         what = "a folder" if Path(model).is_dir() else "not a model file"
@@ -123,7 +127,9 @@ def load_predictor(
                 f"{model} uses untrained weights drawn by Keras {made}; Keras {installed} would draw "
                 f"others: install keras=={made}"
             )
-    runner = spec.runner(spec.find_weights(weights), runtime, threads)
+    # A prepared model's network is its cached ONNX model: the weights are looked for only to build one. A file
+    # the user names is checked all the same, so a wrong one is refused rather than ignored.
+    runner = spec.runner(spec.find_weights(weights) if weights else spec.find_weights, runtime, threads)
     classifier, classes = bundle["model"], bundle["classes"]
 
     def probabilities(pixels: np.ndarray) -> np.ndarray:
