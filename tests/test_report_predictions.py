@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,21 @@ def test_predict_through_the_cli_counts_the_classes_it_lists_and_keeps_errors_ap
     assert "top 3" in header and "top 5" not in header and "error" in header  # three classes, one unreadable file
     row = next(line for line in shown.stdout.splitlines() if "broken.jpg" in line)
     assert [c.strip() for c in row.split("│")[1:-1]][1] == ""
+
+
+def test_predict_names_a_record_given_for_its_model_an_empty_folder_and_a_fifo(tmp_path):
+    saved = Path(__file__).parent / "data" / "before_packages" / "models"
+    shutil.copytree(saved, tmp_path / "models")
+    record = tmp_path / "models" / "vgg16-block5_pool-logreg.json"
+    given = runner.invoke(app, ["predict", str(record), str(tmp_path)])
+    assert given.exit_code == 2 and f"give the model beside it, {record.with_suffix('.joblib')}" in given.stderr
+    (tmp_path / "empty").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    shown = runner.invoke(
+        app,
+        ["predict", str(record.with_suffix(".joblib")), str(tmp_path / "empty"), str(tmp_path / "pipe"), "-f", "json"],
+    )
+    assert shown.exit_code == 1, shown.output  # nothing could be read
+    errors = {Path(a["filename"]).name: a["error"] for a in json.loads(shown.stdout)}
+    assert errors == {"empty": "a folder with no image files in it", "pipe": "not a regular file"}
+    assert "Predicting" not in shown.stderr  # no progress bar over zero images

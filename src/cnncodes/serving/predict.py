@@ -83,9 +83,11 @@ def expand_inputs(items: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     for item in map(str, items):
         path = Path(item)
         if path.is_dir():
-            found += [(str(p), None) for p in image_files(path)]
+            found += [(str(p), None) for p in image_files(path)] or [(item, "a folder with no image files in it")]
         elif path.is_file():
             found.append((item, None))
+        elif path.exists():  # a FIFO, a socket, a device: reading it could block or never end
+            found.append((item, "not a regular file"))
         elif glob.has_magic(item):
             found += [(p, None) for p in _matches(item)] or [(item, "no file matches this pattern")]
         else:
@@ -113,6 +115,10 @@ def load_predictor(
     the ONNX cache (`cnncodes prepare`) needs none.
     """
     kind = Path(model).suffix.lower()
+    if kind == ".json":  # the run record, given for the model it describes
+        beside = [Path(model).with_suffix(s) for s in MODEL_SUFFIXES if Path(model).with_suffix(s).is_file()]
+        if beside:
+            raise CnnCodesError(f"{model} is a run record: give the model beside it, {beside[0]}")
     if kind not in MODEL_SUFFIXES:
         what = "a folder" if Path(model).is_dir() else "not a model file"
         raise CnnCodesError(f"{model} is {what}: give a .joblib bundle from fit-svm or a .keras model from finetune")
@@ -207,7 +213,7 @@ def predict(
     results = [Prediction(path, error=error) for path, error in inputs]
     rows = [i for i, (_, error) in enumerate(inputs) if error is None]
     reader = ImageReader([Path(p) for p, _ in inputs], predictor.image_size, predictor.resize, batch_size)
-    with progress_bar("Predicting", len(rows), enabled=progress) as advance:
+    with progress_bar("Predicting", len(rows), enabled=progress and bool(rows)) as advance:
         for batch in reader(rows):
             names = [results[row].filename for row in batch.rows]
             for row, answer in zip(batch.rows, predictor.answers(names, batch.pixels, top_k)):
