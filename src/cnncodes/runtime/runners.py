@@ -41,6 +41,7 @@ from cnncodes.core.files import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from cnncodes.core.progress import say
 
 Runtime = Literal["onnx", "keras"]
 RUNTIMES: tuple[str, ...] = get_args(Runtime)
@@ -247,7 +248,8 @@ def onnx_model(
     failed = path.with_suffix(".failed")
     if failed.is_file():  # converting again would fail again
         return f"{failed.read_text().strip()}; to try converting again, delete {failed}"
-    _say(notice, f"converting {label} for ONNX Runtime, once: {CONVERSION_ESTIMATE}")
+    if notice:  # news, not a warning: said once per model, since the cached model serves every later run
+        say(f"Converting {label} for ONNX Runtime (first use; cached for later runs): {CONVERSION_ESTIMATE}")
     try:
         runner = _convert(build, path, model_key, threads)
     except CnnCodesError:  # the model cannot be built at all (a bad layer, weights that do not fit): no fallback
