@@ -10,6 +10,7 @@ import TensorFlow: only building a model does.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 
 SMALL_CNN_SIZE = 64
 SMALL_CNN_MIN_SIZE = 8  # two 3x3 convolutions and a 2x2 pooling leave at least 2x2
+# Values kept for the backward pass per input value, at the least: every network here starts with layers of
+# 32-96 channels at full or half resolution (VGG16's first block keeps 64 of them per pixel, MobileNetV2's stem
+# and first expansion 32 and 96 at half the side), so 8 is below what any of them keeps.
+ACTIVATIONS_PER_INPUT = 8
 
 
 class Phase(NamedTuple):
@@ -206,10 +211,12 @@ def make_spec(
     if backbone.lower() == SMALL_CNN:
         size = image_size or SMALL_CNN_SIZE
         _check_scratch(weights, unfreeze, cache_trunk, size)
+        check_batch_fits(batch_size, size)
         return ScratchSpec(image_size=size, epochs=head_epochs + fine_epochs, lr=head_lr, **shared)
     entry = get_backbone(backbone)
     size = image_size or entry.default_size
     entry.check_size(size, entry.default_layer)
+    check_batch_fits(batch_size, size)
     return FinetuneSpec(
         backbone=entry.name,
         weights=entry.resolve_weights(weights, entry.default_layer),
@@ -236,6 +243,28 @@ def _check_training(head_epochs: int, fine_epochs: int, batch_size: int, head_lr
         raise CnnCodesError(
             f"--batch-size must be at least 1 and learning rates positive numbers "
             f"(got {batch_size}, --head-lr {head_lr}, --lr {lr})"
+        )
+
+
+def check_batch_fits(batch_size: int, image_size: int) -> None:
+    """Refuse a batch that cannot fit in this machine's memory, before TensorFlow fails on it with a traceback.
+
+    The estimate is a lower bound: the batch as float32 pixels times `ACTIVATIONS_PER_INPUT`,
+    the activations the lightest network here keeps for the backward pass per input value.
+
+    Args:
+        batch_size: images per training step.
+        image_size: their square side in pixels.
+
+    Raises:
+        CnnCodesError: when even the lower bound exceeds the machine's physical memory.
+    """
+    need = batch_size * image_size**2 * 3 * 4 * ACTIVATIONS_PER_INPUT
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise CnnCodesError(
+            f"--batch-size {batch_size} of {image_size}-px images needs at least {need / 2**30:,.0f} GiB to train, "
+            f"this machine has {have / 2**30:.0f} GiB: use a smaller --batch-size or --image-size"
         )
 
 
