@@ -49,7 +49,7 @@ def s3_data(s3_server, tmp_path, monkeypatch) -> tuple[str, Path]:
         "AWS_ENDPOINT_URL": s3_server,
     }.items():
         monkeypatch.setenv(key, value)
-    remote._bucket_filesystem.cache_clear()
+    remote.bucket_filesystem.cache_clear()
     local = make_dataset(tmp_path / "data", per_class=6)
     (local / "squares" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n and nothing else")
     bucket = f"cnncodes-{uuid.uuid4().hex[:12]}"
@@ -117,7 +117,7 @@ def test_every_object_under_the_prefix_is_a_row_or_a_rejection_whatever_its_name
 def upload(uri: str, objects: dict[str, bytes]) -> None:
     """Objects written under the prefix `uri`, by key."""
     bucket_path = uri.removeprefix("s3://")
-    fs = remote._bucket_filesystem("s3", bucket_path.split("/")[0], remote.os.environ["AWS_ENDPOINT_URL"])
+    fs = remote.bucket_filesystem("s3", bucket_path.split("/")[0], remote.os.environ["AWS_ENDPOINT_URL"])
     for key, data in objects.items():
         with fs.open_output_stream(f"{bucket_path}/{key}") as f:
             f.write(data)
@@ -165,7 +165,7 @@ def test_extract_from_a_csv_of_uris_in_the_bucket(s3_data, tmp_path):
     files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.png"))
     listing = "path,label\n" + "".join(f"{uri}/{rel},{rel.split('/')[0]}\n" for rel in files) + "x.png,\n"
     bucket_path = uri.removeprefix("s3://").rsplit("/", 1)[0]
-    fs = remote._bucket_filesystem("s3", bucket_path, remote.os.environ["AWS_ENDPOINT_URL"])
+    fs = remote.bucket_filesystem("s3", bucket_path, remote.os.environ["AWS_ENDPOINT_URL"])
     with fs.open_output_stream(f"{bucket_path}/list.csv") as f:
         f.write(listing.encode())
     assert isinstance(fs, pyarrow.fs.S3FileSystem)

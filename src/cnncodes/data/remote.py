@@ -151,11 +151,24 @@ def _filesystem(uri: str):
     scheme, _, path = uri.partition("://")
     scheme = scheme.lower()  # pyarrow knows `s3`, not `S3`
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") if scheme == "s3" else None
-    return _bucket_filesystem(scheme, path.split("/", 1)[0], endpoint), path
+    return bucket_filesystem(scheme, path.split("/", 1)[0], endpoint), path
 
 
 @lru_cache(maxsize=64)
-def _bucket_filesystem(scheme: str, bucket: str, endpoint: str | None):
+def bucket_filesystem(scheme: str, bucket: str, endpoint: str | None):
+    """One pyarrow filesystem per bucket and endpoint, kept: opening one resolves credentials and the region.
+
+    Args:
+        scheme: `s3`, `gs` or another scheme pyarrow knows.
+        bucket: the bucket's name.
+        endpoint: an S3-compatible endpoint (`AWS_ENDPOINT_URL`), or None.
+
+    Returns:
+        The filesystem.
+
+    Raises:
+        CnnCodesError: when pyarrow cannot open the bucket.
+    """
     query = f"?{urlencode({'endpoint_override': endpoint})}" if endpoint else ""
     try:
         return _pyarrow_fs().FileSystem.from_uri(f"{scheme}://{bucket}{query}")[0]
