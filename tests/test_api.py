@@ -31,3 +31,20 @@ print(heavy, [f.__module__ for f in (compare, extract, finetune, fit_svm, make_s
         "CodesClassifier",
         "True",
     ]
+
+
+def test_errors_name_the_parameter_for_python_callers_and_the_flag_for_the_cli(tmp_path):
+    import pytest
+
+    from cnncodes.core.errors import CnnCodesError
+    from cnncodes.finetuning.spec import make_spec
+
+    from .helpers import cli
+
+    with pytest.raises(CnnCodesError) as refused:
+        make_spec("smallcnn", weights="none", batch_size=0)
+    assert str(refused.value).startswith("batch_size must be at least 1") and "--" not in str(refused.value)
+    said = cli(
+        "finetune", tmp_path, "--out", tmp_path / "m", "--backbone", "smallcnn", "--weights", "none", "--head-lr", "0"
+    )
+    assert said.exit_code == 2 and "--batch-size must be at least 1" in said.stderr

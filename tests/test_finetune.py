@@ -175,7 +175,7 @@ def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, opti
         finetune(data, out, spec, callbacks=[InterruptAtEpoch(2)], progress=False)  # in the fine phase's first epoch
     assert (out / ".finetune" / "vgg16-finetune" / "head.json").is_file()
     assert not (out / "vgg16-finetune.keras").exists()
-    with pytest.raises(cnncodes.CnnCodesError, match=r"--resume .* or --restart"):
+    with pytest.raises(cnncodes.CnnCodesError, match=r"resume .* or restart"):
         finetune(data, out, spec, progress=False)
     with pytest.raises(cnncodes.CnnCodesError, match="other arguments"):
         finetune(data, out, tiny(fine_epochs=2, patience=5, lr=1e-3, **options), resume=True, progress=False)
@@ -264,7 +264,7 @@ def test_a_backup_damaged_by_a_kill_is_one_error_line_and_restart_recovers(tmp_p
         finetune(data, out, spec, callbacks=[InterruptAtEpoch(1)], progress=False)
     backup = out / ".finetune" / "vgg16-finetune" / "head-backup" / damaged
     backup.write_bytes(backup.read_bytes()[: backup.stat().st_size // 2])  # cut short, as by a kill mid-write
-    with pytest.raises(cnncodes.CnnCodesError, match=r"head-backup is damaged \(.+\).*run again with --restart"):
+    with pytest.raises(cnncodes.CnnCodesError, match=r"head-backup is damaged \(.+\).*run again with restart"):
         finetune(data, out, spec, resume=True, progress=False)
     assert finetune(data, out, spec, restart=True, progress=False)["epochs_run"] == 3
 
@@ -431,7 +431,7 @@ def test_cache_trunk_cuts_before_the_unfrozen_layers_and_refuses_a_cut_inside_a_
     assert tiny(unfreeze=5).described["layer"] == "last 5 layers" and tiny().described["layer"] == "after block4_pool"
     with pytest.raises(cnncodes.CnnCodesError, match=f"has {len(vgg_network.layers)} layers, give at most that"):
         first_unfrozen(vgg_network, 99)
-    with pytest.raises(cnncodes.CnnCodesError, match="--fine-epochs 0"):
+    with pytest.raises(cnncodes.CnnCodesError, match="fine_epochs 0"):
         tiny(unfreeze="0")
     for epochs in ((0, 0), (-1, 5)):
         with pytest.raises(cnncodes.CnnCodesError, match="take 0 or more epochs, at least one in all"):
@@ -471,7 +471,7 @@ def test_cache_trunk_trains_on_cached_activations_and_its_model_predicts_the_sam
 
 @pytest.mark.slow
 def test_repeats_train_on_other_splits_of_the_features_and_record_mean_and_sd(tuned, tmp_path):
-    with pytest.raises(cnncodes.CnnCodesError, match="--split-from"):
+    with pytest.raises(cnncodes.CnnCodesError, match="split_from"):
         finetune(tuned["data"], tmp_path / "x", tiny(), repeats=2, progress=False)
     record = finetune(
         tuned["data"],

@@ -99,7 +99,7 @@ def test_all_fits_the_exact_kinds_below_the_size_limit_and_logreg_and_sgd_above(
     assert [r["classifier"] for r in large] == ["logreg", "sgd", "knn"]
     warned = " ".join(" ".join(str(w.message) for w in caught).split())
     assert "all: linear-svm, rbf-svm left out on" in warned and "sgd fitted instead" in warned
-    assert "knn may take hours on" in warned and "--classifier sgd scales to any size" in warned
+    assert "knn may take hours on" in warned and "classifiers sgd scales to any size" in warned  # a parameter, for Python callers
 
 
 def test_pca_above_the_size_limit_fits_logreg_alone_and_sgd_with_pca_is_refused_before_any_fit(features, tmp_path):
@@ -110,6 +110,6 @@ def test_pca_above_the_size_limit_fits_logreg_alone_and_sgd_with_pca_is_refused_
     assert [r["classifier"] for r in records] == ["logreg"]
     warned = " ".join(" ".join(str(w.message) for w in caught).split())
     assert "all: linear-svm, rbf-svm, knn, sgd left out on" in warned and "logreg only" in warned
-    with pytest.raises(CnnCodesError, match="--pca needs the codes in memory"):
+    with pytest.raises(CnnCodesError, match="pca needs the codes in memory"):
         fit_classifiers(features, out=tmp_path / "refused", classifiers=["logreg", "sgd"], cv=3, pca=4, progress=False)
     assert not (tmp_path / "refused").exists()

@@ -96,7 +96,8 @@ def user_errors(resume_hint: str = "nothing was written.") -> Iterator[None]:
     try:
         yield
     except (CnnCodesError, OSError) as e:  # OSError: an unwritable --out, a file where a folder should be, a full disk…
-        err_console.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        said = e.cli_message if isinstance(e, CnnCodesError) else str(e)
+        err_console.print(f"[bold red]Error:[/] {escape(said)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt as e:
         err_console.print(f"Interrupted: {escape(' '.join(getattr(e, '__notes__', [])) or resume_hint)}")

@@ -105,7 +105,8 @@ def warnings_on_console() -> Iterator[None]:
 
         def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
             if issubclass(category, CnnCodesWarning):
-                console.print(f"[yellow]Warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+                said = message.args[0] if isinstance(message, CnnCodesWarning) else str(message)  # the CLI's words
+                console.print(f"[yellow]Warning:[/] {escape(said)}", highlight=False, soft_wrap=True)
             else:
                 shown(message, category, filename, lineno, file, line)
 
