@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnncodes.data.ingest import check_images, discover
+from cnncodes.data.decode import check_images
+from cnncodes.data.ingest import discover
 from cnncodes.data.split import group_duplicates
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"

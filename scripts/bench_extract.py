@@ -91,7 +91,7 @@ def work_extract(args) -> dict:
 
 def work_forward(args) -> dict:
     from cnncodes import ExtractorSpec
-    from cnncodes.data.ingest import load_square
+    from cnncodes.data.decode import load_square
 
     spec = ExtractorSpec.create(backbone=args.backbone, image_size=args.size, weights=weights_for(args.backbone))
     pixels = np.stack([load_square(p, spec.image_size) for p, _ in image_list(args.images)])

@@ -17,17 +17,8 @@ import pytest
 from PIL import Image
 
 from cnncodes.core.errors import CnnCodesError
-from cnncodes.data.ingest import (
-    BadImage,
-    Dataset,
-    check_image,
-    check_images,
-    discover,
-    load_rgb,
-    load_square,
-    looks_like_image,
-    to_square,
-)
+from cnncodes.data.decode import BadImage, check_image, check_images, load_rgb, load_square, to_square
+from cnncodes.data.ingest import Dataset, discover, looks_like_image
 
 from .helpers import CLASSES, make_dataset, pattern, write_image
 

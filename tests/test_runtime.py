@@ -16,7 +16,7 @@ import pytest
 
 import cnncodes
 from cnncodes.cli.main import app
-from cnncodes.data.ingest import load_square
+from cnncodes.data.decode import load_square
 from cnncodes.runtime.runners import KerasRunner, OnnxRunner, cached_runner, make_runner, onnx_cache_path
 
 from .helpers import FLOWERS, fast_spec, make_dataset, needs_real_weights, pattern, runner
@@ -194,7 +194,10 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
-    assert "Converting mobilenetv2 for ONNX Runtime (first use; cached for later runs)" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        "Converting mobilenetv2 for ONNX Runtime (first use; cached for later runs)" in done.stderr
+        and "Traceback" not in done.stderr
+    )
     assert (tmp_path / "runs.txt").read_text() == "ran\n"
 
 

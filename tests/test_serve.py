@@ -450,7 +450,7 @@ def test_uploads_that_would_decode_to_too_many_pixels_get_400_and_large_jpegs_de
     predictor = load_predictor(served["model"])
     jpeg = io_bytes(Image.new("RGB", (1024, 1024), (30, 200, 30)), "JPEG")
     assert predictor.pixels(jpeg, max_pixels=128 * 128).shape == (128, 128, 3)
-    with pytest.raises(cnncodes.data.ingest.BadImage, match="1024x1024 pixels to decode"):
+    with pytest.raises(cnncodes.data.decode.BadImage, match="1024x1024 pixels to decode"):
         predictor.pixels(io_bytes(Image.new("RGB", (1024, 1024)), "PNG"), max_pixels=128 * 128)
 
 

@@ -99,7 +99,9 @@ def test_all_fits_the_exact_kinds_below_the_size_limit_and_logreg_and_sgd_above(
     assert [r["classifier"] for r in large] == ["logreg", "sgd", "knn"]
     warned = " ".join(" ".join(str(w.message) for w in caught).split())
     assert "all: linear-svm, rbf-svm left out on" in warned and "sgd fitted instead" in warned
-    assert "knn may take hours on" in warned and "classifiers sgd scales to any size" in warned  # a parameter, for Python callers
+    assert (
+        "knn may take hours on" in warned and "classifiers sgd scales to any size" in warned
+    )  # a parameter, for Python callers
 
 
 def test_pca_above_the_size_limit_fits_logreg_alone_and_sgd_with_pca_is_refused_before_any_fit(features, tmp_path):

@@ -14,7 +14,8 @@ import pytest
 
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.data import split as split_module
-from cnncodes.data.ingest import check_images, discover
+from cnncodes.data.decode import check_images
+from cnncodes.data.ingest import discover
 from cnncodes.data.split import (
     DEFAULT_DUP_THRESHOLD,
     Split,

@@ -17,7 +17,7 @@ from rich.markup import escape
 from cnncodes.core.choices import SMALL_CNN
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.progress import console as err_console
-from cnncodes.data.ingest import Resize
+from cnncodes.data.decode import Resize
 from cnncodes.data.split import DEFAULT_FRACTIONS
 from cnncodes.nets.backbones import REGISTRY
 from cnncodes.runtime.runners import Runtime

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnncodes.data.ingest import BadImage, Check, check_image, load_square
+from cnncodes.data.decode import BadImage, Check, check_image, load_square
 from cnncodes.data.remote import local_file
 
 

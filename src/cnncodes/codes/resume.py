@@ -20,7 +20,7 @@ from cnncodes.codes.layout import CACHE_DIR, CODES_FILE, ROW_IDS_FILE, ROWS_FILE
 from cnncodes.codes.store import FeatureWriter, matching_rows, npy_layout, salvage
 from cnncodes.core import files as artifacts
 from cnncodes.core.progress import progress_bar
-from cnncodes.data.ingest import BadImage
+from cnncodes.data.decode import BadImage
 
 
 def id_digests(file_ids: Sequence[str]) -> np.ndarray:

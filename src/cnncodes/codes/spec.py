@@ -19,7 +19,7 @@ import numpy as np
 from cnncodes.core import files as artifacts
 from cnncodes.core.errors import CnnCodesError, check_types
 from cnncodes.core.progress import warn
-from cnncodes.data.ingest import check_resize
+from cnncodes.data.decode import check_resize
 from cnncodes.nets.backbones import DEFAULT_BACKBONE, POOLINGS, get_backbone
 from cnncodes.nets.weights import WEIGHTS_DIR_ENV, Weights
 from cnncodes.runtime import quantize

@@ -23,7 +23,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from cnncodes.core.errors import CnnCodesError
-from cnncodes.data.ingest import BadImage, Dataset, is_uri, read_listing
+from cnncodes.data.decode import BadImage
+from cnncodes.data.ingest import Dataset, is_uri, read_listing
 
 
 class UriRoot(str):

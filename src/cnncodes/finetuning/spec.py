@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from cnncodes.core.choices import SMALL_CNN
 from cnncodes.core.errors import CnnCodesError, check_types
-from cnncodes.data.ingest import check_resize
+from cnncodes.data.decode import check_resize
 from cnncodes.nets.backbones import DEFAULT_BACKBONE, Backbone, get_backbone
 from cnncodes.nets.models import build_classifier, small_cnn
 from cnncodes.nets.weights import Weights

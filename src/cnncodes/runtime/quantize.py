@@ -29,7 +29,7 @@ import numpy as np
 
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import sha256_file, sha256_json
-from cnncodes.data.ingest import load_square
+from cnncodes.data.decode import load_square
 from cnncodes.runtime.runners import (
     MeanOfViews,
     OnnxRunner,

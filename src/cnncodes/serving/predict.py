@@ -23,7 +23,8 @@ from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import package_versions
 from cnncodes.core.progress import progress_bar, warn
-from cnncodes.data.ingest import MAX_PIXELS, image_files, load_square
+from cnncodes.data.decode import MAX_PIXELS, load_square
+from cnncodes.data.ingest import image_files
 from cnncodes.runs.bundle import load_bundle, load_record_for
 from cnncodes.runs.records import MODEL_SUFFIXES
 from cnncodes.runtime.runners import check_runtime, make_runner

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import numpy as np
 
 from cnncodes.codes.spec import ExtractorSpec
-from cnncodes.data.ingest import BadImage, Check
+from cnncodes.data.decode import BadImage, Check
 from cnncodes.runtime.runners import Runner
 
 

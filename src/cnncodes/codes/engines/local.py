@@ -15,7 +15,7 @@ from cnncodes.codes.engines.job import CodeBatch, CodeJob, Engine
 from cnncodes.codes.reading import ImageReader, check_file
 from cnncodes.core.choices import EngineName
 from cnncodes.core.errors import CnnCodesError
-from cnncodes.data.ingest import Check
+from cnncodes.data.decode import Check
 
 ENGINES: tuple[str, ...] = get_args(EngineName)
 # Files checked at a time: the local engine yields its checks, and the plan saves its check cache, per chunk.

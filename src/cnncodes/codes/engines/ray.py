@@ -29,7 +29,7 @@ import ray
 from cnncodes.codes.engines.job import CodeBatch, CodeJob
 from cnncodes.codes.reading import Batch, check_file, decode
 from cnncodes.core.errors import CnnCodesError
-from cnncodes.data.ingest import BadImage, Check
+from cnncodes.data.decode import BadImage, Check
 from cnncodes.runtime.runners import MirrorAveraged, OnnxRunner, onnx_cache_path
 
 # Items per block of the input dataset at most: the unit Ray Data schedules onto a worker.
