@@ -23,7 +23,8 @@ import cnncodes
 from cnncodes.codes.features import load_features
 from cnncodes.codes.plan import file_ids
 from cnncodes.core.files import sha256_file
-from cnncodes.data.ingest import BadImage, Dataset
+from cnncodes.data.decode import BadImage
+from cnncodes.data.ingest import Dataset
 from cnncodes.data.split import Split
 from cnncodes.runtime.runners import KerasRunner, OnnxRunner
 
@@ -96,7 +97,7 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
 
 def direct_forward_pass(dataset: Path, features: Path) -> tuple[KerasRunner, np.ndarray]:
     """The Keras network of a features folder, and the pixels of its images in row order."""
-    from cnncodes.data.ingest import load_square
+    from cnncodes.data.decode import load_square
 
     feats = load_features(features)
     pixels = np.stack([load_square(dataset / p, feats.spec.image_size) for p in feats.paths])
