@@ -8,7 +8,7 @@ Its probabilities are calibrated by `cnncodes.classify.calibration`; the predict
 stays the fitted model's decision: where the probabilities' top class differs from it (a
 near tie), the two swap places.
 
-Bundles hold pickled `CodesClassifier` and `_WeightedNeighbors` objects: both keep their names here.
+Bundles hold pickled `CodesClassifier` and `WeightedNeighbors` objects: both keep their names here.
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
-from sklearn.svm import SVC
-from sklearn.utils.class_weight import compute_class_weight
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
@@ -40,79 +36,15 @@ from cnncodes.classify.calibration import (
     informative_scores,
     out_of_fold_scores,
 )
+from cnncodes.classify.kinds import estimator_for, held_out_score, normalizer, weighted_accuracy
 from cnncodes.classify.streaming import SGD_ALPHAS, SGD_CHUNK, StreamingFit
-from cnncodes.core.choices import KINDS, NORMALIZERS
+from cnncodes.core.choices import NORMALIZERS
 
 _LINEAR = {"linear-svm", "logreg"}
 # `--normalize auto` searches each of the others with its own grid.
 _AUTO = tuple(n for n in NORMALIZERS if n != "auto")
 SGD_WITH_PCA = "--pca needs the codes in memory: the sgd classifier streams them, use it without --pca"
 _Folds = list[tuple[np.ndarray, np.ndarray]]
-
-
-def _estimator(kind: str, class_weight: Any) -> tuple[Any, dict[str, list]]:
-    """The estimator of a kind and its search grid, set for standardised codes (see `CodesClassifier._grids`)."""
-    if kind == "linear-svm":
-        # libsvm's linear kernel: on a few thousand codes it fits in a fraction of a second,
-        # where liblinear's LinearSVC needs minutes for large C on standardised codes.
-        return (
-            SVC(kernel="linear", class_weight=class_weight, decision_function_shape="ovo"),
-            {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]},
-        )
-    if kind == "logreg":
-        return LogisticRegression(class_weight=class_weight, max_iter=3000), {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0]}
-    if kind == "rbf-svm":
-        return (
-            SVC(kernel="rbf", class_weight=class_weight, decision_function_shape="ovo"),
-            {"C": [1.0, 10.0, 100.0], "gamma": [0.0625, 0.25, 1.0, 4.0]},
-        )
-    if kind == "knn":
-        return _WeightedNeighbors(class_weight=class_weight), {"n_neighbors": [1, 3, 5, 9, 15, 25]}
-    raise ValueError(f"unknown classifier {kind!r}: use one of {', '.join(KINDS)}")
-
-
-class _WeightedNeighbors(KNeighborsClassifier):
-    """Distance-weighted k-NN whose votes are scaled by class weights, like the other kinds' losses.
-
-    It keeps its codes in float32, `CodesClassifier`'s dtype, and asks in it: float64 queries on
-    float32 codes would copy them all on every call.
-    """
-
-    def __init__(self, n_neighbors: int = 5, class_weight: Any = None):
-        super().__init__(n_neighbors=n_neighbors, weights="distance")
-        self.class_weight = class_weight
-
-    def fit(self, X, y):
-        super().fit(np.asarray(X, dtype=np.float32), y)
-        self.vote_weights_ = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
-        return self
-
-    def predict_proba(self, X):
-        votes = super().predict_proba(np.asarray(X, dtype=np.float32)) * self.vote_weights_
-        return votes / np.maximum(votes.sum(axis=1, keepdims=True), np.finfo(float).tiny)
-
-    def predict(self, X):
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
-
-
-def _normalizer(normalize: str) -> Any:
-    if normalize == "standard":
-        return StandardScaler()
-    if normalize == "l2":
-        return Normalizer()
-    if normalize == "none":
-        return FunctionTransformer()
-    raise ValueError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZERS)}")
-
-
-def _weighted_accuracy(codes: np.ndarray, predicted: np.ndarray, weights: np.ndarray) -> float:
-    """Accuracy with each image counted by its class's weight (`weights` by class code)."""
-    return float(accuracy_score(codes, predicted, sample_weight=weights[codes]))
-
-
-def _held_out_score(metric: Callable[[np.ndarray, np.ndarray], float], model: Any, X: Any, codes: np.ndarray) -> float:
-    """A GridSearchCV scorer: `metric` of the model's predictions of held-out codes."""
-    return metric(codes, model.predict(X))
 
 
 class CodesClassifier(ClassifierMixin, BaseEstimator):
@@ -200,10 +132,10 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
     def _search(self, X: np.ndarray, codes: np.ndarray, every: slice, folds: _Folds, calibration: _Folds) -> None:
         """Choose by grid search on `folds`, fit on `X[every]`, and fit the temperature on `calibration` folds."""
         fold = min(len(train) for train, _ in folds + calibration)
-        estimator, grid = _estimator(self.kind, self._code_weights())
+        estimator, grid = estimator_for(self.kind, self._code_weights())
         pipeline = Pipeline([("normalize", StandardScaler()), ("pca", "passthrough"), ("model", estimator)])
         grids = self._grids(grid, X[every], fold)
-        scoring = partial(_held_out_score, self._selection_metric())
+        scoring = partial(held_out_score, self._selection_metric())
         search = GridSearchCV(pipeline, grids, cv=folds, n_jobs=self.n_jobs, refit=False, scoring=scoring)
         # One BLAS thread per fit: the parallelism is across candidates (n_jobs), and small fits on a
         # busy machine spend more time waking idle BLAS threads than computing (measured: 10-100x).
@@ -285,7 +217,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         smallest = int(np.bincount(codes).min())
         folds = self._folds(rows, codes, groups, smallest, self.cv)
         fit = StreamingFit(X, len(self.classes_), self._code_weights(), self.chunk_size, self.random_state)
-        scalers = {name: _normalizer(name) for name in self._normalizations()}
+        scalers = {name: normalizer(name) for name in self._normalizations()}
         best, (normalize, loss, alpha) = fit.choose(rows, codes, folds[0], scalers, self._selection_metric())
         self.model_ = fit.fitted(rows, codes, scalers[normalize], loss, alpha)
         out_of_fold = np.zeros((len(rows), len(self.classes_)))
@@ -317,7 +249,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
             return accuracy_score
         if isinstance(self.class_weight, dict):
             weights = self._code_weights()
-            return partial(_weighted_accuracy, weights=np.array([weights[c] for c in range(len(self.classes_))]))
+            return partial(weighted_accuracy, weights=np.array([weights[c] for c in range(len(self.classes_))]))
         return balanced_accuracy_score
 
     def _check_settings(self, codes: np.ndarray) -> None:
@@ -338,7 +270,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         if self.n_jobs == 0:
             raise ValueError("n_jobs must not be 0: use -1 for all cores or a positive number")
         if self.normalize != "auto":
-            _normalizer(self.normalize)
+            normalizer(self.normalize)
         if self.kind == "sgd" and self.pca:
             raise ValueError(SGD_WITH_PCA)
         if self.chunk_size < 1:
@@ -370,7 +302,7 @@ class CodesClassifier(ClassifierMixin, BaseEstimator):
         """
         grids = []
         for name in self._normalizations():
-            steps: list[tuple[str, Any]] = [("normalize", _normalizer(name))]
+            steps: list[tuple[str, Any]] = [("normalize", normalizer(name))]
             if self.pca:  # every CV fold must be able to fit that many components
                 steps.append(
                     ("pca", PCA(n_components=min(self.pca, fold - 1, X.shape[1]), random_state=self.random_state))
