@@ -33,18 +33,47 @@ def serve(
         float, typer.Option(min=0, help="How long an image waits for others to share its forward pass.")
     ] = SERVE_BATCH_WAIT_MS,
     max_batch: Annotated[int, typer.Option(min=1, help="Most images per forward pass.")] = SERVE_MAX_BATCH,
+    max_queue: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Most images waiting for a forward pass; more get 503 with Retry-After at once "
+            "(default: four batches).",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds an image may wait for its prediction; longer is a 504.")
+    ] = 30.0,
     weights: MovedWeightsOpt = None,
     runtime: RuntimeOpt = "onnx",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     grace_seconds: Annotated[
         float, typer.Option(min=0, help="On SIGTERM, how long in-flight requests may take to finish.")
     ] = 30.0,
+    drain_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="On SIGTERM, how long to go on serving with /readyz answering 503 before closing the port (in "
+            "Kubernetes: the seconds the endpoints take to drop the pod).",
+        ),
+    ] = 0.0,
+    read_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds a connection has to send each whole request; then it is closed.")
+    ] = 10.0,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(min=1, help="Open connections per process; more get 503 at once (default: half the fd limit)."),
+    ] = None,
     threads: Annotated[
         int | None,
         typer.Option(min=1, help="Threads per process (default: cores / workers; in a container, its CPU limit)."),
     ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="The model's name in the V2 protocol's /v2/models/NAME (default: its run's).")
+    ] = None,
 ) -> None:
-    """Serve a saved model over HTTP: POST /predict, GET /healthz, /readyz, /metadata, /metrics."""
+    """Serve a saved model over HTTP: POST /predict, GET /healthz, /readyz, /metadata, /metrics; KServe V2 on /v2."""
     settings = ServeSettings(
         model=str(model),
         weights=weights,
@@ -53,9 +82,22 @@ def serve(
         max_pixels=max_pixels,
         batch_wait_ms=batch_wait_ms,
         max_batch=max_batch,
+        max_queue=max_queue,
+        timeout=timeout,
+        drain_seconds=drain_seconds,
         threads=threads,
+        model_name=model_name,
     )
     with user_errors():
         from cnncodes.serving.serve import serve as run_serve  # without the `serve` extra: one line saying so
 
-        run_serve(settings, host=host, port=port, workers=workers, access_log=access_log, grace_seconds=grace_seconds)
+        run_serve(
+            settings,
+            host=host,
+            port=port,
+            workers=workers,
+            access_log=access_log,
+            grace_seconds=grace_seconds,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
+        )

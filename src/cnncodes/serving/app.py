@@ -1,4 +1,5 @@
-"""The HTTP service around one loaded model: POST /predict, GET /healthz, /readyz, /metadata, /metrics.
+"""The HTTP service around one loaded model: POST /predict, GET /healthz, /readyz, /metadata, /metrics, and the
+Open Inference Protocol's /v2 routes (`serving.v2`).
 
 Uploads go through the same `Predictor` as `cnncodes predict`: the same decoding, the same
 pixels, the same probabilities. Images of concurrent requests share forward passes
@@ -9,28 +10,34 @@ The service reads no paths from requests and serves no files.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import ClientDisconnect
 
-from cnncodes.data.ingest import BadImage
+from cnncodes.data.decode import BadImage
 from cnncodes.serving.batcher import MicroBatcher
-from cnncodes.serving.metrics import Metrics, MetricsMiddleware
+from cnncodes.serving.metrics import Metrics, MetricsMiddleware, model_labels
 from cnncodes.serving.predict import Prediction, Predictor
 from cnncodes.serving.settings import ServeSettings
+from cnncodes.serving.v2 import add_v2_routes
 
 # Files one multipart request may carry; more is refused by Starlette's form parser with a 400.
 MAX_FILES = 256
-UPLOAD_HELP = "send images as multipart/form-data files named 'files', or one image body with an image/* content type"
+UPLOAD_HELP = (
+    "send images as multipart/form-data files named 'files', "
+    "or one image body with an image/* or application/octet-stream content type"
+)
 # The status metrics count a request under when its client left before it was answered (nginx's).
 CLIENT_GONE = 499
 # /predict reads its body itself (multipart or raw), so its OpenAPI schema is written out here.
@@ -46,20 +53,22 @@ UPLOAD_SCHEMA: dict[str, Any] = {
                 }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     },
     "responses": {
         "400": {"description": "No file could be read as an image, or a malformed form"},
         "413": {"description": "The body is larger than the server's --max-bytes"},
-        "415": {"description": "Neither multipart/form-data nor image/*"},
+        "415": {"description": "Neither multipart/form-data, image/* nor application/octet-stream"},
         "500": {"description": "The forward pass of this request's batch failed"},
-        "503": {"description": "The model failed its warm-up, or the server is shutting down"},
+        "503": {"description": "The model failed its warm-up, the queue is full (Retry-After), or the server stops"},
+        "504": {"description": "No prediction within the server's --timeout"},
     },
 }
 
 
 def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
-    """The service: POST /predict, GET /healthz, /readyz, /metadata, /metrics.
+    """The service: POST /predict, GET /healthz, /readyz, /metadata, /metrics, and the V2 protocol under /v2.
 
     Args:
         predictor: the loaded model.
@@ -68,10 +77,8 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     Returns:
         The ASGI app; its lifespan warms the model up and starts the micro-batcher.
     """
-    metrics = Metrics()
-    batcher = MicroBatcher(
-        predictor.probabilities, settings.max_batch, settings.batch_wait_ms / 1000, metrics.batch_size.observe
-    )
+    metrics = Metrics(model=model_labels(model=settings.model, record=predictor.record))
+    batcher = MicroBatcher(predictor.probabilities, settings=settings, metrics=metrics)
     decoders = ThreadPoolExecutor(
         max_workers=settings.threads or os.cpu_count() or 1, thread_name_prefix="cnncodes-decode"
     )
@@ -89,17 +96,25 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        redirect_slashes=False,  # a redirect's Location would be built from the client's Host header
     )
+    app.state.batcher = batcher  # `serve` drains it on SIGTERM
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    async def answer(filename: str, data: bytes, top_k: int) -> Prediction:
+    async def pixels_of(data: bytes) -> np.ndarray:
         try:
-            pixels = await asyncio.get_running_loop().run_in_executor(
+            return await asyncio.get_running_loop().run_in_executor(
                 decoders, predictor.pixels, data, settings.max_pixels
             )
         except BadImage as bad:
             metrics.rejected.labels(bad.category).inc()
+            raise
+
+    async def answer(filename: str, data: bytes, top_k: int) -> Prediction:
+        try:
+            pixels = await pixels_of(data)
+        except BadImage as bad:
             return Prediction(filename, error=str(bad))
         result = predictor.answer(filename, await batcher.submit(pixels), top_k)
         metrics.images.inc()
@@ -107,8 +122,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
     @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
     async def predict(request: Request, top_k: int = Query(3, ge=1, description="Classes listed per image.")):
-        if batcher.failure:  # before reading and decoding a body no forward pass would take
-            raise HTTPException(503, batcher.failure)
+        batcher.admit()  # before reading and decoding a body no forward pass would take
         try:
             uploads = await _uploads(request)
         except ClientDisconnect:  # nobody to answer: counted, not logged as a server error
@@ -119,7 +133,16 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
             return JSONResponse({"detail": "no image in the request could be read", **body}, status_code=400)
         return body
 
-    _add_status_routes(app, batcher, metrics, _metadata(predictor, settings))
+    _add_status_routes(app, batcher, metrics, _finite(_metadata(predictor, settings)))
+    add_v2_routes(
+        app,
+        name=settings.model_name or str(predictor.record.get("run") or Path(settings.model).stem),
+        classes=predictor.classes,
+        batcher=batcher,
+        pixels_of=pixels_of,
+        on_images=metrics.images.inc,
+        max_images=MAX_FILES,
+    )
     return app
 
 
@@ -146,14 +169,14 @@ def _add_status_routes(app: FastAPI, batcher: MicroBatcher, metrics: Metrics, in
         return info
 
     @app.get("/metrics")
-    async def prometheus_metrics():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus_metrics(request: Request):
+        return metrics.response(request.headers.get("accept"))
 
 
 async def _uploads(request: Request) -> list[tuple[str, bytes]]:
     """(filename, bytes) of each image of a multipart form (field `files`) or of a raw image body."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type.startswith("image/"):
+    if media_type.startswith("image/") or media_type == "application/octet-stream":
         return [("upload", await request.body())]
     if media_type != "multipart/form-data":
         raise HTTPException(415, f"unsupported content type {media_type or '(none)'}: {UPLOAD_HELP}")
@@ -162,6 +185,17 @@ async def _uploads(request: Request) -> list[tuple[str, bytes]]:
         if not files:
             raise HTTPException(400, f"no files in the form: {UPLOAD_HELP}")
         return [(f.filename or f"files[{i}]", await f.read()) for i, f in enumerate(files)]
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinity in it as None: JSON has neither, and a record may hold them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import numpy as np
 from fastapi import HTTPException
 
 from cnncodes.core.errors import first_line
+from cnncodes.serving.metrics import Metrics
+from cnncodes.serving.settings import ServeSettings
 
 # uvicorn's own logger: the messages land in the log uvicorn configures, beside its own.
 log = logging.getLogger("uvicorn.error")
@@ -33,29 +35,31 @@ class MicroBatcher:
     the warm-up is done; `failure` why it failed, after which every image gets a 503 (and
     `/healthz` too, so an orchestrator restarts the process) instead of waiting for ever.
 
+    Backpressure: beyond `max_queue` waiting images a request gets a 503 with Retry-After at
+    once, and an image without its answer after `timeout` seconds a 504 (its place in the
+    queue is given up, so a slow pass does not pile up work nobody waits for). `drain` makes
+    `ready` false for good, for the readiness probes of a server that is stopping.
+
     Args:
         probabilities: the model's forward pass, pixels (N, size, size, 3) to class probabilities (N, classes).
-        max_batch: the most images in one forward pass.
-        wait: seconds the first image after a quiet spell waits for others.
-        on_batch: called with the number of images of each batch, before its forward pass.
+        settings: its max_batch, batch_wait_ms, max_queue and timeout.
+        metrics: where batch sizes, forward-pass times and the queue's length are reported.
     """
 
-    def __init__(
-        self,
-        probabilities: Callable[[np.ndarray], np.ndarray],
-        max_batch: int,
-        wait: float,
-        on_batch: Callable[[int], None],
-    ):
+    def __init__(self, probabilities: Callable[[np.ndarray], np.ndarray], *, settings: ServeSettings, metrics: Metrics):
         self.probabilities = probabilities
-        self.max_batch = max_batch
-        self.wait = wait
-        self.on_batch = on_batch
+        self.max_batch = settings.max_batch
+        self.wait = settings.batch_wait_ms / 1000
+        self.max_queue = settings.max_queue or 4 * settings.max_batch
+        self.timeout = settings.timeout
+        self.metrics = metrics
         self.pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
+        metrics.queued.set_function(lambda: len(self.pending))
         self.arrived = asyncio.Event()
         self.forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnncodes-forward")
         self.task: asyncio.Task | None = None
         self.ready = False
+        self.draining = False
         self.failure: str | None = None
 
     def start(self, image_size: int) -> None:
@@ -73,6 +77,26 @@ class MicroBatcher:
             self.task.cancel()
         self.forward.shutdown(wait=True)
 
+    def drain(self) -> None:
+        """Say not ready from now on (the server is stopping); images already queued are still answered."""
+        self.draining = True
+        self.ready = False
+
+    def admit(self) -> None:
+        """Refuse a request no forward pass would take, before its body is read and decoded.
+
+        Raises:
+            HTTPException: 503 once the batcher has failed for good, or (with Retry-After) while the queue is full.
+        """
+        if self.failure:
+            raise HTTPException(503, self.failure)
+        if len(self.pending) >= self.max_queue:
+            raise HTTPException(
+                503,
+                f"{len(self.pending)} images are waiting, the server's --max-queue: send the request again later",
+                headers={"Retry-After": "1"},
+            )
+
     async def submit(self, pixels: np.ndarray) -> np.ndarray:
         """The class probabilities of one image's pixels, computed in some batch.
 
@@ -83,11 +107,16 @@ class MicroBatcher:
             Its row of class probabilities.
 
         Raises:
-            HTTPException: 503 once the batcher has failed for good, 500 if this image's batch failed.
+            HTTPException: 503 once the batcher has failed for good or while the queue is full, 500 if this
+                image's batch failed, 504 if it had no answer within the timeout.
         """
-        if self.failure:
-            raise HTTPException(503, self.failure)
-        future = asyncio.get_running_loop().create_future()
+        self.admit()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        late = f"no prediction within the server's --timeout of {self.timeout:g} s: try again later"
+        # The deadline fails the future itself: a cancellation of the request (uvicorn's shutdown) stays its own.
+        deadline = loop.call_later(self.timeout, _fail, [(pixels, future)], 504, late)
+        future.add_done_callback(lambda _: deadline.cancel())
         self.pending.append((pixels, future))
         self.arrived.set()
         return await future
@@ -96,7 +125,9 @@ class MicroBatcher:
         pixels = np.stack(images)
         sizes = _powers_of_two(len(pixels))
         starts = np.cumsum([0, *sizes[:-1]])
-        rows = np.concatenate([self.probabilities(pixels[start : start + size]) for start, size in zip(starts, sizes)])
+        with self.metrics.forward_seconds.time():
+            pieces = [self.probabilities(pixels[start : start + size]) for start, size in zip(starts, sizes)]
+        rows = np.concatenate(pieces)
         if len(rows) != len(pixels):
             raise RuntimeError(f"the model gave {len(rows)} rows of probabilities for {len(pixels)} images")
         return rows
@@ -108,16 +139,19 @@ class MicroBatcher:
             log.exception("the warm-up failed")
             self._fail_for_good(f"the model failed its warm-up, so this server cannot predict: {first_line(e)}")
             return
-        self.ready = True
+        self.ready = not self.draining
         while True:
             if not self.pending:
                 self.arrived.clear()
                 await self.arrived.wait()
                 if len(self.pending) < self.max_batch:
                     await asyncio.sleep(self.wait)
-            items = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
+            taken = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
+            items = [(pixels, future) for pixels, future in taken if not future.done()]  # not those past --timeout
+            if not items:
+                continue
             try:
-                self.on_batch(len(items))
+                self.metrics.batch_size.observe(len(items))
                 rows = await asyncio.get_running_loop().run_in_executor(
                     self.forward, self._forward, [p for p, _ in items]
                 )

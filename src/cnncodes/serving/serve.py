@@ -1,21 +1,27 @@
 """`cnncodes serve`: a saved model as an HTTP prediction service (FastAPI on uvicorn).
 
 This module runs the server: it checks the address, loads the model before any port opens,
-starts uvicorn with one process or several, and stops cleanly on SIGTERM. The app itself is
+starts uvicorn with one process or several, guards it against idle and slow connections, and
+stops cleanly on SIGTERM (readiness 503 at once, then a drain). The app itself is
 `cnncodes.serving.app`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
+import resource
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from cnncodes.core.errors import CnnCodesError, first_line
@@ -27,8 +33,10 @@ from cnncodes.serving.predict import Predictor, load_predictor
 from cnncodes.serving.settings import ServeSettings
 
 try:  # the `serve` extra; FastAPI first, so a missing one is named even when the app's module is already loaded
+    import h11
     import uvicorn
     from fastapi import FastAPI
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
     from cnncodes.serving.app import create_app
 except ImportError as e:
@@ -38,6 +46,61 @@ except ImportError as e:
 
 # Uvicorn's worker processes read their settings from here (`--workers N` imports the app by name).
 SETTINGS_ENV = "CNNCODES_SERVE_SETTINGS"
+# What a connection over --max-connections is told before it is closed.
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class GuardedH11Protocol(H11Protocol):
+    """Uvicorn's h11 connection, closed when its request is not in within `read_timeout` seconds.
+
+    Uvicorn times a connection out only between requests (`timeout_keep_alive`, armed after a
+    response): one that sends nothing, or a request a byte at a time, would hold its socket for
+    ever, and enough of them exhaust the file descriptors. Here a deadline runs from the
+    connection's start, and again after each response, until the whole request (headers and
+    body) has arrived; then the app's `--timeout` bounds the answer. A connection over uvicorn's
+    `limit_concurrency` is answered 503 and closed at once, before it is read.
+
+    Args:
+        args: uvicorn's arguments for `H11Protocol`.
+        read_timeout: seconds a connection has to deliver each whole request.
+        kwargs: uvicorn's keyword arguments for `H11Protocol`.
+    """
+
+    def __init__(self, *args: Any, read_timeout: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.read_timeout = read_timeout
+        self.read_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
+            transport.write(BUSY)
+            transport.close()
+            return
+        self._start_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._start_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_deadline()
+        super().connection_lost(exc)
+
+    def _start_deadline(self) -> None:
+        self._stop_deadline()
+        if not self.transport.is_closing():
+            self.read_deadline = self.loop.call_later(self.read_timeout, self._deadline_passed)
+
+    def _stop_deadline(self) -> None:
+        if self.read_deadline is not None:
+            self.read_deadline.cancel()
+            self.read_deadline = None
+
+    def _deadline_passed(self) -> None:
+        self.read_deadline = None
+        if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+            self.transport.close()  # an app reading the body sees the client leave (499)
 
 
 def app_from_environment() -> FastAPI:
@@ -47,7 +110,40 @@ def app_from_environment() -> FastAPI:
         The app around the model the settings name.
     """
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
-    return create_app(_load(settings), settings)
+    return _drained_on_sigterm(create_app(_load(settings), settings), settings.drain_seconds)
+
+
+def _drained_on_sigterm(app: FastAPI, seconds: float) -> FastAPI:
+    """`app`, whose readiness turns 503 on SIGTERM, `seconds` before uvicorn's graceful shutdown starts.
+
+    Uvicorn's SIGTERM handler closes the listening socket at once, so a load balancer would see
+    refused connections instead of a failing readiness probe. Once the app has started (uvicorn's
+    handler installed), this one goes first: it drains the batcher, keeps serving for the drain,
+    then calls uvicorn's. A second SIGTERM calls it at once.
+    """
+    started = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(served: FastAPI) -> AsyncIterator[Any]:
+        async with started(served) as state:
+            shutdown = signal.getsignal(signal.SIGTERM)
+            if callable(shutdown) and threading.current_thread() is threading.main_thread():  # as uvicorn's
+
+                def drain(signum: int, frame: FrameType | None) -> None:
+                    again = app.state.batcher.draining
+                    app.state.batcher.drain()
+                    if again or seconds <= 0:
+                        shutdown(signum, frame)
+                    else:
+                        later = threading.Timer(seconds, shutdown, (signum, frame))
+                        later.daemon = True
+                        later.start()
+
+                signal.signal(signal.SIGTERM, drain)
+            yield state
+
+    app.router.lifespan_context = lifespan
+    return app
 
 
 def _load(settings: ServeSettings) -> Predictor:
@@ -62,6 +158,8 @@ def serve(
     workers: int = 1,
     access_log: bool = True,
     grace_seconds: float = 30.0,
+    read_timeout: float = 10.0,
+    max_connections: int | None = None,
 ) -> None:
     """Load the model (errors surface here, before any port opens), then serve until SIGTERM or Ctrl-C.
 
@@ -75,7 +173,10 @@ def serve(
         port: the TCP port.
         workers: server processes; more than one serve a private copy of the model file.
         access_log: log every request.
-        grace_seconds: on SIGTERM, how long requests under way may take to finish.
+        grace_seconds: on SIGTERM, how long requests under way may take to finish (after `settings.drain_seconds`).
+        read_timeout: seconds a connection has to deliver each whole request before it is closed.
+        max_connections: open connections (and requests) per process; more are answered 503 and closed
+            at once. None: half the process's file-descriptor limit, so sockets never exhaust it.
 
     Raises:
         CnnCodesError: the address cannot be listened on, or the model cannot be loaded or copied.
@@ -90,9 +191,12 @@ def serve(
         "port": port,
         "access_log": access_log,
         "timeout_graceful_shutdown": grace_seconds,
+        "loop": "asyncio",  # whose accept loop waits a second after "Too many open files" instead of spinning
+        "http": functools.partial(GuardedH11Protocol, read_timeout=read_timeout),
+        "limit_concurrency": max_connections or _connection_cap(),
     }
     if workers == 1:
-        app = create_app(_load(settings), settings)
+        app = _drained_on_sigterm(create_app(_load(settings), settings), settings.drain_seconds)
         signal.signal(signal.SIGTERM, _exit_cleanly)
         uvicorn.run(app, **options)
         return
@@ -104,6 +208,12 @@ def serve(
         os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
         signal.signal(signal.SIGTERM, _exit_cleanly)
         uvicorn.run(f"{__name__}:{app_from_environment.__name__}", factory=True, workers=workers, **options)
+
+
+def _connection_cap() -> int | None:
+    """Half the file-descriptor limit: the other half for the model, its libraries and a burst of accepts."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else max(1, soft // 2)
 
 
 def _check_address(host: str, port: int) -> None:

@@ -19,8 +19,14 @@ class ServeSettings:
         max_pixels: the most pixels one upload may decode to; more is a 400.
         batch_wait_ms: how long an image waits for others to share its forward pass.
         max_batch: the most images in one forward pass.
+        max_queue: the most images waiting for a forward pass; more is a 503 with Retry-After at once
+            (None: four batches).
+        timeout: seconds an image may wait for its prediction; longer is a 504.
+        drain_seconds: on SIGTERM, how long the server goes on serving with /readyz answering 503,
+            so a load balancer stops sending before the listening socket closes.
         threads: threads of this process, for decoding and for the runtime's operators (None: one per core;
             `serve` gives each of its processes cores / workers).
+        model_name: the model's name in the V2 protocol's paths (None: its run's name).
     """
 
     model: str
@@ -30,4 +36,8 @@ class ServeSettings:
     max_pixels: int = SERVE_MAX_PIXELS
     batch_wait_ms: float = SERVE_BATCH_WAIT_MS
     max_batch: int = SERVE_MAX_BATCH
+    max_queue: int | None = None
+    timeout: float = 30.0
+    drain_seconds: float = 0.0
     threads: int | None = None
+    model_name: str | None = None
