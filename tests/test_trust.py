@@ -16,10 +16,11 @@ import cnncodes
 from cnncodes.classify.estimator import CodesClassifier
 from cnncodes.codes.features import load_features
 from cnncodes.core.choices import KINDS
+from cnncodes.core.files import sha256_file
 from cnncodes.data.split import assign_subsets
 from cnncodes.runs.evaluate import calibration, mcnemar_p, paired_p, score, wilson_ci
 from cnncodes.runs.records import load_records, repeat_score, repeats_summary
-from cnncodes.runs.report import indistinguishable, rank, rich_table, rows
+from cnncodes.runs.report import explain, rank, rich_table, rows
 
 from .helpers import cli, fast_spec, make_dataset
 
@@ -123,7 +124,7 @@ def test_mcnemar_matches_a_hand_computation_and_identical_runs_get_p_1():
     assert paired_p([0.9, 0.8, 0.85, 0.9], [0.8, 0.75, 0.8, 0.82]) < 0.05
 
 
-def fake_record(run: str, right: list[bool], repeats: list[float] | None = None) -> dict:
+def fake_record(run: str, right: list[bool], repeats: list[float] | None = None, cv: float | None = 0.9) -> dict:
     predictions = [
         {"path": f"{i}.png", "label": "a", "predicted": "a" if r else "b", "probability": 0.9}
         for i, r in enumerate(right)
@@ -135,6 +136,7 @@ def fake_record(run: str, right: list[bool], repeats: list[float] | None = None)
         "accuracy": float(np.mean(right)),
         "balanced_accuracy": float(np.mean(right)),
         "fit_seconds": 1.0,
+        "cv_score": cv,
         "test_predictions": predictions,
     }
     if repeats:
@@ -146,30 +148,42 @@ def fake_record(run: str, right: list[bool], repeats: list[float] | None = None)
     return record
 
 
-def test_compare_gives_every_run_its_p_value_against_the_best():
-    best = fake_record("best", [True] * 30)
-    twin = fake_record("twin", [True] * 30)
-    worse = fake_record("worse", [True] * 18 + [False] * 12)
-    ranked = rank([worse, twin, best])
-    assert [r["run"] for r in ranked] == ["best", "twin", "worse"]
-    assert [r["p_vs_best"] for r in ranked[:2]] == [1.0, 1.0]
-    assert ranked[2]["p_vs_best"] == pytest.approx(0.5**12) and ranked[2]["p_vs_best_test"] == "McNemar"
+def test_compare_chooses_on_cv_and_tests_every_runs_test_accuracy_against_the_chosen_one():
+    chosen = fake_record("chosen", [True] * 18 + [False] * 12, cv=0.96)
+    twin = fake_record("twin", [True] * 18 + [False] * 12, cv=0.96) | {"fit_seconds": 2.0}  # as good, slower
+    lucky = fake_record("lucky", [True] * 30, cv=0.9)  # ahead on the test images, behind on CV
+    ranked = rank([lucky, twin, chosen])
+    assert [r["run"] for r in ranked] == ["chosen", "twin", "lucky"]
+    assert [r["chosen"] for r in ranked] == [True, False, False]
+    assert ranked[0]["p_vs_chosen"] is None and ranked[1]["p_vs_chosen"] == 1.0
+    # two-sided: lucky is right on 12 images the chosen run gets wrong, and never the other way
+    assert ranked[2]["p_vs_chosen"] == pytest.approx(2 * 0.5**12) and ranked[2]["p_vs_chosen_test"] == "McNemar"
+    shown = {"backbone": "b", "layer": "l", "macro_f1": 0.8, "model_bytes": 1000, "accuracy_ci95": [0.5, 0.9]}
+    by_run = {row["run"]: row for row in rows([r | shown for r in ranked])}
+    assert [by_run[run]["p vs chosen"] for run in ("chosen", "twin", "lucky")] == ["chosen", "1", "0.00049 *"]
+    assert by_run["lucky"]["select"] == "0.900 cv"
+    said = explain(ranked)
+    assert said.startswith("Chosen: chosen, the highest selection score (CV score 0.960")
+    assert "the test accuracy of lucky differs from the chosen run's (marked *)" in said
 
-    # with repeats: ranked by the mean, tested over the per-split scores
-    steady = fake_record("steady", [True] * 20 + [False] * 10, repeats=[0.9, 0.92, 0.91, 0.93])
-    lucky = fake_record("lucky", [True] * 30, repeats=[0.8, 0.82, 0.81, 0.84])
-    ranked = rank([lucky, steady])
-    assert [r["run"] for r in ranked] == ["steady", "lucky"]
-    assert ranked[1]["p_vs_best_test"] == "paired t" and ranked[1]["p_vs_best"] < 0.05
+    # with repeats on the same splits: a paired t-test over the per-split scores
+    steady = fake_record("steady", [True] * 20 + [False] * 10, repeats=[0.9, 0.92, 0.91, 0.93], cv=0.95)
+    better = fake_record("better", [True] * 30, repeats=[0.97, 0.99, 0.98, 0.99], cv=0.94)
+    ranked = rank([better, steady])
+    assert [r["run"] for r in ranked] == ["steady", "better"]
+    assert ranked[1]["p_vs_chosen_test"] == "paired t" and ranked[1]["p_vs_chosen"] < 0.05
 
-    # ranked below a single-split run by its mean, but better on the images they share: never "worse"
-    single = fake_record("single", [True] * 12 + [False] * 8)
-    repeated = fake_record("repeated", [True] * 20, repeats=[1.0, 0.4, 0.4, 0.4])
-    ranked = rank([repeated, single])
-    assert [r["run"] for r in ranked] == ["single", "repeated"] and ranked[1]["p_vs_best"] == 1.0
-    assert indistinguishable(ranked).startswith("Statistically indistinguishable") and "repeated." in indistinguishable(
-        ranked
-    )
+    # fit-svm --cv 0 chose on the val subset; a fine-tune has its validation accuracy; an old record neither
+    on_val = fake_record("on-val", [True] * 20, cv=0.8) | {"params": {"cv": "val"}}
+    tuned = fake_record("tuned", [True] * 20, cv=None) | {"method": "finetune", "val_score": 0.85}
+    old = fake_record("old", [True] * 20, cv=None) | {"method": "finetune", "fit_seconds": 0.1}
+    ranked = rank([old, on_val, tuned])
+    assert [(r["run"], r["selected_on"]) for r in ranked] == [("tuned", "val"), ("on-val", "val"), ("old", None)]
+    said = explain(ranked)
+    assert "validation accuracy 0.850" in said and "No CV score for tuned: ranked on the validation accuracy" in said
+    assert "Ranked last, without a CV or validation score (recorded by an older version): old;" in said
+    assert "no other run's test accuracy differs significantly" in said
+    assert explain(rank([old])).startswith("Listed first: old; no run has a CV or validation score")
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +199,14 @@ def codes(tmp_path_factory) -> dict[str, Path]:
     groups[order] = np.arange(len(order)) // 2
     same = [len({made.subsets[i] for i in np.nonzero(groups == g)[0]}) == 1 for g in np.unique(groups)]
     alone = -1 - np.arange(len(order))  # a pair split by extract's subsets becomes two groups
-    np.save(root / "features" / "groups.npy", np.where(np.isin(groups, np.unique(groups)[same]), groups, alone))
+    groups_file = root / "features" / "groups.npy"
+    np.save(groups_file, np.where(np.isin(groups, np.unique(groups)[same]), groups, alone))
+    meta = json.loads((root / "features" / "meta.json").read_text())  # recorded as extract would have
+    meta.setdefault("files", {})["groups.npy"] = {
+        "bytes": groups_file.stat().st_size,
+        "sha256": sha256_file(groups_file),
+    }
+    (root / "features" / "meta.json").write_text(json.dumps(meta))
     return {"root": root, "data": data, "features": root / "features"}
 
 
@@ -240,7 +261,8 @@ def test_fit_svm_repeats_scores_each_split_on_its_own_test_images(codes, tmp_pat
         for key in ("log_loss", "brier", "ece"):
             assert record[key] >= 0
     as_json = json.loads(cli("compare", tmp_path, "--format", "json").stdout)
-    assert as_json[0]["accuracy_mean"] >= as_json[1]["accuracy_mean"] and as_json[0]["p_vs_best"] == 1.0
+    assert as_json[0]["chosen"] and as_json[0]["cv_score"] >= as_json[1]["cv_score"]
+    assert as_json[1]["p_vs_chosen_test"] == "paired t" and 0 <= as_json[1]["p_vs_chosen"] <= 1
 
 
 def test_repeated_calibration_is_averaged_over_the_splits_that_have_it():
@@ -290,9 +312,10 @@ def test_the_compare_table_reads_well_at_80_columns(codes, tmp_path):
     console.print(rich_table(records, title="runs", width=80))
     lines = console.export_text().splitlines()
     assert max(len(line) for line in lines) <= 80
-    for record in records:  # every run name whole, on one line, with its accuracy, p-value, ECE and AUROC
-        line = next(line for line in lines if record["run"] in line)
+    for record in records:  # every run name whole, on one line, with its CV score, accuracy, p-value, ECE and AUROC
+        line = next(line for line in lines if record["run"] in line.split())
         assert f"{100 * record['accuracy']:.1f}%" in line and f"{record['ece']:.2f}" in line
+        assert f"{record['cv_score']:.3f} cv" in line and ("chosen" in line) == record["chosen"]
     # At 120 columns every column fits short run names; long ones (a folder prefixed) make the narrow layout.
     for names, header in ((["a", "b"], "size"), ([f"models-of-today/{r['run']}" for r in records], "AUROC")):
         named = [{**r, "run": name} for r, name in zip(records, names)]

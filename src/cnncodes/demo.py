@@ -13,20 +13,22 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from rich.markup import escape
+from rich.text import Text
 
 from cnncodes.classify.fit import fit_classifiers
 from cnncodes.codes.extract import extract
+from cnncodes.codes.layout import REJECTED_FILE, skipped_summary
 from cnncodes.codes.plan import check_out, discover_data
 from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import read_object, write_bytes_atomic, write_json_atomic
-from cnncodes.core.progress import console, say
-from cnncodes.finetuning.spec import make_spec
+from cnncodes.core.progress import console, say, warn
+from cnncodes.finetuning.spec import make_spec, spec_params
 from cnncodes.finetuning.train import finetune
-from cnncodes.nets.backbones import DEFAULT_BACKBONE, get_backbone
+from cnncodes.nets.backbones import DEFAULT_BACKBONE
 from cnncodes.runs.html import html_report
 from cnncodes.runs.records import load_records
-from cnncodes.runs.report import rank, rich_table
+from cnncodes.runs.report import explain, rank, rich_table
 from cnncodes.serving.predict import predict
 
 DIGITS_DIR = Path("data/digits")
@@ -34,6 +36,14 @@ DIGITS_DIR = Path("data/digits")
 DIGITS_SIZE = 96
 # Written first into the demo's folder: which data the folder belongs to.
 DEMO_MARKER = "demo.json"
+# The fine-tune's settings `finetune_epochs` gives.
+EPOCHS = ("head_epochs", "fine_epochs")
+# Why the demo departs from a command's default, by setting.
+WHY = {
+    "cache_trunk": "as in the README's tour, the frozen layers' activations are computed once, several times faster",
+    "augment": "activations computed once cannot be augmented (--cache-trunk)",
+}
+DIGITS_SIZE_WHY = f"the digits are 8x8 scans, and {DIGITS_SIZE} px keeps the demo fast"
 
 
 def write_digits(folder: Path = DIGITS_DIR) -> Path:
@@ -83,64 +93,132 @@ def _described(settings: dict[str, Any] | None) -> str:
 def run_demo(
     data: Path | None = None,
     out: Path | None = None,
+    *,
     backbone: str = DEFAULT_BACKBONE,
     image_size: int | None = None,
     examples: int = 8,
-    finetune_epochs: tuple[int, int] = (20, 10),
-) -> list[dict]:
-    """extract -> fit-svm -> finetune -> compare -> predict, saying what each step does; returns the ranked records.
+    finetune_epochs: tuple[int, int] | None = None,
+) -> list[dict[str, Any]]:
+    """The README's commands with their defaults, each step and each artifact said aloud; returns the ranked records.
 
-    `out` defaults to `models/<name of the data folder>`; it must be empty or hold an earlier
-    demo of the same data and settings (backbone, image size, fine-tune epochs), which is checked
-    before anything is written.
+    extract -> fit-svm -> finetune -> compare -> predict, as `cnncodes COMMAND` runs them with their
+    defaults and `backbone`, but for what the output names, one line each: the fine-tune trains on
+    cached trunk activations (`--cache-trunk`, as the README's tour does), the digits are seen at
+    96 px, and `image_size` and `finetune_epochs` are taken when given.
+
+    Args:
+        data: class-per-folder images (default: scikit-learn's digits, written to `data/digits`).
+        out: the folder of features, models and report (default: `models/<name of the data folder>`); it must
+            be empty or hold an earlier demo of the same data and settings, which is checked before anything
+            is written.
+        backbone: the ImageNet network of every step.
+        image_size: the input size of extract and finetune (default: theirs; 96 px for the digits).
+        examples: test images the chosen run predicts.
+        finetune_epochs: epochs of the fine-tune's two phases (default: finetune's).
+
+    Returns:
+        The run records as `rank` orders them, the chosen run first.
+
+    Raises:
+        CnnCodesError: missing data, or an `out` folder that holds something else.
     """
     out = out or Path("models") / (data or DIGITS_DIR).resolve().name
     if data is not None:  # a mistyped DATA, or a folder inside it, fails before the folder is claimed
         discover_data(data)
         check_out(data, out)
-    size = image_size or (DIGITS_SIZE if data is None else get_backbone(backbone).default_size)
-    settings = {"backbone": backbone, "image_size": size, "finetune_epochs": list(finetune_epochs)}
+    size = image_size or (DIGITS_SIZE if data is None else None)
+    codes = ExtractorSpec.create(backbone=backbone, image_size=size)
+    epochs: dict[str, Any] = dict(zip(EPOCHS, finetune_epochs or ()))
+    tuning = make_spec(backbone, image_size=size, cache_trunk=True, **epochs)
+    tuned = spec_params(tuning)
+    settings = {"backbone": backbone, "image_size": _sizes(codes), "finetune_epochs": [tuned[k] for k in EPOCHS]}
     out = claim_output(out, data or DIGITS_DIR, settings)
+    why = {**WHY, "image_size": "as --image-size asks" if image_size else DIGITS_SIZE_WHY}
     if data is None:
         say("[bold]1/6[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
         data = write_digits()
     else:
         say(f"[bold]1/6[/] Using your images in {escape(str(data))}")
     features = out / "features"
-    say(f"[bold]2/6[/] extract: {backbone} turns every image into a CNN code -> {escape(str(features))}")
-    result = extract(data, features, ExtractorSpec.create(backbone=backbone, image_size=size))
-    say(f"      {result.n_images} codes of {result.dim} numbers; split {result.counts}")
+    say(f"[bold]2/6[/] extract: {backbone} makes a code of every image: {_command('extract', data, '--out', features)}")
+    _differences({"image_size": _sizes(codes)}, {"image_size": _sizes(ExtractorSpec.create(backbone=backbone))}, why)
+    n_test = _extract(data, features, codes)
     say(
-        "[bold]3/6[/] fit-svm: linear SVM, logistic regression, RBF SVM and k-NN on the codes "
-        "(hyper-parameters by 5-fold cross-validation)"
+        "[bold]3/6[/] fit-svm: linear SVM, logistic regression, RBF SVM and k-NN on the codes, their settings "
+        f"chosen by cross-validation: {_command('fit-svm', features, '--out', out)}"
     )
-    fit_classifiers(features, out=out)
+    for record in fit_classifiers(features, out=out):
+        _saved(out, record, f"cv score {record['cv_score']:.3f}")
     say(
-        f"[bold]4/6[/] finetune: {backbone}'s top block and a new head trained on the same split, on the "
-        f"frozen layers' activations computed once (--cache-trunk; up to {finetune_epochs[0]} epochs of the head, "
-        f"{finetune_epochs[1]} with the top block unfrozen)"
+        f"[bold]4/6[/] finetune: {backbone}'s top block and a new head trained on the same split: "
+        + _command("finetune", data, "--split-from", features, "--out", out)
     )
-    spec = make_spec(
-        backbone,
-        image_size=size,
-        cache_trunk=True,
-        head_epochs=finetune_epochs[0],
-        fine_epochs=finetune_epochs[1],
-        lr=1e-4,
-        patience=5,
+    _differences(tuned, spec_params(make_spec(backbone)), why)
+    record = finetune(data, out, tuning, split_from=features, resume=True, progress=True)  # an interrupted one goes on
+    _saved(out, record, f"validation accuracy {record['val_score']:.3f}")
+    return _compare(out, n_test, examples)
+
+
+def _sizes(spec: ExtractorSpec) -> list[int]:
+    """The input sizes whose codes are averaged: several, or the one."""
+    return spec.scales or [spec.image_size]
+
+
+def _command(*words: object) -> str:
+    """A command line as the user would type it, for the step that runs what it runs."""
+    return escape(f"`cnncodes {' '.join(map(str, words))}`")
+
+
+def _differences(used: dict[str, Any], default: dict[str, Any], why: dict[str, str]) -> None:
+    """One line per setting the demo runs with that is not the command's default: the option, the default, why."""
+    for name in (n for n in used if used[n] != default.get(n)):
+        option = f"--{name.replace('_', '-')}"
+        value, was = used[name], default.get(name)
+        if isinstance(value, bool):
+            shown = f"{option if value else '--no-' + option[2:]} (default {'on' if was else 'off'})"
+        else:
+            shown = f"{option} {_plain(value)} (default {_plain(was)})"
+        say(f"      not the default: {escape(shown)}: {escape(why.get(name, 'as asked'))}")
+
+
+def _plain(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _extract(data: Path, features: Path, spec: ExtractorSpec) -> int:
+    """`extract`, its warnings said as the command says them, and the split in words; returns the test images."""
+    result = extract(data, features, spec)
+    for warning in result.warnings:
+        warn(warning)
+    if result.rejected:
+        warn(skipped_summary(result.rejected, result.out / REJECTED_FILE))
+    split = ", ".join(f"{n:,} {subset}" for subset, n in result.counts.items())
+    say(f"      {result.n_images:,} codes of {result.dim:,} numbers -> {escape(str(features))}")
+    say(f"      split: {split} images")
+    return result.counts["test"]
+
+
+def _saved(out: Path, record: dict[str, Any], selection: str) -> None:
+    say(f"      {escape(record['run'])} ({selection}) -> {escape(str(out / record['model_file']))}")
+
+
+def _compare(out: Path, n_test: int, examples: int) -> list[dict[str, Any]]:
+    """`compare` with its HTML report, then the chosen run predicts `examples` of the test images."""
+    say(
+        f"[bold]5/6[/] compare: the runs ranked by CV score, the chosen one first, each scored on the same "
+        f"{n_test:,} test images: {_command('compare', out, '--html', out / 'report.html')}"
     )
-    finetune(data, out, spec, split_from=features, resume=True, progress=True)  # an interrupted one goes on
-    say(f"[bold]5/6[/] compare: every run scored on the same {result.counts['test']} test images")
     records = rank(load_records([out]))
     console.print(rich_table(records, width=console.width))
+    console.print(Text(explain(records)))
     report = out / "report.html"
     write_bytes_atomic(report, html_report(records).encode())
-    say(f"      report with confusion matrices and mistakes: {escape(str(report))}")
-    best = records[0]
-    sample = best["test_predictions"][:: max(1, len(best["test_predictions"]) // examples)][:examples]
-    say(f"[bold]6/6[/] predict: the best run ({escape(best['run'])}) on {len(sample)} test images it never saw")
+    say(f"      report with confusion matrices and the chosen run's mistakes -> {escape(str(report))}")
+    chosen = records[0]
+    sample = chosen["test_predictions"][:: max(1, len(chosen["test_predictions"]) // examples)][:examples]
+    say(f"[bold]6/6[/] predict: the chosen run ({escape(chosen['run'])}) on {len(sample)} test images it never saw")
     answers = predict(
-        out / best["model_file"], [str(Path(best["dataset"]["data"]) / p["path"]) for p in sample], progress=False
+        out / chosen["model_file"], [str(Path(chosen["dataset"]["data"]) / p["path"]) for p in sample], progress=False
     )
     for truth, answer in zip(sample, answers):
         top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in answer.top_k)

@@ -12,7 +12,7 @@ from cnncodes.cli.app import command
 from cnncodes.cli.options import OUTPUT_HELP, one_of, out_console, user_errors
 from cnncodes.core.progress import console as err_console
 from cnncodes.runs.html import html_report
-from cnncodes.runs.report import Format, render, rich_table
+from cnncodes.runs.report import Format, explain, render, rich_table
 from cnncodes.runs.report import compare as run_compare
 
 
@@ -23,7 +23,11 @@ def compare(
     output: Annotated[Path | None, typer.Option("--output", "-o", help=OUTPUT_HELP)] = None,
     html_path: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
 ) -> None:
-    """Rank every run on the same test set: accuracy, p-value against the best run, calibration, cost.
+    """Rank the runs on one split by their CV score, choose the first; report every test accuracy against it.
+
+    select is the CV score (a fine-tune, which has none: its validation accuracy), never the test
+    accuracy: the test images only report. p is the two-sided test that a run's test accuracy
+    differs from the chosen run's.
 
     Accuracy has its 95% interval, or mean ± sd over repeated splits; calibration is the ECE and
     the AUROC of the confidence (their means over repeated splits); wider terminals add balanced
@@ -49,6 +53,7 @@ def compare(
     if text is None:
         title = f"{len(records)} run{'s' * (len(records) != 1)}, {records[0]['n_test']} test images"
         out_console.print(rich_table(records, title=title, width=out_console.width))
+        out_console.print(Text(explain(records)))
     elif not output:
         typer.echo(text, nl=False)
     if html_path:

@@ -25,11 +25,12 @@ def demo(
     ] = None,
     backbone: BackboneOpt = DEFAULT_BACKBONE,
     image_size: Annotated[
-        int | None, typer.Option(min=1, help="Input size (default: 96 for the digits, else the backbone's).")
+        int | None,
+        typer.Option(min=1, help="Input size of extract and finetune (default: 96 for the digits, else theirs)."),
     ] = None,
 ) -> None:
-    """Run the whole pipeline (extract, fit-svm, finetune, compare, predict) and say what each step does."""
+    """Run extract, fit-svm, finetune, compare and predict with their defaults; say each step, difference and file."""
     from cnncodes.demo import run_demo
 
     with user_errors():
-        run_demo(data, out, backbone, image_size)
+        run_demo(data, out, backbone=backbone, image_size=image_size)

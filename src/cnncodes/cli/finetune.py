@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from cnncodes.cli.app import command
 from cnncodes.cli.options import (
@@ -143,3 +144,5 @@ def finetune(
     if not quiet:
         title = f"{record['epochs_run']} epochs, {record['n_test']} test images"
         out_console.print(rich_table([record], title=title, width=out_console.width))
+        kept = "" if record.get("val_score") is None else f" (validation accuracy {record['val_score']:.3f})"
+        out_console.print(Text(f"{record['run']}{kept} -> {out / record['model_file']}"), soft_wrap=True)

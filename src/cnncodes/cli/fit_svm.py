@@ -11,7 +11,7 @@ from rich.text import Text
 from cnncodes.cli.app import command
 from cnncodes.cli.options import ClassWeightOpt, one_of, out_console, user_errors
 from cnncodes.core.choices import KINDS, MAX_EXACT, Normalize
-from cnncodes.runs.report import rank, rich_table
+from cnncodes.runs.report import explain, rank, rich_table
 
 if TYPE_CHECKING:
     ClassifierName: TypeAlias = str
@@ -78,7 +78,8 @@ def fit_svm(
     if quiet:
         return
     title = f"Fitted on {records[0]['n_train']} images, scored on {records[0]['n_test']} test images"
-    out_console.print(rich_table(rank(records), title=title, width=out_console.width))
+    ranked = rank(records)
+    out_console.print(rich_table(ranked, title=title, width=out_console.width))
     for record in records:
         chosen = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["params"].items() if k in CHOSEN
@@ -88,3 +89,4 @@ def fit_svm(
         out_console.print(
             Text(f"{record['run']}: {chosen} (cv score {record['cv_score']:.3f}{edges}) -> {model}"), soft_wrap=True
         )
+    out_console.print(Text(explain(ranked)))

@@ -325,15 +325,21 @@ def _record(
     trainable: dict[str, int],
     proba: np.ndarray,
 ) -> dict[str, Any]:
-    """The run record: settings, split, test scores and per-image predictions, and the training history."""
+    """The run record: settings, split, test scores and per-image predictions, and the training history.
+
+    `val_score`, what `compare` chooses the run on, is the validation accuracy of the weights kept: each
+    phase's early stopping restores its best epoch, so the last phase that trained holds them.
+    """
     test = training.subsets == "test"
     y_test = training.labels[test]
+    last = [e["val_accuracy"] for e in history if e["phase"] == history[-1]["phase"]] if history else []
     return build_record(
         run=run,
         method=spec.method,
         backbone=spec.backbone,
         **spec.described,
         params=spec_params(spec) | {"trainable_weights": trainable},
+        val_score=max(last, default=None),
         extractor={
             "backbone": spec.backbone,
             "image_size": spec.image_size,

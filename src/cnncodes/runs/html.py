@@ -17,11 +17,19 @@ import numpy as np
 
 from cnncodes.core.progress import warn
 from cnncodes.runs.evaluate import ECE_BINS, confidence_bins
-from cnncodes.runs.report import COLUMNS, indistinguishable, rows
+from cnncodes.runs.report import COLUMNS, explain, rows
 
 
 def html_report(records: Sequence[dict[str, Any]], mistakes: int = 12) -> str:
-    """A self-contained page: the table, a confusion matrix per run, per-class scores, the best run's worst mistakes."""
+    """A self-contained page: the table, a confusion matrix per run, per-class scores, the chosen run's worst mistakes.
+
+    Args:
+        records: as `rank` returns them, the chosen run first.
+        mistakes: how many of the chosen run's most confident mistakes to show.
+
+    Returns:
+        The page.
+    """
     sections = [_table_html(records)]
     sections += [_run_html(r) for r in records]
     sections.append(_mistakes_html(records[0], mistakes))
@@ -51,9 +59,10 @@ def _table_html(records: Sequence[dict[str, Any]]) -> str:
     first = records[0]
     return (
         f"<p>{len(records)} runs on one split ({html.escape(first['dataset']['split_fingerprint'][:12])}), "
-        f"{first['n_test']} test images, best first.</p>"
+        f"{first['n_test']} test images, in the order they are chosen in: by CV score, or validation accuracy for "
+        "runs without one (select); the test images only report.</p>"
         + _html_table(COLUMNS, [list(row.values()) for row in rows(records)])
-        + f"<p>{html.escape(indistinguishable(records))}</p>"
+        + f"<p>{html.escape(explain(records))}</p>"
     )
 
 
@@ -63,7 +72,8 @@ def _run_html(record: dict[str, Any]) -> str:
         for name, s in record["per_class"].items()
     ]
     return (
-        f"<h2>{html.escape(record['run'])}</h2><img alt='confusion matrix' src='{_confusion_png(record)}'>"
+        f"<h2>{html.escape(record['run'])}{' (chosen)' if record.get('chosen') else ''}</h2>"
+        f"<img alt='confusion matrix' src='{_confusion_png(record)}'>"
         f"<img alt='reliability diagram' src='{_reliability_png(record)}'>"
         + _html_table(("class", "precision", "recall", "F1", "support"), per_class)
     )
@@ -120,17 +130,18 @@ def _data_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _mistakes_html(best: dict[str, Any], limit: int) -> str:
+def _mistakes_html(chosen: dict[str, Any], limit: int) -> str:
     from cnncodes.data.remote import joined
 
-    wrong = [p for p in best.get("test_predictions", []) if p["predicted"] != p["label"]]
+    wrong = [p for p in chosen.get("test_predictions", []) if p["predicted"] != p["label"]]
     wrong.sort(key=lambda p: -p["probability"])
+    heading = f"<h2>Most confident mistakes of the chosen run, {html.escape(chosen['run'])}</h2>"
     if not wrong:
-        return f"<h2>Most confident mistakes of {html.escape(best['run'])}</h2><p>None: every test image is right.</p>"
+        return f"{heading}<p>None: every test image is right.</p>"
     figures, missing = [], 0
     for p in wrong[:limit]:
         caption = f"{p['path']}<br>true {p['label']}, predicted {p['predicted']} ({100 * p['probability']:.0f}%)"
-        thumbnail = _thumbnail(joined(best["dataset"]["data"], p["path"]))
+        thumbnail = _thumbnail(joined(chosen["dataset"]["data"], p["path"]))
         missing += thumbnail is None
         figures.append(
             f"<figure>{thumbnail or '<div>(image not found)</div>'}"
@@ -138,15 +149,15 @@ def _mistakes_html(best: dict[str, Any], limit: int) -> str:
         )
     if missing:
         warn(
-            f"{missing} of the mistakes' images cannot be read in {best['dataset']['data']} (moved?): "
+            f"{missing} of the mistakes' images cannot be read in {chosen['dataset']['data']} (moved?): "
             "the report names them without pictures"
         )
-    return f"<h2>Most confident mistakes of {html.escape(best['run'])}</h2><div class='thumbs'>{''.join(figures)}</div>"
+    return f"{heading}<div class='thumbs'>{''.join(figures)}</div>"
 
 
 def _thumbnail(path: Path | str) -> str | None:
     """The image (a file or an object) as an inline JPEG of at most 150 px; None if it cannot be read."""
-    from cnncodes.data.ingest import BadImage, load_rgb
+    from cnncodes.data.decode import BadImage, load_rgb
     from cnncodes.data.remote import local_file
 
     try:

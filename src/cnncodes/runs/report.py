@@ -26,8 +26,9 @@ COLUMNS = (
     "backbone",
     "layer",
     "classifier",
+    "select",
     "accuracy",
-    "p vs best",
+    "p vs chosen",
     "balanced acc",
     "macro-F1",
     "ECE",
@@ -37,13 +38,14 @@ COLUMNS = (
     "model size",
 )
 # A terminal is narrow: the run name stands for backbone, layer and classifier there, and
-# below `WIDE` columns only what ranks and trusts a run is shown.
+# below `WIDE` columns only what chooses and trusts a run is shown.
 TERMINAL_COLUMNS = {
     "rank": "#",
     "run": "run",
     "method": "method",
+    "select": "select",
     "accuracy": "accuracy",
-    "p vs best": "p",
+    "p vs chosen": "p",
     "balanced acc": "bal.acc",
     "macro-F1": "F1",
     "ECE": "ECE",
@@ -52,18 +54,23 @@ TERMINAL_COLUMNS = {
     "extract s": "extr s",
     "model size": "size",
 }
-NARROW_COLUMNS = ("rank", "run", "accuracy", "p vs best", "ECE", "AUROC")
+NARROW_COLUMNS = ("rank", "run", "select", "accuracy", "p vs chosen", "ECE", "AUROC")
 WIDE = 120
-# Below this p-value a run is marked significantly worse than the best one.
+# Below this p-value a run's test accuracy is marked as differing from the chosen run's.
 ALPHA = 0.05
+# What the selection score of a run is, by `selected_on`.
+SELECTED_ON = {"cv": "CV score", "val": "validation accuracy"}
 Format = Literal["table", "markdown", "csv", "json"]
 
 
 def compare(models: Path | str | Sequence[Path | str]) -> list[dict[str, Any]]:
-    """Every run record in the `models` folders, best first, each with `p_vs_best` (see `rank`).
+    """Every run record in the `models` folders, the chosen run first, each tested against it (see `rank`).
 
     Args:
         models: folders written by `fit_svm` and `finetune` (their `out`), or one of them.
+
+    Returns:
+        The records as `rank` returns them.
     """
     from cnncodes.runs.records import load_records
 
@@ -72,28 +79,48 @@ def compare(models: Path | str | Sequence[Path | str]) -> list[dict[str, Any]]:
 
 
 def rank(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best first (by the mean over repeated splits when a run has them), each with `p_vs_best`.
+    """The runs in the order they are chosen in: by their selection score, never by their test accuracy.
 
-    Refuses records made on different splits, whose test sets differ. `p_vs_best` is the
-    p-value that the run is as good as the best, against its being worse (one-sided): a paired
-    t-test over the per-split scores when both ran on the same repeated splits, else McNemar's
-    exact test on their right and wrong answers for the same test images (1 for the best run
-    itself). One-sided, because a run ranked by its mean over splits below a single-split run
-    may have done better on the images they share: that is never "significantly worse".
+    The test subset is used once, to report: choosing the run with the best test accuracy would
+    make that accuracy a biased estimate, and often crown a run that is ahead by one lucky image.
+    A run's selection score is its CV score, or, for a fine-tune (which has none), the validation
+    accuracy of the weights its early stopping kept. Ties go to the cheaper fit (fit seconds);
+    runs without either score (recorded by an older version) come last. The first run is the
+    chosen one.
+
+    Args:
+        records: run records scored on one split (`load_records`).
+
+    Returns:
+        The records, each with `chosen` (True for the first), `selection_score` and `selected_on`
+        ("cv", "val" or None), and `p_vs_chosen`: the two-sided p-value that its test accuracy
+        differs from the chosen run's (a paired t-test over the per-split scores when both ran on the
+        same repeated splits, else McNemar's exact test on the same test images; None for the chosen
+        run itself), with `p_vs_chosen_test` naming the test.
+
+    Raises:
+        CnnCodesError: records made on different splits, whose test sets differ.
     """
     _same_test_set(records)
-    ranked = sorted(
-        records,
-        key=lambda r: (
-            -r.get("accuracy_mean", r["accuracy"]),
-            -r["accuracy"],
-            -r["balanced_accuracy"],
-            r["fit_seconds"],
-            r["run"],
-        ),
-    )
-    best = ranked[0]
-    return [r | _p_vs_best(r, best) for r in ranked]
+    ranked = sorted(records, key=_order)
+    chosen = ranked[0]
+    return [r | _selection(r) | {"chosen": r is chosen} | _p_vs_chosen(r, chosen) for r in ranked]
+
+
+def _selection(record: dict[str, Any]) -> dict[str, Any]:
+    """The score a run is chosen on, and what it is: its CV score (on the val subset with `fit-svm --cv 0`),
+    else a fine-tune's validation accuracy."""
+    if record.get("cv_score") is not None:
+        on = "val" if record.get("params", {}).get("cv") == "val" else "cv"
+        return {"selection_score": record["cv_score"], "selected_on": on}
+    if record.get("val_score") is not None:
+        return {"selection_score": record["val_score"], "selected_on": "val"}
+    return {"selection_score": None, "selected_on": None}
+
+
+def _order(record: dict[str, Any]) -> tuple[bool, float, float, str]:
+    score = _selection(record)["selection_score"]
+    return score is None, -(score or 0.0), record["fit_seconds"], record["run"]
 
 
 def _same_test_set(records: Sequence[dict[str, Any]]) -> None:
@@ -127,18 +154,14 @@ def _same_test_set(records: Sequence[dict[str, Any]]) -> None:
         )
 
 
-def _p_vs_best(record: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
-    if record is best:
-        return {"p_vs_best": 1.0, "p_vs_best_test": "best"}
-    seeds = [r["seed"] for r in record.get("repeats", [])]
-    if len(seeds) > 1 and seeds == [r["seed"] for r in best.get("repeats", [])]:
-        return {
-            "p_vs_best": paired_p(
-                [r["accuracy"] for r in record["repeats"]], [r["accuracy"] for r in best["repeats"]], "less"
-            ),
-            "p_vs_best_test": "paired t",
-        }
-    return {"p_vs_best": mcnemar_p(_right(record), _right(best), "less"), "p_vs_best_test": "McNemar"}
+def _p_vs_chosen(record: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
+    if record is chosen:
+        return {"p_vs_chosen": None, "p_vs_chosen_test": None}
+    seeds = [r["seed"] for r in record.get("repeats") or []]
+    if len(seeds) > 1 and seeds == [r["seed"] for r in chosen.get("repeats") or []]:
+        mine, its = ([r["accuracy"] for r in run["repeats"]] for run in (record, chosen))
+        return {"p_vs_chosen": paired_p(mine, its), "p_vs_chosen_test": "paired t"}
+    return {"p_vs_chosen": mcnemar_p(_right(record), _right(chosen)), "p_vs_chosen_test": "McNemar"}
 
 
 def _right(record: dict[str, Any]) -> np.ndarray:
@@ -147,8 +170,9 @@ def _right(record: dict[str, Any]) -> np.ndarray:
 
 
 def rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """Display rows in `COLUMNS` order: accuracy with its 95% interval (or mean ±sd over repeated splits, and the
-    calibration scores' means), sizes in KB/MB."""
+    """Display rows in `COLUMNS` order: the selection score and what it is ("0.956 cv"), accuracy with its 95%
+    interval (or mean ±sd over repeated splits, and the calibration scores' means), "chosen" or the p-value
+    against the chosen run, sizes in KB/MB."""
     return [
         dict(
             zip(
@@ -160,6 +184,7 @@ def rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
                     r["backbone"],
                     r["layer"],
                     r.get("classifier") or "-",
+                    _select(r),
                     _accuracy(r),
                     _p(r),
                     f"{100 * r['balanced_accuracy']:.1f}%",
@@ -183,10 +208,22 @@ def _accuracy(record: dict[str, Any]) -> str:
     return f"{100 * record['accuracy']:.1f}% [{100 * low:.0f}–{100 * high:.0f}]"
 
 
+def _select(record: dict[str, Any]) -> str:
+    selected = _selection(record)
+    return "-" if selected["selected_on"] is None else f"{selected['selection_score']:.3f} {selected['selected_on']}"
+
+
 def _p(record: dict[str, Any]) -> str:
-    if "p_vs_best" not in record or record.get("p_vs_best_test") == "best":
-        return "best" if "p_vs_best" in record else "-"
-    return f"{record['p_vs_best']:.2g}{' *' if record['p_vs_best'] < ALPHA else ''}"
+    if record.get("chosen"):
+        return "chosen"
+    if record.get("p_vs_chosen") is None:
+        return "-"
+    return f"{record['p_vs_chosen']:.2g}{' *' if _differs(record) else ''}"
+
+
+def _differs(record: dict[str, Any]) -> bool:
+    """Whether the run's test accuracy differs significantly from the chosen run's."""
+    return record.get("p_vs_chosen") is not None and record["p_vs_chosen"] < ALPHA
 
 
 def _number(value: float | None) -> str:
@@ -202,7 +239,7 @@ def _size(n: int) -> str:
 
 
 def rich_table(records: Sequence[dict[str, Any]], title: str | None = None, width: int = WIDE) -> Table:
-    """The ranked runs for a terminal `width` columns wide: only the columns that rank and trust unless all fit."""
+    """The ranked runs for a terminal `width` columns wide: only the columns that choose and trust unless all fit."""
     wide = _table(records, title, list(TERMINAL_COLUMNS))
     if width >= WIDE and _measured(wide) <= width:
         return wide
@@ -210,14 +247,18 @@ def rich_table(records: Sequence[dict[str, Any]], title: str | None = None, widt
 
 
 def _table(records: Sequence[dict[str, Any]], title: str | None, names: list[str]) -> Table:
-    marked = any(r.get("p_vs_best", 1.0) < ALPHA for r in records)
+    shown = {_selection(r)["selected_on"] for r in records}
+    named = [f"{on} = {what}" for on, what in SELECTED_ON.items() if on in shown]
+    legend = [f"select: {', '.join(named)}"] if named else []
+    if any(map(_differs, records)):
+        legend.append(f"* test accuracy differs from the chosen run's (two-sided p < {ALPHA})")
     table = Table(
         title=title,
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         padding=(0, 1),
         collapse_padding=True,
-        caption=f"* significantly worse than the best run (p < {ALPHA})" if marked else None,
+        caption="; ".join(legend) or None,
     )
     for name in names:
         table.add_column(
@@ -238,13 +279,14 @@ def _measured(table: Table) -> int:
 
 
 def render(records: Sequence[dict[str, Any]], fmt: str) -> str:
-    """The ranked records as Markdown, CSV or JSON (a list of the full run records)."""
+    """The ranked records as Markdown (the table, then `explain`), CSV or JSON (a list of the full run records)."""
     if fmt == "json":
         return json.dumps([{k: v for k, v in r.items() if k != "record_path"} for r in records], indent=2) + "\n"
     table = rows(records)
     if fmt == "markdown":
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        return "\n".join(lines + ["| " + " | ".join(row.values()) + " |" for row in table]) + "\n"
+        lines += ["| " + " | ".join(row.values()) + " |" for row in table]
+        return "\n".join([*lines, "", explain(records)]) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -254,14 +296,51 @@ def render(records: Sequence[dict[str, Any]], fmt: str) -> str:
     raise CnnCodesError(f"unknown format {fmt!r}: render writes markdown, csv or json (rich_table draws the table)")
 
 
-def indistinguishable(records: Sequence[dict[str, Any]]) -> str:
-    """One sentence: which runs the tests cannot tell from the best one (the marked ones are worse)."""
-    best, rest = records[0], records[1:]
-    tied = [r["run"] for r in rest if r.get("p_vs_best", 0.0) >= ALPHA]
-    tests = sorted({r["p_vs_best_test"] for r in rest if "p_vs_best_test" in r})
-    how = f" ({' and '.join(tests)}, p ≥ {ALPHA}; * marks the runs significantly worse)" if tests else ""
-    if not rest:
-        return f"{best['run']} is the only run."
-    if not tied:
-        return f"Every other run is significantly worse than {best['run']}{how}."
-    return f"Statistically indistinguishable from the best run, {best['run']}{how}: {', '.join(tied)}."
+def explain(records: Sequence[dict[str, Any]]) -> str:
+    """Sentences for under the table: which run is chosen and on what, which runs' test accuracy differs from its,
+    and which runs could not be ranked and why.
+
+    Args:
+        records: as `rank` returns them.
+
+    Returns:
+        The sentences, one paragraph.
+    """
+    chosen, rest = records[0], records[1:]
+    sentences = [_why_chosen(chosen, bool(rest))]
+    by_val = [r["run"] for r in records if r.get("selected_on") == "val" and r["method"] != "cnn-codes"]
+    if by_val:
+        sentences.append(
+            f"No CV score for {', '.join(by_val)}: ranked on the validation accuracy of the weights early stopping kept"
+        )
+    tested = [r for r in rest if r.get("p_vs_chosen") is not None]
+    if tested:
+        tests = " and ".join(sorted({r["p_vs_chosen_test"] for r in tested}))
+        differ = [r["run"] for r in tested if _differs(r)]
+        found = "no other run's test accuracy differs significantly from the chosen run's"
+        if differ:
+            whose = (
+                f"accuracy of {differ[0]} differs" if len(differ) == 1 else f"accuracies of {', '.join(differ)} differ"
+            )
+            found = f"the test {whose} from the chosen run's (marked *)"
+        sentences.append(f"On the test images ({tests}, two-sided, p < {ALPHA}), {found}")
+    unscored = [r["run"] for r in rest if r.get("selected_on") is None]
+    if unscored:
+        sentences.append(
+            f"Ranked last, without a CV or validation score (recorded by an older version): {', '.join(unscored)}; "
+            "fit or fine-tune them again to rank them"
+        )
+    return ". ".join(sentences) + "."
+
+
+def _why_chosen(chosen: dict[str, Any], others: bool) -> str:
+    if chosen.get("selected_on") is None:
+        return (
+            f"Listed first: {chosen['run']}; no run has a CV or validation score to be chosen on (recorded by an "
+            "older version), so the fastest fit comes first: fit the runs again to choose on validation"
+        )
+    score = f"{SELECTED_ON[chosen['selected_on']]} {chosen['selection_score']:.3f}"
+    if not others:
+        return f"Chosen: {chosen['run']}, the only run ({score})"
+    ties = "ties go to the faster fit, never to test accuracy"
+    return f"Chosen: {chosen['run']}, the highest selection score ({score}; {ties})"
