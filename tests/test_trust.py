@@ -312,10 +312,24 @@ def test_the_compare_table_reads_well_at_80_columns(codes, tmp_path):
     console.print(rich_table(records, title="runs", width=80))
     lines = console.export_text().splitlines()
     assert max(len(line) for line in lines) <= 80
-    for record in records:  # every run name whole, on one line, with its CV score, accuracy, p-value, ECE and AUROC
+    header = next(x for x in lines if "#" in x).split()
+    assert header[-1] == "AUROC"  # the last column whole: ECE leaves first when the names need the room
+    for record in records:  # every run name whole, on one line, with its CV score, accuracy, p-value and AUROC
         line = next(line for line in lines if record["run"] in line.split())
-        assert f"{100 * record['accuracy']:.1f}%" in line and f"{record['ece']:.2f}" in line
+        assert f"{100 * record['accuracy']:.1f}%" in line and line.rstrip().endswith(
+            f"{record['confidence_auroc']:.2f}"
+        )
+        assert ("ECE" not in header) or f"{record['ece']:.2f}" in line
         assert f"{record['cv_score']:.3f} cv" in line and ("chosen" in line) == record["chosen"]
+    # Names as long as MobileNetV2's stay whole at 80 columns, with every number (ECE makes room).
+    long = [{**r, "run": f"mobilenetv2-out_relu-{r['run'][-10:]}"} for r in records]
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(rich_table(long, width=80))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80 and next(x for x in lines if "#" in x).split()[-1] == "AUROC"
+    for r in long:
+        line = next(line for line in lines if r["run"] in line.split())
+        assert line.rstrip().endswith(f"{r['confidence_auroc']:.2f}") and f"{100 * r['accuracy']:.1f}%" in line
     # At 120 columns every column fits short run names; long ones (a folder prefixed) make the narrow layout.
     for names, header in ((["a", "b"], "size"), ([f"models-of-today/{r['run']}" for r in records], "AUROC")):
         named = [{**r, "run": name} for r, name in zip(records, names)]

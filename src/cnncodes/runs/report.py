@@ -243,7 +243,11 @@ def rich_table(records: Sequence[dict[str, Any]], title: str | None = None, widt
     wide = _table(records, title, list(TERMINAL_COLUMNS))
     if width >= WIDE and _measured(wide) <= width:
         return wide
-    return _table(records, title, [n for n in TERMINAL_COLUMNS if n in NARROW_COLUMNS])
+    narrow = _table(records, title, [n for n in TERMINAL_COLUMNS if n in NARROW_COLUMNS])
+    if _measured(narrow) <= width:
+        return narrow
+    # Whole run names and every number rather than ECE (AUROC says as much about trusting a run).
+    return _table(records, title, [n for n in TERMINAL_COLUMNS if n in NARROW_COLUMNS and n != "ECE"])
 
 
 def _table(records: Sequence[dict[str, Any]], title: str | None, names: list[str]) -> Table:
@@ -261,7 +265,7 @@ def _table(records: Sequence[dict[str, Any]], title: str | None, names: list[str
         caption="; ".join(legend) or None,
     )
     for name in names:
-        table.add_column(
+        table.add_column(  # run names fold rather than any number being cut
             TERMINAL_COLUMNS[name],
             overflow="fold",
             no_wrap=name != "run",
