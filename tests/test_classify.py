@@ -84,36 +84,39 @@ def test_cv_zero_chooses_on_val_and_pca_shrinks_the_codes(fitted):
     assert bundle["model"].model_.named_steps["pca"].n_components_ == 8
 
 
-def test_compare_ranks_best_first_in_every_format(fitted, tmp_path):
+def test_compare_ranks_by_cv_score_and_marks_the_chosen_run_in_every_format(fitted, tmp_path):
     runs = records(fitted["models"])
     table = runner.invoke(app, ["compare", str(fitted["models"])], env={"COLUMNS": "200"})
     assert table.exit_code == 0, table.output
     assert all(name in table.stdout for name in runs)
 
     as_json = json.loads(cli("compare", fitted["models"], "--format", "json").stdout)
-    accuracies = [r["accuracy"] for r in as_json]
-    assert accuracies == sorted(accuracies, reverse=True) and len(as_json) == 4
+    cv_scores = [r["cv_score"] for r in as_json]
+    assert cv_scores == sorted(cv_scores, reverse=True) and len(as_json) == 4
+    assert [r["chosen"] for r in as_json] == [True, False, False, False]
     assert {r["run"] for r in as_json} == set(runs)
 
     rows = list(csv.DictReader(io.StringIO(cli("compare", fitted["models"], "--format", "csv").stdout)))
     assert [r["run"] for r in rows] == [r["run"] for r in as_json]
     assert rows[0]["accuracy"].startswith(f"{100 * as_json[0]['accuracy']:.1f}%")
+    assert rows[0]["p vs chosen"] == "chosen" and rows[0]["select"] == f"{as_json[0]['cv_score']:.3f} cv"
 
     markdown = cli("compare", fitted["models"], "--format", "markdown", "--output", tmp_path / "t.md")
     assert markdown.exit_code == 0
     lines = (tmp_path / "t.md").read_text().splitlines()
-    assert lines[0].startswith("| rank | run |") and len(lines) == 2 + 4
+    assert lines[0].startswith("| rank | run |") and "| chosen |" in lines[2]
+    assert lines[2 + 4] == "" and lines[-1].startswith(f"Chosen: {as_json[0]['run']},") and len(lines) == 2 + 4 + 2
 
     report = cli("compare", fitted["models"], "--html", tmp_path / "r.html", "--format", "csv")
     assert report.exit_code == 0
     page = (tmp_path / "r.html").read_text()
     assert page.count("alt='confusion matrix'") == 4 and page.count("alt='reliability diagram'") == 4
-    assert "precision" in page and ("Statistically indistinguishable" in page or "significantly worse" in page)
-    best = as_json[0]
-    wrong = [p for p in best["test_predictions"] if p["predicted"] != p["label"]]
-    # one thumbnail per mistake of the best run, up to 12, or the sentence saying there are none
+    assert "precision" in page and f"Chosen: {as_json[0]['run']}, the highest selection score" in page
+    chosen = as_json[0]
+    wrong = [p for p in chosen["test_predictions"] if p["predicted"] != p["label"]]
+    # one thumbnail per mistake of the chosen run, up to 12, or the sentence saying there are none
     assert page.count("data:image/jpeg;base64,") == min(len(wrong), 12)
-    assert (f"Most confident mistakes of {best['run']}</h2><p>None" in page) == (not wrong)
+    assert (f"Most confident mistakes of the chosen run, {chosen['run']}</h2><p>None" in page) == (not wrong)
 
 
 def test_compare_reads_a_folder_given_twice_once_and_tells_copies_apart(fitted, tmp_path):
@@ -321,9 +324,10 @@ def test_predict_refuses_tampered_or_unverifiable_bundles(fitted, tmp_path):
     result = cli("predict", lonely, image)
     assert result.exit_code == 2 and "is not a cnncodes run record" in result.stderr, result.output
 
-    for not_a_model in (source.with_suffix(".json"), fitted["models"]):
-        result = cli("predict", not_a_model, image)
-        assert result.exit_code == 2 and "give a .joblib bundle from fit-svm" in result.stderr, result.output
+    result = cli("predict", fitted["models"], image)
+    assert result.exit_code == 2 and "give a .joblib bundle from fit-svm" in result.stderr, result.output
+    result = cli("predict", source.with_suffix(".json"), image)  # the record, given for its model
+    assert result.exit_code == 2 and f"give the model beside it, {source}" in " ".join(result.stderr.split())
 
     old = tmp_path / "old.joblib"
     shutil.copy(source, old)
@@ -362,7 +366,7 @@ def test_predict_refuses_a_bundle_whose_weights_file_changed(fitted, tmp_path):
 
     keras.utils.set_random_seed(8)
     save_legacy_h5_weights(keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)), weights)
-    result = cli("predict", model, image, "--quiet")
+    result = cli("predict", model, image, "--runtime", "keras", "--quiet")  # the cached ONNX model needs no file
     assert result.exit_code == 2 and "are not the ones this model was made with" in result.stderr
 
 
@@ -555,6 +559,7 @@ def test_ctrl_c_names_the_runs_already_saved(fitted, tmp_path, monkeypatch):
     )
     assert result.exit_code == 130
     assert sorted(p.name for p in out.iterdir()) == [
+        ".fit-svm.lock",
         "vgg16-block5_pool-logreg.joblib",
         "vgg16-block5_pool-logreg.json",
     ]
@@ -583,7 +588,7 @@ def test_models_fitted_after_images_and_weights_moved_know_their_new_places(tmp_
     model, image = tmp_path / "m" / "vgg16-block5_pool-knn.joblib", next(data.glob("*/*.png"))
     assert cli("predict", model, image, "--quiet").exit_code == 0  # finds the weights where they are now
     weights = weights.rename(tmp_path / "elsewhere.h5")
-    lost = cli("predict", model, image, "--quiet")
+    lost = cli("predict", model, image, "--runtime", "keras", "--quiet")  # the cached ONNX model needs no file
     assert lost.exit_code == 2 and "which is not there any more: give its new place with --weights PATH" in " ".join(
         lost.stderr.split()
     )

@@ -23,7 +23,7 @@ from cnncodes.classify.streaming import SGD_CHUNK, chunks
 from cnncodes.codes.features import Features, load_features
 from cnncodes.core.choices import KINDS, MAX_EXACT, NORMALIZERS
 from cnncodes.core.errors import CnnCodesError
-from cnncodes.core.files import make_folder
+from cnncodes.core.files import exclusive
 from cnncodes.core.progress import progress_bar, warn
 from cnncodes.runs.bundle import publish_bundle
 from cnncodes.runs.evaluate import per_image_predictions, score
@@ -38,6 +38,8 @@ _SCALABLE = ("logreg", "sgd")
 _MakeClassifier = Callable[[np.ndarray], CodesClassifier]
 # One split: its seed and a subset name (train, val or test) per image.
 _Split = tuple[int, np.ndarray]
+# In a models folder: the lock of the fit-svm writing there, so two never replace each other's runs unseen.
+FIT_LOCK = ".fit-svm.lock"
 
 
 def choose_kinds(
@@ -106,10 +108,10 @@ def fit_classifiers(
     """Fit each classifier on the train (and val) codes, score it once on the test codes, save it.
 
     Writes `<run>.joblib` (the fitted model, class names and the extractor spec) and
-    `<run>.json` (the run record) per classifier into `out`. With `repeats` K > 1 the same
-    images are split again K-1 times (seeds after the features' own, duplicate groups kept
-    together), each split fitted and scored on its own; the record adds the per-split
-    accuracies, their mean and standard deviation. The bundle is the first split's.
+    `<run>.json` (the run record) per classifier into `out`, published as a pair (`publish_run`).
+    With `repeats` K > 1 the same images are split again K-1 times (seeds after the features'
+    own, duplicate groups kept together), each split fitted and scored on its own; the record
+    adds the per-split accuracies, their mean and standard deviation. The bundle is the first split's.
 
     Args:
         features: a folder written by `extract`.
@@ -131,19 +133,21 @@ def fit_classifiers(
         The run records, one per classifier, in the order fitted.
 
     Raises:
-        CnnCodesError: unusable features or settings, or runs in `out` made from other codes.
+        CnnCodesError: unusable features or settings, runs in `out` made from other codes, or another
+            fit-svm writing to `out` (its lock is held for the whole run).
     """
     settings = dict(normalize=normalize, pca=pca, class_weight=class_weight, n_jobs=n_jobs, random_state=seed)
     feats, kinds, splits = _prepare(features, classifiers, normalize, pca, repeats, max_exact)
     origin = _origin(feats, normalize, pca, class_weight)
     out = Path(out)
     runs = {run_name(name, feats.spec.backbone, feats.spec.layer, kind): kind for kind in kinds}
-    make_folder(out)
-    for run in runs:  # all refused before any is fitted
-        refuse_to_replace(out / f"{run}.joblib", origin)
-    make = partial(_classifier, cv=cv, settings=settings)
-    with progress_bar("Fitting classifiers", len(kinds) * repeats, unit="model", enabled=progress) as advance:
-        records = _fit_runs(feats, out, runs, splits, make, origin, advance)
+    busy = f"another cnncodes fit-svm is writing to {out}: wait for it to finish, or give this one another --out"
+    with exclusive(out / FIT_LOCK, busy):
+        for run in runs:  # all refused before any is fitted
+            refuse_to_replace(out / f"{run}.joblib", origin)
+        make = partial(_classifier, cv=cv, settings=settings)
+        with progress_bar("Fitting classifiers", len(kinds) * repeats, unit="model", enabled=progress) as advance:
+            records = _fit_runs(feats, out, runs, splits, make, origin, advance)
     _warn_if_reduced(records[0]["params"], cv, pca)
     return records
 

@@ -17,13 +17,27 @@ from typing import Any
 
 from cnncodes.codes.engines.job import CodeJob
 from cnncodes.codes.engines.local import make_engine
-from cnncodes.codes.layout import CACHE_DIR, Provenance, publish_folder, record_locations, up_to_date
+from cnncodes.codes.features import load_features
+from cnncodes.codes.layout import (
+    CACHE_DIR,
+    CODES_FILE,
+    DIGESTED,
+    META_FILE,
+    Provenance,
+    forget_rows,
+    intact_rows,
+    publish_folder,
+    record_locations,
+    unlike_published,
+    up_to_date,
+)
 from cnncodes.codes.plan import Plan, check_out, discover_data, plan
 from cnncodes.codes.reading import Files
 from cnncodes.codes.resume import Computed, compute_codes
 from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core import files as artifacts
 from cnncodes.core.errors import CnnCodesError, check_types
+from cnncodes.core.progress import warn
 from cnncodes.data.split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, check_dup_threshold, parse_fractions
 from cnncodes.runtime import quantize
 from cnncodes.runtime.runners import check_runtime
@@ -146,7 +160,8 @@ def extract(
         spec = spec.calibrated(the_plan.train_files())  # names, not a Path per train image, none kept
         subsets = the_plan.split
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, subsets.labels, subsets.subsets, settings])
-        if (published := up_to_date(out, run_key, len(the_plan.usable))) is not None:
+        published = _verified(out)
+        if published is not None and up_to_date(published, run_key, len(the_plan.usable)):
             meta = record_locations(out, published, data=str(the_plan.usable.root), weights_file=spec.weights_file)
             return _unchanged(out, meta, the_plan, time.perf_counter() - started)
         paths = Files(the_plan.usable.root, the_plan.usable.paths)
@@ -163,6 +178,36 @@ def extract(
             since=started - done.earlier_seconds,
         )
         return _publish(out, the_plan, done, provenance)
+
+
+def _verified(out: Path) -> dict[str, Any] | None:
+    """meta.json, when the files it records are as it recorded them; else None, and the rows that are not are forgotten.
+
+    This run then writes again what was damaged (a file cut short, edited or deleted), with
+    every intact row reused: a damaged folder is never called up to date, nor its rows reused.
+    """
+    try:
+        meta = artifacts.read_object(out / META_FILE)
+    except (OSError, ValueError):
+        return None
+    intact = intact_rows(out, meta)
+    changed = unlike_published(out, meta, DIGESTED)
+    if not intact.all() and CODES_FILE not in changed:
+        changed.insert(0, CODES_FILE)
+    problem = f"{', '.join(changed)} changed" if changed else None
+    if problem is None and "files" not in meta:  # published before the digests: what its contents can be checked for
+        try:
+            load_features(out)
+        except CnnCodesError:
+            problem = "its files do not belong together"
+    if problem is None:
+        return meta
+    warn(
+        f"{out} is not as extract left it ({problem}): its files are written again, "
+        f"reusing the {int(intact.sum())} intact rows"
+    )
+    forget_rows(out, intact)
+    return None
 
 
 def _unchanged(out: Path, meta: dict[str, Any], the_plan: Plan, seconds: float) -> ExtractResult:

@@ -9,7 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from cnncodes.codes.layout import CODES_FILE, FEATURES_FORMAT, GROUPS_FILE, LABELS_FILE, META_FILE, SPLIT_FILE
+from cnncodes.codes.layout import (
+    CODES_FILE,
+    FEATURES_FORMAT,
+    GROUPS_FILE,
+    LABELS_FILE,
+    META_FILE,
+    SPLIT_FILE,
+    unlike_published,
+)
 from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import read_object
@@ -66,6 +74,11 @@ class Features:
 # What every reader of a features folder relies on; format 1 also listed the rows' paths and subsets.
 _META_KEYS = ("n_images", "classes", "dim", "extractor", "split", "data")
 _FORMATS = {FEATURES_FORMAT: (), _FORMAT_1: ("paths", "subsets")}
+# The files each format's reader reads besides meta.json (format 1 read the rows from meta.json).
+_READ = {
+    FEATURES_FORMAT: (CODES_FILE, LABELS_FILE, GROUPS_FILE, SPLIT_FILE),
+    _FORMAT_1: (CODES_FILE, LABELS_FILE, GROUPS_FILE),
+}
 
 
 def load_features(path: Path | str) -> Features:
@@ -84,27 +97,12 @@ def load_features(path: Path | str) -> Features:
         CnnCodesError: for a folder that is not one, is incomplete, damaged, or of another version.
     """
     path = Path(path)
-    if not (path / META_FILE).is_file():
-        raise CnnCodesError(
-            f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out FEATURES` "
-            "and give FEATURES here"
-        )
+    meta = _read_meta(path)
     try:
-        meta = read_object(path / META_FILE)
         X = np.load(path / CODES_FILE, mmap_mode="r")
         y = np.load(path / LABELS_FILE)
     except (OSError, ValueError) as e:
-        raise CnnCodesError(
-            f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
-        ) from None
-    if meta.get("format") not in _FORMATS:
-        raise CnnCodesError(f"{path}/meta.json is not a cnncodes features record (format {meta.get('format')!r})")
-    missing = [key for key in _META_KEYS + _FORMATS[meta["format"]] if key not in meta]
-    if missing:
-        raise CnnCodesError(
-            f"{path}/meta.json lacks {', '.join(missing)}: it was made by another version or damaged; "
-            "run `cnncodes extract` again"
-        )
+        raise _damaged(path, str(e)) from None
     paths, labels, subsets, fingerprint = _rows(path, meta)
     n, classes = meta["n_images"], meta["classes"]
     n_views = meta["extractor"].get("views") or 1
@@ -124,11 +122,66 @@ def load_features(path: Path | str) -> Features:
             f"the files in {path} do not belong together (features {X.shape}, labels {y.shape}, "
             f"{len(paths)} images listed (split.csv), meta.json says {n}): run `cnncodes extract` again"
         )
+    changed = unlike_published(path, meta, _READ[meta["format"]])  # what fits together may still have been edited
+    if changed:
+        raise _damaged(path, f"{', '.join(changed)} missing or changed since extract wrote {_it(changed)}")
     if fingerprint is None:  # the split's fingerprint sorts every row: made once, where the rows are read
         fingerprint = Split(paths, [classes[i] for i in y.tolist()], list(subsets)).fingerprint
     views = X.reshape(n, n_views, meta["dim"]) if n_views > 1 else None
     X = np.asarray(X, dtype=np.float32) if views is None else _mean_of_views(views)
-    return Features(path, X, y, np.array(subsets), paths, meta, _groups(path, n), fingerprint, views)
+    return Features(path, X, y, np.array(subsets), paths, meta, _groups(path, meta), fingerprint, views)
+
+
+def recorded_split(path: Path | str) -> Split:
+    """The split of a features folder, as its split.csv lists it, checked as `load_features` checks it.
+
+    Another run (`finetune --split-from`) trusts it to keep the test images out of training.
+
+    Args:
+        path: the features folder.
+
+    Returns:
+        The split.
+
+    Raises:
+        CnnCodesError: for a folder that is not one, or whose split.csv is not the split meta.json recorded.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    changed = unlike_published(path, meta, (SPLIT_FILE,))
+    if changed:
+        raise _damaged(path, f"{SPLIT_FILE} missing or changed since extract wrote it")
+    return _checked_split(path, meta)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a features folder, of a format this version reads, with every key readers rely on."""
+    if not (path / META_FILE).is_file():
+        raise CnnCodesError(
+            f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out FEATURES` "
+            "and give FEATURES here"
+        )
+    try:
+        meta = read_object(path / META_FILE)
+    except (OSError, ValueError) as e:
+        raise _damaged(path, str(e)) from None
+    if meta.get("format") not in _FORMATS:
+        raise CnnCodesError(f"{path}/meta.json is not a cnncodes features record (format {meta.get('format')!r})")
+    missing = [key for key in _META_KEYS + _FORMATS[meta["format"]] if key not in meta]
+    if missing:
+        raise CnnCodesError(
+            f"{path}/meta.json lacks {', '.join(missing)}: it was made by another version or damaged; "
+            "run `cnncodes extract` again"
+        )
+    return meta
+
+
+def _damaged(path: Path, why: str) -> CnnCodesError:
+    return CnnCodesError(f"features folder {path} is incomplete or damaged ({why}): run `cnncodes extract` again")
+
+
+def _it(names: list[str]) -> str:
+    return "it" if len(names) == 1 else "them"
 
 
 # Codes larger than this are averaged into a memory-mapped temporary file, not memory.
@@ -162,27 +215,38 @@ def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None
         return meta["paths"], None, meta["subsets"], None
     if meta["n_images"] == 0:
         return [], [], [], None
+    the_split = _checked_split(path, meta)
+    return the_split.paths, the_split.labels, the_split.subsets, the_split.fingerprint
+
+
+def _checked_split(path: Path, meta: dict[str, Any]) -> Split:
+    """split.csv, refused unless its fingerprint is the one meta.json recorded (a row moved to train is a leak)."""
     try:
         the_split = read_split_csv(path / SPLIT_FILE)
     except CnnCodesError as e:
-        raise CnnCodesError(
-            f"features folder {path} is incomplete or damaged ({e}): run `cnncodes extract` again"
-        ) from None
-    fingerprint = the_split.fingerprint
-    if fingerprint != meta.get("split", {}).get("fingerprint", fingerprint):
+        raise _damaged(path, str(e)) from None
+    if the_split.fingerprint != meta.get("split", {}).get("fingerprint", the_split.fingerprint):
         raise CnnCodesError(
             f"{path}/split.csv is not the split these codes were made with (its fingerprint is not meta.json's): "
             "run `cnncodes extract` again"
         )
-    return the_split.paths, the_split.labels, the_split.subsets, fingerprint
+    return the_split
 
 
-def _groups(path: Path, n: int) -> np.ndarray:
-    """The duplicate groups `extract` saved, or one group per row for features made before it saved them."""
+def _groups(path: Path, meta: dict[str, Any]) -> np.ndarray:
+    """The duplicate groups `extract` saved; one group per row only where none can be missing.
+
+    Folders of format 1 without duplicates may predate groups.npy; anywhere else a missing
+    groups.npy would let copies of an image sit on both sides of a fold, so it is refused.
+    """
+    n = meta["n_images"]
     try:
         groups = np.load(path / GROUPS_FILE)
-    except (OSError, ValueError):
-        return np.arange(n)
+    except (OSError, ValueError) as e:
+        if meta["format"] == _FORMAT_1 and not meta["split"].get("duplicate_groups"):
+            return np.arange(n)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise _damaged(path, f"{GROUPS_FILE}: {why}; without it, copies of an image could be in two folds") from None
     if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
         raise CnnCodesError(
             f"{path}/groups.npy does not belong to these features ({groups.shape} for {n} rows): "

@@ -2,7 +2,8 @@
 
 `load_features` reads what is written here: `features.npy` (the codes), `labels.npy`,
 `groups.npy`, `split.csv`, `rejected.csv`, and `meta.json`, written last, so a reader that
-finds it finds a complete set. `CACHE_DIR` holds what the next run reuses, among it the
+finds it finds a complete set; it records what each file is (`DIGESTED`), so a file damaged
+later is told from its original. `CACHE_DIR` holds what the next run reuses, among it the
 index of the rows of `features.npy` (`ROW_IDS_FILE`, `ROWS_FILE`).
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cnncodes.codes.spec import ExtractorSpec
-from cnncodes.codes.store import FeatureWriter
+from cnncodes.codes.store import FeatureWriter, npy_layout
 from cnncodes.core import files as artifacts
 from cnncodes.data.ingest import Dataset
 from cnncodes.data.split import Split, label_indices
@@ -36,6 +37,12 @@ CACHE_DIR = ".cache"
 ROW_IDS_FILE, ROWS_FILE = "rows-ids.npy", "rows.json"
 # rejected.csv: why each file was skipped, and the category (`BadImage.category`) summaries count.
 REJECTED_COLUMNS = ("path", "reason", "category")
+# meta.json's `files`: the size and SHA-256 of each of these as published, features.npy's also per part
+# of about PART_BYTES (whole rows), so a damaged file is told from its original and its intact rows are reused.
+DIGESTED = (CODES_FILE, LABELS_FILE, GROUPS_FILE, SPLIT_FILE)
+PART_BYTES = 1 << 26
+# A row id no file has (`resume.id_digests` are BLAKE2b digests): the next run computes that row again.
+_NO_ID = b"\0" * 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,23 +74,134 @@ def skipped_summary(rejected: Sequence[tuple[str, str, str]], listing: Path) -> 
     return f"skipped {len(rejected)} file(s) ({by_category}): see {listing}"
 
 
-def up_to_date(out: Path, run_key: str, n_usable: int) -> dict[str, Any] | None:
-    """meta.json if published for this key with a code for every usable image (one that failed is tried again).
+def up_to_date(meta: dict[str, Any], run_key: str, n_usable: int) -> bool:
+    """Whether a folder holds this run's codes, one for every usable image (one that failed is tried again).
 
     Args:
-        out: the features folder.
+        meta: its meta.json, its files checked to be as published.
         run_key: the key of the run about to start.
         n_usable: how many images it would code.
 
     Returns:
-        meta.json as read, or None when the run must go on.
+        True when the run has nothing to do.
     """
+    return meta.get("run_key") == run_key and meta.get("n_images") == n_usable
+
+
+def file_digests(out: Path, row_bytes: int) -> dict[str, dict[str, Any]]:
+    """meta.json's `files`: what each of `DIGESTED` is as published, read once.
+
+    Args:
+        out: the features folder, its outputs written.
+        row_bytes: the bytes of one row of features.npy.
+
+    Returns:
+        Each file's size and SHA-256; features.npy's also its parts' (`intact_rows`).
+    """
+    codes = out / CODES_FILE
+    part_rows = max(1, PART_BYTES // row_bytes)
+    whole, parts = artifacts.sha256_parts(codes, offset=npy_layout(codes)[1], part_bytes=part_rows * row_bytes)
+    others = {
+        name: {"bytes": (out / name).stat().st_size, "sha256": artifacts.sha256_file(out / name)}
+        for name in DIGESTED[1:]
+    }
+    parted = {"part_rows": part_rows, "parts_sha256": parts}
+    return {CODES_FILE: {"bytes": codes.stat().st_size, "sha256": whole, **parted}, **others}
+
+
+def unlike_published(out: Path, meta: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """The files among `names` that are not what meta.json recorded at publish: another size or SHA-256.
+
+    features.npy is compared by size alone here, as reading it whole is `intact_rows`'s work. A folder
+    published before the digests were recorded has none: nothing is listed.
+
+    Args:
+        out: the features folder.
+        meta: its meta.json.
+        names: the files to compare.
+
+    Returns:
+        The names of the files that differ or are missing, in the order given.
+    """
+    recorded = meta.get("files")
+    if not isinstance(recorded, dict):
+        return []
+    changed = []
+    for name in (n for n in names if n in recorded):
+        entry = recorded[name]
+        try:
+            same = (out / name).stat().st_size == entry["bytes"] and (
+                name == CODES_FILE or artifacts.sha256_file(out / name) == entry["sha256"]
+            )
+        except (OSError, KeyError, TypeError):
+            same = False
+        if not same:
+            changed.append(name)
+    return changed
+
+
+def intact_rows(out: Path, meta: dict[str, Any]) -> np.ndarray:
+    """Which rows of features.npy are as published: those of the parts whose SHA-256 is the recorded one.
+
+    A folder published before the digests were recorded has its rows all intact when the file has
+    the shape and size meta.json gives it, else none.
+
+    Args:
+        out: the features folder.
+        meta: its meta.json.
+
+    Returns:
+        A boolean per row that meta.json counts.
+    """
+    n = meta.get("n_images")
+    if not isinstance(n, int) or n < 0:
+        return np.zeros(0, dtype=bool)
+    intact = np.zeros(n, dtype=bool)
+    path = out / CODES_FILE
     try:
-        meta = artifacts.read_object(out / META_FILE)
+        width = meta["dim"] * (meta["extractor"].get("views") or 1)
+        shape, offset = npy_layout(path)
+        entry = meta["files"][CODES_FILE] if "files" in meta else None
+        if shape != (n, width):
+            return intact
+        if entry is None:
+            intact[:] = path.stat().st_size == offset + n * width * 4
+            return intact
+        part_rows = int(entry["part_rows"])
+        whole, parts = artifacts.sha256_parts(path, offset=offset, part_bytes=part_rows * width * 4)
+        if path.stat().st_size == entry["bytes"] and whole == entry["sha256"]:
+            intact[:] = True
+            return intact
+        for i, (found, made) in enumerate(zip(parts, entry["parts_sha256"])):
+            intact[i * part_rows : (i + 1) * part_rows] = found == made
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        intact[:] = False
+    return intact
+
+
+def forget_rows(out: Path, intact: np.ndarray) -> None:
+    """Keep the next run from reusing rows of features.npy that are not as published: they are computed again.
+
+    Their ids in `ROW_IDS_FILE` become one no file has; an index without that file (of an earlier
+    version) is forgotten whole.
+
+    Args:
+        out: the features folder.
+        intact: a boolean per row of features.npy (`intact_rows`).
+    """
+    cache = out / CACHE_DIR
+    if intact.all():
+        return
+    try:
+        ids = np.load(cache / ROW_IDS_FILE)
+        kept = "file_ids" not in artifacts.read_object(cache / ROWS_FILE) and len(ids) == len(intact)
     except (OSError, ValueError):
-        return None
-    complete = meta.get("n_images") == n_usable and (out / CODES_FILE).is_file() and (out / LABELS_FILE).is_file()
-    return meta if meta.get("run_key") == run_key and complete else None
+        kept = False
+    if not kept or not intact.any():
+        (cache / ROWS_FILE).unlink(missing_ok=True)
+        return
+    ids[~intact] = _NO_ID
+    artifacts.write_npy_atomic(cache / ROW_IDS_FILE, ids)
 
 
 def record_locations(out: Path, meta: dict[str, Any], *, data: str, weights_file: str | None) -> dict[str, Any]:
@@ -178,6 +296,7 @@ def publish_folder(
     final.write_csv(out / SPLIT_FILE)
     artifacts.write_csv_atomic(out / REJECTED_FILE, REJECTED_COLUMNS, rejected)
     meta = _meta(usable, final, writer.dim // (provenance.spec.views or 1), provenance)
+    meta["files"] = file_digests(out, writer.dim * 4)
     meta["stage_seconds"] = {**provenance.stage_seconds, "publish": round(time.perf_counter() - published, 3)}
     artifacts.write_json_atomic(out / META_FILE, meta)
     return meta

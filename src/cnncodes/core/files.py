@@ -41,6 +41,8 @@ _PACKAGES = (
 
 # Items of a long list encoded at a time by `json_pieces`.
 _JSON_CHUNK = 4096
+# Bytes read at a time when a file is hashed.
+_READ_BYTES = 1 << 20
 
 
 def _process_space() -> str:
@@ -129,7 +131,7 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    _sync_folder(path.parent)
+    sync_folder(path.parent)
 
 
 @contextmanager
@@ -170,8 +172,12 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _sync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable (POSIX: by syncing the folder itself)."""
+def sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX: by syncing the folder itself).
+
+    Args:
+        folder: the folder whose entries changed.
+    """
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -251,9 +257,37 @@ def read_object(path: Path) -> dict[str, Any]:
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(_READ_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_parts(path: Path, *, offset: int, part_bytes: int) -> tuple[str, list[str]]:
+    """The SHA-256 of a file and of each `part_bytes` piece after its first `offset` bytes, in one read.
+
+    A file damaged in one place (cut short, a block overwritten) then has its intact pieces
+    told from the others, so whatever they hold can still be used.
+
+    Args:
+        path: the file.
+        offset: bytes before the first piece (a header), hashed with the whole file only.
+        part_bytes: the length of each piece; the last may be shorter.
+
+    Returns:
+        The whole file's digest, and each piece's, in order.
+    """
+    whole, parts = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        whole.update(f.read(offset))
+        while chunk := f.read(min(part_bytes, _READ_BYTES)):
+            part, left = hashlib.sha256(), part_bytes
+            while chunk:
+                whole.update(chunk)
+                part.update(chunk)
+                left -= len(chunk)
+                chunk = f.read(min(left, _READ_BYTES)) if left else b""
+            parts.append(part.hexdigest())
+    return whole.hexdigest(), parts
 
 
 def sha256_json(obj: Any) -> str:

@@ -18,13 +18,14 @@ import keras
 import numpy as np
 
 from cnncodes.codes.extract import extract
-from cnncodes.codes.features import load_features
+from cnncodes.codes.features import load_features, recorded_split
 from cnncodes.codes.layout import META_FILE, REJECTED_FILE, SPLIT_FILE, skipped_summary
 from cnncodes.codes.plan import plan
 from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.progress import warn
-from cnncodes.data.ingest import BadImage, discover, load_square
+from cnncodes.data.decode import BadImage, load_square
+from cnncodes.data.ingest import discover
 from cnncodes.data.split import SUBSETS, Split, label_indices, read_split_csv
 from cnncodes.finetuning.spec import FinetuneSpec, TrainingSpec
 
@@ -68,13 +69,16 @@ def load_split(
         The split.
 
     Raises:
-        CnnCodesError: `out` is a features folder, its split.csv is another split, or images of
-            the given split are not under `data`.
+        CnnCodesError: `out` is a features folder, its split.csv is another split, the split.csv of a
+            features folder is not the one its meta.json recorded, or images of the given split are not
+            under `data`.
     """
     if split_from is None:
         return _made_split(data, out, fractions, seed, dup_threshold, progress)
     csv_path = split_from / SPLIT_FILE if split_from.is_dir() else split_from
-    the_split = read_split_csv(csv_path)
+    features = csv_path.parent
+    codes_split = csv_path.name == SPLIT_FILE and (features / META_FILE).is_file()  # checked against meta.json
+    the_split = recorded_split(features) if codes_split else read_split_csv(csv_path)
     root = image_root(data)
     missing = [p for p in the_split.paths if not (root / p).is_file()]
     if missing:

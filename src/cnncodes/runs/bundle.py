@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import io
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,21 @@ import joblib
 
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import package_versions, read_json
-from cnncodes.runs.records import publish_run, sidecar
+from cnncodes.runs.records import previous_model, publish_run, sidecar
 from cnncodes.runs.schema import RECORD_FORMAT, validate_record
 
 # 2: probabilities by temperature over informative scores (`CodesClassifier.temperature_`).
 # 3: an SVM's probabilities couple its tempered one-vs-one margins (a format-2 temperature meant something else).
 BUNDLE_FORMAT = "cnncodes.bundle/3"
 # Bundles pickled before the sub-packages name their classes by the flat module each lived in.
-_FORMER_MODULES = {"cnncodes.classifiers": "cnncodes.classify.estimator"}
+# Bundles pickled before the sub-packages name their classes by the flat module each lived in:
+# each former module, and each name pickled there with the `module:name` it is today.
+_FORMER_MODULES = {
+    "cnncodes.classifiers": {
+        "CodesClassifier": "cnncodes.classify.estimator:CodesClassifier",
+        "_WeightedNeighbors": "cnncodes.classify.kinds:WeightedNeighbors",
+    }
+}
 
 
 def publish_bundle(path: Path, contents: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
@@ -47,9 +55,13 @@ def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
     record_path = next(
         (p for p in (sidecar(model_path), sidecar(model_path.resolve())) if p.is_file()), sidecar(model_path)
     )
-    if not model_path.is_file():
+    replaced = previous_model(record_path.with_suffix(model_path.suffix))
+    if not model_path.is_file() and not replaced.is_file():
         raise CnnCodesError(f"model {model_path} not found")
-    data = model_path.read_bytes()
+    try:
+        data = model_path.read_bytes()
+    except FileNotFoundError:  # moved aside by a publish under way: `replaced` is the model
+        data = b""
     try:
         record = read_json(record_path)
     except (OSError, ValueError):
@@ -67,11 +79,27 @@ def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
             f"(method {record.get('method', '?')}): give it its own name"
         )
     if hashlib.sha256(data).hexdigest() != record["model_sha256"]:
-        raise CnnCodesError(
-            f"{model_path} does not match the SHA-256 in {record_path.name}: the file was changed "
-            "after it was made; refusing to load it"
-        )
+        found = _replaced_model(replaced, record["model_sha256"])
+        if found is None:
+            raise CnnCodesError(
+                f"{model_path} does not match the SHA-256 in {record_path.name}: the file was changed "
+                "after it was made; refusing to load it"
+            )
+        data = found
     return record, data
+
+
+def _replaced_model(path: Path, sha256: str) -> bytes | None:
+    """The bytes of the model a publish moved aside (`previous_model`), if the record beside it still describes it.
+
+    Between a publish's last two renames, or after a kill there, the record is still the old
+    one and the old model is there: the reader gets the old pair, never the new model unverified.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return data if data and hashlib.sha256(data).hexdigest() == sha256 else None
 
 
 def load_bundle(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -100,7 +128,10 @@ def _unpickle(data: bytes) -> Any:
     """The bundle's objects, whichever module path (today's or a former one) their classes were pickled under."""
     aliased = [old for old in _FORMER_MODULES if old not in sys.modules]
     for old in aliased:
-        sys.modules[old] = importlib.import_module(_FORMER_MODULES[old])
+        sys.modules[old] = module = types.ModuleType(old)
+        for name, now in _FORMER_MODULES[old].items():
+            where, _, attribute = now.partition(":")
+            setattr(module, name, getattr(importlib.import_module(where), attribute))
     try:
         return joblib.load(io.BytesIO(data))
     finally:

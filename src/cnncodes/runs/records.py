@@ -24,7 +24,9 @@ from cnncodes.core.files import (
     read_json,
     says_where,
     sha256_file,
+    sync_folder,
     temporary_beside,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from cnncodes.core.progress import warn
@@ -84,13 +86,34 @@ def refuse_to_replace(model_path: Path, origin: dict[str, Any]) -> None:
         )
 
 
-def publish_run(model_path: Path, write_model: Callable[[Path], None], record: dict[str, Any]) -> dict[str, Any]:
-    """Write a model and its record together: both to temporary names, then both moved into place.
+def previous_model(model_path: Path) -> Path:
+    """Where a publish keeps the model it replaces until the new record is in place (empty: there was none).
 
-    `write_model(tmp)` writes the model file; its size and SHA-256 go into the record. A kill
-    or a full disk before the two back-to-back renames leaves the old pair untouched.
+    Until then the record beside the model is the old one, so a reader whose model does not
+    match its record finds the model that does here (`runs.bundle.load_record_for`).
+    """
+    return model_path.with_name(f".{model_path.stem}.previous{model_path.suffix}")
+
+
+def publish_run(model_path: Path, write_model: Callable[[Path], None], record: dict[str, Any]) -> dict[str, Any]:
+    """Write a model and its record together: a reader, and the next run, find the old pair or the new one.
+
+    `write_model(tmp)` writes the model file; its size and SHA-256 go into the record. Both are
+    written to temporary names; then the old model moves aside (`previous_model`), the new one
+    takes its name, and the record comes last. A run killed before that last rename leaves the
+    old record with the old model aside, which readers use and the next publish puts back
+    (`settle_run`). The caller holds the lock of the run's folder or name.
+
+    Args:
+        model_path: where the model goes; its record goes beside it (`sidecar`).
+        write_model: writes the model to the path it is given.
+        record: the record's fields (`build_record`), checked before anything moves.
+
+    Returns:
+        The record as published, with the model's file name, size and SHA-256.
     """
     make_folder(model_path.parent)
+    settle_run(model_path)
     with temporary_beside(model_path) as model_tmp, temporary_beside(sidecar(model_path)) as record_tmp:
         with says_where(model_path, model_tmp):
             write_model(model_tmp)
@@ -103,9 +126,47 @@ def publish_run(model_path: Path, write_model: Callable[[Path], None], record: d
         record = validate_record(record, sidecar(model_path))
         with says_where(sidecar(model_path), record_tmp):
             write_json_atomic(record_tmp, record)
+        previous = previous_model(model_path)
+        if model_path.exists():
+            os.replace(model_path, previous)
+        else:
+            write_bytes_atomic(previous, b"")
         os.replace(model_tmp, model_path)
         os.replace(record_tmp, sidecar(model_path))
+        sync_folder(model_path.parent)
+        previous.unlink()
     return record
+
+
+def settle_run(model_path: Path) -> None:
+    """Finish or undo what a publish killed between its renames left, so the run is one pair again.
+
+    Its record in place and matching the model, the publish was complete: the model it replaced
+    goes. Otherwise the record is the old one: the old model comes back, or, when there was none,
+    the killed run's model goes. Call it with the lock `publish_run`'s caller holds.
+
+    Args:
+        model_path: the run's model file.
+    """
+    previous = previous_model(model_path)
+    if not previous.is_file():
+        return
+    complete = _matches_record(model_path)
+    if not complete and previous.stat().st_size:
+        os.replace(previous, model_path)
+    else:
+        if not complete:
+            model_path.unlink(missing_ok=True)
+        previous.unlink()
+    sync_folder(model_path.parent)
+
+
+def _matches_record(model_path: Path) -> bool:
+    """Whether the model file is the one the record beside it describes."""
+    try:
+        return model_path.is_file() and read_json(sidecar(model_path))["model_sha256"] == sha256_file(model_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def write_through_temporary(path: Path, write: Callable[[Path], None]) -> None:
