@@ -523,7 +523,7 @@ def test_the_library_takes_one_image_or_one_folder_as_well_as_a_list(fitted):
         (answer,) = cnncodes.predict(model, one, progress=False)
         assert answer.filename == str(image) and answer.label and answer.error is None
     assert len(cnncodes.compare(str(fitted["models"]))) == len(cnncodes.compare([fitted["models"]])) == 4
-    for options, words in (({"batch_size": 0}, "--batch-size must be at least 1"), ({"runtime": "foo"}, "runtime")):
+    for options, words in (({"batch_size": 0}, "^batch_size must be at least 1"), ({"runtime": "foo"}, "runtime")):
         with pytest.raises(cnncodes.CnnCodesError, match=words):
             cnncodes.predict(model, image, progress=False, **options)
 

@@ -368,8 +368,8 @@ def test_finetune_refuses_a_learning_rate_that_is_not_positive_or_a_training_tha
 def test_make_spec_checks_what_the_command_line_checks():
     """A notebook's make_spec() gets the command line's one-line errors, before any image is read."""
     for bad, words in (
-        ({"dropout": 1.5}, "--dropout takes 0 to 0.99"),
-        ({"patience": -2}, "--patience 1 or more"),
+        ({"dropout": 1.5}, "^dropout takes 0 to 0.99"),  # the parameters, in Python
+        ({"patience": -2}, " patience 1 or more"),
         ({"unfreeze": 1.5}, "unfreeze must be a string or an integer or None"),
     ):
         with pytest.raises(cnncodes.CnnCodesError, match=words):
