@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .helpers import FLOWERS, MOBILENET_WEIGHTS, make_dataset, session_root
+from .helpers import (
+    MAX_BYTES,
+    MOBILENET_WEIGHTS,
+    V2_MODEL,
+    demo_in,
+    free_port,
+    make_dataset,
+    missing_shared_data,
+    run_lock,
+    running_server,
+    serve_bundle,
+    session_root,
+)
 
 
 @pytest.fixture
@@ -37,7 +51,88 @@ def shared_data(monkeypatch) -> None:
 
     Their absence fails the test instead of skipping it: a skipped test proves nothing.
     """
-    missing = [str(p) for p in (MOBILENET_WEIGHTS, FLOWERS, FLOWERS.parent / "DUPLICATES.tsv") if not p.exists()]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: run the tests from a checkout with ../shared beside it")
+    missing_shared_data()
     monkeypatch.setenv("CNNCODES_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> dict:
+    """One run of the demo (`demo_in`) with the real weights, made once for the run and read by several tests.
+
+    The first xdist worker to need it runs it under a lock; the other waits and reuses it. The tests
+    only read its folder.
+    """
+    missing_shared_data()
+    base = session_root(tmp_path_factory)
+    with run_lock(base / "demo.lock"), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CNNCODES_CACHE_DIR", str(base / "cnncodes_cache"))
+        mp.setenv("KERAS_HOME", str(base / "keras_home"))
+        mp.setenv("CNNCODES_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
+        return demo_in(base / "demo")
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory) -> dict:
+    """The bundle the serving tests serve (`serve_bundle`), made once for the run, and the environment to serve it in.
+
+    The first xdist worker to need it makes it under a lock; the other waits and reuses it. "root" is
+    this worker's own folder, for the servers' logs. Session-scoped fixtures run before
+    `_isolated_caches`, so the same cache folders are set here, for this process and its servers.
+    """
+    base = session_root(tmp_path_factory)
+    env = {**os.environ, "CNNCODES_CACHE_DIR": str(base / "cnncodes_cache"), "KERAS_HOME": str(base / "keras_home")}
+    with run_lock(base / "served.lock"), pytest.MonkeyPatch.context() as mp:
+        for name in ("CNNCODES_CACHE_DIR", "KERAS_HOME"):
+            mp.setenv(name, env[name])
+        model = serve_bundle(base / "served")
+    data = base / "served" / "data"
+    root = tmp_path_factory.mktemp("serve")
+    return {"root": root, "data": data, "model": model, "env": env, "images": sorted(data.rglob("*.*"))}
+
+
+@pytest.fixture(scope="session")
+def server(served) -> Iterator[str]:
+    """The server most serving tests share: a small body limit, a wait window long enough to batch concurrent
+    requests, and its model named V2_MODEL in the V2 protocol's paths. Its output goes to served["root"]/server.log.
+    """
+    options = ("--max-bytes", str(MAX_BYTES), "--batch-wait-ms", "50", "--model-name", V2_MODEL)
+    with running_server(served, *options) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, for the tests of object stores."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_data(s3_server, tmp_path, monkeypatch) -> tuple[str, Path]:
+    """A bucket of its own holding a class-per-folder dataset (and one broken file), and the same files on disk."""
+    import pyarrow.fs
+
+    from cnncodes.data import remote
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+    }.items():
+        monkeypatch.setenv(key, value)
+    remote.bucket_filesystem.cache_clear()
+    local = make_dataset(tmp_path / "data", per_class=6)
+    (local / "squares" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n and nothing else")
+    bucket = f"cnncodes-{uuid.uuid4().hex[:12]}"
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_server, region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir(bucket)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        with fs.open_output_stream(f"{bucket}/data/{path.relative_to(local).as_posix()}") as f:
+            f.write(path.read_bytes())
+    return f"s3://{bucket}/data", local

@@ -7,7 +7,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -16,18 +16,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from .test_serve import free_port, metric, png_of, running_server, served, upload
-
-__all__ = ["served"]  # the session fixture these tests share with test_serve
-
-
-def fake_server_app(probabilities: Callable[[np.ndarray], np.ndarray], record: dict, **settings: float):
-    from cnncodes.serving.app import create_app
-    from cnncodes.serving.predict import Predictor
-    from cnncodes.serving.settings import ServeSettings
-
-    predictor = Predictor(probabilities, 32, "crop", ["a", "b"], record)
-    return create_app(predictor, ServeSettings(model="fake.joblib", batch_wait_ms=1, **settings))
+from .helpers import fake_app, free_port, metric, png_of, running_server, upload
 
 
 @contextmanager
@@ -140,7 +129,7 @@ def test_a_request_past_its_deadline_gets_504_and_the_server_goes_on():
             time.sleep(1.0)
         return np.tile([0.25, 0.75], (len(pixels), 1))
 
-    with live(fake_server_app(white_is_slow, {"run": "fake"}, timeout=0.5)) as url:
+    with live(fake_app(white_is_slow, timeout=0.5)) as url:
         started = time.monotonic()
         late = httpx.post(f"{url}/predict", files=[("files", ("white.png", png_of(255)))], timeout=10)
         assert late.status_code == 504 and "--timeout of 0.5 s" in late.json()["detail"]
@@ -154,7 +143,7 @@ def test_a_request_past_its_deadline_gets_504_and_the_server_goes_on():
 
 def test_metadata_holding_a_nan_is_answered_with_null():
     record = {"run": "fake", "accuracy": math.nan, "ece": math.inf}
-    with live(fake_server_app(lambda p: np.tile([0.5, 0.5], (len(p), 1)), record)) as url:
+    with live(fake_app(lambda p: np.tile([0.5, 0.5], (len(p), 1)), record=record)) as url:
         response = httpx.get(f"{url}/metadata")
     assert response.status_code == 200
     assert response.json()["run"]["accuracy"] is None and response.json()["run"]["ece"] is None

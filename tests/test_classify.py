@@ -423,9 +423,9 @@ def test_linear_svm_on_real_mobilenet_codes_beats_85_percent(tmp_path, monkeypat
 @pytest.mark.slow
 def test_fit_svm_refuses_to_overwrite_runs_made_from_other_codes(fitted):
     root = fitted["root"]
-    max_pooled = fast_spec(layer="block4_pool", pooling="max")
+    max_pooled = fast_spec(layer="block3_pool", pooling="max")  # a 4x4 map, cheap to convert
     cnncodes.extract(fitted["data"], root / "features_max", max_pooled, progress=False)
-    cnncodes.extract(fitted["data"], root / "features_avg", fast_spec(layer="block4_pool"), progress=False)
+    cnncodes.extract(fitted["data"], root / "features_avg", fast_spec(layer="block3_pool"), progress=False)
     first = cli("fit-svm", root / "features_avg", "--out", root / "shared_out", "--classifier", "knn", "--quiet")
     assert first.exit_code == 0, first.output
     second = cli("fit-svm", root / "features_max", "--out", root / "shared_out", "--classifier", "knn", "--quiet")

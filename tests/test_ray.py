@@ -23,7 +23,6 @@ from cnncodes.codes.engines.job import CodeJob
 from cnncodes.codes.engines.ray import RayEngine
 
 from .helpers import FAST_ARGS, fast_spec, make_dataset, runner
-from .test_scale import s3_data, s3_server  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +99,7 @@ def test_engine_ray_without_ray_installed_is_one_line_saying_how_to_install(data
     assert "pip install 'cnncodes[ray]'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):  # noqa: F811 - the fixture
+def test_ray_engine_reads_an_s3_prefix(local_ray, s3_data, tmp_path: Path):
     uri, local = s3_data
     on_ray = cnncodes.extract(uri, tmp_path / "ray", fast_spec(), progress=False, engine="ray", workers=1, batch_size=4)
     on_disk = cnncodes.extract(local, tmp_path / "disk", fast_spec(), progress=False)

@@ -54,7 +54,8 @@ def test_onnx_codes_equal_keras_codes_with_real_mobilenet(monkeypatch, layer):
 
 
 def small_spec():
-    spec = cnncodes.ExtractorSpec.create(backbone="vgg16", layer="block4_pool", image_size=32, weights="none")
+    """A network cheap to convert: the tests that damage a private cache convert it afresh each time."""
+    spec = cnncodes.ExtractorSpec.create(backbone="vgg16", layer="block2_pool", image_size=32, weights="none")
     return spec, spec.recorded_weights
 
 

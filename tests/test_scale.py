@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
-import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import cnncodes
 from cnncodes.cli.main import app
@@ -21,44 +18,7 @@ from cnncodes.codes.features import load_features
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.data import remote
 
-from .helpers import FAST_ARGS, fast_spec, make_dataset, runner
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_data(s3_server, tmp_path, monkeypatch) -> tuple[str, Path]:
-    """A bucket holding a class-per-folder dataset (and one broken file), and the same files on disk."""
-    import pyarrow.fs
-
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": s3_server,
-    }.items():
-        monkeypatch.setenv(key, value)
-    remote.bucket_filesystem.cache_clear()
-    local = make_dataset(tmp_path / "data", per_class=6)
-    (local / "squares" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n and nothing else")
-    bucket = f"cnncodes-{uuid.uuid4().hex[:12]}"
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_server, region="us-east-1", allow_bucket_creation=True)
-    fs.create_dir(bucket)
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        with fs.open_output_stream(f"{bucket}/data/{path.relative_to(local).as_posix()}") as f:
-            f.write(path.read_bytes())
-    return f"s3://{bucket}/data", local
+from .helpers import FAST_ARGS, fast_spec, runner
 
 
 def read(path: Path) -> list[dict]:

@@ -140,12 +140,8 @@ def test_a_fine_tune_records_the_validation_accuracy_of_the_weights_it_keeps_and
 
 @needs_real_weights
 @pytest.mark.slow
-def test_the_demo_runs_the_commands_defaults_and_says_each_difference_split_and_file(tmp_path):
-    data, out = make_dataset(tmp_path / "data", per_class=10), tmp_path / "demo"
-    (data / "circles" / "broken.jpg").write_bytes(b"not a jpeg")  # extract skips it, with a warning
-    result = runner.invoke(app, ["demo", str(data), "--out", str(out), "--image-size", "32"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    said = " ".join(result.output.split())
+def test_the_demo_runs_the_commands_defaults_and_says_each_difference_split_and_file(demo_run):
+    out, said = demo_run["out"], " ".join(demo_run["output"].split())
     assert "Warning: skipped 1 file(s)" in said and str(out / "features" / "rejected.csv") in said
 
     with (out / "features" / "split.csv").open() as f:

@@ -7,11 +7,13 @@ edited or missing a file is written again by `extract`, never called up to date.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ import pytest
 
 import cnncodes
 from cnncodes.classify.fit import FIT_LOCK
+from cnncodes.core.writes import human_bytes
 from cnncodes.runs.bundle import load_record_for
 from cnncodes.runs.records import previous_model, sidecar
 
@@ -264,3 +267,111 @@ def test_a_folder_published_before_the_digests_is_checked_for_what_it_can_be(fea
     result = extract_again(features)
     assert "24 computed, 0 reused" in " ".join(result.stdout.split()), result.output
     assert_as_a_fresh_extraction(features)
+
+
+# The worker pool's shutdown made slow (as many workers are), EXITING made when it begins.
+SLOW_EXIT = """
+from joblib.externals.loky.process_executor import ProcessPoolExecutor
+shutdown = ProcessPoolExecutor.shutdown
+def slow(self, *args, **kwargs):
+    pathlib.Path(os.environ["EXITING"]).touch()
+    time.sleep(10)
+    return shutdown(self, *args, **kwargs)
+ProcessPoolExecutor.shutdown = slow
+"""
+
+
+def test_ctrl_c_while_fit_svm_stops_its_workers_exits_130_saying_what_was_saved(codes, tmp_path):
+    out, exiting = tmp_path / "models", tmp_path / "exiting"
+    args = ["fit-svm", str(codes["features"]), "--out", str(out), "--classifier", "knn", "--n-jobs", "2", "--quiet"]
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(setup=SLOW_EXIT), *args],
+        env={**os.environ, "EXITING": str(exiting)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not exiting.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert exiting.exists(), "fit-svm ended without stopping its workers where Ctrl-C is handled"
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 130, stderr
+    assert "Exception ignored" not in stderr and "Traceback" not in stderr, stderr
+    assert f"Interrupted: {RUN} saved in {out}" in " ".join(stderr.split())
+    record, data = load_record_for(out / f"{RUN}.joblib")
+    assert hashlib.sha256(data).hexdigest() == record["model_sha256"]
+
+
+def one_line(result) -> str:
+    """The one error line of a command that failed (progress lines aside), its wrapping undone."""
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    error = result.stderr[result.stderr.index("Error:") :]
+    assert error.count("Error:") == 1 and "Warning:" not in error, result.stderr
+    return " ".join(error.split())
+
+
+def test_a_read_only_models_folder_is_named_not_its_lock(codes, tmp_path, monkeypatch):
+    out = tmp_path / "models"
+    out.mkdir()
+    os_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # as on a read-only mount, where even root cannot write
+        if Path(path).parent == out and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    said = one_line(fit(codes["features"], out))
+    assert f"Read-only file system: '{out}'; make {out} writable, or write somewhere else" in said
+    assert FIT_LOCK not in said
+
+
+def test_a_rename_refused_in_a_read_only_folder_names_the_output_not_the_hidden_temporary(codes, tmp_path, monkeypatch):
+    out = tmp_path / "models"
+    replace = os.replace
+
+    def read_only(src, dst):
+        if not Path(dst).name.startswith("."):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src), None, str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    said = one_line(fit(codes["features"], out))
+    assert f"Read-only file system: '{out / RUN}.joblib'; make {out} writable" in said
+    assert ".tmp" not in said
+    monkeypatch.undo()
+    assert fit(codes["features"], out).exit_code == 0  # the next run settles what was left
+
+
+def test_a_full_disk_at_publish_names_the_output_and_the_space_it_needs(codes, tmp_path, monkeypatch):
+    """NumPy's short write ("320 requested and 248 written") and a sync's bare ENOSPC, each one line."""
+    out = tmp_path / "features"
+    save = np.save
+
+    def short_write(file, array, *args, **kwargs):
+        if Path(getattr(file, "name", "")).name.startswith(".labels.npy."):
+            raise OSError(f"{array.size} requested and {array.size // 2} written")
+        save(file, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", short_write)
+    said = one_line(cli("extract", codes["data"], "--out", out, *EXTRACT_ARGS, "--quiet"))
+    needed = human_bytes(24 * 8)  # a label per image, int64
+    assert f"No space left on device: '{out / 'labels.npy'}' (at least {needed} needed); free some space in " in said
+    assert "requested and" not in said and ".tmp" not in said
+    assert not list(out.glob(".*.tmp*"))
+    monkeypatch.undo()
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdatasync", no_space)
+    said = one_line(cli("extract", codes["data"], "--out", tmp_path / "other", *EXTRACT_ARGS, "--quiet"))
+    assert f"No space left on device: '{tmp_path / 'other' / '.cache'}" in said and "[Errno" not in said
+    monkeypatch.undo()
+    assert cli("extract", codes["data"], "--out", out, *EXTRACT_ARGS).exit_code == 0
+    assert cnncodes.load_features(out).X.shape[0] == 24

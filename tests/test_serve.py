@@ -8,125 +8,31 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 import cnncodes
 from cnncodes.cli.main import app
 
-from .helpers import make_dataset, runner, session_root, write_image
+from .helpers import (
+    MAX_BYTES,
+    fake_app,
+    in_process,
+    io_bytes,
+    metric,
+    png_of,
+    runner,
+    running_server,
+    upload,
+    write_image,
+)
 from .test_ingest import png_header_only
-
-ROOT = Path(__file__).resolve().parents[1]
-CNNCODES = Path(sys.executable).with_name("cnncodes")
-MAX_BYTES = 200_000
-
-
-@pytest.fixture(scope="session")
-def served(tmp_path_factory) -> dict:
-    """A MobileNetV2 (untrained, 128 px: test_classify converts the same network) logreg bundle on 3 small
-    classes, and the environment to serve it in.
-
-    Session-scoped fixtures run before conftest's per-test cache isolation, so the same
-    cache folders are set here, for this process and for the servers it starts.
-    """
-    base = session_root(tmp_path_factory)
-    env = {**os.environ, "CNNCODES_CACHE_DIR": str(base / "cnncodes_cache"), "KERAS_HOME": str(base / "keras_home")}
-    root = tmp_path_factory.mktemp("serve")
-    data = make_dataset(root / "data", per_class=6, size=40)
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("CNNCODES_CACHE_DIR", "KERAS_HOME"):
-            mp.setenv(name, env[name])
-        cnncodes.extract(
-            data,
-            root / "features",
-            cnncodes.ExtractorSpec.create(backbone="mobilenetv2", weights="none", image_size=128),
-            progress=False,
-        )
-        fitted = runner.invoke(
-            app,
-            [
-                "fit-svm",
-                str(root / "features"),
-                "--out",
-                str(root / "models"),
-                "--classifier",
-                "logreg",
-                "--cv",
-                "2",
-                "--quiet",
-            ],
-        )
-    assert fitted.exit_code == 0, fitted.output
-    model = root / "models" / "mobilenetv2-out_relu-logreg.joblib"
-    return {"root": root, "data": data, "model": model, "env": env, "images": sorted(data.rglob("*.*"))}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_server(served: dict, *args: str, log: str = "server.log") -> Iterator[tuple[str, subprocess.Popen]]:
-    """`cnncodes serve` on a free loopback port, once /readyz says so; stopped afterwards if still running."""
-    port = free_port()
-    with open(served["root"] / log, "w") as out:
-        proc = subprocess.Popen(
-            [str(CNNCODES), "serve", str(served["model"]), "--port", str(port), "--no-access-log", *args],
-            env=served["env"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (served["root"] / log).read_text()
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in 90 s"
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="session")
-def server(served) -> Iterator[str]:
-    """The server most tests share: a small body limit, and a wait window long enough to batch concurrent requests."""
-    with running_server(served, "--max-bytes", str(MAX_BYTES), "--batch-wait-ms", "50") as (url, _):
-        yield url
-
-
-def upload(paths: list[Path]) -> list[tuple[str, tuple[str, bytes]]]:
-    return [("files", (p.name, p.read_bytes())) for p in paths]
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """The value of one sample of the server's /metrics (0 if absent)."""
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                return sample.value
-    return 0.0
 
 
 def test_health_readiness_and_metadata(server, served):
@@ -349,33 +255,6 @@ def test_workers_run_as_separate_processes_sharing_the_cores(served, tmp_path):
         assert proc.wait(timeout=30) == 0
 
 
-def test_kubernetes_manifest_and_dockerfile_point_at_real_routes_and_ports(server):
-    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text())}
-    assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
-    [container] = pod["containers"]
-    [port] = container["ports"]
-    command = container.get("command", []) + container.get("args", [])
-    assert command[command.index("--port") + 1] == str(port["containerPort"])
-    assert command[command.index("--host") + 1] == "0.0.0.0"
-    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        get = container[probe]["httpGet"]
-        assert get["path"] == path and get["port"] in (port["containerPort"], port["name"])
-        assert httpx.get(f"{server}{get['path']}").status_code == 200
-    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) & set(container["resources"]["limits"])
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    service = docs["Service"]["spec"]
-    assert service["selector"].items() <= docs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
-    assert service["ports"][0]["targetPort"] in (port["containerPort"], port["name"])
-    hpa = docs["HorizontalPodAutoscaler"]["spec"]
-    assert hpa["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
-    assert hpa["metrics"][0]["resource"]["name"] == "cpu"
-
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    assert f"EXPOSE {port['containerPort']}" in dockerfile and "/healthz" in dockerfile
-    assert "cnncodes prepare" in dockerfile and "USER " in dockerfile
-
-
 def test_serve_and_prepare_stop_with_one_line_on_a_bad_model(served, tmp_path):
     for command in ("serve", "prepare"):
         result = runner.invoke(app, [command, str(tmp_path / "missing.joblib")])
@@ -454,14 +333,6 @@ def test_uploads_that_would_decode_to_too_many_pixels_get_400_and_large_jpegs_de
         predictor.pixels(io_bytes(Image.new("RGB", (1024, 1024)), "PNG"), max_pixels=128 * 128)
 
 
-def io_bytes(image, image_format: str) -> bytes:
-    import io
-
-    out = io.BytesIO()
-    image.save(out, image_format)
-    return out.getvalue()
-
-
 def test_a_client_that_leaves_mid_upload_is_counted_not_logged_as_a_server_error(server, served):
     before = metric(server, "cnncodes_requests_total", route="/predict", status="499")
     host, port = server.removeprefix("http://").split(":")
@@ -487,34 +358,6 @@ def test_health_routes_answer_head_and_the_schema_describes_uploads(server):
     body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert body["multipart/form-data"]["schema"]["properties"]["files"]["items"]["format"] == "binary"
     assert "image/*" in body
-
-
-def fake_app(probabilities, wait_ms: float = 1):
-    """The app around a predictor whose forward pass is `probabilities` (32-px images, two classes)."""
-    from cnncodes.serving.app import create_app
-    from cnncodes.serving.predict import Predictor
-    from cnncodes.serving.settings import ServeSettings
-
-    predictor = Predictor(probabilities, 32, "crop", ["a", "b"], {"run": "fake"})
-    return create_app(predictor, ServeSettings(model="fake.joblib", batch_wait_ms=wait_ms))
-
-
-def in_process(app, calls):
-    """Run `calls(client)` against `app` in process, with its lifespan (the batcher and its warm-up) running."""
-
-    async def run():
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return await calls(client)
-
-    return asyncio.run(run())
-
-
-def png_of(value: int) -> bytes:
-    from PIL import Image
-
-    return io_bytes(Image.new("RGB", (40, 40), (value,) * 3), "PNG")
 
 
 def test_a_failed_warm_up_makes_health_and_predictions_503_instead_of_hanging():

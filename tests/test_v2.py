@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import struct
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -15,21 +14,14 @@ import tritonclient.http as triton
 
 from cnncodes.cli.main import app
 
-from .helpers import runner
-from .test_serve import MAX_BYTES, fake_app, in_process, png_of, running_server, served  # noqa: F401
+from .helpers import MAX_BYTES, V2_MODEL, fake_app, in_process, png_of, runner
 
-MODEL = "shapes"
+MODEL = V2_MODEL  # the shared `server` names its model so
 CLASSES = ["circles", "squares", "stripes"]
 
 
 @pytest.fixture(scope="module")
-def server(served) -> Iterator[str]:  # noqa: F811
-    with running_server(served, "--model-name", MODEL, "--max-bytes", str(MAX_BYTES), log="v2.log") as (url, _):
-        yield url
-
-
-@pytest.fixture(scope="module")
-def expected(served) -> list[dict]:  # noqa: F811
+def expected(served) -> list[dict]:
     """What `cnncodes predict` says of the served images, top 2."""
     result = runner.invoke(
         app, ["predict", str(served["model"]), *map(str, served["images"]), "--format", "json", "--top-k", "2"]
@@ -49,7 +41,7 @@ def image_input(count: int, **extra) -> dict:
     return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [count], **extra}]}
 
 
-def test_tritonclient_answers_equal_predicts(server, served, expected):  # noqa: F811
+def test_tritonclient_answers_equal_predicts(server, served, expected):
     images = served["images"]
     with triton.InferenceServerClient(server.removeprefix("http://")) as client:
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
@@ -85,7 +77,7 @@ def test_tritonclient_answers_equal_predicts(server, served, expected):  # noqa:
     np.testing.assert_array_equal(as_json.as_numpy("probabilities"), probabilities)
 
 
-def test_raw_requests_as_curl_sends_them(server, served, expected):  # noqa: F811
+def test_raw_requests_as_curl_sends_them(server, served, expected):
     photo = served["images"][0].read_bytes()
     assert httpx.get(f"{server}/v2/health/live").json() == {"live": True}
     assert httpx.get(f"{server}/v2/health/ready").json() == {"ready": True}
@@ -115,7 +107,7 @@ def test_raw_requests_as_curl_sends_them(server, served, expected):  # noqa: F81
         assert answer.status_code == status and "error" in answer.json()
 
 
-def test_hostile_bodies_get_400_with_an_error_and_the_server_goes_on(server, served):  # noqa: F811
+def test_hostile_bodies_get_400_with_an_error_and_the_server_goes_on(server, served):
     photo = served["images"][0].read_bytes()
     good, good_headers = binary_body(photo)
     header_only = json.dumps(image_input(1, parameters={"binary_data_size": 8})).encode()

@@ -1,6 +1,6 @@
-"""`cnncodes demo`: the whole pipeline on real data in a few minutes, each step said aloud.
+"""`cnncodes demo`: the whole pipeline on real data in about 90 s, each step said aloud.
 
-With no data it writes the handwritten digits scikit-learn ships (1,797 real 8x8 scans)
+With no data it writes some of the handwritten digits scikit-learn ships (real 8x8 scans)
 as PNG files, so the only download is the ImageNet weights.
 """
 
@@ -20,6 +20,7 @@ from cnncodes.codes.extract import extract
 from cnncodes.codes.layout import REJECTED_FILE, skipped_summary
 from cnncodes.codes.plan import check_out, discover_data
 from cnncodes.codes.spec import ExtractorSpec
+from cnncodes.core.choices import DEMO_DIGITS_PER_CLASS
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import read_object, write_bytes_atomic, write_json_atomic
 from cnncodes.core.progress import console, say, warn
@@ -31,7 +32,7 @@ from cnncodes.runs.records import load_records
 from cnncodes.runs.report import explain, rank, rich_table
 from cnncodes.serving.predict import predict
 
-DIGITS_DIR = Path("data/digits")
+DIGITS_ROOT = Path("data")
 # The digits are 8x8 scans: 96 px is plenty, and the demo's extract takes seconds.
 DIGITS_SIZE = 96
 # Written first into the demo's folder: which data the folder belongs to.
@@ -46,19 +47,51 @@ WHY = {
 DIGITS_SIZE_WHY = f"the digits are 8x8 scans, and {DIGITS_SIZE} px keeps the demo fast"
 
 
-def write_digits(folder: Path = DIGITS_DIR) -> Path:
-    """The scikit-learn digits as `folder/<digit>/<n>.png`, written once."""
-    from sklearn.datasets import load_digits
+def digits_folder(*, per_class: int = DEMO_DIGITS_PER_CLASS, root: Path = DIGITS_ROOT) -> Path:
+    """Where `write_digits` puts `per_class` digits of each class: `digits` when that is all of them,
+    else `digits-<how many>`, so that a folder always holds one sample."""
+    digits, chosen = _digits_sample(per_class)
+    return root / ("digits" if len(chosen) == len(digits.target) else f"digits-{len(chosen)}")
 
-    digits = load_digits()
-    if folder.is_dir() and sum(1 for _ in folder.rglob("*.png")) == len(digits.images):
+
+def write_digits(*, per_class: int = DEMO_DIGITS_PER_CLASS, root: Path = DIGITS_ROOT) -> Path:
+    """`per_class` scikit-learn digits of each class (all of a class with fewer) as PNG files, written once.
+
+    The same digits every time (drawn with a fixed seed), each as `<folder>/<digit>/<n>.png` where n
+    is its place among the 1,797: a larger sample holds every digit of a smaller one.
+
+    Args:
+        per_class: digits of each class.
+        root: the folder of `digits_folder`.
+
+    Returns:
+        The folder of the sample.
+
+    Raises:
+        CnnCodesError: fewer than 2 per class (cross-validation needs two of each).
+    """
+    digits, chosen = _digits_sample(per_class)
+    folder = digits_folder(per_class=per_class, root=root)
+    paths = {folder / str(digits.target[n]) / f"{n:04d}.png": n for n in chosen}
+    if folder.is_dir() and set(folder.rglob("*.png")) == set(paths):
         return folder
-    for n, (image, target) in enumerate(zip(digits.images, digits.target)):
-        path = folder / str(target) / f"{n:04d}.png"
+    for path, n in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         # 0-16 ink levels become dark ink on white paper, as a scan would look.
-        Image.fromarray((255 - image * 255 / 16).astype(np.uint8), mode="L").save(path)
+        Image.fromarray((255 - digits.images[n] * 255 / 16).astype(np.uint8), mode="L").save(path)
     return folder
+
+
+def _digits_sample(per_class: int) -> tuple[Any, np.ndarray]:
+    """scikit-learn's digits, and the places among them of `per_class` digits of each class, in order."""
+    from sklearn.datasets import load_digits
+
+    if per_class < 2:
+        raise CnnCodesError(f"the demo needs 2 or more digits per class (got {per_class}): e.g. --digits-per-class 50")
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    drawn = [rng.permutation(np.flatnonzero(digits.target == d))[:per_class] for d in np.unique(digits.target)]
+    return digits, np.sort(np.concatenate(drawn))
 
 
 def claim_output(out: Path, data: Path, settings: dict[str, Any] | None = None) -> Path:
@@ -98,16 +131,18 @@ def run_demo(
     image_size: int | None = None,
     examples: int = 8,
     finetune_epochs: tuple[int, int] | None = None,
+    digits_per_class: int = DEMO_DIGITS_PER_CLASS,
 ) -> list[dict[str, Any]]:
     """The README's commands with their defaults, each step and each artifact said aloud; returns the ranked records.
 
     extract -> fit-svm -> finetune -> compare -> predict, as `cnncodes COMMAND` runs them with their
     defaults and `backbone`, but for what the output names, one line each: the fine-tune trains on
     cached trunk activations (`--cache-trunk`, as the README's tour does), the digits are seen at
-    96 px, and `image_size` and `finetune_epochs` are taken when given.
+    96 px, and `image_size` and `finetune_epochs` are taken when given. With no `data`, a sample of
+    the digits keeps a first run near 90 s; the first line says how many it left out.
 
     Args:
-        data: class-per-folder images (default: scikit-learn's digits, written to `data/digits`).
+        data: class-per-folder images (default: `digits_per_class` of scikit-learn's digits, see `write_digits`).
         out: the folder of features, models and report (default: `models/<name of the data folder>`); it must
             be empty or hold an earlier demo of the same data and settings, which is checked before anything
             is written.
@@ -115,6 +150,7 @@ def run_demo(
         image_size: the input size of extract and finetune (default: theirs; 96 px for the digits).
         examples: test images the chosen run predicts.
         finetune_epochs: epochs of the fine-tune's two phases (default: finetune's).
+        digits_per_class: digits of each class written when no `data` is given (all of them: 183 or more).
 
     Returns:
         The run records as `rank` orders them, the chosen run first.
@@ -122,7 +158,8 @@ def run_demo(
     Raises:
         CnnCodesError: missing data, or an `out` folder that holds something else.
     """
-    out = out or Path("models") / (data or DIGITS_DIR).resolve().name
+    source = data or digits_folder(per_class=digits_per_class)
+    out = out or Path("models") / source.resolve().name
     if data is not None:  # a mistyped DATA, or a folder inside it, fails before the folder is claimed
         discover_data(data)
         check_out(data, out)
@@ -132,13 +169,9 @@ def run_demo(
     tuning = make_spec(backbone, image_size=size, cache_trunk=True, **epochs)
     tuned = spec_params(tuning)
     settings = {"backbone": backbone, "image_size": _sizes(codes), "finetune_epochs": [tuned[k] for k in EPOCHS]}
-    out = claim_output(out, data or DIGITS_DIR, settings)
+    out = claim_output(out, source, settings)
     why = {**WHY, "image_size": "as --image-size asks" if image_size else DIGITS_SIZE_WHY}
-    if data is None:
-        say("[bold]1/6[/] Writing the handwritten digits that scikit-learn ships to data/digits/ (10 classes)")
-        data = write_digits()
-    else:
-        say(f"[bold]1/6[/] Using your images in {escape(str(data))}")
+    data = _data(data, digits_per_class)
     features = out / "features"
     say(f"[bold]2/6[/] extract: {backbone} makes a code of every image: {_command('extract', data, '--out', features)}")
     _differences({"image_size": _sizes(codes)}, {"image_size": _sizes(ExtractorSpec.create(backbone=backbone))}, why)
@@ -157,6 +190,24 @@ def run_demo(
     record = finetune(data, out, tuning, split_from=features, resume=True, progress=True)  # an interrupted one goes on
     _saved(out, record, f"validation accuracy {record['val_score']:.3f}")
     return _compare(out, n_test, examples)
+
+
+def _data(data: Path | None, per_class: int) -> Path:
+    """Step 1: the user's images, or the digits written, and what of them the demo leaves out."""
+    if data is not None:
+        say(f"[bold]1/6[/] Using your images in {escape(str(data))}")
+        return data
+    digits, chosen = _digits_sample(per_class)
+    folder, total = digits_folder(per_class=per_class), len(digits.target)
+    if len(chosen) == total:
+        say(f"[bold]1/6[/] Writing the {total:,} handwritten digits that scikit-learn ships to {escape(str(folder))}/")
+    else:
+        say(
+            f"[bold]1/6[/] Writing {len(chosen):,} of the {total:,} handwritten digits that scikit-learn ships "
+            f"({per_class} of each, drawn at random) to {escape(str(folder))}/; the other {total - len(chosen):,} "
+            f"are left out to keep the demo near 90 s: --digits-per-class {max(np.bincount(digits.target))} takes all"
+        )
+    return write_digits(per_class=per_class)
 
 
 def _sizes(spec: ExtractorSpec) -> list[int]:

@@ -156,6 +156,18 @@ def fit_classifiers(
 fit_svm = fit_classifiers
 
 
+def release_workers() -> None:
+    """Stop the worker processes the searches ran on (joblib's reusable pool), now rather than as Python exits.
+
+    Python waits for them after the program has ended, where a Ctrl-C is only reported as
+    "Exception ignored" and the exit code stays 0; a command calls this while it still handles
+    Ctrl-C. The next search starts a new pool.
+    """
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True)
+
+
 def _prepare(
     features: Path | str,
     classifiers: str | Sequence[str],

@@ -47,7 +47,7 @@ def compare(
                 check_file_target(target, read)
         text = None if format == "table" and not output else render(records, "csv" if format == "table" else format)
         if html_path:
-            write_bytes_atomic(html_path, html_report(records).encode())
+            write_bytes_atomic(html_path, _report(records, html_path).encode())
         if text is not None and output:
             write_bytes_atomic(output, text.encode("utf-8", "surrogateescape"))
     if text is None:
@@ -58,3 +58,18 @@ def compare(
         typer.echo(text, nl=False)
     if html_path:
         err_console.print(Text(f"Report written to {html_path}"), soft_wrap=True)
+
+
+def _report(records: list[dict], html_path: Path) -> str:
+    """The HTML report, with heat maps of the chosen run's mistakes in a folder beside it when they can be made."""
+    from cnncodes.core.errors import CnnCodesError
+    from cnncodes.core.progress import warn
+    from cnncodes.explain.mistakes import explain_mistakes
+
+    maps_folder = html_path.with_name(f"{html_path.stem}-maps")
+    try:
+        maps, sheet = explain_mistakes(records[0], maps_folder)
+    except CnnCodesError as e:
+        warn(f"the report shows the mistakes without heat maps: {e}")
+        return html_report(records)
+    return html_report(records, maps=maps, sheet=sheet.relative_to(html_path.parent).as_posix())

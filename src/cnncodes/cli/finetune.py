@@ -102,6 +102,13 @@ def finetune(
     dup_threshold: Annotated[
         int, typer.Option(help="Duplicate threshold of the split made without --split-from.")
     ] = DEFAULT_DUP_THRESHOLD,
+    preview_augmentation: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write augmentation.png into this folder, what the training augmentation makes of a few images "
+            "(a row each, from each class in turn: the image, then 6 random draws), and stop without training.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or table.")] = False,
 ) -> None:
     """Fine-tune the backbone end to end (head, then the top block) and score it on the same test set."""
@@ -111,7 +118,7 @@ def finetune(
     with user_errors("finished epochs are saved; add --resume to go on."):
         spec = make_spec(
             backbone,
-            weights=weights,
+            weights="none" if preview_augmentation else weights,  # the preview builds no network
             image_size=image_size,
             resize=resize,
             batch_size=batch_size,
@@ -127,6 +134,11 @@ def finetune(
             patience=patience,
             seed=init_seed,
         )
+        if preview_augmentation:
+            from cnncodes.finetuning.preview import preview_augmentation as write_preview
+
+            out_console.print(Text(str(write_preview(data, preview_augmentation, spec))), soft_wrap=True)
+            return
         record = run_finetune(
             data,
             out,

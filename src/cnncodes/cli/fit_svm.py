@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 import typer
 from rich.text import Text
@@ -19,6 +19,8 @@ else:
     ClassifierName = Literal[(*KINDS, "all")]
 # The parameters the summary line shows of each fitted model, where its search chose them.
 CHOSEN = ("normalize", "C", "gamma", "n_neighbors", "loss", "alpha")
+# A parameter named in the summary by what it means to the user: k-NN's k counts images (see `_chosen`).
+GRID_WORDS = {"n_neighbors": "k"}
 
 
 @command("fit-svm")
@@ -58,7 +60,7 @@ def fit_svm(
     ] = 1,
 ) -> None:
     """Fit linear SVM, logistic regression, RBF SVM and k-NN (or SGD) on CNN codes; score each on the test subset."""
-    from cnncodes.classify.fit import fit_classifiers
+    from cnncodes.classify.fit import fit_classifiers, release_workers
 
     with user_errors():
         records = fit_classifiers(
@@ -75,18 +77,38 @@ def fit_svm(
             progress=not quiet,
             repeats=repeats,
         )
-    if quiet:
-        return
+    with user_errors(f"{', '.join(r['run'] for r in records)} saved in {out}."):
+        if not quiet:
+            _summary(records, out)
+        release_workers()  # where Ctrl-C is still handled (exit 130), not as Python exits
+
+
+def _summary(records: list[dict], out: Path) -> None:
+    """The table of the runs, ranked, and a line per run: what its search chose and where it is saved."""
     title = f"Fitted on {records[0]['n_train']} images, scored on {records[0]['n_test']} test images"
     ranked = rank(records)
     out_console.print(rich_table(ranked, title=title, width=out_console.width))
     for record in records:
-        chosen = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["params"].items() if k in CHOSEN
-        )
-        edges = f"; at the edge of its grid: {', '.join(record['grid_edges'])}" if record["grid_edges"] else ""
+        edges = ", ".join(GRID_WORDS.get(e, e) for e in record["grid_edges"])
+        edges = f"; at the edge of its grid: {edges}" if edges else ""
         model = out / record["model_file"]
         out_console.print(
-            Text(f"{record['run']}: {chosen} (cv score {record['cv_score']:.3f}{edges}) -> {model}"), soft_wrap=True
+            Text(f"{record['run']}: {_chosen(record['params'])} (cv score {record['cv_score']:.3f}{edges}) -> {model}"),
+            soft_wrap=True,
         )
     out_console.print(Text(explain(ranked)))
+
+
+def _chosen(params: dict[str, Any]) -> str:
+    """The values the search chose, k-NN's k in images as its grid counts them (`n_neighbors` counts codes:
+    trained on several views of each image, the model's k is the images' k times the views)."""
+    views = params.get("views") or 1
+    shown = []
+    for key, value in params.items():
+        if key == "n_neighbors":
+            images = value // views
+            codes = f" = {value} codes, {views} per image" if views > 1 else ""
+            shown.append(f"k={images} image{'s' * (images != 1)}{codes}")
+        elif key in CHOSEN:
+            shown.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(shown)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -9,7 +10,7 @@ import typer
 from cnncodes.cli.app import command
 from cnncodes.cli.options import ModelArg, MovedWeightsOpt, RuntimeOpt, user_errors
 from cnncodes.core.choices import SERVE_BATCH_WAIT_MS, SERVE_MAX_BATCH, SERVE_MAX_BYTES, SERVE_MAX_PIXELS
-from cnncodes.serving.settings import ServeSettings
+from cnncodes.serving.settings import API_KEY_ENV, ServeSettings
 
 
 @command("serve")
@@ -72,8 +73,31 @@ def serve(
     model_name: Annotated[
         str | None, typer.Option(help="The model's name in the V2 protocol's /v2/models/NAME (default: its run's).")
     ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"A file holding the API key every route but the probes, /metrics and the page at / requires, as "
+            f"'Authorization: Bearer KEY' or 'X-API-Key: KEY' (default: ${API_KEY_ENV}, else none). Never the key "
+            "itself on the command line, where ps shows it."
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="ORIGIN",
+            help="An origin (https://host[:port]) whose browser pages may call the server; repeat for more "
+            "(default: none, no CORS).",
+        ),
+    ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(help="POST /explain draws heat maps (the first loads the model's map network: more memory)."),
+    ] = True,
 ) -> None:
-    """Serve a saved model over HTTP: POST /predict, GET /healthz, /readyz, /metadata, /metrics; KServe V2 on /v2."""
+    """Serve a saved model over HTTP: POST /predict, GET /healthz, /readyz, /metadata, /metrics; KServe V2 on /v2.
+
+    A page for people at / takes images and shows each one's classes and heat map (POST /explain).
+    """
     settings = ServeSettings(
         model=str(model),
         weights=weights,
@@ -87,6 +111,9 @@ def serve(
         drain_seconds=drain_seconds,
         threads=threads,
         model_name=model_name,
+        api_key_file=str(api_key_file) if api_key_file else None,
+        cors_origins=tuple(cors_origin or ()),
+        explain=explain,
     )
     with user_errors():
         from cnncodes.serving.serve import serve as run_serve  # without the `serve` extra: one line saying so

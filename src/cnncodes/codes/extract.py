@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from cnncodes.codes.duplicates import DUPLICATES_FILE, SHEET_FILE, write_duplicates
 from cnncodes.codes.engines.job import CodeJob
 from cnncodes.codes.engines.local import make_engine
 from cnncodes.codes.features import load_features
@@ -22,6 +25,7 @@ from cnncodes.codes.layout import (
     CACHE_DIR,
     CODES_FILE,
     DIGESTED,
+    GROUPS_FILE,
     META_FILE,
     Provenance,
     forget_rows,
@@ -31,12 +35,13 @@ from cnncodes.codes.layout import (
     unlike_published,
     up_to_date,
 )
+from cnncodes.codes.meta import validate_meta
 from cnncodes.codes.plan import Plan, check_out, discover_data, plan
 from cnncodes.codes.reading import Files
 from cnncodes.codes.resume import Computed, compute_codes
 from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core import files as artifacts
-from cnncodes.core.errors import CnnCodesError, check_types
+from cnncodes.core.errors import CnnCodesError, check_types, first_line
 from cnncodes.core.progress import warn
 from cnncodes.data.split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, check_dup_threshold, parse_fractions
 from cnncodes.runtime import quantize
@@ -163,6 +168,7 @@ def extract(
         published = _verified(out)
         if published is not None and up_to_date(published, run_key, len(the_plan.usable)):
             meta = record_locations(out, published, data=str(the_plan.usable.root), weights_file=spec.weights_file)
+            _list_duplicates(out, the_plan)
             return _unchanged(out, meta, the_plan, time.perf_counter() - started)
         paths = Files(the_plan.usable.root, the_plan.usable.paths)
         job = CodeJob(spec=spec, runtime=runtime, paths=paths, batch_size=batch_size)
@@ -187,8 +193,12 @@ def _verified(out: Path) -> dict[str, Any] | None:
     every intact row reused: a damaged folder is never called up to date, nor its rows reused.
     """
     try:
-        meta = artifacts.read_object(out / META_FILE)
-    except (OSError, ValueError):
+        meta = validate_meta(artifacts.read_object(out / META_FILE), out / META_FILE, advice="")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, CnnCodesError) as e:  # its records of the files are lost: no row is trusted
+        warn(f"{out} is not as extract left it ({first_line(e)}): its files are written again, every row computed")
+        forget_rows(out, np.zeros(0, dtype=bool))
         return None
     intact = intact_rows(out, meta)
     changed = unlike_published(out, meta, DIGESTED)
@@ -208,6 +218,16 @@ def _verified(out: Path) -> dict[str, Any] | None:
     )
     forget_rows(out, intact)
     return None
+
+
+def _list_duplicates(out: Path, the_plan: Plan) -> None:
+    """Write duplicates.csv and .png into an up-to-date folder that lacks them (published by an earlier version)."""
+    if not all((out / name).is_file() for name in (DUPLICATES_FILE, SHEET_FILE)):
+        usable = the_plan.usable
+        groups = np.load(out / GROUPS_FILE)  # verified as published: the rows are the plan's usable images
+        write_duplicates(
+            out, files=Files(usable.root, usable.paths), labels=usable.labels, groups=groups, bits=the_plan.hashes
+        )
 
 
 def _unchanged(out: Path, meta: dict[str, Any], the_plan: Plan, seconds: float) -> ExtractResult:
@@ -235,6 +255,7 @@ def _publish(out: Path, the_plan: Plan, done: Computed, provenance: Provenance) 
         usable=the_plan.usable,
         split=the_plan.split,
         groups=the_plan.groups,
+        hashes=the_plan.hashes,
         rejected=rejected,
         provenance=provenance,
     )

@@ -9,22 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from cnncodes.codes.layout import (
-    CODES_FILE,
-    FEATURES_FORMAT,
-    GROUPS_FILE,
-    LABELS_FILE,
-    META_FILE,
-    SPLIT_FILE,
-    unlike_published,
-)
+from cnncodes.codes.layout import CODES_FILE, GROUPS_FILE, LABELS_FILE, META_FILE, SPLIT_FILE, unlike_published
+from cnncodes.codes.meta import FEATURES_FORMAT, FORMAT_1, validate_meta
 from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import read_object
 from cnncodes.data.split import SUBSETS, Split, assign_subsets, read_split_csv
-
-# Features folders written before split.csv became the only list of the rows' paths and subsets.
-_FORMAT_1 = "cnncodes.features/1"
 
 
 @dataclass
@@ -63,7 +53,7 @@ class Features:
             `(seed, subsets)` per split, the folder's own first.
         """
         made = self.meta["split"]
-        first = int(made.get("seed", 0))
+        first = made["seed"]
         labels = [self.classes[i] for i in self.y]
         return [(first, self.subsets)] + [
             (first + k, np.array(assign_subsets(self.paths, labels, self.groups, made["fractions"], first + k).subsets))
@@ -71,13 +61,10 @@ class Features:
         ]
 
 
-# What every reader of a features folder relies on; format 1 also listed the rows' paths and subsets.
-_META_KEYS = ("n_images", "classes", "dim", "extractor", "split", "data")
-_FORMATS = {FEATURES_FORMAT: (), _FORMAT_1: ("paths", "subsets")}
 # The files each format's reader reads besides meta.json (format 1 read the rows from meta.json).
 _READ = {
     FEATURES_FORMAT: (CODES_FILE, LABELS_FILE, GROUPS_FILE, SPLIT_FILE),
-    _FORMAT_1: (CODES_FILE, LABELS_FILE, GROUPS_FILE),
+    FORMAT_1: (CODES_FILE, LABELS_FILE, GROUPS_FILE),
 }
 
 
@@ -155,7 +142,7 @@ def recorded_split(path: Path | str) -> Split:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    """meta.json of a features folder, of a format this version reads, with every key readers rely on."""
+    """meta.json of a features folder, checked against its one definition (`FeaturesMeta`)."""
     if not (path / META_FILE).is_file():
         raise CnnCodesError(
             f"{path} is not a features folder (no meta.json): make one with `cnncodes extract DATA --out FEATURES` "
@@ -165,15 +152,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
         meta = read_object(path / META_FILE)
     except (OSError, ValueError) as e:
         raise _damaged(path, str(e)) from None
-    if meta.get("format") not in _FORMATS:
-        raise CnnCodesError(f"{path}/meta.json is not a cnncodes features record (format {meta.get('format')!r})")
-    missing = [key for key in _META_KEYS + _FORMATS[meta["format"]] if key not in meta]
-    if missing:
-        raise CnnCodesError(
-            f"{path}/meta.json lacks {', '.join(missing)}: it was made by another version or damaged; "
-            "run `cnncodes extract` again"
-        )
-    return meta
+    return validate_meta(meta, path / META_FILE)
 
 
 def _damaged(path: Path, why: str) -> CnnCodesError:
@@ -211,7 +190,7 @@ def _rows(path: Path, meta: dict[str, Any]) -> tuple[list[str], list[str] | None
     They come from split.csv; format 1's from meta.json, whose labels are labels.npy's only. A folder
     without rows (every usable image failed to decode) has a split.csv of its header alone.
     """
-    if meta["format"] == _FORMAT_1:
+    if meta["format"] == FORMAT_1:
         return meta["paths"], None, meta["subsets"], None
     if meta["n_images"] == 0:
         return [], [], [], None
@@ -225,7 +204,7 @@ def _checked_split(path: Path, meta: dict[str, Any]) -> Split:
         the_split = read_split_csv(path / SPLIT_FILE)
     except CnnCodesError as e:
         raise _damaged(path, str(e)) from None
-    if the_split.fingerprint != meta.get("split", {}).get("fingerprint", the_split.fingerprint):
+    if the_split.fingerprint != meta["split"]["fingerprint"]:
         raise CnnCodesError(
             f"{path}/split.csv is not the split these codes were made with (its fingerprint is not meta.json's): "
             "run `cnncodes extract` again"
@@ -243,7 +222,7 @@ def _groups(path: Path, meta: dict[str, Any]) -> np.ndarray:
     try:
         groups = np.load(path / GROUPS_FILE)
     except (OSError, ValueError) as e:
-        if meta["format"] == _FORMAT_1 and not meta["split"].get("duplicate_groups"):
+        if meta["format"] == FORMAT_1 and not meta["split"].get("duplicate_groups"):
             return np.arange(n)
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise _damaged(path, f"{GROUPS_FILE}: {why}; without it, copies of an image could be in two folds") from None

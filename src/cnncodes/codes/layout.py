@@ -1,10 +1,10 @@
 """The files of a features folder, and how `extract` publishes them so that a kill never leaves a mix.
 
 `load_features` reads what is written here: `features.npy` (the codes), `labels.npy`,
-`groups.npy`, `split.csv`, `rejected.csv`, and `meta.json`, written last, so a reader that
-finds it finds a complete set; it records what each file is (`DIGESTED`), so a file damaged
-later is told from its original. `CACHE_DIR` holds what the next run reuses, among it the
-index of the rows of `features.npy` (`ROW_IDS_FILE`, `ROWS_FILE`).
+`groups.npy`, `split.csv`, `rejected.csv`, `duplicates.csv` and `duplicates.png` (`codes.duplicates`),
+and `meta.json`, written last, so a reader that finds it finds a complete set; it records what
+each file is (`DIGESTED`), so a file damaged later is told from its original. `CACHE_DIR` holds
+what the next run reuses, among it the index of the rows of `features.npy` (`ROW_IDS_FILE`, `ROWS_FILE`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from cnncodes.codes.duplicates import write_duplicates
+from cnncodes.codes.meta import FEATURES_FORMAT, validate_meta
+from cnncodes.codes.reading import Files
 from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.codes.store import FeatureWriter, npy_layout
 from cnncodes.core import files as artifacts
+from cnncodes.core.writes import says_where
 from cnncodes.data.ingest import Dataset
 from cnncodes.data.split import Split, label_indices
 
-# Format 2 keeps the rows' paths and subsets in split.csv only; format 1 listed them in meta.json too.
-FEATURES_FORMAT = "cnncodes.features/2"
 META_FILE, CODES_FILE, LABELS_FILE = "meta.json", "features.npy", "labels.npy"
 GROUPS_FILE, SPLIT_FILE, REJECTED_FILE = "groups.npy", "split.csv", "rejected.csv"
 CACHE_DIR = ".cache"
@@ -187,10 +189,10 @@ def forget_rows(out: Path, intact: np.ndarray) -> None:
 
     Args:
         out: the features folder.
-        intact: a boolean per row of features.npy (`intact_rows`).
+        intact: a boolean per row of features.npy (`intact_rows`); none at all: every row is forgotten.
     """
     cache = out / CACHE_DIR
-    if intact.all():
+    if len(intact) and intact.all():
         return
     try:
         ids = np.load(cache / ROW_IDS_FILE)
@@ -251,6 +253,7 @@ def publish_folder(
     usable: Dataset,
     split: Split,
     groups: np.ndarray,
+    hashes: np.ndarray,
     rejected: list[tuple[str, str, str]],
     provenance: Provenance,
 ) -> dict[str, Any]:
@@ -270,6 +273,7 @@ def publish_folder(
         usable: the usable images, a row each.
         split: their split.
         groups: their duplicate groups.
+        hashes: their perceptual hashes (`split.hash_bits`), for the distances duplicates.csv lists.
         rejected: the files left out, as rejected.csv lists them.
         provenance: how the codes were made.
 
@@ -286,19 +290,24 @@ def publish_folder(
     )
     (out / META_FILE).unlink(missing_ok=True)
     (cache / ROWS_FILE).unlink(missing_ok=True)  # rows.json must never describe other features
-    os.replace(finished, out / CODES_FILE)
+    with says_where(out / CODES_FILE, finished):
+        os.replace(finished, out / CODES_FILE)
     os.replace(cache / f"{ROW_IDS_FILE}.new", cache / ROW_IDS_FILE)
     os.replace(cache / f"{ROWS_FILE}.new", cache / ROWS_FILE)
     writer.discard()
     final = _keep_rows(split, kept)
     artifacts.write_npy_atomic(out / LABELS_FILE, label_indices(final.labels, usable.classes))
-    artifacts.write_npy_atomic(out / GROUPS_FILE, np.unique(groups[kept], return_inverse=True)[1].astype(np.int64))
+    final_groups = np.unique(groups[kept], return_inverse=True)[1].astype(np.int64)
+    artifacts.write_npy_atomic(out / GROUPS_FILE, final_groups)
+    write_duplicates(
+        out, files=Files(usable.root, final.paths), labels=final.labels, groups=final_groups, bits=hashes[kept]
+    )
     final.write_csv(out / SPLIT_FILE)
     artifacts.write_csv_atomic(out / REJECTED_FILE, REJECTED_COLUMNS, rejected)
     meta = _meta(usable, final, writer.dim // (provenance.spec.views or 1), provenance)
     meta["files"] = file_digests(out, writer.dim * 4)
     meta["stage_seconds"] = {**provenance.stage_seconds, "publish": round(time.perf_counter() - published, 3)}
-    artifacts.write_json_atomic(out / META_FILE, meta)
+    artifacts.write_json_atomic(out / META_FILE, validate_meta(meta, out / META_FILE))
     return meta
 
 

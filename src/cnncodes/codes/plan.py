@@ -15,6 +15,7 @@ from typing import NamedTuple, cast
 import numpy as np
 
 from cnncodes.codes.check_cache import CheckCache
+from cnncodes.codes.duplicates import DUPLICATES_FILE
 from cnncodes.codes.engines.job import Engine
 from cnncodes.codes.engines.local import CHECK_CHUNK, LocalEngine
 from cnncodes.codes.layout import CACHE_DIR, REJECTED_COLUMNS, REJECTED_FILE
@@ -31,6 +32,7 @@ from cnncodes.data.split import (
     assign_subsets,
     duplicate_warnings,
     group_duplicates,
+    hash_bits,
 )
 
 # A file's size, modification time, inode and change time, as os.stat gives them.
@@ -137,6 +139,7 @@ class Plan(NamedTuple):
     rejected: list[tuple[str, str, str]]  # REJECTED_COLUMNS
     file_ids: Sequence[str]
     groups: np.ndarray  # duplicate group of each usable image: equal ids are near-duplicates
+    hashes: np.ndarray  # perceptual hash of each usable image (`hash_bits`), for duplicates.csv's distances
     seconds: dict[str, float]  # per stage: check, duplicates, split
 
     def train_files(self) -> Files:
@@ -187,13 +190,13 @@ def plan(
     usable = _require_usable(dataset, keep)
     phashes = cast(list[str], [all_hashes[i] for i in keep.tolist()])  # usable files have one
     clock.lap("check")
-    groups = group_duplicates(phashes, dup_threshold)
-    warnings = duplicate_warnings(groups, usable.paths, usable.labels, dup_threshold)
+    groups, bits = group_duplicates(phashes, dup_threshold), hash_bits(phashes)
+    warnings = duplicate_warnings(groups, usable.paths, usable.labels, dup_threshold, listing=out / DUPLICATES_FILE)
     clock.lap("duplicates")
     the_split = assign_subsets(usable.paths, usable.labels, groups, fractions, seed)
     the_split.warnings += warnings
     clock.lap("split")
-    return Plan(usable, the_split, rejected, _take(all_ids, keep, usable.paths), groups, clock.laps)
+    return Plan(usable, the_split, rejected, _take(all_ids, keep, usable.paths), groups, bits, clock.laps)
 
 
 class _Stopwatch:

@@ -23,7 +23,14 @@ from cnncodes.data.decode import check_resize
 from cnncodes.nets.backbones import DEFAULT_BACKBONE, POOLINGS, get_backbone
 from cnncodes.nets.weights import WEIGHTS_DIR_ENV, Weights
 from cnncodes.runtime import quantize
-from cnncodes.runtime.runners import MeanOfViews, MirrorAveraged, Runner, cache_record, make_runner
+from cnncodes.runtime.runners import (
+    MeanOfViews,
+    MirrorAveraged,
+    Runner,
+    cache_record,
+    check_can_convert,
+    make_runner,
+)
 
 # Bump when the way an extractor is built changes, so no cache keeps codes of the old build.
 EXTRACTOR_FORMAT = 1
@@ -299,6 +306,22 @@ class ExtractorSpec:
             entry, self.image_size, self.layer, self.pooling, loaded, self.scales or (), bool(self.views)
         )
 
+    def build_maps(self, weights: WeightsSource, scale: int):
+        """The Keras model of the unpooled maps behind the code at one of its scales (see `build_feature_maps`).
+
+        Args:
+            weights: as for `build`.
+            scale: one of the spec's scales (its `image_size` for one-size codes).
+
+        Returns:
+            The Keras model: uint8 pixels in, (rows, columns, channels) maps out.
+        """
+        from cnncodes.nets.models import build_feature_maps
+
+        entry = get_backbone(self.backbone)
+        loaded = weights if isinstance(weights, Weights) else weights()
+        return build_feature_maps(entry, self.image_size, self.layer, loaded, scale, any_size=bool(self.scales))
+
     def runner(
         self, weights: WeightsSource, runtime: str = "onnx", threads: int | None = None, per_view: bool = False
     ) -> Runner:
@@ -320,6 +343,8 @@ class ExtractorSpec:
         """
         quantize.check_runs_on(self.precision, runtime)
         if not isinstance(weights, Weights) and not any(cache_record(k) for k in {self.model_key, self.network_key}):
+            if runtime == "onnx":
+                check_can_convert(self.backbone)
             weights = weights()  # the network will be built: missing weights are said before a conversion starts
         build = partial(self.build, weights)  # picklable: the conversion runs in a child process
         if self.precision == "int8":

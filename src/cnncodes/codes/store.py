@@ -20,8 +20,8 @@ from numpy.lib.format import open_memmap, read_array_header_1_0, read_array_head
 
 from cnncodes.core import files as artifacts
 from cnncodes.core.errors import CnnCodesError
+from cnncodes.core.writes import NO_SPACE, human_bytes, says_where
 
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Seconds between two syncs of finished rows and of the clock (a kill loses at most this much work and time).
 SYNC_EVERY = 2.0
 # Rows copied per read and write: memory stays bounded by a chunk.
@@ -112,8 +112,9 @@ class FeatureWriter:
         if len(rows) == 0:
             return
         codes = np.ascontiguousarray(codes, dtype="<f4").reshape(len(rows), self.dim)
-        for start, stop in _runs(rows):
-            os.pwrite(self._fd, codes[start:stop].tobytes(), self._offset + int(rows[start]) * self.dim * 4)
+        with says_where(self._data, self._data):  # a write to a file system that ran out of space
+            for start, stop in _runs(rows):
+                os.pwrite(self._fd, codes[start:stop].tobytes(), self._offset + int(rows[start]) * self.dim * 4)
         self.done[rows] = True
         self._unsynced.append(rows)
         if time.perf_counter() - self._synced > SYNC_EVERY:
@@ -122,8 +123,9 @@ class FeatureWriter:
     def sync(self) -> None:
         """Make the rows written so far survive a crash: data on disk first, then the log that names them."""
         if self._unsynced:
-            os.fdatasync(self._fd)
-            with open(self._log, "ab") as log:
+            with says_where(self._data, self._data):
+                os.fdatasync(self._fd)
+            with says_where(self._log, self._log), open(self._log, "ab") as log:
                 log.write(np.concatenate(self._unsynced).astype("<i8").tobytes())
             self._unsynced = []
             self.save_clock()
@@ -377,11 +379,11 @@ def reserve_npy(path: Path, shape: tuple[int, int]) -> None:
         del header
         _reserve(path)
     except OSError as e:
-        if e.errno not in _NO_SPACE:
+        if e.errno not in NO_SPACE:
             raise
         path.unlink(missing_ok=True)
         raise CnnCodesError(
-            f"not enough space in {path.parent} for the codes: {_human_bytes(shape[0] * shape[1] * 4)} needed "
+            f"not enough space in {path.parent} for the codes: {human_bytes(shape[0] * shape[1] * 4)} needed "
             f"({e.strerror}); free some space and run the same command again (finished work is kept)"
         ) from None
 
@@ -394,11 +396,3 @@ def _reserve(path: Path) -> None:
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("bytes", "KB", "MB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"

@@ -17,6 +17,9 @@ Normalize = Literal["auto", "standard", "l2", "none"]
 NORMALIZERS: tuple[str, ...] = get_args(Normalize)
 # `extract --engine`: this machine, or a Ray cluster.
 EngineName = Literal["local", "ray"]
+# `demo` with no data: the digits of each class it writes, 500 of scikit-learn's 1,797, so that a first run
+# shows the whole pipeline in about 90 s (fit-svm's searches grow faster than the images; docs/benchmarks.md).
+DEMO_DIGITS_PER_CLASS = 50
 # `finetune --backbone smallcnn`: the small ConvNet trained from scratch, the baseline for transfer learning.
 SMALL_CNN = "smallcnn"
 # `serve`: the largest request body, and the most pixels one upload may decode to (after JPEG's

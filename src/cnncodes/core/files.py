@@ -25,6 +25,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from cnncodes.core.errors import CnnCodesError
+from cnncodes.core.writes import NO_SPACE, NOT_WRITABLE, cannot_write, says_where
 
 _PACKAGES = (
     "cnncodes",
@@ -62,7 +63,7 @@ _TEMPORARY = re.compile(r"^\..+\.([0-9a-f]{8})-(\d{1,10})\.[0-9a-f]{8}\.tmp")
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` so that `path` holds either the old or the new content, never a mix."""
-    with _atomic_file(path) as f:
+    with _atomic_file(path, needed=len(data)) as f:
         f.write(data)
 
 
@@ -71,7 +72,7 @@ def exclusive(lock_path: Path, busy: str) -> Iterator[None]:
     """One process at a time in what `lock_path` guards (two would interleave their writes); `busy` says so.
 
     The lock is the operating system's (it dies with its process), so a killed run never
-    leaves a stale lock behind.
+    leaves a stale lock behind. A folder where the lock cannot be made (read-only, full) is named.
     """
     make_folder(lock_path.parent)
     lock = FileLock(lock_path)
@@ -79,6 +80,8 @@ def exclusive(lock_path: Path, busy: str) -> Iterator[None]:
         lock.acquire(timeout=0)
     except Timeout:
         raise CnnCodesError(busy) from None
+    except OSError as e:
+        raise cannot_write(e, lock_path.parent, folder=lock_path.parent) from None
     try:
         yield
     finally:
@@ -91,6 +94,10 @@ def make_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise CnnCodesError(f"{folder} cannot be made a folder: a file is in the way; give another path") from None
+    except OSError as e:
+        if e.errno not in NO_SPACE + NOT_WRITABLE:
+            raise
+        raise cannot_write(e, folder) from None
 
 
 def check_file_target(path: Path, read: Iterable[Path] = ()) -> None:
@@ -102,21 +109,7 @@ def check_file_target(path: Path, read: Iterable[Path] = ()) -> None:
 
 
 @contextmanager
-def says_where(path: Path, temporary: Path | str) -> Iterator[None]:
-    """An OSError that names no file (a full disk, a quota) or only `temporary` names `path` instead.
-
-    The command's one error line then says where the write failed, by the name the user knows.
-    """
-    try:
-        yield
-    except OSError as e:
-        if e.errno is None or (e.filename is not None and str(e.filename) != str(temporary)):
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from None
-
-
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+def _atomic_file(path: Path, needed: int | None = None) -> Iterator[BinaryIO]:
     """A temporary file beside `path` to write, moved into place once the block ends without an error.
 
     The file is synced before the rename and its folder after it, so even a power loss
@@ -125,7 +118,7 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     """
     check_file_target(path)
     make_folder(path.parent)
-    with temporary_beside(path) as tmp, says_where(path, tmp):
+    with temporary_beside(path) as tmp, says_where(path, tmp, needed):
         with open(tmp, "xb") as f:
             yield f
             f.flush()
@@ -233,7 +226,7 @@ def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    with _atomic_file(path) as f:
+    with _atomic_file(path, needed=array.nbytes) as f:
         np.save(f, array)
 
 

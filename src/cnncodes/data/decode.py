@@ -157,6 +157,37 @@ def to_square(im: Image.Image, size: int, resize: str = "crop") -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
+def square_box(width: int, height: int, size: int, resize: str = "crop") -> tuple[float, float, float, float]:
+    """The part of a `width`×`height` image that `to_square` turns into the network's `size`² square.
+
+    In the image's pixels (left, top, right, bottom), as Pillow computes it: `crop` gives the
+    centred square `ImageOps.fit` resizes, `squash` the whole image, `pad` a square reaching
+    past the image where the padding is (the network sees white there). A heat map of the
+    square lies exactly on this box of the image.
+
+    Args:
+        width: the decoded image's width, in pixels.
+        height: its height.
+        size: the side of the square the network sees.
+        resize: `crop`, `squash` or `pad`.
+
+    Returns:
+        The box, in the image's pixels (floats: the crop may fall between pixels).
+    """
+    check_resize(resize)
+    if resize == "squash":
+        return 0.0, 0.0, float(width), float(height)
+    if resize == "crop":
+        side = float(min(width, height))
+        left, top = (width - side) / 2, (height - side) / 2
+        return left, top, left + side, top + side
+    # the image's size inside the square and its offset, rounded as `ImageOps.contain` and `ImageOps.pad` round them
+    inner = (size, round(height / width * size)) if width > height else (round(width / height * size), size)
+    x, y = round((size - inner[0]) / 2), round((size - inner[1]) / 2)
+    sx, sy = width / inner[0], height / inner[1]
+    return -x * sx, -y * sy, (size - x) * sx, (size - y) * sy
+
+
 def load_square(
     source: Path | str | bytes, size: int, resize: str = "crop", max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:

@@ -166,7 +166,7 @@ def group_duplicates(phashes: Sequence[str], threshold: int) -> np.ndarray:
     n = len(phashes)
     if threshold < 0 or n < 2:
         return np.arange(n, dtype=np.int64)
-    unique, first_of = np.unique(_as_bits(phashes), return_inverse=True)
+    unique, first_of = np.unique(hash_bits(phashes), return_inverse=True)
     edges = _Edges(len(unique))
     for mask in _chunk_keys(threshold, len(unique)):
         edges.add(*_close_pairs_sharing(unique & mask, unique, threshold))
@@ -176,8 +176,15 @@ def group_duplicates(phashes: Sequence[str], threshold: int) -> np.ndarray:
     return first[component]
 
 
-def _as_bits(phashes: Sequence[str]) -> np.ndarray:
-    """64-bit hex hashes as unsigned integers; 16-digit ones (imagehash's) are parsed in one go."""
+def hash_bits(phashes: Sequence[str]) -> np.ndarray:
+    """64-bit hex hashes as unsigned integers; 16-digit ones (imagehash's) are parsed in one go.
+
+    Args:
+        phashes: perceptual hashes as hex strings.
+
+    Returns:
+        One uint64 per hash, whose XOR's bit count is the hashes' Hamming distance.
+    """
     joined = "".join(phashes)
     if len(joined) == 16 * len(phashes):
         try:
@@ -251,8 +258,31 @@ class _Edges:
         return connected_components(graph, directed=False)[1]
 
 
-def duplicate_warnings(groups: np.ndarray, paths: Sequence[str], labels: Sequence[str], threshold: int) -> list[str]:
-    """One line each for duplicate groups a user should look at: huge ones, and ones that span classes."""
+def duplicate_warnings(
+    groups: np.ndarray,
+    paths: Sequence[str],
+    labels: Sequence[str],
+    threshold: int,
+    *,
+    listing: str | Path | None = None,
+) -> list[str]:
+    """One line each for duplicate groups a user should look at: huge ones, and ones that span classes.
+
+    A group that spans classes is either a labelling mistake or two different pictures the
+    threshold joined: the line names two of its files and the lower threshold to try, so the
+    user can tell which by looking.
+
+    Args:
+        groups: each image's duplicate group (`group_duplicates`).
+        paths: each image's path.
+        labels: each image's class.
+        threshold: the `--dup-threshold` that made the groups.
+        listing: the file that lists every group's members, named in the lines.
+
+    Returns:
+        The lines, none when no group needs a look.
+    """
+    see = f" Every group is listed in {listing}." if listing else ""
     sizes = np.bincount(groups) if len(groups) else np.zeros(0, dtype=np.int64)
     members: dict[int, list[int]] = defaultdict(list)
     for i in np.flatnonzero(sizes[groups] > 1).tolist():  # only rows with copies: memory follows the duplicates
@@ -264,14 +294,15 @@ def duplicate_warnings(groups: np.ndarray, paths: Sequence[str], labels: Sequenc
         biggest = max(huge, key=len)
         warnings.append(
             f"{len(huge)} duplicate group(s) are very large (the largest: {len(biggest)} images, e.g. "
-            f"{paths[biggest[0]]}): is --dup-threshold {threshold} too high for these images?"
+            f"{paths[biggest[0]]}): is --dup-threshold {threshold} too high for these images?{see}"
         )
     mixed = [idx for idx in groups_of_many if len({labels[i] for i in idx}) > 1]
     if mixed:
         i, j = min(mixed[0], key=labels.__getitem__), max(mixed[0], key=labels.__getitem__)
         warnings.append(
             f"{len(mixed)} duplicate group(s) hold images of different classes, e.g. {paths[i]} "
-            f"({labels[i]}) and {paths[j]} ({labels[j]}): the same picture under two labels?"
+            f"({labels[i]}) and {paths[j]} ({labels[j]}): the same picture under two labels? If they are different "
+            f"pictures, give a lower --dup-threshold than {threshold}.{see}"
         )
     return warnings
 

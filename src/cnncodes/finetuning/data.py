@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,26 @@ def augmentation(seed: int) -> keras.Sequential:
     )
 
 
+def augmenter(seed: int) -> Callable[[Any], Any]:
+    """The training pipeline's augmentation of uint8 batches, each call a new random draw.
+
+    Args:
+        seed: the layers' seed (`augmentation`).
+
+    Returns:
+        A function of a (batch, size, size, 3) uint8 tensor that gives one of the same shape and type.
+    """
+    import tensorflow as tf
+
+    layers = augmentation(seed)
+
+    def augment(pixels: Any) -> Any:
+        moved = layers(tf.cast(pixels, tf.float32), training=True)
+        return tf.cast(tf.clip_by_value(tf.round(moved), 0, 255), tf.uint8)
+
+    return augment
+
+
 def image_dataset(
     paths: list[str], labels: np.ndarray, rows: np.ndarray, spec: TrainingSpec, train: bool, unreadable: list[str]
 ) -> Any:
@@ -208,13 +228,8 @@ def image_dataset(
 
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(spec.batch_size)
     if train and spec.augment:
-        layers = augmentation(spec.seed)
-
-        def randomise(pixels, y):
-            moved = layers(tf.cast(pixels, tf.float32), training=True)
-            return tf.cast(tf.clip_by_value(tf.round(moved), 0, 255), tf.uint8), y
-
-        ds = ds.map(randomise, num_parallel_calls=tf.data.AUTOTUNE)
+        augment = augmenter(spec.seed)
+        ds = ds.map(lambda pixels, y: (augment(pixels), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 Pooling = Literal["avg", "max", "flatten"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+# The ImageNet mean RGB that caffe-style preprocessing subtracts (Keras's `imagenet_utils`, mode "caffe").
+_CAFFE_MEAN = (123.68, 116.779, 103.939)
 # The largest input size: a batch of 32 RGB images at 2048 px is 1.6 GB as floats before the first layer.
 MAX_SIZE = 2048
 
@@ -36,6 +38,8 @@ class Backbone:
     min_size: int
     taps: tuple[str, ...]
     weights_file: str
+    # The RGB pixel (0-255) that the network's input normalisation maps to 0: its "no signal" input.
+    zero_input: tuple[float, float, float]
     weights_url: str
     # `finetune` unfreezes every layer after this one: the last convolutional block.
     finetune_after: str = ""
@@ -54,6 +58,15 @@ class Backbone:
     @property
     def default_layer(self) -> str:
         return self.taps[-1]
+
+    @property
+    def zero_pixel(self) -> tuple[int, int, int]:
+        """The uint8 pixel nearest `zero_input`: what deleting a pixel sets it to (faithfulness, RISE's deletion).
+
+        [-1, 1] networks map 127.5 to 0, which no uint8 is: 128 (round half to even) maps to 1/255.
+        """
+        r, g, b = (round(v) for v in self.zero_input)
+        return r, g, b
 
     def default_sizes(self, pooling: str, layer: str) -> list[int]:
         """`code_sizes` where codes can be averaged: not flattened maps, whose length depends on the size,
@@ -76,11 +89,24 @@ class Backbone:
 
     def imagenet_file(self, layer: str) -> ImagenetFile:
         """The ImageNet weights file the network cut at `layer` loads: with the classifier top for its layers."""
-        if self.needs_top(layer) and self.top_weights_file and self.top_weights_url:
-            return ImagenetFile(
-                backbone=self.name, name=self.top_weights_file, url=self.top_weights_url, md5=self.top_weights_md5
-            )
+        if self.needs_top(layer):
+            return self.top_file()
         return ImagenetFile(backbone=self.name, name=self.weights_file, url=self.weights_url, md5=self.weights_md5)
+
+    def top_file(self) -> ImagenetFile:
+        """The ImageNet weights of the whole network, its 1000-class classifier top included (`imagenet` loads them).
+
+        Returns:
+            Keras's file, its URL and MD5.
+
+        Raises:
+            CnnCodesError: the registry knows no such file for this backbone.
+        """
+        if not (self.top_weights_file and self.top_weights_url):
+            raise CnnCodesError(f"{self.name} has no ImageNet classifier top in the registry")
+        return ImagenetFile(
+            backbone=self.name, name=self.top_weights_file, url=self.top_weights_url, md5=self.top_weights_md5
+        )
 
     def resolve_weights(self, choice: str, layer: str, *, tried: str = "", advice: str | None = None) -> Weights:
         """`--weights imagenet|none|PATH` for the network cut at `layer` (`weights.resolve_weights` says how)."""
@@ -111,14 +137,28 @@ class Backbone:
 
         `size` None builds it for images of any size (the caller checks the sizes it feeds).
         """
-        import keras
-
         if size is not None:
             self.check_size(size, layer)
+        return self._constructed(size, weights, include_top=self.needs_top(layer))
+
+    def build_imagenet_classifier(self, weights: Weights) -> keras.Model:
+        """The whole ImageNet classifier, its softmax top included, for `default_size` images.
+
+        Args:
+            weights: the weights of `top_file` (or a file of the same network), resolved.
+
+        Returns:
+            The network: preprocessed float pixels in, the 1000 ImageNet class probabilities out.
+        """
+        return self._constructed(self.default_size, weights, include_top=True)
+
+    def _constructed(self, size: int | None, weights: Weights, *, include_top: bool) -> keras.Model:
+        import keras
+
         if weights.kind == "none":
             keras.utils.set_random_seed(UNTRAINED_SEED)
         constructor = getattr(keras.applications, self.constructor)
-        network = constructor(include_top=self.needs_top(layer), weights=None, input_shape=(size, size, 3))
+        network = constructor(include_top=include_top, weights=None, input_shape=(size, size, 3))
         if weights.path is not None:
             try:
                 network.load_weights(weights.path)
@@ -133,6 +173,7 @@ def _vgg(name: str, constructor: str, md5: str, top_md5: str) -> Backbone:
         constructor=constructor,
         module=name,
         preprocessing="caffe: RGB to BGR, minus ImageNet mean",
+        zero_input=_CAFFE_MEAN,
         default_size=224,
         min_size=32,
         taps=("block3_pool", "block4_pool", "block5_pool"),
@@ -148,7 +189,9 @@ def _vgg(name: str, constructor: str, md5: str, top_md5: str) -> Backbone:
 
 
 _SCALE_TF = "tf: scale to [-1, 1]"
+_MID_GREY = (127.5, 127.5, 127.5)
 _MOBILENET_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+_MOBILENET_TOP_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
 
 REGISTRY: dict[str, Backbone] = {
     b.name: b
@@ -160,6 +203,7 @@ REGISTRY: dict[str, Backbone] = {
             constructor="ResNet50",
             module="resnet50",
             preprocessing="caffe: RGB to BGR, minus ImageNet mean",
+            zero_input=_CAFFE_MEAN,
             default_size=224,
             min_size=32,
             taps=("conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
@@ -167,17 +211,23 @@ REGISTRY: dict[str, Backbone] = {
             weights_url=f"{_KERAS_URL}resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             finetune_after="conv4_block6_out",
             weights_md5="4d473c1dd8becc155b73f8504c6f6626",
+            top_weights_file="resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+            top_weights_url=f"{_KERAS_URL}resnet/resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+            top_weights_md5="2cb95161c43110f7111970584f804107",
         ),
         Backbone(
             name="mobilenetv2",
             constructor="MobileNetV2",
             module="mobilenet_v2",
             preprocessing=_SCALE_TF,
+            zero_input=_MID_GREY,
             default_size=224,
             min_size=32,
             taps=("block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu", "out_relu"),
             weights_file=_MOBILENET_FILE,
             weights_url=f"{_KERAS_URL}mobilenet_v2/{_MOBILENET_FILE}",
+            top_weights_file=_MOBILENET_TOP_FILE,
+            top_weights_url=f"{_KERAS_URL}mobilenet_v2/{_MOBILENET_TOP_FILE}",
             finetune_after="block_15_add",
             # Three sizes take 6.4x the time of one (still faster than ResNet50 or VGG16 at one) and add
             # about a point on both shared datasets (README, "Codes at several sizes"); the heavy networks keep one.
@@ -189,6 +239,8 @@ REGISTRY: dict[str, Backbone] = {
             constructor="EfficientNetB0",
             module="efficientnet",
             preprocessing="none: the network rescales and normalises itself",
+            # its Normalization layer's ImageNet mean, as in Keras's `imagenet_utils` mode "torch"
+            zero_input=(123.675, 116.28, 103.53),
             default_size=224,
             min_size=32,
             taps=("block3b_add", "block4c_add", "block6d_add", "top_activation"),
@@ -196,6 +248,9 @@ REGISTRY: dict[str, Backbone] = {
             weights_url="https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
             finetune_after="block6d_add",
             weights_md5="50bc09e76180e00e4465e1a485ddc09d",
+            top_weights_file="efficientnetb0.h5",
+            top_weights_url="https://storage.googleapis.com/keras-applications/efficientnetb0.h5",
+            top_weights_md5="902e53a9f72be733fc0bcb005b3ebbac",
             size_step=32,
         ),
         Backbone(
@@ -203,6 +258,7 @@ REGISTRY: dict[str, Backbone] = {
             constructor="InceptionV3",
             module="inception_v3",
             preprocessing=_SCALE_TF,
+            zero_input=_MID_GREY,
             default_size=299,
             min_size=75,
             taps=("mixed2", "mixed5", "mixed7", "mixed10"),
@@ -210,12 +266,16 @@ REGISTRY: dict[str, Backbone] = {
             weights_url=f"{_KERAS_URL}inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             finetune_after="mixed8",
             weights_md5="bcbd6486424b2319ff4ef7d526e38f63",
+            top_weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
+            top_weights_url=f"{_KERAS_URL}inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
+            top_weights_md5="9a0d58056eeedaa3f26cb7ebd46da564",
         ),
         Backbone(
             name="xception",
             constructor="Xception",
             module="xception",
             preprocessing=_SCALE_TF,
+            zero_input=_MID_GREY,
             default_size=299,
             min_size=71,
             taps=("block4_sepconv2_act", "block13_sepconv2_act", "block14_sepconv2_act"),
@@ -224,6 +284,9 @@ REGISTRY: dict[str, Backbone] = {
             # block13_pool feeds a residual add: the first layer whose output alone feeds the rest is in block14
             finetune_after="block14_sepconv1_act",
             weights_md5="b0042744bf5b25fce3cb969f33bebb97",
+            top_weights_file="xception_weights_tf_dim_ordering_tf_kernels.h5",
+            top_weights_url=f"{_KERAS_URL}xception/xception_weights_tf_dim_ordering_tf_kernels.h5",
+            top_weights_md5="0a58e3b7378bc2990ea3b43d5981f1f6",
         ),
     )
 }

@@ -67,6 +67,38 @@ def build_extractor(
     return keras.Model(pixels, joined(codes), name=f"{entry.name}_codes")
 
 
+def build_feature_maps(
+    entry: Backbone, size: int, layer: str, weights: Weights, scale: int, any_size: bool = False
+) -> keras.Model:
+    """uint8 RGB pixels in, the tapped layer's unpooled maps out, for the image seen at `scale` px.
+
+    The extractor's code at that scale is these maps' spatial mean (or maximum): what a heat
+    map explains. One model per scale, so each is one output whose grid its shape gives.
+
+    Args:
+        entry: the backbone's registry entry.
+        size: the square input size, in pixels (the extractor's `image_size`).
+        layer: the tapped layer, which must give a spatial map.
+        weights: the resolved weights.
+        scale: the size the input is resized to before the network (`size` for one-size codes).
+        any_size: build the network for any input size, as `build_extractor` does for several scales.
+
+    Returns:
+        The model: (batch, size, size, 3) uint8 in, (batch, rows, columns, channels) out.
+
+    Raises:
+        CnnCodesError: the network has no layer `layer`, or it is not a spatial map.
+    """
+    import keras
+
+    network = entry.build_network(None if any_size else size, layer, weights)
+    trunk = keras.Model(network.inputs, tap(entry, network, layer).output, name=f"{entry.name}_to_{layer}")
+    if len(trunk.output.shape) != 4:
+        raise CnnCodesError(f"{entry.name}'s layer {layer} gives a vector, not a map: it has no heat map")
+    pixels, preprocessed = _pixel_input(entry, size)
+    return keras.Model(pixels, trunk(_resized(preprocessed, scale, size)), name=f"{entry.name}_maps_{scale}")
+
+
 def build_classifier(
     entry: Backbone, size: int, n_classes: int, weights: Weights, dropout: float
 ) -> tuple[keras.Model, keras.Model]:

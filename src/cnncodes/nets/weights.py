@@ -101,7 +101,7 @@ def resolve_weights(choice: str, *, imagenet: ImagenetFile, tried: str = "", adv
     if choice == "none":
         return Weights("none")
     if choice == "imagenet":
-        path = _find(imagenet.name) or _download(imagenet, tried, advice)
+        path = find_file(imagenet.name) or _download(imagenet, tried, advice)
         return Weights("imagenet", path, _published(path, imagenet.md5))
     path = Path(choice).expanduser()
     if not path.is_file():
@@ -126,7 +126,15 @@ def _published(path: Path, md5: str | None) -> str:
     return sha256.hexdigest()
 
 
-def _find(file_name: str) -> Path | None:
+def find_file(file_name: str) -> Path | None:
+    """A canonical Keras file in the first of `search_dirs` that holds it, resolved; None if none does.
+
+    Args:
+        file_name: a canonical Keras file name (`ImagenetFile.name`).
+
+    Returns:
+        The file's path, or None (nothing is downloaded).
+    """
     for folder in search_dirs():
         candidate = folder / file_name
         if candidate.is_file():
@@ -134,11 +142,26 @@ def _find(file_name: str) -> Path | None:
     return None
 
 
-def _download(imagenet: ImagenetFile, tried: str, advice: str | None) -> Path:
+def download(imagenet: ImagenetFile) -> Path:
+    """Keras's download of a published file into its cache, checked against the published MD5.
+
+    Args:
+        imagenet: the file, its URL and MD5.
+
+    Returns:
+        Where Keras saved it (under `keras_cache_dir`).
+
+    Raises:
+        Exception: whatever Keras raises when the file cannot be downloaded (offline, a wrong MD5).
+    """
     from keras.utils import get_file
 
+    return Path(get_file(imagenet.name, imagenet.url, cache_subdir="models", file_hash=imagenet.md5))
+
+
+def _download(imagenet: ImagenetFile, tried: str, advice: str | None) -> Path:
     try:
-        return Path(get_file(imagenet.name, imagenet.url, cache_subdir="models", file_hash=imagenet.md5))
+        return download(imagenet)
     except Exception as e:
         searched = [f"{place} ({folder})" for place, folder in search_places().items()]
         if not os.environ.get(WEIGHTS_DIR_ENV):

@@ -13,12 +13,15 @@ import io
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import joblib
+from pydantic import Field
 
+from cnncodes.codes.meta import RecordedExtractor
 from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import package_versions, read_json
+from cnncodes.core.typed import Name, Strict, validated
 from cnncodes.runs.records import previous_model, publish_run, sidecar
 from cnncodes.runs.schema import RECORD_FORMAT, validate_record
 
@@ -36,11 +39,24 @@ _FORMER_MODULES = {
 }
 
 
+class BundleContents(Strict):
+    """What a bundle holds besides its format: the fitted model and what `predict` rebuilds around it."""
+
+    run: Name
+    model: Any
+    classes: Annotated[list[Name], Field(min_length=2)]
+    extractor: RecordedExtractor
+    versions: dict[str, str]  # `package_versions()` where it was fitted: Keras draws untrained weights by its own
+
+
 def publish_bundle(path: Path, contents: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     """Save a bundle and its run record together (see `records.publish`); returns the completed record."""
 
+    bundle = {"format": BUNDLE_FORMAT, **contents, "versions": package_versions()}
+    validated(BundleContents, bundle, path, what="model bundle")
+
     def write(tmp: Path) -> None:
-        joblib.dump({"format": BUNDLE_FORMAT, **contents, "versions": package_versions()}, tmp, compress=3)
+        joblib.dump(bundle, tmp, compress=3)
 
     return publish_run(path, write, record)
 
@@ -121,6 +137,9 @@ def load_bundle(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f"{path} was made by another version of cnncodes ({bundle['format']}, this one reads "
             f"{BUNDLE_FORMAT}): fit the model again with `cnncodes fit-svm`"
         )
+    validated(BundleContents, bundle, path, what="model bundle", advice=": fit the model again")
+    if bundle["classes"] != record["classes"]:
+        raise CnnCodesError(f"{path} does not predict the classes its run record names: fit the model again")
     return record, bundle
 
 

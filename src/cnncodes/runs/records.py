@@ -22,7 +22,6 @@ from cnncodes.core.files import (
     make_folder,
     package_versions,
     read_json,
-    says_where,
     sha256_file,
     sync_folder,
     temporary_beside,
@@ -30,6 +29,7 @@ from cnncodes.core.files import (
     write_json_atomic,
 )
 from cnncodes.core.progress import warn
+from cnncodes.core.writes import says_where
 from cnncodes.runs.evaluate import calibration
 from cnncodes.runs.schema import RECORD_FORMAT, validate_record
 
@@ -131,8 +131,10 @@ def publish_run(model_path: Path, write_model: Callable[[Path], None], record: d
             os.replace(model_path, previous)
         else:
             write_bytes_atomic(previous, b"")
-        os.replace(model_tmp, model_path)
-        os.replace(record_tmp, sidecar(model_path))
+        with says_where(model_path, model_tmp):
+            os.replace(model_tmp, model_path)
+        with says_where(sidecar(model_path), record_tmp):
+            os.replace(record_tmp, sidecar(model_path))
         sync_folder(model_path.parent)
         previous.unlink()
     return record

@@ -12,25 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import Field, StrictInt, model_validator
 
-from cnncodes.core.errors import CnnCodesError
+from cnncodes.core.typed import Count, Name, NonNegative, Strict, Unit, validated
 
 RECORD_FORMAT = "cnncodes.run/1"
 
-Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-Count = Annotated[StrictInt, Field(ge=0)]
-Name = Annotated[str, Field(min_length=1)]
 
-
-class _Part(BaseModel):
-    """Strict about kinds (no "0.5" for 0.5), tolerant of fields a later version adds."""
-
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-class ClassScores(_Part):
+class ClassScores(Strict):
     """One class's precision, recall and F1 on the test images, and how many it had."""
 
     precision: Unit
@@ -39,7 +28,7 @@ class ClassScores(_Part):
     support: Count
 
 
-class TestPrediction(_Part):
+class TestPrediction(Strict):
     """What the run answered for one test image (paths relative to the dataset)."""
 
     path: Name
@@ -48,7 +37,7 @@ class TestPrediction(_Part):
     probability: Unit | None = None
 
 
-class RepeatScore(_Part):
+class RepeatScore(Strict):
     """One split of `--repeats`: its seed, test accuracy and calibration scores."""
 
     seed: StrictInt
@@ -60,7 +49,7 @@ class RepeatScore(_Part):
     confidence_wrong: Unit | None = None
 
 
-class Dataset(_Part):
+class Dataset(Strict):
     """Where the images were and which split of them the run saw."""
 
     data: str
@@ -68,7 +57,7 @@ class Dataset(_Part):
     features: str | None = None
 
 
-class RunRecord(_Part):
+class RunRecord(Strict):
     """How a model was made, what it saw and how it scored on the held-out test images."""
 
     format: str
@@ -144,31 +133,7 @@ def validate_record(record: Any, path: Path | str) -> dict[str, Any]:
 
     Raises:
         CnnCodesError: one line naming the file and the first field that is missing, of the wrong kind or out of
-            range (or that the JSON is nested too deeply to be a record).
+            range (or that the JSON is nested too deeply to be a run record).
     """
-    try:
-        RunRecord.model_validate(_readable(record))
-    except ValidationError as e:
-        raise CnnCodesError(f"{path}: {describe(e)}") from None
-    except RecursionError:
-        raise CnnCodesError(f"{path}: nested too deeply to be a run record") from None
+    validated(RunRecord, record, path, what="run record")
     return record
-
-
-def _readable(value: Any) -> Any:
-    """Strings with the surrogates of non-UTF-8 file names (which pydantic cannot read) made checkable."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return {_readable(k): _readable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_readable(v) for v in value]
-    return value
-
-
-def describe(error: ValidationError) -> str:
-    """The first problem pydantic found, as 'field a.b: what is wrong' (pydantic's own text is several lines)."""
-    first = error.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in first["loc"])
-    what = first["msg"].removeprefix("Value error, ")
-    return f"the run record's {where} is not valid ({what})" if where else f"the run record is not valid ({what})"

@@ -62,6 +62,7 @@ _TRANSIENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG)
 class Runner(Protocol):
     dim: int
     input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray: ...
 
@@ -73,6 +74,7 @@ class KerasRunner:
         self.model = model
         self.dim = int(np.prod(model.output_shape[1:]))
         self.input_shape = tuple(model.input_shape[1:])
+        self.output_shape = tuple(model.output_shape[1:])
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 0:
@@ -99,7 +101,8 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.input_shape = tuple(self.session.get_inputs()[0].shape[1:])
-        self.dim = int(np.prod(self.session.get_outputs()[0].shape[1:]))
+        self.output_shape = tuple(self.session.get_outputs()[0].shape[1:])
+        self.dim = int(np.prod(self.output_shape))
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 0:
@@ -119,7 +122,7 @@ class MirrorAveraged:
     def __init__(self, runner: Runner):
         self.runner = runner
         self.dim = runner.dim
-        self.input_shape = runner.input_shape
+        self.input_shape, self.output_shape = runner.input_shape, runner.output_shape
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return (self.runner(pixels) + self.runner(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
@@ -135,6 +138,7 @@ class MeanOfViews:
         self.runner, self.views = runner, views
         self.dim = runner.dim // views
         self.input_shape = runner.input_shape
+        self.output_shape: tuple[int, ...] = (self.dim,)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self.runner(pixels).reshape(len(pixels), self.views, self.dim).mean(axis=1)
@@ -173,9 +177,39 @@ def cache_dir() -> Path:
 
 
 def onnx_cache_path(model_key: str) -> Path:
-    """Where the ONNX twin of the model with `model_key` lives, for the installed converters."""
+    """Where the ONNX twin of the model with `model_key` lives, for the installed converters.
+
+    Without Keras (a serving image without TensorFlow) nothing converts here: the model is the one
+    `cnncodes prepare` cached for this key where TensorFlow is installed, whichever converters made it.
+    """
     versions = {name: v for name, v in package_versions().items() if name in _CONVERTERS}
-    return cache_dir() / "onnx" / f"{sha256_json([model_key, versions])[:32]}.onnx"
+    path = cache_dir() / "onnx" / f"{sha256_json([model_key, versions])[:32]}.onnx"
+    if "keras" in versions or path.with_suffix(".json").is_file():
+        return path
+    return next(
+        (p.with_suffix(".onnx") for p in sorted(path.parent.glob("*.json")) if _recorded_key(p) == model_key), path
+    )
+
+
+def _recorded_key(record: Path) -> Any:
+    try:
+        return read_json(record).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_can_convert(label: str) -> None:
+    """Stop, in one line, where a model missing from the cache cannot be converted: TensorFlow is not installed.
+
+    Raises:
+        CnnCodesError: Keras is not installed.
+    """
+    if "keras" not in package_versions():
+        raise CnnCodesError(
+            f"{label} is not prepared for ONNX Runtime in {cache_dir() / 'onnx'} and TensorFlow is not installed "
+            f"here to convert it: run `cnncodes prepare` on the model where TensorFlow is installed, with "
+            f"${CACHE_ENV} set to this cache"
+        )
 
 
 def cache_record(model_key: str) -> dict[str, Any] | None:
@@ -248,6 +282,7 @@ def onnx_model(
     failed = path.with_suffix(".failed")
     if failed.is_file():  # converting again would fail again
         return f"{failed.read_text().strip()}; to try converting again, delete {failed}"
+    check_can_convert(label)
     if notice:  # news, not a warning: said once per model, since the cached model serves every later run
         say(f"Converting {label} for ONNX Runtime (first use; cached for later runs): {CONVERSION_ESTIMATE}")
     try:

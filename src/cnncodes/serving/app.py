@@ -1,5 +1,6 @@
 """The HTTP service around one loaded model: POST /predict, GET /healthz, /readyz, /metadata, /metrics, and the
-Open Inference Protocol's /v2 routes (`serving.v2`).
+Open Inference Protocol's /v2 routes (`serving.v2`); for people, a page at / (`serving.page`) and the heat maps
+it shows (POST /explain, `serving.heatmap`); an optional API key and CORS allow-list (`serving.security`).
 
 Uploads go through the same `Predictor` as `cnncodes predict`: the same decoding, the same
 pixels, the same probabilities. Images of concurrent requests share forward passes
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
@@ -27,8 +28,11 @@ from starlette.requests import ClientDisconnect
 
 from cnncodes.data.decode import BadImage
 from cnncodes.serving.batcher import MicroBatcher
+from cnncodes.serving.heatmap import add_explain_route
 from cnncodes.serving.metrics import Metrics, MetricsMiddleware, model_labels
+from cnncodes.serving.page import add_page_route
 from cnncodes.serving.predict import Prediction, Predictor
+from cnncodes.serving.security import add_security, read_api_key, require_api_key
 from cnncodes.serving.settings import ServeSettings
 from cnncodes.serving.v2 import add_v2_routes
 
@@ -68,7 +72,7 @@ UPLOAD_SCHEMA: dict[str, Any] = {
 
 
 def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
-    """The service: POST /predict, GET /healthz, /readyz, /metadata, /metrics, and the V2 protocol under /v2.
+    """The service: POST /predict and /explain, GET /, /healthz, /readyz, /metadata, /metrics, and V2 under /v2.
 
     Args:
         predictor: the loaded model.
@@ -76,7 +80,11 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
     Returns:
         The ASGI app; its lifespan warms the model up and starts the micro-batcher.
+
+    Raises:
+        CnnCodesError: the API key file cannot be read, or a CORS origin is not one.
     """
+    key = read_api_key(settings.api_key_file)
     metrics = Metrics(model=model_labels(model=settings.model, record=predictor.record))
     batcher = MicroBatcher(predictor.probabilities, settings=settings, metrics=metrics)
     decoders = ThreadPoolExecutor(
@@ -97,10 +105,15 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         redirect_slashes=False,  # a redirect's Location would be built from the client's Host header
+        dependencies=[Depends(require_api_key(key))] if key else None,
     )
     app.state.batcher = batcher  # `serve` drains it on SIGTERM
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    add_security(app, cors_origins=settings.cors_origins)
+
+    def rejected(bad: BadImage) -> None:
+        metrics.rejected.labels(bad.category).inc()
 
     async def pixels_of(data: bytes) -> np.ndarray:
         try:
@@ -108,7 +121,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
                 decoders, predictor.pixels, data, settings.max_pixels
             )
         except BadImage as bad:
-            metrics.rejected.labels(bad.category).inc()
+            rejected(bad)
             raise
 
     async def answer(filename: str, data: bytes, top_k: int) -> Prediction:
@@ -134,9 +147,21 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         return body
 
     _add_status_routes(app, batcher, metrics, _finite(_metadata(predictor, settings)))
+    name = settings.model_name or str(predictor.record.get("run") or Path(settings.model).stem)
+    add_page_route(app, model=name)
+    add_explain_route(
+        app,
+        predictor=predictor,
+        settings=settings,
+        batcher=batcher,
+        threads=decoders,
+        read_uploads=_uploads,
+        on_rejected=rejected,
+        upload_schema=UPLOAD_SCHEMA,
+    )
     add_v2_routes(
         app,
-        name=settings.model_name or str(predictor.record.get("run") or Path(settings.model).stem),
+        name=name,
         classes=predictor.classes,
         batcher=batcher,
         pixels_of=pixels_of,

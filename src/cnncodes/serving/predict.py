@@ -127,13 +127,7 @@ def load_predictor(
         return _finetuned_predictor(Path(model), runtime, threads)
     record, bundle = load_bundle(Path(model))
     spec = ExtractorSpec.from_dict(bundle["extractor"])
-    if spec.weights == "none":
-        made, installed = bundle["versions"].get("keras"), package_versions().get("keras")
-        if made != installed:
-            raise CnnCodesError(
-                f"{model} uses untrained weights drawn by Keras {made}; Keras {installed} would draw "
-                f"others: install keras=={made}"
-            )
+    check_loadable(model, spec, bundle["versions"])
     # A prepared model's network is its cached ONNX model: the weights are looked for only to build one. A file
     # the user names is checked all the same, so a wrong one is refused rather than ignored.
     runner = spec.runner(spec.find_weights(weights) if weights else spec.find_weights, runtime, threads)
@@ -143,6 +137,40 @@ def load_predictor(
         return class_probabilities(classifier, runner(pixels), len(classes))
 
     return Predictor(probabilities, spec.image_size, spec.resize, classes, record)
+
+
+def check_loadable(model: Path | str, spec: ExtractorSpec, versions: dict[str, Any]) -> None:
+    """Refuse a bundle whose untrained network this Keras would draw differently.
+
+    Args:
+        model: the bundle, for the message.
+        spec: its extractor.
+        versions: the package versions its record holds.
+
+    Raises:
+        CnnCodesError: untrained weights drawn by another Keras.
+    """
+    if spec.weights != "none":
+        return
+    made, installed = versions.get("keras"), package_versions().get("keras")
+    if made != installed:
+        raise CnnCodesError(
+            f"{model} uses untrained weights drawn by Keras {made}; Keras {installed} would draw "
+            f"others: install keras=={made}"
+        )
+
+
+def load_finetuned(path: Path) -> tuple[dict[str, Any], Any]:
+    """A fine-tuned `.keras` model loaded in Keras, from exactly the bytes its run record vouches for.
+
+    Args:
+        path: the `.keras` file, its record beside it.
+
+    Returns:
+        The run record and the Keras model.
+    """
+    record, data = load_record_for(path)
+    return record, _load_verified(path.name, data)
 
 
 def _finetuned_predictor(path: Path, runtime: str, threads: int | None) -> Predictor:

@@ -39,6 +39,7 @@ try:  # the `serve` extra; FastAPI first, so a missing one is named even when th
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     from cnncodes.serving.app import create_app
+    from cnncodes.serving.security import check_origin, read_api_key
 except ImportError as e:
     raise CnnCodesError(
         f"cnncodes serve needs packages that are not installed ({e.name}): pip install 'cnncodes[serve]'"
@@ -179,11 +180,15 @@ def serve(
             at once. None: half the process's file-descriptor limit, so sockets never exhaust it.
 
     Raises:
-        CnnCodesError: the address cannot be listened on, or the model cannot be loaded or copied.
+        CnnCodesError: the address cannot be listened on, the API key file or a CORS origin is unusable, or the
+            model cannot be loaded or copied.
     """
     if workers < 1:
         raise CnnCodesError(f"--workers must be at least 1 (got {workers})")
     _check_address(host, port)
+    read_api_key(settings.api_key_file)  # a bad key file or origin is said before the model loads
+    for origin in settings.cors_origins:
+        check_origin(origin)
     threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
     settings = replace(settings, threads=threads)
     options: dict[str, Any] = {

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from cnncodes.core.choices import SERVE_BATCH_WAIT_MS, SERVE_MAX_BATCH, SERVE_MAX_BYTES, SERVE_MAX_PIXELS
 
+# The variable holding the API key when no key file is given: a file or the environment, never the command line.
+API_KEY_ENV = "CNNCODES_API_KEY"
+
 
 @dataclass(frozen=True, kw_only=True)
 class ServeSettings:
@@ -27,6 +30,11 @@ class ServeSettings:
         threads: threads of this process, for decoding and for the runtime's operators (None: one per core;
             `serve` gives each of its processes cores / workers).
         model_name: the model's name in the V2 protocol's paths (None: its run's name).
+        api_key_file: a file holding the key every route but the probes, /metrics and the page requires
+            (None: the `CNNCODES_API_KEY` variable's, or no key). A path, not the key: the settings travel
+            to worker processes in their environment.
+        cors_origins: the origins whose browser pages may call the service (none: no CORS headers).
+        explain: whether POST /explain draws heat maps (it loads the model's feature-map network on first use).
     """
 
     model: str
@@ -41,3 +49,6 @@ class ServeSettings:
     drain_seconds: float = 0.0
     threads: int | None = None
     model_name: str | None = None
+    api_key_file: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    explain: bool = True
