@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -440,6 +441,16 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; {versions}"
 
 
+
+def sections_of_others(page: Path, ours: list[str]) -> list[str]:
+    """The sections of `page` that other scripts write (e.g. scripts/faithfulness.py), kept as they are."""
+    if not page.is_file():
+        return []
+    titles = {section.splitlines()[0] for section in ours if section.startswith("## ")}
+    parts = re.split(r"(?m)^(?=## )", page.read_text())
+    return [part.strip() for part in parts if part.startswith("## ") and part.splitlines()[0] not in titles]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/cnncodes-accuracy"))
@@ -533,7 +544,7 @@ def main() -> None:
     sections.append("## Command lines\n\n```sh\n" + "\n".join(relative(line, args.work) for line in log) + "\n```")
     out = ROOT / "docs" / "results.md"
     out.parent.mkdir(exist_ok=True)
-    out.write_text("\n\n".join(sections) + "\n")
+    out.write_text("\n\n".join(sections + sections_of_others(out, sections)) + "\n")
     print(
         "\n"
         + defaults_vs_tutorial(repeated, tutorial)

@@ -153,7 +153,7 @@ def test_compare_passes_over_damaged_records_with_a_warning_naming_each(fitted, 
     assert len(json.loads(result.stdout)) == 1
     warned = " ".join(result.stderr.split())
     assert f"skipped {cut}: the run record of the model beside it cannot be read" in warned
-    assert f"skipped {thin}: the run record's balanced_accuracy is not valid (Field required)" in warned
+    assert f"skipped {thin}: the run record lacks balanced_accuracy" in warned
     assert f"skipped {edited}: the run record's fit_seconds is not valid" in warned and "notes.json" not in warned
 
 

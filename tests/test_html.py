@@ -74,7 +74,9 @@ def page(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> Path:
 
 
 def test_class_names_a_font_lacks_draw_without_a_warning_and_the_page_names_them_as_they_are(page, recwarn):
-    assert [str(w.message) for w in recwarn if not issubclass(w.category, DeprecationWarning)] == []
+    said = [str(w.message) for w in recwarn if not issubclass(w.category, DeprecationWarning)]
+    # the fixture's models are stand-in bytes: the report says it shows their mistakes without heat maps
+    assert [m for m in said if "without heat maps" not in m] == []
     text = page.read_bytes().decode()  # a carriage return kept as it is
     assert "猫 cat" in text and "a\rb" in text and "$5 stripes" in text
     drawn = plot_names(list(NAMES.values()))

@@ -260,7 +260,7 @@ def fail():
 def test_the_child_keeps_stdout_clean_and_returns_an_error_it_cannot_send_as_its_type_and_text(tmp_path):
     """stdout may carry the command's JSON; an exception that pickles but cannot be rebuilt still says what it was."""
     (tmp_path / "odd.py").write_text(ODD_FAILURE)
-    script = "from cnncodes.runtime.runners import in_child\nfrom odd import fail\ntry:\n    in_child(fail)\n"
+    script = "from cnncodes.runtime.child import in_child\nfrom odd import fail\ntry:\n    in_child(fail)\n"
     script += "except Exception as e:\n    print(type(e).__name__, e)\n"
     env = os.environ | {"PYTHONPATH": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)

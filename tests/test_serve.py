@@ -49,7 +49,7 @@ def test_health_readiness_and_metadata(server, served):
     )
     assert meta["run"]["run"] == record["run"] and meta["run"]["accuracy"] == record["accuracy"]
     assert meta["run"]["ece"] == record["ece"] and meta["run"]["accuracy_mean"] is None  # one split
-    assert meta["limits"]["max_bytes"] == MAX_BYTES and meta["batching"]["max_batch"] == 32
+    assert meta["limits"]["max_bytes"] == MAX_BYTES and meta["batching"]["max_batch"] == 8
 
 
 def test_predictions_equal_cnncodes_predict(server, served):

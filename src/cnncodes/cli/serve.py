@@ -30,6 +30,14 @@ def serve(
             "decompression-bomb limit (89 million) that limit holds.",
         ),
     ] = SERVE_MAX_PIXELS,
+    max_request_pixels: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Most pixels all images of one request may decode to; the files past it get an error unread "
+            "(default: eight images at --max-pixels).",
+        ),
+    ] = None,
     batch_wait_ms: Annotated[
         float, typer.Option(min=0, help="How long an image waits for others to share its forward pass.")
     ] = SERVE_BATCH_WAIT_MS,
@@ -104,6 +112,7 @@ def serve(
         runtime=runtime,
         max_bytes=max_bytes,
         max_pixels=max_pixels,
+        max_request_pixels=max_request_pixels,
         batch_wait_ms=batch_wait_ms,
         max_batch=max_batch,
         max_queue=max_queue,

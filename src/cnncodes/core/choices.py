@@ -30,4 +30,4 @@ SERVE_MAX_BYTES = 20_000_000
 SERVE_MAX_PIXELS = 16_000_000
 # `serve`: how long an image waits for others to share its forward pass, and the most images in one.
 SERVE_BATCH_WAIT_MS = 5.0
-SERVE_MAX_BATCH = 32
+SERVE_MAX_BATCH = 8  # measured: larger batches buy no images/s on a CPU and cost memory (docs/deployment.md)

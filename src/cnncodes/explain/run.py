@@ -148,7 +148,8 @@ def explain(
             if len(batch.rows):
                 found = explainer.explain(batch.pixels, choose)
                 methods.add(found.method)
-                scores = _faithfulness(explainer, batch.pixels, found, int(batch.rows[0])) if faithfulness else None
+                seed = int(batch.rows[0])
+                scores = _faithfulness(explainer, batch.pixels, found, seed=seed) if faithfulness else None
                 if feature_maps and spec:
                     paths = [folder / f"{names[row]}.features.png" for row in batch.rows]
                     feature_map_grid(batch.pixels, layer=feature_maps, paths=paths, extractor=spec)
@@ -287,17 +288,19 @@ def _written(
     return entry
 
 
-def _faithfulness(explainer: Explainer, pixels: np.ndarray, found: Explanation, seed: int) -> list[dict[str, float]]:
-    """Deletion and insertion AUC of each image's first map, and of a random map (seeded by `seed`)."""
+def _faithfulness(explainer: Explainer, pixels: np.ndarray, found: Explanation, *, seed: int) -> list[dict[str, float]]:
+    """Deletion and insertion AUC of each image's first map, and of a random map (seeded by `seed`).
+
+    The perturbed images go through the model a batch's worth at a time, so the memory is a batch's.
+    """
     size = explainer.image_size
     square = (0.0, 0.0, float(size), float(size))
     maps = np.stack([np.nan_to_num(upsampled(grid, square, size, size)) for grid in found.maps[..., 0]])
     classes, zero = found.explained[:, 0], explainer.zero_pixel
-    ours = measured_faithfulness(explainer.probabilities, pixels=pixels, maps=maps, classes=classes, zero_pixel=zero)
+    score, n = explainer.probabilities, len(pixels)
+    ours = measured_faithfulness(score, pixels=pixels, maps=maps, classes=classes, zero_pixel=zero, batch_size=n)
     grid = (found.maps.shape[1], found.maps.shape[2])
-    chance = random_baseline(
-        explainer.probabilities, pixels=pixels, classes=classes, zero_pixel=zero, grid=grid, seed=seed
-    )
+    chance = random_baseline(score, pixels=pixels, classes=classes, zero_pixel=zero, grid=grid, seed=seed, batch_size=n)
     return [
         {
             "deletion": round(float(ours.deletion[i]), 6),

@@ -19,7 +19,7 @@ import joblib
 from pydantic import Field
 
 from cnncodes.codes.meta import RecordedExtractor
-from cnncodes.core.errors import CnnCodesError
+from cnncodes.core.errors import CnnCodesError, first_line
 from cnncodes.core.files import package_versions, read_json
 from cnncodes.core.typed import Name, Strict, validated
 from cnncodes.runs.records import previous_model, publish_run, sidecar
@@ -129,7 +129,10 @@ def load_bundle(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f"{path} was made with scikit-learn {wanted} but {installed} is installed: "
             f"install scikit-learn=={wanted} or fit the model again"
         )
-    bundle = _unpickle(data)
+    try:
+        bundle = _unpickle(data)
+    except Exception as e:  # bytes its record vouches for, but not a pickle a bundle is made of
+        raise CnnCodesError(f"{path} is not a cnncodes model bundle (it cannot be read: {first_line(e)})") from None
     if not isinstance(bundle, dict) or not str(bundle.get("format", "")).startswith("cnncodes.bundle/"):
         raise CnnCodesError(f"{path} is not a cnncodes model bundle")
     if bundle["format"] != BUNDLE_FORMAT:

@@ -20,17 +20,16 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pickle
 import shutil
-import subprocess
-import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
+from filelock import FileLock
 
 from cnncodes.core.errors import CnnCodesError, first_line
 from cnncodes.core.files import (
@@ -42,6 +41,7 @@ from cnncodes.core.files import (
     write_json_atomic,
 )
 from cnncodes.core.progress import say
+from cnncodes.runtime.child import ChildDied, in_child
 
 Runtime = Literal["onnx", "keras"]
 RUNTIMES: tuple[str, ...] = get_args(Runtime)
@@ -279,6 +279,39 @@ def onnx_model(
         return found
     if found is not None:
         _say(notice, f"the cached ONNX model {path} was refused ({found}): converting {label} again")
+    with _one_converter(path, model_key):  # another process converting this model: wait, take what it made
+        made = cached_runner(path, model_key, pin, threads)
+        if isinstance(made, OnnxRunner):
+            return made
+        return _converted(build, path, model_key, notice, pin, label, threads)
+
+
+@contextmanager
+def _one_converter(path: Path, model_key: str) -> Iterator[None]:
+    """One process at a time converts the model cached at `path` (xdist workers, Ray actors, two commands)."""
+    try:
+        private_cache_dir(model_key)  # made private before the lock file is made in it
+        lock = FileLock(path.with_suffix(".lock"))
+        lock.acquire()
+    except OSError:  # a cache that cannot be written: converting fails later, with the reason
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _converted(
+    build: Callable[[], Any],
+    path: Path,
+    model_key: str,
+    notice: Callable[[str], None] | None,
+    pin: Sequence[float] | None,
+    label: str,
+    threads: int | None,
+) -> OnnxRunner | str:
+    """Convert `build()` into the cache at `path`, or say why it cannot be (recorded, unless it may pass later)."""
     failed = path.with_suffix(".failed")
     if failed.is_file():  # converting again would fail again
         return f"{failed.read_text().strip()}; to try converting again, delete {failed}"
@@ -352,46 +385,6 @@ def _convert(build: Callable[[], Any], path: Path, model_key: str, threads: int 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return runner
-
-
-def in_child(function: Callable[..., Any], *args: Any) -> Any:
-    """`function(*args)` in a fresh process that exits afterwards, so its memory goes back to the system.
-
-    It runs here instead when TensorFlow is loaded already (a fine-tune, a notebook): a child
-    would add only its own start-up, several seconds. So does a closure, which cannot be pickled.
-    """
-    if "tensorflow" in sys.modules:
-        return function(*args)
-    try:
-        call = pickle.dumps((function, args))
-    except (pickle.PicklingError, AttributeError, TypeError):
-        return function(*args)
-    with tempfile.TemporaryDirectory(prefix="cnncodes-child-") as scratch:
-        call_file, result_file = Path(scratch) / "call.pickle", Path(scratch) / "result.pickle"
-        call_file.write_bytes(call)
-        # the child finds modules where this process does (a notebook's sys.path changes included)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        command = [sys.executable, "-m", "cnncodes.runtime.child", str(call_file), str(result_file)]
-        done = subprocess.run(command, env=env, stdout=2, check=False)  # stdout may carry the command's JSON
-        if not result_file.is_file():
-            raise ChildDied(done.returncode)
-        ok, value = pickle.loads(result_file.read_bytes())
-    if ok:
-        return value
-    raise value
-
-
-class ChildDied(RuntimeError):
-    """The child process ended without an answer: killed (the kernel's OOM killer) or crashed."""
-
-    def __init__(self, returncode: int):
-        killed = returncode < 0
-        super().__init__(
-            "the conversion process was killed, perhaps for lack of memory"
-            if killed
-            else f"the conversion process ended with exit code {returncode} and no answer"
-        )
-        self.killed = killed
 
 
 def _export(build: Callable[[], Any], exported: Path) -> tuple[np.ndarray, str]:

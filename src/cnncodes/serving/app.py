@@ -11,6 +11,7 @@ The service reads no paths from requests and serves no files.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from cnncodes.data.decode import BadImage
 from cnncodes.serving.batcher import MicroBatcher
+from cnncodes.serving.guards import FairDecoding, PerRequest, ReadRefusedBody
 from cnncodes.serving.heatmap import add_explain_route
 from cnncodes.serving.metrics import Metrics, MetricsMiddleware, model_labels
 from cnncodes.serving.page import add_page_route
@@ -42,6 +44,10 @@ UPLOAD_HELP = (
     "send images as multipart/form-data files named 'files', "
     "or one image body with an image/* or application/octet-stream content type"
 )
+# A body refused before it was read is still read and dropped, up to this many bytes (or --max-bytes twice) and
+# seconds, so a client that sends it whole before reading sees the answer instead of a connection reset.
+REFUSED_BODY_BYTES = 8_000_000
+REFUSED_BODY_SECONDS = 5.0
 # The status metrics count a request under when its client left before it was answered (nginx's).
 CLIENT_GONE = 499
 # /predict reads its body itself (multipart or raw), so its OpenAPI schema is written out here.
@@ -87,9 +93,9 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     key = read_api_key(settings.api_key_file)
     metrics = Metrics(model=model_labels(model=settings.model, record=predictor.record))
     batcher = MicroBatcher(predictor.probabilities, settings=settings, metrics=metrics)
-    decoders = ThreadPoolExecutor(
-        max_workers=settings.threads or os.cpu_count() or 1, thread_name_prefix="cnncodes-decode"
-    )
+    workers = settings.threads or os.cpu_count() or 1
+    decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnncodes-decode")
+    fair = FairDecoding(decoders, workers=workers, request_pixels=settings.request_pixels)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -109,16 +115,21 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     )
     app.state.batcher = batcher  # `serve` drains it on SIGTERM
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_bytes)
+    app.add_middleware(PerRequest, pixels=settings.request_pixels)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     add_security(app, cors_origins=settings.cors_origins)
+    refused_bytes = max(REFUSED_BODY_BYTES, 2 * settings.max_bytes)
+    app.add_middleware(ReadRefusedBody, limit=refused_bytes, seconds=REFUSED_BODY_SECONDS)
 
     def rejected(bad: BadImage) -> None:
         metrics.rejected.labels(bad.category).inc()
 
     async def pixels_of(data: bytes) -> np.ndarray:
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                decoders, predictor.pixels, data, settings.max_pixels
+            return await fair.decode(
+                functools.partial(predictor.pixels, max_pixels=settings.max_pixels),
+                data,
+                draft_size=predictor.image_size,
             )
         except BadImage as bad:
             rejected(bad)
@@ -255,6 +266,11 @@ def _metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
         "resize": predictor.resize,
         "threads": settings.threads,
         "run": {key: record.get(key) for key in summary},
-        "limits": {"max_bytes": settings.max_bytes, "max_files": MAX_FILES, "max_pixels": settings.max_pixels},
+        "limits": {
+            "max_bytes": settings.max_bytes,
+            "max_files": MAX_FILES,
+            "max_pixels": settings.max_pixels,
+            "max_request_pixels": settings.request_pixels,
+        },
         "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms},
     }

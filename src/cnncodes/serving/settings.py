@@ -20,6 +20,8 @@ class ServeSettings:
         runtime: "onnx" or "keras", the forward pass's runtime.
         max_bytes: the largest request body; more is a 413 before it is read.
         max_pixels: the most pixels one upload may decode to; more is a 400.
+        max_request_pixels: the most pixels all uploads of one request may decode to; the files past it are
+            refused unread (None: eight uploads at `max_pixels`).
         batch_wait_ms: how long an image waits for others to share its forward pass.
         max_batch: the most images in one forward pass.
         max_queue: the most images waiting for a forward pass; more is a 503 with Retry-After at once
@@ -42,6 +44,7 @@ class ServeSettings:
     runtime: str = "onnx"
     max_bytes: int = SERVE_MAX_BYTES
     max_pixels: int = SERVE_MAX_PIXELS
+    max_request_pixels: int | None = None
     batch_wait_ms: float = SERVE_BATCH_WAIT_MS
     max_batch: int = SERVE_MAX_BATCH
     max_queue: int | None = None
@@ -52,3 +55,8 @@ class ServeSettings:
     api_key_file: str | None = None
     cors_origins: tuple[str, ...] = ()
     explain: bool = True
+
+    @property
+    def request_pixels(self) -> int:
+        """The most pixels one request's uploads may decode to: `max_request_pixels`, else eight at `max_pixels`."""
+        return self.max_request_pixels or 8 * self.max_pixels
