@@ -441,7 +441,6 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; {versions}"
 
 
-
 def sections_of_others(page: Path, ours: list[str]) -> list[str]:
     """The sections of `page` that other scripts write (e.g. scripts/faithfulness.py), kept as they are."""
     if not page.is_file():
