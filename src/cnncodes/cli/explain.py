@@ -61,7 +61,12 @@ def explain(
         err_console.print(f"[yellow]{image.filename}: {image.error}[/]", highlight=False)
     if not quiet:
         done = len(run.images) - len(failed)
-        out_console.print(f"{done} image(s) explained by {run.method} into {out} (open {out / 'index.html'})")
+        out_console.print(  # a path is never broken across lines
+            f"{done} image(s) explained by {run.method} into {out} (open {out / 'index.html'})",
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
         if run.faithfulness:
             f = run.faithfulness
             out_console.print(
