@@ -8,7 +8,6 @@ the same batches, through the whole model.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,8 +30,7 @@ from cnncodes.explain.featuremaps import feature_map_grid
 from cnncodes.explain.place import upsampled
 from cnncodes.explain.render import drawn, png_bytes, positive_top
 from cnncodes.explain.sheet import write_sheet
-from cnncodes.runtime.runners import check_runtime
-from cnncodes.serving.predict import expand_inputs
+from cnncodes.serving.predict import checked_inputs
 
 
 @dataclass
@@ -118,14 +116,7 @@ def explain(
     Raises:
         CnnCodesError: bad arguments, an unknown class, or a model that cannot be explained.
     """
-    if top_k < 1:
-        raise CnnCodesError(f"top_k must be at least 1 (got {top_k})")
-    if batch_size < 1:
-        raise CnnCodesError(f"batch_size must be at least 1 (got {batch_size})")
-    check_runtime(runtime)
-    inputs = expand_inputs([images] if isinstance(images, (str, os.PathLike)) else images)
-    if not inputs:
-        raise CnnCodesError("no images given")
+    inputs = checked_inputs(images, top_k=top_k, batch_size=batch_size, runtime=runtime)
     explainer = load_explainer(model, weights, runtime)
     spec = explainer.spec if isinstance(explainer, BundleExplainer) else None
     if feature_maps and spec is None:

@@ -96,6 +96,34 @@ def expand_inputs(items: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     return found
 
 
+def checked_inputs(
+    images: str | Path | Sequence[str | Path], *, top_k: int, batch_size: int, runtime: str
+) -> list[tuple[str, str | None]]:
+    """The settings every command that runs a saved model on images checks, and its inputs expanded.
+
+    Args:
+        images: image files, folders or glob patterns; or one of them.
+        top_k: how many classes to give per image.
+        batch_size: images per forward pass.
+        runtime: `onnx` or `keras`.
+
+    Returns:
+        The inputs as (path, error), as `expand_inputs` gives them.
+
+    Raises:
+        CnnCodesError: a setting out of range, or no images at all.
+    """
+    if top_k < 1:
+        raise CnnCodesError(f"--top-k must be at least 1 (got {top_k})")
+    if batch_size < 1:
+        raise CnnCodesError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_runtime(runtime)
+    inputs = expand_inputs([images] if isinstance(images, (str, os.PathLike)) else images)
+    if not inputs:
+        raise CnnCodesError("no images given")
+    return inputs
+
+
 def _matches(pattern: str) -> list[str]:
     """The files a glob pattern matches. `**` goes through pathlib, which does not descend into linked folders:
     glob's `**` follows them, and a link to a parent folder makes the search grow without end."""
@@ -230,14 +258,7 @@ def predict(
     Returns:
         One `Prediction` per input, in order (`filename`, `label`, `probability`, `top_k`, `error`).
     """
-    if top_k < 1:
-        raise CnnCodesError(f"--top-k must be at least 1 (got {top_k})")
-    if batch_size < 1:
-        raise CnnCodesError(f"--batch-size must be at least 1 (got {batch_size})")
-    check_runtime(runtime)
-    inputs = expand_inputs([images] if isinstance(images, (str, os.PathLike)) else images)
-    if not inputs:
-        raise CnnCodesError("no images given")
+    inputs = checked_inputs(images, top_k=top_k, batch_size=batch_size, runtime=runtime)
     predictor = load_predictor(model, weights, runtime)
     results = [Prediction(path, error=error) for path, error in inputs]
     rows = [i for i, (_, error) in enumerate(inputs) if error is None]
