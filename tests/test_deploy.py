@@ -163,7 +163,9 @@ def test_memory_limits_hold_the_measured_peak_of_the_default_model_at_their_max_
     deployment = (ROOT / "docs" / "deployment.md").read_text()
     for row in measured["rows"]:  # the docs show the measurement the test holds the manifests to
         assert f"| {row['max_batch']} | {row['rss_after_warm_up_mib']} | {row['peak_rss_mib']} |" in deployment
-    assert measured["command"] in deployment
+    assert f"Measured on {measured['date']}" in deployment
+    batches = " ".join(str(b) for b in dict.fromkeys(r["max_batch"] for r in measured["rows"]))
+    assert re.search(rf"python scripts/bench_serve_memory\.py [^`]*--max-batch {batches}", deployment)
 
 
 def test_the_manifests_probes_ports_and_options_answer_on_a_live_server(served):
