@@ -10,7 +10,7 @@ from rich.text import Text
 
 from cnncodes.cli.app import command
 from cnncodes.cli.options import BACKBONES, BackboneName, one_of, out_console, user_errors
-from cnncodes.nets.backbones import REGISTRY, get_backbone
+from cnncodes.nets.backbones import POOLINGS, REGISTRY, get_backbone
 from cnncodes.nets.weights import place_of, search_places
 
 
@@ -26,7 +26,18 @@ def backbones() -> None:
         sizes = ",".join(map(str, entry.default_sizes("avg", entry.default_layer)))
         table.add_row(entry.name, sizes, "\n".join(layers), entry.preprocessing)
     out_console.print(table)
+    _print_choices("block3_pool,block5_pool")
     _weights_files()
+
+
+def _print_choices(example: str) -> None:
+    """What `extract` makes of the layers listed, under both tables: several layers, the poolings."""
+    out_console.print(
+        Text(
+            f"extract --layer takes one layer, or several joined by commas (e.g. {example}): their codes, each "
+            f"L2-normalised, side by side. --pooling: {', '.join(POOLINGS)} (gem: generalised mean, p=3)."
+        )
+    )
 
 
 def _weights_files() -> None:
@@ -76,3 +87,4 @@ def layers(
     for layer in network.layers:
         table.add_row(layer.name, str(tuple(layer.output.shape[1:])), "yes" if layer.name in named else "")
     out_console.print(table)
+    _print_choices(f"{entry.taps[0]},{entry.default_layer}")

@@ -42,10 +42,19 @@ def extract(
     out: Annotated[Path, typer.Option("--out", "-o", help="Features folder to write (created if missing).")],
     backbone: BackboneOpt = DEFAULT_BACKBONE,
     layer: Annotated[
-        str | None, typer.Option(help="Layer whose output is the code (default: the last convolutional block).")
+        str | None,
+        typer.Option(
+            help="Layer whose output is the code (default: the last convolutional block); several, e.g. "
+            "block3_pool,block5_pool, join their pooled codes, each L2-normalised, in that order."
+        ),
     ] = None,
     pooling: Annotated[
-        Pooling, typer.Option(parser=one_of(Pooling), help="How a feature map becomes a vector.")
+        Pooling,
+        typer.Option(
+            parser=one_of(Pooling),
+            help="How a feature map becomes a vector: mean, maximum, gem (generalised mean, p=3: between the "
+            "two) or flatten (one layer only).",
+        ),
     ] = "avg",
     weights: WeightsOpt = "imagenet",
     image_size: Annotated[
@@ -73,6 +82,14 @@ def extract(
             "--flip",
             help="Average each code with its mirror image's: twice the forward "
             "passes; not for classes that left and right tell apart.",
+        ),
+    ] = False,
+    keep_sizes: Annotated[
+        bool,
+        typer.Option(
+            "--keep-sizes",
+            help="With several --image-size, put their codes side by side instead of averaging them (the scale "
+            "textures are told apart by is kept; `cnncodes advise` measures whether it helps).",
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
@@ -117,6 +134,7 @@ def extract(
             resize=resize,
             weights=weights,
             flip=flip,
+            keep_sizes=keep_sizes,
             precision=precision,
             calibration=calibration,
         )

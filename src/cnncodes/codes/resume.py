@@ -97,7 +97,7 @@ def compute_codes(
     if len(todo):
         total = len(file_ids)
         with progress_bar(
-            f"Extracting {job.spec.backbone}/{job.spec.layer}", total, enabled=progress, completed=total - len(todo)
+            f"Extracting {job.label}", total, enabled=progress, completed=total - len(todo)
         ) as advance:
             try:
                 for batch in engine.codes(job, todo):
@@ -120,12 +120,12 @@ def _seeded_writer(out: Path, job: CodeJob, ids: np.ndarray) -> FeatureWriter:
     Rows come from an interrupted run of the same files (resumed), the last published features,
     and an interrupted run over other files (salvaged); each copy skips the rows already there.
     """
-    previous = _previous_rows(out, job.spec.key, ids)
+    previous = _previous_rows(out, job.key, ids)
     covered = previous is not None and len(previous.pairs) == len(ids)
     dim = previous.dim if previous is not None and covered else job.runner.dim
-    key = artifacts.sha256_json([job.spec.key, hashlib.sha256(ids.tobytes()).hexdigest()])
-    salvaged = salvage(out / CACHE_DIR, key, ids, job.spec.key)
-    writer = FeatureWriter(out / CACHE_DIR, key, len(ids), dim, ids, job.spec.key)
+    key = artifacts.sha256_json([job.key, hashlib.sha256(ids.tobytes()).hexdigest()])
+    salvaged = salvage(out / CACHE_DIR, key, ids, job.key)
+    writer = FeatureWriter(out / CACHE_DIR, key, len(ids), dim, ids, job.key)
     if previous is not None:
         writer.copy_from(previous.path, previous.pairs, previous.seconds * len(previous.pairs) / max(previous.rows, 1))
     if salvaged is not None:

@@ -21,6 +21,7 @@ from cnncodes.core.errors import CnnCodesError, check_types
 from cnncodes.core.progress import warn
 from cnncodes.data.decode import check_resize
 from cnncodes.nets.backbones import DEFAULT_BACKBONE, POOLINGS, get_backbone
+from cnncodes.nets.models import check_layers, split_layers
 from cnncodes.nets.weights import WEIGHTS_DIR_ENV, Weights
 from cnncodes.runtime import quantize
 from cnncodes.runtime.runners import (
@@ -60,6 +61,8 @@ class ExtractorSpec:
     scales: list[int] | None = None
     # The codes stored per image, one per scale (their mean is the image's code); None: the mean alone.
     views: int | None = None
+    # With several scales: the image's code is every scale's code side by side, not their mean.
+    keep_sizes: bool = False
     # fp32, or int8: a quantized copy of the ONNX model, calibrated on train images only.
     precision: str = "fp32"
     # int8 only: {"n"} as asked, then the images chosen ("images", "holdout") and their "fingerprint".
@@ -82,20 +85,26 @@ class ExtractorSpec:
         resize: str = "crop",
         weights: str = "imagenet",
         flip: bool = False,
+        keep_sizes: bool = False,
         precision: str = "fp32",
         calibration: int = quantize.DEFAULT_CALIBRATION,
     ) -> ExtractorSpec:
-        """Check the user's choices and resolve the weights file, with its SHA-256 (no TensorFlow needed).
+        """Check the user's choices and resolve the weights file, with its SHA-256.
+
+        TensorFlow is loaded only to check a layer that is not one of the registry's taps.
 
         Args:
             backbone: a registry name (`cnncodes backbones` lists them).
-            layer: the layer whose output is the code (default: the registry's deepest tap).
-            pooling: `avg`, `max` or `flatten`.
+            layer: the layer whose output is the code (default: the registry's deepest tap), or several
+                joined by commas ("a,b"), whose pooled codes are each L2-normalised and concatenated.
+            pooling: `avg`, `max`, `gem` (generalised mean, p = 3) or `flatten` (one layer only).
             image_size: square input size, or several whose codes are averaged ("224,288" or a
                 sequence; default: the backbone's).
             resize: `crop`, `squash` or `pad`.
             weights: `imagenet`, `none` (untrained, seeded) or the path of a Keras weights file.
             flip: average each code with that of the mirror image (twice the forward passes).
+            keep_sizes: with several sizes, concatenate their codes instead of averaging them (the
+                scale that tells textures apart is kept; the code is as many times longer).
             precision: `fp32`, or `int8`: a quantized model calibrated on `calibration` train images.
             calibration: how many train images calibrate the int8 model.
 
@@ -105,15 +114,21 @@ class ExtractorSpec:
         Raises:
             CnnCodesError: for a choice the backbone does not take, or weights that cannot be found.
         """
-        check_types(flip=(flip, bool), calibration=(calibration, int))
+        check_types(flip=(flip, bool), keep_sizes=(keep_sizes, bool), calibration=(calibration, int))
         quantize.check_precision(precision, calibration)
         entry = get_backbone(backbone)
-        layer = layer or entry.default_layer
         if pooling not in POOLINGS:
             raise CnnCodesError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+        names = split_layers(layer or entry.default_layer)
+        check_layers(entry, names, pooling)
+        layer = ",".join(names)  # several layers hold no top's layer: sizes and weights are judged as for one
         check_resize(resize)
         sizes = input_sizes(image_size, entry.default_sizes(pooling, layer))
         entry.check_sizes(sizes, layer)
+        if keep_sizes and len(sizes) < 2:
+            raise CnnCodesError(
+                "--keep-sizes keeps the codes of several sizes: give them, e.g. --image-size 224,288,384"
+            )
         averaged = [what for what, on in (("--flip", flip), ("several --image-size", len(sizes) > 1)) if on]
         if averaged and pooling == "flatten" and not entry.needs_top(layer):
             raise CnnCodesError(
@@ -133,7 +148,8 @@ class ExtractorSpec:
             weights_file=str(resolved.path) if resolved.path else None,
             flip=flip,
             scales=sizes if len(sizes) > 1 else None,
-            views=len(sizes) if len(sizes) > 1 else None,
+            views=len(sizes) if len(sizes) > 1 and not keep_sizes else None,
+            keep_sizes=keep_sizes,
             precision=precision,
             calibration={"n": calibration} if precision == "int8" else None,
         )
@@ -179,6 +195,8 @@ class ExtractorSpec:
             del identity["scales"]
         if self.views is None:  # the mean alone: the key it had before views were stored
             del identity["views"]
+        if not self.keep_sizes:  # sizes averaged: the key it had before they could be kept
+            del identity["keep_sizes"]
         if self.weights == "none":
             identity["keras"] = artifacts.package_versions().get("keras")
         return artifacts.sha256_json(identity)
@@ -303,7 +321,13 @@ class ExtractorSpec:
         entry = get_backbone(self.backbone)
         loaded = weights if isinstance(weights, Weights) else weights()
         return build_extractor(
-            entry, self.image_size, self.layer, self.pooling, loaded, self.scales or (), bool(self.views)
+            entry,
+            self.image_size,
+            self.layer,
+            self.pooling,
+            loaded,
+            self.scales or (),
+            bool(self.views or self.keep_sizes),
         )
 
     def build_maps(self, weights: WeightsSource, scale: int):

@@ -17,6 +17,7 @@ from cnncodes.core.errors import CnnCodesError
 from cnncodes.core.files import sha256_json
 from cnncodes.core.progress import warn
 from cnncodes.explain.readout import pool
+from cnncodes.nets.models import split_layers
 from cnncodes.nets.weights import Weights
 from cnncodes.runtime.runners import Runner, cache_record, fingerprint, make_runner, matches, probe_batch
 
@@ -39,14 +40,12 @@ class FeatureMaps:
         threads: caps ONNX Runtime's operator threads.
 
     Raises:
-        CnnCodesError: codes that are not pooled maps (a flattened map, a vector layer), or a network
-            that does not give the recorded codes.
+        CnnCodesError: codes that are not one layer's average- or max-pooled maps, or a network that does
+            not give the recorded codes.
     """
 
     def __init__(self, spec: ExtractorSpec, weights: WeightsSource, runtime: str = "onnx", threads: int | None = None):
-        if spec.pooling not in ("avg", "max"):
-            what = "flattened maps" if spec.pooling == "flatten" else f"the vector layer {spec.layer}"
-            raise CnnCodesError(f"these codes are {what}, which have no place in the image: there is no heat map")
+        _check_mapped(spec)
         self.spec = spec
         scales = spec.scales or [spec.image_size]
         keys = {scale: sha256_json(["feature-maps", spec.network_key, scale]) for scale in scales}
@@ -90,3 +89,22 @@ class FeatureMaps:
                 f"{spec.backbone}'s maps made here do not give the codes this model was trained on (other weights, "
                 "another Keras or a changed network): extract and fit again with this installation"
             )
+
+
+def _check_mapped(spec: ExtractorSpec) -> None:
+    """Refuse codes `readout` cannot split into cells: only one layer's average or maximum has a heat map."""
+    if len(split_layers(spec.layer)) > 1:
+        what = f"several layers' codes joined ({spec.layer}), with no one grid"
+    elif spec.keep_sizes:
+        what = "several sizes' codes side by side (--keep-sizes), each with its own weights"
+    elif spec.pooling == "gem":
+        what = "generalised means (--pooling gem), which no cell's share can be read from"
+    elif spec.pooling == "flatten":
+        what = "flattened maps, which have no place in the image"
+    elif spec.pooling not in ("avg", "max"):
+        what = f"the vector layer {spec.layer}, which has no place in the image"
+    else:
+        return
+    raise CnnCodesError(
+        f"these codes are {what}: there is no heat map; explain codes of one layer, --pooling avg or max"
+    )

@@ -19,7 +19,7 @@ from cnncodes.nets.weights import UNTRAINED_SEED, ImagenetFile, Weights, resolve
 if TYPE_CHECKING:
     import keras
 
-Pooling = Literal["avg", "max", "flatten"]
+Pooling = Literal["avg", "max", "gem", "flatten"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # The ImageNet mean RGB that caffe-style preprocessing subtracts (Keras's `imagenet_utils`, mode "caffe").

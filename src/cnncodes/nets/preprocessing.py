@@ -1,4 +1,4 @@
-"""Backbone preprocessing as a Keras layer, so saved models take raw RGB pixels.
+"""cnncodes's own Keras layers: backbone preprocessing (saved models take raw RGB pixels), resizing, GeM pooling.
 
 Putting `preprocess_input` inside the model means an extractor or a fine-tuned model
 cannot be fed differently prepared pixels by mistake, and the ONNX export carries it too.
@@ -10,6 +10,10 @@ import keras
 import numpy as np
 
 from cnncodes.nets.backbones import get_backbone
+
+# `--pooling gem`'s exponent (Radenović et al.'s fixed p) and the floor of the maps it pools.
+GEM_P = 3.0
+GEM_EPSILON = 1e-6
 
 
 @keras.saving.register_keras_serializable(package="cnncodes")
@@ -50,6 +54,32 @@ class SquareResize(keras.layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "size": self.size, "scale": self.scale}
+
+
+@keras.saving.register_keras_serializable(package="cnncodes")
+class GeneralizedMeanPooling(keras.layers.Layer):
+    """Generalised-mean (GeM) pooling of (batch, rows, columns, channels) maps: (mean of max(x, ε)^p)^(1/p).
+
+    Between average (p = 1) and max pooling (p → ∞): p = 3 (Radenović et al. 2018) lets a
+    channel's strongest cells count more than its mean does, without one cell deciding alone as
+    the maximum does. Meant for post-ReLU maps; ε keeps the root's gradient finite at zero.
+    Built from `keras.ops`, so the ONNX export carries it.
+    """
+
+    def __init__(self, p: float = GEM_P, epsilon: float = GEM_EPSILON, **kwargs):
+        super().__init__(**kwargs)
+        self.p = p
+        self.epsilon = epsilon
+
+    def call(self, maps):
+        clipped = keras.ops.maximum(maps, self.epsilon)
+        return keras.ops.power(keras.ops.mean(keras.ops.power(clipped, self.p), axis=(1, 2)), 1.0 / self.p)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "p": self.p, "epsilon": self.epsilon}
 
 
 def _triangle_weights(size: int, scale: int) -> np.ndarray:

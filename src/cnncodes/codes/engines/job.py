@@ -42,6 +42,16 @@ class CodeJob:
         """Built on first use only: a run that reuses every row never loads a network."""
         return self.spec.runner(self.spec.recorded_weights, self.runtime, per_view=True)
 
+    @property
+    def key(self) -> str:
+        """Equal keys mean equal rows: the extractor's `key`."""
+        return self.spec.key
+
+    @property
+    def label(self) -> str:
+        """What the progress bar says is computed."""
+        return f"{self.spec.backbone}/{self.spec.layer}"
+
 
 class Engine(Protocol):
     """Where checking and the forward passes run; the driver keeps the caches and writes every output."""
