@@ -83,17 +83,20 @@ class DataOptions:
     weights: str = "imagenet"
     image_size: str | None = None
     resize: str = "crop"
+    runtime: str = "onnx"
 
     def split_args(self) -> list[str]:
         """The split options as command-line arguments."""
         return ["--split", self.split, "--seed", str(self.seed), "--dup-threshold", str(self.dup_threshold)]
 
-    def network_args(self, *, sizes: bool) -> list[str]:
-        """`--weights`, `--resize` and (with `sizes`) `--image-size`, where they are not the defaults."""
-        chosen = [("--weights", self.weights, "imagenet"), ("--resize", self.resize, "crop")]
-        if sizes:
-            chosen.append(("--image-size", self.image_size, None))
-        return [part for flag, value, usual in chosen if value != usual for part in (flag, str(value))]
+    def network_args(self, *, extract: bool) -> list[str]:
+        """`--weights` and `--resize`, and for `extract` `--image-size` and `--runtime`, where not the defaults."""
+        args = [] if self.weights == "imagenet" else ["--weights", self.weights]
+        args += [] if self.resize == "crop" else ["--resize", self.resize]
+        if extract:
+            args += [] if self.image_size is None else ["--image-size", self.image_size]
+            args += [] if self.runtime == "onnx" else ["--runtime", self.runtime]
+        return args
 
 
 def extract_args(candidate: Candidate) -> list[str]:
@@ -145,13 +148,13 @@ def commands(
         features = out / f"features-{_slug(candidate)}"
         extract = ["cnncodes", "extract", options.data, "--out", str(features), *extract_args(candidate)]
         lines += [
-            extract + options.network_args(sizes=True) + options.split_args(),
+            extract + options.network_args(extract=True) + options.split_args(),
             ["cnncodes", "fit-svm", str(features), "--out", str(models)]
             + ([] if candidate == default else ["--name", "advised"]),  # a pooling alone would not tell the runs apart
         ]
     if the_quadrant.size == "large":  # training more of the network comes first; the codes are its baseline
         finetune = ["cnncodes", "finetune", options.data, "--out", str(models), *backbone_args(chosen)]
-        finetune += options.network_args(sizes=False) + options.split_args()
+        finetune += options.network_args(extract=False) + options.split_args()
         if the_quadrant.similarity == "similar":
             finetune += ["--cache-trunk"]  # the top block and head: ImageNet's lower features fit as they are
         else:

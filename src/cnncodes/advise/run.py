@@ -32,6 +32,7 @@ from cnncodes.core.errors import CnnCodesError, check_types
 from cnncodes.core.progress import progress_bar
 from cnncodes.data.split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, check_dup_threshold, parse_fractions
 from cnncodes.nets.backbones import DEFAULT_BACKBONE, get_backbone
+from cnncodes.runtime.runners import check_runtime
 
 # Images measured at most (a stratified sample beyond): the measurements' time and memory stay bounded.
 MAX_IMAGES = 10_000
@@ -94,6 +95,7 @@ def advise(
     dup_threshold: int = DEFAULT_DUP_THRESHOLD,
     batch_size: int = 32,
     workers: int | None = None,
+    runtime: str = "onnx",
     max_images: int = MAX_IMAGES,
     progress: bool = True,
 ) -> Advice:
@@ -115,6 +117,7 @@ def advise(
         dup_threshold: pHash bits within which two images are duplicates (-1: off).
         batch_size: images per forward pass.
         workers: decoding threads.
+        runtime: `onnx` (default) or `keras`, as `extract`'s.
         max_images: images measured at most; a larger dataset is sampled, every class in its share.
         progress: rich progress bars.
 
@@ -129,6 +132,7 @@ def advise(
     if batch_size < 1 or max_images < 4:
         raise CnnCodesError("--batch-size must be at least 1 and --max-images at least 4")
     check_dup_threshold(dup_threshold)
+    check_runtime(runtime)
     fractions = parse_fractions(split)
     names = list(dict.fromkeys([get_backbone(backbone).name, *(get_backbone(b).name for b in backbones)]))
     out = Path(out)
@@ -153,7 +157,10 @@ def advise(
         for name in names:
             lap = time.perf_counter()
             spec = ExtractorSpec.create(backbone=name, weights=weights, image_size=image_size, resize=resize)
-            layouts[name], tapped[name] = _forward(out, spec, images, batch_size, workers, progress)
+            job = TapsJob(
+                spec=spec, runtime=runtime, paths=images.files, batch_size=batch_size, layout=_layout(out, spec)
+            )
+            layouts[name], tapped[name] = job.layout, _forward(out, job, images, workers, progress)
             clock[f"forward pass ({name})"] = time.perf_counter() - lap
         images, rows = images.decoded(tapped)
         options = DataOptions(
@@ -164,6 +171,7 @@ def advise(
             weights=weights,
             image_size=image_size,
             resize=resize,
+            runtime=runtime,
         )
         advice = _advice(out, images, rows, layouts, names[0], options, clock, progress)
         timed = replace(advice, seconds={**advice.seconds, "all": round(time.perf_counter() - started, 3)})
@@ -255,14 +263,10 @@ def _layout(out: Path, spec: ExtractorSpec) -> TapLayout:
     return replace(layout, channels=channels)
 
 
-def _forward(
-    out: Path, spec: ExtractorSpec, images: _Images, batch_size: int, workers: int | None, progress: bool
-) -> tuple[TapLayout, TappedRows]:
-    """The backbone's tapped rows of every image, at the extractor's input sizes, with its resize and weights."""
-    layout = _layout(out, spec)
-    job = TapsJob(spec=spec, runtime="onnx", paths=images.files, batch_size=batch_size, layout=layout)
-    work = out / CACHE_DIR / f"taps-{layout.key[:16]}"
-    return layout, tapped_rows(work, job, images.file_ids, workers=workers, progress=progress)
+def _forward(out: Path, job: TapsJob, images: _Images, workers: int | None, progress: bool) -> TappedRows:
+    """The backbone's tapped rows of every image, kept in the advice's cache by the layout's key."""
+    work = out / CACHE_DIR / f"taps-{job.layout.key[:16]}"
+    return tapped_rows(work, job, images.file_ids, workers=workers, progress=progress)
 
 
 def _advice(

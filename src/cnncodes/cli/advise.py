@@ -11,7 +11,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from cnncodes.cli.app import command
-from cnncodes.cli.options import SPLIT_FRACTIONS, BackboneOpt, ResizeOpt, WeightsOpt, out_console, user_errors
+from cnncodes.cli.options import (
+    SPLIT_FRACTIONS,
+    BackboneOpt,
+    ResizeOpt,
+    RuntimeOpt,
+    WeightsOpt,
+    out_console,
+    user_errors,
+)
 from cnncodes.core.progress import console as err_console
 from cnncodes.data.split import DEFAULT_DUP_THRESHOLD
 from cnncodes.nets.backbones import DEFAULT_BACKBONE
@@ -45,6 +53,7 @@ def advise(
     ] = DEFAULT_DUP_THRESHOLD,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[int | None, typer.Option(min=1, help="Decoding threads (default: one per core).")] = None,
+    runtime: RuntimeOpt = "onnx",
     max_images: Annotated[
         int, typer.Option(min=4, help="Measure at most this many images (a sample, every class in its share).")
     ] = 10_000,
@@ -68,6 +77,7 @@ def advise(
             dup_threshold=dup_threshold,
             batch_size=batch_size,
             workers=workers,
+            runtime=runtime,
             max_images=max_images,
             progress=not quiet,
         )

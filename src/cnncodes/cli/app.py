@@ -22,7 +22,7 @@ from cnncodes.core.tflogs import VERBOSE_ENV
 
 # `cnncodes --help`: each panel's commands, in this order.
 HELP_PANELS = {
-    "Pipeline": ("extract", "fit-svm", "finetune", "compare", "predict", "explain", "serve"),
+    "Pipeline": ("advise", "extract", "fit-svm", "finetune", "compare", "predict", "explain", "serve"),
     "Tools": ("prepare", "backbones", "layers", "filters", "imagenet", "demo"),
 }
 ORDER = [name for names in HELP_PANELS.values() for name in names]

@@ -7,6 +7,7 @@ resume and exits 130. Each command lives in a module of its own, which registers
 """
 
 from cnncodes.cli import (  # noqa: F401 - importing a command's module registers the command
+    advise,
     backbones,
     compare,
     demo,

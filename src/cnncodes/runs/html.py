@@ -21,7 +21,7 @@ from cnncodes.runs.plots import Picture, confusion_png, reliability_png
 from cnncodes.runs.report import COLUMNS, explain, rows
 
 _THUMB = 150  # pixels of a mistake's thumbnail side
-_STYLE = (
+STYLE = (
     "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
     ".about{color:#444}.wide{overflow-x:auto}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
@@ -57,7 +57,7 @@ def html_report(
     sections.append(_mistakes_html(records[0], mistakes, maps or {}, sheet))
     return readable(
         f"<!doctype html><html><head><meta charset='utf-8'><title>cnncodes comparison</title>"
-        f"<style>{_STYLE}</style></head><body><h1>cnncodes comparison</h1>{''.join(sections)}</body></html>\n"
+        f"<style>{STYLE}</style></head><body><h1>cnncodes comparison</h1>{''.join(sections)}</body></html>\n"
     )
 
 
@@ -79,7 +79,16 @@ def _about_html(records: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def _html_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+def html_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    """A table of text cells (escaped), scrolling sideways in a narrow window.
+
+    Args:
+        header: the column names.
+        body: the rows.
+
+    Returns:
+        The HTML.
+    """
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     lines = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body)
     return f"<div class='wide'><table><tr>{head}</tr>{lines}</table></div>"
@@ -91,7 +100,7 @@ def _table_html(records: Sequence[dict[str, Any]]) -> str:
         f"<p>{len(records)} runs on one split ({html.escape(str(first['dataset'].get('split_fingerprint'))[:12])}), "
         f"{first['n_test']} test images, in the order they are chosen in: by CV score, or validation accuracy for "
         "runs without one (select); the test images only report.</p>"
-        + _html_table(COLUMNS, [list(row.values()) for row in rows(records)])
+        + html_table(COLUMNS, [list(row.values()) for row in rows(records)])
         + f"<p>{html.escape(explain(records))}</p>"
     )
 
@@ -103,7 +112,7 @@ def _run_html(record: dict[str, Any]) -> str:
     ]
     accuracy = f"{100 * record['accuracy']:.1f}% of {record['n_test']} test images right"
     figures = [
-        _figure(
+        figure(
             confusion_png(record), "confusion matrix", f"Confusion matrix ({accuracy}): rows true, columns predicted."
         )
     ]
@@ -111,7 +120,7 @@ def _run_html(record: dict[str, Any]) -> str:
     first = " on the first split" if "repeats" in record else ""  # whose test predictions the diagram shows
     ece = "" if record.get("ece") is None else f"ECE {record['ece']:.3f}{first}: "
     figures.append(
-        _figure(
+        figure(
             reliability,
             "reliability diagram",
             f"Reliability ({ece}accuracy per bin of top-1 probability; the diagonal is a calibrated model, the grey "
@@ -123,13 +132,22 @@ def _run_html(record: dict[str, Any]) -> str:
     return (
         f"<section class='run'><h2>{html.escape(record['run'])}{' (chosen)' if record.get('chosen') else ''}</h2>"
         f"<div class='plots'>{''.join(figures)}</div>"
-        + _html_table(("class", "precision", "recall", "F1", "support"), per_class)
+        + html_table(("class", "precision", "recall", "F1", "support"), per_class)
         + "</section>"
     )
 
 
-def _figure(picture: Picture, alt: str, caption: str) -> str:
-    """A picture with its caption below, as wide as the picture (narrower windows shrink both)."""
+def figure(picture: Picture, alt: str, caption: str) -> str:
+    """A picture with its caption below, as wide as the picture (narrower windows shrink both).
+
+    Args:
+        picture: the inline PNG.
+        alt: its alternative text.
+        caption: the caption, as text.
+
+    Returns:
+        The HTML.
+    """
     return (
         f"<figure style='width:{picture.width}px'><img alt='{alt}' src='{picture.uri}' width='{picture.width}' "
         f"height='{picture.height}'><figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -164,10 +182,10 @@ def _mistakes_html(chosen: dict[str, Any], limit: int, maps: Mapping[str, str], 
     for p in wrong:
         sure = "" if p.get("probability") is None else f" ({100 * p['probability']:.0f}%)"
         shown = maps.get(p["path"])
-        thumbnail = f"<img alt='' src='{shown}'>" if shown else _thumbnail(joined(chosen["dataset"]["data"], p["path"]))
-        missing += thumbnail is None
+        picture = f"<img alt='' src='{shown}'>" if shown else thumbnail(joined(chosen["dataset"]["data"], p["path"]))
+        missing += picture is None
         figures.append(
-            f"<figure>{thumbnail or '<div>(image not found)</div>'}<figcaption>{html.escape(p['path'])}<br>"
+            f"<figure>{picture or '<div>(image not found)</div>'}<figcaption>{html.escape(p['path'])}<br>"
             f"true {html.escape(p['label'])}, predicted {html.escape(p['predicted'])}{sure}</figcaption></figure>"
         )
     if missing:
@@ -178,8 +196,15 @@ def _mistakes_html(chosen: dict[str, Any], limit: int, maps: Mapping[str, str], 
     return f"{heading}<div class='thumbs'>{''.join(figures)}</div>"
 
 
-def _thumbnail(path: Path | str) -> str | None:
-    """The image (a file or an object) as an inline JPEG of at most `_THUMB` px; None if it cannot be read."""
+def thumbnail(path: Path | str) -> str | None:
+    """The image (a file or an object) as an inline JPEG `<img>` of at most `_THUMB` px.
+
+    Args:
+        path: the image, local or in an object store.
+
+    Returns:
+        The HTML, or None if the image cannot be read.
+    """
     from cnncodes.data.decode import BadImage, load_rgb
     from cnncodes.data.remote import local_file
 

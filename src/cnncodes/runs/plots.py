@@ -121,7 +121,7 @@ def confusion_png(record: dict[str, Any]) -> Picture:
     )
     for label in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
         label.set_fontfamily(drawn.families)
-    return _picture(fig)
+    return picture(fig)
 
 
 def reliability_png(record: dict[str, Any]) -> Picture | None:
@@ -157,10 +157,18 @@ def reliability_png(record: dict[str, Any]) -> Picture | None:
     bottom.bar(centres[filled], counts[filled], width=1 / ECE_BINS, color=_COUNTS, edgecolor="white", label="images")
     bottom.set(xlim=(low, 1), xlabel="top-1 probability", ylabel="images")
     fig.legend(loc="outside upper center", ncols=3, fontsize=8, frameon=False)
-    return _picture(fig)
+    return picture(fig)
 
 
-def _picture(fig) -> Picture:
+def picture(fig) -> Picture:
+    """A matplotlib figure as an inline PNG, cut to the box around everything it draws.
+
+    Args:
+        fig: the figure.
+
+    Returns:
+        The PNG as a data URI, with its size.
+    """
     from PIL import Image
 
     buf = io.BytesIO()

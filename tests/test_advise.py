@@ -1,0 +1,165 @@
+"""`cnncodes advise`: its candidates are extract's codes, the advice is written and runs, bad data is refused."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnncodes.advise.bootstrap import PairedDifference
+from cnncodes.advise.candidates import Candidate
+from cnncodes.advise.forward import TapsJob, tapped_rows
+from cnncodes.advise.network import POOLINGS, TapLayout, tap_channels
+from cnncodes.advise.recommend import DataOptions, Quadrant, commands
+from cnncodes.advise.run import advise
+from cnncodes.codes.extract import extract
+from cnncodes.codes.features import load_features
+from cnncodes.codes.plan import discover_data, file_ids
+from cnncodes.codes.reading import Files
+from cnncodes.core.errors import CnnCodesError
+from tests.helpers import FAST_ARGS, cli, fast_spec, make_dataset, write_image
+
+TAPS = ("block3_pool", "block4_pool", "block5_pool")
+
+
+@pytest.fixture(scope="module")
+def advised(tmp_path_factory):
+    """Advice on three pattern classes with one stripes image filed under circles, and its commands run (--fit)."""
+    root = make_dataset(tmp_path_factory.mktemp("advise") / "data", per_class=14)
+    write_image(root / "circles" / "zz_stripes.png", "stripes", seed=999)
+    out = root.parent / "advice"
+    result = cli("advise", root, "--out", out, *FAST_ARGS, "--runtime", "keras", "--fit")
+    return root, out, result
+
+
+def test_advice_measures_every_depth_and_pooling_and_its_commands_reproduce_the_split(advised):
+    root, out, result = advised
+    assert result.exit_code == 0, result.output
+    advice = json.loads((out / "advice.json").read_text())
+    names = [m["name"] for m in advice["measurements"]]
+    assert names[0] == "vgg16/block5_pool/avg" == advice["recommendation"]["default"]
+    singles = {f"vgg16/{layer}/{how}" for layer in TAPS for how in POOLINGS}
+    assert singles <= set(names) and any("+" in name for name in names)  # the best depths joined too
+    assert all(0 <= m["held_out_accuracy"] <= 1 and m["scheme"] for m in advice["measurements"])
+    assert advice["recommendation"]["codes"] in names
+    assert advice["quadrant"]["size"] == "small" and advice["quadrant"]["similarity"] in ("similar", "different")
+    assert advice["images"]["scored"] == 43 and advice["images"]["measured"] < 43  # test images only scored
+    first = shlex.split(advice["commands"][0])
+    assert first[:3] == ["cnncodes", "extract", str(root)]
+    assert shlex.join(first[-6:]) == "--split 0.7,0.15,0.15 --seed 0 --dup-threshold 6"
+    assert {"forward pass (vgg16)", "measurements", "label issues", "all"} <= set(advice["seconds"])
+    page = (out / "advice.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "zz_stripes.png" in page
+
+
+def test_the_suspected_label_is_the_stripes_image_filed_under_circles(advised):
+    _, out, _ = advised
+    issues = json.loads((out / "advice.json").read_text())["label_issues"]
+    odd = [i for i in issues if i["path"] == "circles/zz_stripes.png"]
+    assert odd and odd[0]["given"] == "circles" and odd[0]["suggested"] == "stripes", issues
+    assert len(issues) <= 4  # 43 images of well-told-apart classes: a few suspects, not a list of everything
+
+
+def test_fit_runs_the_commands_so_compare_ranks_the_advice_beside_the_defaults(advised):
+    _, out, result = advised
+    records = [json.loads(p.read_text()) for p in (out / "models").glob("*.json")]
+    layers = {r["layer"] for r in records}
+    advice = json.loads((out / "advice.json").read_text())
+    chosen = advice["recommendation"]["codes"].split("/")[1].replace("+", ",")
+    assert {"block5_pool", chosen} == layers
+    assert (out / "report.html").is_file() and "Chosen:" in result.output
+
+
+@pytest.mark.parametrize(
+    ("layers", "pooling", "sizes"),
+    [
+        (("block3_pool",), "gem", "mean"),
+        (("block3_pool", "block5_pool"), "avg", "mean"),
+        (("block4_pool",), "max", "kept"),
+    ],
+)
+def test_a_candidate_s_codes_are_the_codes_extract_makes_with_its_options(tmp_path, layers, pooling, sizes):
+    root = make_dataset(tmp_path / "data", per_class=3)
+    options = {"image_size": "32,64", "keep_sizes": sizes == "kept"}
+    spec = fast_spec(layer=",".join(layers), pooling=pooling, **options)
+    extract(root, tmp_path / "features", spec, runtime="keras", progress=False)
+    features = load_features(tmp_path / "features")
+    layout = TapLayout(
+        backbone="vgg16", layers=TAPS, poolings=POOLINGS, sizes=(32, 64), channels=tap_channels("vgg16", TAPS)
+    )
+    dataset = discover_data(root)
+    job = TapsJob(spec=fast_spec(image_size="32,64"), runtime="keras", paths=Files(root, dataset.paths), layout=layout)
+    rows = tapped_rows(tmp_path / "work", job, file_ids(dataset), progress=False)
+    codes = Candidate(backbone="vgg16", layers=layers, pooling=pooling, sizes=sizes).codes(
+        np.asarray(rows.rows), layout
+    )
+    order = [dataset.paths.index(p) for p in features.paths]
+    np.testing.assert_allclose(codes[order], features.X, rtol=1e-4, atol=1e-5)
+
+
+def test_keep_sizes_needs_several_sizes(tmp_path):
+    result = cli(
+        "extract", make_dataset(tmp_path / "data", per_class=2), "--out", tmp_path / "f", *FAST_ARGS, "--keep-sizes"
+    )
+    assert result.exit_code == 2 and "--image-size 224,288,384" in result.output
+
+
+def _quadrant(size: str, similarity: str) -> Quadrant:
+    return Quadrant(size=size, similarity=similarity, per_class=2000, depth_gain=PairedDifference(0.1, 0.05, 0.2, 0.95))
+
+
+def test_large_data_is_advised_to_fine_tune_first_deeper_when_it_differs_from_imagenet():
+    chosen = Candidate(backbone="resnet50", layers=("conv4_block6_out",), pooling="gem")
+    default = Candidate(backbone="mobilenetv2", layers=("out_relu",), pooling="avg")
+    options = DataOptions(data="pics", split="0.8,0.1,0.1", seed=3, dup_threshold=-1, weights="none")
+    similar = commands(chosen, default, _quadrant("large", "similar"), options, Path("adv"))
+    different = commands(chosen, default, _quadrant("large", "different"), options, Path("adv"))
+    assert similar[0].startswith("cnncodes finetune pics --out adv/models --backbone resnet50 --weights none")
+    assert similar[0].endswith("--split 0.8,0.1,0.1 --seed 3 --dup-threshold -1 --cache-trunk")
+    assert different[0].endswith("--unfreeze conv4_block6_out")
+    assert "--layer conv4_block6_out --pooling gem" in similar[1] and "--name advised" in similar[2]
+    small = commands(chosen, default, _quadrant("small", "different"), options, Path("adv"))
+    assert not any("finetune" in line for line in small) and small[-1].startswith("cnncodes compare adv/models")
+
+
+def test_a_large_dataset_is_sampled_with_every_class_in_its_share(tmp_path):
+    root = make_dataset(tmp_path / "data", per_class=10)
+    found = advise(
+        root,
+        tmp_path / "out",
+        backbone="vgg16",
+        weights="none",
+        image_size="32",
+        runtime="keras",
+        max_images=15,
+        progress=False,
+    )
+    assert found.images["found"] == 30 and found.images["scored"] == 15
+    advice = json.loads((tmp_path / "out" / "advice.json").read_text())
+    assert advice["images"] == found.images
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({"only": 6}, "2 classes"),
+        ({"a": 6, "b": 1}, "2 images"),
+    ],
+)
+def test_data_too_small_to_measure_gets_one_line_before_any_forward_pass(tmp_path, layout, message):
+    for label, count in layout.items():
+        for i in range(count):
+            write_image(tmp_path / "data" / label / f"{i}.png", "stripes", seed=i)
+    result = cli("advise", tmp_path / "data", "--out", tmp_path / "out", *FAST_ARGS)
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not list((tmp_path / "out").glob(".cache/taps-*"))
+
+
+def test_an_unknown_backbone_lists_the_valid_ones(tmp_path):
+    result = cli("advise", make_dataset(tmp_path / "data"), "--out", tmp_path / "out", "--backbones", "vgg17")
+    assert result.exit_code == 2 and "mobilenetv2" in result.output
+    with pytest.raises(CnnCodesError, match="at least 4"):
+        advise(tmp_path / "data", tmp_path / "out", max_images=2)
