@@ -5,8 +5,8 @@ regression is rotation-invariant, so its fits, leave-one-out residuals and per-f
 can all be written with `U` and `s` (or `Z = U diag(s)`, the codes in their own basis, r
 columns instead of d); and LogME's evidence depends on the features only through `s` and
 `Uᵀy`. One decomposition per candidate therefore serves every regularisation strength,
-every class and both measurements, and memory stays (n, r) with r ≤ min(n, d): no n×n
-matrix is ever formed.
+every class and both measurements, and memory stays within the size of the codes: the
+basis is (n, r) with r ≤ min(n, d), and the Gram matrix decomposed is min(n, d) square.
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ def decompose(codes: np.ndarray, *, standardise: bool = False) -> CodeBasis:
     averages); its statistics come from all images, so a held-out image has seen its own
     column means, a negligible leak for the comparison between candidates it serves.
 
-    Tall matrices (n > d) are decomposed through the d×d Gram matrix, several times
-    cheaper than an SVD of (n, d); directions whose singular value is below the
-    rank tolerance are dropped, which is what makes r the codes' rank.
+    Both shapes are decomposed through the smaller Gram matrix (d×d when n > d, else n×n,
+    which is no larger than the codes), several times cheaper than an SVD of (n, d);
+    directions whose singular value is below the rank tolerance are dropped, which is
+    what makes r the codes' rank.
 
     Args:
         codes: (n, d) one row of codes per image.
@@ -75,14 +76,12 @@ def decompose(codes: np.ndarray, *, standardise: bool = False) -> CodeBasis:
         spread = x.std(axis=0)
         x /= np.where(spread > 0, spread, 1.0)
     eps = np.finfo(np.float64).eps
-    if n > d:
+    if n > d:  # the d×d Gram matrix: its eigenvectors are V, and U = X V / s
         eigenvalues, vectors = np.linalg.eigh(x.T @ x)
-        singular = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
-        keep = singular > singular[0] * np.sqrt(d * eps)
-        singular = singular[keep]
-        left = (x @ vectors[:, ::-1][:, keep]) / singular
-    else:
-        left, singular, _ = np.linalg.svd(x, full_matrices=False)
-        keep = singular > singular[0] * max(n, d) * eps
-        singular, left = singular[keep], left[:, keep]
+    else:  # the n×n one, no larger than the codes: its eigenvectors are U itself
+        eigenvalues, vectors = np.linalg.eigh(x @ x.T)
+    singular = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
+    keep = singular > singular[0] * np.sqrt(min(n, d) * eps)
+    singular = singular[keep]
+    left = (x @ vectors[:, ::-1][:, keep]) / singular if n > d else vectors[:, ::-1][:, keep]
     return CodeBasis(left=np.ascontiguousarray(left), singular=singular, dimensions=d)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 # Suspected labels shown as thumbnails on the page at most (advice.json lists them all).
 PAGE_SUSPECTS = 60
-_LINES = {"avg": "-o", "max": "-s", "gem": "-^"}
+_MARKERS = {"avg": "o", "max": "s", "gem": "^"}
 
 
 def _interval(d: PairedDifference | None) -> dict[str, float] | None:
@@ -141,7 +141,7 @@ def _depth_profile(advice: Advice) -> Picture:
 
 def _series(singles: Sequence[Any]) -> list[tuple[tuple[str, str], str]]:
     keys = dict.fromkeys((m.candidate.pooling, m.candidate.sizes) for m in singles)
-    return [((p, s), _LINES.get(p, "-o") + ("" if s == "mean" else "-")) for p, s in keys]
+    return [((p, s), ("-" if s == "mean" else "--") + _MARKERS.get(p, "o")) for p, s in keys]
 
 
 def _error(d: PairedDifference | None, accuracy: float, base: float) -> tuple[float, float]:
