@@ -7,21 +7,19 @@ never feeds the choice of strategy.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
 
+from cnncodes.advise.basis import decompose
 from cnncodes.advise.classes import encode_classes
 from cnncodes.advise.labels import find_label_issues
+from cnncodes.advise.probes import groups_by_size, logo_outputs, sign_targets
 
-# Folds of the out-of-fold probabilities (fewer when a class has fewer groups).
-FOLDS = 5
+# The range of the inverse temperature that turns the probe's held-out outputs into probabilities.
+_SHARPNESS = (-3.0, 8.0)  # natural logs
 
 
 @dataclass(frozen=True)
@@ -44,27 +42,34 @@ class Suspect:
 
 
 def out_of_fold_probabilities(
-    codes: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, strength: float, seed: int = 0
+    codes: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, strength: float
 ) -> np.ndarray:
-    """Each image's class probabilities from a logistic regression that did not see it (nor its copies).
+    """Each image's class probabilities from the ridge probe fitted without it (nor its near-duplicates).
+
+    The held-out outputs are exact (leave-one-group-out from one SVD, as `advise` measures
+    candidates); a softmax of them, sharpened by the one factor that minimises their
+    log-loss, makes them probabilities that confident learning's per-class thresholds can
+    be compared with.
 
     Args:
         codes: (n, d) codes of every image.
         labels: (n,) their classes.
-        groups: (n,) near-duplicate groups: a group is never split between a fit and its held-out images.
-        strength: the ridge strength the probe chose on these codes; the regression's C is its inverse.
-        seed: seeds the folds.
+        groups: (n,) near-duplicate groups: a group is held out whole.
+        strength: the ridge strength the probe chose on these codes.
 
     Returns:
         (n, classes) probabilities, columns in sorted class order.
     """
-    _, index = encode_classes(labels)
-    smallest = int(np.bincount(index).min())
-    folds = StratifiedGroupKFold(n_splits=max(2, min(FOLDS, smallest)), shuffle=True, random_state=seed)
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0 / strength, max_iter=300))
-    with warnings.catch_warnings():  # a few more iterations would move probabilities in the third decimal
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return cross_val_predict(model, codes, index, groups=groups, cv=folds, method="predict_proba")
+    classes, index = encode_classes(labels)
+    targets = sign_targets(index, classes=len(classes))
+    basis = decompose(codes, standardise=True)
+    outputs = logo_outputs(basis, targets, members=groups_by_size(groups), alpha=strength)
+
+    def log_loss(log_sharpness: float) -> float:
+        return -float(log_softmax(outputs * np.exp(log_sharpness), axis=1)[np.arange(len(index)), index].mean())
+
+    best = minimize_scalar(log_loss, bounds=_SHARPNESS, method="bounded")
+    return np.exp(log_softmax(outputs * np.exp(best.x), axis=1))
 
 
 def suspects(labels: np.ndarray, probabilities: np.ndarray) -> list[Suspect]:
