@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import math
 import signal
 import socket
@@ -16,7 +17,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import fake_app, free_port, metric, png_of, running_server, upload
+from .helpers import V2_MODEL, fake_app, free_port, metric, png_of, running_server, upload
 
 
 @contextmanager
@@ -54,7 +55,16 @@ def post_in_background(url: str, files) -> tuple[threading.Thread, list[httpx.Re
 def patient(served) -> Iterator[str]:
     """A server whose first image waits 1.5 s for company, with room for one waiting image and 1-s reads."""
     with running_server(
-        served, "--max-queue", "1", "--batch-wait-ms", "1500", "--read-timeout", "1", log="patient.log"
+        served,
+        "--max-queue",
+        "1",
+        "--batch-wait-ms",
+        "1500",
+        "--read-timeout",
+        "1",
+        "--model-name",
+        V2_MODEL,
+        log="patient.log",
     ) as (url, _):
         yield url
 
@@ -72,6 +82,9 @@ def test_beyond_max_queue_a_request_gets_503_with_retry_after_at_once(patient, s
         assert time.monotonic() - started < 1.0
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert "--max-queue" in refused.json()["detail"]
+        image = {"content": served["images"][1].read_bytes(), "headers": {"Inference-Header-Content-Length": "0"}}
+        v2 = httpx.post(f"{patient}/v2/models/{V2_MODEL}/infer", **image, timeout=30)
+        assert v2.status_code == 503 and v2.headers["retry-after"] == "1" and "--max-queue" in v2.json()["error"]
     finally:
         waiting.join(timeout=30)
     assert answer[0].status_code == 200
@@ -116,6 +129,23 @@ def test_idle_and_trickling_connections_are_closed_after_the_read_timeout(patien
             assert slow.recv(1024) == b""
         assert time.monotonic() - started < 4
     assert httpx.get(f"{patient}/healthz").status_code == 200
+
+
+def test_an_idle_connection_stays_open_past_httpxs_keep_alive_expiry(server):
+    """Closed at uvicorn's 5 s, idle connections raced httpx's reuse of them (up to 5 s idle): resets under load."""
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().read() and connection.sock is not None
+        connection.sock.settimeout(5.5)
+        with pytest.raises(TimeoutError):  # neither bytes nor a close while idle (--read-timeout is 10 s)
+            connection.sock.recv(1)
+        connection.sock.settimeout(10)
+        connection.request("GET", "/healthz")  # the same connection still serves
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
 
 
 def test_metadata_with_a_slash_is_not_redirected_to_the_host_header(patient):

@@ -68,7 +68,12 @@ def serve(
         ),
     ] = 0.0,
     read_timeout: Annotated[
-        float, typer.Option(min=0.001, help="Seconds a connection has to send each whole request; then it is closed.")
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds a connection has to send each whole request, and may stay idle between requests; then "
+            "it is closed.",
+        ),
     ] = 10.0,
     max_connections: Annotated[
         int | None,

@@ -198,6 +198,9 @@ def serve(
         "timeout_graceful_shutdown": grace_seconds,
         "loop": "asyncio",  # whose accept loop waits a second after "Too many open files" instead of spinning
         "http": functools.partial(GuardedH11Protocol, read_timeout=read_timeout),
+        # An idle connection is closed at the read deadline, not at uvicorn's 5 s, httpx's own keep-alive expiry:
+        # a client that reuses a connection as the server closes it gets a reset under load.
+        "timeout_keep_alive": read_timeout,
         "limit_concurrency": max_connections or _connection_cap(),
     }
     if workers == 1:

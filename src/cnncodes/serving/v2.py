@@ -18,7 +18,7 @@ import base64
 import binascii
 import json
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +42,12 @@ CLIENT_GONE = 499
 
 
 class V2Error(Exception):
-    """A request this protocol refuses: answered as `{"error": message}` with `status`."""
+    """A request this protocol refuses: answered as `{"error": message}` with `status` (and `headers`)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -283,8 +284,10 @@ def add_v2_routes(
 
     async def infer(request: Request, model: str, version: str | None = None):
         known(model, version)
-        if batcher.failure:  # before reading and decoding a body no forward pass would take
-            raise V2Error(batcher.failure, 503)
+        try:  # before reading and decoding a body no forward pass would take
+            batcher.admit()
+        except HTTPException as refused:
+            raise V2Error(str(refused.detail), refused.status_code, refused.headers) from None
         try:
             body = await request.body()
         except ClientDisconnect:  # nobody to answer: counted, not logged as a server error
@@ -319,9 +322,9 @@ async def _forward(
     try:
         return np.stack(await asyncio.gather(*map(batcher.submit, decoded)))
     except HTTPException as failed:
-        raise V2Error(str(failed.detail), failed.status_code) from None
+        raise V2Error(str(failed.detail), failed.status_code, failed.headers) from None
 
 
 async def _v2_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, V2Error)
-    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
