@@ -276,9 +276,11 @@ def serve_only(tmp_path_factory) -> Path:
             (base / "constraints.txt").write_text(
                 "\n".join(line for line in frozen.stdout.splitlines() if "==" in line and "cnncodes" not in line)
             )
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(base / "constraints.txt")]
-            subprocess.run([*pip, "-r", str(ROOT / "deploy" / "serve-runtime.txt")], check=True)
+            uv = [sys.executable, "-m", "uv"]  # pip's resolver and installer, 15x faster: the same packages
+            subprocess.run([*uv, "venv", "-q", str(venv)], check=True)
+            pip = [*uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python")]
+            constrained = [*pip, "-c", str(base / "constraints.txt")]
+            subprocess.run([*constrained, "-r", str(ROOT / "deploy" / "serve-runtime.txt")], check=True)
             subprocess.run([*pip, "--no-deps", str(package)], check=True)
             (venv / "built").touch()
     return venv
