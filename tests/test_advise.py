@@ -121,6 +121,18 @@ def test_a_candidate_s_codes_are_the_codes_extract_makes_with_its_options(tmp_pa
     np.testing.assert_allclose(codes[order], features.X, rtol=1e-4, atol=1e-5)
 
 
+def test_the_advised_extract_publishes_the_codes_advise_stored_without_a_forward_pass(tmp_path):
+    root = make_dataset(tmp_path / "data", per_class=5)
+    found = advise(root, tmp_path / "out", backbone="vgg16", weights="none", image_size="32", runtime="keras")
+    assert len(found.seeded) == len({found.chosen, found.default.candidate})
+    extract_default = shlex.split(found.commands[-3])
+    assert extract_default[1] == "extract" and extract_default[4] in found.seeded
+    result = cli(*extract_default[1:])
+    assert result.exit_code == 0 and "0 computed, 15 reused" in result.output, result.output
+    fresh = extract(root, tmp_path / "fresh", fast_spec(), runtime="keras", progress=False)
+    np.testing.assert_allclose(load_features(extract_default[4]).X, load_features(fresh.out).X, rtol=1e-4, atol=1e-5)
+
+
 def test_keep_sizes_needs_several_sizes(tmp_path):
     result = cli(
         "extract", make_dataset(tmp_path / "data", per_class=2), "--out", tmp_path / "f", *FAST_ARGS, "--keep-sizes"

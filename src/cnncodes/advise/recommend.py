@@ -123,8 +123,17 @@ def backbone_args(candidate: Candidate) -> list[str]:
     return [] if candidate.backbone == DEFAULT_BACKBONE else ["--backbone", candidate.backbone]
 
 
-def _slug(candidate: Candidate) -> str:
-    return candidate.name.replace("/", "-").replace("+", "-")
+def features_folder(out: Path, candidate: Candidate) -> Path:
+    """The features folder the advised `extract` of `candidate` writes, under advise's folder.
+
+    Args:
+        out: advise's folder.
+        candidate: the setting.
+
+    Returns:
+        The folder.
+    """
+    return out / f"features-{candidate.name.replace('/', '-').replace('+', '-')}"
 
 
 def commands(
@@ -145,7 +154,7 @@ def commands(
     models = out / "models"
     lines = []
     for candidate in dict.fromkeys([chosen, default]):
-        features = out / f"features-{_slug(candidate)}"
+        features = features_folder(out, candidate)
         extract = ["cnncodes", "extract", options.data, "--out", str(features), *extract_args(candidate)]
         lines += [
             extract + options.network_args(extract=True) + options.split_args(),

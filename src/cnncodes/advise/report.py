@@ -66,6 +66,7 @@ def advice_dict(advice: Advice, data: str) -> dict[str, Any]:
             ),
         },
         "commands": advice.commands,
+        "features_with_codes": advice.seeded,
         "measurements": [
             {
                 **asdict(m.candidate),

@@ -20,8 +20,9 @@ from cnncodes.advise.classes import encode_classes
 from cnncodes.advise.forward import TappedRows, TapsJob, tapped_rows
 from cnncodes.advise.measure import Measured, gain, learning_curve, measure_all
 from cnncodes.advise.network import POOLINGS, TapLayout, tap_channels
-from cnncodes.advise.recommend import DataOptions, Quadrant, commands, quadrant
+from cnncodes.advise.recommend import DataOptions, Quadrant, commands, features_folder, quadrant
 from cnncodes.advise.report import write_advice
+from cnncodes.advise.seed import seed_features, stored_rows
 from cnncodes.advise.suspects import cross_class_copies, out_of_fold_probabilities, suspects
 from cnncodes.codes.layout import CACHE_DIR
 from cnncodes.codes.plan import Plan, check_out, discover_data, plan
@@ -55,6 +56,7 @@ class Advice:
         images: how many images were found, measured and scored.
         skipped: (path, reason) of each image left out.
         seconds: the time of each stage.
+        seeded: the features folders of the commands that already hold their codes (`seed`).
     """
 
     out: Path
@@ -69,6 +71,7 @@ class Advice:
     images: dict[str, int]
     skipped: list[tuple[str, str]]
     seconds: dict[str, float]
+    seeded: list[str] = field(default_factory=list)
 
     @property
     def default(self) -> Measured:
@@ -174,6 +177,8 @@ def advise(
             runtime=runtime,
         )
         advice = _advice(out, images, rows, layouts, names[0], options, clock, progress)
+        if images.sampled == 0:
+            advice = replace(advice, seeded=_seed(out, advice, images, rows, layouts, options))
         timed = replace(advice, seconds={**advice.seconds, "all": round(time.perf_counter() - started, 3)})
         return write_advice(timed, str(data))
 
@@ -188,8 +193,14 @@ class _Images:
     subsets: np.ndarray
     groups: np.ndarray
     file_ids: list[str]
-    found: int
+    index: np.ndarray  # each image's position among the usable ones (`plan_ids`)
+    plan_ids: Sequence[str]  # every usable image's id, in the plan's order
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def found(self) -> int:
+        """Usable images in the dataset."""
+        return len(self.plan_ids)
 
     @classmethod
     def of(cls, the_plan: Plan, max_images: int, seed: int) -> _Images:
@@ -205,13 +216,19 @@ class _Images:
             subsets=subsets[taken],
             groups=np.asarray(the_plan.groups)[taken],
             file_ids=[the_plan.file_ids[i] for i in taken],
-            found=len(labels),
+            index=taken,
+            plan_ids=the_plan.file_ids,
             skipped=[(path, reason) for path, reason, _ in the_plan.rejected],
         )
 
     @property
     def files(self) -> Files:
         return Files(self.root, self.paths)
+
+    @property
+    def sampled(self) -> int:
+        """Usable images left out of the sample (none up to `max_images`)."""
+        return self.found - len(self.index)
 
     def decoded(self, rows: dict[str, TappedRows]) -> tuple[_Images, dict[str, np.ndarray]]:
         """These images less those that failed to decode in a forward pass, and each backbone's rows of them."""
@@ -228,6 +245,7 @@ class _Images:
             subsets=self.subsets[keep],
             groups=self.groups[keep],
             file_ids=[self.file_ids[i] for i in keep],
+            index=self.index[keep],
             skipped=self.skipped + sorted(failed.items()),
         )
         return images, kept
@@ -338,3 +356,30 @@ def _measured(
         joined = [c for c in joined_candidates(mine, layouts[backbone]) if c not in singles]
         measured += measure_all(joined, rows, layouts, labels, groups, advance)
     return measured
+
+
+def _seed(
+    out: Path,
+    advice: Advice,
+    images: _Images,
+    rows: dict[str, np.ndarray],
+    layouts: dict[str, TapLayout],
+    options: DataOptions,
+) -> list[str]:
+    """Store the codes of the chosen and the default setting where their advised `extract` finds them."""
+    seeded = []
+    for candidate in dict.fromkeys([advice.chosen, advice.default.candidate]):
+        spec = ExtractorSpec.create(
+            backbone=candidate.backbone,
+            layer=candidate.layer_option,
+            pooling=candidate.pooling,
+            image_size=options.image_size,
+            resize=options.resize,
+            weights=options.weights,
+            keep_sizes=candidate.sizes == "kept",
+        )
+        stored = stored_rows(candidate, rows[candidate.backbone], layouts[candidate.backbone])
+        folder = features_folder(out, candidate)
+        if seed_features(folder, spec, images.plan_ids, images.index, stored):
+            seeded.append(str(folder))
+    return seeded

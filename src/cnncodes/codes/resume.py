@@ -38,6 +38,19 @@ def id_digests(file_ids: Sequence[str]) -> np.ndarray:
     )
 
 
+def writer_key(family: str, ids: np.ndarray) -> str:
+    """The key of the rows of these files made by the extractor `family` (its `key`): a run resumes rows of its key.
+
+    Args:
+        family: the extractor's key.
+        ids: each row's file id digest (`id_digests`).
+
+    Returns:
+        The key.
+    """
+    return artifacts.sha256_json([family, hashlib.sha256(ids.tobytes()).hexdigest()])
+
+
 class Computed(NamedTuple):
     """The filled FeatureWriter of a run, and how its rows came to be."""
 
@@ -123,7 +136,7 @@ def _seeded_writer(out: Path, job: CodeJob, ids: np.ndarray) -> FeatureWriter:
     previous = _previous_rows(out, job.key, ids)
     covered = previous is not None and len(previous.pairs) == len(ids)
     dim = previous.dim if previous is not None and covered else job.runner.dim
-    key = artifacts.sha256_json([job.key, hashlib.sha256(ids.tobytes()).hexdigest()])
+    key = writer_key(job.key, ids)
     salvaged = salvage(out / CACHE_DIR, key, ids, job.key)
     writer = FeatureWriter(out / CACHE_DIR, key, len(ids), dim, ids, job.key)
     if previous is not None:
