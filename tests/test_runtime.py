@@ -33,7 +33,7 @@ def assert_same_codes(spec, weights, pixels):
 
 @pytest.mark.parametrize(
     ("backbone", "layer"),
-    [("vgg16", None), ("vgg16", "block3_pool"), ("resnet50", None), ("resnet50", "conv4_block6_out")],
+    [("vgg16", None), ("vgg16", "block3_pool"), ("resnet50", None)],
 )
 @pytest.mark.slow
 def test_onnx_codes_equal_keras_codes_untrained(tmp_path, backbone, layer):
