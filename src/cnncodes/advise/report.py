@@ -204,7 +204,7 @@ def advice_html(advice: Advice, data: str) -> str:
             f"{100 * m.accuracy:.1f}",
             f"{100 * m.probe.train_accuracy:.1f}",
             f"{m.logme:.3f}",
-            _gain_text(advice.gains.get(m.candidate.name)),
+            gain_text(advice.gains.get(m.candidate.name)),
         ]
         for m in sorted(advice.measured, key=lambda m: -m.accuracy)
     ]
@@ -233,7 +233,15 @@ def advice_html(advice: Advice, data: str) -> str:
     )
 
 
-def _gain_text(d: PairedDifference | None) -> str:
+def gain_text(d: PairedDifference | None) -> str:
+    """A gain over the default in points with its interval, e.g. `+1.4 [+0.3, +2.6]`; `(default)` for None.
+
+    Args:
+        d: the difference, or None for the default itself.
+
+    Returns:
+        The text.
+    """
     if d is None:
         return "(default)"
     return f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"

@@ -88,14 +88,13 @@ def advise(
 
 
 def _summary(advice: Advice) -> None:
-    from cnncodes.advise.report import recommendation_text
+    from cnncodes.advise.report import gain_text, recommendation_text
 
     table = Table(title=f"{len(advice.measured)} candidates, {advice.images['measured']} train and val images")
     for column in ("codes", "held-out", "minus default [95%]", "LogME"):
         table.add_column(column, justify="left" if column == "codes" else "right")
     for m in sorted(advice.measured, key=lambda m: -m.accuracy)[:SHOWN]:
-        d = advice.gains.get(m.candidate.name)
-        gain = "default" if d is None else f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+        gain = gain_text(advice.gains.get(m.candidate.name))
         table.add_row(escape(m.candidate.name), f"{100 * m.accuracy:.1f}%", gain, f"{m.logme:.3f}")
     out_console.print(table)
     out_console.print(escape(recommendation_text(advice)), highlight=False)
