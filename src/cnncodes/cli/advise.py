@@ -91,8 +91,9 @@ def _summary(advice: Advice) -> None:
     from cnncodes.advise.report import gain_text, recommendation_text
 
     table = Table(title=f"{len(advice.measured)} candidates, {advice.images['measured']} train and val images")
-    for column in ("codes", "held-out", "minus default [95%]", "LogME"):
-        table.add_column(column, justify="left" if column == "codes" else "right")
+    table.add_column("codes", overflow="fold")  # a name is the setting: folded, never cut
+    for column in ("held-out", "minus default [95%]", "LogME"):
+        table.add_column(column, justify="right", no_wrap=True)
     for m in sorted(advice.measured, key=lambda m: -m.accuracy)[:SHOWN]:
         gain = gain_text(advice.gains.get(m.candidate.name))
         table.add_row(escape(m.candidate.name), f"{100 * m.accuracy:.1f}%", gain, f"{m.logme:.3f}")
