@@ -126,9 +126,10 @@ def _depth_profile(advice: Advice) -> Picture:
     base = advice.default.accuracy
     fig, ax = plt.subplots(figsize=(7, 4))
     singles = [m for m in advice.measured if m.candidate.backbone == backbone and len(m.candidate.layers) == 1]
-    depths = list(dict.fromkeys(m.candidate.layers[0] for m in singles))
+    depths = list(dict.fromkeys(m.candidate.layers[0] for m in singles[1:] + singles[:1]))  # shallow to deep
     for (pooling, sizes), style in _series(singles):
         points = [m for m in singles if (m.candidate.pooling, m.candidate.sizes) == (pooling, sizes)]
+        points.sort(key=lambda m: depths.index(m.candidate.layers[0]))  # the default was measured first
         x = [depths.index(m.candidate.layers[0]) + (0.08 if sizes == "kept" else 0.0) for m in points]
         y = [100 * m.accuracy for m in points]
         err = [_error(advice.gains.get(m.candidate.name), m.accuracy, base) for m in points]
@@ -212,7 +213,7 @@ def advice_html(advice: Advice, data: str) -> str:
     copies = "".join(f"<li>{html.escape(', '.join(readable(p) for p in group))}</li>" for group in advice.copies)
     sections = [
         f"<p>{html.escape(recommendation_text(advice))}</p>",
-        "<h2>Commands</h2><pre>" + html.escape("\n".join(advice.commands)) + "</pre>",
+        "<h2>Commands</h2><pre style='white-space:pre-wrap'>" + html.escape("\n".join(advice.commands)) + "</pre>",
         "<h2>Depth profile</h2><div class='plots'>"
         + figure(
             _depth_profile(advice),
