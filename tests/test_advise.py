@@ -158,12 +158,13 @@ def test_large_data_is_advised_to_fine_tune_first_deeper_when_it_differs_from_im
     assert not any("finetune" in line for line in small) and small[-1].startswith("cnncodes compare adv/models")
 
 
-def test_a_large_dataset_is_sampled_with_every_class_in_its_share(tmp_path):
+def test_a_large_dataset_is_sampled_with_every_class_in_its_share_and_other_backbones_measured_too(tmp_path):
     root = make_dataset(tmp_path / "data", per_class=10)
     found = advise(
         root,
         tmp_path / "out",
         backbone="vgg16",
+        backbones=["vgg19"],
         weights="none",
         image_size="32",
         runtime="keras",
@@ -171,6 +172,8 @@ def test_a_large_dataset_is_sampled_with_every_class_in_its_share(tmp_path):
         progress=False,
     )
     assert found.images["found"] == 30 and found.images["scored"] == 15
+    assert {"vgg16/block5_pool/avg", "vgg19/block5_pool/max"} <= {m.candidate.name for m in found.measured}
+    assert not found.seeded  # a sample's codes are not every image's: no features folder is filled
     advice = json.loads((tmp_path / "out" / "advice.json").read_text())
     assert advice["images"] == found.images
 
