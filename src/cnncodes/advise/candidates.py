@@ -9,14 +9,11 @@ each layer's vector scaled to unit length, then concatenated.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from cnncodes.advise.network import TapLayout, pooled
-
-# Sizes: "mean" averages the codes at every size (extract's default); "kept" puts them side by side.
-SIZE_MODES: tuple[str, ...] = ("mean", "kept")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,28 +74,48 @@ def default_candidate(layout: TapLayout) -> Candidate:
 
 
 def single_candidates(layout: TapLayout) -> list[Candidate]:
-    """Every tap with every pooling, sizes averaged and, with several sizes, kept side by side."""
-    modes = SIZE_MODES if len(layout.sizes) > 1 else SIZE_MODES[:1]
+    """Every tap with every pooling, sizes averaged (extract's way with several sizes)."""
     return [
-        Candidate(backbone=layout.backbone, layers=(layer,), pooling=how, sizes=mode)
-        for mode in modes
+        Candidate(backbone=layout.backbone, layers=(layer,), pooling=how)
         for layer in layout.layers
         for how in layout.poolings
     ]
 
 
+def kept_candidates(best: Sequence[tuple[Candidate, float]], layout: TapLayout, *, count: int = 3) -> list[Candidate]:
+    """The best few single candidates again with their sizes kept side by side (none for one size).
+
+    Keeping the sizes mostly moves a candidate by a little, so the variants of the clearly worse
+    depths and poolings are not worth their decomposition.
+
+    Args:
+        best: single candidates (sizes averaged) with their held-out accuracy.
+        layout: the layout the candidates come from.
+        count: how many of the best get the variant.
+
+    Returns:
+        The variants, best first.
+    """
+    if len(layout.sizes) < 2:
+        return []
+    ranked = sorted(best, key=lambda pair: -pair[1])[:count]
+    return [replace(c, sizes="kept") for c, _ in ranked]
+
+
 def joined_candidates(best: Sequence[tuple[Candidate, float]], layout: TapLayout) -> list[Candidate]:
     """The best two and three depths joined, with the pooling and sizes of the best single candidate.
 
+    Depths are ranked by their candidates with that pooling and sizes averaged (every depth has one).
+
     Args:
-        best: single candidates with their held-out accuracy.
+        best: single-depth candidates with their held-out accuracy.
         layout: the layout the candidates come from.
 
     Returns:
         Up to two joined candidates (none when the backbone has fewer than two taps).
     """
     top = max(best, key=lambda pair: pair[1])[0]
-    same = [(c, acc) for c, acc in best if c.pooling == top.pooling and c.sizes == top.sizes]
+    same = [(c, acc) for c, acc in best if c.pooling == top.pooling and c.sizes == "mean"]
     ranked = [c.layers[0] for c, _ in sorted(same, key=lambda pair: -pair[1])]
     joined = []
     for count in (2, 3):

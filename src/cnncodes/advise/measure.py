@@ -134,13 +134,16 @@ def curve_subsets(labels: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> l
     return subsets
 
 
-def learning_curve(codes: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> list[dict]:
+def learning_curve(
+    codes: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, full: ProbeResult | None = None, seed: int = 0
+) -> list[dict]:
     """Held-out and train accuracy of the probe on growing shares of the images: would more data help?
 
     Args:
         codes: (n, d) the chosen candidate's codes of the train and val images.
         labels: (n,) their classes.
         groups: (n,) their near-duplicate groups.
+        full: the probe's result on all of them, when measured already.
         seed: seeds the subsets.
 
     Returns:
@@ -152,7 +155,10 @@ def learning_curve(codes: np.ndarray, labels: np.ndarray, groups: np.ndarray, *,
         _, counts = np.unique(labels[subset], return_counts=True)
         if len(counts) < len(np.unique(labels)) or counts.min() < 2:
             continue
-        result = probe(decompose(codes[subset], standardise=True), labels[subset], groups=groups[subset])
+        if fraction == 1 and full is not None:
+            result = full
+        else:
+            result = probe(decompose(codes[subset], standardise=True), labels[subset], groups=groups[subset])
         points.append(
             {
                 "fraction": fraction,

@@ -10,6 +10,7 @@ candidate's codes are columns of these rows (`candidates`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,7 +23,7 @@ from cnncodes.core.progress import warn
 from cnncodes.nets.backbones import get_backbone
 from cnncodes.nets.weights import Weights
 from cnncodes.runtime.child import in_child
-from cnncodes.runtime.runners import Runner, make_runner
+from cnncodes.runtime.runners import Runner, cache_dir, make_runner
 
 if TYPE_CHECKING:
     import keras
@@ -93,7 +94,7 @@ class TapLayout:
 
 
 def tap_channels(backbone: str, layers: Sequence[str]) -> dict[str, int]:
-    """Each layer's channels, read off an untrained network built in a child process (TensorFlow stays out).
+    """Each layer's channels: read once off an untrained network built in a child process, then kept in the cache.
 
     Args:
         backbone: the registry name.
@@ -102,7 +103,17 @@ def tap_channels(backbone: str, layers: Sequence[str]) -> dict[str, int]:
     Returns:
         The channels of each layer.
     """
-    return in_child(partial(_channels, backbone, tuple(layers)))
+    kept = cache_dir() / "taps" / f"{artifacts.sha256_json(['channels', backbone, list(layers)])[:32]}.json"
+    try:
+        channels = {str(k): int(v) for k, v in artifacts.read_object(kept).items()}
+        if list(channels) == list(layers):
+            return channels
+    except Exception:  # absent or damaged: read off the network again
+        pass
+    channels = in_child(partial(_channels, backbone, tuple(layers)))
+    with contextlib.suppress(OSError):  # a cache that cannot be written: read them again next time
+        artifacts.write_json_atomic(kept, channels)
+    return channels
 
 
 def _channels(backbone: str, layers: tuple[str, ...]) -> dict[str, int]:

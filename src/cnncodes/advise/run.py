@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from cnncodes.advise.bootstrap import PairedDifference, recommended
-from cnncodes.advise.candidates import Candidate, default_candidate, joined_candidates, single_candidates
+from cnncodes.advise.candidates import (
+    Candidate,
+    default_candidate,
+    joined_candidates,
+    kept_candidates,
+    single_candidates,
+)
 from cnncodes.advise.classes import encode_classes
 from cnncodes.advise.forward import TappedRows, TapsJob, tapped_rows
 from cnncodes.advise.measure import Measured, gain, learning_curve, measure_all
@@ -160,9 +166,7 @@ def advise(
         for name in names:
             lap = time.perf_counter()
             spec = ExtractorSpec.create(backbone=name, weights=weights, image_size=image_size, resize=resize)
-            job = TapsJob(
-                spec=spec, runtime=runtime, paths=images.files, batch_size=batch_size, layout=_layout(out, spec)
-            )
+            job = TapsJob(spec=spec, runtime=runtime, paths=images.files, batch_size=batch_size, layout=_layout(spec))
             layouts[name], tapped[name] = job.layout, _forward(out, job, images, workers, progress)
             clock[f"forward pass ({name})"] = time.perf_counter() - lap
         images, rows = images.decoded(tapped)
@@ -264,21 +268,16 @@ def _sample(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(taken))
 
 
-def _layout(out: Path, spec: ExtractorSpec) -> TapLayout:
-    """The backbone's taps at its registry depths, every pooling, the extractor's sizes; channels read once and kept."""
+def _layout(spec: ExtractorSpec) -> TapLayout:
+    """The backbone's taps at its registry depths, every pooling, the extractor's sizes."""
     entry = get_backbone(spec.backbone)
-    layout = TapLayout(
-        backbone=entry.name, layers=entry.taps, poolings=POOLINGS, sizes=tuple(spec.scales or [spec.image_size])
+    return TapLayout(
+        backbone=entry.name,
+        layers=entry.taps,
+        poolings=POOLINGS,
+        sizes=tuple(spec.scales or [spec.image_size]),
+        channels=tap_channels(entry.name, entry.taps),
     )
-    kept = out / CACHE_DIR / f"taps-{layout.key[:16]}.json"
-    try:
-        channels = {str(k): int(v) for k, v in artifacts.read_object(kept).items()}
-        if set(channels) != set(entry.taps):
-            raise ValueError("other layers")
-    except Exception:  # absent or damaged: read off the network again
-        channels = tap_channels(entry.name, entry.taps)
-        artifacts.write_json_atomic(kept, channels)
-    return replace(layout, channels=channels)
 
 
 def _forward(out: Path, job: TapsJob, images: _Images, workers: int | None, progress: bool) -> TappedRows:
@@ -313,7 +312,7 @@ def _advice(
     clock["measurements"] = time.perf_counter() - lap
     lap = time.perf_counter()
     codes = chosen.candidate.codes(rows[chosen.candidate.backbone], layouts[chosen.candidate.backbone])
-    curve = learning_curve(codes[strategy], labels, groups)
+    curve = learning_curve(codes[strategy], labels, groups, full=chosen.probe)
     clock["learning curve"] = time.perf_counter() - lap
     lap = time.perf_counter()
     probabilities = out_of_fold_probabilities(codes, images.labels, images.groups, strength=chosen.probe.alpha)
@@ -347,13 +346,20 @@ def _measured(
     groups: np.ndarray,
     progress: bool,
 ) -> list[Measured]:
-    """Every single-depth candidate of every backbone, then the best depths joined; the default first."""
+    """Every depth and pooling of every backbone, then the best few with sizes kept, and the best depths joined.
+
+    The default comes first. The second and third rounds are chosen on the first round's
+    measurements of the same images, as every candidate is.
+    """
     default = default_candidate(layouts[backbone])
     singles = [default] + [c for layout in layouts.values() for c in single_candidates(layout) if c != default]
-    with progress_bar("Measuring candidates", len(singles) + 2, unit="set", enabled=progress) as advance:
+    with progress_bar("Measuring candidates", len(singles) + 5, unit="set", enabled=progress) as advance:
         measured = measure_all(singles, rows, layouts, labels, groups, advance)
         mine = [(m.candidate, m.accuracy) for m in measured if m.candidate.backbone == backbone]
-        joined = [c for c in joined_candidates(mine, layouts[backbone]) if c not in singles]
+        kept = kept_candidates(mine, layouts[backbone])
+        measured += measure_all(kept, rows, layouts, labels, groups, advance)
+        mine += [(m.candidate, m.accuracy) for m in measured[len(singles) :]]
+        joined = joined_candidates(mine, layouts[backbone])
         measured += measure_all(joined, rows, layouts, labels, groups, advance)
     return measured
 
