@@ -110,12 +110,14 @@ def recommendation_text(advice: Advice) -> str:
         d = advice.gains[best.candidate.name]
         return text + (
             f"{best.candidate.name} measured {100 * d.mean:+.1f} points over the default, but its 95% interval "
-            f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}] includes 0: keep the default codes ({default.candidate.name})."
+            f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}] includes 0 (and the best of {len(advice.measured)} is "
+            f"optimistic): keep the default codes ({default.candidate.name})."
         )
     d = advice.gains[advice.chosen.name]
     return text + (
         f"Use {advice.chosen.name}: {100 * d.mean:+.1f} points of held-out accuracy over the default "
-        f"(95% interval [{100 * d.low:+.1f}, {100 * d.high:+.1f}])."
+        f"(95% interval [{100 * d.low:+.1f}, {100 * d.high:+.1f}]; chosen as the best of {len(advice.measured)} on "
+        "the same images, so the gain is optimistic: compare's test score will tell)."
     )
 
 
