@@ -99,7 +99,9 @@ def _summary(advice: Advice) -> None:
         table.add_row(escape(m.candidate.name), f"{100 * m.accuracy:.1f}%", gain, f"{m.logme:.3f}")
     out_console.print(table)
     out_console.print(escape(recommendation_text(advice)), highlight=False)
-    if advice.suspects:
+    if not advice.suspects:
+        out_console.print("No label looks wrong to the chosen codes' model.", highlight=False)
+    else:
         out_console.print(f"{len(advice.suspects)} label(s) look wrong, most suspect first:", highlight=False)
         for s in advice.suspects[:SHOWN]:
             line = (
