@@ -275,7 +275,7 @@ from joblib.externals.loky.process_executor import ProcessPoolExecutor
 shutdown = ProcessPoolExecutor.shutdown
 def slow(self, *args, **kwargs):
     pathlib.Path(os.environ["EXITING"]).touch()
-    time.sleep(10)
+    time.sleep(60)  # Ctrl-C ends the wait: long, so a busy machine's late signal still finds it waiting
     return shutdown(self, *args, **kwargs)
 ProcessPoolExecutor.shutdown = slow
 """
