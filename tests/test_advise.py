@@ -31,6 +31,7 @@ def advised(tmp_path_factory):
     """Advice on three pattern classes with a copy of a stripes image filed under circles; its commands run (--fit)."""
     root = make_dataset(tmp_path_factory.mktemp("advise") / "data", per_class=14)
     write_image(root / "circles" / "zz_stripes.png", "stripes", seed=103)  # stripes/stripes_03.png's pixels
+    (root / "squares" / "broken.jpg").write_bytes(b"not a jpeg")
     out = root.parent / "advice"
     two_sizes = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32,64", "--quiet"]
     result = cli("advise", root, "--out", out, *two_sizes, "--runtime", "keras", "--fit")
@@ -55,6 +56,7 @@ def test_advice_measures_every_depth_and_pooling_and_its_commands_reproduce_the_
     assert first[:3] == ["cnncodes", "extract", str(root)]
     assert shlex.join(first[-6:]) == "--split 0.7,0.15,0.15 --seed 0 --dup-threshold 6"
     assert {"forward pass (vgg16)", "measurements", "label issues", "all"} <= set(advice["seconds"])
+    assert [s["path"] for s in advice["skipped"]] == ["squares/broken.jpg"] and "skipped 1 file(s)" in result.stderr
     page = (out / "advice.html").read_text()
     assert page.count("data:image/png;base64,") >= 2 and "zz_stripes.png" in page  # plots, the copies listed
 

@@ -86,7 +86,7 @@ def advice_dict(advice: Advice, data: str) -> dict[str, Any]:
         "label_issues": advice.suspects,
         "cross_class_duplicates": advice.copies,
         "images": advice.images,
-        "skipped": [{"path": p, "reason": r} for p, r in advice.skipped],
+        "skipped": [{"path": p, "reason": r, "category": c} for p, r, c in advice.skipped],
         "seconds": advice.seconds,
     }
 

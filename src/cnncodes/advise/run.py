@@ -60,7 +60,7 @@ class Advice:
         copies: near-duplicate images labelled with different classes.
         commands: what to run, the recommended next step first.
         images: how many images were found, measured and scored.
-        skipped: (path, reason) of each image left out.
+        skipped: (path, reason, category) of each file left out, as rejected.csv lists them.
         seconds: the time of each stage.
         seeded: the features folders of the commands that already hold their codes (`seed`).
     """
@@ -75,7 +75,7 @@ class Advice:
     copies: list[list[str]]
     commands: list[str]
     images: dict[str, int]
-    skipped: list[tuple[str, str]]
+    skipped: list[tuple[str, str, str]]
     seconds: dict[str, float]
     seeded: list[str] = field(default_factory=list)
 
@@ -199,7 +199,7 @@ class _Images:
     file_ids: list[str]
     index: np.ndarray  # each image's position among the usable ones (`plan_ids`)
     plan_ids: Sequence[str]  # every usable image's id, in the plan's order
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # rejected.csv's rows
 
     @property
     def found(self) -> int:
@@ -222,7 +222,7 @@ class _Images:
             file_ids=[the_plan.file_ids[i] for i in taken],
             index=taken,
             plan_ids=the_plan.file_ids,
-            skipped=[(path, reason) for path, reason, _ in the_plan.rejected],
+            skipped=list(the_plan.rejected),
         )
 
     @property
@@ -237,10 +237,10 @@ class _Images:
     def decoded(self, rows: dict[str, TappedRows]) -> tuple[_Images, dict[str, np.ndarray]]:
         """These images less those that failed to decode in a forward pass, and each backbone's rows of them."""
         keep = np.arange(len(self.paths))
-        failed: dict[str, str] = {}
+        failed: dict[str, tuple[str, str]] = {}
         for found in rows.values():
             keep = np.intersect1d(keep, found.kept)
-            failed |= {self.paths[row]: str(bad) for row, bad in found.failed}
+            failed |= {self.paths[row]: (str(bad), bad.category) for row, bad in found.failed}
         kept = {name: np.asarray(found.rows[np.searchsorted(found.kept, keep)]) for name, found in rows.items()}
         images = replace(
             self,
@@ -250,7 +250,7 @@ class _Images:
             groups=self.groups[keep],
             file_ids=[self.file_ids[i] for i in keep],
             index=self.index[keep],
-            skipped=self.skipped + sorted(failed.items()),
+            skipped=self.skipped + [(path, *why) for path, why in sorted(failed.items())],
         )
         return images, kept
 

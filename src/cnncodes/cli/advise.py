@@ -62,6 +62,7 @@ def advise(
 ) -> None:
     """Measure which codes suit the data (depths, poolings, sizes), cs231n's quadrant, and which labels look wrong."""
     from cnncodes.advise.run import advise as run_advise
+    from cnncodes.codes.layout import skipped_summary
 
     with user_errors("the finished forward passes are kept: run the same command again to resume."):
         advice = run_advise(
@@ -81,6 +82,9 @@ def advise(
             max_images=max_images,
             progress=not quiet,
         )
+    if advice.skipped:
+        line = skipped_summary(advice.skipped, advice.out / "advice.json")
+        err_console.print(f"[yellow]Warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if not quiet:
         _summary(advice)
     if fit:
