@@ -358,3 +358,25 @@ def io_bytes(image, image_format: str) -> bytes:
 def png_of(value: int) -> bytes:
     """A 40-px grey PNG of `value`."""
     return io_bytes(Image.new("RGB", (40, 40), (value,) * 3), "PNG")
+
+
+def planted_flips(seed: int, *, n: int, classes: int, dims: int, spread: float) -> tuple[np.ndarray, ...]:
+    """Gaussian classes of codes with 5 % of the labels moved to another class.
+
+    Args:
+        seed: seeds everything.
+        n: codes.
+        classes: classes, each centred on a random point.
+        dims: numbers per code.
+        spread: the centres' scale against the codes' unit noise (larger: better told apart).
+
+    Returns:
+        (codes, labels as given, true labels, indices of the moved ones).
+    """
+    rng = np.random.default_rng(seed)
+    truth = np.arange(n) % classes
+    codes = rng.normal(size=(n, dims)) + spread * rng.normal(size=(classes, dims))[truth]
+    labels = truth.copy()
+    moved = rng.choice(n, size=n // 20, replace=False)
+    labels[moved] = (truth[moved] + rng.integers(1, classes, len(moved))) % classes
+    return codes, labels, truth, moved

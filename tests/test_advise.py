@@ -21,7 +21,7 @@ from cnncodes.codes.features import load_features
 from cnncodes.codes.plan import discover_data, file_ids
 from cnncodes.codes.reading import Files
 from cnncodes.core.errors import CnnCodesError
-from tests.helpers import FAST_ARGS, cli, fast_spec, make_dataset, write_image
+from tests.helpers import FAST_ARGS, cli, fast_spec, make_dataset, planted_flips, write_image
 
 TAPS = ("block3_pool", "block4_pool", "block5_pool")
 
@@ -72,13 +72,8 @@ def test_the_copy_filed_under_another_class_is_listed_and_suspects_say_what_they
 
 def test_planted_wrong_labels_are_found_from_the_probe_s_held_out_outputs():
     """5 % of the labels of well-separated classes moved to another class: most are flagged, few others are."""
-    rng = np.random.default_rng(1)
-    n, classes = 800, 5
-    truth = np.arange(n) % classes
-    codes = rng.normal(size=(n, 64)) + 1.2 * rng.normal(size=(classes, 64))[truth]
-    labels = truth.copy()
-    moved = rng.choice(n, size=n // 20, replace=False)
-    labels[moved] = (truth[moved] + rng.integers(1, classes, size=len(moved))) % classes
+    codes, labels, _, moved = planted_flips(1, n=800, classes=5, dims=64, spread=1.2)
+    n = len(labels)
     groups = np.arange(n)
     groups[1::50] = groups[0::50][: len(groups[1::50])]  # a few near-duplicate pairs, held out together
     probabilities = out_of_fold_probabilities(codes, labels, groups, strength=10.0)

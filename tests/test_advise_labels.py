@@ -13,6 +13,7 @@ from sklearn.model_selection import cross_val_predict
 
 from cnncodes.advise.labels import confident_joint, find_label_issues, label_quality
 from cnncodes.core.errors import CnnCodesError
+from tests.helpers import planted_flips
 
 
 def _noisy(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,13 +54,7 @@ def test_planted_flips_are_found_from_out_of_fold_probabilities():
 
     The probabilities come from a linear discriminant, fit in closed form, so the test is fast.
     """
-    rng = np.random.default_rng(0)
-    n, classes = 600, 4
-    truth = np.arange(n) % classes
-    codes = rng.normal(size=(n, 16)) + 1.5 * rng.normal(size=(classes, 16))[truth]
-    labels = truth.copy()
-    moved = rng.choice(n, size=n // 20, replace=False)
-    labels[moved] = (truth[moved] + rng.integers(1, classes, len(moved))) % classes
+    codes, labels, truth, moved = planted_flips(0, n=600, classes=4, dims=16, spread=1.5)
     probabilities = cross_val_predict(LinearDiscriminantAnalysis(), codes, labels, cv=5, method="predict_proba")
     issues = find_label_issues(labels=labels, probabilities=probabilities)
     found = np.isin(issues.indices, moved)

@@ -109,9 +109,7 @@ def compute_codes(
     started = time.perf_counter()
     if len(todo):
         total = len(file_ids)
-        with progress_bar(
-            f"Extracting {job.label}", total, enabled=progress, completed=total - len(todo)
-        ) as advance:
+        with progress_bar(f"Extracting {job.label}", total, enabled=progress, completed=total - len(todo)) as advance:
             try:
                 for batch in engine.codes(job, todo):
                     writer.write(batch.rows, batch.codes)
