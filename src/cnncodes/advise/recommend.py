@@ -18,7 +18,7 @@ import numpy as np
 
 from cnncodes.advise.bootstrap import PairedDifference, paired_bootstrap, recommended
 from cnncodes.advise.candidates import Candidate
-from cnncodes.advise.measure import Measured
+from cnncodes.advise.measure import RESAMPLES, Measured
 from cnncodes.nets.backbones import DEFAULT_BACKBONE, get_backbone
 
 # Train and val images per class (the median class) from which a dataset counts as large.
@@ -47,13 +47,17 @@ class Quadrant:
         return f"{self.size}, {self.similarity}"
 
 
-def quadrant(measured: Sequence[Measured], labels: np.ndarray, *, last_layer: str, seed: int = 0) -> Quadrant:
+def quadrant(
+    measured: Sequence[Measured], labels: np.ndarray, *, last_layer: str, confidence: float = 0.95, seed: int = 0
+) -> Quadrant:
     """Decide the quadrant from the measurements of the default backbone's candidates.
 
     Args:
         measured: its candidates' measurements.
         labels: (n,) the classes of the images measured.
         last_layer: the backbone's deepest tap.
+        confidence: the coverage of the interval of the best earlier depth's gain (`simultaneous`:
+            it is the best of several).
         seed: seeds the bootstrap.
 
     Returns:
@@ -67,7 +71,13 @@ def quadrant(measured: Sequence[Measured], labels: np.ndarray, *, last_layer: st
         return Quadrant(size=size, similarity="similar", per_class=per_class, depth_gain=None)
     best_last = max(last, key=lambda m: m.accuracy)
     best_earlier = max(earlier, key=lambda m: m.accuracy)
-    gain = paired_bootstrap(candidate=best_earlier.probe.correct, default=best_last.probe.correct, seed=seed)
+    gain = paired_bootstrap(
+        candidate=best_earlier.probe.correct,
+        default=best_last.probe.correct,
+        confidence=confidence,
+        resamples=RESAMPLES,
+        seed=seed,
+    )
     similarity = "different" if recommended(gain) else "similar"
     return Quadrant(size=size, similarity=similarity, per_class=per_class, depth_gain=gain)
 

@@ -62,7 +62,8 @@ def advice_dict(advice: Advice, data: str) -> dict[str, Any]:
             "caveat": (
                 f"the best of {len(advice.measured)} candidates is chosen on the same images it is measured on, so "
                 "its accuracy is optimistic; a setting other than the default is recommended only if its gain's "
-                "95% interval excludes 0"
+                "interval excludes 0, an interval widened for the number of candidates compared (Bonferroni: "
+                "all of them hold together with 95% confidence)"
             ),
         },
         "commands": advice.commands,
@@ -109,14 +110,16 @@ def recommendation_text(advice: Advice) -> str:
             return text + f"The default codes ({default.candidate.name}) measured best: keep them."
         d = advice.gains[best.candidate.name]
         return text + (
-            f"{best.candidate.name} measured {100 * d.mean:+.1f} points over the default, but its 95% interval "
+            f"{best.candidate.name} measured {100 * d.mean:+.1f} points over the default, but its "
+            f"{_percent(d.confidence)} interval "
             f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}] includes 0 (and the best of {len(advice.measured)} is "
             f"optimistic): keep the default codes ({default.candidate.name})."
         )
     d = advice.gains[advice.chosen.name]
     return text + (
         f"Use {advice.chosen.name}: {100 * d.mean:+.1f} points of held-out accuracy over the default "
-        f"(95% interval [{100 * d.low:+.1f}, {100 * d.high:+.1f}]; chosen as the best of {len(advice.measured)} on "
+        f"({_percent(d.confidence)} interval [{100 * d.low:+.1f}, {100 * d.high:+.1f}]; chosen as the best of "
+        f"{len(advice.measured)} on "
         "the same images, so the gain is optimistic: compare's test score will tell)."
     )
 
@@ -211,7 +214,8 @@ def advice_html(advice: Advice, data: str) -> str:
         ]
         for m in sorted(advice.measured, key=lambda m: -m.accuracy)
     ]
-    table = html_table(("codes", "numbers", "held-out %", "train %", "LogME", "minus default [95%]"), rows)
+    header = f"minus default [{confidence_label(advice)}]"
+    table = html_table(("codes", "numbers", "held-out %", "train %", "LogME", header), rows)
     copies = "".join(f"<li>{html.escape(', '.join(readable(p) for p in group))}</li>" for group in advice.copies)
     sections = [
         f"<p>{html.escape(recommendation_text(advice))}</p>",
@@ -220,7 +224,7 @@ def advice_html(advice: Advice, data: str) -> str:
         + figure(
             _depth_profile(advice),
             "depth profile",
-            "held-out accuracy per depth and pooling; bars: the 95% "
+            f"held-out accuracy per depth and pooling; bars: the {confidence_label(advice)} "
             "interval of each one's difference to the default, placed around its accuracy",
         )
         + (figure(_curve(advice.curve), "learning curve", "would more images help?") if advice.curve else "")
@@ -234,6 +238,22 @@ def advice_html(advice: Advice, data: str) -> str:
         f"<style>{STYLE}</style></head><body><h1>cnncodes advice: {html.escape(advice.quadrant.name)}</h1>"
         f"{''.join(sections)}</body></html>\n"
     )
+
+
+def _percent(confidence: float) -> str:
+    return f"{100 * confidence:.3g}%"
+
+
+def confidence_label(advice: Advice) -> str:
+    """The coverage of each gain's interval (the same for all), e.g. `99.7%`.
+
+    Args:
+        advice: the advice.
+
+    Returns:
+        The label.
+    """
+    return _percent(next((d.confidence for d in advice.gains.values()), 0.95))
 
 
 def gain_text(d: PairedDifference | None) -> str:

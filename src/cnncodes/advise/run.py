@@ -24,7 +24,7 @@ from cnncodes.advise.candidates import (
 )
 from cnncodes.advise.classes import encode_classes
 from cnncodes.advise.forward import TappedRows, TapsJob, tapped_rows
-from cnncodes.advise.measure import Measured, gain, learning_curve, measure_all
+from cnncodes.advise.measure import Measured, gain, learning_curve, measure_all, simultaneous
 from cnncodes.advise.network import POOLINGS, TapLayout, tap_channels
 from cnncodes.advise.recommend import DataOptions, Quadrant, commands, features_folder, quadrant
 from cnncodes.advise.report import write_advice
@@ -303,12 +303,12 @@ def _advice(
     measured_rows = {name: found[strategy] for name, found in rows.items()}
     measured = _measured(measured_rows, layouts, backbone, labels, groups, progress)
     default = measured[0]
-    gains = {m.candidate.name: gain(m, default) for m in measured[1:]}
+    confidence = simultaneous(len(measured) - 1)
+    gains = {m.candidate.name: gain(m, default, confidence=confidence) for m in measured[1:]}
     best = max(measured, key=lambda m: m.accuracy)
     chosen = best if best is not default and recommended(gains[best.candidate.name]) else default
-    the_quadrant = quadrant(
-        [m for m in measured if m.candidate.backbone == backbone], labels, last_layer=layouts[backbone].layers[-1]
-    )
+    mine = [m for m in measured if m.candidate.backbone == backbone]
+    the_quadrant = quadrant(mine, labels, last_layer=layouts[backbone].layers[-1], confidence=confidence)
     clock["measurements"] = time.perf_counter() - lap
     lap = time.perf_counter()
     codes = chosen.candidate.codes(rows[chosen.candidate.backbone], layouts[chosen.candidate.backbone])

@@ -92,11 +92,11 @@ def advise(
 
 
 def _summary(advice: Advice) -> None:
-    from cnncodes.advise.report import gain_text, recommendation_text
+    from cnncodes.advise.report import confidence_label, gain_text, recommendation_text
 
     table = Table(title=f"{len(advice.measured)} candidates, {advice.images['measured']} train and val images")
     table.add_column("codes", overflow="fold")  # a name is the setting: folded, never cut
-    for column in ("held-out", "minus default [95%]", "LogME"):
+    for column in ("held-out", f"minus default [{confidence_label(advice)}]", "LogME"):
         table.add_column(column, justify="right", no_wrap=True)
     for m in sorted(advice.measured, key=lambda m: -m.accuracy)[:SHOWN]:
         gain = gain_text(advice.gains.get(m.candidate.name))
