@@ -81,7 +81,6 @@ def test_extract_writes_codes_labels_split_rejected_and_meta(dataset: Path, tmp_
         "flip": False,
         "scales": None,
         "views": None,
-        "keep_sizes": False,
         "precision": "fp32",
         "calibration": None,
         "quantization": None,

@@ -275,7 +275,7 @@ from joblib.externals.loky.process_executor import ProcessPoolExecutor
 shutdown = ProcessPoolExecutor.shutdown
 def slow(self, *args, **kwargs):
     pathlib.Path(os.environ["EXITING"]).touch()
-    time.sleep(60)  # Ctrl-C ends the wait: long, so a busy machine's late signal still finds it waiting
+    time.sleep(20)  # long enough for a busy machine's late Ctrl-C to find it still waiting
     return shutdown(self, *args, **kwargs)
 ProcessPoolExecutor.shutdown = slow
 """

@@ -46,6 +46,7 @@ class RecordedExtractor(Strict):
     flip: StrictBool = False
     scales: Annotated[list[ImageSize], Field(min_length=1)] | None = None
     views: Positive | None = None
+    keep_sizes: StrictBool = False
     precision: Name = "fp32"
     calibration: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None

@@ -183,8 +183,15 @@ class ExtractorSpec:
             raise CnnCodesError(f"the recorded extractor is incomplete ({e}): extract and fit again") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as meta.json and bundles record it, every field by name."""
-        return asdict(self)
+        """The spec as meta.json and bundles record it, every field by name (`keep_sizes` only when set).
+
+        Sizes averaged are recorded as they were before they could be kept, so the records of
+        every earlier setting are unchanged.
+        """
+        recorded = asdict(self)
+        if not self.keep_sizes:
+            del recorded["keep_sizes"]
+        return recorded
 
     @property
     def network_key(self) -> str:
@@ -195,8 +202,6 @@ class ExtractorSpec:
             del identity["scales"]
         if self.views is None:  # the mean alone: the key it had before views were stored
             del identity["views"]
-        if not self.keep_sizes:  # sizes averaged: the key it had before they could be kept
-            del identity["keep_sizes"]
         if self.weights == "none":
             identity["keras"] = artifacts.package_versions().get("keras")
         return artifacts.sha256_json(identity)
