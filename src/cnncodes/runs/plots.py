@@ -161,7 +161,7 @@ def reliability_png(record: dict[str, Any]) -> Picture | None:
 
 
 def picture(fig) -> Picture:
-    """A matplotlib figure as an inline PNG, cut to the box around everything it draws.
+    """A matplotlib figure as an inline PNG, cut to the box around everything it draws; the figure is closed.
 
     Args:
         fig: the figure.
@@ -169,10 +169,12 @@ def picture(fig) -> Picture:
     Returns:
         The PNG as a data URI, with its size.
     """
+    import matplotlib.pyplot as plt
     from PIL import Image
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.1, facecolor="white")
+    plt.close(fig)  # pyplot keeps every figure it made until closed: a long-lived process would hold them all
     with Image.open(io.BytesIO(buf.getvalue())) as im:
         width, height = im.size
     return Picture("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), width, height)
