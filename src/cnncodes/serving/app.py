@@ -24,12 +24,11 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
-from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import ClientDisconnect
 
 from cnncodes.data.decode import BadImage
 from cnncodes.serving.batcher import MicroBatcher
-from cnncodes.serving.guards import FairDecoding, PerRequest, ReadRefusedBody
+from cnncodes.serving.guards import FairDecoding, PerRequest, ReadRefusedBody, limit_bodies
 from cnncodes.serving.heatmap import add_explain_route
 from cnncodes.serving.metrics import Metrics, MetricsMiddleware, model_labels
 from cnncodes.serving.page import add_page_route
@@ -114,7 +113,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         dependencies=[Depends(require_api_key(key))] if key else None,
     )
     app.state.batcher = batcher  # `serve` drains it on SIGTERM
-    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_bytes)
+    limit_bodies(app, settings.max_bytes)
     app.add_middleware(PerRequest, pixels=settings.request_pixels)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     add_security(app, cors_origins=settings.cors_origins)

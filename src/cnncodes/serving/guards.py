@@ -16,6 +16,12 @@ from concurrent.futures import Executor
 from contextvars import ContextVar
 from typing import TypeVar
 
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnncodes.data.decode import BadImage, pixels_held
@@ -188,3 +194,50 @@ class ReadRefusedBody:
                     if message["type"] != "http.request" or not message.get("more_body", False):
                         return
                     read += len(message.get("body", b""))
+
+
+def limit_bodies(app: FastAPI, max_bytes: int) -> None:
+    """Refuse request bodies over `max_bytes` with 413 before reading them, saying the limit and what to do.
+
+    Starlette's middleware counts a body as it comes; a declared length over the limit is
+    answered at once, here, since Starlette would answer it with a bare "Content Too Large".
+    The reason comes in the route's own error format: `{"error"}` on the Open Inference
+    Protocol's routes, `{"detail"}` elsewhere.
+
+    Args:
+        app: the server.
+        max_bytes: the largest body (`--max-bytes`).
+    """
+    reason = f"the request body is over --max-bytes ({max_bytes:,} bytes): send fewer or smaller images per request"
+
+    def answer(path: str) -> Response:
+        return JSONResponse({"error" if path.startswith("/v2") else "detail": reason}, status_code=413)
+
+    async def counted_too_large(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return answer(request.url.path) if exc.status_code == 413 else await http_exception_handler(request, exc)
+
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=max_bytes)
+    app.add_middleware(RefuseDeclaredTooLarge, max_bytes=max_bytes, answer=answer)
+    app.add_exception_handler(HTTPException, counted_too_large)
+
+
+class RefuseDeclaredTooLarge:
+    """Answer a request whose declared Content-Length is over the limit at once, with `answer(path)`.
+
+    Args:
+        app: the application inside.
+        max_bytes: the largest body.
+        answer: the response for a path.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, answer: Callable[[str], Response]):
+        self.app, self.max_bytes, self.answer = app, max_bytes, answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = Headers(scope=scope).get("content-length", "")
+            if length.isdigit() and int(length) > self.max_bytes:
+                await self.answer(scope["path"])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
