@@ -35,6 +35,7 @@ EXTRACT_ARGS = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32"
 # A fit-svm in a child process, through the CLI, with `publish` standing in for the module's `publish_bundle`.
 CHILD = """
 import os, pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with Ctrl-C ignored
 import cnncodes.classify.fit as fit
 from cnncodes.cli.main import app
 {setup}
@@ -275,7 +276,7 @@ from joblib.externals.loky.process_executor import ProcessPoolExecutor
 shutdown = ProcessPoolExecutor.shutdown
 def slow(self, *args, **kwargs):
     pathlib.Path(os.environ["EXITING"]).touch()
-    time.sleep(20)  # long enough for a busy machine's late Ctrl-C to find it still waiting
+    time.sleep(10)
     return shutdown(self, *args, **kwargs)
 ProcessPoolExecutor.shutdown = slow
 """
