@@ -134,7 +134,7 @@ def _depth_profile(advice: Advice) -> Picture:
     depths = list(dict.fromkeys(m.candidate.layers[0] for m in singles[1:] + singles[:1]))  # shallow to deep
     for (pooling, sizes), style in _series(singles):
         points = [m for m in singles if (m.candidate.pooling, m.candidate.sizes) == (pooling, sizes)]
-        points.sort(key=lambda m: depths.index(m.candidate.layers[0]))  # the default was measured first
+        points.sort(key=lambda m: depths.index(m.candidate.layers[0]))  # `measured` lists the default first
         x = [depths.index(m.candidate.layers[0]) + (0.08 if sizes == "kept" else 0.0) for m in points]
         y = [100 * m.accuracy for m in points]
         err = [_error(advice.gains.get(m.candidate.name), m.accuracy, base) for m in points]
