@@ -38,6 +38,11 @@ class TapsJob(CodeJob):
         )
 
     @property
+    def dim(self) -> int:
+        """Numbers per row, from the layout: a resumed run with every row stored never loads the model."""
+        return self.layout.width
+
+    @property
     def key(self) -> str:
         """Equal keys mean equal rows: the layout and the extractor whose weights and pixels it uses."""
         return artifacts.sha256_json([self.layout.key, self.spec.network_key])

@@ -133,7 +133,7 @@ def _seeded_writer(out: Path, job: CodeJob, ids: np.ndarray) -> FeatureWriter:
     """
     previous = _previous_rows(out, job.key, ids)
     covered = previous is not None and len(previous.pairs) == len(ids)
-    dim = previous.dim if previous is not None and covered else job.runner.dim
+    dim = previous.dim if previous is not None and covered else job.dim
     key = writer_key(job.key, ids)
     salvaged = salvage(out / CACHE_DIR, key, ids, job.key)
     writer = FeatureWriter(out / CACHE_DIR, key, len(ids), dim, ids, job.key)

@@ -43,6 +43,11 @@ class CodeJob:
         return self.spec.runner(self.spec.recorded_weights, self.runtime, per_view=True)
 
     @property
+    def dim(self) -> int:
+        """Numbers per stored row: the runner's, built for it."""
+        return self.runner.dim
+
+    @property
     def key(self) -> str:
         """Equal keys mean equal rows: the extractor's `key`."""
         return self.spec.key
