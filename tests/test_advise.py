@@ -196,5 +196,7 @@ def test_data_too_small_to_measure_gets_one_line_before_any_forward_pass(tmp_pat
 def test_an_unknown_backbone_lists_the_valid_ones(tmp_path):
     result = cli("advise", make_dataset(tmp_path / "data"), "--out", tmp_path / "out", "--backbones", "vgg17")
     assert result.exit_code == 2 and "mobilenetv2" in result.output
+    bad_size = cli("advise", tmp_path / "data", "--out", tmp_path / "sized", "--image-size", "abc")
+    assert bad_size.exit_code == 2 and "--image-size" in bad_size.output and not (tmp_path / "sized").exists()
     with pytest.raises(CnnCodesError, match="at least 4"):
         advise(tmp_path / "data", tmp_path / "out", max_images=2)

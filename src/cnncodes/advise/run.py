@@ -144,6 +144,7 @@ def advise(
     check_runtime(runtime)
     fractions = parse_fractions(split)
     names = list(dict.fromkeys([get_backbone(backbone).name, *(get_backbone(b).name for b in backbones)]))
+    specs = {n: ExtractorSpec.create(backbone=n, weights=weights, image_size=image_size, resize=resize) for n in names}
     out = Path(out)
     check_out(data, out)
     dataset = discover_data(data)
@@ -163,9 +164,8 @@ def advise(
         clock["check and split"] = time.perf_counter() - lap
         tapped: dict[str, TappedRows] = {}
         layouts: dict[str, TapLayout] = {}
-        for name in names:
+        for name, spec in specs.items():
             lap = time.perf_counter()
-            spec = ExtractorSpec.create(backbone=name, weights=weights, image_size=image_size, resize=resize)
             job = TapsJob(spec=spec, runtime=runtime, paths=images.files, batch_size=batch_size, layout=_layout(spec))
             layouts[name], tapped[name] = job.layout, _forward(out, job, images, workers, progress)
             clock[f"forward pass ({name})"] = time.perf_counter() - lap
