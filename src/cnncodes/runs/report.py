@@ -182,18 +182,18 @@ def rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
                     r["run"],
                     r["method"],
                     r["backbone"],
-                    r["layer"],
+                    r.get("layer") or "-",
                     r.get("classifier") or "-",
                     _select(r),
                     _accuracy(r),
                     _p(r),
-                    f"{100 * r['balanced_accuracy']:.1f}%",
-                    f"{100 * r['macro_f1']:.1f}%",
+                    _percent(r["balanced_accuracy"]),
+                    _percent(r.get("macro_f1")),
                     _number(r.get("ece_mean", r.get("ece"))),
                     _number(r.get("confidence_auroc_mean", r.get("confidence_auroc"))),
                     f"{r['fit_seconds']:.1f}",
                     _seconds(r.get("extract_seconds")),
-                    _size(r["model_bytes"]),
+                    _size(r.get("model_bytes")),
                 ),
             )
         )
@@ -202,7 +202,7 @@ def rows(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def _accuracy(record: dict[str, Any]) -> str:
-    if "accuracy_mean" in record:
+    if record.get("accuracy_mean") is not None:
         return f"{100 * record['accuracy_mean']:.1f}% ±{100 * record['accuracy_sd']:.1f}"
     low, high = record["accuracy_ci95"]
     return f"{100 * record['accuracy']:.1f}% [{100 * low:.0f}–{100 * high:.0f}]"
@@ -234,7 +234,13 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _size(n: int) -> str:
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 

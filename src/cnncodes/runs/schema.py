@@ -115,6 +115,8 @@ class RunRecord(Strict):
             raise ValueError(f"confusion_matrix and test_predictions do not both count n_test = {self.n_test} images")
         if set(self.per_class) != set(self.classes):
             raise ValueError("per_class does not name the record's classes")
+        if (self.accuracy_mean is None) != (self.accuracy_sd is None):
+            raise ValueError("accuracy_mean and accuracy_sd go together: both over the repeated splits, or neither")
         low, high = self.accuracy_ci95
         if low > high:
             raise ValueError("accuracy_ci95 is not an interval (low > high)")
