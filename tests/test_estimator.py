@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 from sklearn.model_selection import train_test_split
-from sklearn.utils.estimator_checks import check_estimator
+from sklearn.utils.estimator_checks import check_class_weight_classifiers, check_estimator
 
 from cnncodes.classify.estimator import CodesClassifier
 from cnncodes.core.choices import KINDS
@@ -34,3 +34,8 @@ def test_class_weights_rank_the_candidates_so_a_k_nn_cannot_escape_them():
     model = CodesClassifier(kind="knn", normalize="l2", class_weight=weights, cv=2, n_jobs=1).fit(X_train, y_train)
     assert model.best_params_["n_neighbors"] > 1
     assert np.mean(model.predict(X_test) == 0) > 0.87
+
+
+def test_a_k_nn_with_every_default_weighs_its_classes():
+    # The audit's failure: the default search over every normalisation let a k-NN escape the class weights
+    check_class_weight_classifiers("CodesClassifier", CodesClassifier(kind="knn", cv=2))
