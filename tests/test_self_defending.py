@@ -373,6 +373,7 @@ def test_a_full_disk_at_publish_names_the_output_and_the_space_it_needs(codes, t
     monkeypatch.setattr(os, "fdatasync", no_space)
     said = one_line(cli("extract", codes["data"], "--out", tmp_path / "other", *EXTRACT_ARGS, "--quiet"))
     assert f"No space left on device: '{tmp_path / 'other' / '.cache'}" in said and "[Errno" not in said
+    assert " KB needed); free some space in " in said  # the rows that were to be synced
     monkeypatch.undo()
     assert cli("extract", codes["data"], "--out", out, *EXTRACT_ARGS).exit_code == 0
     assert cnncodes.load_features(out).X.shape[0] == 24
