@@ -80,19 +80,20 @@ def load_record_for(model_path: Path) -> tuple[dict[str, Any], bytes]:
         data = b""
     try:
         record = read_json(record_path)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        why = f" ({first_line(e)})" if isinstance(e, ValueError) else ""  # damaged, not missing
         raise CnnCodesError(
-            f"{model_path} has no readable run record {record_path.name} beside it, so it cannot be "
+            f"{model_path} has no readable run record {record_path.name} beside it{why}, so it cannot be "
             "verified; load only bundles you made or trust, with their .json"
         ) from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or "model_sha256" not in record:
         raise CnnCodesError(f"{record_path} is not a cnncodes run record")
     record = validate_record(record, record_path)
-    made = str(record.get("model_file", ""))
+    made = str(record.get("model_file") or "")
     if Path(made).suffix != model_path.suffix:  # the loader follows the name: a renamed model would crash it
         raise CnnCodesError(
-            f"{model_path} is, by its record {record_path.name}, the {Path(made).suffix or '?'} model {made} "
-            f"(method {record.get('method', '?')}): give it its own name"
+            f"{model_path} is, by its record {record_path.name}, the {Path(made).suffix or '?'} model "
+            f"{made or '(not named)'} (method {record.get('method', '?')}): give it its own name"
         )
     if hashlib.sha256(data).hexdigest() != record["model_sha256"]:
         found = _replaced_model(replaced, record["model_sha256"])
