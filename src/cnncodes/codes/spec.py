@@ -380,7 +380,13 @@ class ExtractorSpec:
             found: Runner = quantize.int8_runner(self, build, notice=warn, threads=threads)
         else:
             found = make_runner(
-                build, self.network_key, runtime, notice=warn, pin=self.probe, label=self.backbone, threads=threads
+                build,
+                self.network_key,
+                runtime,
+                notice=warn,
+                pin=self.probe,
+                label=f"{self.backbone}/{self.layer}",  # as its progress bar says: a trunk is another network
+                threads=threads,
             )
         found = MirrorAveraged(found) if self.flip else found
         return MeanOfViews(found, self.views) if self.views and not per_view else found
