@@ -32,6 +32,7 @@ def test_extract_lists_each_duplicate_group_and_warns_about_one_spanning_classes
     said = " ".join(result.stderr.split())
     assert "circles/also_circles.png (circles) and stripes/stripes_01.png (stripes)" in said
     assert "give a lower --dup-threshold than 6" in said and f"listed in {out / 'duplicates.csv'}" in said
+    assert "the first ones drawn in duplicates.png" in said
 
     rows = read_rows(out / "duplicates.csv")
     split = read_rows(out / "split.csv")
@@ -58,6 +59,13 @@ def test_extract_lists_each_duplicate_group_and_warns_about_one_spanning_classes
     (out / "duplicates.csv").unlink()  # a folder published before these files: an up-to-date run adds them
     assert cnncodes.extract(dataset, out, fast_spec(), progress=False).up_to_date
     assert read_rows(out / "duplicates.csv") == rows
+
+    models, report = tmp_path / "models", tmp_path / "report.html"
+    assert cli("fit-svm", out, "--out", models, "--classifier", "logreg").exit_code == 0
+    assert cli("compare", models, "--html", report).exit_code == 0
+    page = report.read_text()
+    section = page[page.index("<h2>Near-duplicate groups</h2>") :]
+    assert str(out / "duplicates.csv") in section and "src='data:image/png;base64," in section
 
 
 def test_a_folder_without_duplicates_lists_none_and_says_so_on_its_sheet(dataset: Path, tmp_path: Path):

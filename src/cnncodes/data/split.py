@@ -282,7 +282,9 @@ def duplicate_warnings(
     Returns:
         The lines, none when no group needs a look.
     """
-    see = f" Every group is listed in {listing}." if listing else ""
+    see = ""
+    if listing:  # the features folder's duplicates.csv, beside its sheet of thumbnails
+        see = f" Every group is listed in {listing}, the first ones drawn in {Path(listing).with_suffix('.png').name}."
     sizes = np.bincount(groups) if len(groups) else np.zeros(0, dtype=np.int64)
     members: dict[int, list[int]] = defaultdict(list)
     for i in np.flatnonzero(sizes[groups] > 1).tolist():  # only rows with copies: memory follows the duplicates

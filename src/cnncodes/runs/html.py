@@ -16,6 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from PIL import Image
+
+from cnncodes.codes.duplicates import DUPLICATES_FILE, SHEET_FILE
 from cnncodes.core.progress import warn
 from cnncodes.runs.plots import Picture, confusion_png, reliability_png
 from cnncodes.runs.report import COLUMNS, explain, rows
@@ -55,6 +58,7 @@ def html_report(
     sections = [_about_html(records), _table_html(records)]
     sections += [_run_html(r) for r in records]
     sections.append(_mistakes_html(records[0], mistakes, maps or {}, sheet))
+    sections.append(_duplicates_html(records[0]))
     return readable(
         f"<!doctype html><html><head><meta charset='utf-8'><title>cnncodes comparison</title>"
         f"<style>{STYLE}</style></head><body><h1>cnncodes comparison</h1>{''.join(sections)}</body></html>\n"
@@ -194,6 +198,33 @@ def _mistakes_html(chosen: dict[str, Any], limit: int, maps: Mapping[str, str], 
             "the report names them without pictures"
         )
     return f"{heading}<div class='thumbs'>{''.join(figures)}</div>"
+
+
+def _duplicates_html(chosen: dict[str, Any]) -> str:
+    """The features folder's sheet of near-duplicate groups, when the split kept any together: the reader judges them.
+
+    Groups that span classes come first on the sheet: the same picture under two labels, or
+    different pictures joined by too high a `--dup-threshold`.
+    """
+    features = chosen["dataset"].get("features")
+    if not features:
+        return ""
+    folder = Path(features)
+    try:
+        with (folder / DUPLICATES_FILE).open(encoding="utf-8") as listing:
+            if next(listing, None) is None or next(listing, None) is None:  # a header alone: no group
+                return ""
+        png = (folder / SHEET_FILE).read_bytes()
+        with Image.open(io.BytesIO(png)) as drawn:
+            width, height = drawn.size
+    except (OSError, ValueError):
+        return ""
+    picture = Picture(f"data:image/png;base64,{base64.b64encode(png).decode()}", width, height)
+    return (
+        "<h2>Near-duplicate groups</h2><p>Images the split kept in one subset as copies of each other (groups that "
+        f"span classes first); every group is listed in {html.escape(str(folder / DUPLICATES_FILE))}.</p>"
+        + figure(picture, "near-duplicate groups", f"{folder / SHEET_FILE}")
+    )
 
 
 def thumbnail(path: Path | str) -> str | None:
