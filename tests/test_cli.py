@@ -179,8 +179,10 @@ def test_seed_seeds_the_split_in_every_command_that_makes_one():
 
     from .helpers import runner
 
-    assert "split's hash" in option_line("extract", "--seed")
-    assert "split's hash" in option_line("finetune", "--seed")
+    commands = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+    seeded = [command for command in commands if option_line(command, "--seed")]
+    assert {"extract", "finetune", "advise"} <= set(seeded)
+    assert all("split's hash" in option_line(command, "--seed") for command in seeded), seeded
     assert "initialisation" in option_line("finetune", "--init-seed")
     assert "folds" in option_line("fit-svm", "--cv-seed") and not option_line("fit-svm", "--seed")
     refused = runner.invoke(app, ["fit-svm", "features", "--out", "m", "--seed", "1"])
@@ -215,6 +217,8 @@ def test_a_mistyped_choice_is_one_line_naming_the_nearest_and_case_does_not_matt
         said = [line for line in shown.output.splitlines() if "Invalid value" in line]
         assert len(said) == 1 and f"{typo!r}: did you mean {nearest!r}?" in said[0], shown.output
         assert "Value error" not in shown.output
+    advised = runner.invoke(app, ["advise", missing, "--out", out, "--backbones", "mobilenetv2,MobileNet2"])
+    assert advised.exit_code == 2 and "unknown backbone 'MobileNet2': did you mean 'mobilenetv2'?" in advised.output
     for args in (
         [*extract, "--backbone", "MobileNetV2", "--pooling", "MAX", "--resize", "Pad", "--precision", "FP32"],
         [*fit, "--classifier", "LogReg", "--normalize", "L2", "--class-weight", "Balanced"],

@@ -32,7 +32,7 @@ def filters(
     ] = SIZE,
     steps: Annotated[int, typer.Option(min=1, help="Gradient ascent steps.")] = STEPS,
     weights: WeightsOpt = "imagenet",
-    seed: Annotated[int, typer.Option(help="Picks the channels and the starting noise.")] = 0,
+    noise_seed: Annotated[int, typer.Option(help="Picks the channels and the starting noise.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Draw what each channel of a layer responds to: gradient ascent on the input from faint noise, before the
@@ -48,7 +48,7 @@ def filters(
             size=size,
             steps=steps,
             weights=weights,
-            seed=seed,
+            seed=noise_seed,
             progress=not quiet,
         )
     if not quiet:

@@ -10,6 +10,7 @@ Importing this module does not import TensorFlow: only building a model does.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -297,7 +298,20 @@ DEFAULT_BACKBONE = "mobilenetv2"
 
 
 def get_backbone(name: str) -> Backbone:
+    """The registry's entry for a backbone's name, in any case.
+
+    Args:
+        name: the backbone's name, e.g. `mobilenetv2`.
+
+    Returns:
+        Its entry.
+
+    Raises:
+        CnnCodesError: an unknown name, with the nearest known one when there is one.
+    """
     try:
         return REGISTRY[name.lower()]
     except KeyError:
-        raise CnnCodesError(f"unknown backbone {name!r}: choose one of {', '.join(REGISTRY)}") from None
+        nearest = difflib.get_close_matches(name.lower(), REGISTRY, n=1)
+        hint = f"did you mean {nearest[0]!r}? " if nearest else ""
+        raise CnnCodesError(f"unknown backbone {name!r}: {hint}choose one of {', '.join(REGISTRY)}") from None
