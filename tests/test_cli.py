@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -239,3 +240,15 @@ def test_progress_bars_fit_80_columns_with_their_counts_whole(tmp_path):
     bars = [line for line in shown.stderr.splitlines() if "img/s" in line]
     assert len(bars) == 2 and all("18/18" in bar and "ETA" in bar for bar in bars), shown.stderr
     assert all(len(line) <= 80 for line in shown.stderr.splitlines()), shown.stderr
+    code = (
+        "from cnncodes.core.progress import progress_bar\n"
+        "with progress_bar('Fine-tuning (head) epoch 3/5', 18, unit='batch') as advance: advance(18)\n"
+        "with progress_bar('Extracting ' + 'x' * 100, 1360) as advance: advance(1360)"
+    )
+    env = {**os.environ, "COLUMNS": "80"}
+    drawn = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    lines = [line.rsplit("\r", 1)[-1] for line in drawn.stdout.splitlines() + drawn.stderr.splitlines()]
+    lines = [re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", line) for line in lines if "ETA" in line]
+    assert "Fine-tuning (head) epoch 3/5" in lines[0] and "18/18" in lines[0]  # the epoch is kept
+    assert "1360/1360" in lines[1] and "…" in lines[1] and lines[1].rstrip().endswith("0:00:00")
+    assert all(len(line.rstrip()) <= 80 for line in lines), lines

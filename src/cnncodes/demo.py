@@ -274,5 +274,6 @@ def _compare(out: Path, n_test: int, examples: int) -> list[dict[str, Any]]:
     for truth, answer in zip(sample, answers):
         top = ", ".join(f"{t['label']} {100 * t['probability']:.0f}%" for t in answer.top_k)
         mark = "[green]right[/]" if answer.label == truth["label"] else "[red]wrong[/]"
-        say(f"      {escape(truth['path'])}: true {escape(truth['label'])}, top {len(answer.top_k)}: {escape(top)}  {mark}")
+        said = f"true {escape(truth['label'])}, top {len(answer.top_k)}: {escape(top)}"
+        say(f"      {escape(truth['path'])}: {said}  {mark}")
     return records

@@ -49,6 +49,10 @@ class DescriptionColumn(ProgressColumn):
         return Text(task.description, no_wrap=True, overflow="ellipsis")
 
 
+# Columns of a progress line: the spaces between its seven columns, the narrowest bar and description shown.
+_GAPS, _MIN_BAR, _MIN_TEXT = 6, 3, 12
+
+
 @contextmanager
 def progress_bar(
     description: str, total: int, unit: str = "img", enabled: bool = True, completed: int = 0
@@ -57,10 +61,12 @@ def progress_bar(
     if not enabled:
         yield _ignore
         return
-    # The description and the bar may shrink (their columns wrap, their text does not); the numbers never do.
+    # The numbers never shrink; the bar gives way first, then the description's end (cut with an ellipsis).
+    numbers = len(f"{total}/{total} 999.9 {unit}/s 0:00:00 ETA 0:00:00") + _GAPS
+    room = max(_MIN_TEXT, console.width - numbers - _MIN_BAR)
     columns = (
-        DescriptionColumn(),
-        BarColumn(),
+        DescriptionColumn(table_column=Column(no_wrap=True, max_width=room)),
+        BarColumn(bar_width=None),
         MofNCompleteColumn(table_column=Column(no_wrap=True)),
         RateColumn(unit),
         TimeElapsedColumn(table_column=Column(no_wrap=True)),
