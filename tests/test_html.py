@@ -135,3 +135,29 @@ def overlap(a: list[float], b: list[float]) -> bool:
 
 def inside(part: list[float], box: list[float]) -> bool:
     return part[0] >= box[0] - 1 and part[1] >= box[1] - 1 and part[2] <= box[2] + 1 and part[3] <= box[3] + 1
+
+
+@pytest.mark.parametrize("classes", [["cats", "dogs"], ["a", "b", "c", "d", "e"]])
+def test_the_reliability_diagram_sits_each_bar_on_its_bin_names_its_marks_and_wastes_no_half(classes, monkeypatch):
+    from cnncodes.runs import plots
+    from cnncodes.runs.evaluate import ECE_BINS
+
+    drawn = []
+    monkeypatch.setattr(plots, "picture", drawn.append)
+    confident = np.random.default_rng(0).uniform(1 / len(classes), 1, size=60)
+    predictions = [
+        {"path": f"{i}.png", "label": classes[0], "predicted": classes[i % 3 == 0], "probability": float(p)}
+        for i, p in enumerate(confident)
+    ]
+    plots.reliability_png({"classes": classes, "test_predictions": predictions})
+    figure = drawn[0]
+    top, bottom = figure.axes
+    low = bottom.get_xlim()[0]
+    assert 1 / len(classes) - 1 / ECE_BINS < low <= 1 / len(classes)  # two classes: no bin below 0.5 is empty space
+    for axes in (top, bottom):
+        spans = sorted((bar.get_x(), bar.get_x() + bar.get_width()) for bar in axes.patches)
+        assert all(right <= next_left + 1e-9 for (_, right), (next_left, _) in zip(spans, spans[1:]))  # no overlap
+        edges = np.array([left for left, _ in spans]) * ECE_BINS
+        np.testing.assert_allclose(edges, np.round(edges), atol=1e-9)  # each bar on its bin's edges
+    assert sum(bar.get_height() for bar in bottom.patches) == len(predictions)
+    assert sorted(t.get_text() for t in figure.legends[0].get_texts()) == ["accuracy in bin", "calibrated", "images"]
