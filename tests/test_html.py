@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -98,7 +100,10 @@ def test_nothing_drawn_touches_a_picture_s_edge_so_no_label_is_cut(page):
         assert edge.min() >= 250, "ink at the edge of a picture: something is cut off"
 
 
-@pytest.mark.skipif(BROWSER is None, reason="no chromium on PATH (CI installs it: .ci/run; apt-get install chromium)")
+@pytest.mark.skipif(
+    BROWSER is None and not os.environ.get("CI"),
+    reason="no chromium on PATH (CI installs it: .ci/run; apt-get install chromium)",
+)
 @pytest.mark.parametrize("width", [1280, 480])
 def test_in_a_browser_no_title_or_caption_is_cut_or_overprinted_and_every_image_loads(page, tmp_path, width):
     measured_page = tmp_path / "measured.html"
@@ -156,7 +161,7 @@ def test_the_reliability_diagram_sits_each_bar_on_its_bin_names_its_marks_and_wa
     assert 1 / len(classes) - 1 / ECE_BINS < low <= 1 / len(classes)  # two classes: no bin below 0.5 is empty space
     for axes in (top, bottom):
         spans = sorted((bar.get_x(), bar.get_x() + bar.get_width()) for bar in axes.patches)
-        assert all(right <= next_left + 1e-9 for (_, right), (next_left, _) in zip(spans, spans[1:]))  # no overlap
+        assert all(right <= next_left + 1e-9 for (_, right), (next_left, _) in itertools.pairwise(spans))  # no overlap
         edges = np.array([left for left, _ in spans]) * ECE_BINS
         np.testing.assert_allclose(edges, np.round(edges), atol=1e-9)  # each bar on its bin's edges
     assert sum(bar.get_height() for bar in bottom.patches) == len(predictions)
