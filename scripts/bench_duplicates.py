@@ -1,7 +1,8 @@
 """How many of the known duplicate pairs each `--dup-threshold` finds, and how many groups it adds beyond them.
 
 `../shared/datasets/DUPLICATES.tsv` lists the exact and near-duplicate pairs inside each shared
-dataset (found by a 32x32 correlation, independently of cnncodes). For each threshold, in bits
+dataset (found by a 32x32 correlation, independently of cnncodes); the demo's digits, which
+hold no listed pair, show how far look-alike images drift into groups. For each threshold, in bits
 of perceptual-hash distance, this script groups every dataset's images as `extract` does and
 prints, side by side: the listed pairs it puts in one group (recall), the groups of two or more
 images it makes, those holding no listed pair (likely false alarms), and the groups that span
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +26,10 @@ import numpy as np
 from cnncodes.data.decode import check_images
 from cnncodes.data.ingest import discover
 from cnncodes.data.split import group_duplicates
+from cnncodes.demo import write_digits
+
+# Every one of scikit-learn's 1,797 digits: 8x8 scans that look alike to a perceptual hash.
+DIGITS_PER_CLASS = 500
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -37,9 +43,9 @@ def listed_pairs() -> dict[str, list[tuple[str, str]]]:
     return pairs
 
 
-def hashes(name: str) -> tuple[list[str], list[str], list[str]]:
+def hashes(folder: Path) -> tuple[list[str], list[str], list[str]]:
     """Every usable image's path, label and perceptual hash, as `extract` computes them."""
-    dataset = discover(DATASETS / name)
+    dataset = discover(folder)
     checks = check_images([dataset.root / p for p in dataset.paths], workers=os.cpu_count() or 1)
     kept = [(p, label, c.phash) for p, label, c in zip(dataset.paths, dataset.labels, checks) if c.ok]
     return [k[0] for k in kept], [k[1] for k in kept], [str(k[2]) for k in kept]
@@ -63,6 +69,7 @@ def row(threshold: int, paths: list[str], labels: list[str], phashes: list[str],
         "groups with no listed pair": sum(int(groups[m[0]]) not in with_pair for m in shared),
         "cross-class groups": sum(len({labels[i] for i in m}) > 1 for m in shared),
         "images in groups": sum(len(m) for m in shared),
+        "largest group": max(map(len, shared), default=0),
     }
 
 
@@ -71,15 +78,23 @@ def main() -> None:
     parser.add_argument("--max", type=int, default=12, help="largest threshold, in bits")
     args = parser.parse_args()
     pairs = listed_pairs()
-    for name in sorted(pairs):
-        paths, labels, phashes = hashes(name)
-        rows = [row(t, paths, labels, phashes, pairs[name]) for t in range(args.max + 1)]
-        print(f"\n{name}: {len(paths)} images, {len(pairs[name])} listed pairs\n")
-        print("| " + " | ".join(rows[0]) + " |")
-        print("|" + "---|" * len(rows[0]))
-        for r in rows:
-            print("| " + " | ".join(str(v) for v in r.values()) + " |")
+    with tempfile.TemporaryDirectory() as scratch:
+        folders = {name: DATASETS / name for name in sorted(pairs)}
+        folders["digits (the demo's)"] = write_digits(per_class=DIGITS_PER_CLASS, root=Path(scratch))
+        for name, folder in folders.items():
+            paths, labels, phashes = hashes(folder)
+            rows = [row(t, paths, labels, phashes, pairs.get(name, [])) for t in range(args.max + 1)]
+            _print(name, rows, len(paths), len(pairs.get(name, [])))
     print(f"\n(np {np.__version__}; recall = found / listed pairs)")
+
+
+def _print(name: str, rows: list[dict[str, int]], images: int, listed: int) -> None:
+    """One dataset's table, in Markdown."""
+    print(f"\n{name}: {images} images, {listed} listed pairs\n")
+    print("| " + " | ".join(rows[0]) + " |")
+    print("|" + "---|" * len(rows[0]))
+    for r in rows:
+        print("| " + " | ".join(str(v) for v in r.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -448,3 +448,24 @@ def test_cache_trunk_finds_the_images_of_a_split_made_from_a_csv_beside_the_fold
     record = finetune(data, tmp_path / "models", spec, split_from=tmp_path / "features", progress=False)
     split = (tmp_path / "features" / "split.csv").read_text().splitlines()
     assert record["n_test"] == sum(line.endswith(",test") for line in split) > 0
+
+
+class SeenEagerly(keras.callbacks.Callback):
+    """Whether each phase's `fit` ran eagerly."""
+
+    def __init__(self):
+        super().__init__()
+        self.eagerly: list[bool] = []
+
+    def on_train_begin(self, logs=None):
+        self.eagerly.append(bool(self.model.run_eagerly))
+
+
+@pytest.mark.slow
+def test_a_phase_of_a_few_steps_runs_eagerly_and_a_longer_one_is_traced(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=6)  # 1 or 2 batches of 8 training images per epoch
+    seen = SeenEagerly()
+    spec = tiny_spec(head_epochs=1, fine_epochs=7, patience=7)
+    record = finetune(data, tmp_path / "m", spec, callbacks=[seen], progress=False)
+    assert 1 <= record["n_train"] <= 16
+    assert seen.eagerly == [True, False]  # at most 2 steps, then at least 7: above EAGER_STEPS

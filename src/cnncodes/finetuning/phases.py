@@ -7,6 +7,7 @@ its history and early-stopping state.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from cnncodes.finetuning.callbacks import (
 from cnncodes.finetuning.spec import Phase, TrainingSpec
 from cnncodes.finetuning.surgery import set_trainable
 from cnncodes.runs.records import write_through_temporary
+
+# Training steps (epochs x batches) up to which a phase runs eagerly: tracing its train, validation and
+# predict functions costs seconds, more than so few steps gain from graphs; from about 7 steps on,
+# graphs win (scripts/bench_eager.py, docs/benchmarks.md).
+EAGER_STEPS = 6
 
 
 @dataclass(kw_only=True)
@@ -68,21 +74,31 @@ def train_phases(
     keras.utils.set_random_seed(spec.seed)  # building a trunk extractor may have drawn numbers: same run, same draws
     history: list[dict[str, Any]] = []
     trainable = {}
+    n_train = int(np.sum(training.subsets == "train"))
     for phase in spec.phases():
         if training.network is not None:
             set_trainable(training.network, training.first_unfrozen if phase.unfreeze else None)
         trainable[phase.name] = len(training.trained.trainable_weights)
-        history += _phase(training, phase, spec.patience, checkpoints, callbacks, progress)
+        eager = phase.epochs * math.ceil(n_train / spec.batch_size) <= EAGER_STEPS
+        history += _phase(training, phase, spec.patience, checkpoints, callbacks, progress, eager=eager)
     return history, trainable
 
 
 def _phase(
-    training: Training, phase: Phase, patience: int, checkpoints: Path, callbacks: Sequence[Any], progress: bool
+    training: Training,
+    phase: Phase,
+    patience: int,
+    checkpoints: Path,
+    callbacks: Sequence[Any],
+    progress: bool,
+    *,
+    eager: bool,
 ) -> list[dict[str, Any]]:
     """One phase: Adam at its rate, early stopping on val accuracy (best weights kept), a backup per epoch.
 
     A finished phase leaves its weights and history, so a resumed run skips it; a phase
     interrupted mid-way resumes from its last backup with its history and early-stopping state.
+    A phase of few steps runs `eager`ly: tracing its functions into graphs would cost more.
     """
     model = training.trained
     done, weights = checkpoints / f"{phase.name}.json", checkpoints / f"{phase.name}.weights.h5"
@@ -90,7 +106,10 @@ def _phase(
         model.load_weights(weights)
         return read_json(done)
     model.compile(
-        optimizer=keras.optimizers.Adam(phase.lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        optimizer=keras.optimizers.Adam(phase.lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        run_eagerly=eager,
     )
     log = HistoryLog(checkpoints / f"{phase.name}-history.json", phase.name)
     if phase.epochs > 0:
