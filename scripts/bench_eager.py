@@ -30,7 +30,7 @@ def timed(data: Path, out: Path, *, epochs: int, eager: bool) -> tuple[float, in
     from cnncodes.finetuning import phases
     from cnncodes.finetuning.train import finetune, make_spec
 
-    phases.EAGER_STEPS = math.inf if eager else -1
+    phases.EAGER_STEPS = 10**9 if eager else -1
     shutil.rmtree(out, ignore_errors=True)
     spec = make_spec(
         backbone="vgg16", weights="none", image_size=32, batch_size=BATCH, head_epochs=epochs, fine_epochs=epochs

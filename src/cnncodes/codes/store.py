@@ -112,7 +112,7 @@ class FeatureWriter:
         if len(rows) == 0:
             return
         codes = np.ascontiguousarray(codes, dtype="<f4").reshape(len(rows), self.dim)
-        with says_where(self._data, self._data, needed=self._bytes(np.count_nonzero(~self.done))):  # out of space
+        with says_where(self._data, self._data, needed=self._bytes(int(np.count_nonzero(~self.done)))):  # out of space
             for start, stop in _runs(rows):
                 os.pwrite(self._fd, codes[start:stop].tobytes(), self._offset + int(rows[start]) * self.dim * 4)
         self.done[rows] = True
