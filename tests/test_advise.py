@@ -54,7 +54,7 @@ def test_advice_measures_every_depth_and_pooling_and_its_commands_reproduce_the_
     assert advice["images"]["scored"] == 43 and advice["images"]["measured"] < 43  # test images only scored
     first = shlex.split(advice["commands"][0])
     assert first[:3] == ["cnncodes", "extract", str(root)]
-    assert shlex.join(first[-6:]) == "--split 0.7,0.15,0.15 --seed 0 --dup-threshold 6"
+    assert shlex.join(first[-6:]) == "--split 0.7,0.15,0.15 --seed 0 --dup-threshold 4"
     assert {"forward pass (vgg16)", "measurements", "label issues", "all"} <= set(advice["seconds"])
     assert [s["path"] for s in advice["skipped"]] == ["squares/broken.jpg"] and "skipped 1 file(s)" in result.stderr
     page = (out / "advice.html").read_text()

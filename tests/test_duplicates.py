@@ -31,7 +31,7 @@ def test_extract_lists_each_duplicate_group_and_warns_about_one_spanning_classes
     assert result.exit_code == 0, result.output
     said = " ".join(result.stderr.split())
     assert "circles/also_circles.png (circles) and stripes/stripes_01.png (stripes)" in said
-    assert "give a lower --dup-threshold than 6" in said and f"listed in {out / 'duplicates.csv'}" in said
+    assert "give a lower --dup-threshold than 4" in said and f"listed in {out / 'duplicates.csv'}" in said
     assert "the first ones drawn in duplicates.png" in said
 
     rows = read_rows(out / "duplicates.csv")
@@ -52,7 +52,7 @@ def test_extract_lists_each_duplicate_group_and_warns_about_one_spanning_classes
     assert sorted(len(members) for members in by_group.values()) == [2, 2]
     assert all(members[0]["distance"] == "0" for members in by_group.values())  # the first member
     squares = next(m for m in by_group.values() if m[0]["label"] == "squares")
-    assert 0 <= int(squares[1]["distance"]) <= 6
+    assert 0 <= int(squares[1]["distance"]) <= 4
     with Image.open(out / "duplicates.png") as sheet:
         assert sheet.format == "PNG" and sheet.height > 2 * 96 and sheet.width > 2 * 96
 

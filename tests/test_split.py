@@ -214,7 +214,7 @@ def test_duplicates_within_threshold_share_a_subset():
     for i, h in enumerate(base):
         label = f"class{i % 3}"
         a, b = f"{label}/orig_{i:03d}.jpg", f"{label}/copy_{i:03d}.png"
-        distance = i % 7  # 0 (exact copy) .. 6 (the default threshold)
+        distance = i % (DEFAULT_DUP_THRESHOLD + 1)  # 0 (exact copy) .. the default threshold
         paths += [a, b]
         labels += [label, label]
         hashes += [h, flip_bits(h, rng.choice(64, distance, replace=False))]
@@ -238,9 +238,9 @@ def test_duplicate_groups_of_three_and_custom_threshold():
         names = [f"k/{i:02d}_{j}.jpg" for j in range(3)]
         paths += names
         labels += ["k"] * 3
-        hashes += [h, flip_bits(h, [0, 1, 2, 3, 4]), flip_bits(h, [60, 61, 62, 63, 59, 58, 57, 56, 55])]
+        hashes += [h, flip_bits(h, [0, 1, 2, 3]), flip_bits(h, [60, 61, 62, 63, 59, 58, 57, 56, 55])]
         triples.append(names)
-    # the third copy is 9 bits away from the first and 14 from the second: too far by default
+    # the second copy is 4 bits from the first; the third 9 bits from it and 13 from the second: too far by default
     default = subset_of(make_split(paths, labels, hashes))
     assert all(default[a] == default[b] for a, b, _ in triples)
     assert any(default[a] != default[c] for a, _, c in triples)
