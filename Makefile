@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED_WEIGHTS)),)
 export CNNCODES_WEIGHTS_DIR ?= $(SHARED_WEIGHTS)
 endif
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test typecheck docs-site suite test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -28,14 +28,23 @@ $(STAMP): pyproject.toml $(DEMO_STAMP)
 	$(PY) -m pip install --quiet -e '.[test,ray,serve,bench,docs]'
 	touch $@
 
-# Two processes, each taking whole test files: a file's shared fixtures (its models, the one local Ray,
-# the one server) are made once; the suite is sized for two cores.
-# The docs build is not -q: with it MkDocs 1.6 drops warnings before --strict counts them (mkdocs/mkdocs#4126).
+# Lint first (a second); then the type check and the docs build run beside the suite, in the time its
+# tests spend waiting on servers and child processes. Any failure fails `make test`.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/ruff format --check src tests scripts
+	$(MAKE) --no-print-directory -j 3 typecheck docs-site suite
+
+typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+# Not -q: with it MkDocs 1.6 drops warnings before --strict counts them (mkdocs/mkdocs#4126).
+docs-site: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
+
+# Two processes, each taking whole test files: a file's shared fixtures (its models, the one local Ray,
+# the one server) are made once; the suite is sized for two cores.
+suite: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The tests only, without those marked slow (Keras training, over 10 s each): a minute or two while editing.
