@@ -75,7 +75,7 @@ def test_the_network_s_own_top5_equals_keras_s_through_onnx(top_network, images,
     assert "running on Keras instead" not in done.stderr
     answers = {Path(a["filename"]).name: a for a in json.loads(done.stdout)}
     assert answers["c.png"]["top_k"] == [] and "not an image" in answers["c.png"]["error"]
-    assert "c.png" in done.stderr
+    assert any(line.endswith("c.png: not an image (unrecognised format)") for line in done.stderr.splitlines())
     for name in ("a.png", "b.jpg"):
         expected, proba = keras_top5(model, images / name)
         got = answers[name]["top_k"]

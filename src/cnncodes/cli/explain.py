@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cnncodes.cli.app import command
 from cnncodes.cli.options import MovedWeightsOpt, RuntimeOpt, out_console, user_errors
@@ -58,7 +59,8 @@ def explain(
         )
     failed = [image for image in run.images if image.error]
     for image in failed:
-        err_console.print(f"[yellow]{image.filename}: {image.error}[/]", highlight=False)
+        said = f"[yellow]{escape(image.filename)}: {escape(image.error or '')}[/]"
+        err_console.print(said, highlight=False, soft_wrap=True)  # a long path stays on one line
     if not quiet:
         done = len(run.images) - len(failed)
         out_console.print(  # a path is never broken across lines

@@ -65,6 +65,8 @@ def imagenet(
         out_console.print(table)
     failed = [a for a in answers if a.error]
     for answer in failed:
-        err_console.print(f"[yellow]{escape(answer.filename)}: {escape(answer.error or '')}[/]", highlight=False)
+        err_console.print(
+            f"[yellow]{escape(answer.filename)}: {escape(answer.error or '')}[/]", highlight=False, soft_wrap=True
+        )
     if len(failed) == len(answers):
         raise typer.Exit(1)
