@@ -80,7 +80,7 @@ def main() -> None:
     pairs = listed_pairs()
     with tempfile.TemporaryDirectory() as scratch:
         folders = {name: DATASETS / name for name in sorted(pairs)}
-        folders["digits (the demo's)"] = write_digits(per_class=DIGITS_PER_CLASS, root=Path(scratch))
+        folders["digits (all 1,797 the demo draws from)"] = write_digits(per_class=DIGITS_PER_CLASS, root=Path(scratch))
         for name, folder in folders.items():
             paths, labels, phashes = hashes(folder)
             rows = [row(t, paths, labels, phashes, pairs.get(name, [])) for t in range(args.max + 1)]

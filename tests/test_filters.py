@@ -85,11 +85,12 @@ def test_cli_writes_the_grid_and_its_json(tmp_path):
     out = tmp_path / "filters"
     result = cli(
         "filters", "vgg16", "--weights", "none", "--layer", "block1_conv2", "--size", 32, "--filters", 4,
-        "--steps", 5, "--out", out,
+        "--steps", 5, "--noise-seed", 3, "--out", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["filters.json", "filters.png"]
     made = json.loads((out / "filters.json").read_text())
+    assert made["seed"] == 3  # --noise-seed: the channels and the starting noise
     assert made["maximised"] == "block1_conv2 before its ReLU" and made["drawn"] == 4 and made["channels"] == 64
     tiles = made["tiles"]
     losses = [t["loss"] for t in tiles]

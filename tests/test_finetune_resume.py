@@ -14,6 +14,7 @@ import pytest
 
 import cnncodes
 from cnncodes.cli.main import app
+from cnncodes.finetuning import phases
 from cnncodes.finetuning.callbacks import CheckedBackup, ResumableEarlyStopping
 from cnncodes.finetuning.train import finetune
 
@@ -33,9 +34,13 @@ class InterruptAtEpoch(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("options", [{}, {"cache_trunk": True, "class_weight": "balanced"}])
+@pytest.mark.parametrize(
+    ("options", "traced"), [({}, False), ({"cache_trunk": True, "class_weight": "balanced"}, True)]
+)
 @pytest.mark.slow
-def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, options):
+def test_interrupted_finetune_resumes_and_refuses_other_arguments(tmp_path, monkeypatch, options, traced):
+    if traced:  # as a real run of more than a few steps is: its functions traced into graphs
+        monkeypatch.setattr(phases, "EAGER_STEPS", -1)
     data = make_dataset(tmp_path / "data", per_class=6)
     out = tmp_path / "models"
     spec = tiny_spec(fine_epochs=2, patience=5, **options)

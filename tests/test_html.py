@@ -106,6 +106,8 @@ def test_nothing_drawn_touches_a_picture_s_edge_so_no_label_is_cut(page):
 )
 @pytest.mark.parametrize("width", [1280, 480])
 def test_in_a_browser_no_title_or_caption_is_cut_or_overprinted_and_every_image_loads(page, tmp_path, width):
+    if BROWSER is None:
+        pytest.fail("CI: no chromium on PATH, although .ci/run installs it")
     measured_page = tmp_path / "measured.html"
     measured_page.write_text(page.read_text().replace("</body>", MEASURE + "</body>"), encoding="utf-8")
     args = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},900"]

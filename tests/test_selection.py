@@ -166,8 +166,8 @@ def test_the_demo_runs_the_commands_defaults_and_says_each_difference_split_and_
         assert f"{record['run']} (" in said and str(out / record["model_file"]) in said
     assert str(out / "features") in said and str(out / "report.html") in said
     assert f"predict: the chosen run ({listed[0]['run']})" in said and listed[0]["chosen"]
-    converted = re.findall(r"Converting (\S+) for ONNX Runtime", said)
-    assert len(converted) == len(set(converted))  # each network's notice once, by the name its bar shows
+    converted = re.findall(r"Converting (\S+) for ONNX Runtime", said)  # none when the run's cache holds them
+    assert len(converted) == len(set(converted)) and all(f"Extracting {name} " in said for name in converted)
 
 
 def test_a_demo_with_an_image_size_the_backbone_refuses_claims_no_folder(tmp_path):

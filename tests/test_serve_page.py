@@ -276,6 +276,8 @@ def test_in_a_browser_the_page_takes_the_key_and_images_and_shows_predict_s_labe
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    if BROWSER is None or CHROMEDRIVER is None:
+        pytest.fail("CI: no chromium or chromedriver on PATH, although .ci/run installs them")
     options = webdriver.ChromeOptions()
     options.binary_location = BROWSER
     for argument in (

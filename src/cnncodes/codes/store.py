@@ -112,7 +112,7 @@ class FeatureWriter:
         if len(rows) == 0:
             return
         codes = np.ascontiguousarray(codes, dtype="<f4").reshape(len(rows), self.dim)
-        with says_where(self._data, self._data, needed=self._bytes(int(np.count_nonzero(~self.done)))):  # out of space
+        with says_where(self._data, self._data, needed=self._space_needed):  # a file system out of space
             for start, stop in _runs(rows):
                 os.pwrite(self._fd, codes[start:stop].tobytes(), self._offset + int(rows[start]) * self.dim * 4)
         self.done[rows] = True
@@ -120,14 +120,15 @@ class FeatureWriter:
         if time.perf_counter() - self._synced > SYNC_EVERY:
             self.sync()
 
-    def _bytes(self, rows: int) -> int:
-        """The space `rows` rows of codes take: what a full disk must free for them."""
-        return int(rows) * self.dim * 4
+    def _space_needed(self) -> int:
+        """What a full disk must free for the run to finish: the rows not written yet or not yet synced."""
+        rows = int(np.count_nonzero(~self.done)) + sum(map(len, self._unsynced))
+        return rows * self.dim * 4
 
     def sync(self) -> None:
         """Make the rows written so far survive a crash: data on disk first, then the log that names them."""
         if self._unsynced:
-            with says_where(self._data, self._data, needed=self._bytes(sum(map(len, self._unsynced)))):
+            with says_where(self._data, self._data, needed=self._space_needed):
                 os.fdatasync(self._fd)
             with says_where(self._log, self._log), open(self._log, "ab") as log:
                 log.write(np.concatenate(self._unsynced).astype("<i8").tobytes())

@@ -61,7 +61,7 @@ def progress_bar(
     if not enabled:
         yield _ignore
         return
-    # The numbers never shrink; the bar gives way first, then the description's end (cut with an ellipsis).
+    # The bar gives way first, then the description's end (cut with an ellipsis), so the numbers keep their room.
     numbers = len(f"{total}/{total} 999.9 {unit}/s 0:00:00 ETA 0:00:00") + _GAPS
     room = max(_MIN_TEXT, console.width - numbers - _MIN_BAR)
     columns = (

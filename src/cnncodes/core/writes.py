@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,11 +70,12 @@ def cannot_write(error: OSError, path: Path, *, needed: int | None = None, folde
 
 
 @contextmanager
-def says_where(path: Path, temporary: Path | str, needed: int | None = None) -> Iterator[None]:
+def says_where(path: Path, temporary: Path | str, needed: int | Callable[[], int] | None = None) -> Iterator[None]:
     """An OSError that names no file (a full disk, a quota) or only `temporary` is a `WriteError` naming `path`.
 
     The command's one error line then says where the write failed, by the name the user knows,
     and what to do: free space (at least `needed` bytes, when known) or make the folder writable.
+    `needed` may be a function, called only when a write fails: a hot path counts nothing.
     """
     try:
         yield
@@ -83,7 +84,7 @@ def says_where(path: Path, temporary: Path | str, needed: int | None = None) -> 
             raise
         if e.errno is None and not _SHORT_WRITE.match(str(e)):
             raise
-        raise cannot_write(e, path, needed=needed) from None
+        raise cannot_write(e, path, needed=needed() if callable(needed) else needed) from None
 
 
 def human_bytes(n: float) -> str:

@@ -30,8 +30,8 @@ from cnncodes.finetuning.surgery import set_trainable
 from cnncodes.runs.records import write_through_temporary
 
 # Training steps (epochs x batches) up to which a phase runs eagerly: tracing its train, validation and
-# predict functions costs seconds, more than so few steps gain from graphs; from about 7 steps on,
-# graphs win (scripts/bench_eager.py, docs/benchmarks.md).
+# predict functions costs seconds, more than so few steps gain from graphs (eager took 0.74x at 3 steps,
+# 0.91x at 6, 1.12x at 9: scripts/bench_eager.py, docs/benchmarks.md). A resumed phase counts all its steps.
 EAGER_STEPS = 6
 
 

@@ -66,6 +66,10 @@ class Quantizable(Protocol):
         """The network's registry name, for messages and the cache record."""
 
     @property
+    def layer(self) -> str:
+        """The layer the codes come from, for messages (`backbone/layer`, as the progress bar names it)."""
+
+    @property
     def image_size(self) -> int:
         """The side of the square images the model takes."""
 
@@ -183,7 +187,7 @@ def int8_runner(
         return found
     if found is not None:
         notice(f"the cached int8 model {path} was refused ({found}): quantizing {spec.backbone} again")
-    fp32 = onnx_model(build, spec.network_key, notice, label=spec.backbone, threads=threads)
+    fp32 = onnx_model(build, spec.network_key, notice, label=f"{spec.backbone}/{spec.layer}", threads=threads)
     if isinstance(fp32, str):
         raise CnnCodesError(
             f"int8 needs {spec.backbone} on ONNX Runtime, and it cannot be converted ({fp32}): use --precision fp32"
