@@ -909,3 +909,15 @@ def test_loading_codes_never_imports_the_extraction_stack():
     assert "cnncodes.codes.spec" in loaded and "cnncodes.codes.layout" in loaded
     for module in ("cnncodes.codes.extract", "cnncodes.codes.plan", "cnncodes.codes.resume", "cnncodes.codes.engines"):
         assert f"'{module}" not in loaded, loaded
+
+
+def test_other_split_settings_that_split_the_folder_again_are_named_in_a_warning(dataset: Path, tmp_path: Path):
+    out = tmp_path / "f"
+    assert cli("extract", dataset, "--out", out, *FAST_ARGS, "--dup-threshold", "6").exit_code == 0
+    same = cli("extract", dataset, "--out", out, *FAST_ARGS, "--dup-threshold", "6")
+    assert same.exit_code == 0 and "split again" not in same.stderr
+    again = cli("extract", dataset, "--out", out, *FAST_ARGS, "--seed", "1", "--split", "0.6,0.2,0.2")
+    said = " ".join(again.stderr.split())
+    assert again.exit_code == 0 and f"{out} is split again (" in said
+    assert "--split 0.7,0.15,0.15 before, 0.6,0.2,0.2 now; --seed 0 before, 1 now" in said
+    assert "--dup-threshold 6 before, 4 now" in said  # the default changed between versions

@@ -166,6 +166,8 @@ def extract(
         subsets = the_plan.split
         run_key = artifacts.sha256_json([spec.key, the_plan.file_ids, subsets.labels, subsets.subsets, settings])
         published = _verified(out)
+        if published is not None:
+            _warn_if_split_again(out, published["split"], settings, subsets.fingerprint)
         if published is not None and up_to_date(published, run_key, len(the_plan.usable)):
             meta = record_locations(out, published, data=str(the_plan.usable.root), weights_file=spec.weights_file)
             _list_duplicates(out, the_plan)
@@ -184,6 +186,34 @@ def extract(
             since=started - done.earlier_seconds,
         )
         return _publish(out, the_plan, done, provenance)
+
+
+# The split's settings and the flags that set them, as a re-split's warning names them.
+_SPLIT_FLAGS = {"fractions": "--split", "seed": "--seed", "dup_threshold": "--dup-threshold"}
+
+
+def _warn_if_split_again(out: Path, before: dict[str, Any], settings: dict[str, Any], fingerprint: str) -> None:
+    """Warn when other split settings than the folder's make another split: runs fitted on it stop comparing.
+
+    A default that changed between versions (`--dup-threshold`) would otherwise re-split a folder silently.
+    """
+    if before["fingerprint"] == fingerprint:
+        return
+    changed = [
+        f"{flag} {_shown(before[key])} before, {_shown(settings[key])} now"
+        for key, flag in _SPLIT_FLAGS.items()
+        if _shown(before[key]) != _shown(settings[key])
+    ]
+    if changed:
+        warn(
+            f"{out} is split again ({'; '.join(changed)}): runs fitted on its earlier split do not compare with "
+            "runs fitted on this one; give the earlier values to keep that split"
+        )
+
+
+def _shown(value: Any) -> str:
+    """A split setting as its flag takes it: fractions as 0.7,0.15,0.15."""
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _verified(out: Path) -> dict[str, Any] | None:
