@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from cnncodes.cli.app import command
-from cnncodes.cli.options import MovedWeightsOpt, RuntimeOpt, out_console, user_errors
-from cnncodes.core.progress import console as err_console
+from cnncodes.cli.options import MovedWeightsOpt, RuntimeOpt, out_console, say_file_failed, user_errors
 
 
 @command("explain")
@@ -59,8 +57,7 @@ def explain(
         )
     failed = [image for image in run.images if image.error]
     for image in failed:
-        said = f"[yellow]{escape(image.filename)}: {escape(image.error or '')}[/]"
-        err_console.print(said, highlight=False, soft_wrap=True)  # a long path stays on one line
+        say_file_failed(image.filename, image.error)
     if not quiet:
         done = len(run.images) - len(failed)
         out_console.print(  # a path is never broken across lines

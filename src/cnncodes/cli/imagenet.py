@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from cnncodes.cli.app import command
-from cnncodes.cli.options import BackboneOpt, RuntimeOpt, out_console, user_errors
-from cnncodes.core.progress import console as err_console
+from cnncodes.cli.options import BackboneOpt, RuntimeOpt, out_console, say_file_failed, user_errors
 from cnncodes.nets.backbones import DEFAULT_BACKBONE
 
 
@@ -65,8 +63,6 @@ def imagenet(
         out_console.print(table)
     failed = [a for a in answers if a.error]
     for answer in failed:
-        err_console.print(
-            f"[yellow]{escape(answer.filename)}: {escape(answer.error or '')}[/]", highlight=False, soft_wrap=True
-        )
+        say_file_failed(answer.filename, answer.error)
     if len(failed) == len(answers):
         raise typer.Exit(1)

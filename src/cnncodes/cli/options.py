@@ -81,6 +81,16 @@ ModelArg = Annotated[Path, typer.Argument(help="A .joblib bundle or a .keras mod
 MovedWeightsOpt = Annotated[str | None, typer.Option(help="Where the model's weights file is now, if it moved.")]
 
 
+def say_file_failed(filename: str, error: str | None) -> None:
+    """One file the command could not read, on one line of stderr (a long path is never broken), escaped.
+
+    Args:
+        filename: the file as the user gave it.
+        error: why it failed.
+    """
+    err_console.print(f"[yellow]{escape(filename)}: {escape(error or '')}[/]", highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def user_errors(resume_hint: str = "nothing was written.") -> Iterator[None]:
     """CnnCodesError and OSError become one red line and exit 2; Ctrl-C exits 130.
