@@ -12,8 +12,10 @@ import pytest
 # Two xdist workers share two cores: each runs TensorFlow's and OpenMP's operators on one thread
 # rather than oversubscribing the machine (7 % less wall time on test_extract and test_classify).
 # Set before any test module imports TensorFlow; ONNX Runtime's threads sleep between operators.
+# joblib counts one core too, so a search's n_jobs=-1 runs its candidates in the worker itself:
+# a pool of processes, each importing scikit-learn, cost the suite more than the fits it ran.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    for _threads in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    for _threads in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "LOKY_MAX_CPU_COUNT"):
         os.environ.setdefault(_threads, "1")
 
 from .helpers import (

@@ -114,8 +114,9 @@ def test_compare_ranks_by_cv_score_and_marks_the_chosen_run_in_every_format(fitt
     assert "precision" in page and f"Chosen: {as_json[0]['run']}, the highest selection score" in page
     chosen = as_json[0]
     wrong = [p for p in chosen["test_predictions"] if p["predicted"] != p["label"]]
-    # one thumbnail per mistake of the chosen run, up to 12, or the sentence saying there are none
-    assert page.count("data:image/jpeg;base64,") == min(len(wrong), 12)
+    # one picture per mistake of the chosen run, up to 12 (its heat map, else a thumbnail), or the sentence
+    # saying there are none. Runs tied on CV go to the faster fit, so which run is chosen varies with the machine.
+    assert page.count("<figure><img alt='' src='data:image/") == min(len(wrong), 12)
     assert (f"Most confident mistakes of the chosen run, {chosen['run']}</h2><p>None" in page) == (not wrong)
 
 

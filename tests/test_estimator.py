@@ -39,3 +39,13 @@ def test_class_weights_rank_the_candidates_so_a_k_nn_cannot_escape_them():
 def test_a_k_nn_with_every_default_weighs_its_classes():
     # The audit's failure: the default search over every normalisation let a k-NN escape the class weights
     check_class_weight_classifiers("CodesClassifier", CodesClassifier(kind="knn", cv=2))
+
+
+def test_candidates_searched_in_parallel_processes_choose_and_predict_as_in_one():
+    # The suite's workers run the default n_jobs=-1 on one core each (tests/conftest.py), which joblib runs in
+    # the process itself: here the search really ships the candidates and their scorer to worker processes.
+    X, y = make_blobs(n_samples=60, centers=3, n_features=8, cluster_std=4.0, random_state=1)
+    for kind in KINDS:
+        one, two = (CodesClassifier(kind=kind, cv=3, n_jobs=n, random_state=0).fit(X, y) for n in (1, 2))
+        assert one.best_params_ == two.best_params_ and one.cv_score_ == two.cv_score_, kind
+        assert np.allclose(one.predict_proba(X), two.predict_proba(X)), kind

@@ -623,7 +623,9 @@ def test_imagenet_weights_resolve_env_dir_then_keras_cache(dataset, tmp_path, mo
         cache_copy
     )
     np.testing.assert_array_equal(np.load(from_env.out / "features.npy"), np.load(from_cache.out / "features.npy"))
-    untrained = cnncodes.extract(dataset, tmp_path / "none", fast_spec(backbone="mobilenetv2"), progress=False)
+    untrained = cnncodes.extract(
+        dataset, tmp_path / "none", fast_spec(backbone="mobilenetv2"), runtime="keras", progress=False
+    )
     # untrained MobileNetV2 codes are tiny (around 1e-12): compare them relatively
     assert not np.allclose(
         np.load(untrained.out / "features.npy"), np.load(from_cache.out / "features.npy"), rtol=1e-2, atol=0
