@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 import cnncodes
 from cnncodes.classify.calibration import class_probabilities
@@ -156,19 +155,3 @@ def test_explain_refuses_joined_or_gem_codes_in_one_line(joined_gem, tmp_path):
 
     with pytest.raises(cnncodes.CnnCodesError, match=r"means \(pooling gem\).*no heat map"):
         FeatureMaps(fast_spec(layer="block3_pool", pooling="gem"), Weights("none"))
-
-
-def test_the_ray_engine_writes_the_local_engines_joined_gem_codes(joined_gem, tmp_path):
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        spec = fast_spec(layer=JOINED, pooling="gem")
-        on_ray = cnncodes.extract(joined_gem["data"], tmp_path / "ray", spec, progress=False, engine="ray", workers=1)
-    finally:
-        if started:
-            ray.shutdown()
-    local = np.load(joined_gem["features"] / "features.npy")
-    ray_codes = np.load(on_ray.out / "features.npy")
-    assert ray_codes.shape == local.shape == (18, 768)
-    assert np.abs(ray_codes - local).max() <= 1e-5 * np.abs(local).max()

@@ -65,6 +65,16 @@ def test_ray_engine_writes_what_the_local_engine_writes(local_ray, data: Path, t
 
 
 @pytest.mark.slow
+def test_the_ray_engine_writes_the_local_engines_joined_gem_codes(local_ray, data: Path, tmp_path: Path):
+    spec = fast_spec(layer="block3_pool,block5_pool", pooling="gem")
+    local = np.load(cnncodes.extract(data, tmp_path / "local", spec, progress=False).out / "features.npy")
+    on_ray = cnncodes.extract(data, tmp_path / "ray", spec, progress=False, engine="ray", workers=1)
+    ray_codes = np.load(on_ray.out / "features.npy")
+    assert ray_codes.shape == local.shape == (24, 768)
+    assert np.abs(ray_codes - local).max() <= 1e-5 * np.abs(local).max()
+
+
+@pytest.mark.slow
 def test_interrupted_ray_run_resumes_without_redoing_finished_rows(local_ray, data: Path, tmp_path: Path):
     out, stopped_at = tmp_path / "f", []
 
