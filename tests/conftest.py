@@ -28,6 +28,7 @@ from .helpers import (
     missing_shared_data,
     run_lock,
     running_server,
+    save_legacy_h5_weights,
     serve_bundle,
     session_root,
 )
@@ -78,6 +79,24 @@ def demo_run(tmp_path_factory) -> dict:
         mp.setenv("KERAS_HOME", str(base / "keras_home"))
         mp.setenv("CNNCODES_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
         return demo_in(base / "demo")
+
+
+@pytest.fixture(scope="session")
+def vgg16_weights(tmp_path_factory) -> Path:
+    """A VGG16 no-top weights file (seeded, unlike the untrained weights), one for the whole run.
+
+    Tests copy it rather than write their own: copies have the same SHA-256, so every extractor
+    made from one converts to ONNX once for the run, both xdist workers included.
+    """
+    import keras
+
+    path = session_root(tmp_path_factory) / "vgg16-weights" / "vgg16_notop.h5"
+    with run_lock(path.with_suffix(".lock")):
+        if not path.is_file():
+            keras.utils.set_random_seed(123)
+            model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+            save_legacy_h5_weights(model, path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -198,6 +198,25 @@ def run_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def save_legacy_h5_weights(model: Any, path: Path) -> Path:
+    """Write a Keras model's weights in the legacy HDF5 layout of Keras's downloadable weight files.
+
+    Args:
+        model: the Keras model.
+        path: the file to write (its folder is made).
+
+    Returns:
+        `path`.
+    """
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    return path
+
+
 def missing_shared_data() -> None:
     """Fail the test when the real weights and images beside the project (../shared) are not there.
 

@@ -16,7 +16,16 @@ import pytest
 import cnncodes
 from cnncodes.cli.main import app
 
-from .helpers import FLOWERS, cli, fast_spec, make_dataset, needs_real_weights, runner, write_image
+from .helpers import (
+    FLOWERS,
+    cli,
+    fast_spec,
+    make_dataset,
+    needs_real_weights,
+    runner,
+    save_legacy_h5_weights,
+    write_image,
+)
 
 
 @pytest.fixture(scope="module")
@@ -347,15 +356,10 @@ def test_predict_refuses_tampered_or_unverifiable_bundles(fitted, tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_refuses_a_bundle_whose_weights_file_changed(fitted, tmp_path):
+def test_predict_refuses_a_bundle_whose_weights_file_changed(fitted, tmp_path, vgg16_weights):
     import keras
 
-    from .test_extract import save_legacy_h5_weights
-
-    keras.utils.set_random_seed(7)
-    weights = save_legacy_h5_weights(
-        keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)), tmp_path / "my_vgg16.h5"
-    )
+    weights = Path(shutil.copy(vgg16_weights, tmp_path / "my_vgg16.h5"))
     cnncodes.extract(fitted["data"], tmp_path / "f", fast_spec(weights=str(weights)), progress=False)
     fit = cli("fit-svm", tmp_path / "f", "--out", tmp_path / "m", "--classifier", "knn", "--quiet")
     assert fit.exit_code == 0, fit.output
@@ -570,15 +574,9 @@ def test_ctrl_c_names_the_runs_already_saved(fitted, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_models_fitted_after_images_and_weights_moved_know_their_new_places(tmp_path):
-    import keras
-
-    from .test_extract import save_legacy_h5_weights
-
-    keras.utils.set_random_seed(9)
-    weights = save_legacy_h5_weights(
-        keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)), tmp_path / "w" / "my.h5"
-    )
+def test_models_fitted_after_images_and_weights_moved_know_their_new_places(tmp_path, vgg16_weights):
+    (tmp_path / "w").mkdir()
+    weights = Path(shutil.copy(vgg16_weights, tmp_path / "w" / "my.h5"))
     data = make_dataset(tmp_path / "data", per_class=6)
     cnncodes.extract(data, tmp_path / "f", fast_spec(weights=str(weights)), progress=False)
     data, weights = data.rename(tmp_path / "images"), weights.rename(tmp_path / "my.h5")  # moved, not changed

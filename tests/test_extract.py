@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,7 +27,16 @@ from cnncodes.data.ingest import Dataset
 from cnncodes.data.split import Split
 from cnncodes.runtime.runners import KerasRunner, OnnxRunner
 
-from .helpers import FAST_ARGS, FLOWERS, cli, fast_spec, needs_real_weights, pattern, write_image
+from .helpers import (
+    FAST_ARGS,
+    FLOWERS,
+    cli,
+    fast_spec,
+    needs_real_weights,
+    pattern,
+    save_legacy_h5_weights,
+    write_image,
+)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -573,24 +581,11 @@ def test_layer_pooling_choices_shape_the_codes(dataset: Path, tmp_path: Path):
     assert best.dim == 256
 
 
-def save_legacy_h5_weights(model, path: Path) -> Path:
-    """Write weights in the legacy HDF5 layout of Keras's downloadable weight files."""
-    from keras.src.legacy.saving import legacy_h5_format
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
-    return path
-
-
 @pytest.fixture
-def vgg16_weights_file(tmp_path: Path) -> Path:
+def vgg16_weights_file(vgg16_weights: Path, tmp_path: Path) -> Path:
     """A VGG16 no-top weights file under Keras's canonical name, with weights unlike the untrained ones."""
-    import keras
-
-    keras.utils.set_random_seed(123)
-    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
-    return save_legacy_h5_weights(model, tmp_path / "w" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    (tmp_path / "w").mkdir()
+    return Path(shutil.copy(vgg16_weights, tmp_path / "w" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"))
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ import pytest
 
 from cnncodes.data.decode import load_square
 
-from .helpers import cli, write_image
-from .test_extract import save_legacy_h5_weights
+from .helpers import cli, save_legacy_h5_weights, write_image
 
 MOBILENET_TOP = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
 
