@@ -14,7 +14,7 @@ import asyncio
 import functools
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -113,49 +113,9 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         dependencies=[Depends(require_api_key(key))] if key else None,
     )
     app.state.batcher = batcher  # `serve` drains it on SIGTERM
-    limit_bodies(app, settings.max_bytes)
-    app.add_middleware(PerRequest, pixels=settings.request_pixels)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    add_security(app, cors_origins=settings.cors_origins)
-    refused_bytes = max(REFUSED_BODY_BYTES, 2 * settings.max_bytes)
-    app.add_middleware(ReadRefusedBody, limit=refused_bytes, seconds=REFUSED_BODY_SECONDS)
-
-    def rejected(bad: BadImage) -> None:
-        metrics.rejected.labels(bad.category).inc()
-
-    async def pixels_of(data: bytes) -> np.ndarray:
-        try:
-            return await fair.decode(
-                functools.partial(predictor.pixels, max_pixels=settings.max_pixels),
-                data,
-                draft_size=predictor.image_size,
-            )
-        except BadImage as bad:
-            rejected(bad)
-            raise
-
-    async def answer(filename: str, data: bytes, top_k: int) -> Prediction:
-        try:
-            pixels = await pixels_of(data)
-        except BadImage as bad:
-            return Prediction(filename, error=str(bad))
-        result = predictor.answer(filename, await batcher.submit(pixels), top_k)
-        metrics.images.inc()
-        return result
-
-    @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
-    async def predict(request: Request, top_k: int = Query(3, ge=1, description="Classes listed per image.")):
-        batcher.admit()  # before reading and decoding a body no forward pass would take
-        try:
-            uploads = await _uploads(request)
-        except ClientDisconnect:  # nobody to answer: counted, not logged as a server error
-            return Response(status_code=CLIENT_GONE)
-        results = await asyncio.gather(*(answer(name, data, top_k) for name, data in uploads))
-        body = {"predictions": [r.to_dict() for r in results]}
-        if all(r.error for r in results):
-            return JSONResponse({"detail": "no image in the request could be read", **body}, status_code=400)
-        return body
-
+    _add_middleware(app, settings, metrics)
+    pixels_of, rejected = _decoding(predictor, settings, fair, metrics)
+    _add_predict_route(app, predictor, batcher, pixels_of, metrics)
     _add_status_routes(app, batcher, metrics, _finite(_metadata(predictor, settings)))
     name = settings.model_name or str(predictor.record.get("run") or Path(settings.model).stem)
     add_page_route(app, model=name)
@@ -179,6 +139,70 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         max_images=MAX_FILES,
     )
     return app
+
+
+def _add_middleware(app: FastAPI, settings: ServeSettings, metrics: Metrics) -> None:
+    """Body limits, per-request pixel budgets, metrics, CORS and security headers, and refused bodies read out."""
+    limit_bodies(app, settings.max_bytes)
+    app.add_middleware(PerRequest, pixels=settings.request_pixels)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    add_security(app, cors_origins=settings.cors_origins)
+    refused_bytes = max(REFUSED_BODY_BYTES, 2 * settings.max_bytes)
+    app.add_middleware(ReadRefusedBody, limit=refused_bytes, seconds=REFUSED_BODY_SECONDS)
+
+
+def _decoding(
+    predictor: Predictor, settings: ServeSettings, fair: FairDecoding, metrics: Metrics
+) -> tuple[Callable[[bytes], Awaitable[np.ndarray]], Callable[[BadImage], None]]:
+    """How every route turns an upload into the model's pixels, and counts the ones it rejects."""
+
+    def rejected(bad: BadImage) -> None:
+        metrics.rejected.labels(bad.category).inc()
+
+    async def pixels_of(data: bytes) -> np.ndarray:
+        try:
+            return await fair.decode(
+                functools.partial(predictor.pixels, max_pixels=settings.max_pixels),
+                data,
+                draft_size=predictor.image_size,
+            )
+        except BadImage as bad:
+            rejected(bad)
+            raise
+
+    return pixels_of, rejected
+
+
+def _add_predict_route(
+    app: FastAPI,
+    predictor: Predictor,
+    batcher: MicroBatcher,
+    pixels_of: Callable[[bytes], Awaitable[np.ndarray]],
+    metrics: Metrics,
+) -> None:
+    """POST /predict: every image of a request through the micro-batcher; 400 when none could be read."""
+
+    async def answer(filename: str, data: bytes, top_k: int) -> Prediction:
+        try:
+            pixels = await pixels_of(data)
+        except BadImage as bad:
+            return Prediction(filename, error=str(bad))
+        result = predictor.answer(filename, await batcher.submit(pixels), top_k)
+        metrics.images.inc()
+        return result
+
+    @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
+    async def predict(request: Request, top_k: int = Query(3, ge=1, description="Classes listed per image.")):
+        batcher.admit()  # before reading and decoding a body no forward pass would take
+        try:
+            uploads = await _uploads(request)
+        except ClientDisconnect:  # nobody to answer: counted, not logged as a server error
+            return Response(status_code=CLIENT_GONE)
+        results = await asyncio.gather(*(answer(name, data, top_k) for name, data in uploads))
+        body = {"predictions": [r.to_dict() for r in results]}
+        if all(r.error for r in results):
+            return JSONResponse({"detail": "no image in the request could be read", **body}, status_code=400)
+        return body
 
 
 def _add_status_routes(app: FastAPI, batcher: MicroBatcher, metrics: Metrics, info: dict[str, Any]) -> None:
