@@ -37,7 +37,13 @@ from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core import files as artifacts
 from cnncodes.core.errors import CnnCodesError, check_types
 from cnncodes.core.progress import progress_bar
-from cnncodes.data.split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, check_dup_threshold, parse_fractions
+from cnncodes.data.split import (
+    DEFAULT_DUP_THRESHOLD,
+    DEFAULT_FRACTIONS,
+    check_dup_threshold,
+    format_fractions,
+    parse_fractions,
+)
 from cnncodes.nets.backbones import DEFAULT_BACKBONE, get_backbone
 from cnncodes.runtime.runners import check_runtime
 
@@ -172,7 +178,7 @@ def advise(
         images, rows = images.decoded(tapped)
         options = DataOptions(
             data=str(data),
-            split=",".join(f"{f:g}" for f in fractions),
+            split=format_fractions(fractions),
             seed=seed,
             dup_threshold=dup_threshold,
             weights=weights,

@@ -43,7 +43,13 @@ from cnncodes.codes.spec import ExtractorSpec
 from cnncodes.core import files as artifacts
 from cnncodes.core.errors import CnnCodesError, check_types, first_line
 from cnncodes.core.progress import warn
-from cnncodes.data.split import DEFAULT_DUP_THRESHOLD, DEFAULT_FRACTIONS, check_dup_threshold, parse_fractions
+from cnncodes.data.split import (
+    DEFAULT_DUP_THRESHOLD,
+    DEFAULT_FRACTIONS,
+    check_dup_threshold,
+    format_fractions,
+    parse_fractions,
+)
 from cnncodes.runtime import quantize
 from cnncodes.runtime.runners import check_runtime
 
@@ -213,7 +219,7 @@ def _warn_if_split_again(out: Path, before: dict[str, Any], settings: dict[str, 
 
 def _shown(value: Any) -> str:
     """A split setting as its flag takes it: fractions as 0.7,0.15,0.15."""
-    return ",".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else str(value)
+    return format_fractions(value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _verified(out: Path) -> dict[str, Any] | None:

@@ -82,6 +82,11 @@ def parse_fractions(text: str | Sequence[float]) -> tuple[float, float, float]:
     return parts[0], parts[1], parts[2]
 
 
+def format_fractions(fractions: Sequence[float]) -> str:
+    """The fractions as `--split` takes them (`parse_fractions` reads them back): 0.7,0.15,0.15."""
+    return ",".join(f"{f:g}" for f in fractions)
+
+
 def make_split(
     paths: Sequence[str],
     labels: Sequence[str],
